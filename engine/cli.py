@@ -1,0 +1,70 @@
+"""The ``geo-r1`` command line: one small module per subcommand.
+
+Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and
+``main(args) -> int``. Only the chosen subcommand's module is imported, so ``geo-r1 sample-data``
+never pays for importing torch. Errors of the project's hierarchy are caught here, at the boundary,
+and printed as one clear line with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from geo_r1_qgis.core.errors import GeoR1Error
+
+#: subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "sample-data": ("train.sample_data", "write synthetic georeferenced sample rasters with true boxes"),
+    "tiny-model": ("engine.tiny_model", "build a tiny randomly initialised Qwen2.5-VL checkpoint"),
+    "serve": ("engine.server", "run the local grounding engine (HTTP on 127.0.0.1, token protected)"),
+    "ask": ("engine.ask", "print the reasoning and boxes for one plain image"),
+    "ground": ("engine.ground", "ground an expression over a whole raster and write a GeoPackage"),
+}
+
+log = logging.getLogger("geo_r1")
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="geo-r1",
+        description="Geo-R1 reasoning-first grounding for georeferenced imagery.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()),
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND", help="see below")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    # Find the subcommand first, then import only its module.
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if first is None:
+        top.print_help(sys.stderr)
+        return 2
+    top_args = top.parse_args(argv[: first + 1])
+    name = top_args.command
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"geo-r1 {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[first + 1 :])
+    level = logging.WARNING - 10 * min(2, top_args.verbose + 1)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(module.main(args) or 0)
+    except GeoR1Error as exc:
+        log.debug("error", exc_info=True)
+        sys.stderr.write(f"geo-r1 {name}: error: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"geo-r1 {name}: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
