@@ -53,3 +53,7 @@ class ModelNotFoundError(GeoR1Error, FileNotFoundError):
 
 class OutputError(GeoR1Error, OSError):
     """The output cannot be written (exists and would be overwritten, or is not a GeoPackage)."""
+
+
+class EngineOverloadedError(GeoR1Error, MemoryError):
+    """The engine ran out of memory (or capacity) for this request; it goes on serving others."""
