@@ -1,0 +1,214 @@
+"""A small client for the engine's HTTP API, standard library only.
+
+The QGIS plugin and the ``geo-r1 ground`` command both talk to the engine through this module, so
+the protocol exists once on the client side. See docs/ARCHITECTURE.md for the routes.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, EngineOverloadedError, EngineRequestError, EngineUnavailableError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8731
+DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
+SERVE_HINT = "start it with:  geo-r1 serve --model <model id or directory>"
+
+
+def default_token_path() -> Path:
+    """Where the engine stores its bearer token unless ``--token-file`` says otherwise."""
+    if os.name == "nt":
+        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
+    else:
+        base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "geo-r1" / "engine.token"
+
+
+def read_token(path: str | os.PathLike[str] | None = None) -> str:
+    """Read the engine's token; a clear error if it is missing."""
+    p = Path(path) if path else default_token_path()
+    try:
+        token = p.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise EngineUnavailableError(
+            f"no engine token at {p}: the engine writes it on its first start; {SERVE_HINT}"
+            " (or pass the token file the engine was started with)"
+        ) from None
+    except OSError as exc:
+        raise EngineUnavailableError(f"cannot read the engine token {p}: {exc}") from None
+    if not token:
+        raise EngineUnavailableError(f"the engine token file {p} is empty; delete it and restart the engine")
+    return token
+
+
+@dataclass(frozen=True)
+class TileImage:
+    """A tile as raw RGB bytes (row-major, height × width × 3, uint8)."""
+
+    rgb: bytes
+    width: int
+    height: int
+
+    def __post_init__(self) -> None:
+        if self.width <= 0 or self.height <= 0:
+            raise ConfigError(f"tile size must be positive, got {self.width}×{self.height}")
+        if len(self.rgb) != self.width * self.height * 3:
+            raise ConfigError(
+                f"tile bytes ({len(self.rgb)}) do not match {self.width}×{self.height}×3 RGB"
+            )
+
+    @classmethod
+    def from_array(cls, array: Any) -> TileImage:
+        """From a numpy ``(H, W, 3)`` uint8 array."""
+        h, w, c = array.shape
+        if c != 3 or str(array.dtype) != "uint8":
+            raise ConfigError(f"tile array must be (H, W, 3) uint8, got {array.shape} {array.dtype}")
+        return cls(rgb=array.tobytes(order="C"), width=int(w), height=int(h))
+
+
+@dataclass(frozen=True)
+class Box:
+    """A box from the engine, in the pixels of the tile image the client sent."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    score: float
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class GroundResult:
+    """The engine's answer for one tile."""
+
+    boxes: tuple[Box, ...]
+    presence: float
+    reasoning: str | None
+    raw_text: str
+    parse_status: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, item: dict[str, Any]) -> GroundResult:
+        boxes = tuple(
+            Box(*(float(v) for v in b["bbox"]), score=float(b.get("score", 0.0)), label=b.get("label"))
+            for b in item.get("boxes", [])
+        )
+        return cls(
+            boxes=boxes,
+            presence=float(item.get("presence", 0.0)),
+            reasoning=item.get("reasoning"),
+            raw_text=item.get("raw_text", ""),
+            parse_status=str(item.get("parse_status", "")),
+            timings_ms=dict(item.get("timings_ms", {})),
+        )
+
+
+class EngineClient:
+    """Talks to one engine over HTTP. Thread-safe: it holds no connection state."""
+
+    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout_s: float = 600.0) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"engine URL must start with http:// or https://, got {url!r}")
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout_s = timeout_s
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body: Any = None, timeout_s: float | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        # The URL scheme is checked in __init__ (http or https only).
+        req = urllib.request.Request(self.url + path, data=data, method=method)  # nosec B310
+        req.add_header("Accept", "application/json")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:  # nosec B310
+                return json.loads(resp.read().decode("utf-8"))
+        except urllib.error.HTTPError as exc:
+            message = _error_message(exc)
+            if exc.code == 503:
+                raise EngineOverloadedError(f"engine at {self.url} is overloaded: {message}") from None
+            if exc.code == 401:
+                message += " (the token does not match: use the engine's token file)"
+            raise EngineRequestError(f"engine {method} {path} -> {exc.code}: {message}", exc.code) from None
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise EngineUnavailableError(
+                f"cannot reach the engine at {self.url} ({reason}); is it running? {SERVE_HINT}"
+            ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise EngineRequestError(f"engine {method} {path} returned invalid JSON: {exc}") from None
+
+    # -- routes -----------------------------------------------------------------------------------
+    def health(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        return self._request("GET", "/health", timeout_s=timeout_s)
+
+    def info(self) -> dict[str, Any]:
+        return self._request("GET", "/info", timeout_s=30.0)
+
+    def wait_until_ready(self, total_timeout_s: float = 120.0, poll_s: float = 0.25) -> dict[str, Any]:
+        """Poll ``/health`` until it answers, then return ``/info``; raise after the total timeout."""
+        deadline = time.monotonic() + total_timeout_s
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                self.health(timeout_s=min(5.0, max(0.5, deadline - time.monotonic())))
+                return self.info()
+            except EngineUnavailableError as exc:
+                last = exc
+                time.sleep(poll_s)
+        raise EngineUnavailableError(
+            f"the engine at {self.url} did not become ready within {total_timeout_s:.0f} s ({last})"
+        )
+
+    def ground(
+        self,
+        tiles: list[TileImage],
+        expression: str,
+        task: str = "multi",
+        reasoning: bool = True,
+        max_new_tokens: int = 256,
+    ) -> list[GroundResult]:
+        """Ground one expression on several tiles in one request (the engine batches them)."""
+        items = [
+            {
+                "rgb": base64.b64encode(t.rgb).decode("ascii"),
+                "width": t.width,
+                "height": t.height,
+                "expression": expression,
+                "task": task,
+                "reasoning": reasoning,
+            }
+            for t in tiles
+        ]
+        answer = self._request("POST", "/ground", {"items": items, "max_new_tokens": max_new_tokens})
+        results = answer.get("items")
+        if not isinstance(results, list) or len(results) != len(tiles):
+            raise EngineRequestError(f"engine returned {len(results or [])} results for {len(tiles)} tiles")
+        return [GroundResult.from_json(r) for r in results]
+
+
+def _error_message(exc: urllib.error.HTTPError) -> str:
+    try:
+        payload = json.loads(exc.read().decode("utf-8"))
+        err = payload.get("error", payload)
+        return str(err.get("message", err) if isinstance(err, dict) else err)
+    except Exception:
+        return exc.reason if isinstance(exc.reason, str) else str(exc)
