@@ -1,0 +1,378 @@
+"""The local grounding runtime: a transformers Qwen2.5-VL model in this process.
+
+``LocalBackend`` implements :class:`engine.backend.Backend`. Items are generated in batches of
+``batch_size`` with left padding; items that arrive at the same time from several clients are
+micro-batched together by a single worker thread (:class:`MicroBatcher`), which is also the only
+thread that touches the model, so adapter switches never race a generation.
+
+Per generated token we record the log-probability of the chosen token and the probability mass of
+None-starting tokens (:class:`_TokenRecorder`), from which :mod:`engine.confidence` computes the box
+scores and the presence probability without ever keeping a full vocabulary of scores per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from geo_r1_qgis.core.errors import ConfigError, EngineOverloadedError
+
+from . import __version__ as ENGINE_VERSION
+from .backend import BoxResult, ChatResult, GenerationSettings, GroundItem, ItemResult
+from .confidence import confidence_from_tokens, is_none_piece
+from .coords import model_to_image_box
+from .loading import LoadConfig, load_model
+from .parsing import parse_output
+from .prompts import PROMPT_VERSION, build_messages
+
+log = logging.getLogger(__name__)
+
+
+class _TokenRecorder:
+    """A logits processor that records, per step, log p(chosen token) and P(None-starting token).
+
+    It sees the final scores of each step (transformers appends custom processors after its own), so
+    the probabilities are those of the distribution each token was drawn from. It keeps only the last
+    step's log-softmax (batch × vocab) in memory.
+    """
+
+    def __init__(self, none_ids: Sequence[int], top_k: int = 0) -> None:
+        import torch
+
+        self._torch = torch
+        self.none_ids = torch.tensor(list(none_ids), dtype=torch.long)
+        self.top_k = top_k
+        self.prev: Any = None
+        self.chosen: list[Any] = []  # per step: (batch,) log-probs of the chosen tokens
+        self.none_probs: list[Any] = []  # per step: (batch,)
+        self.tops: list[Any] = []  # per step: (values, indices) of the top_k log-probs
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        torch = self._torch
+        logp = torch.log_softmax(scores.float(), dim=-1)
+        if self.prev is not None:
+            self.chosen.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.prev = logp
+        ids = self.none_ids.to(logp.device)
+        self.none_probs.append(logp.index_select(1, ids).exp().sum(-1) if len(ids) else logp[:, 0] * 0)
+        if self.top_k:
+            self.tops.append(torch.topk(logp, self.top_k, dim=-1))
+        return scores
+
+    def finish(self, sequences: Any) -> None:
+        if self.prev is not None:
+            self.chosen.append(self.prev.gather(1, sequences[:, -1:]).squeeze(1))
+            self.prev = None
+
+
+@dataclass
+class _Job:
+    item: Any
+    settings: GenerationSettings
+    future: Future
+
+
+class MicroBatcher:
+    """One worker thread; concurrent submissions are grouped into batches of at most ``batch_size``.
+
+    The worker takes the first waiting job, then waits up to ``max_wait_ms`` for more jobs with the
+    same generation settings, and runs them as one batch. Jobs with other settings wait for the next
+    batch. ``run_batch(items, settings) -> results`` runs on the worker thread only.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[Any], GenerationSettings], list[Any]],
+        batch_size: int = 8,
+        max_wait_ms: float = 5.0,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        self._run_batch = run_batch
+        self.batch_size = batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._held: list[_Job] = []
+        self._thread = threading.Thread(target=self._loop, name="geo-r1-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, item: Any, settings: GenerationSettings) -> Future:
+        fut: Future = Future()
+        self._queue.put(_Job(item, settings, fut))
+        return fut
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the worker thread, between batches (for adapter switches)."""
+        fut: Future = Future()
+        self._queue.put(_Job(fn, GenerationSettings(), fut))
+        return fut.result()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _next(self, timeout: float | None) -> _Job | None:
+        if self._held:
+            return self._held.pop(0)
+        return self._queue.get(timeout=timeout) if timeout is None or timeout > 0 else self._queue.get_nowait()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._next(None)
+            if job is None:
+                return
+            if callable(job.item) and not isinstance(job.item, GroundItem):
+                self._resolve([job], lambda items, _s: [items[0]()])
+                continue
+            batch = [job]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.batch_size:
+                try:
+                    nxt = self._next(deadline - time.monotonic())
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                if nxt.settings == job.settings and isinstance(nxt.item, type(job.item)):
+                    batch.append(nxt)
+                else:
+                    self._held.append(nxt)
+                    break
+            self._resolve(batch, self._run_batch)
+
+    @staticmethod
+    def _resolve(batch: list[_Job], fn: Callable[[list[Any], GenerationSettings], list[Any]]) -> None:
+        try:
+            results = fn([j.item for j in batch], batch[0].settings)
+        except BaseException as exc:  # handed to every waiting caller; the worker goes on
+            for j in batch:
+                j.future.set_exception(exc)
+            return
+        for j, r in zip(batch, results, strict=True):
+            j.future.set_result(r)
+
+
+class LocalBackend:
+    """A transformers model in this process, behind the :class:`engine.backend.Backend` interface."""
+
+    kind = "local"
+
+    def __init__(self, load_config: LoadConfig, batch_size: int = 8, max_wait_ms: float = 5.0) -> None:
+        self.load_config = load_config
+        self.loaded = load_model(load_config)
+        self.model = self.loaded.model
+        self.processor = self.loaded.processor
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.none_ids = self._none_token_ids()
+        self.eos_ids = self._eos_ids()
+        self.batch_size = batch_size
+        self._batcher = MicroBatcher(self._run_batch, batch_size=batch_size, max_wait_ms=max_wait_ms)
+        log.info(
+            "engine ready: model=%s device=%s dtype=%s batch_size=%d",
+            self.loaded.model_name,
+            self.loaded.device,
+            self.loaded.dtype,
+            batch_size,
+        )
+
+    # -- Backend interface ------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return {
+            "backend": self.kind,
+            "model": self.loaded.model_name,
+            "processor": self.loaded.processor_name,
+            "adapter": self.loaded.active_adapter,
+            "adapters": sorted(self.loaded.adapters),
+            "device": str(self.loaded.device),
+            "dtype": str(self.loaded.dtype).replace("torch.", ""),
+            "torchvision": self.loaded.has_torchvision,
+            "prompt_version": PROMPT_VERSION,
+            "engine_version": ENGINE_VERSION,
+            "batch_size": self.batch_size,
+        }
+
+    def ground(self, items: list[GroundItem], settings: GenerationSettings) -> list[ItemResult]:
+        futures = [self._batcher.submit(item, settings) for item in items]
+        return [f.result() for f in futures]
+
+    def ground_batched(self, items: list[GroundItem], settings: GenerationSettings) -> list[ItemResult]:
+        """Generate ``items`` as exactly one batch, bypassing the micro-batcher (benchmarks)."""
+        return self._batcher.call(lambda: self._run_batch(items, settings))
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]],
+        images: list[Any],
+        settings: GenerationSettings,
+        top_logprobs: int = 0,
+    ) -> ChatResult:
+        return self._batcher.call(lambda: self._run_chat(messages, images, settings, top_logprobs))
+
+    def adapters(self) -> dict[str, Any]:
+        return {"active": self.loaded.active_adapter, "available": dict(self.loaded.adapters)}
+
+    def load_adapter(self, name: str, path: str) -> None:
+        self._batcher.call(lambda: self.loaded.load_adapter(name, path))
+        self.model = self.loaded.model
+
+    def activate_adapter(self, name: str | None) -> None:
+        self._batcher.call(lambda: self.loaded.activate_adapter(name))
+
+    def close(self) -> None:
+        self._batcher.close()
+
+    # -- internals --------------------------------------------------------------------------------
+    def _none_token_ids(self) -> list[int]:
+        ids = []
+        for tok_id in range(len(self.tokenizer)):
+            piece = self.tokenizer.decode([tok_id])
+            if is_none_piece(piece):
+                ids.append(tok_id)
+        return ids
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for tok in ("<|im_end|>", "<|endoftext|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid >= 0:
+                ids.add(tid)
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if isinstance(gen_eos, int):
+            ids.add(gen_eos)
+        elif isinstance(gen_eos, list):
+            ids.update(gen_eos)
+        return ids
+
+    def _prepare(self, texts: list[str], images: list[Any]) -> Any:
+        inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        inputs = inputs.to(self.loaded.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.loaded.dtype)
+        return inputs
+
+    def _generate(self, inputs: Any, settings: GenerationSettings, top_k: int = 0):
+        import torch
+
+        recorder = _TokenRecorder(self.none_ids, top_k=top_k)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": settings.max_new_tokens,
+            "do_sample": settings.do_sample,
+            "logits_processor": [recorder],
+            "return_dict_in_generate": True,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if settings.do_sample:
+            kwargs["temperature"] = settings.temperature
+        try:
+            with torch.inference_mode():
+                out = self.model.generate(**inputs, **kwargs)
+        except torch.OutOfMemoryError as exc:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise EngineOverloadedError(
+                f"out of memory while generating a batch of {inputs['input_ids'].shape[0]}:"
+                f" lower --batch-size or the tile size ({exc.__class__.__name__})"
+            ) from None
+        recorder.finish(out.sequences)
+        return out.sequences, recorder
+
+    def _row_tokens(self, sequences: Any, input_len: int, recorder: _TokenRecorder, row: int):
+        gen = sequences[row, input_len:].tolist()
+        n = len(gen)
+        for i, tid in enumerate(gen):
+            if tid in self.eos_ids:
+                n = i
+                break
+        finished = n < len(gen)
+        ids = gen[:n]
+        pieces = self.tokenizer.batch_decode([[t] for t in ids], skip_special_tokens=True)
+        logprobs = [float(recorder.chosen[i][row]) for i in range(n)]
+        none_probs = [float(recorder.none_probs[i][row]) for i in range(n)]
+        return ids, pieces, logprobs, none_probs, finished
+
+    def _run_batch(self, items: list[GroundItem], settings: GenerationSettings) -> list[ItemResult]:
+        t0 = time.perf_counter()
+        texts, images = [], []
+        for item in items:
+            messages = build_messages(item.expression, item.task, item.reasoning)
+            texts.append(self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            images.append(item.image.convert("RGB") if item.image.mode != "RGB" else item.image)
+        inputs = self._prepare(texts, images)
+        t1 = time.perf_counter()
+        sequences, recorder = self._generate(inputs, settings)
+        t2 = time.perf_counter()
+        input_len = inputs["input_ids"].shape[1]
+        grid = inputs["image_grid_thw"].tolist()
+        patch = int(getattr(self.processor.image_processor, "patch_size", 14))
+        results = []
+        for row, item in enumerate(items):
+            tp = time.perf_counter()
+            ids, pieces, logprobs, none_probs, _ = self._row_tokens(sequences, input_len, recorder, row)
+            text = "".join(pieces)
+            parsed = parse_output(text, item.task)
+            scores, presence = confidence_from_tokens(pieces, logprobs, none_probs, parsed)
+            image_size = item.image.size  # (w, h)
+            _, gh, gw = grid[row]
+            model_size = (gw * patch, gh * patch)
+            boxes = []
+            for pbox, score in zip(parsed.boxes, scores, strict=True):
+                box = model_to_image_box((pbox.x1, pbox.y1, pbox.x2, pbox.y2), model_size, image_size)
+                if box is not None:
+                    boxes.append(BoxResult(box.x1, box.y1, box.x2, box.y2, score=score, label=pbox.label))
+            n = len(items)
+            results.append(
+                ItemResult(
+                    boxes=tuple(boxes),
+                    presence=presence,
+                    reasoning=parsed.reasoning,
+                    answer=parsed.answer,
+                    raw_text=text,
+                    parse_status=str(parsed.status.value if hasattr(parsed.status, "value") else parsed.status),
+                    format_ok=bool(parsed.format_ok),
+                    image_size=(int(image_size[0]), int(image_size[1])),
+                    model_size=model_size,
+                    tokens_generated=len(ids),
+                    timings_ms={
+                        "preprocess": (t1 - t0) * 1000 / n,
+                        "generate": (t2 - t1) * 1000 / n,
+                        "parse": (time.perf_counter() - tp) * 1000,
+                        "batch_size": float(n),
+                    },
+                )
+            )
+        return results
+
+    def _run_chat(
+        self, messages: list[dict[str, Any]], images: list[Any], settings: GenerationSettings, top_logprobs: int
+    ) -> ChatResult:
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        rgb = [im.convert("RGB") if im.mode != "RGB" else im for im in images]
+        inputs = self._prepare([text], rgb)
+        sequences, recorder = self._generate(inputs, settings, top_k=top_logprobs)
+        input_len = inputs["input_ids"].shape[1]
+        ids, pieces, logprobs, _, finished = self._row_tokens(sequences, input_len, recorder, 0)
+        lp = None
+        if top_logprobs:
+            lp = []
+            for i, (piece, logp) in enumerate(zip(pieces, logprobs, strict=True)):
+                values, indices = recorder.tops[i]
+                alts = {}
+                for v, t in zip(values[0].tolist(), indices[0].tolist(), strict=True):
+                    alts.setdefault(self.tokenizer.decode([t]), float(v))
+                lp.append((piece, logp, alts))
+            lp = tuple(lp)
+        return ChatResult(
+            text="".join(pieces),
+            prompt_tokens=int(inputs["attention_mask"][0].sum()),
+            completion_tokens=len(ids),
+            finish_reason="stop" if finished else "length",
+            logprobs=lp,
+        )
