@@ -1,0 +1,78 @@
+"""The QGIS side of Geo-R1: menu entries and the Processing provider.
+
+Runs in QGIS's Python: PyQGIS, the standard library and numpy only. Everything that needs the model
+happens in the engine process, reached through :mod:`geo_r1_qgis.core.client`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from qgis.core import Qgis, QgsApplication, QgsMessageLog
+from qgis.PyQt.QtGui import QIcon
+from qgis.PyQt.QtWidgets import QAction
+
+from .core.client import DEFAULT_URL, EngineClient, read_token
+from .core.errors import GeoR1Error
+
+log = logging.getLogger(__name__)
+
+PLUGIN_NAME = "Geo-R1"
+ICON_PATH = Path(__file__).resolve().parent / "icon.png"
+
+
+def _icon() -> QIcon:
+    # Installed plugins carry icon.png beside this file; in the source tree it lives in resources/.
+    path = ICON_PATH if ICON_PATH.exists() else Path(__file__).resolve().parents[1] / "resources" / "icon.png"
+    return QIcon(str(path))
+
+
+def engine_status_text(url: str = DEFAULT_URL, token_file: str | None = None) -> tuple[bool, str]:
+    """One line about the engine: (reachable, message). Never raises."""
+    try:
+        client = EngineClient(url, read_token(token_file), timeout_s=10)
+        info = client.info()
+    except GeoR1Error as exc:
+        return False, str(exc)
+    adapter = info.get("adapter") or "none"
+    return True, (
+        f"engine {info.get('engine_version', '?')} at {url}: model {info.get('model')}, adapter {adapter},"
+        f" {info.get('device')} {info.get('dtype')}, prompts {info.get('prompt_version')}"
+    )
+
+
+class GeoR1Plugin:
+    """Created by QGIS through ``classFactory``."""
+
+    def __init__(self, iface) -> None:
+        self.iface = iface
+        self.actions: list[QAction] = []
+        self.provider = None
+
+    def initProcessing(self) -> None:  # noqa: N802 - QGIS API name
+        from .processing_provider import GeoR1Provider
+
+        self.provider = GeoR1Provider()
+        QgsApplication.processingRegistry().addProvider(self.provider)
+
+    def initGui(self) -> None:  # noqa: N802 - QGIS API name
+        self.initProcessing()
+        action = QAction(_icon(), "Check the Geo-R1 engine", self.iface.mainWindow())
+        action.triggered.connect(self.check_engine)
+        self.iface.addPluginToRasterMenu(PLUGIN_NAME, action)
+        self.actions.append(action)
+
+    def unload(self) -> None:
+        for action in self.actions:
+            self.iface.removePluginRasterMenu(PLUGIN_NAME, action)
+        self.actions.clear()
+        if self.provider is not None:
+            QgsApplication.processingRegistry().removeProvider(self.provider)
+            self.provider = None
+
+    def check_engine(self) -> None:
+        ok, text = engine_status_text()
+        level = Qgis.Success if ok else Qgis.Warning
+        QgsMessageLog.logMessage(text, PLUGIN_NAME, level)
+        self.iface.messageBar().pushMessage(PLUGIN_NAME, text, level=level, duration=10)
