@@ -1,0 +1,74 @@
+"""The plugin package needs nothing beyond QGIS's Python (runs under /usr/bin/python3)."""
+
+import ast
+import configparser
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PKG = ROOT / "geo_r1_qgis"
+FORBIDDEN = ("torch", "transformers", "rasterio", "shapely", "pyproj", "peft", "trl", "PIL", "fastapi", "httpx")
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("path", sorted(PKG.rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_ml_or_gdal_python_imports_anywhere_in_the_plugin(path):
+    bad = _imports(path) & set(FORBIDDEN)
+    assert not bad, f"{path} imports {bad}: the plugin runs in QGIS's Python (PyQGIS, stdlib, numpy only)"
+
+
+@pytest.mark.parametrize("path", sorted((PKG / "core").rglob("*.py")), ids=lambda p: p.name)
+def test_core_is_pure_no_qgis_no_gdal(path):
+    bad = _imports(path) & {"qgis", "osgeo", "PyQt5"}
+    assert not bad, f"{path} imports {bad}: geo_r1_qgis/core must run without QGIS and GDAL"
+
+
+def test_package_imports_under_this_python_without_the_venv():
+    code = (
+        "import sys, importlib, pkgutil, geo_r1_qgis, geo_r1_qgis.core as c\n"
+        "for m in pkgutil.iter_modules(c.__path__): importlib.import_module('geo_r1_qgis.core.' + m.name)\n"
+        f"bad = [m for m in {FORBIDDEN!r} if m in sys.modules]\n"
+        "assert not bad, bad\n"
+        "assert '.venv' not in ''.join(sys.path), sys.path\n"
+        "print('ok', sys.executable)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok")
+
+
+def test_qgis_plugin_module_imports_with_real_pyqgis():
+    pytest.importorskip("qgis.core", reason="needs Debian's python3-qgis (run under /usr/bin/python3)")
+    code = "import geo_r1_qgis.plugin as p; assert callable(p.GeoR1Plugin); print('ok')"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False,
+        env={"QT_QPA_PLATFORM": "offscreen", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def test_metadata_has_every_field_qgis_and_the_plugin_site_need():
+    cp = configparser.ConfigParser()
+    cp.read(ROOT / "metadata.txt", encoding="utf-8")
+    g = cp["general"]
+    for key in ("name", "qgisMinimumVersion", "qgisMaximumVersion", "description", "about", "version", "author",
+                "email", "repository", "tracker", "homepage", "tags", "category", "icon", "experimental",
+                "hasProcessingProvider", "changelog"):
+        assert g.get(key), f"metadata.txt lacks {key}"
+    assert g["qgisMinimumVersion"] == "3.22"
+    assert g["qgisMaximumVersion"] == "4.99"
+    assert g["hasProcessingProvider"] == "yes"
+    assert (ROOT / "resources" / g["icon"]).is_file()
