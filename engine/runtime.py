@@ -167,7 +167,6 @@ class LocalBackend:
     def __init__(self, load_config: LoadConfig, batch_size: int = 8, max_wait_ms: float = 5.0) -> None:
         self.load_config = load_config
         self.loaded = load_model(load_config)
-        self.model = self.loaded.model
         self.processor = self.loaded.processor
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
@@ -189,10 +188,10 @@ class LocalBackend:
             "backend": self.kind,
             "model": self.loaded.model_name,
             "processor": self.loaded.processor_name,
-            "adapter": self.loaded.active_adapter,
-            "adapters": sorted(self.loaded.adapters),
+            "adapter": self.loaded.adapters.active,
+            "adapters": sorted(self.loaded.adapters.list()),
             "device": str(self.loaded.device),
-            "dtype": str(self.loaded.dtype).replace("torch.", ""),
+            "dtype": str(self.loaded.dtype),
             "torchvision": self.loaded.has_torchvision,
             "prompt_version": PROMPT_VERSION,
             "engine_version": ENGINE_VERSION,
@@ -217,14 +216,14 @@ class LocalBackend:
         return self._batcher.call(lambda: self._run_chat(messages, images, settings, top_logprobs))
 
     def adapters(self) -> dict[str, Any]:
-        return {"active": self.loaded.active_adapter, "available": dict(self.loaded.adapters)}
+        names = self.loaded.adapters.list()
+        return {"active": self.loaded.adapters.active, "available": {n: self.loaded.adapters.path(n) for n in names}}
 
     def load_adapter(self, name: str, path: str) -> None:
-        self._batcher.call(lambda: self.loaded.load_adapter(name, path))
-        self.model = self.loaded.model
+        self._batcher.call(lambda: self.loaded.adapters.register(name, path))
 
     def activate_adapter(self, name: str | None) -> None:
-        self._batcher.call(lambda: self.loaded.activate_adapter(name))
+        self._batcher.call(lambda: self.loaded.adapters.activate(name))
 
     def close(self) -> None:
         self._batcher.close()
@@ -244,7 +243,7 @@ class LocalBackend:
             tid = self.tokenizer.convert_tokens_to_ids(tok)
             if isinstance(tid, int) and tid >= 0:
                 ids.add(tid)
-        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        gen_eos = getattr(self.loaded.model.generation_config, "eos_token_id", None)
         if isinstance(gen_eos, int):
             ids.add(gen_eos)
         elif isinstance(gen_eos, list):
@@ -252,10 +251,12 @@ class LocalBackend:
         return ids
 
     def _prepare(self, texts: list[str], images: list[Any]) -> Any:
+        import torch
+
         inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
         inputs = inputs.to(self.loaded.device)
         if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.loaded.dtype)
+            inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, str(self.loaded.dtype)))
         return inputs
 
     def _generate(self, inputs: Any, settings: GenerationSettings, top_k: int = 0):
@@ -273,7 +274,7 @@ class LocalBackend:
             kwargs["temperature"] = settings.temperature
         try:
             with torch.inference_mode():
-                out = self.model.generate(**inputs, **kwargs)
+                out = self.loaded.model.generate(**inputs, **kwargs)
         except torch.OutOfMemoryError as exc:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -317,7 +318,7 @@ class LocalBackend:
             tp = time.perf_counter()
             ids, pieces, logprobs, none_probs, _ = self._row_tokens(sequences, input_len, recorder, row)
             text = "".join(pieces)
-            parsed = parse_output(text, item.task)
+            parsed = parse_output(text, item.task, item.reasoning)
             scores, presence = confidence_from_tokens(pieces, logprobs, none_probs, parsed)
             image_size = item.image.size  # (w, h)
             _, gh, gw = grid[row]
