@@ -172,13 +172,21 @@ class MapDetection:
 
 
 class ResultSink(Protocol):
-    """Where results go. Every ``write_tile`` is one transaction: all of a tile, or nothing."""
+    """Where results go. A tile is written whole or not at all (see :meth:`commit`)."""
 
     def done_tiles(self) -> Mapping[str, Sequence[Detection]]:
         """Tiles already written by an earlier, interrupted run, with their detections."""
 
     def write_tile(self, tile_id: str, tile: Tile, detections: Sequence[MapDetection], status: str) -> None:
         """Record one finished tile (``status`` is ``"done"`` or ``"skipped"``: no valid pixel)."""
+
+    def commit(self) -> None:
+        """Make the tiles written since the last commit durable, in one transaction of whole tiles.
+
+        The pipeline calls it after each engine request (and before it stops on a cancel), so a
+        sink may group the tiles of one request into one transaction; a sink that writes every
+        tile at once makes it a no-op.
+        """
 
     def finish(self, final: Sequence[MapDetection], summary: RunSummary) -> None:
         """Write the merged answer (the run's polygon layer)."""
@@ -365,6 +373,7 @@ class _Runner:
     def canceled(self) -> bool:
         if self.is_canceled():
             self.summary.status = "canceled"
+            self.sink.commit()
             return True
         return False
 
@@ -405,6 +414,9 @@ class _Runner:
                 self.done += 1
                 self.progress(self.done, summary.tiles_total, plan.phase)
             pending.clear()
+            t1 = time.perf_counter()
+            self.sink.commit()
+            summary.write_s += time.perf_counter() - t1
 
         for tile_id, tile in plan.tiles:
             if tile_id in self.resumed:
@@ -433,6 +445,7 @@ class _Runner:
         if pending and self.canceled():
             return None
         flush()
+        self.sink.commit()  # skipped tiles after the last request
         return dets
 
     def merge(self, dets: Sequence[Detection]) -> list[Detection]:

@@ -95,6 +95,7 @@ class RecordingSink:
         self.tiles: dict[str, tuple[str, list[MapDetection]]] = {}
         self.final: list[MapDetection] | None = None
         self._done = done or {}
+        self.commits = 0
 
     def done_tiles(self):
         return self._done
@@ -102,6 +103,9 @@ class RecordingSink:
     def write_tile(self, tile_id, tile, detections, status):
         assert tile_id not in self.tiles, f"tile {tile_id} written twice"
         self.tiles[tile_id] = (status, list(detections))
+
+    def commit(self):
+        self.commits += 1
 
     def finish(self, final, summary):
         self.final = list(final)

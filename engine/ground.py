@@ -1,0 +1,426 @@
+"""``geo-r1 ground RASTER "EXPR" -o OUT.gpkg``: ground an expression over a whole raster.
+
+The raster is cut into tiles (:mod:`geo_r1_qgis.core.pipeline`, shared with the QGIS plugin),
+read window by window with rasterio (:mod:`engine.rasters`), sent to an engine over HTTP and the
+answers are written to a GeoPackage tile by tile (:mod:`engine.gpkg`). The command always talks
+HTTP to an engine: ``--engine URL`` uses a running one; ``--model M`` starts ``geo-r1 serve`` on a
+free local port with a temporary token, waits until it is ready and stops it at the end.
+
+Before anything is written, everything that can be checked is: the raster opens, has a CRS and
+valid pixels, the extent overlaps it, the output is a GeoPackage whose layers would not be
+overwritten, the destination CRS exists and the engine answers. So bad input never leaves a
+GeoPackage behind. Once the run has started, an interruption (Ctrl-C, a killed engine) leaves a
+valid file that ``--resume`` completes.
+
+Exit status: 0 done, 1 error (one clear line), 130 interrupted (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from geo_r1_qgis.core.client import DEFAULT_URL, EngineClient, read_token
+from geo_r1_qgis.core.errors import (
+    ConfigError,
+    EmptyRasterError,
+    EngineUnavailableError,
+    GeoR1Error,
+    OutputError,
+)
+from geo_r1_qgis.core.merge import MODES
+
+log = logging.getLogger(__name__)
+
+
+def _parse_floats(text: str | None, n: int, what: str, example: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{what} takes {n} comma-separated numbers, got {text!r}; e.g. {example}") from None
+    if len(values) != n:
+        raise ConfigError(f"{what} takes {n} comma-separated numbers, got {len(values)} in {text!r}; e.g. {example}")
+    return values
+
+
+def _parse_bands(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        bands = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"--bands takes band numbers (from 1) separated by commas, got {text!r}; e.g. 4,3,2"
+        ) from None
+    if len(bands) not in (1, 3) or min(bands) < 1:
+        raise ConfigError(f"--bands takes three band numbers (R,G,B) or one, counted from 1; got {text!r}")
+    return bands
+
+
+@dataclass(frozen=True)
+class GroundConfig:
+    """Everything ``geo-r1 ground`` needs. Checks itself; each message names the bad value and the fix."""
+
+    raster: Path
+    expression: str
+    output: Path
+    mode: str = "one"
+    gsd: float | None = None
+    tile: int = 512
+    overlap: int = 64
+    bands: tuple[int, ...] | None = None
+    bbox: tuple[float, ...] | None = None
+    layer: str | None = None
+    dst_crs: str | None = None
+    resume: bool = False
+    # -- engine
+    engine: str | None = None
+    token_file: Path | None = None
+    model: str | None = None
+    processor: str | None = None
+    adapters: tuple[str, ...] = ()
+    device: str = "auto"
+    dtype: str = "auto"
+    serve_timeout_s: float = 300.0
+    # -- requests and search
+    batch: int = 8
+    max_new_tokens: int = 256
+    reasoning: bool = True
+    coarse_to_fine: bool = True
+    top_k: int = 3
+    min_score: float = 0.0
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.expression.strip():
+            raise ConfigError('the expression is empty: describe what to find, e.g. "all storage tanks"')
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode must be 'one' or 'all', got {self.mode!r}")
+        if self.gsd is not None and not self.gsd > 0:
+            raise ConfigError(f"--gsd must be a ground resolution in metres > 0, got {self.gsd!r}; e.g. --gsd 0.5")
+        if self.tile < 28:
+            raise ConfigError(f"--tile must be at least 28 pixels (one model patch), got {self.tile}; e.g. --tile 512")
+        if not 0 <= self.overlap < self.tile:
+            raise ConfigError(f"--overlap must be in [0, --tile), got {self.overlap} with --tile {self.tile}")
+        if self.output.suffix.lower() != ".gpkg":
+            raise ConfigError(f"-o {self.output} must end in .gpkg (a GeoPackage); e.g. -o results.gpkg")
+        if self.engine and self.model:
+            raise ConfigError("give either --engine URL (a running engine) or --model M (start one), not both")
+        if not 1 <= self.batch <= 64:
+            raise ConfigError(f"--batch must be within 1..64 tiles per request, got {self.batch}")
+        if not 1 <= self.max_new_tokens <= 4096:
+            raise ConfigError(f"--max-new-tokens must be within 1..4096, got {self.max_new_tokens}")
+        if self.top_k < 1:
+            raise ConfigError(f"--top-k must be >= 1, got {self.top_k}")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ConfigError(f"--min-score must be in [0, 1], got {self.min_score}")
+
+    @property
+    def engine_url(self) -> str:
+        return self.engine or DEFAULT_URL
+
+    def run_parameters(self, raster_path: str, bands: tuple[int, ...]) -> dict[str, Any]:
+        """The parameters that define a run's results (a resumed run must match them exactly)."""
+        return {
+            "raster": raster_path,
+            "expression": self.expression,
+            "mode": self.mode,
+            "gsd": self.gsd,
+            "tile": self.tile,
+            "overlap": self.overlap,
+            "bands": list(bands),
+            "bbox": list(self.bbox) if self.bbox else None,
+            "dst_crs": self.dst_crs,
+            "max_new_tokens": self.max_new_tokens,
+            "reasoning": self.reasoning,
+            "coarse_to_fine": self.coarse_to_fine,
+            "top_k": self.top_k,
+            "min_score": self.min_score,
+        }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("raster", type=Path, help="a georeferenced raster (GeoTIFF, COG, anything GDAL reads)")
+    parser.add_argument("expression", help='what to find, e.g. "all storage tanks"')
+    parser.add_argument("-o", "--output", type=Path, required=True, help="GeoPackage to write (a new layer per run)")
+    parser.add_argument("--mode", choices=MODES, default="one", help="one: the best match; all: every instance")
+    grid = parser.add_argument_group("tiles")
+    grid.add_argument("--gsd", type=float, help="ground resolution of the tiles in metres (default: the raster's)")
+    grid.add_argument("--tile", type=int, default=512, help="tile size in pixels (default: %(default)s)")
+    grid.add_argument("--overlap", type=int, default=64, help="overlap of tiles in pixels (default: %(default)s)")
+    grid.add_argument("--bands", help="band numbers for R,G,B (default: the RGB bands, else the first three)")
+    grid.add_argument("--bbox", help="xmin,ymin,xmax,ymax in the raster's CRS (default: the whole raster)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--layer", help="layer name (default: from the expression and the run id)")
+    out.add_argument("--dst-crs", help="write polygons in this CRS, e.g. EPSG:4326 (default: the raster's)")
+    out.add_argument("--resume", action="store_true", help="continue the interrupted run with these parameters")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    eng = parser.add_argument_group("engine (a running one, or one started for this run)")
+    eng.add_argument("--engine", metavar="URL", help=f"URL of a running engine (default: {DEFAULT_URL})")
+    eng.add_argument("--token-file", type=Path, help="the engine's token file (default: the engine's default)")
+    eng.add_argument("--model", help="start an engine with this model for the run (HF id or directory)")
+    eng.add_argument("--processor", help="processor id/directory for --model")
+    eng.add_argument("--adapter", action="append", metavar="NAME=PATH", help="LoRA adapter for --model")
+    eng.add_argument("--device", default="auto", help="device for --model: auto, cpu, cuda, cuda:N, mps")
+    eng.add_argument("--dtype", default="auto", help="dtype for --model: auto, float32, bfloat16, float16")
+    eng.add_argument("--serve-timeout", type=float, default=300.0, help="seconds to wait for --model to load")
+    req = parser.add_argument_group("requests and search")
+    req.add_argument("--batch", type=int, default=8, help="tiles per /ground request (default: %(default)s)")
+    req.add_argument("--max-new-tokens", type=int, default=256, help="generation limit per tile")
+    req.add_argument("--no-reasoning", action="store_true", help="the SFT-baseline prompt without <think>")
+    req.add_argument("--no-coarse-to-fine", action="store_true", help="mode one: always tile at full resolution")
+    req.add_argument("--top-k", type=int, default=3, help="mode one: candidates refined at full resolution")
+    req.add_argument("--min-score", type=float, default=0.0, help="drop boxes whose score is below this")
+
+
+def config_from_args(args: argparse.Namespace) -> GroundConfig:
+    return GroundConfig(
+        raster=args.raster,
+        expression=args.expression,
+        output=args.output,
+        mode=args.mode,
+        gsd=args.gsd,
+        tile=args.tile,
+        overlap=args.overlap,
+        bands=_parse_bands(args.bands),
+        bbox=_parse_floats(args.bbox, 4, "--bbox", "--bbox 630000,4249000,631000,4250000"),
+        layer=args.layer,
+        dst_crs=args.dst_crs,
+        resume=args.resume,
+        engine=args.engine,
+        token_file=args.token_file,
+        model=args.model,
+        processor=args.processor,
+        adapters=tuple(args.adapter or ()),
+        device=args.device,
+        dtype=args.dtype,
+        serve_timeout_s=args.serve_timeout,
+        batch=args.batch,
+        max_new_tokens=args.max_new_tokens,
+        reasoning=not args.no_reasoning,
+        coarse_to_fine=not args.no_coarse_to_fine,
+        top_k=args.top_k,
+        min_score=args.min_score,
+        progress=not args.no_progress,
+    )
+
+
+# -- the engine ------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def engine_for(config: GroundConfig) -> Iterator[tuple[EngineClient, dict[str, Any]]]:
+    """A ready client and the engine's ``/info``: the given engine, or one started with ``--model``."""
+    if not config.model:
+        client = EngineClient(config.engine_url, token=read_token(config.token_file))
+        info = client.wait_until_ready(total_timeout_s=10.0)
+        yield client, info
+        return
+    with tempfile.TemporaryDirectory(prefix="geo-r1-ground-") as tmp:
+        port = _free_port()
+        token_file = Path(tmp) / "engine.token"
+        log_path = Path(tmp) / "serve.log"
+        cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", config.model, "--port", str(port)]
+        cmd += ["--token-file", str(token_file), "--batch-size", str(config.batch), "--device", config.device]
+        cmd += ["--dtype", config.dtype]
+        if config.processor:
+            cmd += ["--processor", config.processor]
+        for a in config.adapters:
+            cmd += ["--adapter", a]
+        log.info("starting the engine: %s", " ".join(cmd))
+        repo = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
+        with open(log_path, "wb") as log_fh:
+            proc = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=env)  # nosec B603
+        try:
+            client = EngineClient(f"http://127.0.0.1:{port}")
+            deadline = time.monotonic() + config.serve_timeout_s
+            while True:
+                if proc.poll() is not None:
+                    tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+                    raise EngineUnavailableError(
+                        f"the engine for --model {config.model} exited with status {proc.returncode} while loading: "
+                        + " | ".join(tail)
+                    )
+                if token_file.exists():
+                    with contextlib.suppress(EngineUnavailableError):
+                        client.token = read_token(token_file)
+                        client.health(timeout_s=2.0)
+                        break
+                if time.monotonic() > deadline:
+                    raise EngineUnavailableError(
+                        f"the engine for --model {config.model} was not ready after {config.serve_timeout_s:.0f} s; "
+                        "raise --serve-timeout or check the model"
+                    )
+                time.sleep(0.25)
+            yield client, client.info()
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+class _Progress:
+    def __init__(self, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=0, unit="tile", file=sys.stderr, dynamic_ncols=True, desc="grounding")
+
+    def __call__(self, done: int, total: int, phase: str) -> None:
+        if self.bar is None:
+            return
+        if self.bar.total != total:
+            self.bar.total = total
+        self.bar.set_description(f"grounding ({phase})", refresh=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def main(args: argparse.Namespace) -> int:
+    return run(config_from_args(args))
+
+
+def run(config: GroundConfig) -> int:
+    from geo_r1_qgis.core.geometry import PixelBox, gsd_to_scale, window_from_map_bbox
+    from geo_r1_qgis.core.pipeline import GroundingJob, run_grounding
+
+    from .gpkg import CrsTransform, GeoPackageSink, check_layer_name, list_layers
+    from .rasters import RasterioSource
+
+    logging.getLogger("pyogrio").setLevel(logging.WARNING)  # one INFO line per write otherwise
+    # 1. Everything that can be checked before the output is touched.
+    if config.layer:
+        check_layer_name(config.layer)
+    with RasterioSource(config.raster, bands=config.bands) as source:
+        window = None
+        if config.bbox:
+            window = window_from_map_bbox(*config.bbox, source.transform, source.width, source.height)
+        scale = 1.0
+        if config.gsd:
+            scale = gsd_to_scale(config.gsd, source.transform, source.crs_units_per_metre())
+        job = GroundingJob(
+            expression=config.expression,
+            mode=config.mode,
+            reasoning=config.reasoning,
+            max_new_tokens=config.max_new_tokens,
+            tile_size=config.tile,
+            overlap=config.overlap,
+            scale=scale,
+            window=window,
+            batch_size=config.batch,
+            coarse_to_fine=config.coarse_to_fine,
+            top_k=config.top_k,
+            min_score=config.min_score,
+        )
+        area = window or PixelBox(0.0, 0.0, float(source.width), float(source.height))
+        if window is not None and not source.has_valid(area):
+            raise EmptyRasterError(
+                f"the --bbox {','.join(f'{v:g}' for v in config.bbox or ())} covers only nodata pixels of "
+                f"{config.raster}; choose an extent over valid data"
+            )
+        crs = CrsTransform(source.crs_wkt, config.dst_crs)
+        layers = list_layers(config.output)  # raises if the file exists and is not a GeoPackage
+        if config.layer and config.layer in layers and not config.resume:
+            raise OutputError(
+                f"the layer {config.layer!r} already exists in {config.output} and is never overwritten; "
+                "choose another --layer, or add --resume to continue that run"
+            )
+        raster_info = source.describe()
+        params = config.run_parameters(raster_info["path"], source.bands)
+        params["scale"] = scale
+        created_file = not config.output.exists()
+        with engine_for(config) as (client, engine_info):
+            # 2. The run: from here on the GeoPackage exists and stays valid and resumable.
+            sink = GeoPackageSink.open_run(
+                config.output,
+                expression=config.expression,
+                mode=config.mode,
+                parameters=params,
+                raster=raster_info,
+                engine=engine_info,
+                crs=crs,
+                layer=config.layer,
+                resume=config.resume,
+            )
+            progress = _Progress(config.progress)
+            t0 = time.perf_counter()
+            try:
+                summary = run_grounding(job, source, sink, client, progress=progress)
+            except KeyboardInterrupt:
+                progress.close()
+                _stop(sink, "interrupted")
+                sys.stderr.write(
+                    f"geo-r1 ground: interrupted; {config.output} is valid: run the same command with --resume\n"
+                )
+                return 130
+            except GeoR1Error as exc:
+                progress.close()
+                _stop(sink, "failed")
+                raise type(exc)(
+                    f"{exc} -- {config.output} keeps the finished tiles: run the same command with --resume"
+                ) from None
+            progress.close()
+    _report(config, sink, summary, time.perf_counter() - t0, created_file)
+    return 0
+
+
+def _stop(sink: Any, status: str) -> None:
+    """Keep the finished tiles (commit what the engine already answered) and mark the run."""
+    try:
+        sink.commit()
+        sink.mark(status)
+    except Exception:  # the original error matters more
+        log.warning("could not record the run's status", exc_info=True)
+
+
+def _report(config: GroundConfig, sink: Any, summary: Any, seconds: float, created: bool) -> None:
+    s = summary
+    lines = [
+        f"geo-r1 ground: {s.detections_final} feature(s) in layer {sink.layer!r} of {config.output}"
+        f"{' (new file)' if created else ''}",
+        f"  run {sink.run_id}: mode {config.mode}, strategy {s.strategy}, {s.tiles_total} tile(s): "
+        f"{s.tiles_processed} processed, {s.tiles_resumed} resumed, {s.tiles_skipped} skipped (no valid pixels); "
+        f"{s.requests} request(s), {s.detections_raw} raw box(es)",
+        f"  {seconds:.1f} s: engine {s.engine_s:.1f} s (generate {s.engine_generate_s:.1f} s), read {s.read_s:.2f} s, "
+        f"write {s.write_s:.2f} s, merge {s.merge_s:.3f} s",
+    ]
+    if s.strategy != "full":
+        lines.append(f"  coarse to fine: {s.tiles_total} tile(s) instead of {s.full_tiling_tiles} for a full tiling")
+    for m in s.final[:5]:
+        d = m.detection
+        lines.append(f"  score {d.score:.3f} presence {d.presence:.3f} tile {d.tile_id} label {d.label or '-'}")
+    sys.stderr.write("\n".join(lines) + "\n")
+    log.debug("summary: %s", json.dumps(s.as_dict(), default=str))
+    log.debug("config: %s", asdict(config))

@@ -1,0 +1,281 @@
+"""Reading georeferenced rasters for ``geo-r1 ground``: a rasterio :class:`RasterSource`.
+
+:class:`RasterioSource` implements :class:`geo_r1_qgis.core.pipeline.RasterSource`:
+
+* **Windowed reads only.** Each tile is one ``read(window=..., out_shape=...)``; GDAL resamples
+  the window to the tile size (``average`` when downsampling, ``bilinear`` when upsampling,
+  none at the native resolution). GDAL's block cache is capped (``GDAL_CACHEMAX``, 64 MB by
+  default), so memory does not grow with the size of the raster.
+* **Bands.** ``bands`` (1-based) if given; else the bands whose colour interpretation is red,
+  green and blue; else the first three; a raster with fewer than three bands has its first band
+  replicated into three channels.
+* **8 bits.** ``uint8`` data is used as it is. Any other dtype (16-bit, 32-bit, float) is stretched
+  linearly per band from its 2nd to its 98th percentile to 0..255. The percentiles are computed
+  **once** per raster, from one decimated read of the whole raster (at most ``overview_px`` on the
+  longest side, which GDAL serves from overviews when the file has them) over valid pixels only.
+* **Validity.** A pixel is valid when GDAL's mask of every selected band says so (nodata value,
+  alpha band or internal mask: ``read_masks``) and, for floats, when it is finite. Invalid pixels
+  become 0 in the tile image; :meth:`read` returns the fraction of valid pixels, and the pipeline
+  skips tiles where it is 0.
+* **Errors.** A file that cannot be opened or read -> :class:`RasterError`; no CRS or no
+  geotransform -> :class:`NotGeoreferencedError` (the message says how to assign one);
+  every pixel nodata -> :class:`EmptyRasterError` (from the decimated mask; a cheap full scan of
+  the masks, block by block, confirms it before the error is raised).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geo_r1_qgis.core.errors import ConfigError, EmptyRasterError, NotGeoreferencedError, RasterError
+from geo_r1_qgis.core.geometry import Affine, PixelBox, Tile
+
+log = logging.getLogger(__name__)
+
+#: percentiles of the linear stretch to 8 bits
+STRETCH_PERCENTILES = (2.0, 98.0)
+
+
+def _rasterio() -> Any:
+    import rasterio  # heavy import kept lazy
+
+    return rasterio
+
+
+class RasterioSource:
+    """A raster opened with rasterio, read tile by tile as 8-bit RGB. Close it (or use ``with``)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        bands: tuple[int, ...] | None = None,
+        overview_px: int = 1024,
+        cache_mb: int = 64,
+    ) -> None:
+        rasterio = _rasterio()
+        from rasterio.errors import RasterioError
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise RasterError(f"the raster {self.path} does not exist; check the path")
+        self._env = rasterio.Env(GDAL_CACHEMAX=int(cache_mb) * 1024 * 1024)
+        self._env.__enter__()
+        try:
+            try:
+                self.ds = rasterio.open(self.path)
+            except RasterioError as exc:
+                raise RasterError(
+                    f"cannot open {self.path} as a raster ({exc}); the file is corrupt or not a format GDAL reads"
+                ) from None
+            self._setup(bands, overview_px)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- set up ------------------------------------------------------------------------------------
+    def _setup(self, bands: tuple[int, ...] | None, overview_px: int) -> None:
+        from rasterio.enums import ColorInterp
+
+        ds = self.ds
+        self.width, self.height = int(ds.width), int(ds.height)
+        if ds.crs is None:
+            raise NotGeoreferencedError(
+                f"{self.path} has no CRS, so results could not be placed on a map; assign one first, e.g. "
+                f"gdal_edit.py -a_srs EPSG:32633 {self.path} (and -a_ullr ulx uly lrx lry if it has no "
+                "geotransform either), or georeference it in QGIS"
+            )
+        t = ds.transform
+        if t.is_identity:
+            raise NotGeoreferencedError(
+                f"{self.path} has a CRS but no geotransform (pixel size 1, origin 0,0); set one, e.g. "
+                f"gdal_edit.py -a_ullr ulx uly lrx lry {self.path}"
+            )
+        self.transform = Affine(t.a, t.b, t.c, t.d, t.e, t.f)
+        self.crs_wkt = ds.crs.to_wkt()
+        self.crs = ds.crs
+        self.dtype = np.dtype(ds.dtypes[0])
+        self.count = int(ds.count)
+        interp = list(ds.colorinterp)
+        if bands:
+            bad = [b for b in bands if not 1 <= b <= self.count]
+            if bad or len(bands) not in (1, 3):
+                raise ConfigError(
+                    f"--bands {','.join(map(str, bands))} is not valid for {self.path}, which has {self.count} "
+                    f"band(s) numbered 1..{self.count}; give three bands (R,G,B) or one, e.g. --bands 1,2,3"
+                )
+            chosen = tuple(bands)
+        elif all(c in interp for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)):
+            chosen = tuple(interp.index(c) + 1 for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue))
+        elif self.count >= 3:
+            data_bands = [i + 1 for i, c in enumerate(interp) if c != ColorInterp.alpha]
+            chosen = tuple(data_bands[:3]) if len(data_bands) >= 3 else (1, 2, 3)
+        else:
+            chosen = (1,)
+        if len(chosen) == 1:
+            chosen = chosen * 3
+        self.bands = chosen
+        self._read_idx = sorted(set(chosen))  # each band read once
+        self._channel = [self._read_idx.index(b) for b in chosen]
+        self._stretch = self._compute_stretch(overview_px)
+
+    def _overview_shape(self, overview_px: int) -> tuple[int, int]:
+        f = max(1.0, max(self.width, self.height) / overview_px)
+        return (max(1, round(self.height / f)), max(1, round(self.width / f)))
+
+    def _compute_stretch(self, overview_px: int) -> list[tuple[float, float]] | None:
+        """Per-band (lo, hi) from one decimated read; ``None`` for uint8 (no stretch). Checks emptiness."""
+        from rasterio.enums import Resampling
+        from rasterio.errors import RasterioError
+
+        h, w = self._overview_shape(overview_px)
+        try:
+            masks = self.ds.read_masks(self._read_idx, out_shape=(len(self._read_idx), h, w))
+            valid = np.all(masks > 0, axis=0)
+            data = None
+            if self.dtype != np.uint8 or not valid.any():
+                data = self.ds.read(
+                    self._read_idx, out_shape=(len(self._read_idx), h, w), resampling=Resampling.nearest
+                )
+                if data.dtype.kind == "f":
+                    valid &= np.all(np.isfinite(data), axis=0)
+        except RasterioError as exc:
+            raise RasterError(f"cannot read {self.path} ({exc}); the file is corrupt or truncated") from None
+        if not valid.any() and not self._any_valid_full_scan():
+            raise EmptyRasterError(
+                f"every pixel of {self.path} is nodata (nodata={self.ds.nodata!r}, {self.count} band(s)): "
+                "there is nothing to look at; check the nodata value (gdal_edit.py -unsetnodata) or the file"
+            )
+        if self.dtype == np.uint8 or data is None:
+            return None
+        out = []
+        for i in range(len(self._read_idx)):
+            values = data[i][valid].astype(np.float64)
+            if values.size == 0:  # the decimated read missed the few valid pixels
+                out.append((0.0, 1.0))
+                continue
+            lo, hi = np.percentile(values, STRETCH_PERCENTILES)
+            if not hi > lo:
+                lo, hi = float(values.min()), float(values.max())
+            if not hi > lo:
+                hi = lo + 1.0
+            out.append((float(lo), float(hi)))
+        log.info("%s: %s data stretched to 8 bits per band (2-98 %%): %s", self.path.name, self.dtype, out)
+        return out
+
+    def _any_valid_full_scan(self) -> bool:
+        """Whether any pixel is valid, reading the masks block by block (only when the overview saw none)."""
+        for _, window in self.ds.block_windows(1):
+            masks = self.ds.read_masks(self._read_idx, window=window)
+            ok = np.all(masks > 0, axis=0)
+            if ok.any():
+                if self.dtype.kind != "f":
+                    return True
+                data = self.ds.read(self._read_idx, window=window)
+                if (ok & np.all(np.isfinite(data), axis=0)).any():
+                    return True
+        return False
+
+    def has_valid(self, window: PixelBox, overview_px: int = 512) -> bool:
+        """Cheap check that a window holds a valid pixel (decimated masks, then a full read if needed)."""
+        from rasterio.windows import Window
+
+        win = Window(window.x1, window.y1, window.width, window.height)
+        f = max(1.0, max(window.width, window.height) / overview_px)
+        shape = (len(self._read_idx), max(1, round(window.height / f)), max(1, round(window.width / f)))
+        if np.all(self.ds.read_masks(self._read_idx, window=win, out_shape=shape) > 0, axis=0).any():
+            return True
+        if f == 1.0:
+            return False
+        rows = range(int(window.y1), int(window.y2), 1024)
+        for r in rows:
+            sub = Window(window.x1, r, window.width, min(1024, int(window.y2) - r))
+            if np.all(self.ds.read_masks(self._read_idx, window=sub) > 0, axis=0).any():
+                return True
+        return False
+
+    # -- reading ----------------------------------------------------------------------------------
+    def read(self, tile: Tile) -> tuple[np.ndarray, float]:
+        """The tile as an ``(h, w, 3)`` uint8 image (invalid pixels 0) and its fraction of valid pixels."""
+        from rasterio.enums import Resampling
+        from rasterio.errors import RasterioError
+        from rasterio.windows import Window
+
+        w, h = tile.size
+        win = tile.window
+        sx, sy = tile.pixel_scale
+        if math.isclose(sx, 1.0) and math.isclose(sy, 1.0):
+            resampling = Resampling.nearest
+        elif sx > 1.0 or sy > 1.0:
+            resampling = Resampling.average
+        else:
+            resampling = Resampling.bilinear
+        window = Window(win.x1, win.y1, win.width, win.height)
+        shape = (len(self._read_idx), h, w)
+        try:
+            data = self.ds.read(self._read_idx, window=window, out_shape=shape, resampling=resampling)
+            masks = self.ds.read_masks(self._read_idx, window=window, out_shape=shape)
+        except RasterioError as exc:
+            raise RasterError(f"cannot read tile {tile.id} of {self.path} ({exc}); the file is corrupt") from None
+        valid = np.all(masks > 0, axis=0)
+        if data.dtype.kind == "f":
+            valid &= np.all(np.isfinite(data), axis=0)
+        frac = float(valid.mean())
+        if frac == 0.0:
+            return np.zeros((h, w, 3), np.uint8), 0.0
+        if self._stretch is None:
+            planes = data
+        else:
+            planes = np.empty(data.shape, np.uint8)
+            for i, (lo, hi) in enumerate(self._stretch):
+                band = np.nan_to_num(data[i].astype(np.float32), nan=lo, posinf=hi, neginf=lo)
+                planes[i] = np.clip((band - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
+        rgb = np.stack([planes[c] for c in self._channel], axis=-1).astype(np.uint8, copy=False)
+        rgb[~valid] = 0
+        return np.ascontiguousarray(rgb), frac
+
+    # -- info ------------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """Raster facts for the run table."""
+        return {
+            "path": str(self.path.resolve()),
+            "width": self.width,
+            "height": self.height,
+            "count": self.count,
+            "dtype": str(self.dtype),
+            "bands_used": list(self.bands),
+            "nodata": None if self.ds.nodata is None or not math.isfinite(self.ds.nodata) else self.ds.nodata,
+            "crs": self.crs.to_string(),
+            "transform": list(self.transform.to_tuple()),
+            "stretch": self._stretch,
+        }
+
+    def crs_units_per_metre(self) -> float | tuple[float, float]:
+        """For :func:`~geo_r1_qgis.core.geometry.gsd_to_scale`: 1/metres-per-unit, or degrees per metre."""
+        from geo_r1_qgis.core.geometry import degrees_per_metre
+
+        if self.crs.is_geographic:
+            cy = self.transform.apply(self.width / 2, self.height / 2)[1]
+            return degrees_per_metre(max(-89.0, min(89.0, cy)))
+        factor = self.crs.linear_units_factor[1]
+        return 1.0 / factor
+
+    def close(self) -> None:
+        ds = getattr(self, "ds", None)
+        if ds is not None:
+            ds.close()
+            self.ds = None
+        env = getattr(self, "_env", None)
+        if env is not None:
+            env.__exit__(None, None, None)
+            self._env = None
+
+    def __enter__(self) -> RasterioSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
