@@ -1,0 +1,375 @@
+"""A backend that forwards to any OpenAI-compatible server: vLLM, SGLang, or a second engine's ``/v1``.
+
+:class:`RemoteBackend` implements :class:`engine.backend.Backend`. The remote server only generates
+text; everything Geo-R1-specific happens here, with the same code as the local backend: the prompt
+(:func:`engine.prompts.build_messages`, sent as OpenAI content parts, the image first as a PNG
+``data:`` URI), the parse (:func:`engine.parsing.parse_output`), the coordinate rescaling
+(:mod:`engine.coords`) and the confidences (:func:`engine.confidence.confidence_from_tokens`).
+
+Assumptions (documented because the remote server does not report them)
+-----------------------------------------------------------------------
+* **Coordinates.** The remote model's processor resizes images with Qwen2.5-VL's default
+  ``smart_resize`` (multiples of 28, min_pixels=3136, max_pixels=12845056), so a box is rescaled from
+  :func:`engine.coords.model_input_size` of the image we sent to the image's own size. A server
+  started with other limits (vLLM ``--mm-processor-kwargs '{"max_pixels": ...}'``) must be matched with
+  the ``min_pixels``/``max_pixels`` arguments, or boxes of large images land in the wrong place.
+* **Confidence.** Each request asks for ``logprobs`` with ``top_logprobs=20``. A box's score uses the
+  log-probabilities of the chosen tokens, exactly as locally. Presence needs ``P(None)`` at the branch
+  position; the remote server only returns the top 20 alternatives, so ``P(None)`` is the mass of the
+  None-like tokens among them: a lower bound, equal to the local value whenever the None tokens rank
+  in the top 20 (they do whenever they matter). A server that returns no logprobs gets score 1.0 for
+  every box and presence 1.0 if there is a box, else 0.0, with a warning in the log.
+* **Decoding.** Greedy settings are sent as ``temperature=0``; sampling sends the temperature.
+
+Connections use :mod:`httpx` directly (environment proxy variables are ignored: the server is usually
+on this machine or this network). ``concurrency`` requests are in flight at most, across all callers.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import math
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from geo_r1_qgis.core.errors import (
+    ConfigError,
+    EngineOverloadedError,
+    EngineRequestError,
+    EngineUnavailableError,
+)
+
+from .backend import BoxResult, ChatResult, GenerationSettings, GroundItem, ItemResult
+from .confidence import confidence_from_tokens, is_none_piece
+from .coords import QWEN25_MAX_PIXELS, QWEN25_MIN_PIXELS, model_input_size, model_to_image_box
+from .parsing import parse_output
+from .prompts import build_messages
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+#: Alternatives asked for per token (the most OpenAI's API allows).
+TOP_LOGPROBS = 20
+
+START_HINT = (
+    "start it first, e.g.  vllm serve Qwen/Qwen2.5-VL-3B-Instruct --port 8000  or  "
+    "geo-r1 serve --model <model> --port 8000  and pass its /v1 URL (http://127.0.0.1:8000/v1)"
+)
+
+
+def png_data_uri(image: Image.Image) -> str:
+    """A lossless ``data:image/png;base64,...`` URI of an RGB image (fast compression)."""
+    buf = io.BytesIO()
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    rgb.save(buf, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def to_openai_messages(messages: list[dict[str, Any]], image_uris: list[str]) -> list[dict[str, Any]]:
+    """Qwen chat messages (``{"type": "image"}`` placeholders) -> OpenAI content parts, images in order."""
+    uris = iter(image_uris)
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str) or content is None:
+            out.append({"role": message["role"], "content": content or ""})
+            continue
+        parts = []
+        for part in content:
+            if part.get("type") == "image":
+                try:
+                    url = next(uris)
+                except StopIteration:
+                    raise ConfigError("more image placeholders in the messages than images") from None
+                parts.append({"type": "image_url", "image_url": {"url": url}})
+            elif part.get("type") == "text":
+                parts.append({"type": "text", "text": part.get("text", "")})
+            else:
+                raise ConfigError(f"unsupported message part type {part.get('type')!r}: use 'text' or 'image'")
+        out.append({"role": message["role"], "content": parts})
+    if next(uris, None) is not None:
+        raise ConfigError("more images than image placeholders in the messages")
+    return out
+
+
+def token_logprobs(
+    logprobs: dict[str, Any] | None,
+) -> tuple[list[str], list[float], list[float], list[dict[str, float]]]:
+    """Pieces, chosen log-probs, P(None-like) and alternatives per token from OpenAI's ``logprobs``."""
+    pieces: list[str] = []
+    chosen: list[float] = []
+    none_probs: list[float] = []
+    alternatives: list[dict[str, float]] = []
+    for entry in (logprobs or {}).get("content") or []:
+        pieces.append(str(entry.get("token", "")))
+        chosen.append(_finite(entry.get("logprob")))
+        alts: dict[str, float] = {}
+        for alt in entry.get("top_logprobs") or []:
+            alts.setdefault(str(alt.get("token", "")), _finite(alt.get("logprob")))
+        alternatives.append(alts)
+        none_probs.append(min(1.0, sum(math.exp(lp) for tok, lp in alts.items() if is_none_piece(tok))))
+    return pieces, chosen, none_probs, alternatives
+
+
+def _finite(value: Any) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return -9999.0
+    return v if math.isfinite(v) else -9999.0
+
+
+class RemoteBackend:
+    """Geo-R1 grounding through an OpenAI-compatible ``/v1`` server (see the module docstring)."""
+
+    kind = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        model: str | None = None,
+        concurrency: int = 8,
+        timeout_s: float = 300.0,
+        *,
+        min_pixels: int = QWEN25_MIN_PIXELS,
+        max_pixels: int = QWEN25_MAX_PIXELS,
+    ) -> None:
+        import httpx
+
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"base_url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}")
+        if concurrency < 1:
+            raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
+        if not timeout_s > 0:
+            raise ConfigError(f"timeout_s must be > 0, got {timeout_s}")
+        self.base_url = base_url.rstrip("/")
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        headers = {"Accept": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._httpx = httpx
+        self._client = httpx.Client(
+            base_url=self.base_url + "/",
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+            trust_env=False,
+        )
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="geo-r1-remote")
+        self._warned_no_logprobs = threading.Event()
+        self.model = model or self._first_model()
+        log.info("remote backend: %s, model %s, %d requests in flight at most", self.base_url, self.model, concurrency)
+
+    # -- Backend interface ------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return {
+            "backend": self.kind,
+            "base_url": self.base_url,
+            "model": self.model,
+            "processor": None,
+            "adapter": None,
+            "adapters": [],
+            "device": "remote",
+            "dtype": None,
+            "concurrency": self.concurrency,
+            "smart_resize": {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels},
+        }
+
+    def ground(self, items: list[GroundItem], settings: GenerationSettings) -> list[ItemResult]:
+        futures: list[Future[ItemResult]] = [self._pool.submit(self._ground_one, it, settings) for it in items]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]],
+        images: list[Image.Image],
+        settings: GenerationSettings,
+        top_logprobs: int = 0,
+    ) -> ChatResult:
+        payload = self._payload(to_openai_messages(messages, [png_data_uri(im) for im in images]), settings)
+        if top_logprobs:
+            payload["logprobs"] = True
+            payload["top_logprobs"] = min(TOP_LOGPROBS, top_logprobs)
+        answer = self._pool.submit(self._post, "chat/completions", payload).result()
+        choice = self._choice(answer)
+        text = (choice.get("message") or {}).get("content") or ""
+        lp = None
+        if top_logprobs:
+            pieces, chosen, _, alternatives = token_logprobs(choice.get("logprobs"))
+            lp = tuple(zip(pieces, chosen, alternatives, strict=True))
+        usage = answer.get("usage") or {}
+        finish = choice.get("finish_reason")
+        return ChatResult(
+            text=text,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            finish_reason=finish if finish in ("stop", "length") else "stop",
+            logprobs=lp,
+        )
+
+    def adapters(self) -> dict[str, Any]:
+        return {"active": None, "available": {}}
+
+    def load_adapter(self, name: str, path: str) -> None:
+        raise ConfigError(
+            f"cannot load adapter {name!r} here: adapters of a remote server are loaded there "
+            "(vLLM: --enable-lora --lora-modules NAME=PATH); then start this engine with --remote-model NAME"
+        )
+
+    def activate_adapter(self, name: str | None) -> None:
+        if name is not None:
+            self.load_adapter(name, "")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
+
+    # -- internals --------------------------------------------------------------------------------
+    def _payload(self, messages: list[dict[str, Any]], settings: GenerationSettings) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": settings.max_new_tokens,
+            "temperature": settings.temperature if settings.do_sample else 0.0,
+            "stream": False,
+        }
+
+    def _ground_one(self, item: GroundItem, settings: GenerationSettings) -> ItemResult:
+        t0 = time.perf_counter()
+        image = item.image if item.image.mode == "RGB" else item.image.convert("RGB")
+        image_size = (int(image.size[0]), int(image.size[1]))
+        model_size = model_input_size(image_size, self.min_pixels, self.max_pixels)
+        messages = to_openai_messages(build_messages(item.expression, item.task, item.reasoning), [png_data_uri(image)])
+        payload = self._payload(messages, settings)
+        payload.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
+        t1 = time.perf_counter()
+        answer = self._post("chat/completions", payload)
+        t2 = time.perf_counter()
+        choice = self._choice(answer)
+        text = (choice.get("message") or {}).get("content") or ""
+        pieces, chosen, none_probs, _ = token_logprobs(choice.get("logprobs"))
+        parsed = parse_output(text, item.task, item.reasoning)
+        scores, presence = self._confidences(text, pieces, chosen, none_probs, parsed, item)
+        boxes = []
+        for pbox, score in zip(parsed.boxes, scores, strict=True):
+            box = model_to_image_box(pbox, model_size, image_size)
+            if box is not None:
+                boxes.append(BoxResult(box.x1, box.y1, box.x2, box.y2, score=score, label=pbox.label))
+        usage = answer.get("usage") or {}
+        return ItemResult(
+            boxes=tuple(boxes),
+            presence=presence,
+            reasoning=parsed.reasoning,
+            answer=parsed.answer,
+            raw_text=text,
+            parse_status=str(getattr(parsed.status, "value", parsed.status)),
+            format_ok=bool(parsed.format_ok),
+            image_size=image_size,
+            model_size=(int(model_size[0]), int(model_size[1])),
+            tokens_generated=int(usage.get("completion_tokens") or len(pieces)),
+            timings_ms={
+                "preprocess": (t1 - t0) * 1000.0,
+                "generate": (t2 - t1) * 1000.0,
+                "parse": (time.perf_counter() - t2) * 1000.0,
+            },
+        )
+
+    def _confidences(
+        self,
+        text: str,
+        pieces: list[str],
+        chosen: list[float],
+        none_probs: list[float],
+        parsed: Any,
+        item: GroundItem,
+    ) -> tuple[tuple[float, ...], float]:
+        if not pieces:
+            if not self._warned_no_logprobs.is_set():
+                self._warned_no_logprobs.set()
+                log.warning(
+                    "%s returned no logprobs: box scores are 1.0 and presence is 1.0/0.0 (boxes or not)",
+                    self.base_url,
+                )
+            return tuple(1.0 for _ in parsed.boxes), 1.0 if parsed.boxes else 0.0
+        joined = "".join(pieces)
+        if joined == text:
+            return confidence_from_tokens(pieces, chosen, none_probs, parsed)
+        # The token texts do not spell the message exactly (a server-side detokenisation quirk): score
+        # the parse of the tokens' own text, which has the same boxes in the same order when it agrees.
+        log.debug("token pieces do not spell the returned text; scoring the pieces' own parse")
+        token_parse = parse_output(joined, item.task, item.reasoning)
+        scores, presence = confidence_from_tokens(pieces, chosen, none_probs, token_parse)
+        if len(scores) != len(parsed.boxes):
+            scores = tuple(0.0 for _ in parsed.boxes)
+        return scores, presence
+
+    def _first_model(self) -> str:
+        answer = self._request("GET", "models")
+        data = answer.get("data") if isinstance(answer, dict) else None
+        if not data or not isinstance(data, list) or not data[0].get("id"):
+            raise EngineRequestError(f"{self.base_url}/models lists no model; pass the model name (--remote-model)")
+        return str(data[0]["id"])
+
+    def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        return self._request("POST", path, payload)
+
+    def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        httpx = self._httpx
+        url = f"{self.base_url}/{path}"
+        try:
+            response = self._client.request(method, path, json=payload)
+        except httpx.TimeoutException:
+            raise EngineUnavailableError(
+                f"the OpenAI-compatible server at {self.base_url} did not answer {method} /{path} within "
+                f"{self.timeout_s:.0f} s; is it overloaded or stuck?"
+            ) from None
+        except httpx.TransportError as exc:
+            raise EngineUnavailableError(
+                f"cannot reach the OpenAI-compatible server at {self.base_url} ({type(exc).__name__}: {exc}); "
+                + START_HINT
+            ) from None
+        if response.status_code >= 400:
+            message = _error_message(response)
+            if response.status_code == 503:
+                raise EngineOverloadedError(f"{url} is overloaded: {message}")
+            hint = " (check the API key: --api-key-env)" if response.status_code in (401, 403) else ""
+            raise EngineRequestError(f"{method} {url} -> {response.status_code}: {message}{hint}", response.status_code)
+        try:
+            answer = response.json()
+        except ValueError:
+            raise EngineRequestError(f"{method} {url} returned invalid JSON") from None
+        if not isinstance(answer, dict):
+            raise EngineRequestError(f"{method} {url} returned {type(answer).__name__}, not a JSON object")
+        return answer
+
+    def _choice(self, answer: dict[str, Any]) -> dict[str, Any]:
+        choices = answer.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise EngineRequestError(f"{self.base_url}/chat/completions returned no choices")
+        return choices[0]
+
+
+def _error_message(response: Any) -> str:
+    try:
+        payload = response.json()
+    except ValueError:
+        return response.text[:300] or response.reason_phrase
+    err = payload.get("error", payload) if isinstance(payload, dict) else payload
+    if isinstance(err, dict):
+        return str(err.get("message") or err.get("detail") or err)
+    return str(err)[:300]
