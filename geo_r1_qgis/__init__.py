@@ -5,7 +5,7 @@ subpackage is pure (no QGIS, no GDAL) and is shared with the command line.
 """
 
 
-def classFactory(iface):  # noqa: N802 - QGIS's required entry point name
+def classFactory(iface):
     """QGIS entry point: build the plugin for the given ``QgisInterface``."""
     from .plugin import GeoR1Plugin
 

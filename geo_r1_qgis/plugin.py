@@ -50,13 +50,13 @@ class GeoR1Plugin:
         self.actions: list[QAction] = []
         self.provider = None
 
-    def initProcessing(self) -> None:  # noqa: N802 - QGIS API name
+    def initProcessing(self) -> None:
         from .processing_provider import GeoR1Provider
 
         self.provider = GeoR1Provider()
         QgsApplication.processingRegistry().addProvider(self.provider)
 
-    def initGui(self) -> None:  # noqa: N802 - QGIS API name
+    def initGui(self) -> None:
         self.initProcessing()
         action = QAction(_icon(), "Check the Geo-R1 engine", self.iface.mainWindow())
         action.triggered.connect(self.check_engine)

@@ -43,24 +43,25 @@ REAL_SIZES = {
 def build_real_size(tiny_dir: Path, size: str, out_dir: Path, device: str) -> Path:
     """A random model of real dimensions, saved with the tiny model's processor (loaded the real way)."""
     import torch
-    from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    tiny_cfg = json.loads((tiny_dir / "config.json").read_text())
+    cfg = json.loads((tiny_dir / "config.json").read_text())
     dims = REAL_SIZES[size]
-    text = dict(tiny_cfg.get("text_config", {}))
+    text = cfg["text_config"]
     text.update(dims["text"])
-    text["rope_scaling"] = {"type": "mrope", "mrope_section": [16, 24, 24]}
-    text.pop("head_dim", None)
-    vision = dict(tiny_cfg.get("vision_config", {}))
-    vision.update(dims["vision"])
-    keep = {k: v for k, v in tiny_cfg.items() if k.endswith("token_id")}
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **keep)
+    text["rope_parameters"] = {"mrope_section": [16, 24, 24], "rope_theta": 1000000.0, "rope_type": "default"}
+    text["layer_types"] = ["full_attention"] * text["num_hidden_layers"]
+    text["max_window_layers"] = text["num_hidden_layers"]
+    cfg["vision_config"].update(dims["vision"])
+    cfg["dtype"] = "bfloat16"
+    config = Qwen2_5_VLConfig.from_dict(cfg)
     torch.manual_seed(0)
     with torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out_dir)
-    AutoProcessor.from_pretrained(tiny_dir).save_pretrained(out_dir)
-    (out_dir / "generation_config.json").write_text((tiny_dir / "generation_config.json").read_text())
+    for f in tiny_dir.iterdir():  # the tiny model's tokenizer, processor and generation config
+        if f.suffix in (".json", ".jinja") and f.name != "config.json":
+            (out_dir / f.name).write_text(f.read_text())
     log.info("random %s model: %.2fB parameters", size, sum(p.numel() for p in model.parameters()) / 1e9)
     del model
     return out_dir
@@ -155,7 +156,7 @@ def main() -> int:
     out = sys.stdout
     out.write(f"model {figures['model']} on {figures['device']} ({figures['dtype']}), {args.items} tiles of "
               f"{args.tile}², {args.max_new_tokens} new tokens each\n\n")
-    out.write("| stage (median ms per item) | one at a time | batch %d |\n| --- | --- | --- |\n" % args.batch)
+    out.write(f"| stage (median ms per item) | one at a time | batch {args.batch} |\n| --- | --- | --- |\n")
     for k in ("decode", "preprocess", "generate", "parse"):
         out.write(f"| {k} | {figures['per_item_ms_single'][k]:.2f} | {figures['per_item_ms_batched'][k]:.2f} |\n")
     out.write(f"\nthroughput: {figures['single_items_per_s']:.2f} items/s one at a time, "
