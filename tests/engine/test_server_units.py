@@ -365,3 +365,27 @@ def test_unknown_route_and_wrong_method_are_json(stub_client):
 def test_adapter_load_errors_map_to_404(stub_client):
     r = stub_client.post("/adapters", json={"name": "a", "path": "/nowhere"})
     assert r.status_code == 404 and "/nowhere" in r.json()["error"]["message"]
+
+
+def test_a_busy_port_is_a_clear_error():
+    import socket
+
+    from engine.server import bind_socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ConfigError, match="another engine"):
+            bind_socket("127.0.0.1", port)
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.0.0.2", True), ("localhost", True), ("::1", True), ("0.0.0.0", False),
+     ("192.168.1.5", False), ("myhost", False)],
+)  # fmt: skip
+def test_is_loopback(host, loopback):
+    from engine.server import is_loopback
+
+    assert is_loopback(host) is loopback
