@@ -84,6 +84,8 @@ class ItemResult:
     model_size: tuple[int, int]
     tokens_generated: int
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: how many items were generated together with this one (micro-batching)
+    batch_size: int = 1
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -100,6 +102,7 @@ class ItemResult:
             "model_size": list(self.model_size),
             "tokens_generated": self.tokens_generated,
             "timings_ms": dict(self.timings_ms),
+            "batch_size": self.batch_size,
         }
 
 

@@ -345,8 +345,8 @@ class LocalBackend:
                         "preprocess": (t1 - t0) * 1000 / n,
                         "generate": (t2 - t1) * 1000 / n,
                         "parse": (time.perf_counter() - tp) * 1000,
-                        "batch_size": float(n),
                     },
+                    batch_size=n,
                 )
             )
         return results
