@@ -243,6 +243,9 @@ class GeoPackageSink:
         self._pending_tiles: list[tuple[str, Tile, int, str, datetime]] = []
         self._done: dict[str, list[Detection]] = {}
         self.final_exists = False
+        # Each write stays one transaction with SQLite's rollback journal, so a killed process leaves a
+        # valid file; only durability against an OS crash or power loss is traded for speed (see BENCHMARKS.md).
+        _pyogrio().set_gdal_config_options({"OGR_SQLITE_SYNCHRONOUS": "OFF"})
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
