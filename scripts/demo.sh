@@ -10,8 +10,12 @@ export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 echo "[demo] 1/3 sample rasters -> $OUT/samples"
 $GEO sample-data "$OUT/samples"
-echo "[demo] 2/3 tiny Qwen2.5-VL model -> $OUT/tiny-model"
-$GEO tiny-model "$OUT/tiny-model" --learn-format 300
+if [[ -f "$OUT/tiny-model/model.safetensors" ]]; then
+  echo "[demo] 2/3 tiny Qwen2.5-VL model: reusing $OUT/tiny-model (delete it to rebuild)"
+else
+  echo "[demo] 2/3 tiny Qwen2.5-VL model -> $OUT/tiny-model (random weights, then 300 steps on the answer format)"
+  $GEO tiny-model "$OUT/tiny-model" --learn-format 300
+fi
 echo "[demo] 3/3 grounding 'all storage tanks' over $OUT/samples/utm.tif (starts a local engine)"
 rm -f "$OUT/demo.gpkg"
 $GEO ground "$OUT/samples/utm.tif" "all storage tanks" -o "$OUT/demo.gpkg" --mode all \
