@@ -66,7 +66,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from geo_r1_qgis.core.client import DEFAULT_PORT, default_token_path
+from geo_r1_qgis.core.client import DEFAULT_PORT, TILES_MEDIA_TYPE, default_token_path
 from geo_r1_qgis.core.errors import (
     ConfigError,
     EngineOverloadedError,
@@ -575,6 +575,69 @@ class GroundRequest(BaseModel):
     temperature: float = 1.0
 
 
+class TileItemIn(BaseModel):
+    """One item of ``POST /ground/tiles``: its pixels follow the JSON header, in item order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    width: int = Field(ge=1, description="width in pixels")
+    height: int = Field(ge=1, description="height in pixels")
+    expression: str
+    task: Literal["rec", "multi"] = "multi"
+    reasoning: bool = True
+
+
+class TilesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[TileItemIn] = Field(min_length=1)
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+
+
+MAX_TILES_HEADER = 1 << 20
+
+
+def split_tiles_body(body: bytes, max_pixels: int) -> tuple[TilesRequest, list[tuple[Image.Image, float]]]:
+    """Parse a ``/ground/tiles`` body into its header and RGB images (400/422 on a bad body)."""
+    from PIL import Image
+    from pydantic import ValidationError
+
+    t0 = time.perf_counter()
+    if len(body) < 4:
+        raise ApiError(400, f"a {TILES_MEDIA_TYPE} body starts with a 4-byte header length; got {len(body)} bytes")
+    n = int.from_bytes(body[:4], "big")
+    if not 2 <= n <= min(MAX_TILES_HEADER, len(body) - 4):
+        raise ApiError(400, f"bad header length {n} in a {len(body)}-byte {TILES_MEDIA_TYPE} body")
+    try:
+        header = TilesRequest.model_validate_json(body[4 : 4 + n])
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(x) for x in first.get("loc", ()))
+        raise ApiError(422, f"header: {loc}: {first.get('msg')}") from None
+    pixels = memoryview(body)[4 + n :]
+    expected = 0
+    for i, item in enumerate(header.items):
+        _check_pixels(item.width, item.height, max_pixels, f"items[{i}]")
+        expected += item.width * item.height * 3
+    if len(pixels) != expected:
+        raise ApiError(
+            400,
+            f"the body holds {len(pixels)} bytes of pixels, but the header's items need {expected} "
+            "(row-major RGB uint8, items in order)",
+        )
+    images, offset = [], 0
+    per_item_ms = (time.perf_counter() - t0) * 1000.0 / len(header.items)
+    for item in header.items:
+        size = item.width * item.height * 3
+        t = time.perf_counter()
+        image = Image.frombytes("RGB", (item.width, item.height), pixels[offset : offset + size])
+        images.append((image, per_item_ms + (time.perf_counter() - t) * 1000.0))
+        offset += size
+    return header, images
+
+
 class AdapterIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -640,7 +703,11 @@ class ChatRequest(BaseModel):
 
 
 def _b64decode(text: str, where: str) -> bytes:
-    compact = "".join(text.split())
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    compact = "".join(text.split())  # base64 wrapped over lines
     try:
         return base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
@@ -892,6 +959,32 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
     @app.post("/ground", tags=["engine"])
     async def ground(body: GroundRequest) -> JSONResponse:
         t0 = time.perf_counter()
+        check_items(body)
+
+        def decode_all() -> list[tuple[Image.Image, float]]:
+            return [decode_ground_item(it, i, config.max_image_pixels) for i, it in enumerate(body.items)]
+
+        decoded = await anyio.to_thread.run_sync(decode_all)
+        return await run_ground(body, decoded, t0)
+
+    @app.post(
+        "/ground/tiles",
+        tags=["engine"],
+        summary="POST /ground with raw pixels: no base64, no JSON-encoded images",
+        description=(
+            f"Body ({TILES_MEDIA_TYPE}): a 4-byte big-endian length N, N bytes of JSON header "
+            "(like /ground's body, but each item has width and height instead of an image), then the "
+            "items' raw row-major RGB uint8 pixels, concatenated in item order. Same response as /ground."
+        ),
+    )
+    async def ground_tiles(request: Request) -> JSONResponse:
+        t0 = time.perf_counter()
+        raw = await request.body()
+        body, decoded = await anyio.to_thread.run_sync(split_tiles_body, raw, config.max_image_pixels)
+        check_items(body)
+        return await run_ground(body, decoded, t0)
+
+    def check_items(body: GroundRequest | TilesRequest) -> None:
         if len(body.items) > config.max_items:
             raise ApiError(
                 413,
@@ -908,12 +1001,11 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
                     f"items[{i}].expression is {n} characters long; the limit is {config.max_expression_chars} "
                     "(--max-expression-chars): one sentence describing the target",
                 )
+
+    async def run_ground(
+        body: GroundRequest | TilesRequest, decoded: list[tuple[Image.Image, float]], t0: float
+    ) -> JSONResponse:
         settings = _settings(body.max_new_tokens, body.do_sample, body.temperature)
-
-        def decode_all() -> list[tuple[Image.Image, float]]:
-            return [decode_ground_item(it, i, config.max_image_pixels) for i, it in enumerate(body.items)]
-
-        decoded = await anyio.to_thread.run_sync(decode_all)
         items = [
             GroundItem(image=img, expression=it.expression, task=it.task, reasoning=it.reasoning)
             for it, (img, _) in zip(body.items, decoded, strict=True)

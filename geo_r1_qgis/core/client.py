@@ -6,7 +6,6 @@ the protocol exists once on the client side. See docs/ARCHITECTURE.md for the ro
 
 from __future__ import annotations
 
-import base64
 import http.client
 import json
 import logging
@@ -25,6 +24,8 @@ log = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8731
 DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
+#: ``POST /ground/tiles`` body: u32 big-endian header length, JSON header, raw RGB pixels in item order
+TILES_MEDIA_TYPE = "application/vnd.geo-r1.tiles"
 SERVE_HINT = "start it with:  geo-r1 serve --model <model id or directory>"
 
 
@@ -129,13 +130,22 @@ class EngineClient:
         self.timeout_s = timeout_s
 
     # -- plumbing ---------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, body: Any = None, timeout_s: float | None = None) -> Any:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        timeout_s: float | None = None,
+        raw: tuple[bytes, str] | None = None,
+    ) -> Any:
         data = None if body is None else json.dumps(body).encode("utf-8")
+        if raw is not None:
+            data = raw[0]
         # The URL scheme is checked in __init__ (http or https only).
         req = urllib.request.Request(self.url + path, data=data, method=method)  # nosec B310
         req.add_header("Accept", "application/json")
         if data is not None:
-            req.add_header("Content-Type", "application/json")
+            req.add_header("Content-Type", raw[1] if raw is not None else "application/json")
         if self.token:
             req.add_header("Authorization", f"Bearer {self.token}")
         try:
@@ -186,19 +196,20 @@ class EngineClient:
         reasoning: bool = True,
         max_new_tokens: int = 256,
     ) -> list[GroundResult]:
-        """Ground one expression on several tiles in one request (the engine batches them)."""
-        items = [
-            {
-                "rgb": base64.b64encode(t.rgb).decode("ascii"),
-                "width": t.width,
-                "height": t.height,
-                "expression": expression,
-                "task": task,
-                "reasoning": reasoning,
-            }
-            for t in tiles
-        ]
-        answer = self._request("POST", "/ground", {"items": items, "max_new_tokens": max_new_tokens})
+        """Ground one expression on several tiles in one request (the engine batches them).
+
+        The pixels travel raw (``POST /ground/tiles``): no base64, no JSON-encoded image.
+        """
+        header = {
+            "items": [
+                {"width": t.width, "height": t.height, "expression": expression, "task": task, "reasoning": reasoning}
+                for t in tiles
+            ],
+            "max_new_tokens": max_new_tokens,
+        }
+        head = json.dumps(header).encode("utf-8")
+        body = b"".join([len(head).to_bytes(4, "big"), head, *(t.rgb for t in tiles)])
+        answer = self._request("POST", "/ground/tiles", raw=(body, TILES_MEDIA_TYPE))
         results = answer.get("items")
         if not isinstance(results, list) or len(results) != len(tiles):
             raise EngineRequestError(f"engine returned {len(results or [])} results for {len(tiles)} tiles")

@@ -401,3 +401,49 @@ def test_raw_chat_request_validation(api):
     assert_error(api.post("/v1/chat/completions", json=body), 400, "logprobs")
     body = {"model": model_id, "messages": [{"role": "user", "content": "x"}], "n": 2}
     assert_error(api.post("/v1/chat/completions", json=body), 400, "n=2")
+
+
+# -- POST /ground/tiles: raw pixels ------------------------------------------------------------------
+
+
+def _tiles_body(sizes, header_extra=None, pixels=None):
+    import json
+
+    items = [{"width": w, "height": h, "expression": "all storage tanks"} for w, h in sizes]
+    head = json.dumps({"items": items, **FAST, **(header_extra or {})}).encode()
+    if pixels is None:
+        pixels = b"".join(noise_image(w, h, seed=i).tobytes() for i, (w, h) in enumerate(sizes))
+    return len(head).to_bytes(4, "big") + head + pixels
+
+
+TILES_CT = {"Content-Type": "application/vnd.geo-r1.tiles"}
+
+
+def test_ground_tiles_takes_raw_pixels_and_answers_like_ground(api):
+    sizes = [(150, 100), (64, 48), (57, 111)]
+    r = api.post("/ground/tiles", content=_tiles_body(sizes), headers=TILES_CT)
+    assert r.status_code == 200, r.text
+    items = r.json()["items"]
+    assert len(items) == len(sizes)
+    for item, size in zip(items, sizes, strict=True):
+        _check_item(item, size)
+    # the same pixels through the JSON route give the same answer (greedy decoding)
+    same = api.post("/ground", json={"items": [_rgb_item(150, 100, seed=0)], **FAST})
+    assert same.status_code == 200, same.text
+    assert same.json()["items"][0]["raw_text"] == items[0]["raw_text"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        (b"\x00\x00", 400, "4-byte header length"),
+        (b"\xff\xff\xff\xff{}", 400, "bad header length"),
+        (_tiles_body([(10, 10)], pixels=b"\x00" * 299), 400, "need 300"),
+        (_tiles_body([(10, 10)], header_extra={"bogus": 1}), 422, "bogus"),
+        (b"\x00\x00\x00\x03{x}" + b"\x00" * 300, 422, "header"),
+        (_tiles_body([(2000, 2000)], pixels=b""), 413, "pixels"),
+    ],
+    ids=["short", "huge-header", "short-pixels", "unknown-field", "bad-json", "too-many-pixels"],
+)
+def test_ground_tiles_rejects_malformed_bodies(api, body, status, fragment):
+    assert_error(api.post("/ground/tiles", content=body, headers=TILES_CT), status, fragment)
