@@ -19,15 +19,12 @@ Usage:  .venv/bin/python scripts/bench_ground.py [--tmp /tmp/geo-r1-bench] [--mo
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import random
 import resource
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,27 +35,55 @@ from geo_r1_qgis.core.geometry import PixelBox  # noqa: E402
 from geo_r1_qgis.core.pipeline import GroundingJob, run_grounding  # noqa: E402
 
 
-class _Null(BaseHTTPRequestHandler):
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        items = []
-        for it in body["items"]:
-            base64.b64decode(it["rgb"])
-            w, h = it["width"], it["height"]
-            boxes = [
-                {"bbox": [10, 10, 60, 60], "score": 0.8, "label": "x"},
-                {"bbox": [w - 40, h - 40, w - 1, h - 1], "score": 0.6, "label": "x"},
-            ]
-            items.append({"boxes": boxes, "presence": 0.9, "reasoning": "r", "raw_text": "", "parse_status": "ok"})
-        data = json.dumps({"items": items}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+class NullBackend:
+    """A backend with no model: two fixed boxes per item. Only for measuring everything around the model."""
 
-    def log_message(self, *a) -> None:
-        pass
+    kind = "null"
+
+    def info(self):
+        return {"backend": "null", "model": "null", "adapter": None}
+
+    def ground(self, items, settings):
+        from engine.backend import BoxResult, ItemResult
+
+        out = []
+        for it in items:
+            w, h = it.image.size
+            boxes = (BoxResult(10, 10, 60, 60, 0.8, "x"), BoxResult(w - 40, h - 40, w - 1, h - 1, 0.6, "x"))
+            out.append(ItemResult(boxes, 0.9, "r", "a", "", "ok", True, (w, h), (w, h), 0))
+        return out
+
+    def adapters(self):
+        return {"active": None, "available": {}}
+
+
+def serve_null(port: int, token_file: Path) -> int:
+    """The real engine app (uvicorn, middleware, decoding) around :class:`NullBackend`."""
+    import uvicorn
+
+    from engine.server import ServeConfig, create_app, ensure_token
+
+    config = ServeConfig(model="null", port=port, token_file=token_file)
+    app = create_app(NullBackend(), config, ensure_token(token_file))
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    return 0
+
+
+def start_null_engine(tmp: Path) -> tuple[subprocess.Popen, EngineClient]:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    token_file = tmp / "null.token"
+    token_file.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-null", str(port), str(token_file)])
+    deadline = time.monotonic() + 60
+    while not token_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    client = EngineClient(f"http://127.0.0.1:{port}", token=token_file.read_text().strip())
+    client.wait_until_ready(60)
+    return proc, client
 
 
 def bench_overhead(tmp: Path) -> dict:
@@ -67,9 +92,7 @@ def bench_overhead(tmp: Path) -> dict:
 
     raster = tmp / "overhead.tif"
     make_raster(raster, 4096, pattern=True)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Null)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    client = EngineClient(f"http://127.0.0.1:{server.server_address[1]}", token="t")
+    proc, client = start_null_engine(tmp)
     out = tmp / "overhead.gpkg"
     out.unlink(missing_ok=True)
     with RasterioSource(raster) as src:
@@ -86,7 +109,8 @@ def bench_overhead(tmp: Path) -> dict:
         t0 = time.perf_counter()
         s = run_grounding(job, src, sink, client)
         wall = time.perf_counter() - t0
-    server.shutdown()
+    proc.terminate()
+    proc.wait(timeout=30)
     n = s.tiles_processed
     return {
         "tiles": n,
@@ -283,10 +307,16 @@ def main() -> int:
     p.add_argument("--model", type=Path, help="tiny model directory for the coarse-to-fine timing")
     p.add_argument("--scenes", type=int, default=20)
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--serve-null", nargs=2, metavar=("PORT", "TOKEN_FILE"), help=argparse.SUPPRESS)
+    p.add_argument("--only-overhead", action="store_true")
     a = p.parse_args()
+    if a.serve_null:
+        return serve_null(int(a.serve_null[0]), Path(a.serve_null[1]))
     a.tmp.mkdir(parents=True, exist_ok=True)
     results = {"overhead": bench_overhead(a.tmp)}
     print(json.dumps(results, indent=1), flush=True)
+    if a.only_overhead:
+        return 0
     results["agreement"] = bench_agreement(a.tmp, a.scenes)
     print(json.dumps(results["agreement"], indent=1), flush=True)
     if a.model:

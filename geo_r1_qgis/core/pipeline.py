@@ -58,6 +58,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -378,25 +379,36 @@ class _Runner:
         return False
 
     def run_pass(self, plan: PassPlan) -> list[Detection] | None:
-        """All detections of one pass (resumed ones included); ``None`` when canceled."""
+        """All detections of one pass (resumed ones included); ``None`` when canceled.
+
+        One engine request is in flight while the next batch of tiles is read (a single worker
+        thread sends it), so reading overlaps the engine's work; results are written in tile order.
+        """
         job, src, summary = self.job, self.source, self.summary
         dets: list[Detection] = []
         pending: list[tuple[str, Tile, Any]] = []
+        inflight: list[tuple[list[tuple[str, Tile, Any]], Future, float]] = []
 
-        def flush() -> None:
-            if not pending:
-                return
-            t0 = time.perf_counter()
-            results = self.client.ground(
-                [TileImage.from_array(img) for _, _, img in pending],
+        def send(batch: list[tuple[str, Tile, Any]]) -> Future:
+            tiles = [TileImage.from_array(img) for _, _, img in batch]
+            return executor.submit(
+                self.client.ground,
+                tiles,
                 job.expression,
                 task=plan.task,
                 reasoning=job.reasoning,
                 max_new_tokens=job.max_new_tokens,
             )
+
+        def collect() -> None:
+            """Wait for the request in flight and write its tiles (one transaction)."""
+            if not inflight:
+                return
+            batch, future, t0 = inflight.pop()
+            results = future.result()
             summary.engine_s += time.perf_counter() - t0
             summary.requests += 1
-            for (tile_id, tile, _), result in zip(pending, results, strict=True):
+            for (tile_id, tile, _), result in zip(batch, results, strict=True):
                 summary.engine_generate_s += float(result.timings_ms.get("generate", 0.0)) / 1000.0
                 if result.parse_status not in ("", "ok"):
                     summary.parse_failures += 1
@@ -413,38 +425,53 @@ class _Runner:
                 summary.tiles_processed += 1
                 self.done += 1
                 self.progress(self.done, summary.tiles_total, plan.phase)
-            pending.clear()
             t1 = time.perf_counter()
             self.sink.commit()
             summary.write_s += time.perf_counter() - t1
 
-        for tile_id, tile in plan.tiles:
-            if tile_id in self.resumed:
-                dets.extend(self.resumed[tile_id])
-                summary.detections_raw += len(self.resumed[tile_id])
-                summary.tiles_resumed += 1
-                self.done += 1
-                self.progress(self.done, summary.tiles_total, plan.phase)
-                continue
-            if self.canceled():
+        def flush() -> None:
+            if not pending:
+                return
+            collect()
+            inflight.append((list(pending), send(pending), time.perf_counter()))
+            pending.clear()
+
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geo-r1-request")
+        try:
+            for tile_id, tile in plan.tiles:
+                if tile_id in self.resumed:
+                    dets.extend(self.resumed[tile_id])
+                    summary.detections_raw += len(self.resumed[tile_id])
+                    summary.tiles_resumed += 1
+                    self.done += 1
+                    self.progress(self.done, summary.tiles_total, plan.phase)
+                    continue
+                if self.is_canceled():
+                    collect()  # its answer is paid for: keep it
+                    self.canceled()
+                    return None
+                t0 = time.perf_counter()
+                image, valid = src.read(tile)
+                summary.read_s += time.perf_counter() - t0
+                if valid <= 0.0:
+                    t1 = time.perf_counter()
+                    self.sink.write_tile(tile_id, tile, [], "skipped")
+                    summary.write_s += time.perf_counter() - t1
+                    summary.tiles_skipped += 1
+                    self.done += 1
+                    self.progress(self.done, summary.tiles_total, plan.phase)
+                    continue
+                pending.append((tile_id, tile, image))
+                if len(pending) >= job.batch_size:
+                    flush()
+            if pending and self.is_canceled():
+                collect()
+                self.canceled()
                 return None
-            t0 = time.perf_counter()
-            image, valid = src.read(tile)
-            summary.read_s += time.perf_counter() - t0
-            if valid <= 0.0:
-                t1 = time.perf_counter()
-                self.sink.write_tile(tile_id, tile, [], "skipped")
-                summary.write_s += time.perf_counter() - t1
-                summary.tiles_skipped += 1
-                self.done += 1
-                self.progress(self.done, summary.tiles_total, plan.phase)
-                continue
-            pending.append((tile_id, tile, image))
-            if len(pending) >= job.batch_size:
-                flush()
-        if pending and self.canceled():
-            return None
-        flush()
+            flush()
+            collect()
+        finally:
+            executor.shutdown(wait=True)
         self.sink.commit()  # skipped tiles after the last request
         return dets
 
