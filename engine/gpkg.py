@@ -70,6 +70,8 @@ from geo_r1_qgis.core.pipeline import MapDetection, RunSummary
 log = logging.getLogger(__name__)
 
 RUNS_TABLE = "geo_r1_runs"
+#: GeoPackage version of new files (readable without warnings by GDAL >= 2.2, hence QGIS 3.22)
+GPKG_VERSION = "1.2"
 TILES_TABLE = "geo_r1_tiles"
 RAW_SUFFIX = "_tiles_raw"
 
@@ -327,8 +329,17 @@ class GeoPackageSink:
             "summary": "",
         }
         arrays = [np.array([v], dtype=np.int64 if isinstance(v, int) else object) for v in cols.values()]
+        exists = self.path.exists()
         pyogrio.raw.write(
-            self.path, None, arrays, list(cols), layer=RUNS_TABLE, driver="GPKG", append=self.path.exists()
+            self.path,
+            None,
+            arrays,
+            list(cols),
+            layer=RUNS_TABLE,
+            driver="GPKG",
+            append=exists,
+            # A new file is GeoPackage 1.2: QGIS 3.22's GDAL 3.6 warns that 1.4 "may only be partially supported".
+            **({} if exists else {"dataset_options": {"VERSION": GPKG_VERSION}}),
         )
 
     def _load_progress(self) -> None:
