@@ -1,0 +1,271 @@
+"""The Processing provider: ``geor1:ground``, grounding an expression on a raster from the toolbox.
+
+The algorithm builds one :class:`~geo_r1_qgis.core.pipeline.GroundingJob`, reads the raster with
+:class:`~geo_r1_qgis.qgis_io.QgisRasterSource`, asks the engine through
+:class:`~geo_r1_qgis.core.client.EngineClient` and writes the merged polygons with
+:class:`~geo_r1_qgis.qgis_io.FeatureSinkResultSink`. ``processAlgorithm`` is the boundary: every
+:class:`~geo_r1_qgis.core.errors.GeoR1Error` becomes a ``QgsProcessingException`` there, and nowhere
+else.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from qgis.core import (
+    QgsProcessing,
+    QgsProcessingAlgorithm,
+    QgsProcessingException,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterExtent,
+    QgsProcessingParameterFeatureSink,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterString,
+    QgsProcessingProvider,
+    QgsWkbTypes,
+)
+from qgis.PyQt.QtCore import QCoreApplication
+
+from .core.client import DEFAULT_URL, EngineClient, default_token_path, read_token
+from .core.errors import EngineRequestError, EngineUnavailableError, GeoR1Error
+from .core.geometry import window_from_map_bbox
+from .core.pipeline import GroundingJob, run_grounding
+from .qgis_io import FeatureSinkResultSink, QgisRasterSource, engine_meta, make_fields, parse_bands
+
+log = logging.getLogger(__name__)
+
+MODES = ("one", "all")
+#: how long the algorithm waits for the engine's /health before giving up (seconds)
+ENGINE_READY_TIMEOUT_S = 5.0
+
+
+def _tr(text: str) -> str:
+    return QCoreApplication.translate("GeoR1", text)
+
+
+class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
+    """``geor1:ground``: find what a referring expression describes on a raster, as polygons."""
+
+    INPUT = "INPUT"
+    EXPRESSION = "EXPRESSION"
+    MODE = "MODE"
+    TILE_SIZE = "TILE_SIZE"
+    OVERLAP = "OVERLAP"
+    BANDS = "BANDS"
+    EXTENT = "EXTENT"
+    ENGINE_URL = "ENGINE_URL"
+    TOKEN_FILE = "TOKEN_FILE"
+    MAX_NEW_TOKENS = "MAX_NEW_TOKENS"
+    OUTPUT = "OUTPUT"
+
+    # -- identity ---------------------------------------------------------------------------------
+    def name(self) -> str:
+        return "ground"
+
+    def displayName(self) -> str:
+        return _tr("Ground an expression on a raster")
+
+    def group(self) -> str:
+        return _tr("Grounding")
+
+    def groupId(self) -> str:
+        return "grounding"
+
+    def createInstance(self) -> GroundExpressionAlgorithm:
+        return GroundExpressionAlgorithm()
+
+    def shortHelpString(self) -> str:
+        return _tr(
+            "<p>Finds what a referring expression describes (e.g. <i>all storage tanks</i>, <i>the largest "
+            "building next to the river</i>) on a georeferenced raster with a Geo-R1 model, and returns one "
+            "polygon per object, in the raster's CRS.</p>"
+            "<p><b>The engine.</b> The model runs in a separate process, the Geo-R1 engine, which must be "
+            f"started first: <code>geo-r1 serve --model &lt;model id or directory&gt;</code>. It listens on "
+            f"{DEFAULT_URL} and writes a token file the plugin reads (default "
+            f"<code>{default_token_path()}</code>).</p>"
+            "<p><b>Parameters.</b> <i>Expression</i>: what to find. <i>Mode</i>: <b>all</b> returns every "
+            "instance; <b>one</b> only the single best match (large rasters are searched coarse to fine). "
+            "<i>Tile size</i> and <i>Overlap</i>: the raster is cut into tiles of this many pixels that overlap "
+            "by this many pixels; objects found twice in overlaps are merged. <i>Bands</i>: three band numbers "
+            "for R,G,B (or one, shown as grey), e.g. <code>4,3,2</code>; by default the red, green and blue "
+            "bands, else the first three, else band 1. Non-8-bit data is stretched from its 2nd to its 98th "
+            "percentile; nodata, NaN and alpha are respected and tiles with no valid pixel are skipped. "
+            "<i>Extent</i>: only this part of the raster. <i>Engine URL</i> and <i>Token file</i>: where the "
+            "engine runs and its token. <i>Max new tokens</i>: how long the model may reason per tile.</p>"
+            "<p><b>Output.</b> Each feature stores the expression, mode, score (box confidence × presence), "
+            "presence, label, the model's <b>reasoning</b> for its tile, the model, adapter and prompt version, "
+            "the tile id, the run id, the creation time and whether the box was assembled from pieces cut by "
+            "tile edges (truncated). Processing does not resume an interrupted run; <code>geo-r1 ground "
+            "--resume</code> on the command line does.</p>"
+        )
+
+    # -- parameters -------------------------------------------------------------------------------
+    def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, _tr("Raster")))
+        self.addParameter(QgsProcessingParameterString(self.EXPRESSION, _tr("Expression (what to find)")))
+        self.addParameter(
+            QgsProcessingParameterEnum(
+                self.MODE,
+                _tr("Mode"),
+                options=[_tr("one (best match)"), _tr("all (every instance)")],
+                defaultValue=1,
+            )
+        )
+        self.addParameter(
+            QgsProcessingParameterNumber(
+                self.TILE_SIZE,
+                _tr("Tile size (pixels)"),
+                QgsProcessingParameterNumber.Integer,
+                512,
+                minValue=28,
+                maxValue=4096,
+            )
+        )
+        self.addParameter(
+            QgsProcessingParameterNumber(
+                self.OVERLAP,
+                _tr("Tile overlap (pixels)"),
+                QgsProcessingParameterNumber.Integer,
+                64,
+                minValue=0,
+                maxValue=2048,
+            )
+        )
+        self.addParameter(
+            QgsProcessingParameterString(
+                self.BANDS, _tr("Bands as R,G,B (e.g. 1,2,3; empty: automatic)"), optional=True
+            )
+        )
+        self.addParameter(QgsProcessingParameterExtent(self.EXTENT, _tr("Extent (empty: whole raster)"), optional=True))
+        self.addParameter(QgsProcessingParameterString(self.ENGINE_URL, _tr("Engine URL"), defaultValue=DEFAULT_URL))
+        self.addParameter(
+            QgsProcessingParameterFile(
+                self.TOKEN_FILE,
+                _tr("Engine token file"),
+                behavior=QgsProcessingParameterFile.File,
+                defaultValue=str(default_token_path()),
+                optional=True,
+                fileFilter="All files (*)",  # the default filter (*.*) rejects a name without an extension
+            )
+        )
+        self.addParameter(
+            QgsProcessingParameterNumber(
+                self.MAX_NEW_TOKENS,
+                _tr("Max new tokens per tile"),
+                QgsProcessingParameterNumber.Integer,
+                256,
+                minValue=16,
+                maxValue=4096,
+            )
+        )
+        self.addParameter(
+            QgsProcessingParameterFeatureSink(self.OUTPUT, _tr("Grounded objects"), QgsProcessing.TypeVectorPolygon)
+        )
+
+    # -- running ----------------------------------------------------------------------------------
+    def processAlgorithm(self, parameters, context, feedback) -> dict[str, Any]:
+        try:
+            return self._run(parameters, context, feedback)
+        except GeoR1Error as exc:  # the boundary: every project error becomes a Processing error
+            raise QgsProcessingException(str(exc)) from None
+
+    def _run(self, parameters, context, feedback) -> dict[str, Any]:
+        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        if layer is None:
+            raise QgsProcessingException(_tr("the INPUT raster layer could not be loaded; check the layer or path"))
+        expression = self.parameterAsString(parameters, self.EXPRESSION, context)
+        mode = MODES[self.parameterAsEnum(parameters, self.MODE, context)]
+        bands = parse_bands(self.parameterAsString(parameters, self.BANDS, context))
+        url = self.parameterAsString(parameters, self.ENGINE_URL, context).strip() or DEFAULT_URL
+        token_file = self.parameterAsFile(parameters, self.TOKEN_FILE, context) or None
+
+        source = QgisRasterSource(layer, bands)
+        window = None
+        if parameters.get(self.EXTENT) not in (None, ""):
+            ext = self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs())
+            if not ext.isNull() and not ext.isEmpty():
+                window = window_from_map_bbox(
+                    ext.xMinimum(),
+                    ext.yMinimum(),
+                    ext.xMaximum(),
+                    ext.yMaximum(),
+                    source.transform,
+                    source.width,
+                    source.height,
+                )
+        job = GroundingJob(
+            expression=expression,
+            mode=mode,
+            max_new_tokens=self.parameterAsInt(parameters, self.MAX_NEW_TOKENS, context),
+            tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context),
+            overlap=self.parameterAsInt(parameters, self.OVERLAP, context),
+            window=window,
+        )
+
+        client = EngineClient(url, read_token(token_file))
+        try:
+            info = client.wait_until_ready(total_timeout_s=ENGINE_READY_TIMEOUT_S)
+        except EngineUnavailableError as exc:
+            raise QgsProcessingException(
+                f"the Geo-R1 engine is not running at {url}: {exc}. Start it in a terminal with "
+                "`geo-r1 serve --model <model id or directory>` (add --port and --token-file to match "
+                f"ENGINE_URL and TOKEN_FILE), then run this algorithm again"
+            ) from None
+        except EngineRequestError as exc:
+            hint = (
+                f"the token in {token_file or default_token_path()} is not the engine's: set TOKEN_FILE to the "
+                "file the engine was started with (--token-file)"
+                if exc.status == 401
+                else "check ENGINE_URL"
+            )
+            raise QgsProcessingException(f"the Geo-R1 engine at {url} refused the request: {exc}; {hint}") from None
+        feedback.pushInfo(
+            f"engine {info.get('engine_version', '?')} at {url}: model {info.get('model')}, adapter "
+            f"{info.get('adapter') or 'none'}, prompts {info.get('prompt_version')}"
+        )
+        feedback.pushInfo(f"raster {source.name}: {source.describe()}")
+
+        fields = make_fields()
+        sink, dest_id = self.parameterAsSink(parameters, self.OUTPUT, context, fields, QgsWkbTypes.Polygon, layer.crs())
+        if sink is None:
+            raise QgsProcessingException(self.invalidSinkError(parameters, self.OUTPUT))
+        result_sink = FeatureSinkResultSink(sink, engine_meta(expression, mode, info))
+
+        def progress(done: int, total: int, phase: str) -> None:
+            feedback.setProgress(100.0 * done / max(1, total))
+            feedback.setProgressText(f"{phase}: tile {done} of {total}")
+
+        summary = run_grounding(job, source, result_sink, client, progress=progress, is_canceled=feedback.isCanceled)
+        feedback.pushInfo(
+            f"{summary.status}: {summary.detections_final} object(s) from {summary.tiles_processed} tile(s) "
+            f"({summary.tiles_skipped} nodata tile(s) skipped, {summary.requests} request(s), strategy "
+            f"{summary.strategy}, {summary.parse_failures} unparsed answer(s)) in {summary.seconds:.1f} s "
+            f"(engine {summary.engine_s:.1f} s, reading {summary.read_s:.1f} s); run {result_sink.run_id}"
+        )
+        if summary.status == "canceled":
+            feedback.reportError(_tr("canceled: nothing was written (Processing does not resume a run)"))
+        return {self.OUTPUT: dest_id}
+
+
+class GeoR1Provider(QgsProcessingProvider):
+    """The "Geo-R1" group of the Processing toolbox."""
+
+    def id(self) -> str:
+        return "geor1"
+
+    def name(self) -> str:
+        return "Geo-R1"
+
+    def longName(self) -> str:
+        return "Geo-R1 reasoning-first grounding"
+
+    def icon(self):
+        from .plugin import _icon
+
+        return _icon()
+
+    def loadAlgorithms(self) -> None:
+        self.addAlgorithm(GroundExpressionAlgorithm())

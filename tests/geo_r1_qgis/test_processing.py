@@ -1,0 +1,535 @@
+"""The QGIS side end to end: ``geor1:ground`` through Processing against a real engine, and the raster reader.
+
+Runs under QGIS's Python (``QT_QPA_PLATFORM=offscreen /usr/bin/python3 -m pytest``): PyQGIS, the
+standard library and numpy. The engine is a real ``geo-r1 serve`` process from the project's venv,
+serving the format-trained tiny model (built once, cached under ``<repo>/.cache``). The reader is
+compared with the command line's own reader (``engine/rasters.py``), run in the venv's Python in a
+subprocess, tile for tile.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+qgis_core = pytest.importorskip("qgis.core", reason="PyQGIS is not importable; run under /usr/bin/python3")
+
+from geo_r1_qgis.core.errors import ConfigError, EmptyRasterError, NotGeoreferencedError, RasterError  # noqa: E402
+from geo_r1_qgis.core.geometry import PixelBox, Tile, TileGridSpec, box_to_polygon, make_tile_grid  # noqa: E402
+from geo_r1_qgis.core.merge import Detection  # noqa: E402
+from geo_r1_qgis.core.pipeline import MapDetection, RunSummary  # noqa: E402
+
+pytestmark = pytest.mark.qgis
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = REPO / ".venv" / "bin"
+GEO_R1 = VENV_BIN / "geo-r1"
+SHARED = REPO.parent / "shared" / "data"
+CACHE = REPO / ".cache"
+FORMAT_STEPS = 300
+QGIS_PLUGINS = "/usr/share/qgis/python/plugins"
+
+#: raster -> what the reader must do with it; compared tile by tile with engine/rasters.py
+RASTERS = {
+    "utm": ("sample", "utm.tif"),
+    "wgs84": ("sample", "wgs84.tif"),
+    "webmercator": ("sample", "webmercator.tif"),
+    "naip": ("shared", "naip_m_4709963_se_14_20200831.tif"),
+    "rgb_byte": ("shared", "RGB.byte.tif"),
+    "cog": ("shared", "cog.tif"),
+    "single_band": ("shared", "rgb1_fake_nir_epsg3857.tif"),
+    "all_nodata": ("shared", "all-nodata.tif"),
+    "float_nan": ("shared", "float_nan.tif"),
+}
+GRID = TileGridSpec(tile_size=224, overlap=32)
+COARSE = TileGridSpec(tile_size=224, overlap=32, scale=2.5)  # a downsampled tile, as the coarse pass reads
+
+
+def _venv_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    return {**env, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _need_venv() -> None:
+    if not GEO_R1.is_file():
+        pytest.skip(f"{GEO_R1} is missing: build the engine venv first (make setup)")
+
+
+# --------------------------------------------------------------------------------------------------
+# QGIS, once per module
+# --------------------------------------------------------------------------------------------------
+
+
+class _Qgis:
+    """One QgsApplication with Processing and the Geo-R1 provider; layers die before exitQgis()."""
+
+    def __init__(self) -> None:
+        self.layers: list = []
+        self.app = qgis_core.QgsApplication.instance()
+        self.owned = self.app is None
+        if self.owned:
+            self.app = qgis_core.QgsApplication([], False)
+            self.app.initQgis()
+        if QGIS_PLUGINS not in sys.path:
+            sys.path.append(QGIS_PLUGINS)
+        from processing.core.Processing import Processing
+
+        Processing.initialize()
+        from geo_r1_qgis.processing_provider import GeoR1Provider
+
+        self.provider = GeoR1Provider()
+        assert qgis_core.QgsApplication.processingRegistry().addProvider(self.provider)
+
+    def raster(self, path: Path):
+        layer = qgis_core.QgsRasterLayer(str(path), path.stem)
+        self.layers.append(layer)
+        return layer
+
+    def run(self, params: dict, **overrides):
+        import processing
+
+        context = qgis_core.QgsProcessingContext()
+        feedback = qgis_core.QgsProcessingFeedback()
+        result = processing.run("geor1:ground", {**params, **overrides}, context=context, feedback=feedback)
+        out = result["OUTPUT"]
+        if isinstance(out, str):
+            out = qgis_core.QgsProcessingUtils.mapLayerFromString(out, context, allowLoadingNewLayers=True)
+            out = out.clone() if out is not None else None
+        self.layers.append(out)
+        return out
+
+    def close(self) -> None:
+        qgis_core.QgsApplication.processingRegistry().removeProvider(self.provider)
+        self.layers.clear()  # layers must die before exitQgis(), or the interpreter segfaults at exit
+        gc.collect()
+        if self.owned:
+            # exitQgis() unloads GDAL's drivers for the whole process: the QGIS modules that run after this
+            # one in the same session reuse this application, so it exits with the interpreter instead.
+            atexit.register(self.app.exitQgis)
+
+
+@pytest.fixture(scope="module")
+def qgis():
+    session = _Qgis()
+    yield session
+    session.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# A real engine (stdlib only: this Python has no httpx)
+# --------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _builder_hash() -> str:
+    return hashlib.sha256((REPO / "engine" / "tiny_model.py").read_bytes()).hexdigest()[:12]
+
+
+def _tiny_format_model() -> Path:
+    """The format-trained tiny model: the engine tests' cached build if there is one, else our own, once."""
+    key = _builder_hash()
+    shared = CACHE / f"tiny-format-model-seed0-steps{FORMAT_STEPS}-{key}"
+    if (shared / "model.safetensors").is_file():
+        return shared
+    target = CACHE / "qgis-tests-tiny-format"
+    stamp = target / "builder.sha"
+    if (target / "model.safetensors").is_file() and stamp.is_file() and stamp.read_text().strip() == key:
+        return target
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".qgis-tests-tiny-format-", dir=CACHE))
+    try:
+        proc = subprocess.run(
+            [str(GEO_R1), "tiny-model", str(tmp / "m"), "--learn-format", str(FORMAT_STEPS)],
+            capture_output=True, text=True, timeout=600, env=_venv_env(), check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, f"geo-r1 tiny-model failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        (tmp / "m" / "builder.sha").write_text(key)
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(tmp / "m", target)
+        except OSError:  # another run finished first
+            if not (target / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+class _Engine:
+    def __init__(self, workdir: Path, model: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.token_file = workdir / "engine.token"
+        self.log_path = workdir / "engine.log"
+        cmd = [str(GEO_R1), "serve", "--model", str(model), "--port", str(self.port),
+               "--token-file", str(self.token_file)]  # fmt: skip
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_venv_env())  # nosec B603
+        deadline = time.monotonic() + 180
+        while not self._healthy():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"geo-r1 serve did not start:\n{self.log_tail()}")
+            time.sleep(0.25)
+        self.token = self.token_file.read_text().strip()
+        self.info = self._get("/info")
+
+    def _get(self, path: str) -> dict:
+        req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=30) as resp:  # nosec B310 (our own loopback URL)
+            return json.loads(resp.read())
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:  # nosec B310
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    _need_venv()
+    eng = _Engine(tmp_path_factory.mktemp("engine"), _tiny_format_model())
+    yield eng
+    eng.stop()
+
+
+# --------------------------------------------------------------------------------------------------
+# Rasters and the command line's reading of them
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sample_dir(tmp_path_factory) -> Path:
+    _need_venv()
+    out = tmp_path_factory.mktemp("qgis-samples")
+    proc = subprocess.run(
+        [str(GEO_R1), "sample-data", str(out)], capture_output=True, text=True, timeout=120, env=_venv_env(),
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"geo-r1 sample-data failed:\n{proc.stdout}\n{proc.stderr}"
+    return out
+
+
+def _path(sample_dir: Path, name: str) -> Path:
+    where, file = RASTERS[name]
+    path = (sample_dir if where == "sample" else SHARED) / file
+    if not path.is_file():
+        pytest.skip(f"{path} is missing (the shared rasters live in <repo>/../shared/data)")
+    return path
+
+
+_REFERENCE_SCRIPT = """
+import sys, numpy as np
+from engine.rasters import RasterioSource
+from geo_r1_qgis.core.geometry import TileGridSpec, make_tile_grid
+out = {}
+for name, path in zip(sys.argv[2::2], sys.argv[3::2]):
+    try:
+        src = RasterioSource(path)
+    except Exception as exc:
+        out[name + "|error"] = np.array(type(exc).__name__)
+        continue
+    with src:
+        out[name + "|bands"] = np.array(src.bands)
+        out[name + "|stretch"] = np.array(src._stretch or [], dtype=float)
+        for grid, spec in (("n", TileGridSpec(224, 32, 1.0)), ("c", TileGridSpec(224, 32, 2.5))):
+            for t in make_tile_grid(src.transform, src.width, src.height, spec):
+                img, frac = src.read(t)
+                out[f"{name}|{grid}|{t.id}"] = img
+                out[f"{name}|{grid}|{t.id}|frac"] = np.array(frac)
+np.savez_compressed(sys.argv[1], **out)
+"""
+
+
+@pytest.fixture(scope="module")
+def reference(sample_dir, tmp_path_factory) -> dict:
+    """engine/rasters.py's tiles of every raster (native 224 px grid and a 2.5x coarse grid), from the venv."""
+    args = []
+    for name in RASTERS:
+        where, file = RASTERS[name]
+        path = (sample_dir if where == "sample" else SHARED) / file
+        if path.is_file():
+            args += [name, str(path)]
+    out = tmp_path_factory.mktemp("reference") / "tiles.npz"
+    proc = subprocess.run(
+        [str(VENV_BIN / "python"), "-c", _REFERENCE_SCRIPT, str(out), *args], cwd=REPO, capture_output=True,
+        text=True, timeout=120, env=_venv_env(), check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"reading with engine/rasters.py failed:\n{proc.stderr[-3000:]}"
+    with np.load(out) as data:
+        return {k: data[k] for k in data.files}
+
+
+# --------------------------------------------------------------------------------------------------
+# QgisRasterSource
+# --------------------------------------------------------------------------------------------------
+
+READABLE = ["utm", "wgs84", "webmercator", "naip", "rgb_byte", "cog", "single_band"]
+EXPECTED_BANDS = {"naip": (1, 2, 3), "single_band": (1, 1, 1), "cog": (1, 2, 3), "rgb_byte": (1, 2, 3)}
+
+
+@pytest.mark.parametrize("name", READABLE)
+def test_raster_source_reads_what_the_command_line_reads(qgis, sample_dir, reference, name):
+    from geo_r1_qgis.qgis_io import QgisRasterSource
+
+    layer = qgis.raster(_path(sample_dir, name))
+    src = QgisRasterSource(layer)
+    assert src.bands == tuple(reference[f"{name}|bands"].tolist())
+    if name in EXPECTED_BANDS:
+        assert src.bands == EXPECTED_BANDS[name]
+    ref_stretch = reference[f"{name}|stretch"]
+    if ref_stretch.size == 0:
+        assert src._stretch is None
+    else:  # float64 cog.tif: stretched from the same decimated read
+        assert src._stretch is not None
+        assert np.allclose(np.array(src._stretch), ref_stretch, rtol=1e-6)
+    ext = layer.extent()
+    assert src.transform.apply(0, 0) == pytest.approx((ext.xMinimum(), ext.yMaximum()))
+    assert src.crs_wkt and qgis_core.QgsCoordinateReferenceSystem.fromWkt(src.crs_wkt) == layer.crs()
+
+    # Native resolution: exactly the command line's pixels and valid fractions.
+    skipped = 0
+    for tile in make_tile_grid(src.transform, src.width, src.height, GRID):
+        img, frac = src.read(tile)
+        assert img.shape == (tile.size[1], tile.size[0], 3) and img.dtype == np.uint8
+        assert np.array_equal(img, reference[f"{name}|n|{tile.id}"]), tile.id
+        assert frac == pytest.approx(float(reference[f"{name}|n|{tile.id}|frac"]), abs=1e-12)
+        skipped += frac == 0.0
+    if name == "rgb_byte":
+        partial = [float(v) for k, v in reference.items() if k.startswith("rgb_byte|n|") and k.endswith("|frac")]
+        assert any(0.0 < f < 1.0 for f in partial), "RGB.byte.tif's nodata border gives partly valid tiles"
+
+    # Downsampled (the coarse pass): QGIS's block() only decimates, so we box-average supersamples
+    # where GDAL averages; close, not equal.
+    for tile in make_tile_grid(src.transform, src.width, src.height, COARSE):
+        img, frac = src.read(tile)
+        ref = reference[f"{name}|c|{tile.id}"]
+        assert img.shape == ref.shape
+        assert frac == pytest.approx(float(reference[f"{name}|c|{tile.id}|frac"]), abs=0.01)
+        both = (img.max(axis=-1) > 0) & (ref.max(axis=-1) > 0)
+        diff = np.abs(img.astype(int) - ref.astype(int))[both]
+        assert diff.mean() < 4.0, (tile.id, diff.mean())
+
+
+def test_raster_source_errors(qgis, sample_dir, reference):
+    from geo_r1_qgis.qgis_io import QgisRasterSource
+
+    assert str(reference["all_nodata|error"]) == "EmptyRasterError"
+    with pytest.raises(EmptyRasterError, match="nodata"):
+        QgisRasterSource(qgis.raster(_path(sample_dir, "all_nodata")))
+    assert str(reference["float_nan|error"]) == "NotGeoreferencedError"
+    with pytest.raises(NotGeoreferencedError, match="no CRS"):
+        QgisRasterSource(qgis.raster(_path(sample_dir, "float_nan")))
+    with pytest.raises(RasterError, match="not valid"):
+        QgisRasterSource(qgis.raster(sample_dir / "missing.tif"))
+    with pytest.raises(ConfigError, match=r"numbered 1\.\.3"):
+        QgisRasterSource(qgis.raster(_path(sample_dir, "utm")), bands=(1, 2, 4))
+
+
+def test_raster_source_band_choice(qgis, sample_dir):
+    from geo_r1_qgis.qgis_io import QgisRasterSource, parse_bands
+
+    naip = qgis.raster(_path(sample_dir, "naip"))
+    assert QgisRasterSource(naip, bands=parse_bands("4, 3, 2")).bands == (4, 3, 2)
+    assert QgisRasterSource(naip, bands=parse_bands("4")).bands == (4, 4, 4)
+    assert parse_bands("") is None and parse_bands(None) is None
+    with pytest.raises(ConfigError, match=r"e\.g\. 1,2,3"):
+        parse_bands("red,green")
+
+
+class _NoBoxes:
+    """A GroundingClient that records the tiles it is sent and finds nothing."""
+
+    def __init__(self) -> None:
+        self.images: list = []
+
+    def ground(self, tiles, expression, task="multi", reasoning=True, max_new_tokens=256):
+        from geo_r1_qgis.core.client import GroundResult
+
+        self.images.extend(tiles)
+        return [GroundResult((), 0.0, None, "None", "ok") for _ in tiles]
+
+
+def test_nodata_border_tiles_are_skipped_not_sent(qgis, sample_dir):
+    from geo_r1_qgis.core.pipeline import GroundingJob, run_grounding
+    from geo_r1_qgis.qgis_io import FeatureSinkResultSink, QgisRasterSource
+
+    src = QgisRasterSource(qgis.raster(_path(sample_dir, "rgb_byte")))
+    layer = qgis_core.QgsVectorLayer("Polygon?crs=EPSG:32618", "out", "memory")
+    qgis.layers.append(layer)
+    sink = FeatureSinkResultSink(layer.dataProvider(), {"expression": "x", "mode": "all"})
+    client = _NoBoxes()
+    job = GroundingJob(expression="lakes", tile_size=64, overlap=0, batch_size=64)
+    summary = run_grounding(job, src, sink, client)
+    assert summary.status == "done" and summary.tiles_skipped > 0
+    assert len(client.images) == summary.tiles_total - summary.tiles_skipped
+    assert sum(status == "skipped" for status in sink.statuses.values()) == summary.tiles_skipped
+    assert layer.featureCount() == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# FeatureSinkResultSink
+# --------------------------------------------------------------------------------------------------
+
+
+def test_feature_sink_writes_one_feature_per_final_detection(qgis):
+    from geo_r1_qgis.core.geometry import Affine
+    from geo_r1_qgis.qgis_io import FIELD_NAMES, FeatureSinkResultSink, make_fields
+
+    layer = qgis_core.QgsVectorLayer("Polygon?crs=EPSG:32614", "out", "memory")
+    qgis.layers.append(layer)
+    assert layer.dataProvider().addAttributes(make_fields().toList())
+    layer.updateFields()
+    meta = {"expression": "tanks", "mode": "all", "model": "m", "adapter": "", "prompt_version": "p1"}
+    sink = FeatureSinkResultSink(layer.dataProvider(), meta, run_id="run1")
+    transform = Affine(0.5, 0.0, 630000.0, 0.0, -0.5, 4250000.0)
+    det = Detection(PixelBox(10, 20, 30, 60), 0.8, 0.9, "tank", "I see a tank.", "r0c0", False)
+    ring = box_to_polygon(det.box, transform)
+    tile = Tile(0, 0, 0, PixelBox(0, 0, 224, 224), (224, 224), transform)
+    sink.write_tile("r0c0", tile, [MapDetection(det, ring)], "done")
+    sink.commit()
+    assert sink.done_tiles() == {}  # no resume in Processing
+    sink.finish([MapDetection(det, ring)], RunSummary(status="done"))
+    feats = list(layer.getFeatures())
+    assert len(feats) == 1 and sink.features_written == 1
+    assert [f.name() for f in layer.fields()] == list(FIELD_NAMES)
+    f = feats[0]
+    assert (f["expression"], f["mode"], f["label"], f["reasoning"], f["tile_id"], f["run_id"]) == (
+        "tanks", "all", "tank", "I see a tank.", "r0c0", "run1",
+    )  # fmt: skip
+    assert f["score"] == pytest.approx(0.8) and f["presence"] == pytest.approx(0.9) and f["truncated"] == 0
+    assert f["prompt_version"] == "p1" and f["created"].isValid()
+    vertices = [(v.x(), v.y()) for v in f.geometry().vertices()]
+    assert vertices == pytest.approx(list(ring))
+
+
+# --------------------------------------------------------------------------------------------------
+# geor1:ground through Processing
+# --------------------------------------------------------------------------------------------------
+
+
+def _params(sample_dir: Path, engine, **kw) -> dict:
+    return {
+        "INPUT": str(sample_dir / "utm.tif"),
+        "EXPRESSION": "all storage tanks",
+        "MODE": 1,
+        "TILE_SIZE": 224,
+        "OVERLAP": 32,
+        "MAX_NEW_TOKENS": 96,
+        "ENGINE_URL": engine.url if engine else "http://127.0.0.1:9",
+        "TOKEN_FILE": str(engine.token_file) if engine else "",
+        "OUTPUT": "TEMPORARY_OUTPUT",
+        **kw,
+    }
+
+
+def test_algorithm_is_registered(qgis):
+    alg = qgis_core.QgsApplication.processingRegistry().algorithmById("geor1:ground")
+    assert alg is not None and alg.displayName() == "Ground an expression on a raster"
+    assert alg.provider().name() == "Geo-R1" and not alg.provider().icon().isNull()
+    names = [p.name() for p in alg.parameterDefinitions()]
+    for name in ("INPUT", "EXPRESSION", "MODE", "TILE_SIZE", "OVERLAP", "BANDS", "EXTENT", "ENGINE_URL",
+                 "TOKEN_FILE", "MAX_NEW_TOKENS", "OUTPUT"):  # fmt: skip
+        assert name in names
+    assert "reasoning" in alg.shortHelpString() and "geo-r1 serve" in alg.shortHelpString()
+
+
+def test_ground_all_on_utm(qgis, sample_dir, engine):
+    from geo_r1_qgis.qgis_io import FIELD_NAMES
+
+    raster = qgis.raster(sample_dir / "utm.tif")
+    out = qgis.run(_params(sample_dir, engine))
+    assert out is not None and out.isValid()
+    assert out.crs() == raster.crs()
+    assert [f.name() for f in out.fields()] == list(FIELD_NAMES)
+    feats = list(out.getFeatures())
+    assert feats, "the format-trained tiny model answers with boxes on the sample raster"
+    extent = raster.extent()
+    extent.grow(1e-6)
+    for f in feats:
+        assert extent.contains(f.geometry().boundingBox()), f.geometry().asWkt()
+        assert f["expression"] == "all storage tanks" and f["mode"] == "all"
+        assert f["prompt_version"] == engine.info["prompt_version"]
+        assert f["model"] == engine.info["model"]
+        assert f["reasoning"], "the model reasoned (<think>): its reasoning is stored per feature"
+        assert 0.0 <= f["score"] <= f["presence"] <= 1.0
+        assert f["tile_id"].startswith("r") and f["run_id"] and f["created"].isValid()
+    assert len({f["run_id"] for f in feats}) == 1
+
+
+def test_ground_one_in_an_extent(qgis, sample_dir, engine):
+    raster = qgis.raster(sample_dir / "utm.tif")
+    ext = raster.extent()
+    # The top-left 400 x 400 pixels (0.5 m pixels), in the "xmin,xmax,ymin,ymax [crs]" form Processing takes.
+    xmin, ymax = ext.xMinimum(), ext.yMaximum()
+    extent = f"{xmin},{xmin + 200},{ymax - 200},{ymax} [EPSG:32614]"
+    out = qgis.run(_params(sample_dir, engine, MODE=0, EXTENT=extent))
+    feats = list(out.getFeatures())
+    assert len(feats) <= 1
+    for f in feats:
+        assert f["mode"] == "one"
+        bbox = f.geometry().boundingBox()
+        assert bbox.xMinimum() >= xmin - 1e-6 and bbox.yMaximum() <= ymax + 1e-6
+        assert bbox.xMaximum() <= xmin + 200 + 1e-6 and bbox.yMinimum() >= ymax - 200 - 1e-6
+
+
+def test_unreachable_engine_says_how_to_start_it(qgis, sample_dir, tmp_path):
+    token = tmp_path / "engine.token"
+    token.write_text("whatever")
+    params = _params(sample_dir, None, ENGINE_URL=f"http://127.0.0.1:{_free_port()}", TOKEN_FILE=str(token))
+    with pytest.raises(qgis_core.QgsProcessingException, match="geo-r1 serve --model"):
+        qgis.run(params)
+
+
+def test_wrong_token_is_reported(qgis, sample_dir, engine, tmp_path):
+    wrong = tmp_path / "wrong.token"
+    wrong.write_text("not-the-token")
+    with pytest.raises(qgis_core.QgsProcessingException, match="token") as exc:
+        qgis.run(_params(sample_dir, engine, TOKEN_FILE=str(wrong)))
+    assert "401" in str(exc.value) and "--token-file" in str(exc.value)
+
+
+def test_raster_and_band_errors_become_processing_errors(qgis, sample_dir, engine):
+    with pytest.raises(qgis_core.QgsProcessingException, match="nodata"):
+        qgis.run(_params(sample_dir, engine, INPUT=str(_path(sample_dir, "all_nodata"))))
+    with pytest.raises(qgis_core.QgsProcessingException, match="band"):
+        qgis.run(_params(sample_dir, engine, BANDS="1,2,9"))
