@@ -126,7 +126,7 @@ class _Qgis:
 
 
 @pytest.fixture(scope="module")
-def qgis():
+def qgis(qgis_app):
     session = _Qgis()
     yield session
     session.close()
