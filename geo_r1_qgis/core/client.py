@@ -57,9 +57,9 @@ def read_token(path: str | os.PathLike[str] | None = None) -> str:
 
 @dataclass(frozen=True)
 class TileImage:
-    """A tile as raw RGB bytes (row-major, height × width × 3, uint8)."""
+    """A tile as raw RGB bytes (row-major, height × width × 3, uint8); any bytes-like object."""
 
-    rgb: bytes
+    rgb: bytes | memoryview
     width: int
     height: int
 
@@ -77,7 +77,10 @@ class TileImage:
         h, w, c = array.shape
         if c != 3 or str(array.dtype) != "uint8":
             raise ConfigError(f"tile array must be (H, W, 3) uint8, got {array.shape} {array.dtype}")
-        return cls(rgb=array.tobytes(order="C"), width=int(w), height=int(h))
+        if not array.flags["C_CONTIGUOUS"]:
+            array = array.copy(order="C")
+        # A flat view of the array's own memory: no copy until the request body is joined.
+        return cls(rgb=memoryview(array).cast("B"), width=int(w), height=int(h))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,78 @@
+"""The engine client (standard library only): values, token handling and failures without an engine.
+
+The client against a real engine is exercised by tests/geo_r1_qgis/test_processing.py (QGIS's Python)
+and tests/engine/test_ground.py (the venv).
+"""
+
+import socket
+
+import numpy as np
+import pytest
+
+from geo_r1_qgis.core.client import EngineClient, TileImage, default_token_path, read_token
+from geo_r1_qgis.core.errors import ConfigError, EngineUnavailableError
+
+
+def test_tile_image_from_array_is_a_flat_view_in_row_major_order():
+    arr = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    tile = TileImage.from_array(arr)
+    assert (tile.width, tile.height) == (3, 2)
+    assert bytes(tile.rgb) == arr.tobytes()
+    transposed = np.ascontiguousarray(arr.transpose(1, 0, 2))[:, :, :]  # (3, 2, 3)
+    view = transposed[::-1]  # not C-contiguous
+    assert bytes(TileImage.from_array(view).rgb) == view.tobytes(order="C")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"rgb": b"\x00" * 12, "width": 0, "height": 4}, "positive"),
+        ({"rgb": b"\x00" * 11, "width": 2, "height": 2}, "do not match"),
+    ],
+)
+def test_tile_image_checks_itself(kwargs, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        TileImage(**kwargs)
+
+
+def test_tile_image_rejects_non_rgb_arrays():
+    with pytest.raises(ConfigError, match="uint8"):
+        TileImage.from_array(np.zeros((4, 4, 3), dtype=np.float32))
+    with pytest.raises(ConfigError, match="uint8"):
+        TileImage.from_array(np.zeros((4, 4, 4), dtype=np.uint8))
+
+
+def test_default_token_path_honours_xdg_config_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    assert default_token_path() == tmp_path / "geo-r1" / "engine.token"
+
+
+def test_read_token_errors_say_how_to_get_one(tmp_path):
+    with pytest.raises(EngineUnavailableError, match="geo-r1 serve"):
+        read_token(tmp_path / "missing.token")
+    empty = tmp_path / "empty.token"
+    empty.write_text("  \n")
+    with pytest.raises(EngineUnavailableError, match="empty"):
+        read_token(empty)
+    good = tmp_path / "good.token"
+    good.write_text("abc123\n")
+    assert read_token(good) == "abc123"
+
+
+def test_client_url_must_be_http():
+    with pytest.raises(ConfigError, match="http"):
+        EngineClient("ftp://127.0.0.1:1")
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_engine_that_is_down_gives_one_clear_error():
+    client = EngineClient(f"http://127.0.0.1:{_closed_port()}", token="t", timeout_s=5)
+    with pytest.raises(EngineUnavailableError, match="geo-r1 serve"):
+        client.ground([TileImage(b"\x00" * 12, 2, 2)], "all tanks")
+    with pytest.raises(EngineUnavailableError, match="did not become ready"):
+        client.wait_until_ready(total_timeout_s=0.5, poll_s=0.1)
