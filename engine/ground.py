@@ -158,7 +158,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("raster", type=Path, help="a georeferenced raster (GeoTIFF, COG, anything GDAL reads)")
     parser.add_argument("expression", help='what to find, e.g. "all storage tanks"')
     parser.add_argument("-o", "--output", type=Path, required=True, help="GeoPackage to write (a new layer per run)")
-    parser.add_argument("--mode", choices=MODES, default="all", help="all: every instance (default); one: the single best match")
+    parser.add_argument(
+        "--mode", choices=MODES, default="all", help="all: every instance (default); one: the single best match"
+    )
     grid = parser.add_argument_group("tiles")
     grid.add_argument("--gsd", type=float, help="ground resolution of the tiles in metres (default: the raster's)")
     grid.add_argument("--tile", type=int, default=512, help="tile size in pixels (default: %(default)s)")
