@@ -66,6 +66,7 @@ from geo_r1_qgis.core.errors import ConfigError, OutputError
 from geo_r1_qgis.core.geometry import PixelBox, Ring, Tile, polygon_to_wkb, ring_signed_area
 from geo_r1_qgis.core.merge import Detection
 from geo_r1_qgis.core.pipeline import MapDetection, RunSummary
+from geo_r1_qgis.core.results import OUTPUT_FIELDS, make_run_id
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +76,7 @@ GPKG_VERSION = "1.2"
 TILES_TABLE = "geo_r1_tiles"
 RAW_SUFFIX = "_tiles_raw"
 
-FIELDS = (
-    "expression",
-    "mode",
-    "score",
-    "presence",
-    "label",
-    "reasoning",
-    "model",
-    "adapter",
-    "prompt_version",
-    "tile_id",
-    "run_id",
-    "created",
-    "truncated",
-)
+FIELDS = OUTPUT_FIELDS
 RAW_FIELDS = (*FIELDS, "px_x1", "px_y1", "px_x2", "px_y2")
 _FLOATS = {"score", "presence", "px_x1", "px_y1", "px_x2", "px_y2"}
 
@@ -100,12 +87,6 @@ def now_utc() -> datetime:
 
 def _ms(dt: datetime) -> np.datetime64:
     return np.datetime64(dt.replace(microsecond=dt.microsecond // 1000 * 1000), "ms")
-
-
-def make_run_id() -> str:
-    import secrets
-
-    return now_utc().strftime("%Y%m%dT%H%M%S") + "_" + secrets.token_hex(3)
 
 
 def layer_name_for(expression: str, run_id: str) -> str:

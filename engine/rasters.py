@@ -34,11 +34,11 @@ import numpy as np
 
 from geo_r1_qgis.core.errors import ConfigError, EmptyRasterError, NotGeoreferencedError, RasterError
 from geo_r1_qgis.core.geometry import Affine, PixelBox, Tile
+from geo_r1_qgis.core.results import stretch_limits
 
 log = logging.getLogger(__name__)
 
 #: percentiles of the linear stretch to 8 bits
-STRETCH_PERCENTILES = (2.0, 98.0)
 
 
 def _rasterio() -> Any:
@@ -154,16 +154,7 @@ class RasterioSource:
             return None
         out = []
         for i in range(len(self._read_idx)):
-            values = data[i][valid].astype(np.float64)
-            if values.size == 0:  # the decimated read missed the few valid pixels
-                out.append((0.0, 1.0))
-                continue
-            lo, hi = np.percentile(values, STRETCH_PERCENTILES)
-            if not hi > lo:
-                lo, hi = float(values.min()), float(values.max())
-            if not hi > lo:
-                hi = lo + 1.0
-            out.append((float(lo), float(hi)))
+            out.append(stretch_limits(data[i][valid]))  # (0, 1) if the decimated read missed every valid pixel
         log.info("%s: %s data stretched to 8 bits per band (2-98 %%): %s", self.path.name, self.dtype, out)
         return out
 

@@ -46,9 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -72,6 +70,7 @@ from .core.errors import ConfigError, EmptyRasterError, NotGeoreferencedError, O
 from .core.geometry import Affine, PixelBox, Tile
 from .core.merge import Detection
 from .core.pipeline import MapDetection, RunSummary
+from .core.results import OUTPUT_FIELDS, make_run_id, stretch_limits
 
 __all__ = [
     "FIELD_NAMES",
@@ -85,7 +84,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: percentiles of the linear stretch to 8 bits (as in engine/rasters.py)
-STRETCH_PERCENTILES = (2.0, 98.0)
 
 #: QGIS raster data types -> numpy dtypes (native byte order, as QgsRasterBlock stores them)
 _NUMPY_TYPES = {
@@ -258,16 +256,7 @@ class QgisRasterSource:
             return None
         out = []
         for b in sorted(set(self.bands)):
-            values = planes[b][valid].astype(np.float64)
-            if values.size == 0:  # the decimated read missed the few valid pixels
-                out.append((0.0, 1.0))
-                continue
-            lo, hi = np.percentile(values, STRETCH_PERCENTILES)
-            if not hi > lo:
-                lo, hi = float(values.min()), float(values.max())
-            if not hi > lo:
-                hi = lo + 1.0
-            out.append((float(lo), float(hi)))
+            out.append(stretch_limits(planes[b][valid]))  # (0, 1) if the decimated read missed every valid pixel
         log.info("%s: data stretched to 8 bits per band (2-98 %%): %s", self.name, out)
         return out
 
@@ -352,22 +341,8 @@ def _box_average(
 # Writing
 # --------------------------------------------------------------------------------------------------
 
-#: The output fields, the same names and order as the command line's GeoPackage (engine/gpkg.py FIELDS).
-FIELD_NAMES = (
-    "expression",
-    "mode",
-    "score",
-    "presence",
-    "label",
-    "reasoning",
-    "model",
-    "adapter",
-    "prompt_version",
-    "tile_id",
-    "run_id",
-    "created",
-    "truncated",
-)
+#: The output fields: the same names and order as the command line's GeoPackage.
+FIELD_NAMES = OUTPUT_FIELDS
 _FIELD_TYPES = {
     "score": QVariant.Double,
     "presence": QVariant.Double,
@@ -382,11 +357,6 @@ def make_fields() -> QgsFields:
     for name in FIELD_NAMES:
         fields.append(QgsField(name, _FIELD_TYPES.get(name, QVariant.String)))
     return fields
-
-
-def make_run_id() -> str:
-    """``YYYYmmddTHHMMSS_xxxxxx`` (UTC), the command line's run id format."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "_" + secrets.token_hex(3)
 
 
 def engine_meta(expression: str, mode: str, info: Mapping[str, Any]) -> dict[str, str]:
