@@ -34,7 +34,7 @@ import numpy as np
 
 from geo_r1_qgis.core.errors import ConfigError, EmptyRasterError, NotGeoreferencedError, RasterError
 from geo_r1_qgis.core.geometry import Affine, PixelBox, Tile
-from geo_r1_qgis.core.results import stretch_limits
+from geo_r1_qgis.core.results import stretch_limits, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +223,7 @@ class RasterioSource:
         else:
             planes = np.empty(data.shape, np.uint8)
             for i, (lo, hi) in enumerate(self._stretch):
-                band = np.nan_to_num(data[i].astype(np.float32), nan=lo, posinf=hi, neginf=lo)
-                planes[i] = np.clip((band - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
+                planes[i] = to_uint8(data[i], lo, hi)
         rgb = np.stack([planes[c] for c in self._channel], axis=-1).astype(np.uint8, copy=False)
         rgb[~valid] = 0
         return np.ascontiguousarray(rgb), frac

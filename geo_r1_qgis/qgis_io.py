@@ -70,7 +70,7 @@ from .core.errors import ConfigError, EmptyRasterError, NotGeoreferencedError, O
 from .core.geometry import Affine, PixelBox, Tile
 from .core.merge import Detection
 from .core.pipeline import MapDetection, RunSummary
-from .core.results import OUTPUT_FIELDS, make_run_id, stretch_limits
+from .core.results import OUTPUT_FIELDS, make_run_id, stretch_limits, to_uint8
 
 __all__ = [
     "FIELD_NAMES",
@@ -291,8 +291,7 @@ class QgisRasterSource:
                 eight[b] = data.astype(np.uint8, copy=False)
                 continue
             lo, hi = self._stretch[i]
-            band = np.nan_to_num(data.astype(np.float32), nan=lo, posinf=hi, neginf=lo)
-            eight[b] = np.clip((band - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
+            eight[b] = to_uint8(data, lo, hi)
         rgb = np.stack([eight[b] for b in self.bands], axis=-1).astype(np.uint8, copy=False)
         rgb[~valid] = 0
         return np.ascontiguousarray(rgb), frac

@@ -55,3 +55,11 @@ def stretch_limits(values: Any) -> tuple[float, float]:
     if not hi > lo:
         hi = lo + 1.0
     return (float(lo), float(hi))
+
+
+def to_uint8(band: Any, lo: float, hi: float) -> Any:
+    """One band stretched linearly so ``lo`` → 0 and ``hi`` → 255 (clipped, rounded; NaN → 0)."""
+    import numpy as np
+
+    values = np.nan_to_num(np.asarray(band, dtype=np.float32), nan=lo, posinf=hi, neginf=lo)
+    return np.clip((values - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
-from geo_r1_qgis.core.results import OUTPUT_FIELDS, make_run_id, stretch_limits
+from geo_r1_qgis.core.results import OUTPUT_FIELDS, make_run_id, stretch_limits, to_uint8
 
 
 def test_fields_are_unique_and_carry_the_reasoning_and_provenance():
@@ -37,3 +37,10 @@ def test_stretch_limits(values, expected):
     lo, hi = stretch_limits(values)
     assert (lo, hi) == pytest.approx(expected)
     assert hi > lo
+
+
+def test_to_uint8_maps_the_limits_to_0_and_255_and_clips():
+    band = np.array([[-10.0, 0.0, 50.0], [100.0, 200.0, np.nan]])
+    out = to_uint8(band, 0.0, 100.0)
+    assert out.dtype == np.uint8
+    assert out.tolist() == [[0, 0, 128], [255, 255, 0]]
