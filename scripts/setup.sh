@@ -17,7 +17,6 @@ for pkg in "${SYSTEM_PKGS[@]}"; do
   [[ "$status" == "install ok installed" ]] || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
-  say "installing Debian packages: ${missing[*]}"
   if [[ $(id -u) -eq 0 ]]; then
     SUDO=()
   elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
@@ -28,6 +27,7 @@ if ((${#missing[@]})); then
     say "then run this command again (or run 'sudo make setup')."
     exit 1
   fi
+  say "installing Debian packages: ${missing[*]}"
   "${SUDO[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
