@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[first + 1 :])
     level = logging.WARNING - 10 * min(2, top_args.verbose + 1)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if top_args.verbose < 2:  # third-party chatter (GDAL's own error echo, HTTP client lines) only with -vv
+        for noisy in ("rasterio", "httpx", "urllib3", "PIL"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(module.main(args) or 0)
     except GeoR1Error as exc:
