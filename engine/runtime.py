@@ -34,6 +34,22 @@ from .prompts import PROMPT_VERSION, build_messages
 log = logging.getLogger(__name__)
 
 
+def _is_oom(exc: BaseException) -> bool:
+    """Out of memory: torch's OutOfMemoryError (CUDA, MPS), MemoryError (numpy, PIL), or the CPU allocator."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower()
+    )
+
+
+def _overloaded(exc: BaseException, batch: int, stage: str) -> EngineOverloadedError:
+    return EngineOverloadedError(
+        f"out of memory while {stage} for a batch of {batch}: send smaller tiles or fewer items, or lower"
+        f" --batch-size ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
+    )
+
+
 class _TokenRecorder:
     """A logits processor that records, per step, log p(chosen token) and P(None-starting token).
 
@@ -253,10 +269,15 @@ class LocalBackend:
     def _prepare(self, texts: list[str], images: list[Any]) -> Any:
         import torch
 
-        inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
-        inputs = inputs.to(self.loaded.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, str(self.loaded.dtype)))
+        try:
+            inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+            inputs = inputs.to(self.loaded.device)
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, str(self.loaded.dtype)))
+        except BaseException as exc:
+            if _is_oom(exc):
+                raise _overloaded(exc, len(texts), "preparing the images") from None
+            raise
         return inputs
 
     def _generate(self, inputs: Any, settings: GenerationSettings, top_k: int = 0):
@@ -275,13 +296,12 @@ class LocalBackend:
         try:
             with torch.inference_mode():
                 out = self.loaded.model.generate(**inputs, **kwargs)
-        except torch.OutOfMemoryError as exc:
+        except BaseException as exc:
+            if not _is_oom(exc):
+                raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            raise EngineOverloadedError(
-                f"out of memory while generating a batch of {inputs['input_ids'].shape[0]}:"
-                f" lower --batch-size or the tile size ({exc.__class__.__name__})"
-            ) from None
+            raise _overloaded(exc, int(inputs["input_ids"].shape[0]), "generating") from None
         recorder.finish(out.sequences)
         return out.sequences, recorder
 

@@ -166,6 +166,13 @@ class ServeConfig:
     max_image_pixels: int = field(default=16_777_216, metadata={"help": "largest image, width × height"})
     max_items: int = field(default=64, metadata={"help": "most items (or images) in one request"})
     max_expression_chars: int = field(default=500, metadata={"help": "longest referring expression"})
+    memory_headroom_gb: float | None = field(
+        default=None,
+        metadata={
+            "help": "CPU only: memory a request may use beyond the loaded model, in GB; a request that needs more "
+            "gets 503 instead of pushing the desktop into swap (Linux/macOS address-space limit)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.backend not in ("local", "openai"):
@@ -275,6 +282,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-image-pixels", type=int, default=16_777_216, help=_help("max_image_pixels"))
     limits.add_argument("--max-items", type=int, default=64, help=_help("max_items"))
     limits.add_argument("--max-expression-chars", type=int, default=500, help=_help("max_expression_chars"))
+    limits.add_argument("--memory-headroom-gb", type=float, help=_help("memory_headroom_gb"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -898,6 +906,29 @@ def _openai_logprobs(
     return {"content": content, "refusal": None}
 
 
+def limit_memory(headroom_gb: float, device: str) -> None:
+    """Cap this process's address space at what it uses now plus ``headroom_gb`` (CPU engines only).
+
+    Allocations beyond it fail inside the request (MemoryError, or torch's allocator error), which the
+    runtime turns into 503; the engine goes on serving. CUDA reserves huge virtual ranges, so a GPU
+    engine is left alone (its own out-of-memory errors already give 503).
+    """
+    if not str(device).startswith("cpu"):
+        log.warning("--memory-headroom-gb applies to CPU engines only; ignored on %s", device)
+        return
+    try:
+        import resource
+    except ImportError:  # Windows
+        log.warning("--memory-headroom-gb is not supported on this platform; ignored")
+        return
+    with open("/proc/self/statm", encoding="ascii") as f:
+        in_use = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    limit = in_use + int(headroom_gb * (1 << 30))
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    log.info("address space capped at %.2f GB (%.2f GB in use + %.2f GB headroom)", limit / 2**30, in_use / 2**30,
+             headroom_gb)
+
+
 def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
     """The engine's ASGI app around an already loaded ``backend``."""
     started = int(time.time())
@@ -1219,6 +1250,8 @@ def main(args: argparse.Namespace) -> int:
     Image.MAX_IMAGE_PIXELS = config.max_image_pixels
     log.info("loading the %s backend ...", config.backend)
     backend = build_backend(config)
+    if config.memory_headroom_gb is not None:
+        limit_memory(config.memory_headroom_gb, backend.info().get("device", "cpu"))
     try:
         app = create_app(backend, config, token)
         sock = bind_socket(config.host, config.port)

@@ -447,3 +447,24 @@ def test_ground_tiles_takes_raw_pixels_and_answers_like_ground(api):
 )
 def test_ground_tiles_rejects_malformed_bodies(api, body, status, fragment):
     assert_error(api.post("/ground/tiles", content=body, headers=TILES_CT), status, fragment)
+
+
+# -- out of memory: a real allocation failure, not a simulated one ----------------------------------
+
+
+def test_running_out_of_memory_gives_503_and_the_engine_goes_on(tiny_format_model_dir, tmp_path):
+    # The engine caps its address space at what the loaded model uses plus 0.5 GB; a 4000×4000 tile needs
+    # more than that for its pixel patches alone (about 0.6 GB), so the allocation really fails.
+    eng = start_engine(tmp_path, ["--model", str(tiny_format_model_dir), "--memory-headroom-gb", "0.5"])
+    try:
+        with eng.client() as api:
+            flat = Image.new("RGB", (4000, 4000), (90, 120, 60))
+            big = {"image": b64(encoded(flat)), "expression": "all storage tanks"}
+            error = assert_error(api.post("/ground", json={"items": [big], **FAST}), 503, "out of memory")
+            assert "smaller tiles" in error["message"]
+            small = api.post("/ground", json={"items": [_png_item(96, 96)], **FAST})
+            assert small.status_code == 200, small.text
+            assert api.get("/health").status_code == 200
+        assert "address space capped" in eng.log_tail()
+    finally:
+        assert eng.stop() in CLEAN_EXIT, eng.log_tail()
