@@ -6,7 +6,7 @@ QGIS_PY := /usr/bin/python3
 DEMO_DIR ?= demo-out
 export QT_QPA_PLATFORM ?= offscreen
 
-.PHONY: setup test test-engine test-plugin lint demo bench plugin-zip clean
+.PHONY: setup test test-engine test-plugin lint demo plugin-zip plugin-install clean
 
 setup:
 	@scripts/setup.sh
@@ -25,6 +25,17 @@ test: setup lint test-engine test-plugin
 
 demo: setup
 	@scripts/demo.sh "$(DEMO_DIR)"
+
+plugin-zip:
+	$(QGIS_PY) scripts/package_plugin.py --out dist/geo_r1_qgis.zip
+
+# Install the plugin into the default QGIS profile (unzipped; replaces an older copy of it).
+QGIS_PLUGINS ?= $(HOME)/.local/share/QGIS/QGIS3/profiles/default/python/plugins
+plugin-install: plugin-zip
+	mkdir -p "$(QGIS_PLUGINS)"
+	rm -rf "$(QGIS_PLUGINS)/geo_r1_qgis"
+	cd "$(QGIS_PLUGINS)" && $(QGIS_PY) -m zipfile -e "$(CURDIR)/dist/geo_r1_qgis.zip" .
+	@echo "installed into $(QGIS_PLUGINS)/geo_r1_qgis: enable Geo-R1 in Plugins > Manage and Install Plugins"
 
 clean:
 	rm -rf $(DEMO_DIR) .cache .pytest_cache

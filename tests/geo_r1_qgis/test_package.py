@@ -72,3 +72,39 @@ def test_metadata_has_every_field_qgis_and_the_plugin_site_need():
     assert g["qgisMaximumVersion"] == "4.99"
     assert g["hasProcessingProvider"] == "yes"
     assert (ROOT / "resources" / g["icon"]).is_file()
+
+
+def test_the_plugin_zip_installs_and_loads_in_qgis(tmp_path):
+    """Build the zip, unzip it like QGIS does, and load the plugin from there with real PyQGIS."""
+    pytest.importorskip("qgis.core", reason="needs Debian's python3-qgis (run under /usr/bin/python3)")
+    import zipfile
+
+    out = tmp_path / "geo_r1_qgis.zip"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "package_plugin.py"), "--out", str(out)], check=True)
+    with zipfile.ZipFile(out) as zf:
+        names = set(zf.namelist())
+        assert {"geo_r1_qgis/metadata.txt", "geo_r1_qgis/icon.png", "geo_r1_qgis/__init__.py",
+                "geo_r1_qgis/core/geometry.py", "geo_r1_qgis/processing_provider.py"} <= names
+        assert all(n.startswith("geo_r1_qgis/") and "__pycache__" not in n for n in names)
+        zf.extractall(tmp_path / "plugins")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from qgis.core import QgsApplication\n"
+        "app = QgsApplication([], False); app.initQgis()\n"
+        "import qgis.utils, geo_r1_qgis\n"
+        "assert geo_r1_qgis.__file__.startswith(sys.argv[1]), geo_r1_qgis.__file__\n"
+        "meta = qgis.utils.findPlugins(sys.argv[1])\n"
+        "name, cp = next(meta)\n"
+        "assert name == 'geo_r1_qgis' and cp.get('general', 'name') == 'Geo-R1', name\n"
+        "from geo_r1_qgis.processing_provider import GeoR1Provider\n"
+        "p = GeoR1Provider(); assert QgsApplication.processingRegistry().addProvider(p)\n"
+        "assert QgsApplication.processingRegistry().algorithmById('geor1:ground') is not None\n"
+        "assert not p.icon().isNull()\n"
+        "QgsApplication.processingRegistry().removeProvider(p)\n"
+        "app.exitQgis(); print('ok')\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "plugins")], capture_output=True, text=True, check=False,
+        cwd=tmp_path, env={"QT_QPA_PLATFORM": "offscreen", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
