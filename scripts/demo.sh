@@ -23,8 +23,10 @@ $GEO ground "$OUT/samples/utm.tif" "all storage tanks" -o "$OUT/demo.gpkg" --mod
 cat <<MSG
 
 [demo] done. The GeoPackage is $(realpath "$OUT/demo.gpkg")
-[demo] Open it in QGIS: Layer > Add Layer > Add Vector Layer..., or drag the file onto the map
+[demo] Open it in QGIS: Layer > Add Layer > Add Vector Layer..., or drag the file onto the map, and pick
+[demo]   the layer named after the expression (the *_tiles_raw layer holds per-tile boxes before merging),
 [demo]   together with $(realpath "$OUT/samples/utm.tif") (the raster it was grounded on).
+[demo] Each polygon carries the model's reasoning, its score and presence, and the run's details.
 [demo] NOTE: the bundled tiny model is randomly initialised (then taught only the answer FORMAT),
 [demo] so its boxes mean nothing. For real results use real weights, e.g.:
 [demo]   $GEO ground RASTER "the largest storage tank" -o out.gpkg --mode one \\
