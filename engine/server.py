@@ -33,36 +33,40 @@ compared in constant time and is never logged.
 Decoding options of ``/v1/chat/completions`` follow OpenAI's, except that an omitted (or zero)
 ``temperature`` decodes greedily, as Geo-R1 is evaluated; ``top_p``, ``seed`` and other sampling
 fields are accepted and ignored.
+
+Modules
+-------
+This module holds the configuration (:class:`ServeConfig`, the ``geo-r1 serve`` options), the mapping
+of errors to statuses, the app and ``main``. The rest lives beside it:
+
+- :mod:`engine.security`: the ASGI middleware (body limit, Host check, bearer token), the error shape
+  and :class:`~engine.security.ApiError`, the token file and socket binding;
+- :mod:`engine.api_models`: the pydantic request models and image decoding (base64, ``data:`` URIs,
+  the raw ``/ground/tiles`` body), with the pixel and aspect-ratio checks;
+- :mod:`engine.openai_compat`: the OpenAI-shaped parts of ``/v1/chat/completions`` (request checks,
+  message conversion, log-probs and the response body).
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import dataclasses
-import ipaddress
 import json
 import logging
 import os
-import secrets
-import socket
-import stat
 import time
-import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
@@ -79,44 +83,39 @@ from geo_r1_qgis.core.errors import (
 )
 
 from . import __version__ as ENGINE_VERSION
+from .api_models import (
+    ActiveAdapterIn,
+    AdapterIn,
+    ChatRequest,
+    GroundRequest,
+    TilesRequest,
+    decode_ground_item,
+    split_tiles_body,
+)
 from .backend import Backend, GenerationSettings, GroundItem
-from .coords import MAX_ASPECT_RATIO
+from .openai_compat import (
+    chat_completion,
+    chat_settings,
+    check_chat_request,
+    decode_data_images,
+    to_backend_messages,
+)
 from .prompts import MAX_EXPRESSION_CHARS, PROMPT_VERSION
+from .security import (
+    ApiError,
+    BodyLimitMiddleware,
+    HostCheckMiddleware,
+    TokenAuthMiddleware,
+    bind_socket,
+    ensure_token,
+    error_body,
+    is_loopback,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
 log = logging.getLogger(__name__)
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-#: Host names that always mean "this machine" (the Host header check accepts them with any port).
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-#: Bind addresses that listen on every interface.
-WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})  # nosec B104 - names, used to detect a wildcard bind
-#: Routes that need no token.
-PUBLIC_PATHS = frozenset({"/health"})
-#: Image formats the engine decodes (Pillow format names).
-IMAGE_FORMATS = ("PNG", "JPEG", "TIFF", "WEBP")
-#: Most alternatives per token OpenAI's API allows (and ``/v1/chat/completions`` accepts).
-MAX_TOP_LOGPROBS = 20
-
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "request_too_large",
-    422: "invalid_request_error",
-    500: "server_error",
-    502: "upstream_error",
-    503: "overloaded_error",
-}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,525 +285,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Token file
-# --------------------------------------------------------------------------------------------------
-
-
-def ensure_token(path: str | os.PathLike[str]) -> str:
-    """Return the engine's bearer token, creating the file (0600, parent 0700) on first start.
-
-    An existing file is reused; one that other users can read is refused (ConfigError naming the fix).
-    """
-    path = Path(path).expanduser()
-    if path.exists() or path.is_symlink():
-        return _read_token(path)
-    if not path.parent.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
-    token = secrets.token_urlsafe(32)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(path, flags, 0o600)
-    except FileExistsError:  # another engine created it just now: use theirs
-        return _read_token(path)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the token file {path}: {exc.strerror}; pass --token-file") from None
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(token + "\n")
-    os.chmod(path, 0o600)
-    log.info("created a new engine token in %s", path)
-    return token
-
-
-def _read_token(path: Path) -> str:
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the token file {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"the token file {path} is not a regular file; pass another --token-file")
-    if os.name != "nt" and st.st_mode & 0o077:
-        raise ConfigError(
-            f"the token file {path} can be read by other users (mode {stat.S_IMODE(st.st_mode):04o}): "
-            f"run  chmod 600 {path}  (or delete it and the engine writes a new one)"
-        )
-    token = path.read_text(encoding="utf-8").strip()
-    if not token:
-        raise ConfigError(f"the token file {path} is empty: delete it and the engine writes a new one")
-    return token
-
-
-# --------------------------------------------------------------------------------------------------
-# Errors and ASGI middleware (pure: no FastAPI)
-# --------------------------------------------------------------------------------------------------
-
-
-class ApiError(HTTPException):
-    """An HTTP error with a message for the client (rendered as ``{"error": {...}}``)."""
-
-    def __init__(
-        self, status: int, message: str, error_type: str | None = None, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(status_code=status, detail=message, headers=headers)
-        self.error_type = error_type or _ERROR_TYPES.get(status, "invalid_request_error")
-
-
-class BodyTooLargeError(ApiError):
-    """Raised from ``receive`` once a request body passes the limit."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            413,
-            f"the request body is larger than the engine's limit of {limit} bytes (--max-body-mb): "
-            "send fewer or smaller images per request",
-        )
-
-
-def error_body(status: int, message: str, error_type: str | None = None) -> dict[str, Any]:
-    """The JSON body of every error response."""
-    return {
-        "error": {
-            "message": message,
-            "type": error_type or _ERROR_TYPES.get(status, "invalid_request_error"),
-            "code": status,
-        }
-    }
-
-
-async def send_error(
-    send: Send, status: int, message: str, error_type: str | None = None, headers: dict[str, str] | None = None
-) -> None:
-    """Send a complete JSON error response on a raw ASGI ``send``."""
-    body = json.dumps(error_body(status, message, error_type)).encode("utf-8")
-    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
-
-
-class BodyLimitMiddleware:
-    """Refuse request bodies over ``max_bytes`` with 413, counting bytes as they arrive.
-
-    A declared ``Content-Length`` over the limit is refused before anything is read. Otherwise (no
-    Content-Length, chunked, or a short declaration) the bytes are counted as the app receives them,
-    and the read that passes the limit raises :class:`BodyTooLargeError`, which the app's error handler
-    (or this middleware, if the app lets it through) turns into a 413 response.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = _header(scope, b"content-length")
-        if declared is not None:
-            try:
-                too_big = int(declared) > self.max_bytes
-            except ValueError:
-                await send_error(send, 400, f"invalid Content-Length header {declared!r}")
-                return
-            if too_big:
-                await send_error(send, 413, BodyTooLargeError(self.max_bytes).detail)
-                return
-
-        received = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLargeError(self.max_bytes)
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLargeError as exc:
-            if started:
-                raise
-            await send_error(send, 413, exc.detail)
-
-
-def split_host_header(value: str | None) -> str | None:
-    """The host name of a Host header (lower case, IPv6 without brackets), or None if malformed."""
-    if value is None:
-        return None
-    text = value.strip().lower()
-    if not text:
-        return None
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            return None
-        name, rest = text[1:end], text[end + 1 :]
-        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
-            return None
-        return name or None
-    if text.count(":") > 1:  # an IPv6 address must be bracketed in a Host header
-        return None
-    name, sep, port = text.partition(":")
-    if sep and not port.isdigit():
-        return None
-    return name or None
-
-
-def _is_ip_literal(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
-
-
-def host_allowed(host_header: str | None, bound_host: str) -> bool:
-    """Whether a request's Host header names this machine (the DNS-rebinding guard).
-
-    Accepted: 127.0.0.1, localhost and ::1 (any port) and the bound address. When bound to a wildcard
-    (0.0.0.0 or ::), any IP literal is accepted too: DNS rebinding needs a host NAME, and clients on
-    other machines can only reach a wildcard-bound engine by one of its addresses.
-    """
-    name = split_host_header(host_header)
-    if name is None:
-        return False
-    bound = bound_host.strip().strip("[]").lower()
-    if name in LOOPBACK_HOSTS or name == bound:
-        return True
-    return bound in WILDCARD_HOSTS and _is_ip_literal(name)
-
-
-class HostCheckMiddleware:
-    """Answer 400 to requests whose Host header is missing or is not this machine (DNS rebinding)."""
-
-    def __init__(self, app: ASGIApp, bound_host: str) -> None:
-        self.app = app
-        self.bound_host = bound_host
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            value = _header(scope, b"host")
-            if value is None or split_host_header(value) is None:
-                await send_error(send, 400, f"missing or malformed Host header {value!r}", "invalid_host")
-                return
-            if not host_allowed(value, self.bound_host):
-                await send_error(
-                    send,
-                    400,
-                    f"Host {value!r} is not this engine: use http://127.0.0.1:<port> "
-                    "(requests for other host names are refused to stop DNS rebinding)",
-                    error_type="invalid_host",
-                )
-                return
-        await self.app(scope, receive, send)
-
-
-class TokenAuthMiddleware:
-    """Require ``Authorization: Bearer <token>`` on every route except :data:`PUBLIC_PATHS`.
-
-    Runs before the body is read, so an unauthenticated client never gets its body parsed.
-    """
-
-    def __init__(self, app: ASGIApp, token: str) -> None:
-        if not token:
-            raise ConfigError("the engine token is empty")
-        self.app = app
-        self._token = token.encode("utf-8")
-
-    def authorized(self, header: str | None) -> bool:
-        scheme, _, value = (header or "").strip().partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        return secrets.compare_digest(value.strip().encode("utf-8", "replace"), self._token)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        public = scope["type"] != "http" or scope.get("path") in PUBLIC_PATHS
-        if not public and not self.authorized(_header(scope, b"authorization")):
-            await send_error(
-                send,
-                401,
-                "missing or wrong bearer token: send 'Authorization: Bearer <token>' with the token "
-                "from the engine's token file (logged by geo-r1 serve at start)",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-            return
-        await self.app(scope, receive, send)
-
-
-# --------------------------------------------------------------------------------------------------
-# Request models
-# --------------------------------------------------------------------------------------------------
-
-
-class GroundItemIn(BaseModel):
-    """One item of ``POST /ground``: an encoded image (or raw RGB bytes) and an expression."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    image: str | None = Field(default=None, description="base64 PNG/JPEG/TIFF/WebP bytes or a data: URI")
-    rgb: str | None = Field(default=None, description="base64 raw row-major height×width×3 uint8")
-    width: int | None = Field(default=None, ge=1, description="with rgb: width in pixels")
-    height: int | None = Field(default=None, ge=1, description="with rgb: height in pixels")
-    expression: str
-    task: Literal["rec", "multi"] = "multi"
-    reasoning: bool = True
-
-    @model_validator(mode="after")
-    def _one_image(self) -> GroundItemIn:
-        if (self.image is None) == (self.rgb is None):
-            raise ValueError("give exactly one of 'image' (encoded bytes) or 'rgb' (+ 'width', 'height')")
-        if self.rgb is not None and (self.width is None or self.height is None):
-            raise ValueError("'rgb' needs 'width' and 'height'")
-        return self
-
-
-class GroundRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    items: list[GroundItemIn] = Field(min_length=1)
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-
-
-class TileItemIn(BaseModel):
-    """One item of ``POST /ground/tiles``: its pixels follow the JSON header, in item order."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    width: int = Field(ge=1, description="width in pixels")
-    height: int = Field(ge=1, description="height in pixels")
-    expression: str
-    task: Literal["rec", "multi"] = "multi"
-    reasoning: bool = True
-
-
-class TilesRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    items: list[TileItemIn] = Field(min_length=1)
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-
-
-MAX_TILES_HEADER = 1 << 20
-
-
-def split_tiles_body(body: bytes, max_pixels: int) -> tuple[TilesRequest, list[tuple[Image.Image, float]]]:
-    """Parse a ``/ground/tiles`` body into its header and RGB images (400/422 on a bad body)."""
-    from PIL import Image
-    from pydantic import ValidationError
-
-    t0 = time.perf_counter()
-    if len(body) < 4:
-        raise ApiError(400, f"a {TILES_MEDIA_TYPE} body starts with a 4-byte header length; got {len(body)} bytes")
-    n = int.from_bytes(body[:4], "big")
-    if not 2 <= n <= min(MAX_TILES_HEADER, len(body) - 4):
-        raise ApiError(400, f"bad header length {n} in a {len(body)}-byte {TILES_MEDIA_TYPE} body")
-    try:
-        header = TilesRequest.model_validate_json(body[4 : 4 + n])
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(x) for x in first.get("loc", ()))
-        raise ApiError(422, f"header: {loc}: {first.get('msg')}") from None
-    pixels = memoryview(body)[4 + n :]
-    expected = 0
-    for i, item in enumerate(header.items):
-        _check_pixels(item.width, item.height, max_pixels, f"items[{i}]")
-        expected += item.width * item.height * 3
-    if len(pixels) != expected:
-        raise ApiError(
-            400,
-            f"the body holds {len(pixels)} bytes of pixels, but the header's items need {expected} "
-            "(row-major RGB uint8, items in order)",
-        )
-    images, offset = [], 0
-    per_item_ms = (time.perf_counter() - t0) * 1000.0 / len(header.items)
-    for item in header.items:
-        size = item.width * item.height * 3
-        t = time.perf_counter()
-        image = Image.frombytes("RGB", (item.width, item.height), pixels[offset : offset + size])
-        images.append((image, per_item_ms + (time.perf_counter() - t) * 1000.0))
-        offset += size
-    return header, images
-
-
-class AdapterIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    path: str = Field(min_length=1)
-
-
-class ActiveAdapterIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str | None
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    type: Literal["text"]
-    text: str
-
-
-class ImageURL(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    url: str
-    detail: str | None = None
-
-
-class ImagePart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    type: Literal["image_url"]
-    image_url: ImageURL
-
-
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
-
-
-class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
-
-
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    messages: list[ChatMessageIn] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    stream: bool | None = None
-    n: int | None = None
-    stop: str | list[str] | None = None
-
-
-# --------------------------------------------------------------------------------------------------
-# Image decoding (runs in a worker thread)
-# --------------------------------------------------------------------------------------------------
-
-
-def _b64decode(text: str, where: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        pass
-    compact = "".join(text.split())  # base64 wrapped over lines
-    try:
-        return base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, f"{where} is not valid base64") from None
-
-
-def split_data_uri(uri: str, where: str) -> bytes:
-    """The bytes of a ``data:[<mime>];base64,<payload>`` URI (400 for anything else)."""
-    if not uri.startswith("data:"):
-        raise ApiError(
-            400,
-            f"{where}: only inline images are accepted (the engine never fetches URLs); "
-            "send data:image/png;base64,<bytes>",
-        )
-    header, sep, payload = uri[5:].partition(",")
-    if not sep or not header.lower().endswith(";base64"):
-        raise ApiError(400, f"{where}: a data: URI must be base64-encoded (data:image/png;base64,...)")
-    return _b64decode(payload, where)
-
-
-def _check_pixels(width: int, height: int, max_pixels: int, where: str) -> None:
-    if width * height > max_pixels:
-        raise ApiError(
-            413,
-            f"{where}: the image is {width}×{height} = {width * height} pixels, more than the engine's "
-            f"limit of {max_pixels} (--max-image-pixels); send smaller tiles",
-        )
-    if max(width, height) / max(1, min(width, height)) > MAX_ASPECT_RATIO:
-        raise ApiError(
-            422,
-            f"{where}: the image is {width}×{height}, more than {MAX_ASPECT_RATIO}:1; the model cannot read it, "
-            "crop or tile it closer to square",
-        )
-
-
-def open_image(data: bytes, max_pixels: int, where: str) -> Image.Image:
-    """Decode encoded image bytes to RGB, checking the pixel count from the header first."""
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except Image.DecompressionBombError:
-        raise ApiError(413, f"{where}: the image has too many pixels (--max-image-pixels)") from None
-    except UnidentifiedImageError:
-        raise ApiError(400, f"{where}: the bytes are not a PNG, JPEG, TIFF or WebP image") from None
-    except Exception as exc:
-        raise ApiError(400, f"{where}: cannot read the image header ({type(exc).__name__}: {exc})") from None
-    width, height = image.size
-    _check_pixels(width, height, max_pixels, where)
-    try:
-        image.load()
-        return image.convert("RGB") if image.mode != "RGB" else image
-    except MemoryError:
-        raise
-    except Image.DecompressionBombError:
-        raise ApiError(413, f"{where}: the image has too many pixels (--max-image-pixels)") from None
-    except Exception as exc:  # truncated or corrupt data: many exception kinds come out of decoders
-        raise ApiError(400, f"{where}: corrupt {image.format} image ({type(exc).__name__}: {exc})") from None
-
-
-def decode_ground_item(item: GroundItemIn, index: int, max_pixels: int) -> tuple[Image.Image, float]:
-    """The RGB image of one ``/ground`` item and the milliseconds it took to decode."""
-    t0 = time.perf_counter()
-    if item.image is not None:
-        where = f"items[{index}].image"
-        text = item.image.strip()
-        data = split_data_uri(text, where) if text.startswith("data:") else _b64decode(text, where)
-        image = open_image(data, max_pixels, where)
-    else:
-        from PIL import Image
-
-        where = f"items[{index}].rgb"
-        assert item.width is not None and item.height is not None  # checked by the model validator
-        _check_pixels(item.width, item.height, max_pixels, where)
-        data = _b64decode(item.rgb or "", where)
-        expected = item.width * item.height * 3
-        if len(data) != expected:
-            raise ApiError(
-                400,
-                f"{where} holds {len(data)} bytes, but {item.width}×{item.height}×3 = {expected} are "
-                "expected (row-major RGB, uint8)",
-            )
-        image = Image.frombytes("RGB", (item.width, item.height), data)
-    return image, (time.perf_counter() - t0) * 1000.0
-
-
-# --------------------------------------------------------------------------------------------------
 # Error mapping
 # --------------------------------------------------------------------------------------------------
 
@@ -885,27 +365,6 @@ def _settings(max_new_tokens: int, do_sample: bool, temperature: float) -> Gener
     return GenerationSettings(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature)
 
 
-def _openai_logprobs(
-    logprobs: tuple[tuple[str, float, dict[str, float]], ...] | None, top: int
-) -> dict[str, Any] | None:
-    if logprobs is None:
-        return None
-    content = []
-    for token, logprob, alternatives in logprobs:
-        ranked = sorted(alternatives.items(), key=lambda kv: kv[1], reverse=True)[:top]
-        content.append(
-            {
-                "token": token,
-                "logprob": float(logprob),
-                "bytes": list(token.encode("utf-8")),
-                "top_logprobs": [
-                    {"token": t, "logprob": float(lp), "bytes": list(t.encode("utf-8"))} for t, lp in ranked
-                ],
-            }
-        )
-    return {"content": content, "refusal": None}
-
-
 def limit_memory(headroom_gb: float, device: str) -> None:
     """Cap this process's address space at what it uses now plus ``headroom_gb`` (CPU engines only).
 
@@ -925,8 +384,12 @@ def limit_memory(headroom_gb: float, device: str) -> None:
         in_use = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     limit = in_use + int(headroom_gb * (1 << 30))
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    log.info("address space capped at %.2f GB (%.2f GB in use + %.2f GB headroom)", limit / 2**30, in_use / 2**30,
-             headroom_gb)
+    log.info(
+        "address space capped at %.2f GB (%.2f GB in use + %.2f GB headroom)",
+        limit / 2**30,
+        in_use / 2**30,
+        headroom_gb,
+    )
 
 
 def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
@@ -1093,82 +556,21 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
 
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(body: ChatRequest) -> JSONResponse:
-        if body.stream:
-            raise ApiError(400, "stream=true is not supported by this engine: send stream=false")
-        if body.n not in (None, 1):
-            raise ApiError(400, f"n={body.n} is not supported: one completion per request")
-        if body.stop:
-            raise ApiError(400, "stop sequences are not supported by this engine")
-        if body.top_logprobs and not body.logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs=true")
+        check_chat_request(body)
         served = model_id()
         if body.model != served:
             raise ApiError(404, f"model {body.model!r} is not served here; GET /v1/models lists {served!r}")
-
-        messages: list[dict[str, Any]] = []
-        urls: list[str] = []
-        for m, message in enumerate(body.messages):
-            role = "system" if message.role == "developer" else message.role
-            if message.content is None or isinstance(message.content, str):
-                messages.append({"role": role, "content": message.content or ""})
-                continue
-            parts: list[dict[str, Any]] = []
-            for p, part in enumerate(message.content):
-                if isinstance(part, TextPart):
-                    parts.append({"type": "text", "text": part.text})
-                else:
-                    where = f"messages[{m}].content[{p}].image_url"
-                    if not part.image_url.url.startswith("data:"):
-                        raise ApiError(
-                            400,
-                            f"{where}: only data: URIs are accepted (the engine never fetches URLs); "
-                            "send data:image/png;base64,<bytes>",
-                        )
-                    parts.append({"type": "image"})
-                    urls.append(part.image_url.url)
-            messages.append({"role": role, "content": parts})
+        messages, urls = to_backend_messages(body.messages)
         if len(urls) > config.max_items:
             raise ApiError(413, f"{len(urls)} images in one request; the limit is {config.max_items} (--max-items)")
-
-        def decode_all() -> list[Image.Image]:
-            return [
-                open_image(split_data_uri(url, f"image {i}"), config.max_image_pixels, f"image {i}")
-                for i, url in enumerate(urls)
-            ]
-
-        images = await anyio.to_thread.run_sync(decode_all)
-        temperature = body.temperature or 0.0
-        settings = _settings(
-            body.max_completion_tokens or body.max_tokens or 256,
-            temperature > 0,
-            temperature if temperature > 0 else 1.0,
-        )
+        images = await anyio.to_thread.run_sync(decode_data_images, urls, config.max_image_pixels)
         top = int(body.top_logprobs or 0)
         want_logprobs = bool(body.logprobs)
         # Ask for at least one alternative so the backend records log-probs at all.
-        result = await call_backend(backend.chat, messages, images, settings, max(1, top) if want_logprobs else 0)
-        return JSONResponse(
-            {
-                "id": f"chatcmpl-{uuid.uuid4().hex}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": served,
-                "system_fingerprint": f"geo-r1-{ENGINE_VERSION}",
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": result.text, "refusal": None},
-                        "logprobs": _openai_logprobs(result.logprobs, top) if want_logprobs else None,
-                        "finish_reason": result.finish_reason,
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": result.prompt_tokens,
-                    "completion_tokens": result.completion_tokens,
-                    "total_tokens": result.prompt_tokens + result.completion_tokens,
-                },
-            }
+        result = await call_backend(
+            backend.chat, messages, images, chat_settings(body), max(1, top) if want_logprobs else 0
         )
+        return JSONResponse(chat_completion(result, served, top, want_logprobs))
 
     return app
 
@@ -1204,38 +606,6 @@ def build_backend(config: ServeConfig) -> Backend:
             )
     assert config.base_url is not None  # checked by ServeConfig
     return RemoteBackend(config.base_url, api_key=api_key, model=config.remote_model, concurrency=config.concurrency)
-
-
-def is_loopback(host: str) -> bool:
-    name = host.strip().strip("[]").lower()
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening-ready socket on ``host:port``, or a ConfigError that says what to do."""
-    try:
-        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ConfigError(f"--host {host!r} is not an address of this machine ({exc.strerror})") from None
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    if os.name != "nt":
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(
-            f"cannot listen on {host}:{port} ({exc.strerror}): another engine may already run there "
-            f"(try GET /health), or pick another --port"
-        ) from None
-    sock.set_inheritable(True)
-    return sock
 
 
 def main(args: argparse.Namespace) -> int:

@@ -61,7 +61,8 @@ def serve_null(port: int, token_file: Path) -> int:
     """The real engine app (uvicorn, middleware, decoding) around :class:`NullBackend`."""
     import uvicorn
 
-    from engine.server import ServeConfig, create_app, ensure_token
+    from engine.security import ensure_token
+    from engine.server import ServeConfig, create_app
 
     config = ServeConfig(model="null", port=port, token_file=token_file)
     app = create_app(NullBackend(), config, ensure_token(token_file))

@@ -1,0 +1,285 @@
+"""The engine's request bodies (pydantic models) and their image decoding.
+
+Every check here fails with an :class:`engine.security.ApiError` whose message names the bad field and
+the fix: 400 malformed input (base64, image bytes, non-``data:`` URIs), 413 over a limit, 422 invalid
+values. Decoding runs in a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from geo_r1_qgis.core.client import TILES_MEDIA_TYPE
+
+from .coords import MAX_ASPECT_RATIO
+from .security import ApiError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+#: Image formats the engine decodes (Pillow format names).
+IMAGE_FORMATS = ("PNG", "JPEG", "TIFF", "WEBP")
+#: Most alternatives per token OpenAI's API allows (and ``/v1/chat/completions`` accepts).
+MAX_TOP_LOGPROBS = 20
+
+
+# --------------------------------------------------------------------------------------------------
+# Request models
+# --------------------------------------------------------------------------------------------------
+
+
+class GroundItemIn(BaseModel):
+    """One item of ``POST /ground``: an encoded image (or raw RGB bytes) and an expression."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str | None = Field(default=None, description="base64 PNG/JPEG/TIFF/WebP bytes or a data: URI")
+    rgb: str | None = Field(default=None, description="base64 raw row-major height×width×3 uint8")
+    width: int | None = Field(default=None, ge=1, description="with rgb: width in pixels")
+    height: int | None = Field(default=None, ge=1, description="with rgb: height in pixels")
+    expression: str
+    task: Literal["rec", "multi"] = "multi"
+    reasoning: bool = True
+
+    @model_validator(mode="after")
+    def _one_image(self) -> GroundItemIn:
+        if (self.image is None) == (self.rgb is None):
+            raise ValueError("give exactly one of 'image' (encoded bytes) or 'rgb' (+ 'width', 'height')")
+        if self.rgb is not None and (self.width is None or self.height is None):
+            raise ValueError("'rgb' needs 'width' and 'height'")
+        return self
+
+
+class GroundRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[GroundItemIn] = Field(min_length=1)
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+
+
+class TileItemIn(BaseModel):
+    """One item of ``POST /ground/tiles``: its pixels follow the JSON header, in item order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    width: int = Field(ge=1, description="width in pixels")
+    height: int = Field(ge=1, description="height in pixels")
+    expression: str
+    task: Literal["rec", "multi"] = "multi"
+    reasoning: bool = True
+
+
+class TilesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[TileItemIn] = Field(min_length=1)
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+
+
+MAX_TILES_HEADER = 1 << 20
+
+
+def split_tiles_body(body: bytes, max_pixels: int) -> tuple[TilesRequest, list[tuple[Image.Image, float]]]:
+    """Parse a ``/ground/tiles`` body into its header and RGB images (400/422 on a bad body)."""
+    from PIL import Image
+    from pydantic import ValidationError
+
+    t0 = time.perf_counter()
+    if len(body) < 4:
+        raise ApiError(400, f"a {TILES_MEDIA_TYPE} body starts with a 4-byte header length; got {len(body)} bytes")
+    n = int.from_bytes(body[:4], "big")
+    if not 2 <= n <= min(MAX_TILES_HEADER, len(body) - 4):
+        raise ApiError(400, f"bad header length {n} in a {len(body)}-byte {TILES_MEDIA_TYPE} body")
+    try:
+        header = TilesRequest.model_validate_json(body[4 : 4 + n])
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(x) for x in first.get("loc", ()))
+        raise ApiError(422, f"header: {loc}: {first.get('msg')}") from None
+    pixels = memoryview(body)[4 + n :]
+    expected = 0
+    for i, item in enumerate(header.items):
+        _check_pixels(item.width, item.height, max_pixels, f"items[{i}]")
+        expected += item.width * item.height * 3
+    if len(pixels) != expected:
+        raise ApiError(
+            400,
+            f"the body holds {len(pixels)} bytes of pixels, but the header's items need {expected} "
+            "(row-major RGB uint8, items in order)",
+        )
+    images, offset = [], 0
+    per_item_ms = (time.perf_counter() - t0) * 1000.0 / len(header.items)
+    for item in header.items:
+        size = item.width * item.height * 3
+        t = time.perf_counter()
+        image = Image.frombytes("RGB", (item.width, item.height), pixels[offset : offset + size])
+        images.append((image, per_item_ms + (time.perf_counter() - t) * 1000.0))
+        offset += size
+    return header, images
+
+
+class AdapterIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    path: str = Field(min_length=1)
+
+
+class ActiveAdapterIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    url: str
+    detail: str | None = None
+
+
+class ImagePart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    stream: bool | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Image decoding (runs in a worker thread)
+# --------------------------------------------------------------------------------------------------
+
+
+def _b64decode(text: str, where: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    compact = "".join(text.split())  # base64 wrapped over lines
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{where} is not valid base64") from None
+
+
+def split_data_uri(uri: str, where: str) -> bytes:
+    """The bytes of a ``data:[<mime>];base64,<payload>`` URI (400 for anything else)."""
+    if not uri.startswith("data:"):
+        raise ApiError(
+            400,
+            f"{where}: only inline images are accepted (the engine never fetches URLs); "
+            "send data:image/png;base64,<bytes>",
+        )
+    header, sep, payload = uri[5:].partition(",")
+    if not sep or not header.lower().endswith(";base64"):
+        raise ApiError(400, f"{where}: a data: URI must be base64-encoded (data:image/png;base64,...)")
+    return _b64decode(payload, where)
+
+
+def _check_pixels(width: int, height: int, max_pixels: int, where: str) -> None:
+    if width * height > max_pixels:
+        raise ApiError(
+            413,
+            f"{where}: the image is {width}×{height} = {width * height} pixels, more than the engine's "
+            f"limit of {max_pixels} (--max-image-pixels); send smaller tiles",
+        )
+    if max(width, height) / max(1, min(width, height)) > MAX_ASPECT_RATIO:
+        raise ApiError(
+            422,
+            f"{where}: the image is {width}×{height}, more than {MAX_ASPECT_RATIO}:1; the model cannot read it, "
+            "crop or tile it closer to square",
+        )
+
+
+def open_image(data: bytes, max_pixels: int, where: str) -> Image.Image:
+    """Decode encoded image bytes to RGB, checking the pixel count from the header first."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError:
+        raise ApiError(413, f"{where}: the image has too many pixels (--max-image-pixels)") from None
+    except UnidentifiedImageError:
+        raise ApiError(400, f"{where}: the bytes are not a PNG, JPEG, TIFF or WebP image") from None
+    except Exception as exc:
+        raise ApiError(400, f"{where}: cannot read the image header ({type(exc).__name__}: {exc})") from None
+    width, height = image.size
+    _check_pixels(width, height, max_pixels, where)
+    try:
+        image.load()
+        return image.convert("RGB") if image.mode != "RGB" else image
+    except MemoryError:
+        raise
+    except Image.DecompressionBombError:
+        raise ApiError(413, f"{where}: the image has too many pixels (--max-image-pixels)") from None
+    except Exception as exc:  # truncated or corrupt data: many exception kinds come out of decoders
+        raise ApiError(400, f"{where}: corrupt {image.format} image ({type(exc).__name__}: {exc})") from None
+
+
+def decode_ground_item(item: GroundItemIn, index: int, max_pixels: int) -> tuple[Image.Image, float]:
+    """The RGB image of one ``/ground`` item and the milliseconds it took to decode."""
+    t0 = time.perf_counter()
+    if item.image is not None:
+        where = f"items[{index}].image"
+        text = item.image.strip()
+        data = split_data_uri(text, where) if text.startswith("data:") else _b64decode(text, where)
+        image = open_image(data, max_pixels, where)
+    else:
+        from PIL import Image
+
+        where = f"items[{index}].rgb"
+        assert item.width is not None and item.height is not None  # checked by the model validator
+        _check_pixels(item.width, item.height, max_pixels, where)
+        data = _b64decode(item.rgb or "", where)
+        expected = item.width * item.height * 3
+        if len(data) != expected:
+            raise ApiError(
+                400,
+                f"{where} holds {len(data)} bytes, but {item.width}×{item.height}×3 = {expected} are "
+                "expected (row-major RGB, uint8)",
+            )
+        image = Image.frombytes("RGB", (item.width, item.height), data)
+    return image, (time.perf_counter() - t0) * 1000.0
