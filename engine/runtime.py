@@ -87,53 +87,6 @@ class _TokenRecorder:
             self.prev = None
 
 
-class ParallelImageProcessor:
-    """Runs the wrapped image processor on each image of a batch in a thread pool, then concatenates.
-
-    Qwen2-VL's image processor handles a batch one image after another (about 15–20 ms per 512² tile
-    with the PIL-based processor), which batching cannot amortise; PIL's resize and numpy's maths
-    release the GIL, so threads do help. The outputs are concatenated along the first axis, which is
-    exactly what the processor returns for the whole batch (``pixel_values`` rows of every image in
-    order, one ``image_grid_thw`` row per image); a test checks this equality on every transformers
-    version we run. Every other attribute is the wrapped processor's.
-    """
-
-    def __init__(self, inner: Any, workers: int | None = None) -> None:
-        import os
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.__dict__["inner"] = inner
-        self.__dict__["_pool"] = ThreadPoolExecutor(
-            max_workers=workers or min(4, os.cpu_count() or 1), thread_name_prefix="geo-r1-images"
-        )
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["inner"], name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self.__dict__["inner"], name, value)
-
-    def __call__(self, images: Any = None, *args: Any, **kwargs: Any) -> Any:
-        inner = self.__dict__["inner"]
-        if not isinstance(images, (list, tuple)) or len(images) < 2 or args:
-            return inner(images, *args, **kwargs)
-        import numpy as np
-        import torch
-        from transformers.feature_extraction_utils import BatchFeature
-
-        parts = list(self.__dict__["_pool"].map(lambda im: inner([im], **kwargs), images))
-        merged: dict[str, Any] = {}
-        for key in parts[0]:
-            values = [p[key] for p in parts]
-            if isinstance(values[0], torch.Tensor):
-                merged[key] = torch.cat(values)
-            elif isinstance(values[0], np.ndarray):
-                merged[key] = np.concatenate(values)
-            else:  # lists: one entry per image
-                merged[key] = [v for p in values for v in p]
-        return BatchFeature(merged, tensor_type=kwargs.get("return_tensors"))
-
-
 @dataclass
 class _Job:
     item: Any
@@ -231,8 +184,6 @@ class LocalBackend:
         self.load_config = load_config
         self.loaded = load_model(load_config)
         self.processor = self.loaded.processor
-        if not isinstance(self.processor.image_processor, ParallelImageProcessor):
-            self.processor.image_processor = ParallelImageProcessor(self.processor.image_processor)
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
         self.none_ids = self._none_token_ids()

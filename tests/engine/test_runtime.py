@@ -127,23 +127,3 @@ def test_micro_batcher_groups_by_settings_and_survives_errors():
         assert mb.submit("ok", a).result(timeout=10) == "ok:5"  # the worker goes on
     finally:
         mb.close()
-
-
-def test_parallel_image_processing_gives_exactly_the_processors_batch(tiny_model_dir):
-    import torch
-
-    from engine.loading import load_processor
-    from engine.prompts import build_messages
-    from engine.runtime import ParallelImageProcessor
-
-    processor = load_processor(str(tiny_model_dir))
-    images = [_image(s, 60 + i) for i, s in enumerate(SIZES)]
-    text = processor.apply_chat_template(build_messages("x", "multi", True), tokenize=False, add_generation_prompt=True)
-    serial = processor(text=[text] * len(images), images=images, padding=True, return_tensors="pt")
-    processor.image_processor = ParallelImageProcessor(processor.image_processor, workers=2)
-    parallel = processor(text=[text] * len(images), images=images, padding=True, return_tensors="pt")
-    assert set(serial) == set(parallel)
-    for key in serial:
-        assert torch.equal(serial[key], parallel[key]), key
-    # attributes still reach the wrapped processor (the runtime reads patch_size, the processor merge_size)
-    assert processor.image_processor.patch_size == 14 and processor.image_processor.merge_size == 2
