@@ -392,6 +392,28 @@ def limit_memory(headroom_gb: float, device: str) -> None:
     )
 
 
+#: The API documentation of ``POST /ground`` (served in /openapi.json); the confidence definitions are
+#: engine/confidence.py's.
+GROUND_DESCRIPTION = """\
+Each item is one image (a tile) and one referring expression. `task` is `rec` (exactly one box: Geo-R1's
+REC prompt) or `multi` (zero or more boxes, "None" when nothing: Geo-R1's OVD prompt); `reasoning: false`
+uses the SFT-baseline prompt without `<think>`. Results come back in item order.
+
+Boxes are `[x1, y1, x2, y2]` in the pixels of the image you sent: the model answers in the pixels of the
+image it saw after Qwen's smart_resize, and the engine scales them back and clips them to the image.
+
+**score** (per box): the geometric mean of the probabilities of the generated tokens that spell the box's
+coordinate list, `exp(mean(log p))`, each token's probability taken under the distribution it was drawn from.
+
+**presence** (per item): `1 - P(None)`, where `P(None)` is the total probability, at the first content token
+of the answer (just after `<answer>`, past whitespace and a ```json fence), of the tokens that start the word
+None (`None`, `none`, `null` and their prefixes). 0 when the output has neither an answer nor a box.
+
+Rank boxes by `score × presence`; drop weak ones with a threshold on either. `parse_status` says how the
+output was read: ok, none (the model said there is nothing), no_answer_tag, truncated, no_box or empty.
+"""
+
+
 def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
     """The engine's ASGI app around an already loaded ``backend``."""
     started = int(time.time())
@@ -450,7 +472,7 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
             "concurrency": config.concurrency,
         }
 
-    @app.post("/ground", tags=["engine"])
+    @app.post("/ground", tags=["engine"], summary="Geo-R1 grounding of images", description=GROUND_DESCRIPTION)
     async def ground(body: GroundRequest) -> JSONResponse:
         t0 = time.perf_counter()
         check_items(body)

@@ -131,7 +131,9 @@ def test_info_and_openapi(api, tiny_format_model_dir):
     assert info["limits"]["max_items"] == LIMITS["max_items"]
     assert info["limits"]["max_body_bytes"] == 2 * 1024 * 1024
     schema = api.get("/openapi.json").json()
-    assert {"/ground", "/info", "/adapters", "/v1/chat/completions"} <= set(schema["paths"])
+    assert {"/ground", "/ground/tiles", "/info", "/adapters", "/v1/chat/completions"} <= set(schema["paths"])
+    doc = schema["paths"]["/ground"]["post"]["description"]
+    assert "geometric mean" in doc and "1 - P(None)" in doc  # the confidence definitions are in the API docs
 
 
 # -- /ground ----------------------------------------------------------------------------------------
