@@ -25,6 +25,17 @@ from qgis.PyQt.QtCore import QSize
 from qgis.PyQt.QtGui import QColor
 
 
+def latest_answer_layer(gpkg: str) -> str:
+    """The answer layer of the latest run recorded in ``geo_r1_runs``."""
+    import sqlite3
+
+    with sqlite3.connect(gpkg) as con:
+        row = con.execute("SELECT layer FROM geo_r1_runs ORDER BY started DESC LIMIT 1").fetchone()
+    if row is None:
+        raise SystemExit(f"{gpkg} records no run; pass --layer")
+    return row[0]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("raster")
@@ -32,13 +43,18 @@ def main() -> int:
     ap.add_argument("png")
     ap.add_argument("--truth", help="a GeoJSON of true boxes, drawn in green")
     ap.add_argument("--size", type=int, default=900)
+    ap.add_argument("--layer", help="layer to draw (default: the answer layer of the file's latest run)")
     args = ap.parse_args()
     app = QgsApplication([], False)
     app.initQgis()
     layers = []
     try:
         raster = QgsRasterLayer(args.raster, "raster")
-        vectors = [QgsVectorLayer(args.gpkg, "results", "ogr")]
+        layer = args.layer or latest_answer_layer(args.gpkg)
+        vectors = [QgsVectorLayer(f"{args.gpkg}|layername={layer}", layer, "ogr")]
+        if not vectors[0].isValid():
+            sys.stderr.write(f"no layer {layer!r} in {args.gpkg}\n")
+            return 1
         vectors[0].setRenderer(vectors[0].renderer().__class__(
             QgsFillSymbol.createSimple({"color": "0,0,0,0", "outline_color": "255,40,40", "outline_width": "0.6"})))
         if args.truth:
