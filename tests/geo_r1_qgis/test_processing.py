@@ -9,7 +9,6 @@ subprocess, tile for tile.
 
 from __future__ import annotations
 
-import atexit
 import gc
 import hashlib
 import json
@@ -78,15 +77,11 @@ def _need_venv() -> None:
 
 
 class _Qgis:
-    """One QgsApplication with Processing and the Geo-R1 provider; layers die before exitQgis()."""
+    """Processing and the Geo-R1 provider on the session's QgsApplication (conftest.py); layers die before
+    the session ends, since they must be gone before exitQgis()."""
 
     def __init__(self) -> None:
         self.layers: list = []
-        self.app = qgis_core.QgsApplication.instance()
-        self.owned = self.app is None
-        if self.owned:
-            self.app = qgis_core.QgsApplication([], False)
-            self.app.initQgis()
         if QGIS_PLUGINS not in sys.path:
             sys.path.append(QGIS_PLUGINS)
         from processing.core.Processing import Processing
@@ -119,10 +114,6 @@ class _Qgis:
         qgis_core.QgsApplication.processingRegistry().removeProvider(self.provider)
         self.layers.clear()  # layers must die before exitQgis(), or the interpreter segfaults at exit
         gc.collect()
-        if self.owned:
-            # exitQgis() unloads GDAL's drivers for the whole process: the QGIS modules that run after this
-            # one in the same session reuse this application, so it exits with the interpreter instead.
-            atexit.register(self.app.exitQgis)
 
 
 @pytest.fixture(scope="module")

@@ -59,15 +59,10 @@ def index(sample_dir) -> dict:
 
 
 class _Qgis:
-    """One QgsApplication for the module; layers are kept here and deleted before exitQgis()."""
+    """Layers opened on the session's QgsApplication (conftest.py); deleted before exitQgis()."""
 
     def __init__(self) -> None:
         self.layers: list = []
-        self.app = qgis_core.QgsApplication.instance()
-        self.owned = self.app is None
-        if self.owned:
-            self.app = qgis_core.QgsApplication([], False)
-            self.app.initQgis()
 
     def raster(self, path: Path):
         layer = qgis_core.QgsRasterLayer(str(path), path.stem)
@@ -84,8 +79,6 @@ class _Qgis:
     def close(self) -> None:
         self.layers.clear()  # layers must die before exitQgis(), or the interpreter segfaults at exit
         gc.collect()
-        if self.owned:
-            self.app.exitQgis()
 
 
 @pytest.fixture(scope="module")
