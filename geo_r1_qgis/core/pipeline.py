@@ -447,7 +447,8 @@ class _Runner:
                     self.progress(self.done, summary.tiles_total, plan.phase)
                     continue
                 if self.is_canceled():
-                    collect()  # its answer is paid for: keep it
+                    # Stop now: the request in flight is abandoned, not awaited (a GPU batch can take
+                    # seconds); its tiles are not marked done, so a resumed run asks them again.
                     self.canceled()
                     return None
                 t0 = time.perf_counter()
@@ -465,13 +466,13 @@ class _Runner:
                 if len(pending) >= job.batch_size:
                     flush()
             if pending and self.is_canceled():
-                collect()
                 self.canceled()
                 return None
             flush()
             collect()
         finally:
-            executor.shutdown(wait=True)
+            # Normally nothing is left in flight here; after a cancel or an error, don't wait for it.
+            executor.shutdown(wait=False, cancel_futures=True)
         self.sink.commit()  # skipped tiles after the last request
         return dets
 

@@ -275,6 +275,37 @@ def test_cancel_stops_and_resume_completes_without_duplicates():
     assert len(second.final) == len(OBJECTS)
 
 
+def test_cancel_does_not_wait_for_the_request_in_flight():
+    import threading
+
+    class SlowClient(ColourClient):
+        """Answers the first request at once; the second stays in flight until released."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.release = threading.Event()
+            self.started = 0
+            self.second_finished = False
+
+        def ground(self, tiles, *args, **kwargs):
+            self.started += 1
+            if self.started > 1:
+                self.release.wait(30)
+                self.second_finished = True
+            return super().ground(tiles, *args, **kwargs)
+
+    source = ArraySource(paint(333, 345, OBJECTS), Affine.identity())
+    job = GroundingJob("x", mode="all", tile_size=128, overlap=32, batch_size=2)
+    client, sink = SlowClient(), RecordingSink()
+    summary = run_grounding(job, source, sink, client, is_canceled=lambda: len(sink.tiles) >= 2)
+    try:
+        assert summary.status == "canceled"
+        assert not client.second_finished  # returned while the second request was still in flight
+        assert len(sink.tiles) == 2  # the first request's tiles are written; the abandoned ones are not
+    finally:
+        client.release.set()
+
+
 def test_progress_reports_every_tile():
     source = ArraySource(paint(300, 300, OBJECTS), Affine.identity())
     seen = []
