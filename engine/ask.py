@@ -15,6 +15,8 @@ from pathlib import Path
 
 from geo_r1_qgis.core.errors import ConfigError, RasterError
 
+from .loading import parse_adapters
+
 log = logging.getLogger(__name__)
 
 
@@ -41,24 +43,11 @@ class AskConfig:
             raise ConfigError(f"--task must be 'rec' or 'multi', got {self.task!r}")
 
 
-def parse_adapters(values: list[str] | None) -> dict[str, str]:
-    """``NAME=PATH`` (or a bare PATH, named after its folder) -> {name: path}."""
-    out: dict[str, str] = {}
-    for v in values or []:
-        name, sep, path = v.partition("=")
-        if not sep:
-            name, path = Path(v).name, v
-        if not name or not path:
-            raise ConfigError(f"--adapter takes NAME=PATH or PATH, got {v!r}")
-        out[name] = path
-    return out
-
-
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model-loading options shared by ``ask``, ``serve`` and ``ground``."""
     parser.add_argument("--model", required=True, help="Hugging Face id or local directory (Geo-R1, Qwen2.5-VL)")
     parser.add_argument("--processor", help="load the processor from another id/directory (Geo-R1 checkpoints)")
-    parser.add_argument("--adapter", action="append", metavar="NAME=PATH", help="peft LoRA adapter (repeatable)")
+    parser.add_argument("--adapter", action="append", metavar="[NAME=]PATH", help="peft LoRA adapter (repeatable)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
 

@@ -506,3 +506,19 @@ class AdapterManager:
             self._peft.set_adapter(name)
         self._peft.eval()
         self._active = name
+
+
+def parse_adapters(values: list[str] | None) -> dict[str, str]:
+    """``--adapter`` values, ``NAME=PATH`` or a bare ``PATH`` (named after its folder) -> {name: path}."""
+    out: dict[str, str] = {}
+    for v in values or []:
+        name, sep, path = v.partition("=")
+        if not sep:
+            name, path = Path(v).name, v
+        name, path = name.strip(), path.strip()
+        if not name or not path:
+            raise ConfigError(f"--adapter takes NAME=PATH or PATH, e.g. --adapter rec10=./runs/rec10, got {v!r}")
+        if name in out:
+            raise ConfigError(f"two adapters are named {name!r} ({out[name]} and {path}); name them: NAME=PATH")
+        out[name] = path
+    return out

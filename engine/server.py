@@ -93,6 +93,7 @@ from .api_models import (
     split_tiles_body,
 )
 from .backend import Backend, GenerationSettings, GroundItem
+from .loading import parse_adapters
 from .openai_compat import (
     chat_completion,
     chat_settings,
@@ -131,7 +132,7 @@ class ServeConfig:
     model: str | None = field(default=None, metadata={"help": "model id or directory (Qwen2.5-VL)"})
     processor: str | None = field(default=None, metadata={"help": "processor id or directory (default: the model's)"})
     adapters: tuple[tuple[str, str], ...] = field(
-        default=(), metadata={"help": "LoRA adapters to load at start, NAME=PATH (repeatable)"}
+        default=(), metadata={"help": "LoRA adapters to load at start, [NAME=]PATH (repeatable; the name defaults to the folder name)"}
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
@@ -238,15 +239,8 @@ class ServeConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeConfig:
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-        values["adapters"] = tuple(_parse_adapter(a) for a in (args.adapter or ()))
+        values["adapters"] = tuple(parse_adapters(args.adapter).items())
         return cls(**values)
-
-
-def _parse_adapter(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name.strip() or not path.strip():
-        raise ConfigError(f"--adapter must be NAME=PATH, e.g. --adapter rec10=./runs/rec10, got {text!r}")
-    return name.strip(), path.strip()
 
 
 def _help(name: str) -> str:
@@ -260,7 +254,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model (--backend local)")
     model.add_argument("--model", help=_help("model"))
     model.add_argument("--processor", help=_help("processor"))
-    model.add_argument("--adapter", action="append", metavar="NAME=PATH", help=_help("adapters"))
+    model.add_argument("--adapter", action="append", metavar="[NAME=]PATH", help=_help("adapters"))
     model.add_argument("--device", default="auto", help=_help("device"))
     model.add_argument("--dtype", default="auto", help=_help("dtype"))
     model.add_argument("--batch-size", type=int, default=8, help=_help("batch_size"))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.ask import AskConfig, parse_adapters
+from engine.ask import AskConfig
+from engine.loading import parse_adapters
 from geo_r1_qgis.core.errors import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -76,3 +77,5 @@ def test_ask_config_and_adapter_parsing(tmp_path):
     assert parse_adapters(["a=/p/a", "/q/bee"]) == {"a": "/p/a", "bee": "/q/bee"}
     with pytest.raises(ConfigError, match="NAME=PATH"):
         parse_adapters(["=/p"])
+    with pytest.raises(ConfigError, match="two adapters are named 'a'"):
+        parse_adapters(["a=/p/a", "/q/a"])

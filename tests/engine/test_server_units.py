@@ -53,6 +53,7 @@ def _parse(*argv):
 def test_arguments_map_onto_the_config():
     c = _parse("--model", "m", "--adapter", "a=/x", "--adapter", "b=/y", "--port", "9000", "--max-body-mb", "0.5")
     assert c.adapters == (("a", "/x"), ("b", "/y"))
+    assert _parse("--model", "m", "--adapter", "./runs/rec10").adapters == (("rec10", "./runs/rec10"),)
     assert c.port == 9000 and c.max_body_bytes == 512 * 1024
     assert c.host == "127.0.0.1" and c.backend == "local"
 
@@ -62,7 +63,8 @@ def test_arguments_map_onto_the_config():
     [
         ((), "--model is required"),
         (("--model", "m", "--port", "0"), "--port"),
-        (("--model", "m", "--adapter", "noequals"), "NAME=PATH"),
+        (("--model", "m", "--adapter", "=./runs/x"), "NAME=PATH"),
+        (("--model", "m", "--adapter", "a=/x", "--adapter", "/y/a"), "two adapters are named"),
         (("--model", "m", "--max-items", "0"), "--max-items"),
         (("--model", "m", "--max-body-mb", "0"), "--max-body-mb"),
         (("--model", "m", "--max-expression-chars", "100000"), "--max-expression-chars"),
