@@ -177,7 +177,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--token-file", type=Path, help="the engine's token file (default: the engine's default)")
     eng.add_argument("--model", help="start an engine with this model for the run (HF id or directory)")
     eng.add_argument("--processor", help="processor id/directory for --model")
-    eng.add_argument("--adapter", action="append", metavar="NAME=PATH", help="LoRA adapter for --model")
+    eng.add_argument("--adapter", action="append", metavar="[NAME=]PATH", help="LoRA adapter for --model")
     eng.add_argument("--device", default="auto", help="device for --model: auto, cpu, cuda, cuda:N, mps")
     eng.add_argument("--dtype", default="auto", help="dtype for --model: auto, float32, bfloat16, float16")
     eng.add_argument("--serve-timeout", type=float, default=300.0, help="seconds to wait for --model to load")

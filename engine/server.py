@@ -132,7 +132,7 @@ class ServeConfig:
     model: str | None = field(default=None, metadata={"help": "model id or directory (Qwen2.5-VL)"})
     processor: str | None = field(default=None, metadata={"help": "processor id or directory (default: the model's)"})
     adapters: tuple[tuple[str, str], ...] = field(
-        default=(), metadata={"help": "LoRA adapters to load at start, [NAME=]PATH (repeatable; the name defaults to the folder name)"}
+        default=(), metadata={"help": "LoRA adapters to load at start, [NAME=]PATH (repeatable)"}
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
