@@ -609,7 +609,12 @@ def build_backend(config: ServeConfig) -> Backend:
             device=config.device,
             dtype=config.dtype,
         )
-        return LocalBackend(load_config, batch_size=config.batch_size)
+        backend = LocalBackend(load_config, batch_size=config.batch_size)
+        if config.adapters:  # what the user asked for is what answers: the first adapter is active
+            first = config.adapters[0][0]
+            backend.activate_adapter(first)
+            log.info("adapter %r is active (switch with POST /adapters/active)", first)
+        return backend
     from .remote import RemoteBackend
 
     api_key = None

@@ -470,3 +470,17 @@ def test_running_out_of_memory_gives_503_and_the_engine_goes_on(tiny_format_mode
         assert "address space capped" in eng.log_tail()
     finally:
         assert eng.stop() in CLEAN_EXIT, eng.log_tail()
+
+
+def test_an_adapter_given_at_start_is_the_active_one(tiny_format_model_dir, lora_dir, tmp_path):
+    # a bare PATH: the adapter is named after its folder
+    eng = start_engine(tmp_path, ["--model", str(tiny_format_model_dir), "--adapter", str(lora_dir)])
+    try:
+        with eng.client() as api:
+            info = api.get("/info").json()
+            assert info["adapter"] == lora_dir.name and info["adapters"] == [lora_dir.name]
+            assert api.get("/adapters").json()["available"] == {lora_dir.name: str(lora_dir)}
+            r = api.post("/ground", json={"items": [_png_item(96, 96)], **FAST})
+            assert r.status_code == 200 and r.json()["adapter"] == lora_dir.name
+    finally:
+        assert eng.stop() in CLEAN_EXIT, eng.log_tail()
