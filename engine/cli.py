@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     # Find the subcommand first, then import only its module.
     first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
     if first is None:
+        if {"-h", "--help"} & set(argv):
+            top.print_help(sys.stdout)
+            return 0
         top.print_help(sys.stderr)
         return 2
     top_args = top.parse_args(argv[: first + 1])
