@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from geo_r1_qgis.core.client import Box
 from geo_r1_qgis.core.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,26 +55,10 @@ class GenerationSettings:
 
 
 @dataclass(frozen=True)
-class BoxResult:
-    """A box in the pixels of the image the client sent (smart_resize undone, clipped)."""
-
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    score: float
-    label: str | None = None
-
-    @property
-    def bbox(self) -> tuple[float, float, float, float]:
-        return (self.x1, self.y1, self.x2, self.y2)
-
-
-@dataclass(frozen=True)
 class ItemResult:
     """Everything the engine says about one item."""
 
-    boxes: tuple[BoxResult, ...]
+    boxes: tuple[Box, ...]  # in the pixels of the image the client sent (smart_resize undone, clipped)
     presence: float
     reasoning: str | None
     answer: str | None
@@ -116,6 +101,54 @@ class ChatResult:
     finish_reason: str  # "stop" or "length"
     #: per generated token: (token text, log-prob, {alternative token text: log-prob}) when asked for
     logprobs: tuple[tuple[str, float, dict[str, float]], ...] | None = None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Out of memory, whoever ran out: torch's OutOfMemoryError (CUDA, MPS; recognised without importing
+    torch), MemoryError (numpy, PIL, and EngineOverloadedError), or the CPU allocator's RuntimeError."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def item_result(
+    text: str,
+    parsed: Any,
+    scores: tuple[float, ...],
+    presence: float,
+    model_size: tuple[int, int],
+    image_size: tuple[int, int],
+    tokens_generated: int,
+    timings_ms: dict[str, float],
+    batch_size: int = 1,
+) -> ItemResult:
+    """The result of one item from the model's text, its parse and its confidences (every backend's last step).
+
+    Boxes go from the model's pixels back to the client image's (smart_resize undone, clipped); boxes
+    with no area left are dropped.
+    """
+    from .coords import model_to_image_box
+
+    boxes = []
+    for pbox, score in zip(parsed.boxes, scores, strict=True):
+        box = model_to_image_box(pbox, model_size, image_size)
+        if box is not None:
+            boxes.append(Box(box.x1, box.y1, box.x2, box.y2, score=score, label=pbox.label))
+    return ItemResult(
+        boxes=tuple(boxes),
+        presence=presence,
+        reasoning=parsed.reasoning,
+        answer=parsed.answer,
+        raw_text=text,
+        parse_status=str(getattr(parsed.status, "value", parsed.status)),
+        format_ok=bool(parsed.format_ok),
+        image_size=(int(image_size[0]), int(image_size[1])),
+        model_size=(int(model_size[0]), int(model_size[1])),
+        tokens_generated=tokens_generated,
+        timings_ms=timings_ms,
+        batch_size=batch_size,
+    )
 
 
 class Backend(Protocol):

@@ -43,9 +43,9 @@ from geo_r1_qgis.core.errors import (
     EngineUnavailableError,
 )
 
-from .backend import BoxResult, ChatResult, GenerationSettings, GroundItem, ItemResult
+from .backend import ChatResult, GenerationSettings, GroundItem, ItemResult, item_result
 from .confidence import confidence_from_tokens, is_none_piece
-from .coords import QWEN25_MAX_PIXELS, QWEN25_MIN_PIXELS, model_input_size, model_to_image_box
+from .coords import QWEN25_MAX_PIXELS, QWEN25_MIN_PIXELS, model_input_size
 from .parsing import parse_output
 from .prompts import build_messages
 
@@ -265,29 +265,14 @@ class RemoteBackend:
         pieces, chosen, none_probs, _ = token_logprobs(choice.get("logprobs"))
         parsed = parse_output(text, item.task, item.reasoning)
         scores, presence = self._confidences(text, pieces, chosen, none_probs, parsed, item)
-        boxes = []
-        for pbox, score in zip(parsed.boxes, scores, strict=True):
-            box = model_to_image_box(pbox, model_size, image_size)
-            if box is not None:
-                boxes.append(BoxResult(box.x1, box.y1, box.x2, box.y2, score=score, label=pbox.label))
         usage = answer.get("usage") or {}
-        return ItemResult(
-            boxes=tuple(boxes),
-            presence=presence,
-            reasoning=parsed.reasoning,
-            answer=parsed.answer,
-            raw_text=text,
-            parse_status=str(getattr(parsed.status, "value", parsed.status)),
-            format_ok=bool(parsed.format_ok),
-            image_size=image_size,
-            model_size=(int(model_size[0]), int(model_size[1])),
-            tokens_generated=int(usage.get("completion_tokens") or len(pieces)),
-            timings_ms={
-                "preprocess": (t1 - t0) * 1000.0,
-                "generate": (t2 - t1) * 1000.0,
-                "parse": (time.perf_counter() - t2) * 1000.0,
-            },
+        timings = {"preprocess": (t1 - t0) * 1000.0, "generate": (t2 - t1) * 1000.0}
+        result = item_result(
+            text, parsed, scores, presence, model_size, image_size,
+            int(usage.get("completion_tokens") or len(pieces)), timings,
         )
+        result.timings_ms["parse"] = (time.perf_counter() - t2) * 1000.0
+        return result
 
     def _confidences(
         self,

@@ -24,23 +24,13 @@ from typing import Any
 from geo_r1_qgis.core.errors import ConfigError, EngineOverloadedError
 
 from . import __version__ as ENGINE_VERSION
-from .backend import BoxResult, ChatResult, GenerationSettings, GroundItem, ItemResult
+from .backend import ChatResult, GenerationSettings, GroundItem, ItemResult, is_out_of_memory, item_result
 from .confidence import confidence_from_tokens, is_none_piece
-from .coords import model_to_image_box
 from .loading import LoadConfig, load_model
 from .parsing import parse_output
 from .prompts import PROMPT_VERSION, build_messages
 
 log = logging.getLogger(__name__)
-
-
-def _is_oom(exc: BaseException) -> bool:
-    """Out of memory: torch's OutOfMemoryError (CUDA, MPS), MemoryError (numpy, PIL), or the CPU allocator."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    return isinstance(exc, RuntimeError) and (
-        "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower()
-    )
 
 
 def _overloaded(exc: BaseException, batch: int, stage: str) -> EngineOverloadedError:
@@ -62,12 +52,15 @@ class _TokenRecorder:
         import torch
 
         self._torch = torch
-        self.none_ids = torch.tensor(list(none_ids), dtype=torch.long)
+        self.none_ids = torch.tensor(list(none_ids), dtype=torch.long)  # moved to the scores' device once
         self.top_k = top_k
         self.prev: Any = None
-        self.chosen: list[Any] = []  # per step: (batch,) log-probs of the chosen tokens
-        self.none_probs: list[Any] = []  # per step: (batch,)
+        self.chosen: list[Any] = []  # per step: (batch,) log-probs of the chosen tokens, on the device
+        self.none_probs: list[Any] = []  # per step: (batch,), on the device
         self.tops: list[Any] = []  # per step: (values, indices) of the top_k log-probs
+        #: after :meth:`finish`: per row, per step, as Python floats (one device-to-host copy in all)
+        self.chosen_rows: list[list[float]] = []
+        self.none_rows: list[list[float]] = []
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         torch = self._torch
@@ -75,16 +68,22 @@ class _TokenRecorder:
         if self.prev is not None:
             self.chosen.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
         self.prev = logp
-        ids = self.none_ids.to(logp.device)
-        self.none_probs.append(logp.index_select(1, ids).exp().sum(-1) if len(ids) else logp[:, 0] * 0)
+        if self.none_ids.device != logp.device:
+            self.none_ids = self.none_ids.to(logp.device)
+        self.none_probs.append(logp.index_select(1, self.none_ids).exp().sum(-1))
         if self.top_k:
             self.tops.append(torch.topk(logp, self.top_k, dim=-1))
         return scores
 
     def finish(self, sequences: Any) -> None:
+        """Record the last token and bring everything to the host in one copy per quantity."""
         if self.prev is not None:
             self.chosen.append(self.prev.gather(1, sequences[:, -1:]).squeeze(1))
             self.prev = None
+        if self.chosen:
+            torch = self._torch
+            self.chosen_rows = torch.stack(self.chosen, dim=1).tolist()
+            self.none_rows = torch.stack(self.none_probs, dim=1).tolist()
 
 
 @dataclass
@@ -92,6 +91,8 @@ class _Job:
     item: Any
     settings: GenerationSettings
     future: Future
+    #: set for :meth:`MicroBatcher.call` jobs: a function to run alone, between batches
+    call: Callable[[], Any] | None = None
 
 
 class MicroBatcher:
@@ -126,7 +127,7 @@ class MicroBatcher:
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the worker thread, between batches (for adapter switches)."""
         fut: Future = Future()
-        self._queue.put(_Job(fn, GenerationSettings(), fut))
+        self._queue.put(_Job(None, GenerationSettings(), fut, call=fn))
         return fut.result()
 
     def close(self) -> None:
@@ -143,8 +144,8 @@ class MicroBatcher:
             job = self._next(None)
             if job is None:
                 return
-            if callable(job.item) and not isinstance(job.item, GroundItem):
-                self._resolve([job], lambda items, _s: [items[0]()])
+            if job.call is not None:
+                self._resolve([job], lambda _items, _s, call=job.call: [call()])
                 continue
             batch = [job]
             deadline = time.monotonic() + self.max_wait_s
@@ -156,7 +157,7 @@ class MicroBatcher:
                 if nxt is None:
                     self._queue.put(None)
                     break
-                if nxt.settings == job.settings and isinstance(nxt.item, type(job.item)):
+                if nxt.call is None and nxt.settings == job.settings:
                     batch.append(nxt)
                 else:
                     self._held.append(nxt)
@@ -275,7 +276,7 @@ class LocalBackend:
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, str(self.loaded.dtype)))
         except BaseException as exc:
-            if _is_oom(exc):
+            if is_out_of_memory(exc):
                 raise _overloaded(exc, len(texts), "preparing the images") from None
             raise
         return inputs
@@ -297,7 +298,7 @@ class LocalBackend:
             with torch.inference_mode():
                 out = self.loaded.model.generate(**inputs, **kwargs)
         except BaseException as exc:
-            if not _is_oom(exc):
+            if not is_out_of_memory(exc):
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -315,8 +316,8 @@ class LocalBackend:
         finished = n < len(gen)
         ids = gen[:n]
         pieces = self.tokenizer.batch_decode([[t] for t in ids], skip_special_tokens=True)
-        logprobs = [float(recorder.chosen[i][row]) for i in range(n)]
-        none_probs = [float(recorder.none_probs[i][row]) for i in range(n)]
+        logprobs = recorder.chosen_rows[row][:n] if n else []
+        none_probs = recorder.none_rows[row][:n] if n else []
         return ids, pieces, logprobs, none_probs, finished
 
     def _run_batch(self, items: list[GroundItem], settings: GenerationSettings) -> list[ItemResult]:
@@ -340,35 +341,14 @@ class LocalBackend:
             text = "".join(pieces)
             parsed = parse_output(text, item.task, item.reasoning)
             scores, presence = confidence_from_tokens(pieces, logprobs, none_probs, parsed)
-            image_size = item.image.size  # (w, h)
             _, gh, gw = grid[row]
-            model_size = (gw * patch, gh * patch)
-            boxes = []
-            for pbox, score in zip(parsed.boxes, scores, strict=True):
-                box = model_to_image_box((pbox.x1, pbox.y1, pbox.x2, pbox.y2), model_size, image_size)
-                if box is not None:
-                    boxes.append(BoxResult(box.x1, box.y1, box.x2, box.y2, score=score, label=pbox.label))
             n = len(items)
-            results.append(
-                ItemResult(
-                    boxes=tuple(boxes),
-                    presence=presence,
-                    reasoning=parsed.reasoning,
-                    answer=parsed.answer,
-                    raw_text=text,
-                    parse_status=str(parsed.status.value if hasattr(parsed.status, "value") else parsed.status),
-                    format_ok=bool(parsed.format_ok),
-                    image_size=(int(image_size[0]), int(image_size[1])),
-                    model_size=model_size,
-                    tokens_generated=len(ids),
-                    timings_ms={
-                        "preprocess": (t1 - t0) * 1000 / n,
-                        "generate": (t2 - t1) * 1000 / n,
-                        "parse": (time.perf_counter() - tp) * 1000,
-                    },
-                    batch_size=n,
-                )
+            timings = {"preprocess": (t1 - t0) * 1000 / n, "generate": (t2 - t1) * 1000 / n}
+            result = item_result(
+                text, parsed, scores, presence, (gw * patch, gh * patch), item.image.size, len(ids), timings, n
             )
+            result.timings_ms["parse"] = (time.perf_counter() - tp) * 1000
+            results.append(result)
         return results
 
     def _run_chat(

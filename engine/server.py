@@ -92,7 +92,7 @@ from .api_models import (
     decode_ground_item,
     split_tiles_body,
 )
-from .backend import Backend, GenerationSettings, GroundItem
+from .backend import Backend, GenerationSettings, GroundItem, is_out_of_memory
 from .loading import parse_adapters
 from .openai_compat import (
     chat_completion,
@@ -298,11 +298,6 @@ def status_for(exc: BaseException) -> int:
     if isinstance(exc, EngineUnavailableError | EngineRequestError):
         return 502
     return 500
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """MemoryError, or torch's OutOfMemoryError (recognised without importing torch)."""
-    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> str:

@@ -44,12 +44,13 @@ class NullBackend:
         return {"backend": "null", "model": "null", "adapter": None}
 
     def ground(self, items, settings):
-        from engine.backend import BoxResult, ItemResult
+        from engine.backend import ItemResult
+        from geo_r1_qgis.core.client import Box
 
         out = []
         for it in items:
             w, h = it.image.size
-            boxes = (BoxResult(10, 10, 60, 60, 0.8, "x"), BoxResult(w - 40, h - 40, w - 1, h - 1, 0.6, "x"))
+            boxes = (Box(10, 10, 60, 60, 0.8, "x"), Box(w - 40, h - 40, w - 1, h - 1, 0.6, "x"))
             out.append(ItemResult(boxes, 0.9, "r", "a", "", "ok", True, (w, h), (w, h), 0))
         return out
 

@@ -58,7 +58,7 @@ def test_boxes_are_the_models_numbers_scaled_back_to_the_client_image(backend):
         expected = [e for e in expected if e is not None]
         assert len(r.boxes) == len(expected)
         for got, exp in zip(r.boxes, expected, strict=True):
-            assert got.bbox == pytest.approx((exp.x1, exp.y1, exp.x2, exp.y2))
+            assert (got.x1, got.y1, got.x2, got.y2) == pytest.approx((exp.x1, exp.y1, exp.x2, exp.y2))
             assert 0 <= got.x1 < got.x2 <= item.image.size[0]
             assert 0 <= got.y1 < got.y2 <= item.image.size[1]
             assert 0.0 < got.score <= 1.0

@@ -90,6 +90,7 @@ def test_status_for_maps_the_error_hierarchy():
     assert status_for(EngineOverloadedError("x")) == 503
     assert status_for(MemoryError()) == 503
     assert status_for(OutOfMemoryError()) == 503
+    assert status_for(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried")) == 503
     assert status_for(ModelNotFoundError("x")) == 404
     assert status_for(ConfigError("x")) == 422
     assert status_for(EngineUnavailableError("x")) == 502
