@@ -33,18 +33,33 @@ MAX_TOP_LOGPROBS = 20
 # --------------------------------------------------------------------------------------------------
 
 
-class GroundItemIn(BaseModel):
-    """One item of ``POST /ground``: an encoded image (or raw RGB bytes) and an expression."""
+class _QueryIn(BaseModel):
+    """What every grounding item asks: the expression, the task and whether to reason first."""
 
     model_config = ConfigDict(extra="forbid")
+
+    expression: str
+    task: Literal["rec", "multi"] = "multi"
+    reasoning: bool = True
+
+
+class _DecodingIn(BaseModel):
+    """The decoding settings every grounding request carries."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+
+
+class GroundItemIn(_QueryIn):
+    """One item of ``POST /ground``: an encoded image (or raw RGB bytes) and an expression."""
 
     image: str | None = Field(default=None, description="base64 PNG/JPEG/TIFF/WebP bytes or a data: URI")
     rgb: str | None = Field(default=None, description="base64 raw row-major height×width×3 uint8")
     width: int | None = Field(default=None, ge=1, description="with rgb: width in pixels")
     height: int | None = Field(default=None, ge=1, description="with rgb: height in pixels")
-    expression: str
-    task: Literal["rec", "multi"] = "multi"
-    reasoning: bool = True
 
     @model_validator(mode="after")
     def _one_image(self) -> GroundItemIn:
@@ -55,34 +70,19 @@ class GroundItemIn(BaseModel):
         return self
 
 
-class GroundRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class GroundRequest(_DecodingIn):
     items: list[GroundItemIn] = Field(min_length=1)
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
 
 
-class TileItemIn(BaseModel):
+class TileItemIn(_QueryIn):
     """One item of ``POST /ground/tiles``: its pixels follow the JSON header, in item order."""
-
-    model_config = ConfigDict(extra="forbid")
 
     width: int = Field(ge=1, description="width in pixels")
     height: int = Field(ge=1, description="height in pixels")
-    expression: str
-    task: Literal["rec", "multi"] = "multi"
-    reasoning: bool = True
 
 
-class TilesRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TilesRequest(_DecodingIn):
     items: list[TileItemIn] = Field(min_length=1)
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
 
 
 MAX_TILES_HEADER = 1 << 20
