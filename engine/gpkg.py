@@ -66,7 +66,7 @@ from geo_r1_qgis.core.errors import ConfigError, OutputError
 from geo_r1_qgis.core.geometry import PixelBox, Ring, Tile, polygon_to_wkb, ring_signed_area
 from geo_r1_qgis.core.merge import Detection
 from geo_r1_qgis.core.pipeline import MapDetection, RunSummary
-from geo_r1_qgis.core.results import OUTPUT_FIELDS, make_run_id
+from geo_r1_qgis.core.results import OUTPUT_FIELDS, detection_values, make_run_id, run_meta
 
 log = logging.getLogger(__name__)
 
@@ -253,13 +253,7 @@ class GeoPackageSink:
             raise OutputError(f"the folder of {path} does not exist; create it first")
         layers = list_layers(path)
         params_json = json.dumps(dict(parameters), sort_keys=True)
-        meta = {
-            "expression": expression,
-            "mode": mode,
-            "model": str(engine.get("model") or engine.get("model_id") or ""),
-            "adapter": str(engine.get("adapter") or engine.get("active_adapter") or ""),
-            "prompt_version": str(engine.get("prompt_version") or ""),
-        }
+        meta = run_meta(expression, mode, engine)
         if resume:
             runs = [r for r in find_runs(path) if r.parameters == params_json and (layer is None or r.layer == layer)]
             unfinished = [r for r in runs if r.status != "done"]
@@ -385,15 +379,7 @@ class GeoPackageSink:
             d = m.detection
             geoms[i] = _wkb(self.crs.ring(m.ring))
             row = {
-                **self.meta,
-                "score": d.score,
-                "presence": d.presence,
-                "label": d.label,
-                "reasoning": d.reasoning,
-                "tile_id": d.tile_id,
-                "run_id": self.run_id,
-                "created": _ms(t),
-                "truncated": int(d.truncated),
+                **detection_values(d, self.meta, self.run_id, _ms(t)),
                 "px_x1": d.box.x1,
                 "px_y1": d.box.y1,
                 "px_x2": d.box.x2,

@@ -41,6 +41,7 @@ from geo_r1_qgis.core.errors import (
     OutputError,
 )
 from geo_r1_qgis.core.merge import MODES
+from geo_r1_qgis.core.results import parse_bands
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +56,6 @@ def _parse_floats(text: str | None, n: int, what: str, example: str) -> tuple[fl
     if len(values) != n:
         raise ConfigError(f"{what} takes {n} comma-separated numbers, got {len(values)} in {text!r}; e.g. {example}")
     return values
-
-
-def _parse_bands(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        bands = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(
-            f"--bands takes band numbers (from 1) separated by commas, got {text!r}; e.g. 4,3,2"
-        ) from None
-    if len(bands) not in (1, 3) or min(bands) < 1:
-        raise ConfigError(f"--bands takes three band numbers (R,G,B) or one, counted from 1; got {text!r}")
-    return bands
 
 
 @dataclass(frozen=True)
@@ -199,7 +186,7 @@ def config_from_args(args: argparse.Namespace) -> GroundConfig:
         gsd=args.gsd,
         tile=args.tile,
         overlap=args.overlap,
-        bands=_parse_bands(args.bands),
+        bands=parse_bands(args.bands),
         bbox=_parse_floats(args.bbox, 4, "--bbox", "--bbox 630000,4249000,631000,4250000"),
         layer=args.layer,
         dst_crs=args.dst_crs,

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from geo_r1_qgis.core.errors import ConfigError, EmptyRasterError, NotGeoreferencedError, RasterError
+from geo_r1_qgis.core.errors import EmptyRasterError, NotGeoreferencedError, RasterError
 from geo_r1_qgis.core.geometry import Affine, PixelBox, Tile
-from geo_r1_qgis.core.results import stretch_limits, to_uint8
+from geo_r1_qgis.core.results import choose_bands, stretch_limits, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -100,24 +100,14 @@ class RasterioSource:
         self.crs = ds.crs
         self.dtype = np.dtype(ds.dtypes[0])
         self.count = int(ds.count)
-        interp = list(ds.colorinterp)
-        if bands:
-            bad = [b for b in bands if not 1 <= b <= self.count]
-            if bad or len(bands) not in (1, 3):
-                raise ConfigError(
-                    f"--bands {','.join(map(str, bands))} is not valid for {self.path}, which has {self.count} "
-                    f"band(s) numbered 1..{self.count}; give three bands (R,G,B) or one, e.g. --bands 1,2,3"
-                )
-            chosen = tuple(bands)
-        elif all(c in interp for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)):
-            chosen = tuple(interp.index(c) + 1 for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue))
-        elif self.count >= 3:
-            data_bands = [i + 1 for i, c in enumerate(interp) if c != ColorInterp.alpha]
-            chosen = tuple(data_bands[:3]) if len(data_bands) >= 3 else (1, 2, 3)
-        else:
-            chosen = (1,)
-        if len(chosen) == 1:
-            chosen = chosen * 3
+        names = {
+            ColorInterp.red: "red",
+            ColorInterp.green: "green",
+            ColorInterp.blue: "blue",
+            ColorInterp.alpha: "alpha",
+        }
+        interp = [names.get(c, "other") for c in ds.colorinterp]
+        chosen = choose_bands(self.count, interp, bands, what=str(self.path), option="--bands")
         self.bands = chosen
         self._read_idx = sorted(set(chosen))  # each band read once
         self._channel = [self._read_idx.index(b) for b in chosen]

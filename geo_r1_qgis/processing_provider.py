@@ -33,7 +33,8 @@ from .core.client import DEFAULT_URL, EngineClient, default_token_path, read_tok
 from .core.errors import EngineRequestError, EngineUnavailableError, GeoR1Error
 from .core.geometry import window_from_map_bbox
 from .core.pipeline import GroundingJob, run_grounding
-from .qgis_io import FeatureSinkResultSink, QgisRasterSource, engine_meta, make_fields, parse_bands
+from .core.results import run_meta
+from .qgis_io import FeatureSinkResultSink, QgisRasterSource, make_fields, parse_bands
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
         sink, dest_id = self.parameterAsSink(parameters, self.OUTPUT, context, fields, QgsWkbTypes.Polygon, layer.crs())
         if sink is None:
             raise QgsProcessingException(self.invalidSinkError(parameters, self.OUTPUT))
-        result_sink = FeatureSinkResultSink(sink, engine_meta(expression, mode, info))
+        result_sink = FeatureSinkResultSink(sink, run_meta(expression, mode, info))
 
         def progress(done: int, total: int, phase: str) -> None:
             feedback.setProgress(100.0 * done / max(1, total))

@@ -66,11 +66,12 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QDateTime, Qt, QVariant
 
-from .core.errors import ConfigError, EmptyRasterError, NotGeoreferencedError, OutputError, RasterError
+from .core.errors import EmptyRasterError, NotGeoreferencedError, OutputError, RasterError
 from .core.geometry import Affine, PixelBox, Tile
 from .core.merge import Detection
 from .core.pipeline import MapDetection, RunSummary
-from .core.results import OUTPUT_FIELDS, make_run_id, stretch_limits, to_uint8
+from .core.results import OUTPUT_FIELDS, choose_bands, detection_values, make_run_id, stretch_limits, to_uint8
+from .core.results import parse_bands as _parse_bands
 
 __all__ = [
     "FIELD_NAMES",
@@ -82,8 +83,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: percentiles of the linear stretch to 8 bits (as in engine/rasters.py)
 
 #: QGIS raster data types -> numpy dtypes (native byte order, as QgsRasterBlock stores them)
 _NUMPY_TYPES = {
@@ -98,7 +97,6 @@ _NUMPY_TYPES = {
 if hasattr(Qgis.DataType, "Int8"):  # QGIS >= 3.30
     _NUMPY_TYPES[Qgis.DataType.Int8] = np.int8
 
-_RGB_INTERP = (QgsRaster.RedBand, QgsRaster.GreenBand, QgsRaster.BlueBand)
 
 #: most samples per output pixel and axis when a tile is downsampled (QGIS's block() only decimates)
 MAX_SUPERSAMPLING = 4
@@ -108,16 +106,8 @@ _SCAN_ROWS = 256
 
 
 def parse_bands(text: str | None) -> tuple[int, ...] | None:
-    """``"1,2,3"`` -> ``(1, 2, 3)``; empty -> ``None`` (automatic choice). Raises :class:`ConfigError`."""
-    if text is None or not str(text).strip():
-        return None
-    try:
-        bands = tuple(int(part) for part in str(text).replace(" ", "").split(","))
-    except ValueError:
-        raise ConfigError(
-            f"bands {text!r} is not a list of band numbers; give three (R,G,B) or one, e.g. 1,2,3 or 4"
-        ) from None
-    return bands
+    """The BANDS parameter: ``"4,3,2"`` -> ``(4, 3, 2)``; empty -> ``None`` (the automatic choice)."""
+    return _parse_bands(text, option="bands")
 
 
 class QgisRasterSource:
@@ -168,25 +158,11 @@ class QgisRasterSource:
         t = self.transform
         return t.c == 0.0 and t.f == 0.0 and t.a == 1.0 and abs(t.e) == 1.0
 
-    def _choose_bands(self, bands: tuple[int, ...] | None) -> tuple[int, ...]:
-        if bands:
-            bad = [b for b in bands if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= self.count]
-            if bad or len(bands) not in (1, 3):
-                raise ConfigError(
-                    f"bands {','.join(map(str, bands))} is not valid for {self.name}, which has {self.count} "
-                    f"band(s) numbered 1..{self.count}; give three bands (R,G,B) or one, e.g. 1,2,3"
-                )
-            chosen = bands
-        else:
-            interp = [self._provider.colorInterpretation(b) for b in range(1, self.count + 1)]
-            if all(c in interp for c in _RGB_INTERP):
-                chosen = tuple(interp.index(c) + 1 for c in _RGB_INTERP)
-            elif self.count >= 3:
-                data_bands = [i + 1 for i, c in enumerate(interp) if c != QgsRaster.AlphaBand]
-                chosen = tuple(data_bands[:3]) if len(data_bands) >= 3 else (1, 2, 3)
-            else:
-                chosen = (1,)
-        return chosen * 3 if len(chosen) == 1 else chosen
+    def _choose_bands(self, bands: tuple[int, ...] | None) -> tuple[int, int, int]:
+        names = {QgsRaster.RedBand: "red", QgsRaster.GreenBand: "green", QgsRaster.BlueBand: "blue",
+                 QgsRaster.AlphaBand: "alpha"}
+        interp = [names.get(self._provider.colorInterpretation(b), "other") for b in range(1, self.count + 1)]
+        return choose_bands(self.count, interp, bands, what=self.name, option="bands")
 
     def _alpha_band(self) -> int | None:
         for b in range(1, self.count + 1):
@@ -358,17 +334,6 @@ def make_fields() -> QgsFields:
     return fields
 
 
-def engine_meta(expression: str, mode: str, info: Mapping[str, Any]) -> dict[str, str]:
-    """The per-run fields taken from the engine's ``/info`` (as engine/gpkg.py does)."""
-    return {
-        "expression": expression,
-        "mode": mode,
-        "model": str(info.get("model") or info.get("model_id") or ""),
-        "adapter": str(info.get("adapter") or info.get("active_adapter") or ""),
-        "prompt_version": str(info.get("prompt_version") or ""),
-    }
-
-
 class FeatureSinkResultSink:
     """A :class:`~geo_r1_qgis.core.pipeline.ResultSink` that writes the final layer to a ``QgsFeatureSink``.
 
@@ -401,17 +366,8 @@ class FeatureSinkResultSink:
         d = m.detection
         feat = QgsFeature(self.fields)
         feat.setGeometry(QgsGeometry.fromPolygonXY([[QgsPointXY(x, y) for x, y in m.ring]]))
-        values = {
-            **self.meta,
-            "score": float(d.score),
-            "presence": float(d.presence),
-            "label": d.label,
-            "reasoning": d.reasoning or None,
-            "tile_id": d.tile_id,
-            "run_id": self.run_id,
-            "created": created,
-            "truncated": int(d.truncated),
-        }
+        values = detection_values(d, self.meta, self.run_id, created)
+        values["reasoning"] = values["reasoning"] or None  # NULL rather than an empty string
         feat.setAttributes([values[name] for name in FIELD_NAMES])
         return feat
 

@@ -1,4 +1,5 @@
-"""What a run's results look like, and how raster values become 8-bit: shared by both writers and readers.
+"""What a run's results look like, and how raster bands become an 8-bit RGB tile: shared by both
+writers and both readers.
 
 Pure (standard library and numpy). The command line's GeoPackage (``engine/gpkg.py``, ``engine/rasters.py``)
 and the plugin's Processing output (``geo_r1_qgis/qgis_io.py``) both use these, so a layer made by either
@@ -8,8 +9,11 @@ has the same fields, and a raster is stretched the same way by either reader.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
+
+from .errors import ConfigError
 
 #: The fields of every result layer, in order.
 OUTPUT_FIELDS: tuple[str, ...] = (
@@ -63,3 +67,77 @@ def to_uint8(band: Any, lo: float, hi: float) -> Any:
 
     values = np.nan_to_num(np.asarray(band, dtype=np.float32), nan=lo, posinf=hi, neginf=lo)
     return np.clip((values - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
+
+
+def parse_bands(text: str | None, option: str = "--bands") -> tuple[int, ...] | None:
+    """``"4,3,2"`` -> ``(4, 3, 2)``; empty -> ``None`` (the automatic choice). Raises :class:`ConfigError`."""
+    if text is None or not str(text).strip():
+        return None
+    try:
+        bands = tuple(int(v) for v in str(text).replace(" ", "").split(","))
+    except ValueError:
+        raise ConfigError(
+            f"{option} takes band numbers (from 1) separated by commas, got {text!r}; e.g. 1,2,3 or 4,3,2"
+        ) from None
+    if len(bands) not in (1, 3) or min(bands) < 1:
+        raise ConfigError(f"{option} takes three band numbers (R,G,B) or one, counted from 1; got {text!r}")
+    return bands
+
+
+def choose_bands(
+    count: int,
+    interp: Sequence[str],
+    requested: Sequence[int] | None = None,
+    what: str = "the raster",
+    option: str = "--bands",
+) -> tuple[int, int, int]:
+    """The three bands (1-based) that make the RGB image, the same way for every reader.
+
+    ``interp`` names each band's colour interpretation (``"red"``, ``"green"``, ``"blue"``, ``"alpha"``
+    or anything else). Requested bands win (one band is replicated into three channels); otherwise the
+    bands marked red, green and blue; otherwise the first three non-alpha bands; a single band is
+    replicated.
+    """
+    if requested:
+        bad = [b for b in requested if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= count]
+        if bad or len(requested) not in (1, 3):
+            example = f"{option} 1,2,3" if option.startswith("-") else "1,2,3"
+            raise ConfigError(
+                f"{option} {','.join(map(str, requested))} is not valid for {what}, which has {count} band(s) "
+                f"numbered 1..{count}; give three bands (R,G,B) or one, e.g. {example}"
+            )
+        chosen = tuple(requested)
+    elif all(c in interp for c in ("red", "green", "blue")):
+        chosen = tuple(list(interp).index(c) + 1 for c in ("red", "green", "blue"))
+    elif count >= 3:
+        data_bands = [i + 1 for i, c in enumerate(interp) if c != "alpha"]
+        chosen = tuple(data_bands[:3]) if len(data_bands) >= 3 else (1, 2, 3)
+    else:
+        chosen = (1,)
+    return chosen * 3 if len(chosen) == 1 else chosen  # type: ignore[return-value]
+
+
+def run_meta(expression: str, mode: str, engine_info: Mapping[str, Any]) -> dict[str, str]:
+    """The fields every feature of a run shares, from the query and the engine's ``/info``."""
+    return {
+        "expression": expression,
+        "mode": mode,
+        "model": str(engine_info.get("model") or ""),
+        "adapter": str(engine_info.get("adapter") or ""),
+        "prompt_version": str(engine_info.get("prompt_version") or ""),
+    }
+
+
+def detection_values(detection: Any, meta: Mapping[str, str], run_id: str, created: Any) -> dict[str, Any]:
+    """One feature's values for :data:`OUTPUT_FIELDS` (``created`` in the writer's own time type)."""
+    return {
+        **meta,
+        "score": float(detection.score),
+        "presence": float(detection.presence),
+        "label": detection.label,
+        "reasoning": detection.reasoning,
+        "tile_id": detection.tile_id,
+        "run_id": run_id,
+        "created": created,
+        "truncated": int(detection.truncated),
+    }

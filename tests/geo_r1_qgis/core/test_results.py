@@ -6,7 +6,19 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
-from geo_r1_qgis.core.results import OUTPUT_FIELDS, make_run_id, stretch_limits, to_uint8
+from geo_r1_qgis.core.errors import ConfigError
+from geo_r1_qgis.core.geometry import PixelBox
+from geo_r1_qgis.core.merge import Detection
+from geo_r1_qgis.core.results import (
+    OUTPUT_FIELDS,
+    choose_bands,
+    detection_values,
+    make_run_id,
+    parse_bands,
+    run_meta,
+    stretch_limits,
+    to_uint8,
+)
 
 
 def test_fields_are_unique_and_carry_the_reasoning_and_provenance():
@@ -44,3 +56,47 @@ def test_to_uint8_maps_the_limits_to_0_and_255_and_clips():
     out = to_uint8(band, 0.0, 100.0)
     assert out.dtype == np.uint8
     assert out.tolist() == [[0, 0, 128], [255, 255, 0]]
+
+
+@pytest.mark.parametrize(
+    ("count", "interp", "requested", "expected"),
+    [
+        (3, ["blue", "green", "red"], None, (3, 2, 1)),  # by colour interpretation
+        (4, ["red", "green", "blue", "undefined"], None, (1, 2, 3)),
+        (4, ["gray", "gray", "gray", "gray"], None, (1, 2, 3)),  # NAIP-like: the first three
+        (4, ["alpha", "gray", "gray", "gray"], None, (2, 3, 4)),  # alpha is never a colour
+        (1, ["gray"], None, (1, 1, 1)),  # a single band is replicated
+        (2, ["gray", "alpha"], None, (1, 1, 1)),
+        (4, ["red", "green", "blue", "gray"], (4, 3, 2), (4, 3, 2)),  # requested bands win
+        (4, ["gray"] * 4, (4,), (4, 4, 4)),
+    ],
+)
+def test_choose_bands(count, interp, requested, expected):
+    assert choose_bands(count, interp, requested) == expected
+
+
+@pytest.mark.parametrize("requested", [(1, 2, 4), (0, 1, 2), (1, 2), (True, 2, 3)])
+def test_choose_bands_rejects_what_the_raster_lacks(requested):
+    with pytest.raises(ConfigError, match=r"--bands .* is not valid for a.tif, which has 3 band\(s\) numbered 1\.\.3"):
+        choose_bands(3, ["gray"] * 3, requested, what="a.tif")
+
+
+def test_parse_bands():
+    assert parse_bands("4, 3,2") == (4, 3, 2) and parse_bands("4") == (4,)
+    assert parse_bands(None) is None and parse_bands("  ") is None
+    with pytest.raises(ConfigError, match=r"bands takes band numbers .* e\.g\. 1,2,3"):
+        parse_bands("red,green", option="bands")
+    with pytest.raises(ConfigError, match="three band numbers"):
+        parse_bands("1,2")
+    with pytest.raises(ConfigError, match="counted from 1"):
+        parse_bands("0,1,2")
+
+
+def test_run_meta_and_detection_values_fill_every_output_field():
+    meta = run_meta("all tanks", "all", {"model": "m", "adapter": None, "prompt_version": "v1", "device": "cpu"})
+    assert meta == {"expression": "all tanks", "mode": "all", "model": "m", "adapter": "", "prompt_version": "v1"}
+    det = Detection(PixelBox(0, 0, 4, 4), score=0.5, presence=0.9, label="tank", reasoning="r", tile_id="r0c0",
+                    truncated=True)
+    values = detection_values(det, meta, "run1", "2026-01-01")
+    assert set(values) == set(OUTPUT_FIELDS)
+    assert values["score"] == 0.5 and values["truncated"] == 1 and values["run_id"] == "run1"
