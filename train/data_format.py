@@ -1,0 +1,187 @@
+"""The dataset directory: one definition of its files and records, for the builder, trainer and evaluator.
+
+A dataset directory (what ``geo-r1 dataset build|synthetic|from-json`` writes, and what ``geo-r1 train``
+and ``geo-r1 eval`` read) holds:
+
+- ``dataset.json``: the manifest (sources, CRS, GSD, chip size, counts, seed, annotation hash).
+- ``images/<split>/<id>.png``: the chips, RGB, sides multiples of 28 (the model sees them unresized).
+- ``<split>_<task>.jsonl`` for split in train/val/test and task in rec/multi: VLM-R1's training JSONL
+  (``id``, ``image``, ``conversations``), each line with our extra keys (``expression``, ``category``,
+  ``solution``, ``image_size``, ``is_unique``, ``negative``, ``split``, ``task``). Boxes are integer
+  ``[x1, y1, x2, y2]`` in chip pixels.
+- ``<split>_rec.json`` and ``<split>_rec_with_unique.json`` (val/test): Geo-R1's REC evaluation JSON.
+
+``rec`` records have exactly one box (the expression names one object in the chip); ``multi`` records
+have zero (a negative chip: the answer is "None") or more boxes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.prompts import OVD_TEMPLATE, REC_QUESTION_PREFIX
+from geo_r1_qgis.core.errors import ConfigError
+
+MANIFEST = "dataset.json"
+SPLITS = ("train", "val", "test")
+TASKS = ("rec", "multi")
+IMAGES_DIR = "images"
+
+Box = tuple[int, int, int, int]
+
+
+def jsonl_name(split: str, task: str) -> str:
+    """``train_rec.jsonl`` and the like."""
+    _check(split, task)
+    return f"{split}_{task}.jsonl"
+
+
+def eval_json_name(split: str, with_unique: bool = False) -> str:
+    """Geo-R1's REC evaluation file of ``split`` (``val_rec.json``, ``val_rec_with_unique.json``)."""
+    _check(split, "rec")
+    return f"{split}_rec{'_with_unique' if with_unique else ''}.json"
+
+
+def _check(split: str, task: str) -> None:
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def answer_json(boxes: Iterable[Box], label: str) -> str:
+    """The multi-target answer as Qwen2.5-VL grounding writes it: a fenced JSON list, or ``None``."""
+    items = [f'{{"bbox_2d": [{b[0]}, {b[1]}, {b[2]}, {b[3]}], "label": {json.dumps(label)}}}' for b in boxes]
+    if not items:
+        return "None"
+    return "```json\n[\n    " + ",\n    ".join(items) + "\n]\n```"
+
+
+@dataclass(frozen=True)
+class ChipRecord:
+    """One training or evaluation query: a chip, an expression and its true boxes in chip pixels."""
+
+    id: str
+    image: str  # relative to the dataset directory
+    split: str
+    task: str
+    expression: str
+    category: str
+    boxes: tuple[Box, ...]
+    image_size: tuple[int, int]  # (width, height)
+    is_unique: bool | None = None
+    negative: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.split, self.task)
+        object.__setattr__(self, "boxes", tuple(tuple(int(v) for v in b) for b in self.boxes))
+        object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+        if not self.expression.strip():
+            raise ConfigError(f"record {self.id}: the expression is empty")
+        if self.task == "rec" and len(self.boxes) != 1:
+            raise ConfigError(f"record {self.id}: a rec record has exactly one box, got {len(self.boxes)}")
+        if self.negative and self.boxes:
+            raise ConfigError(f"record {self.id}: a negative record has no boxes")
+        w, h = self.image_size
+        for b in self.boxes:
+            if len(b) != 4 or not (0 <= b[0] < b[2] <= w and 0 <= b[1] < b[3] <= h):
+                raise ConfigError(f"record {self.id}: box {list(b)} is not inside the {w}x{h} chip")
+
+    @property
+    def question(self) -> str:
+        """The human turn's text without ``<image>``: the REC question or the OVD problem."""
+        if self.task == "rec":
+            return REC_QUESTION_PREFIX + self.expression
+        return OVD_TEMPLATE.format(category=self.expression)
+
+    @property
+    def solution_text(self) -> str:
+        """The ``gpt`` turn: ``[x1, y1, x2, y2]`` for rec (VLM-R1's REC JSONL), the JSON answer for multi."""
+        if self.task == "rec":
+            b = self.boxes[0]
+            return f"[{b[0]}, {b[1]}, {b[2]}, {b[3]}]"
+        return answer_json(self.boxes, self.expression)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSONL line: VLM-R1's keys first, then ours."""
+        return {
+            "id": self.id,
+            "image": self.image,
+            "conversations": [
+                {"from": "human", "value": "<image>" + self.question},
+                {"from": "gpt", "value": self.solution_text},
+            ],
+            "split": self.split,
+            "task": self.task,
+            "expression": self.expression,
+            "category": self.category,
+            "solution": [list(b) for b in self.boxes],
+            "image_size": list(self.image_size),
+            "is_unique": self.is_unique,
+            "negative": self.negative,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ChipRecord:
+        try:
+            return cls(
+                id=str(d["id"]),
+                image=str(d["image"]),
+                split=d["split"],
+                task=d["task"],
+                expression=d["expression"],
+                category=d.get("category") or d["expression"],
+                boxes=tuple(tuple(b) for b in d["solution"]),
+                image_size=tuple(d["image_size"]),
+                is_unique=d.get("is_unique"),
+                negative=bool(d.get("negative", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"a dataset record is malformed ({type(exc).__name__}: {exc}): {str(d)[:200]}") from exc
+
+
+def write_records(directory: Path, records: Iterable[ChipRecord]) -> dict[str, int]:
+    """Write every record to its ``<split>_<task>.jsonl`` (all files of all splits and tasks are created,
+    empty ones included); return the count per file name."""
+    directory = Path(directory)
+    files = {jsonl_name(s, t): [] for s in SPLITS for t in TASKS}
+    for r in records:
+        files[jsonl_name(r.split, r.task)].append(json.dumps(r.to_json(), ensure_ascii=False))
+    for name, lines in files.items():
+        (directory / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return {name: len(lines) for name, lines in files.items()}
+
+
+def read_records(directory: Path, split: str, task: str) -> list[ChipRecord]:
+    """The records of one split and task; a clear error when the directory is not a dataset."""
+    directory = Path(directory)
+    if not (directory / MANIFEST).is_file():
+        raise ConfigError(
+            f"{directory} is not a Geo-R1 dataset (no {MANIFEST}); make one with 'geo-r1 dataset build' "
+            "or 'geo-r1 dataset synthetic'"
+        )
+    path = directory / jsonl_name(split, task)
+    if not path.is_file():
+        return []
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(ChipRecord.from_json(json.loads(line)))
+            except ValueError as exc:
+                raise ConfigError(f"{path}:{n}: {exc}") from exc
+    return out
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{directory} is not a Geo-R1 dataset (no {MANIFEST})") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); rebuild the dataset") from exc
