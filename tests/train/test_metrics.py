@@ -1,0 +1,432 @@
+"""Tests of train/metrics.py: Geo-R1's REC accuracy and OVD COCO mAP on literal strings and fixed files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from geo_r1_qgis.core.errors import ConfigError
+from train.metrics import (
+    OvdQuery,
+    coco_map_single,
+    coco_scores,
+    extract_rec_box,
+    ovd_answer_region,
+    ovd_eval_boxes,
+    read_results,
+    rec_scores,
+    recal_iou,
+    rescaled_iou,
+    score_rec,
+    score_results,
+    sft_baseline_box,
+    uniqueness_map,
+)
+
+DATA = Path(__file__).parent / "data"
+GT = [0, 0, 10, 10]  # area 100: a box [0, 0, 10, h] has Geo-R1 IoU h / 10 with it
+
+
+def geo_r1_answer(*boxes: list[int]) -> str:
+    items = ", ".join(f'{{"bbox_2d": [{b[0]}, {b[1]}, {b[2]}, {b[3]}], "label": "storage tank"}}' for b in boxes)
+    return f"<think> The storage tank is in the top-left corner. </think> <answer>{items}</answer>"
+
+
+# --------------------------------------------------------------------------------------------------
+# IoU and parses
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pred", "expected"),
+    [
+        ([0, 0, 10, 10], 1.0),
+        ([0, 0, 10, 5], 0.5),  # inter 10 x 5 = 50, union 100
+        ([0, 0, 10, 7], 0.7),
+        ([0, 0, 10, 8], 0.8),
+        ([0, 0, 0, 0], 0.0),  # the failed parse
+        ([0.5, 0, 10.5, 10], 95 / 105),  # floats (SFT parse): inter 9.5 x 10, union 100 + 100 - 95
+        ([0, 0, 10, 1], 0.0),  # an overlap 1 px high counts as 0 in Geo-R1's IoU
+        (None, 0.0),  # recal's iou: not a list
+        ([0, 0, 10], 0.0),  # not 4 items
+    ],
+)
+def test_recal_iou(pred, expected):
+    assert recal_iou(pred, GT) == pytest.approx(expected, abs=1e-12)
+
+
+def test_exact_threshold_ious_are_exact_floats():
+    # the edge cases below rely on these being exactly 0.5 and 0.7, not 0.5000001
+    assert recal_iou([0, 0, 10, 5], GT) == 0.5
+    assert recal_iou([0, 0, 10, 7], GT) == 0.7
+
+
+def test_recal_iou_rejects_non_numbers():
+    with pytest.raises(ConfigError, match="not a number"):
+        recal_iou(["a", 0, 1, 1], GT)
+
+
+@pytest.mark.parametrize(
+    ("text", "box"),
+    [
+        (geo_r1_answer([1, 2, 30, 40]), (1, 2, 30, 40)),
+        # several boxes in one answer: Geo-R1's greedy regex takes the LAST one
+        (geo_r1_answer([1, 2, 30, 40], [5, 6, 70, 80]), (5, 6, 70, 80)),
+        # no <answer>: failed parse, even with a box in the text
+        ('<think> here </think> {"bbox_2d": [1, 2, 30, 40]}', (0, 0, 0, 0)),
+        ("<answer>I cannot find it.</answer>", (0, 0, 0, 0)),
+        # a box without braces inside the answer is not read by the evaluation regex
+        ("<answer>[1, 2, 30, 40]</answer>", (0, 0, 0, 0)),
+        # only the first <answer> is read
+        ('<answer>none</answer><answer>{"bbox_2d": [1, 2, 3, 4]}</answer>', (0, 0, 0, 0)),
+        # negative numbers do not match \d+
+        ('<answer>{"bbox_2d": [-1, 2, 30, 40]}</answer>', (0, 0, 0, 0)),
+    ],
+)
+def test_geo_r1_mode_parse(text, box):
+    assert extract_rec_box(text, "geo-r1") == box
+
+
+@pytest.mark.parametrize(
+    ("text", "box"),
+    [
+        ('```json\n[\n\t{"bbox_2d": [12, 34, 56, 78]}\n]\n```', (12.0, 34.0, 56.0, 78.0)),
+        ("[ -1.5, 2, .3 , 4] and then [1, 2, 3, 4]", (-1.5, 2.0, 0.3, 4.0)),  # the first, signed decimals
+        ("<think>x</think><answer>[1,2,3,4]</answer>", (1.0, 2.0, 3.0, 4.0)),  # anywhere, no braces needed
+        ("None", (0, 0, 0, 0)),
+        ("[1, 2, 3]", (0, 0, 0, 0)),
+        ("[1, 2, 3, 4, 5]", (0, 0, 0, 0)),
+        (None, (0, 0, 0, 0)),
+    ],
+)
+def test_sft_mode_parse(text, box):
+    got = sft_baseline_box(text)
+    assert got == box
+    assert extract_rec_box(text, "sft") == box
+    if box != (0, 0, 0, 0):
+        assert all(isinstance(v, float) for v in got)
+
+
+def test_unknown_mode():
+    with pytest.raises(ConfigError, match="geo-r1"):
+        extract_rec_box("x", "greedy")
+
+
+def test_rescaled_iou():
+    # multiples of 28: the model sees the image as it is, so both IoUs agree
+    assert rescaled_iou([0, 0, 10, 7], GT, (112, 112)) == recal_iou([0, 0, 10, 7], GT)
+    # 100x130 is seen as 112x140 (smart_resize): the box in model pixels scales back to the truth
+    gt = [10, 13, 50, 65]
+    model_box = [11.2, 14, 56, 70]  # gt x 1.12 horizontally, x 140/130 vertically
+    assert rescaled_iou(model_box, gt, (100, 130)) == pytest.approx(1.0)
+    assert recal_iou(model_box, gt) < 0.8
+    assert rescaled_iou([0, 0, 0, 0], gt, (100, 130)) == 0.0  # degenerate after clipping
+    assert rescaled_iou(None, gt, (100, 130)) == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# REC counting
+# --------------------------------------------------------------------------------------------------
+
+
+def test_score_rec_hand_computed():
+    items = [
+        (geo_r1_answer([0, 0, 10, 10]), GT, True),  # IoU 1.0
+        (geo_r1_answer([0, 0, 10, 5]), GT, False),  # exactly 0.5: a miss at 0.5
+        (geo_r1_answer([0, 0, 10, 7]), GT, True),  # exactly 0.7: a hit at 0.5, a miss at 0.7
+        ("<think>hm</think> <answer>no idea</answer>", GT, False),  # failed parse: [0,0,0,0], a miss
+        (geo_r1_answer([0, 0, 10, 5], [0, 0, 10, 8]), GT, None),  # the last box counts: 0.8; unflagged
+        ('<think>x</think> {"bbox_2d": [0, 0, 10, 10]}', GT, True),  # no <answer>: a miss
+    ]
+    scores, ious = score_rec(items, "geo-r1")
+    assert ious == pytest.approx([1.0, 0.5, 0.7, 0.0, 0.8, 0.0])
+    # Overall: every query is in the denominator, the failed parses included
+    assert (scores.overall[0.5].correct, scores.overall[0.5].total) == (3, 6)
+    assert (scores.overall[0.7].correct, scores.overall[0.7].total) == (2, 6)
+    assert scores.overall[0.5].percent == 50.0
+    assert scores.overall[0.7].percent == pytest.approx(100 / 3)
+    # Unique: queries 1, 3, 6; Non-unique: 2, 4; the unflagged query 5 is only in Overall
+    assert (scores.unique[0.5].correct, scores.unique[0.5].total) == (2, 3)
+    assert (scores.unique[0.7].correct, scores.unique[0.7].total) == (1, 3)
+    assert (scores.non_unique[0.5].correct, scores.non_unique[0.5].total) == (0, 2)
+    assert (scores.n, scores.n_unique, scores.n_non_unique, scores.n_unflagged) == (6, 3, 2, 1)
+    assert scores.mean_iou == pytest.approx(3.0 / 6)
+    js = scores.to_json()
+    assert js["acc@0.5"] == {"overall": 50.0, "unique": pytest.approx(200 / 3), "non_unique": 0.0}
+    assert js["counts"] == {"overall": 6, "unique": 3, "non_unique": 2, "unflagged": 1}
+
+
+def test_score_rec_sft_mode():
+    items = [
+        ("The box is [0, 0, 10, 8] and also [0, 0, 10, 10]", GT, True),  # the first: 0.8
+        ('```json\n[\n\t{"bbox_2d": [-1.5, 0, 10.5, 10]}\n]\n```', GT, False),  # 100 / 120
+        ("None", GT, False),
+    ]
+    scores, ious = score_rec(items, "sft")
+    assert ious == pytest.approx([0.8, 100 / 120, 0.0])
+    assert scores.overall[0.5].correct == 2
+    assert scores.overall[0.7].correct == 2
+    # the same outputs under Geo-R1's parse: no <answer>, every one a miss
+    assert score_rec(items, "geo-r1")[0].overall[0.5].correct == 0
+
+
+def test_empty_groups_report_zero():
+    scores = rec_scores([])
+    assert scores.overall[0.5].percent == 0.0 and scores.unique[0.7].total == 0 and scores.mean_iou == 0.0
+    only_unflagged = rec_scores([(0.9, None)])
+    assert only_unflagged.overall[0.5].percent == 100.0
+    assert only_unflagged.unique[0.5].total == 0 and only_unflagged.non_unique[0.5].total == 0
+
+
+def test_custom_thresholds_are_strict():
+    scores = rec_scores([(0.3, True), (0.31, True)], thresholds=(0.3,))
+    assert scores.overall[0.3].correct == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The fixed results file against a transcription of recal_rec_acc_unique.py
+# --------------------------------------------------------------------------------------------------
+
+
+def _upstream_iou(box1, box2):
+    # recal_rec_acc_unique.py `iou`, line by line
+    if not (isinstance(box1, list) and len(box1) == 4 and isinstance(box2, list) and len(box2) == 4):
+        return 0.0
+    box1 = [float(c) for c in box1]
+    box2 = [float(c) for c in box2]
+    inter_x1 = max(box1[0], box2[0])
+    inter_y1 = max(box1[1], box2[1])
+    inter_x2 = min(box1[2] - 1, box2[2] - 1)
+    inter_y2 = min(box1[3] - 1, box2[3] - 1)
+    if inter_x1 < inter_x2 and inter_y1 < inter_y2:
+        inter = (inter_x2 - inter_x1 + 1) * (inter_y2 - inter_y1 + 1)
+    else:
+        inter = 0
+    union = (box1[2] - box1[0]) * (box1[3] - box1[1]) + (box2[2] - box2[0]) * (box2[3] - box2[1]) - inter
+    if union <= 0:
+        return 0.0
+    return float(inter) / union
+
+
+def _upstream_accuracies(results_list, iou_thresholds):
+    # recal_rec_acc_unique.py `calculate_accuracies_at_thresholds`, line by line
+    if not results_list:
+        return {thresh: (0.0, 0) for thresh in iou_thresholds}, 0
+    total_samples = len(results_list)
+    correct_counts = {threshold: 0 for threshold in iou_thresholds}
+    for result in results_list:
+        current_iou = _upstream_iou(result.get("extracted_answer"), result.get("ground_truth"))
+        for threshold in iou_thresholds:
+            if current_iou > threshold:
+                correct_counts[threshold] += 1
+    report = {}
+    for threshold, count in correct_counts.items():
+        accuracy = (count / total_samples * 100) if total_samples > 0 else 0
+        report[threshold] = (accuracy, count)
+    return report, total_samples
+
+
+def _upstream_by_uniqueness(results_path, original_test_set_path, iou_thresholds):
+    # recal_rec_acc_unique.py `analyze_by_uniqueness_multi_iou` (its counting; the prints dropped)
+    uniqueness_map_ = {}
+    with open(original_test_set_path, encoding="utf-8") as f:
+        original_data = json.load(f)
+    for item in original_data:
+        key = (item.get("image"), item.get("problem"))
+        uniqueness_map_[key] = item.get("is_unique", False)
+    with open(results_path, encoding="utf-8") as f:
+        results_data = json.load(f).get("results", [])
+    unique_results = []
+    non_unique_results = []
+    for result in results_data:
+        key = (result.get("image"), result.get("question"))
+        is_unique_flag = uniqueness_map_.get(key)
+        if is_unique_flag is None:
+            continue
+        if is_unique_flag:
+            unique_results.append(result)
+        else:
+            non_unique_results.append(result)
+    return _upstream_accuracies(unique_results, iou_thresholds), _upstream_accuracies(
+        non_unique_results, iou_thresholds
+    )
+
+
+def _upstream_overall(results_path, iou_thresholds):
+    # recal_rec_acc_unique.py `recalculate_accuracy_at_thresholds` (its counting; the prints dropped)
+    with open(results_path, encoding="utf-8") as f:
+        data = json.load(f)
+    all_results = data.get("results", [])
+    correct_counts = {threshold: 0 for threshold in iou_thresholds}
+    total_samples = len(all_results)
+    for result in all_results:
+        current_iou = _upstream_iou(result.get("extracted_answer"), result.get("ground_truth"))
+        for threshold in iou_thresholds:
+            if current_iou > threshold:
+                correct_counts[threshold] += 1
+    return {t: ((c / total_samples * 100) if total_samples > 0 else 0, c) for t, c in correct_counts.items()}, (
+        total_samples
+    )
+
+
+def test_fixed_results_file_matches_upstream_counting():
+    """The fixed file holds every join case: exact 0.5 and 0.7, a failed parse, float boxes, a null
+    extracted_answer, a duplicate record, a record absent from the unique file, an item without the
+    is_unique key (non-unique upstream), an item with is_unique null (skipped), a repeated key (the last
+    wins)."""
+    results_path = DATA / "rec_results_fixed.json"
+    unique_path = DATA / "rec_with_unique_fixed.json"
+    thresholds = [0.5, 0.7]
+    (unique_report, n_unique), (non_unique_report, n_non_unique) = _upstream_by_uniqueness(
+        results_path, unique_path, thresholds
+    )
+    overall_report, n_overall = _upstream_overall(results_path, thresholds)
+
+    data = read_results(results_path)
+    scores, _ = score_results(data["results"], json.loads(unique_path.read_text()))
+    assert (scores.n, scores.n_unique, scores.n_non_unique) == (n_overall, n_unique, n_non_unique)
+    for t in thresholds:
+        assert (scores.overall[t].percent, scores.overall[t].correct) == overall_report[t]
+        assert (scores.unique[t].percent, scores.unique[t].correct) == unique_report[t]
+        assert (scores.non_unique[t].percent, scores.non_unique[t].correct) == non_unique_report[t]
+    # and the numbers themselves, counted by hand (see the file's comments in the test of its contents)
+    assert (n_overall, n_unique, n_non_unique) == (11, 5, 4)
+    assert [scores.overall[t].correct for t in thresholds] == [8, 6]
+    assert [scores.unique[t].correct for t in thresholds] == [5, 4]
+    assert [scores.non_unique[t].correct for t in thresholds] == [1, 1]
+    assert scores.mean_iou == pytest.approx((1 + 0.5 + 0.7 + 0 + 0.8 + 1 + 0.6 + 95 / 105 + 0 + 1 + 0.9) / 11)
+    # the file's own "accuracy" (test_rec_r1_eval.py: correct = iou > 0.5) is Overall Acc@0.5
+    assert data["accuracy"] == pytest.approx(scores.overall[0.5].percent)
+    assert sum(r["correct"] for r in data["results"]) == scores.overall[0.5].correct
+
+
+def test_uniqueness_map_rules():
+    table = uniqueness_map(json.loads((DATA / "rec_with_unique_fixed.json").read_text()))
+    assert table[("c.png", "Q1")] is False  # no is_unique key: non-unique
+    assert table[("d.png", "Q1")] is None  # null: skipped by the join
+    assert table[("f.png", "Q1")] is True  # repeated key: the last item wins
+    assert ("c.png", "Q2") not in table
+
+
+def test_score_results_uses_record_flags_without_a_unique_file():
+    results = [
+        {"ground_truth": GT, "extracted_answer": [0, 0, 10, 10], "is_unique": True},
+        {"ground_truth": GT, "extracted_answer": [0, 0, 10, 8], "is_unique": False},
+        {"ground_truth": GT, "extracted_answer": [0, 0, 10, 9]},  # no flag: only in Overall
+    ]
+    scores, _ = score_results(results)
+    assert (scores.n, scores.n_unique, scores.n_non_unique, scores.n_unflagged) == (3, 1, 1, 1)
+    assert scores.overall[0.7].correct == 3
+
+
+def test_read_results_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_results(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        read_results(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="not a Geo-R1 results file"):
+        read_results(bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# OVD
+# --------------------------------------------------------------------------------------------------
+
+FENCED = (
+    '```json\n[\n    {"bbox_2d": [10, 20, 30, 40], "label": "ship"},\n'
+    '    {"bbox_2d": [50, 60, 70, 80], "label": "ship"}\n]\n```'
+)
+LATER = '```json\n[{"bbox_2d": [1, 2, 3, 4]}]\n```'
+
+
+@pytest.mark.parametrize(
+    ("text", "boxes"),
+    [
+        (FENCED, [[10, 20, 30, 40], [50, 60, 70, 80]]),
+        ("Here: " + FENCED + " and again " + LATER, [[10, 20, 30, 40], [50, 60, 70, 80]]),  # the first block
+        ('[{"bbox_2d": [1, 2, 3, 4], "label": "ship"}]', [[1, 2, 3, 4]]),  # no fence: the greedy list
+        ('I see [{"bbox_2d": [1, 2, 3, 4]}] and [5]', []),  # the greedy list spans both: invalid JSON
+        ("None", []),
+        ("```json\nNone\n```", []),
+        ("```json\nnone\n```", []),
+        ('```json\n{"bbox_2d": [1, 2, 3, 4]}\n```', []),  # not a list
+        ('```json\n[{"bbox_2d": [1.7, 2.2, "30", 40]}]\n```', [[1, 2, 30, 40]]),  # int() of each value
+        ('```json\n[{"bbox_2d": [1, 2, 3]}, {"box": [1, 2, 3, 4]}, {"bbox_2d": [5, 6, 7, 8]}]\n```', [[5, 6, 7, 8]]),
+        ('```json\n[{"bbox_2d": [1, 2, "x", 4]}, {"bbox_2d": [null, 2, 3, 4]}]\n```', []),  # int() rejects
+        ('```json\n["bbox_2d", 3, {"bbox_2d": [1, 2, 3, 4]}]\n```', [[1, 2, 3, 4]]),  # non-objects skipped
+        ('```json\n[{"bbox_2d": [Infinity, 2, 3, 4]}]\n```', []),
+        ("", []),
+        (None, []),
+    ],
+)
+def test_ovd_eval_boxes(text, boxes):
+    assert ovd_eval_boxes(text) == boxes
+
+
+def test_ovd_answer_region():
+    text = "<think>the list [a, b] is not JSON</think> <answer>" + FENCED + "</answer>"
+    assert ovd_answer_region(text, reasoning=True) == FENCED
+    assert ovd_answer_region(text, reasoning=False) == text
+    assert ovd_answer_region("<think>x</think> None", reasoning=True) == "<think>x</think> None"
+    assert ovd_eval_boxes(ovd_answer_region(text, True)) == [[10, 20, 30, 40], [50, 60, 70, 80]]
+
+
+def test_coco_map_single_hand_computed():
+    box = [0, 0, 10, 10]
+    assert coco_map_single([box], [box]) == pytest.approx(1.0)
+    # a duplicate detection after a true positive does not lower the interpolated precision
+    assert coco_map_single([box, box], [box]) == pytest.approx(1.0)
+    # one of two objects found: precision 1 up to recall 0.5, i.e. 51 of COCO's 101 recall points
+    assert coco_map_single([box], [box, [20, 20, 30, 30]]) == pytest.approx(51 / 101)
+    # COCO IoU 0.82 matches at thresholds 0.50 ... 0.80: 7 of 10
+    assert coco_map_single([[0, 0, 10, 8.2]], [box]) == pytest.approx(0.7)
+    assert coco_map_single([[50, 50, 60, 60]], [box]) == 0.0
+    assert coco_map_single([], [box]) == 0.0
+    assert coco_map_single([box], []) == 0.0
+    with pytest.raises(ConfigError, match="4 finite numbers"):
+        coco_map_single([[0, 0, 1]], [box])
+
+
+def test_coco_map_single_is_quiet(capsys):
+    coco_map_single([[0, 0, 10, 10]], [[0, 0, 10, 10]])
+    assert capsys.readouterr().out == ""
+
+
+def test_coco_scores_hand_computed(capsys):
+    box = [0, 0, 10, 10]
+    queries = [
+        OvdQuery("a.png", "ship", [box], [box]),  # perfect
+        OvdQuery("a.png", "tank", [box], [[0, 0, 10, 8.2]]),  # IoU 0.82: AP50 1, mAP 0.7
+        OvdQuery("b.png", "ship", [[20, 20, 30, 30]], []),  # missed: ship recall 0.5
+    ]
+    scores = coco_scores(queries)
+    assert capsys.readouterr().out == ""
+    assert scores.per_class["tank"] == {"AP50": pytest.approx(1.0), "mAP": pytest.approx(0.7)}
+    assert scores.per_class["ship"] == {"AP50": pytest.approx(51 / 101), "mAP": pytest.approx(51 / 101)}
+    ap50 = scores.AP50
+    assert ap50 == pytest.approx((1 + 51 / 101) / 2)
+    assert scores.mAP == pytest.approx((0.7 + 51 / 101) / 2)
+    assert (scores.n_queries, scores.n_gt, scores.n_pred) == (3, 3, 2)
+    js = scores.to_json()
+    assert js["mAP"] == pytest.approx(scores.mAP * 100)
+
+
+def test_coco_scores_edge_cases():
+    box = [0, 0, 10, 10]
+    empty = coco_scores([OvdQuery("a.png", "ship", [box], [])])
+    assert (empty.mAP, empty.AP50, empty.per_class) == (0.0, 0.0, {"ship": {"AP50": 0.0, "mAP": 0.0}})
+    # swapped corners are not reordered: a negative area lies outside COCO's area range, so it is ignored
+    swapped = coco_scores([OvdQuery("a.png", "ship", [box], [[10, 10, 0, 0]])])
+    assert swapped.mAP == 0.0
+    # a false positive on a query with no true box (a negative chip) lowers the precision
+    with_negative = coco_scores([OvdQuery("a.png", "ship", [box], [box]), OvdQuery("b.png", "ship", [], [box])])
+    assert 0.0 < with_negative.mAP < 1.0
+    assert math.isfinite(with_negative.AP50)
+    with pytest.raises(ConfigError, match="4 values"):
+        OvdQuery("a.png", "ship", [[1, 2, 3]], [])

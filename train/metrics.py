@@ -1,0 +1,555 @@
+"""Geo-R1's evaluation metrics, reproduced exactly: REC Acc@0.5 / Acc@0.7 and OVD COCO mAP / AP50.
+
+Pure functions over strings, boxes and results records; tested on literal strings and fixed files.
+pycocotools is imported only by the OVD functions.
+
+REC: what Geo-R1's ``run_scripts/recal_rec_acc_unique.py`` does, exactly
+-----------------------------------------------------------------------
+The REC evaluation is two scripts. ``test_rec_r1_eval.py`` (``test_rec_baseline_eval.py`` for the SFT
+baseline) generates, parses each output into ``extracted_answer`` and writes the results file
+``{"accuracy", "results": [{image, question, ground_truth, model_output, extracted_answer, correct}]}``
+with ``correct = 1 if iou(extracted, gt) > 0.5`` and ``accuracy = sum(correct) / len(data) * 100``.
+``recal_rec_acc_unique.py`` then re-scores that file; it never re-parses ``model_output``:
+
+1. **IoU** ``iou(box1, box2)``: ``0.0`` unless both are Python *lists* of exactly 4 items; the items are
+   converted with ``float()``; then the inclusive-pixel IoU (``engine.coords.geo_r1_iou``: intersection
+   ``[max(a0,b0), min(a2-1,b2-1)]`` inclusive, counted only when start < end on both axes; union of the
+   exclusive areas; ``union <= 0`` gives 0.0). It is computed between ``extracted_answer`` and
+   ``ground_truth`` of each results record.
+2. **"Correct" at a threshold** t is ``iou > t``, strictly: an IoU of exactly 0.5 is a miss at 0.5.
+   A failed parse was written as ``[0, 0, 0, 0]`` (IoU 0 against any box), so it is a miss, never dropped.
+3. **Overall** (``recalculate_accuracy_at_thresholds``): ``count(iou > t) / len(results) * 100`` over
+   *every* record of the results file (the denominator is all queries).
+4. **Unique / Non-unique** (``analyze_by_uniqueness_multi_iou``): a lookup table is built from the
+   ``…_with_unique.json`` evaluation file, key ``(item["image"], item["problem"])`` and value
+   ``item.get("is_unique", False)`` (an item *without* the key counts as non-unique; an item whose value
+   is ``null`` gives None; a repeated key keeps the last item). Each results record is joined on
+   ``(record["image"], record["question"])``: a record whose flag is None (no such key in the table, or
+   a ``null`` value) is skipped (``continue``) and counted in neither split; a truthy flag puts it in
+   Unique, any other flag (``False``) in Non-unique. Each split's accuracy is
+   ``count(iou > t) / len(split) * 100``; an empty split reports 0.0 over 0. So Unique + Non-unique may
+   be fewer records than Overall: records without a flag count only in Overall.
+5. Thresholds are ``[0.5, 0.7]``. Duplicate results records are each counted.
+
+:func:`score_results` reproduces steps 1–5 (:func:`recal_iou` is step 1, :func:`uniqueness_map` the table
+of step 4). :func:`rec_scores` is the counting alone, over ``(iou, is_unique)`` pairs, which is how
+records scored in this process are counted (their flag comes from our dataset record:
+``ChipRecord.is_unique``, None when unknown). ``tests/train/test_metrics.py`` checks every number
+against a literal transcription of the upstream counting on a fixed results file.
+
+Parses (which box a model output gives):
+
+- Geo-R1 mode: ``engine.parsing.geo_r1_eval_box`` (the first ``<answer>``, then the greedy
+  ``\\{.*\\[a, b, c, d]\\s*.*\\}``, i.e. the LAST box of the answer, as ints; else ``[0, 0, 0, 0]``).
+- SFT-baseline mode: :func:`sft_baseline_box`, ``test_rec_baseline_eval.py``'s ``extract_bbox_answer``:
+  the FIRST ``[a, b, c, d]`` anywhere (signed decimals, spaces allowed inside the brackets) as floats;
+  else ``[0, 0, 0, 0]``. (engine/parsing.py has no such function; this is its only definition.)
+
+No rescaling, reordering or clipping in either mode: the prediction is compared in the pixels the model
+wrote. Our extension, reported beside it, is :func:`rescaled_iou`: the prediction scaled from the model's
+``smart_resize`` frame back to the image (``engine.coords.model_to_image_box``), which only differs for
+images whose sides are not multiples of 28. :func:`mean_iou` is our extension too (upstream reports none).
+
+OVD: what Geo-R1's ``run_scripts/test_ovd_nwpu_eval.py`` does
+------------------------------------------------------------
+One query per (image, category present in the image), the OVD prompt without reasoning, greedy, 1024
+new tokens. :func:`ovd_eval_boxes` is its (second, effective) ``extract_bboxes_from_response``: the first
+fenced ```` ```json … ``` ```` block, else the greedy ``(\\[[\\s\\S]*\\])`` over the whole response, else no
+boxes; the block, stripped, equal to ``none`` (any case) gives no boxes; ``json.loads`` failing or not
+giving a list gives no boxes; each item with a ``bbox_2d`` list of 4 values becomes ``[int(v) …]``
+(an item whose values ``int()`` rejects is skipped). Deviation, only where upstream would crash: items
+that are not JSON objects are skipped, and so are coordinates ``int()`` cannot convert (``Infinity``).
+Detections get score 1.0 and ``[x, y, w, h]`` with ``w = x2 - x1`` (no reordering), and COCOeval
+("bbox") scores them against every true box. mAP is ``stats[0]`` (AP@[.5:.95]), AP50 ``stats[1]``;
+per class, the mean of ``precision[t, :, k, 0, -1]`` over entries > -1 (0.0 when none), as upstream.
+An empty prediction list scores 0 everywhere (upstream skips the evaluation; VLM-R1's
+``ovd_coco_evaluation.py`` returns zeros). COCOeval matches detections only within one (image,
+category), so :func:`coco_scores` gives each query its own image id: the same numbers as one id per
+image whenever each (image, category) pair is queried once, as upstream does.
+
+:func:`coco_map_single` is AP@[.5:.95] on one image, one category, all scores 1.0, as VLM-R1's
+``calculate_map`` (``score_type=0``) computes it for its ``odLength`` reward; the reward decides what
+empty lists score, and this function returns 0.0 when either list is empty.
+
+This module imports the project's pure engine modules (coords, parsing) and the standard library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import numbers
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.coords import geo_r1_iou, model_input_size, model_to_image_box
+from engine.parsing import geo_r1_eval_box
+from geo_r1_qgis.core.errors import ConfigError
+
+__all__ = [
+    "MODES",
+    "REC_THRESHOLDS",
+    "Accuracy",
+    "OvdQuery",
+    "OvdScores",
+    "RecResult",
+    "RecScores",
+    "coco_map_single",
+    "coco_scores",
+    "extract_rec_box",
+    "mean_iou",
+    "ovd_answer_region",
+    "ovd_eval_boxes",
+    "read_results",
+    "rec_scores",
+    "recal_iou",
+    "rescaled_iou",
+    "score_rec",
+    "score_results",
+    "sft_baseline_box",
+    "uniqueness_map",
+]
+
+#: Geo-R1's REC thresholds (strict ``>``).
+REC_THRESHOLDS: tuple[float, ...] = (0.5, 0.7)
+#: Evaluation modes: Geo-R1's reasoning prompt and parse, or the SFT baseline's.
+MODES: tuple[str, ...] = ("geo-r1", "sft")
+
+#: Geo-R1 ``test_rec_baseline_eval.py`` ``extract_bbox_answer``: the first box anywhere, floats.
+SFT_BBOX_PATTERN = (
+    r"\[(\s*-?\d*\.?\d+\s*),\s*(\s*-?\d*\.?\d+\s*),\s*(\s*-?\d*\.?\d+\s*),\s*(\s*-?\d*\.?\d+\s*)\]"
+)
+#: Geo-R1 ``test_ovd_nwpu_eval.py``: the first fenced json block, else the greedy list.
+OVD_FENCE_PATTERN = r"```json\s*([\s\S]*?)\s*```"
+OVD_LIST_PATTERN = r"(\[[\s\S]*\])"
+
+_SFT_BBOX_RE = re.compile(SFT_BBOX_PATTERN)
+_OVD_FENCE_RE = re.compile(OVD_FENCE_PATTERN)
+_OVD_LIST_RE = re.compile(OVD_LIST_PATTERN)
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+Box = Sequence[float]
+
+
+# --------------------------------------------------------------------------------------------------
+# REC: parses and IoU
+# --------------------------------------------------------------------------------------------------
+
+
+def sft_baseline_box(text: str) -> tuple[float, float, float, float] | tuple[int, int, int, int]:
+    """Geo-R1's SFT-baseline REC parse, exactly: the FIRST ``[a, b, c, d]`` anywhere in ``text``, as
+    floats (signed decimals allowed); ``(0, 0, 0, 0)`` when there is none (or ``text`` is not a str)."""
+    if not isinstance(text, str):
+        return (0, 0, 0, 0)
+    m = _SFT_BBOX_RE.search(text)
+    if not m:
+        return (0, 0, 0, 0)
+    try:
+        x1, y1, x2, y2 = (float(m.group(i)) for i in range(1, 5))
+    except ValueError:  # unreachable for this pattern, kept so the parse never raises
+        return (0, 0, 0, 0)
+    return (x1, y1, x2, y2)
+
+
+def extract_rec_box(text: str, mode: str = "geo-r1") -> tuple[float, float, float, float]:
+    """The box a REC evaluation reads from a model output: Geo-R1's parse or the SFT baseline's."""
+    if mode == "geo-r1":
+        return geo_r1_eval_box(text)
+    if mode == "sft":
+        return sft_baseline_box(text)
+    raise ConfigError(f"mode must be one of {MODES}, got {mode!r}: 'geo-r1' (reasoning) or 'sft' (baseline)")
+
+
+def recal_iou(pred: Any, gt: Any) -> float:
+    """``recal_rec_acc_unique.py``'s ``iou``: 0.0 unless both are 4-item lists, values as floats, then
+    Geo-R1's IoU. Tuples count as lists (JSON only ever gives lists; our in-memory boxes are tuples)."""
+    if not (isinstance(pred, (list, tuple)) and len(pred) == 4 and isinstance(gt, (list, tuple)) and len(gt) == 4):
+        return 0.0
+    try:
+        a = [float(c) for c in pred]
+        b = [float(c) for c in gt]
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"a box holds a value that is not a number ({exc}): prediction {list(pred)!r}, truth {list(gt)!r}; "
+            "fix the results file"
+        ) from None
+    return geo_r1_iou(a, b)
+
+
+def rescaled_iou(pred: Any, gt: Any, image_size: Sequence[int]) -> float:
+    """Our extension: the IoU after scaling ``pred`` from the model's ``smart_resize`` frame to the image
+    (``engine.coords.model_to_image_box``, which also clips it). Equals :func:`recal_iou` when the image
+    sides are multiples of 28 (the model sees the image unresized). A box outside the image scores 0."""
+    size = (int(image_size[0]), int(image_size[1]))
+    model_size = model_input_size(size)
+    if model_size == size:
+        return recal_iou(pred, gt)
+    if not (isinstance(pred, (list, tuple)) and len(pred) == 4):
+        return 0.0
+    box = model_to_image_box([float(v) for v in pred], model_size, size)
+    if box is None:
+        return 0.0
+    return recal_iou([box.x1, box.y1, box.x2, box.y2], gt)
+
+
+# --------------------------------------------------------------------------------------------------
+# REC: counting
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """``correct`` of ``total`` queries had IoU > the threshold; ``percent`` as upstream (0.0 when empty)."""
+
+    correct: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return self.correct / self.total * 100 if self.total > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class RecScores:
+    """Acc@t per threshold, Overall / Unique / Non-unique, and the mean IoU (ours) over all queries."""
+
+    overall: Mapping[float, Accuracy]
+    unique: Mapping[float, Accuracy]
+    non_unique: Mapping[float, Accuracy]
+    mean_iou: float
+    n: int
+    n_unique: int
+    n_non_unique: int
+    n_unflagged: int
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"acc@0.5": {"overall": %, "unique": %, "non_unique": %}, …, "counts": …, "mean_iou"}``."""
+        out: dict[str, Any] = {}
+        for t in self.overall:
+            out[f"acc@{t}"] = {
+                "overall": self.overall[t].percent,
+                "unique": self.unique[t].percent,
+                "non_unique": self.non_unique[t].percent,
+            }
+            out[f"correct@{t}"] = {
+                "overall": self.overall[t].correct,
+                "unique": self.unique[t].correct,
+                "non_unique": self.non_unique[t].correct,
+            }
+        out["counts"] = {
+            "overall": self.n,
+            "unique": self.n_unique,
+            "non_unique": self.n_non_unique,
+            "unflagged": self.n_unflagged,
+        }
+        out["mean_iou"] = self.mean_iou
+        return out
+
+
+def rec_scores(pairs: Iterable[tuple[float, bool | None]], thresholds: Sequence[float] = REC_THRESHOLDS) -> RecScores:
+    """Count ``(iou, is_unique)`` pairs as ``recal_rec_acc_unique.py`` does (see the module docstring):
+    Overall over every pair, Unique over truthy flags, Non-unique over other non-None flags, ``iou > t``."""
+    pairs = [(float(iou), flag) for iou, flag in pairs]
+    groups: dict[str, list[float]] = {"overall": [], "unique": [], "non_unique": []}
+    unflagged = 0
+    for iou, flag in pairs:
+        groups["overall"].append(iou)
+        if flag is None:
+            unflagged += 1
+        elif flag:
+            groups["unique"].append(iou)
+        else:
+            groups["non_unique"].append(iou)
+
+    def count(ious: list[float]) -> dict[float, Accuracy]:
+        return {t: Accuracy(sum(1 for v in ious if v > t), len(ious)) for t in thresholds}
+
+    return RecScores(
+        overall=count(groups["overall"]),
+        unique=count(groups["unique"]),
+        non_unique=count(groups["non_unique"]),
+        mean_iou=mean_iou(groups["overall"]),
+        n=len(groups["overall"]),
+        n_unique=len(groups["unique"]),
+        n_non_unique=len(groups["non_unique"]),
+        n_unflagged=unflagged,
+    )
+
+
+def mean_iou(ious: Iterable[float]) -> float:
+    """Our extension: the mean IoU (failed parses count as 0); 0.0 for no queries."""
+    values = list(ious)
+    return sum(values) / len(values) if values else 0.0
+
+
+@dataclass(frozen=True)
+class RecResult:
+    """One scored REC query: Geo-R1's results record, plus our keys (iou, is_unique, image_size…)."""
+
+    image: str
+    question: str
+    ground_truth: tuple[float, ...]
+    model_output: str
+    extracted_answer: tuple[float, ...]
+    iou: float
+    is_unique: bool | None = None
+    image_size: tuple[int, int] | None = None
+    rescaled_iou: float | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def correct(self) -> int:
+        """Geo-R1's ``correct``: 1 when IoU > 0.5."""
+        return int(self.iou > 0.5)
+
+    def to_json(self) -> dict[str, Any]:
+        """Geo-R1's keys first (``image, question, ground_truth, model_output, extracted_answer,
+        correct``), then ours."""
+        out: dict[str, Any] = {
+            "image": self.image,
+            "question": self.question,
+            "ground_truth": list(self.ground_truth),
+            "model_output": self.model_output,
+            "extracted_answer": list(self.extracted_answer),
+            "correct": self.correct,
+            "iou": self.iou,
+            "is_unique": self.is_unique,
+        }
+        if self.image_size is not None:
+            out["image_size"] = list(self.image_size)
+        if self.rescaled_iou is not None:
+            out["rescaled_iou"] = self.rescaled_iou
+        out.update(self.extra)
+        return out
+
+
+def score_rec(
+    items: Iterable[tuple[str, Sequence[float], bool | None]], mode: str = "geo-r1"
+) -> tuple[RecScores, list[float]]:
+    """Score ``(model_output, ground_truth, is_unique)`` triples: parse each output (``mode``), take the
+    IoU with its truth and count. Returns the scores and the per-query IoUs."""
+    ious, pairs = [], []
+    for output, gt, flag in items:
+        iou = recal_iou(list(extract_rec_box(output, mode)), list(gt))
+        ious.append(iou)
+        pairs.append((iou, flag))
+    return rec_scores(pairs), ious
+
+
+def uniqueness_map(eval_items: Iterable[Mapping[str, Any]]) -> dict[tuple[Any, Any], Any]:
+    """``recal_rec_acc_unique.py``'s lookup table: ``(image, problem) -> item.get("is_unique", False)``
+    (a missing key means non-unique; ``null`` stays None; a repeated key keeps the last item)."""
+    return {(item.get("image"), item.get("problem")): item.get("is_unique", False) for item in eval_items}
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A results file (``{"accuracy", "results": [...]}``), with a clear error when it is not one."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"results file {path} does not exist; pass a *_results.json written by 'geo-r1 eval'"
+        ) from None
+    except ValueError as exc:
+        raise ConfigError(f"results file {path} is not valid JSON ({exc}); pass a Geo-R1 results file") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results", []), list):
+        raise ConfigError(f"{path} is not a Geo-R1 results file: expected {{'accuracy', 'results': [...]}}")
+    return data
+
+
+def score_results(
+    results: Sequence[Mapping[str, Any]],
+    with_unique: Iterable[Mapping[str, Any]] | None = None,
+    thresholds: Sequence[float] = REC_THRESHOLDS,
+) -> tuple[RecScores, list[float]]:
+    """Re-score Geo-R1 results records exactly as ``recal_rec_acc_unique.py`` does: the IoU of
+    ``extracted_answer`` against ``ground_truth`` (never re-parsed). The unique flag comes from joining
+    ``with_unique`` (Geo-R1's ``…_with_unique.json`` items) on (image, question) when it is given, else
+    from each record's own ``is_unique`` key (our results files carry it; missing means no flag)."""
+    table = uniqueness_map(with_unique) if with_unique is not None else None
+    ious, pairs = [], []
+    for rec in results:
+        iou = recal_iou(rec.get("extracted_answer"), rec.get("ground_truth"))
+        if table is not None:
+            flag = table.get((rec.get("image"), rec.get("question")))
+        else:
+            flag = rec.get("is_unique")
+        ious.append(iou)
+        pairs.append((iou, flag))
+    return rec_scores(pairs, thresholds), ious
+
+
+# --------------------------------------------------------------------------------------------------
+# OVD
+# --------------------------------------------------------------------------------------------------
+
+
+def ovd_answer_region(text: str, reasoning: bool) -> str:
+    """What the OVD parse reads. Upstream's evaluation prompt has no reasoning, and the parse reads the
+    whole response. With reasoning (our choice): the first ``<answer>`` content when there is one, so
+    brackets in the reasoning are not taken for the answer; else the whole response."""
+    if not isinstance(text, str):
+        return ""
+    if reasoning:
+        m = _ANSWER_RE.search(text)
+        if m:
+            return m.group(1)
+    return text
+
+
+def ovd_eval_boxes(text: str) -> list[list[int]]:
+    """Geo-R1 ``test_ovd_nwpu_eval.py`` ``extract_bboxes_from_response``: boxes ``[x1, y1, x2, y2]`` as
+    ints (see the module docstring; never raises)."""
+    if not isinstance(text, str):
+        return []
+    match = _OVD_FENCE_RE.search(text) or _OVD_LIST_RE.search(text)
+    if not match:
+        return []
+    json_str = match.group(1).strip()
+    if json_str.lower() == "none":
+        return []
+    try:
+        data = json.loads(json_str)
+    except (ValueError, RecursionError):
+        return []
+    if not isinstance(data, list):
+        return []
+    boxes = []
+    for item in data:
+        if not isinstance(item, dict):
+            continue  # upstream: `'bbox_2d' in item` on a non-object raises or misreads; we skip it
+        bbox = item.get("bbox_2d")
+        if "bbox_2d" in item and isinstance(bbox, list) and len(bbox) == 4:
+            try:
+                boxes.append([int(v) for v in bbox])
+            except (ValueError, TypeError, OverflowError):
+                continue
+    return boxes
+
+
+@dataclass(frozen=True)
+class OvdQuery:
+    """One OVD query: an image, a category, its true boxes and the predicted boxes (all xyxy)."""
+
+    image: str
+    category: str
+    gt_boxes: tuple[tuple[float, ...], ...]
+    pred_boxes: tuple[tuple[float, ...], ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gt_boxes", tuple(tuple(b) for b in self.gt_boxes))
+        object.__setattr__(self, "pred_boxes", tuple(tuple(b) for b in self.pred_boxes))
+        for b in (*self.gt_boxes, *self.pred_boxes):
+            if len(b) != 4:
+                raise ConfigError(f"query {self.image} / {self.category}: box {list(b)} needs 4 values x1, y1, x2, y2")
+
+
+@dataclass(frozen=True)
+class OvdScores:
+    """COCO AP@[.5:.95] (``mAP``) and AP50, overall and per category, as fractions in [0, 1]."""
+
+    mAP: float
+    AP50: float
+    per_class: Mapping[str, Mapping[str, float]]
+    n_queries: int
+    n_gt: int
+    n_pred: int
+
+    def to_json(self) -> dict[str, Any]:
+        """Percentages, as upstream prints them."""
+        return {
+            "mAP": self.mAP * 100,
+            "AP50": self.AP50 * 100,
+            "per_class": {k: {m: v * 100 for m, v in d.items()} for k, d in self.per_class.items()},
+            "counts": {"queries": self.n_queries, "gt_boxes": self.n_gt, "pred_boxes": self.n_pred},
+        }
+
+
+def _xywh(b: Sequence[float]) -> list[float]:
+    return [b[0], b[1], b[2] - b[0], b[3] - b[1]]
+
+
+def _gt_annotation(ann_id: int, image_id: int, category_id: int, box: Sequence[float]) -> dict[str, Any]:
+    """A COCO ground-truth box; its area is the box's, as in VLM-R1's ``calculate_map``."""
+    xywh = _xywh(box)
+    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": xywh,
+            "area": xywh[2] * xywh[3], "iscrowd": 0}  # fmt: skip
+
+
+def _coco_eval(gt: dict[str, Any], dets: list[dict[str, Any]]) -> Any:
+    """Run COCOeval ("bbox") on in-memory ground truth and detections, its chatter swallowed."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(dets)
+        coco_eval = COCOeval(coco_gt, coco_dt, "bbox")
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return coco_eval
+
+
+def _mean_valid(values: Any) -> float:
+    valid = values[values > -1]
+    return float(valid.mean()) if valid.size else 0.0
+
+
+def coco_scores(queries: Iterable[OvdQuery]) -> OvdScores:
+    """COCO mAP and AP50 of OVD queries, as ``test_ovd_nwpu_eval.py`` computes them (scores 1.0, no
+    rescaling; per class as its table). No detections at all: every number is 0.0."""
+    queries = list(queries)
+    categories = sorted({q.category for q in queries})
+    cat_ids = {name: i + 1 for i, name in enumerate(categories)}
+    gt: dict[str, Any] = {
+        "images": [{"id": i + 1, "file_name": q.image} for i, q in enumerate(queries)],
+        "categories": [{"id": cat_ids[c], "name": c} for c in categories],
+        "annotations": [],
+    }
+    dets = []
+    for i, q in enumerate(queries):
+        for b in q.gt_boxes:
+            gt["annotations"].append(_gt_annotation(len(gt["annotations"]) + 1, i + 1, cat_ids[q.category], b))
+        for b in q.pred_boxes:
+            dets.append({"image_id": i + 1, "category_id": cat_ids[q.category], "bbox": _xywh(b), "score": 1.0})
+    n_gt, n_pred = len(gt["annotations"]), len(dets)
+    if not dets or not gt["annotations"]:
+        zero = {c: {"AP50": 0.0, "mAP": 0.0} for c in categories}
+        return OvdScores(0.0, 0.0, zero, len(queries), n_gt, n_pred)
+    ev = _coco_eval(gt, dets)
+    precision = ev.eval["precision"]  # [T, R, K, A, M]
+    per_class = {}
+    for k, name in enumerate(categories):  # COCOeval's category axis: sorted ids, i.e. sorted names
+        per_class[name] = {
+            "AP50": _mean_valid(precision[0, :, k, 0, -1]),
+            "mAP": _mean_valid(precision[:, :, k, 0, -1]),
+        }
+    m_ap, ap50 = float(ev.stats[0]), float(ev.stats[1])
+    return OvdScores(max(m_ap, 0.0), max(ap50, 0.0), per_class, len(queries), n_gt, n_pred)
+
+
+def coco_map_single(pred_boxes: Sequence[Box], gt_boxes: Sequence[Box]) -> float:
+    """COCO AP@[.5:.95] of ``pred_boxes`` against ``gt_boxes`` on one image, one category, every score
+    1.0 (VLM-R1's ``calculate_map``, ``score_type=0``). Boxes are ``[x1, y1, x2, y2]``. Returns 0.0 when
+    either list is empty (what the reward gives "both empty" is the reward's business)."""
+    if not pred_boxes or not gt_boxes:
+        return 0.0
+    for b in (*pred_boxes, *gt_boxes):
+        if len(b) != 4 or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in b):
+            raise ConfigError(f"box {list(b)!r} must be 4 finite numbers x1, y1, x2, y2")
+    gt = {
+        "images": [{"id": 1}],
+        "categories": [{"id": 1, "name": "target"}],
+        "annotations": [_gt_annotation(i + 1, 1, 1, b) for i, b in enumerate(gt_boxes)],
+    }
+    dets = [{"image_id": 1, "category_id": 1, "bbox": _xywh(b), "score": 1.0} for b in pred_boxes]
+    return max(float(_coco_eval(gt, dets).stats[0]), 0.0)
