@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("engine.server", "run the local grounding engine (HTTP on 127.0.0.1, token protected)"),
     "ask": ("engine.ask", "print the reasoning and boxes for one plain image"),
     "ground": ("engine.ground", "ground an expression over a whole raster and write a GeoPackage"),
+    "train": ("train.trainer", "fine-tune a LoRA adapter: sft, grpo or dapo"),
 }
 
 log = logging.getLogger("geo_r1")

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import json
 import logging
@@ -398,7 +399,7 @@ class LoadedModel:
         self.model_name = model_name
         self.processor_name = processor_name
         self.has_torchvision = has_torchvision
-        self.adapters = AdapterManager(base_model)
+        self.adapters = AdapterManager(base_model, model_name)
 
     @property
     def model(self) -> Any:
@@ -415,6 +416,68 @@ class LoadedModel:
         )
 
 
+#: The manifest a Geo-R1 trainer writes beside its adapter (``train/trainer.py``).
+ADAPTER_MANIFEST = "geo_r1_adapter.json"
+_FINGERPRINT_HEAD = 16 * 1024 * 1024
+
+
+def model_directory(source: str, *, local_files_only: bool | None = None) -> Path | None:
+    """The local directory of a model: ``source`` itself, or its snapshot in the Hugging Face cache."""
+    if _looks_like_path(source) or Path(source).expanduser().is_dir():
+        path = Path(source).expanduser()
+        return path if path.is_dir() else None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, local_files_only=True))
+    except Exception:  # not cached (or no hub library): no fingerprint
+        return None
+
+
+def model_fingerprint(source: str) -> str | None:
+    """A cheap identity of a model's weights: sha256 over each weight file's name, size and first 16 MiB.
+
+    Reads at most 16 MiB a file (a 3B model is hashed in well under a second). Small models are hashed
+    whole. None when the weights are not on this machine.
+    """
+    directory = model_directory(source)
+    if directory is None:
+        return None
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()
+                   and not p.name.startswith("adapter_"))  # fmt: skip
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+        with f.open("rb") as fh:
+            digest.update(fh.read(_FINGERPRINT_HEAD))
+    return digest.hexdigest()
+
+
+def check_adapter_base(directory: Path, base_source: str, name: str) -> None:
+    """Refuse an adapter whose Geo-R1 manifest names another base model (a message naming both)."""
+    manifest_file = Path(directory) / ADAPTER_MANIFEST
+    if not manifest_file.is_file():
+        log.info("adapter %s has no %s; its base model cannot be checked", name, ADAPTER_MANIFEST)
+        return
+    try:
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        want = manifest.get("base_model_hash")
+        want_name = manifest.get("base_model", "?")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError(
+            f"adapter {name!r}: {manifest_file} is not valid JSON ({exc}); re-train or re-save it"
+        ) from exc
+    have = model_fingerprint(base_source)
+    if want and have and want != have:
+        raise ConfigError(
+            f"adapter {name!r} ({directory}) was trained on the base model {want_name!r} (weights "
+            f"{want[:12]}), but this engine serves {base_source!r} (weights {have[:12]}); serve it with "
+            f"--model {want_name} or train the adapter on {base_source}"
+        )
+
+
 class AdapterManager:
     """Several peft LoRA adapters on one base model, switched without reloading the base.
 
@@ -424,8 +487,9 @@ class AdapterManager:
     adapter is active (the base model at first), so call ``activate`` explicitly.
     """
 
-    def __init__(self, base_model: Any) -> None:
+    def __init__(self, base_model: Any, base_source: str | None = None) -> None:
         self._base = base_model
+        self._base_source = base_source
         self._peft: Any = None
         self._paths: dict[str, str] = {}
         self._active: str | None = None
@@ -469,6 +533,9 @@ class AdapterManager:
             ) from exc
         if adapter_type != "LORA":
             raise ConfigError(f"adapter {name!r}: peft_type is {adapter_type!r}, not 'LORA'; only LoRA is supported")
+
+        if self._base_source is not None:
+            check_adapter_base(directory, self._base_source, name)
 
         from peft import PeftModel
 

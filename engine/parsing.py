@@ -254,6 +254,25 @@ def geo_r1_eval_box(text: str) -> tuple[int, int, int, int]:
     return (0, 0, 0, 0)
 
 
+def vlm_r1_reward_box(text: str) -> tuple[int, int, int, int] | None:
+    """The box VLM-R1's REC IoU reward reads, exactly; None when it finds none (the reward is then 0).
+
+    First ``<answer>(.*?)</answer>`` (DOTALL), stripped; then the FIRST ``\\[(\\d+),\\s*(\\d+),\\s*(\\d+),\\s*(\\d+)]``
+    in it (``re.search``), as ints. Unlike :func:`geo_r1_eval_box` (the evaluation's parse, the last box
+    after a ``{``), no braces are needed. Corners are not reordered.
+    """
+    try:
+        answer = _first_answer(text)
+        if answer is not None:
+            match = _QUAD_RE.search(answer.strip())
+            if match:
+                x1, y1, x2, y2 = (int(match.group(i)) for i in range(1, 5))
+                return (x1, y1, x2, y2)
+    except (AttributeError, TypeError, ValueError):
+        pass
+    return None
+
+
 def parse_output(text: str, task: str = "rec", reasoning: bool = True) -> ParsedOutput:
     """Parse a completion. Never raises, whatever ``text`` holds.
 

@@ -203,6 +203,11 @@ class TinyModelConfig:
     num_key_value_heads: int = 2
     intermediate_size: int = 128
     max_position_embeddings: int = 4096
+    rope_theta: float = dataclasses.field(
+        default=1000000.0,
+        metadata={"help": "text rotary base (Qwen2.5-VL: 1e6); 10 lets a model this small tell x positions apart "
+                          "(TRAINING-NOTES.md), which localisation needs"},
+    )
     # Vision tower
     vision_depth: int = 2
     vision_hidden_size: int = 32
@@ -226,6 +231,8 @@ class TinyModelConfig:
                      "vision_intermediate_size", "max_position_embeddings"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} must be a multiple of num_attention_heads {self.num_attention_heads}"
@@ -404,7 +411,9 @@ def model_config(config: TinyModelConfig, tokenizer: Any) -> Any:
         "max_window_layers": config.num_hidden_layers,
         "rms_norm_eps": 1e-6,
         "use_sliding_window": False,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": config.mrope_section},
+        "rope_parameters": {
+            "rope_type": "default", "rope_theta": config.rope_theta, "mrope_section": config.mrope_section
+        },
         "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"],
         "pad_token_id": ids["<|endoftext|>"],
@@ -625,11 +634,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="briefly train on CPU so greedy decoding follows Geo-R1's answer format (0: purely random; "
         "300 takes well under a minute)",
     )
+    parser.add_argument("--rope-theta", type=float, default=1000000.0,
+                        help="text rotary base (default 1e6 as Qwen2.5-VL; 10 for a tiny model that must localise)")
+    parser.add_argument("--hidden-size", type=int, default=64, help="text hidden size (default 64)")
 
 
 def main(args: argparse.Namespace) -> int:
     config = TinyModelConfig(
-        out_dir=args.out_dir, seed=args.seed, force=args.force, learn_format_steps=args.learn_format
+        out_dir=args.out_dir, seed=args.seed, force=args.force, learn_format_steps=args.learn_format,
+        rope_theta=args.rope_theta, hidden_size=args.hidden_size,
     )
     build_tiny_model(config)
     return 0

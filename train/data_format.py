@@ -185,3 +185,42 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise ConfigError(f"{directory} is not a Geo-R1 dataset (no {MANIFEST})") from None
     except ValueError as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc}); rebuild the dataset") from exc
+
+
+def place_words(box: Box, image_size: tuple[int, int]) -> str:
+    """Where a box lies in the image, in words ("in the top left", "in the centre"), from its centre."""
+    w, h = image_size
+    cx, cy = (box[0] + box[2]) / 2 / w, (box[1] + box[3]) / 2 / h
+    vertical = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else "middle"
+    horizontal = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else "centre"
+    if vertical == "middle" and horizontal == "centre":
+        return "in the centre"
+    if vertical == "middle":
+        return f"on the {horizontal}"
+    if horizontal == "centre":
+        return f"at the {vertical}"
+    return f"in the {vertical} {horizontal}"
+
+
+def target_text(record: ChipRecord, reasoning: bool) -> str:
+    """The supervised answer for ``record``.
+
+    Without reasoning (the paper's SFT baseline): the JSON answer the SFT prompt asks for (a fenced list of
+    ``{"bbox_2d", "label"}``), or ``None``. With reasoning (a warm start before GRPO): a short templated
+    ``<think>`` that says where the objects are, then ``<answer>`` holding ``{"bbox_2d": …, "label": …}`` for
+    rec (GEO-R1.md's expected output) or the fenced list / ``None`` for multi.
+    """
+    if not reasoning:
+        return answer_json(record.boxes, record.expression)
+    if not record.boxes:
+        think = f"I look for {record.expression} in the image. There is none."
+        return f"<think> {think} </think> <answer>None</answer>"
+    places = ", ".join(place_words(b, record.image_size) for b in record.boxes)
+    n = len(record.boxes)
+    think = f"I look for {record.expression}. I see {n} {'match' if n == 1 else 'matches'}: {places}."
+    if record.task == "rec":
+        b = record.boxes[0]
+        answer = f'{{"bbox_2d": [{b[0]}, {b[1]}, {b[2]}, {b[3]}], "label": {json.dumps(record.expression)}}}'
+    else:
+        answer = answer_json(record.boxes, record.expression)
+    return f"<think> {think} </think> <answer>{answer}</answer>"

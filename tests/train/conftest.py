@@ -1,0 +1,92 @@
+"""Fixtures for the training tests: tiny models (cached under .cache, keyed on the builder's hash) and a
+small learnable dataset directory written through train/data_format.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = REPO / ".cache"  # shared with tests/engine/conftest.py
+
+
+def _builder_hash() -> str:
+    return hashlib.sha256((REPO / "engine" / "tiny_model.py").read_bytes()).hexdigest()[:12]
+
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _cached(name: str, **kwargs: object) -> Path:
+    from engine.tiny_model import TinyModelConfig, build_tiny_model
+
+    target = CACHE / f"{name}-{_builder_hash()}"
+    if (target / "model.safetensors").is_file():
+        return target
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=CACHE))
+    try:
+        build_tiny_model(TinyModelConfig(out_dir=tmp / "m", **kwargs))
+        try:
+            os.replace(tmp / "m", target)
+        except OSError:
+            if not (target / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_rope10_dir() -> Path:
+    """A random tiny Qwen2.5-VL with rope_theta 10 (the base the training tests fine-tune)."""
+    return _cached("tiny-rope10-seed0", seed=0, rope_theta=10.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_other_dir() -> Path:
+    """Another random tiny model (seed 1): a different base, for the mismatch tests."""
+    return _cached("tiny-rope10-seed1", seed=1, rope_theta=10.0)
+
+
+def write_grid_dataset(out: Path, n_train: int = 12, n_val: int = 6, side: int = 112, seed: int = 0) -> Path:
+    """A dark 112x112 chip with one bright 28x28 square on a 4x4 grid; rec + multi records, and negatives."""
+    from PIL import Image, ImageDraw
+
+    from train.data_format import MANIFEST, ChipRecord, write_records
+
+    rng = random.Random(seed)
+    records = []
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_val)):
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            image = Image.new("RGB", (side, side), (20, 30, 25))
+            x, y = rng.randrange(4) * 28, rng.randrange(4) * 28
+            box = (x, y, x + 28, y + 28)
+            ImageDraw.Draw(image).rectangle([x, y, x + 27, y + 27], fill=(240, 240, 230))
+            rel = f"images/{split}/{i:03d}.png"
+            image.save(out / rel)
+            common = dict(image=rel, split=split, expression="white square", category="white square",
+                          image_size=(side, side))  # fmt: skip
+            records.append(ChipRecord(id=f"{split}-{i}", task="rec", boxes=(box,), is_unique=True, **common))
+            records.append(ChipRecord(id=f"{split}-{i}-m", task="multi", boxes=(box,), **common))
+        empty = f"images/{split}/neg.png"
+        Image.new("RGB", (side, side), (20, 30, 25)).save(out / empty)
+        common = dict(image=empty, split=split, expression="white square", category="white square",
+                      image_size=(side, side))  # fmt: skip
+        records.append(ChipRecord(id=f"{split}-neg", task="multi", boxes=(), negative=True, **common))
+    write_records(out, records)
+    manifest = {"chip_size": side, "gsd": None, "crs": None, "seed": seed}
+    (out / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+    return out
+
+
+@pytest.fixture()
+def grid_dataset(tmp_path: Path) -> Path:
+    return write_grid_dataset(tmp_path / "data")
