@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("engine.server", "run the local grounding engine (HTTP on 127.0.0.1, token protected)"),
     "ask": ("engine.ask", "print the reasoning and boxes for one plain image"),
     "ground": ("engine.ground", "ground an expression over a whole raster and write a GeoPackage"),
+    "eval": ("train.evaluate", "score a model and adapters on a dataset, Geo-R1's way, and write a report"),
     "train": ("train.trainer", "fine-tune a LoRA adapter: sft, grpo or dapo"),
 }
 

@@ -1,0 +1,730 @@
+"""``geo-r1 eval``: score a base model and its LoRA adapters on a dataset, Geo-R1's way, and write a report.
+
+::
+
+    geo-r1 eval --data DIR --model M [--processor P] [--adapter NAME=PATH ...] [--split test|val]
+                [--task rec|multi] [--mode geo-r1|sft] [--batch-size 8] [--max-new-tokens N] [--limit N]
+                -o REPORT_DIR [--predictions [NAME=]FILE ...] [--logs NAME=TRAIN_LOG.jsonl ...]
+
+What it does, top to bottom (:func:`run`):
+
+1. Reads the ``split``/``task`` records of the dataset directory (``train/data_format.py``).
+2. Loads the base model once (``engine.loading.load_model``: CUDA bfloat16, else CPU float32), registers
+   every adapter, and evaluates the base model (named ``base``) and then each adapter (``activate``), in
+   the order given. Generation is greedy, batched with left padding, and decodes the whole generated
+   sequence at once (``train.generation.generate_texts``); 256 new tokens for rec, 1024 for multi.
+3. The mode picks the prompt and the parse. ``geo-r1``: the reasoning prompt (``PromptSpec(expr, task,
+   True)``) and Geo-R1's evaluation parse. ``sft``: the SFT-baseline prompt (``reasoning=False``) and the
+   SFT-baseline parse (REC: the first ``[a, b, c, d]`` anywhere). An adapter whose directory holds the
+   trainer's ``geo_r1_adapter.json`` is scored in the mode it was trained for (its ``"reasoning"`` key), as
+   the paper scores its SFT baseline with the SFT prompt; ``--mode`` applies to the others and to the base.
+4. Scores with ``train/metrics.py`` (its docstring states exactly how Geo-R1 counts), writes one
+   ``<name>_results.json`` per model in Geo-R1's results format, ``metrics.json`` with every number, PNG
+   plots and ``report.md``.
+
+``--predictions FILE`` re-scores results files without any model (torch is never imported on that path):
+REC records are re-scored from their ``extracted_answer`` exactly as ``recal_rec_acc_unique.py`` does,
+with the unique flags joined from ``<split>_rec_with_unique.json`` when ``--data`` holds one, else taken
+from the records' own ``is_unique``. Training logs (``train_log.jsonl``) found in adapter directories are
+plotted as learning curves; ``--logs NAME=FILE`` adds others.
+
+Coordinates: Geo-R1's evaluation never rescales predictions, and neither does the headline number here.
+Our chips are multiples of 28, so the model sees them unresized and nothing needs rescaling. For other
+image sizes the report counts them, and gives a "rescaled" mean IoU (predictions mapped back from the
+model's ``smart_resize`` frame, ``engine.coords.model_to_image_box``) as our extension.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from engine.coords import model_input_size
+from engine.parsing import format_ok
+from engine.prompts import PROMPT_VERSION, PromptSpec
+from geo_r1_qgis.core.errors import ConfigError, OutputError
+from train.data_format import SPLITS, TASKS, ChipRecord, eval_json_name, read_records
+from train.metrics import (
+    MODES,
+    OvdQuery,
+    RecResult,
+    coco_map_single,
+    coco_scores,
+    extract_rec_box,
+    mean_iou,
+    ovd_answer_region,
+    ovd_eval_boxes,
+    read_results,
+    rec_scores,
+    recal_iou,
+    rescaled_iou,
+    score_results,
+)
+
+log = logging.getLogger(__name__)
+
+#: Written by the trainer beside each adapter (train/trainer.py).
+ADAPTER_MANIFEST = "geo_r1_adapter.json"
+#: One JSON object per logged step, in each adapter directory (train/trainer.py).
+TRAIN_LOG = "train_log.jsonl"
+BASE_NAME = "base"
+DEFAULT_MAX_NEW_TOKENS = {"rec": 256, "multi": 1024}
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation. Validated when built; every message names the fix."""
+
+    out_dir: Path = dataclasses.field(metadata={"help": "report directory (created; files in it are replaced)"})
+    data: Path | None = dataclasses.field(default=None, metadata={"help": "dataset directory (geo-r1 dataset …)"})
+    model: str | None = dataclasses.field(default=None, metadata={"help": "base model: Hugging Face id or directory"})
+    processor: str | None = dataclasses.field(default=None, metadata={"help": "processor source if not the model's"})
+    adapters: Mapping[str, str] = dataclasses.field(
+        default_factory=dict, metadata={"help": "LoRA adapters to evaluate: name -> directory"}
+    )
+    split: str = dataclasses.field(default="test", metadata={"help": "split to score: test or val"})
+    task: str = dataclasses.field(default="rec", metadata={"help": "rec (one box) or multi (OVD style)"})
+    mode: str = dataclasses.field(default="geo-r1", metadata={"help": "geo-r1 (reasoning) or sft (baseline)"})
+    batch_size: int = dataclasses.field(default=8, metadata={"help": "queries per generate call"})
+    max_new_tokens: int | None = dataclasses.field(default=None, metadata={"help": "None: 256 rec, 1024 multi"})
+    limit: int | None = dataclasses.field(default=None, metadata={"help": "score only the first N queries"})
+    predictions: Mapping[str, Path] = dataclasses.field(
+        default_factory=dict, metadata={"help": "results files to re-score: name -> file"}
+    )
+    logs: Mapping[str, Path] = dataclasses.field(
+        default_factory=dict, metadata={"help": "training logs to plot: name -> train_log.jsonl"}
+    )
+    with_unique: Path | None = dataclasses.field(
+        default=None, metadata={"help": "Geo-R1 …_with_unique.json to join --predictions with (default: --data's)"}
+    )
+    device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
+    dtype: str = dataclasses.field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
+    examples: int = dataclasses.field(default=8, metadata={"help": "chips in the example grid"})
+    include_base: bool = dataclasses.field(default=True, metadata={"help": "also score the base model"})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if self.data is not None:
+            object.__setattr__(self, "data", Path(self.data))
+        if self.with_unique is not None:
+            object.__setattr__(self, "with_unique", Path(self.with_unique))
+        object.__setattr__(self, "adapters", MappingProxyType({str(k): str(v) for k, v in self.adapters.items()}))
+        object.__setattr__(self, "predictions", MappingProxyType({k: Path(v) for k, v in self.predictions.items()}))
+        object.__setattr__(self, "logs", MappingProxyType({k: Path(v) for k, v in self.logs.items()}))
+        if self.split not in SPLITS:
+            raise ConfigError(f"split must be one of {SPLITS}, got {self.split!r}; use --split test or --split val")
+        if self.task not in TASKS:
+            raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}; use --task rec or --task multi")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}; use --mode geo-r1 or --mode sft")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}; try --batch-size 8")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}; leave it unset for the default")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}; leave --limit out to score every query")
+        if self.examples < 0:
+            raise ConfigError(f"examples must be >= 0, got {self.examples}")
+        if self.model is None and not self.predictions:
+            raise ConfigError("nothing to evaluate: pass --model M (with --data DIR) or --predictions RESULTS.json")
+        if self.model is not None and self.data is None:
+            raise ConfigError("--model needs --data DIR, the dataset directory to score it on")
+        if self.adapters and self.model is None:
+            raise ConfigError("--adapter needs --model, the base model the adapters were trained on")
+        if self.model is not None and not self.include_base and not self.adapters:
+            raise ConfigError("--no-base leaves nothing to evaluate; add --adapter NAME=PATH or drop --no-base")
+        names = [BASE_NAME] if self.model is not None and self.include_base else []
+        names += list(self.adapters) + list(self.predictions)
+        if BASE_NAME in self.adapters or (self.model is not None and BASE_NAME in self.predictions):
+            raise ConfigError(f"the name {BASE_NAME!r} is the base model's; name the adapter or predictions otherwise")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"two models are named {dupes[0]!r}; give each adapter and predictions file a NAME=")
+
+    @property
+    def new_tokens(self) -> int:
+        return self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[self.task]
+
+
+def adapter_manifest(path: str | Path) -> dict[str, Any]:
+    """The trainer's ``geo_r1_adapter.json`` of an adapter directory, or {} when there is none."""
+    file = Path(path).expanduser() / ADAPTER_MANIFEST
+    if not file.is_file():
+        return {}
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{file} is not valid JSON ({exc}); re-train the adapter or delete the file") from exc
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"{file} must hold a JSON object; re-train the adapter or delete the file")
+    if "reasoning" in manifest and not isinstance(manifest["reasoning"], bool):
+        raise ConfigError(f"{file}: 'reasoning' must be true or false, got {manifest['reasoning']!r}")
+    return manifest
+
+
+def mode_for_adapter(manifest: Mapping[str, Any], default: str) -> str:
+    """The adapter's own mode when its manifest says whether it was trained with reasoning."""
+    if "reasoning" in manifest:
+        return "geo-r1" if manifest["reasoning"] else "sft"
+    return default
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring (pure: records and outputs in, results records and numbers out)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ModelRun:
+    """One evaluated model: how it was prompted, its results records and its numbers."""
+
+    name: str
+    mode: str
+    source: str
+    task: str
+    results: list[dict[str, Any]]
+    scores: dict[str, Any]
+    #: per query: the IoU (rec) or the AP@[.5:.95] of a positive query (multi), for the histogram
+    values: list[float]
+    method: str | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+    results_file: str | None = None
+
+
+def _rec_extras(results: Sequence[Mapping[str, Any]], ious: Sequence[float]) -> dict[str, Any]:
+    rescaled = [r.get("rescaled_iou") for r in results]
+    sizes = [r.get("image_size") for r in results]
+    off_grid = sum(1 for s in sizes if s and tuple(model_input_size(tuple(s))) != tuple(s))
+    outputs = [r.get("model_output") for r in results]
+    return {
+        "rescaled_mean_iou": mean_iou(rescaled) if rescaled and all(v is not None for v in rescaled) else None,
+        "images_not_multiple_of_28": off_grid,
+        "images_of_known_size": sum(1 for s in sizes if s),
+        "failed_parses": sum(1 for r in results if list(r.get("extracted_answer") or [0, 0, 0, 0]) == [0, 0, 0, 0]),
+        "format_ok": (
+            sum(format_ok(o, "rec") for o in outputs if isinstance(o, str)) / len(outputs) * 100 if outputs else 0.0
+        ),
+        "ious_above_0": sum(1 for v in ious if v > 0),
+    }
+
+
+def score_rec_run(records: Sequence[ChipRecord], outputs: Sequence[str], mode: str) -> tuple[list[dict], dict, list]:
+    """Score REC outputs: Geo-R1's results records, the numbers and the per-query IoUs."""
+    results, pairs = [], []
+    for r, text in zip(records, outputs, strict=True):
+        box = extract_rec_box(text, mode)
+        gt = r.boxes[0]
+        iou = recal_iou(list(box), list(gt))
+        res = RecResult(
+            image=r.image,
+            question=r.question,
+            ground_truth=tuple(gt),
+            model_output=text,
+            extracted_answer=tuple(box),
+            iou=iou,
+            is_unique=r.is_unique,
+            image_size=r.image_size,
+            rescaled_iou=rescaled_iou(list(box), list(gt), r.image_size),
+            extra={"id": r.id, "expression": r.expression, "category": r.category},
+        )
+        results.append(res.to_json())
+        pairs.append((iou, r.is_unique))
+    scores = rec_scores(pairs).to_json()
+    ious = [p[0] for p in pairs]
+    scores.update(_rec_extras(results, ious))
+    return results, scores, ious
+
+
+def rescore_rec_results(results: Sequence[Mapping[str, Any]], with_unique: Any = None) -> tuple[dict, list]:
+    """Re-score REC results records as ``recal_rec_acc_unique.py`` does (see train/metrics.py)."""
+    rec, ious = score_results(results, with_unique)
+    scores = rec.to_json()
+    fixed = []
+    for r in results:  # the rescaled IoU needs the image size, which only our results files carry
+        r = dict(r)
+        if r.get("image_size") and r.get("rescaled_iou") is None:
+            r["rescaled_iou"] = rescaled_iou(r.get("extracted_answer"), r.get("ground_truth"), r["image_size"])
+        fixed.append(r)
+    scores.update(_rec_extras(fixed, ious))
+    scores["unique_flags_from"] = "with_unique file" if with_unique is not None else "records' is_unique"
+    return scores, ious
+
+
+def _multi_scores(results: Sequence[Mapping[str, Any]]) -> tuple[dict, list]:
+    queries = []
+    for r in results:
+        category = str(r.get("category") or r.get("question"))
+        gt, pred = r.get("ground_truth") or [], r.get("extracted_answer") or []
+        queries.append(OvdQuery(str(r.get("image")), category, gt, pred))
+    positives = [q for q in queries if q.gt_boxes]
+    negatives = [q for q in queries if not q.gt_boxes]
+    scores = coco_scores(positives).to_json()
+    with_neg = coco_scores(queries)
+    scores["with_negatives"] = {"mAP": with_neg.mAP * 100, "AP50": with_neg.AP50 * 100}
+    scores["negatives"] = {
+        "queries": len(negatives),
+        "answered_none": sum(1 for q in negatives if not q.pred_boxes),
+    }
+    outputs = [r.get("model_output") for r in results]
+    scores["format_ok"] = (
+        sum(format_ok(o, "multi") for o in outputs if isinstance(o, str)) / len(outputs) * 100 if outputs else 0.0
+    )
+    values = [coco_map_single(q.pred_boxes, q.gt_boxes) for q in positives]
+    return scores, values
+
+
+def score_multi_run(records: Sequence[ChipRecord], outputs: Sequence[str], mode: str) -> tuple[list[dict], dict, list]:
+    """Score OVD-style outputs: results records (boxes per query), COCO numbers and per-query APs."""
+    results = []
+    for r, text in zip(records, outputs, strict=True):
+        boxes = ovd_eval_boxes(ovd_answer_region(text, reasoning=mode == "geo-r1"))
+        results.append({
+            "image": r.image,
+            "question": PromptSpec(r.expression, "multi", mode == "geo-r1").text,
+            "ground_truth": [list(b) for b in r.boxes],
+            "model_output": text,
+            "extracted_answer": boxes,
+            "category": r.category,
+            "negative": r.negative,
+            "id": r.id,
+            "expression": r.expression,
+            "image_size": list(r.image_size),
+        })  # fmt: skip
+    scores, values = _multi_scores(results)
+    return results, scores, values
+
+
+def infer_task(data: Mapping[str, Any]) -> str:
+    """The task of a results file: its ``task`` key, else rec when boxes are flat lists of 4."""
+    if data.get("task") in TASKS:
+        return data["task"]
+    for r in data.get("results", []):
+        gt = r.get("ground_truth")
+        if isinstance(gt, list) and gt:
+            return "multi" if isinstance(gt[0], list) else "rec"
+    return "rec"
+
+
+# --------------------------------------------------------------------------------------------------
+# Running models
+# --------------------------------------------------------------------------------------------------
+
+
+def _generate(loaded: Any, data: Path, records: Sequence[ChipRecord], cfg: EvalConfig, mode: str, name: str) -> list:
+    from train.generation import generate_texts
+
+    outputs: list[str] = []
+    step = cfg.batch_size * 4
+    for i in range(0, len(records), step):
+        chunk = records[i : i + step]
+        outputs += generate_texts(loaded.model, loaded.processor, data, chunk, reasoning=mode == "geo-r1",
+                                  max_new_tokens=cfg.new_tokens, batch_size=cfg.batch_size)  # fmt: skip
+        log.info("%s: %d/%d queries", name, len(outputs), len(records))
+    return outputs
+
+
+def _model_runs(cfg: EvalConfig, records: Sequence[ChipRecord]) -> list[ModelRun]:
+    from engine.loading import LoadConfig, load_model
+
+    loaded = load_model(LoadConfig(model=cfg.model, processor=cfg.processor, device=cfg.device, dtype=cfg.dtype))
+    manifests = {}
+    for name, path in cfg.adapters.items():
+        manifests[name] = adapter_manifest(path)
+        loaded.adapters.register(name, path)
+    log.info("evaluating on %s (%s)", loaded.device, loaded.dtype)
+    plan: list[tuple[str, str | None]] = [(BASE_NAME, None)] if cfg.include_base else []
+    plan += [(name, name) for name in cfg.adapters]
+    runs = []
+    for name, adapter in plan:
+        manifest = manifests.get(adapter, {}) if adapter else {}
+        mode = mode_for_adapter(manifest, cfg.mode)
+        notes = []
+        if adapter and "reasoning" in manifest:
+            notes.append(f"mode {mode} from {ADAPTER_MANIFEST} (reasoning={manifest['reasoning']})")
+        if manifest.get("task") and manifest["task"] != cfg.task:
+            notes.append(f"trained for task {manifest['task']!r}, scored on {cfg.task!r}")
+            log.warning("adapter %s was trained for task %s, scored on %s", name, manifest["task"], cfg.task)
+        loaded.adapters.activate(adapter)
+        outputs = _generate(loaded, cfg.data, records, cfg, mode, name)
+        score = score_rec_run if cfg.task == "rec" else score_multi_run
+        results, scores, values = score(records, outputs, mode)
+        source = f"adapter {cfg.adapters[adapter]}" if adapter else f"base model {cfg.model}"
+        runs.append(ModelRun(name, mode, source, cfg.task, results, scores, values, manifest.get("method"), notes))
+    return runs
+
+
+def _prediction_runs(cfg: EvalConfig) -> list[ModelRun]:
+    with_unique = None
+    path = cfg.with_unique
+    if path is None and cfg.data is not None:
+        path = cfg.data / eval_json_name(cfg.split, with_unique=True)
+        path = path if path.is_file() else None
+    if path is not None:
+        try:
+            with_unique = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path} does not exist; pass Geo-R1's …_with_unique.json evaluation file") from None
+        except ValueError as exc:
+            raise ConfigError(f"{path} is not valid JSON ({exc}); pass Geo-R1's …_with_unique.json") from exc
+        if not isinstance(with_unique, list):
+            raise ConfigError(f"{path} must hold a JSON list of {{image, problem, solution, is_unique}} items")
+    runs = []
+    for name, file in cfg.predictions.items():
+        data = read_results(file)
+        results = data.get("results", [])
+        task = infer_task(data)
+        if task == "rec":
+            scores, values = rescore_rec_results(results, with_unique)
+        else:
+            scores, values = _multi_scores(results)
+        mode = data.get("mode") if data.get("mode") in MODES else "geo-r1"
+        runs.append(ModelRun(name, mode, f"predictions {file}", task, list(results), scores, values,
+                             data.get("method"), ["re-scored from the results file; no model was run"]))  # fmt: skip
+    return runs
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def safe_name(name: str) -> str:
+    return _SAFE_NAME.sub("_", name).strip("_") or "model"
+
+
+def write_results(run: ModelRun, out_dir: Path, cfg: EvalConfig) -> Path:
+    """``<name>_results.json`` in Geo-R1's format (``accuracy`` + ``results``), plus our keys."""
+    path = out_dir / f"{safe_name(run.name)}_results.json"
+    if run.task == "rec":
+        head: dict[str, Any] = {"accuracy": run.scores["acc@0.5"]["overall"], "accuracy_metric": "Acc@0.5 (%)"}
+    else:
+        head = {"accuracy": run.scores["mAP"], "accuracy_metric": "COCO mAP (%)", "AP50": run.scores["AP50"]}
+    payload = {**head, "task": run.task, "mode": run.mode, "name": run.name, "source": run.source,
+               "method": run.method, "prompt_version": PROMPT_VERSION, "split": cfg.split,
+               "results": run.results}  # fmt: skip
+    path.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def find_logs(cfg: EvalConfig) -> dict[str, Path]:
+    """``train_log.jsonl`` of each adapter directory, then the ``--logs`` files (which must exist)."""
+    logs: dict[str, Path] = {}
+    for name, path in cfg.adapters.items():
+        candidate = Path(path).expanduser() / TRAIN_LOG
+        if candidate.is_file():
+            logs[name] = candidate
+    for name, path in cfg.logs.items():
+        if not path.is_file():
+            raise ConfigError(f"training log {path} (--logs {name}=…) does not exist; pass a train_log.jsonl")
+        logs[name] = path
+    return logs
+
+
+def _pct(v: Any, total: int | None = None) -> str:
+    return "–" if v is None or total == 0 else f"{v:.2f}"
+
+
+def _rec_table(runs: Sequence[ModelRun]) -> list[str]:
+    lines = [
+        "| model | mode | method | N | Acc@0.5 Overall | Unique | Non-unique | Acc@0.7 Overall | Unique | Non-unique "
+        "| mean IoU | rescaled mean IoU | failed parses | format ok % |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in runs:
+        s = r.scores
+        a5, a7, c = s["acc@0.5"], s["acc@0.7"], s["counts"]
+        nu, nn = c["unique"], c["non_unique"]
+        rescaled = s.get("rescaled_mean_iou")
+        lines.append(
+            f"| {r.name} | {r.mode} | {r.method or '–'} | {c['overall']} | {_pct(a5['overall'])} "
+            f"| {_pct(a5['unique'], nu)} | {_pct(a5['non_unique'], nn)} | {_pct(a7['overall'])} "
+            f"| {_pct(a7['unique'], nu)} | {_pct(a7['non_unique'], nn)} "
+            f"| {s['mean_iou']:.3f} | {'–' if rescaled is None else f'{rescaled:.3f}'} | {s['failed_parses']} "
+            f"| {_pct(s['format_ok'])} |"
+        )
+    return lines
+
+
+def _multi_table(runs: Sequence[ModelRun]) -> list[str]:
+    lines = [
+        "| model | mode | method | queries | mAP | AP50 | mAP with negatives | negatives answered None | format ok % |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in runs:
+        s = r.scores
+        neg = s["negatives"]
+        lines.append(
+            f"| {r.name} | {r.mode} | {r.method or '–'} | {s['counts']['queries']} | {_pct(s['mAP'])} "
+            f"| {_pct(s['AP50'])} | {_pct(s['with_negatives']['mAP'])} | {neg['answered_none']}/{neg['queries']} "
+            f"| {_pct(s['format_ok'])} |"
+        )
+    return lines
+
+
+def write_report(cfg: EvalConfig, runs: Sequence[ModelRun], plots: Mapping[str, Path | None], logs: Mapping[str, Path],
+                 n_records: int | None) -> Path:  # fmt: skip
+    """``report.md``: what was scored, how, the numbers and the plots."""
+    task = runs[0].task if runs else cfg.task
+    lines = [
+        "# Geo-R1 evaluation",
+        "",
+        f"- date: {_dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- dataset: `{cfg.data}` split `{cfg.split}`, task `{task}`"
+        + (f", {n_records} queries" if n_records is not None else "")
+        + (f" (--limit {cfg.limit})" if cfg.limit else ""),
+    ]
+    if cfg.model:
+        lines.append(f"- base model: `{cfg.model}`" + (f", processor `{cfg.processor}`" if cfg.processor else ""))
+        lines.append(f"- greedy decoding, max_new_tokens {cfg.new_tokens}, batch size {cfg.batch_size}")
+    lines += [f"- prompt version: `{PROMPT_VERSION}`", ""]
+    for r in runs:
+        extra = f" ({'; '.join(r.notes)})" if r.notes else ""
+        lines.append(f"- **{r.name}**: {r.source}, mode `{r.mode}`{extra}; results: `{r.results_file}`")
+    lines += ["", "## Results", ""]
+    if task == "rec":
+        lines += _rec_table(runs)
+        off = max((r.scores.get("images_not_multiple_of_28", 0) for r in runs), default=0)
+        known = min((r.scores.get("images_of_known_size", 0) for r in runs), default=0)
+        n_rows = max((len(r.results) for r in runs), default=0)
+        lines += [
+            "",
+            "Acc@t is the percentage of queries with IoU **>** t (strict: an IoU of exactly 0.5 is a miss), over "
+            "**all** queries (a failed parse is [0, 0, 0, 0], a miss), as Geo-R1's `recal_rec_acc_unique.py` "
+            "counts. Unique / Non-unique use only the queries with an `is_unique` flag (unflagged queries count "
+            "in Overall only). The IoU is Geo-R1's inclusive-pixel IoU. Geo-R1 mode parses the last box of the "
+            "first `<answer>`; sft mode the first `[a, b, c, d]` anywhere. Mean IoU is our addition.",
+            "",
+            "Predictions are compared in the pixels the model wrote, without rescaling, as Geo-R1 does. "
+            + (
+                f"{off} image(s) here are not multiples of 28, so the model saw them resized: for those the "
+                "unrescaled score is Geo-R1's, and the *rescaled mean IoU* (predictions mapped back from the "
+                "model's frame, our extension) is the geometrically right one."
+                if off
+                else "The results do not record the image sizes, so the frame cannot be checked here."
+                if known < n_rows
+                else "Every image here has sides that are multiples of 28, so the model saw it unresized and the "
+                "rescaled mean IoU equals the mean IoU."
+            ),
+        ]
+    else:
+        lines += _multi_table(runs)
+        lines += [
+            "",
+            "COCO mAP (AP@[.5:.95]) and AP50 with pycocotools over the queries whose chip holds the category, "
+            "every box scored 1.0, as Geo-R1's `test_ovd_nwpu_eval.py`; boxes are read from the first fenced "
+            "json block, else the greedy `[...]` (in Geo-R1 mode, inside the first `<answer>`). *mAP with "
+            "negatives* also counts boxes given on negative chips as false positives (our addition).",
+        ]
+        classes = sorted({c for r in runs for c in r.scores.get("per_class", {})})
+        if classes:
+            lines += ["", "Per class (AP50 / mAP):", "", "| model | " + " | ".join(classes) + " |",
+                      "| --- |" + " ---: |" * len(classes)]  # fmt: skip
+            for r in runs:
+                pc = r.scores.get("per_class", {})
+                cells = [f"{pc[c]['AP50']:.1f} / {pc[c]['mAP']:.1f}" if c in pc else "–" for c in classes]
+                lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    titles = {
+        "accuracy": "Accuracy",
+        "iou_hist": "IoU per query" if task == "rec" else "AP@[.5:.95] per query",
+        "examples": "Examples (green: truth, red: prediction)",
+        "curves": "Learning curves",
+    }
+    for key, title in titles.items():
+        png = plots.get(key)
+        if png is not None:
+            lines += ["", f"## {title}", "", f"![{title}]({png.name})"]
+    if logs:
+        lines += ["", "Training logs: " + ", ".join(f"{n} (`{p}`)" for n, p in logs.items())]
+    lines += ["", "All numbers: `metrics.json`.", ""]
+    path = cfg.out_dir / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def write_metrics(cfg: EvalConfig, runs: Sequence[ModelRun], plots: Mapping[str, Path | None],
+                  logs: Mapping[str, Path], n_records: int | None) -> Path:  # fmt: skip
+    payload = {
+        "dataset": str(cfg.data) if cfg.data else None,
+        "split": cfg.split,
+        "task": runs[0].task if runs else cfg.task,
+        "queries": n_records,
+        "limit": cfg.limit,
+        "model": cfg.model,
+        "processor": cfg.processor,
+        "max_new_tokens": cfg.new_tokens if cfg.model else None,
+        "prompt_version": PROMPT_VERSION,
+        "models": {
+            r.name: {
+                "mode": r.mode,
+                "source": r.source,
+                "method": r.method,
+                "task": r.task,
+                "notes": r.notes,
+                "results_file": r.results_file,
+                "scores": r.scores,
+            }
+            for r in runs
+        },
+        "logs": {n: str(p) for n, p in logs.items()},
+        "plots": {k: p.name for k, p in plots.items() if p is not None},
+    }
+    path = cfg.out_dir / "metrics.json"
+    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+
+def run(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate, write every file into ``cfg.out_dir`` and return what ``metrics.json`` holds."""
+    from train import eval_plots
+
+    records: list[ChipRecord] = []
+    if cfg.model is not None:
+        records = read_records(cfg.data, cfg.split, cfg.task)[: cfg.limit]
+        if not records:
+            raise ConfigError(
+                f"{cfg.data} has no {cfg.split} {cfg.task} records; pick another --split/--task or rebuild the dataset"
+            )
+    try:
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the report directory {cfg.out_dir} ({exc}); choose another -o") from exc
+    logs = find_logs(cfg)
+
+    runs = _model_runs(cfg, records) if cfg.model is not None else []
+    runs += _prediction_runs(cfg)
+    tasks = {r.task for r in runs}
+    if len(tasks) > 1:
+        raise ConfigError(f"the results mix tasks {sorted(tasks)}; evaluate rec and multi in separate reports")
+    for r in runs:
+        target = cfg.out_dir / f"{safe_name(r.name)}_results.json"
+        if r.name in cfg.predictions and target.resolve() == cfg.predictions[r.name].resolve():
+            r.results_file = target.name  # re-scoring a file in place: leave the input as it is
+            continue
+        r.results_file = write_results(r, cfg.out_dir, cfg).name
+
+    plots = {
+        "accuracy": eval_plots.accuracy_bars(runs, cfg.out_dir / "accuracy.png"),
+        "iou_hist": eval_plots.value_histograms(runs, cfg.out_dir / "iou_hist.png"),
+        "examples": eval_plots.example_grid(runs, cfg.data, cfg.out_dir / "examples.png", cfg.examples),
+        "curves": eval_plots.learning_curves(logs, cfg.out_dir / "learning_curves.png"),
+    }
+    n_records = len(records) if records else (len(runs[0].results) if runs else None)
+    write_report(cfg, runs, plots, logs, n_records)
+    write_metrics(cfg, runs, plots, logs, n_records)
+    log.info("report written to %s", cfg.out_dir / "report.md")
+    return json.loads((cfg.out_dir / "metrics.json").read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def _named_paths(values: Sequence[str] | None, flag: str, default_name: Any) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for v in values or []:
+        name, sep, path = v.partition("=")
+        if not sep:
+            name, path = default_name(Path(v)), v
+        name, path = name.strip(), path.strip()
+        if not name or not path:
+            raise ConfigError(f"{flag} takes NAME=PATH or PATH, got {v!r}")
+        if name in out:
+            raise ConfigError(f"two {flag} values are named {name!r}; name them: {flag} NAME=PATH")
+        out[name] = Path(path).expanduser()
+    return out
+
+
+def _results_name(path: Path) -> str:
+    stem = path.stem
+    return stem[: -len("_results")] if stem.endswith("_results") and len(stem) > len("_results") else stem
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, help="dataset directory (what 'geo-r1 dataset' writes)")
+    parser.add_argument("--model", help="base model: Hugging Face id or local directory")
+    parser.add_argument("--processor", help="processor source if it differs (Geo-R1 checkpoints: the base Qwen)")
+    parser.add_argument("--adapter", action="append", metavar="NAME=PATH",
+                        help="a LoRA adapter to evaluate beside the base model (repeatable)")  # fmt: skip
+    parser.add_argument("--split", default="test", choices=("test", "val", "train"))
+    parser.add_argument("--task", default="rec", choices=TASKS, help="rec: one box; multi: all boxes (OVD)")
+    parser.add_argument("--mode", default="geo-r1", choices=MODES,
+                        help="prompt and parse: geo-r1 (reasoning) or sft (baseline); an adapter's "
+                        f"{ADAPTER_MANIFEST} overrides it for that adapter")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, help="default: 256 for rec, 1024 for multi (Geo-R1's)")
+    parser.add_argument("--limit", type=int, help="score only the first N queries")
+    parser.add_argument("-o", "--out", type=Path, required=True, metavar="REPORT_DIR", help="report directory")
+    parser.add_argument("--predictions", action="append", metavar="[NAME=]FILE",
+                        help="re-score a results file without running a model (repeatable)")  # fmt: skip
+    parser.add_argument("--logs", action="append", metavar="NAME=TRAIN_LOG.jsonl",
+                        help="a training log to plot (adapters' own train_log.jsonl are found)")  # fmt: skip
+    parser.add_argument("--with-unique", type=Path, metavar="FILE",
+                        help="Geo-R1 …_with_unique.json to join --predictions on (default: --data's)")  # fmt: skip
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--examples", type=int, default=8, help="chips in the example grid (0: none)")
+    parser.add_argument("--no-base", dest="include_base", action="store_false", help="score only the adapters")
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    from engine.loading import parse_adapters
+
+    return EvalConfig(
+        out_dir=args.out,
+        data=args.data,
+        model=args.model,
+        processor=args.processor,
+        adapters=parse_adapters(args.adapter),
+        split=args.split,
+        task=args.task,
+        mode=args.mode,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+        predictions=_named_paths(args.predictions, "--predictions", _results_name),
+        logs=_named_paths(args.logs, "--logs", lambda p: p.parent.name or p.stem),
+        with_unique=args.with_unique,
+        device=args.device,
+        dtype=args.dtype,
+        examples=args.examples,
+        include_base=args.include_base,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    metrics = run(cfg)
+    out = sys.stdout
+    for name, m in metrics["models"].items():
+        s = m["scores"]
+        if m["task"] == "rec":
+            a5, a7 = s["acc@0.5"], s["acc@0.7"]
+            out.write(
+                f"{name} ({m['mode']}): Acc@0.5 {a5['overall']:.2f} (unique {a5['unique']:.2f}, non-unique "
+                f"{a5['non_unique']:.2f}), Acc@0.7 {a7['overall']:.2f}, mean IoU {s['mean_iou']:.3f}\n"
+            )
+        else:
+            out.write(f"{name} ({m['mode']}): mAP {s['mAP']:.2f}, AP50 {s['AP50']:.2f}\n")
+    out.write(f"report: {cfg.out_dir / 'report.md'}\n")
+    return 0
