@@ -331,6 +331,12 @@ def reproject(geoms: Sequence[Any], src_crs: str, dst_crs: str, what: str) -> li
     return out
 
 
+def _few(values: Sequence[Any], n: int = 5) -> str:
+    """``1, 2, 3, 4, 5 and 7 more`` for log lines."""
+    head = ", ".join(str(v) for v in values[:n])
+    return head + (f" and {len(values) - n} more" if len(values) > n else "")
+
+
 def _resolve_raster(text: str, annotation_file: Path) -> Path:
     """An annotation's raster: absolute, or relative to the annotation file, else to the working folder."""
     p = Path(text).expanduser()
@@ -422,7 +428,7 @@ def run_import(config: ImportConfig) -> int:
 
     bounds = shapely.box(*raster_bounds(transform, width, height))
     items: list[tuple[Annotation, Any]] = []
-    outside = 0
+    outside: list[int] = []
     for (i, _), geom in zip(parts, moved, strict=True):
         fid = int(fids[i])
         if config.expression is not None:
@@ -440,8 +446,7 @@ def run_import(config: ImportConfig) -> int:
             value = columns[config.split_field][i]
             split = "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
         if not geom.intersects(bounds):
-            outside += 1
-            log.warning("feature %d of %s lies outside the raster %s; skipped", fid, config.layer.name, config.raster)
+            outside.append(fid)
             continue
         ann = Annotation.from_attributes(
             {
@@ -454,6 +459,11 @@ def run_import(config: ImportConfig) -> int:
             where=f"feature {fid} of {config.layer}",
         )
         items.append((ann, shapely.orient_polygons(geom) if hasattr(shapely, "orient_polygons") else geom))
+    if outside:
+        log.warning(
+            "%d polygon(s) of %s lie outside the raster %s and are skipped (features %s)",
+            len(outside), config.layer.name, config.raster, _few(outside),
+        )  # fmt: skip
     if not items:
         raise ConfigError(
             f"none of the {len(parts)} polygon(s) of {what} lies on the raster {config.raster}"
@@ -461,7 +471,11 @@ def run_import(config: ImportConfig) -> int:
         )
     n = write_annotations(config.output, items, raster_crs)
     log.info(
-        "imported %d annotation(s) from %s into %s (%d outside the raster)", n, config.layer, config.output, outside
+        "imported %d annotation(s) from %s into %s (%d outside the raster)",
+        n,
+        config.layer,
+        config.output,
+        len(outside),
     )
     return n
 
@@ -533,6 +547,10 @@ class _Raster:
         return [o for o in self.objs if not o.ann.negative and o.ann.expression == expression]
 
 
+def _fits(box: cm.Box, side: int) -> bool:
+    return max(box[2] - box[0], box[3] - box[1]) <= side
+
+
 class _Builder:
     """Places, reads and writes the chips of one build (one instance per run, top to bottom)."""
 
@@ -589,6 +607,7 @@ class _Builder:
         src = raster.src
         geoms = reproject([f.geometry for f in features], aset.crs, src.crs_wkt, f"the annotations of {aset.path}")
         inv = src.transform.inverse()
+        outside: list[str] = []
         for f, geom in zip(features, geoms, strict=True):
             xy = shapely.get_coordinates(geom)
             cols = inv.a * xy[:, 0] + inv.b * xy[:, 1] + inv.c
@@ -601,12 +620,17 @@ class _Builder:
                 min(float(src.height), box[3]),
             )
             if not (clipped[0] < clipped[2] and clipped[1] < clipped[3]):
-                log.warning("%s lies outside the raster %s; skipped", f.name, raster.path.name)
+                outside.append(str(f.fid))
                 self.skipped["outside the raster"] += 1
                 continue
             if clipped != box:
                 log.warning("%s is partly outside the raster %s; its box is clipped", f.name, raster.path.name)
             raster.objs.append(_Obj(f, f.annotation, clipped))
+        if outside:
+            log.warning(
+                "%d annotation(s) of %s lie outside the raster %s and are skipped (features %s)",
+                len(outside), aset.path.name, raster.path.name, _few(outside),
+            )  # fmt: skip
 
     def assign_splits(self) -> None:
         """Move train annotations to val by whole grid cells (``--val-fraction``)."""
@@ -654,7 +678,9 @@ class _Builder:
         others = [w for w, s in raster.placed if s != split]
         return lambda window: cm.disjoint_from(window, others)
 
-    def _read_write(self, raster: _Raster, window: cm.Window, split: str) -> tuple[str, str] | None:
+    def _read_write(
+        self, raster: _Raster, window: cm.Window, split: str, obj: _Obj | None, expression: str
+    ) -> tuple[str, str] | None:
         """Read the chip, write its PNG and index entry; ``(id, image path)``, or ``None`` when nodata only."""
         from PIL import Image
 
@@ -685,6 +711,9 @@ class _Builder:
                 "window": list(window),
                 "transform": list(transform.to_tuple()),
                 "valid_fraction": round(float(valid), 4),
+                "expression": expression,
+                "annotation": None if obj is None else {"file": obj.feature.source.name, "fid": obj.feature.fid},
+                "negative": obj is None or obj.ann.negative,
             }
         )
         return chip_id, image
@@ -701,7 +730,7 @@ class _Builder:
         boxes = [o.box for o in same]
         target = next(i for i, o in enumerate(same) if o is obj)
         w, h = obj.box[2] - obj.box[0], obj.box[3] - obj.box[1]
-        if max(w, h) > raster.side:
+        if not _fits(obj.box, raster.side):
             gsd = raster.native_gsd_m * raster.scale
             coarser = gsd * max(w, h) / raster.side * 1.25
             log.warning(
@@ -726,7 +755,7 @@ class _Builder:
                 self.skipped["no unambiguous place"] += 1
                 continue
             window, inside = placed
-            written = self._read_write(raster, window, split)
+            written = self._read_write(raster, window, split, obj, obj.ann.expression)
             if written is None:
                 continue
             chip_id, image = written
@@ -782,7 +811,7 @@ class _Builder:
             else:
                 self.skipped["no unambiguous place"] += 1
                 continue
-            written = self._read_write(raster, window, split)
+            written = self._read_write(raster, window, split, obj, obj.ann.expression)
             if written is not None:
                 self._negative_record(*written, split, obj.ann)
 
@@ -792,14 +821,14 @@ class _Builder:
         if n == 0:
             return
         expressions: dict[str, list[_Raster]] = defaultdict(list)
-        for _, r in sorted(self.rasters.items()):
-            for e in sorted({o.ann.expression for o in r.objs}):
+        for _, r in sorted(self.rasters.items()):  # expressions with an object that fits in a chip
+            for e in sorted({o.ann.expression for o in r.objs if not o.ann.negative and _fits(o.box, r.side)}):
                 expressions[e].append(r)
         for expression, rasters in sorted(expressions.items()):
             regions = [(r, self._split_cells(r, split)) for r in rasters]
             regions = [(r, cells) for r, cells in regions if cells]
             if not regions:
-                log.info("no %s area on the rasters of %r: no random negatives there", split, expression)
+                log.debug("no %s area on the rasters of %r: no random negatives there", split, expression)
                 continue
             made = 0
             for k in range(n * self.config.tries * 4):
@@ -816,7 +845,7 @@ class _Builder:
                     continue
                 if not self._acceptor(raster, split)(window):
                     continue
-                written = self._read_write(raster, window, split)
+                written = self._read_write(raster, window, split, None, expression)
                 if written is not None:
                     ann = next(o.ann for o in raster.objs if o.ann.expression == expression)
                     self._negative_record(*written, split, ann)
