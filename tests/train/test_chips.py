@@ -103,7 +103,7 @@ def test_random_window_around_holds_the_box_at_varied_offsets():
     for w in windows:
         assert w is not None and w[2] - w[0] == 112 and w[3] - w[1] == 112
         assert w[0] <= box[0] and w[1] <= box[1] and box[2] <= w[2] and box[3] <= w[3]
-        assert 0 <= w[0] and w[2] <= 1000 and 0 <= w[1] and w[3] <= 800
+        assert w[0] >= 0 and w[2] <= 1000 and w[1] >= 0 and w[3] <= 800
 
 
 def test_random_window_is_deterministic_for_a_seed():
@@ -155,7 +155,7 @@ def test_place_chip_never_cuts_a_box_ambiguously():
 
 def test_place_chip_prefers_a_lone_target_and_respects_accept():
     boxes = [(100.0, 100.0, 120.0, 120.0), (150.0, 100.0, 170.0, 120.0)]
-    window, inside = cm.place_chip(0, boxes, 64, 400, 400, random.Random(0), tries=50)
+    _, inside = cm.place_chip(0, boxes, 64, 400, 400, random.Random(0), tries=50)
     assert inside == [0]
     forbidden = (0, 0, 400, 400)
     assert (
