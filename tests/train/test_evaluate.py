@@ -1,0 +1,324 @@
+"""Tests of train/evaluate.py (``geo-r1 eval``): re-scoring fixed results files, the report files, and
+real runs of the tiny model with LoRA adapters on a tiny dataset written here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.cli import main as cli_main
+from geo_r1_qgis.core.errors import ConfigError
+from train.data_format import MANIFEST, ChipRecord, eval_json_name, write_records
+from train.evaluate import EvalConfig, adapter_manifest, infer_task, mode_for_adapter
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = Path(__file__).parent / "data"
+FIXED_RESULTS = DATA / "rec_results_fixed.json"
+FIXED_UNIQUE = DATA / "rec_with_unique_fixed.json"
+
+
+def _eval(*argv: str) -> int:
+    return cli_main(["eval", *[str(a) for a in argv]])
+
+
+# --------------------------------------------------------------------------------------------------
+# A tiny dataset: 112x112 chips (and one 100x130 chip, not a multiple of 28)
+# --------------------------------------------------------------------------------------------------
+
+
+def write_tiny_dataset(out: Path) -> Path:
+    from PIL import Image, ImageDraw
+
+    (out / "images" / "test").mkdir(parents=True)
+    specs = [  # (name, size, box, is_unique)
+        ("c0", (112, 112), (28, 28, 56, 56), True),
+        ("c1", (112, 112), (56, 0, 84, 28), False),
+        ("c2", (112, 112), (0, 56, 28, 84), None),
+        ("c3", (100, 130), (10, 13, 50, 65), True),
+    ]
+    records = []
+    for name, size, box, unique in specs:
+        image = Image.new("RGB", size, (30, 40, 35))
+        ImageDraw.Draw(image).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=(235, 235, 220))
+        rel = f"images/test/{name}.png"
+        image.save(out / rel)
+        common = dict(image=rel, split="test", expression="the white square", category="white square",
+                      image_size=size)  # fmt: skip
+        records.append(ChipRecord(id=name, task="rec", boxes=(box,), is_unique=unique, **common))
+        records.append(ChipRecord(id=f"{name}-m", task="multi", boxes=(box,), **common))
+    Image.new("RGB", (112, 112), (30, 40, 35)).save(out / "images/test/neg.png")
+    records.append(ChipRecord(id="neg", image="images/test/neg.png", split="test", task="multi",
+                              expression="the white square", category="white square", boxes=(),
+                              image_size=(112, 112), negative=True))  # fmt: skip
+    write_records(out, records)
+    rec = [r for r in records if r.task == "rec"]
+    items = [{"image": r.image, "problem": r.question, "solution": list(r.boxes[0])} for r in rec]
+    (out / eval_json_name("test")).write_text(json.dumps(items), encoding="utf-8")
+    with_unique = [{**item, "is_unique": r.is_unique} for item, r in zip(items, rec, strict=True)]
+    (out / eval_json_name("test", with_unique=True)).write_text(json.dumps(with_unique), encoding="utf-8")
+    (out / MANIFEST).write_text(json.dumps({"chip_size": 112, "seed": 0}), encoding="utf-8")
+    return out
+
+
+@pytest.fixture()
+def tiny_dataset(tmp_path: Path) -> Path:
+    return write_tiny_dataset(tmp_path / "data")
+
+
+def _threads() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def make_lora(model_dir: Path, out: Path, seed: int, manifest: dict | None = None,
+              log_rows: list | None = None) -> Path:  # fmt: skip
+    """A LoRA adapter on the language model's linear layers, with random (non-zero) B matrices so it
+    changes the outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    base = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=64,
+        target_modules=r".*language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj",
+        init_lora_weights=False,
+    )
+    get_peft_model(base, config).save_pretrained(out)
+    if manifest is not None:
+        (out / "geo_r1_adapter.json").write_text(json.dumps(manifest), encoding="utf-8")
+    if log_rows is not None:
+        (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_rows), encoding="utf-8")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="nothing to evaluate"):
+        EvalConfig(out_dir=tmp_path)
+    with pytest.raises(ConfigError, match="--data"):
+        EvalConfig(out_dir=tmp_path, model="m")
+    with pytest.raises(ConfigError, match="base"):
+        EvalConfig(out_dir=tmp_path, model="m", data=tmp_path, adapters={"base": "x"})
+    with pytest.raises(ConfigError, match="--mode"):
+        EvalConfig(out_dir=tmp_path, model="m", data=tmp_path, mode="greedy")
+    with pytest.raises(ConfigError, match="--limit"):
+        EvalConfig(out_dir=tmp_path, model="m", data=tmp_path, limit=0)
+    with pytest.raises(ConfigError, match="two models"):
+        EvalConfig(out_dir=tmp_path, model="m", data=tmp_path, adapters={"a": "x"}, predictions={"a": "y"})
+    cfg = EvalConfig(out_dir=tmp_path, predictions={"p": FIXED_RESULTS}, task="multi")
+    assert cfg.new_tokens == 1024
+    assert EvalConfig(out_dir=tmp_path, predictions={"p": FIXED_RESULTS}).new_tokens == 256
+
+
+def test_adapter_manifest_picks_the_mode(tmp_path):
+    assert adapter_manifest(tmp_path) == {}
+    assert mode_for_adapter({}, "geo-r1") == "geo-r1"
+    assert mode_for_adapter({"reasoning": False, "task": "rec"}, "geo-r1") == "sft"
+    assert mode_for_adapter({"reasoning": True}, "sft") == "geo-r1"
+    (tmp_path / "geo_r1_adapter.json").write_text("{oops")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        adapter_manifest(tmp_path)
+    (tmp_path / "geo_r1_adapter.json").write_text('{"reasoning": "yes"}')
+    with pytest.raises(ConfigError, match="true or false"):
+        adapter_manifest(tmp_path)
+
+
+def test_infer_task():
+    assert infer_task({"task": "multi", "results": []}) == "multi"
+    assert infer_task({"results": [{"ground_truth": [1, 2, 3, 4]}]}) == "rec"
+    assert infer_task({"results": [{"ground_truth": [[1, 2, 3, 4]]}]}) == "multi"
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert _eval("--predictions", tmp_path / "missing.json", "-o", tmp_path / "r") == 1
+    err = capsys.readouterr().err
+    assert "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# --predictions: re-scoring without a model
+# --------------------------------------------------------------------------------------------------
+
+
+def test_predictions_rescore_fixed_file(tmp_path, capsys):
+    out = tmp_path / "report"
+    assert _eval("--predictions", f"grpo={FIXED_RESULTS}", "--with-unique", FIXED_UNIQUE, "-o", out) == 0
+    assert "grpo (geo-r1): Acc@0.5 72.73" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    s = metrics["models"]["grpo"]["scores"]
+    # the hand counts of tests/train/test_metrics.py::test_fixed_results_file_matches_upstream_counting
+    assert s["counts"] == {"overall": 11, "unique": 5, "non_unique": 4, "unflagged": 2}
+    assert s["correct@0.5"] == {"overall": 8, "unique": 5, "non_unique": 1}
+    assert s["correct@0.7"] == {"overall": 6, "unique": 4, "non_unique": 1}
+    assert s["acc@0.5"]["overall"] == pytest.approx(800 / 11)
+    assert s["unique_flags_from"] == "with_unique file"
+    for name in ("report.md", "metrics.json", "grpo_results.json", "accuracy.png", "iou_hist.png"):
+        assert (out / name).is_file(), name
+    assert not (out / "examples.png").exists()  # no --data: no images to draw
+    written = json.loads((out / "grpo_results.json").read_text())
+    assert written["accuracy"] == pytest.approx(800 / 11)
+    assert [r["extracted_answer"] for r in written["results"]] == [
+        r["extracted_answer"] for r in json.loads(FIXED_RESULTS.read_text())["results"]
+    ]
+    report = (out / "report.md").read_text()
+    assert "| grpo | geo-r1 |" in report and "72.73" in report and "IoU **>** t" in report
+    assert "![Accuracy](accuracy.png)" in report
+
+
+def test_predictions_without_flags_use_the_records_own(tmp_path):
+    out = tmp_path / "report"
+    assert _eval("--predictions", FIXED_RESULTS, "-o", out) == 0
+    s = json.loads((out / "metrics.json").read_text())["models"]["rec_results_fixed"]["scores"]
+    assert s["counts"] == {"overall": 11, "unique": 0, "non_unique": 0, "unflagged": 11}
+    assert s["unique_flags_from"] == "records' is_unique"
+    assert "| – |" in (out / "report.md").read_text()  # an empty split shows as –, not 0.00
+
+
+def test_predictions_path_never_imports_torch(tmp_path):
+    code = (
+        "import sys; from engine.cli import main; "
+        f"rc = main(['eval', '--predictions', {str(FIXED_RESULTS)!r}, '-o', {str(tmp_path / 'r')!r}]); "
+        "assert rc == 0; assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_predictions_join_the_datasets_unique_file(tmp_path, tiny_dataset):
+    """Our own results file re-scored with --data: the flags come from test_rec_with_unique.json."""
+    recs = [json.loads(line) for line in (tiny_dataset / "test_rec.jsonl").read_text().splitlines()]
+    results = []
+    for r in recs:
+        x1, y1, x2, y2 = r["solution"][0]
+        question = r["conversations"][0]["value"].removeprefix("<image>")  # Geo-R1's "problem"
+        results.append({"image": r["image"], "question": question, "ground_truth": [x1, y1, x2, y2],
+                        "model_output": "", "extracted_answer": [x1, y1, x2, y2], "correct": 1,
+                        "image_size": r["image_size"]})  # fmt: skip
+    file = tmp_path / "ours_results.json"
+    file.write_text(json.dumps({"accuracy": 100.0, "results": results}))
+    out = tmp_path / "report"
+    assert _eval("--data", tiny_dataset, "--predictions", file, "-o", out) == 0
+    s = json.loads((out / "metrics.json").read_text())["models"]["ours"]["scores"]
+    assert s["counts"] == {"overall": 4, "unique": 2, "non_unique": 1, "unflagged": 1}
+    assert s["acc@0.7"]["overall"] == 100.0
+    # the 100x130 chip: the truth, read as model pixels and scaled back, is no longer the truth
+    assert s["images_not_multiple_of_28"] == 1
+    assert s["rescaled_mean_iou"] < s["mean_iou"] == 1.0
+    assert (out / "examples.png").is_file()  # --data gives the images
+    assert "not multiples of 28" in (out / "report.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------------
+# Real runs on the tiny model
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(600)
+def test_tiny_model_with_adapters(tmp_path, tiny_rope10_dir, tiny_dataset, capsys):
+    _threads()
+    log_rows = [{"step": s, "loss": 2.0 / s, "reward": 0.1 * s, "rewards/iou": 0.05 * s, "kl": 0.01 * s,
+                 "learning_rate": 1e-4, "seconds": s * 1.5} for s in range(1, 6)]  # fmt: skip
+    grpo = make_lora(tiny_rope10_dir, tmp_path / "grpo", seed=1,
+                     manifest={"method": "grpo", "task": "rec", "reasoning": True}, log_rows=log_rows)  # fmt: skip
+    sft = make_lora(tiny_rope10_dir, tmp_path / "sft", seed=2, manifest={"method": "sft", "task": "rec",
+                                                                          "reasoning": False})  # fmt: skip
+    plain = make_lora(tiny_rope10_dir, tmp_path / "plain", seed=3)
+    extra_log = tmp_path / "other_log.jsonl"
+    extra_log.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\nnot json\n" + json.dumps({"step": 2, "loss": 0.5}))
+    out = tmp_path / "report"
+    rc = _eval("--data", tiny_dataset, "--model", tiny_rope10_dir, "--adapter", f"grpo={grpo}",
+               "--adapter", f"sft={sft}", "--adapter", f"plain={plain}", "--limit", 4, "--max-new-tokens", 6,
+               "--batch-size", 3, "--logs", f"other={extra_log}", "--device", "cpu", "-o", out)  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert all(f"{n} (" in printed for n in ("base", "grpo", "sft", "plain"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    models = metrics["models"]
+    assert list(models) == ["base", "grpo", "sft", "plain"]
+    # the manifest's "reasoning" picks the mode per adapter; --mode (geo-r1) applies to the others
+    assert {n: m["mode"] for n, m in models.items()} == {"base": "geo-r1", "grpo": "geo-r1", "sft": "sft",
+                                                         "plain": "geo-r1"}  # fmt: skip
+    assert models["grpo"]["method"] == "grpo" and models["sft"]["method"] == "sft"
+    assert metrics["max_new_tokens"] == 6 and metrics["queries"] == 4
+    results = {n: json.loads((out / f"{n}_results.json").read_text()) for n in models}
+    for n, r in results.items():
+        assert len(r["results"]) == 4
+        assert set(r) >= {"accuracy", "results"}
+        first = r["results"][0]
+        assert set(first) >= {"image", "question", "ground_truth", "model_output", "extracted_answer", "correct"}
+        assert r["mode"] == models[n]["mode"]
+        assert models[n]["scores"]["counts"] == {"overall": 4, "unique": 2, "non_unique": 1, "unflagged": 1}
+    # the question is the REC question (Geo-R1's join key), the ground truth the chip's box
+    assert results["base"]["results"][0]["question"].startswith("Please provide the bounding box")
+    assert results["base"]["results"][0]["ground_truth"] == [28, 28, 56, 56]
+    # adapters are really switched: the same prompt gives other outputs with another adapter
+    outputs = {n: [x["model_output"] for x in r["results"]] for n, r in results.items()}
+    assert outputs["plain"] != outputs["base"]
+    assert outputs["grpo"] != outputs["plain"]
+    # learning curves from grpo's own train_log.jsonl and the --logs file
+    assert set(metrics["logs"]) == {"grpo", "other"}
+    for name in ("report.md", "accuracy.png", "iou_hist.png", "examples.png", "learning_curves.png"):
+        assert (out / name).is_file(), name
+    report = (out / "report.md").read_text()
+    assert "## Learning curves" in report and "sft" in report and "not multiples of 28" in report
+
+
+@pytest.mark.timeout(600)
+def test_tiny_model_base_is_deterministic_and_matches_the_generation_helper(tmp_path, tiny_rope10_dir, tiny_dataset):
+    """Greedy, batched with left padding: batch size 1 and 4 give the same texts."""
+    _threads()
+    outs = []
+    for bs in (1, 4):
+        out = tmp_path / f"r{bs}"
+        assert _eval("--data", tiny_dataset, "--model", tiny_rope10_dir, "--limit", 4, "--max-new-tokens", 5,
+                     "--batch-size", bs, "--examples", 0, "--mode", "sft", "-o", out) == 0  # fmt: skip
+        outs.append([r["model_output"] for r in json.loads((out / "base_results.json").read_text())["results"]])
+        assert not (out / "examples.png").exists()
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.timeout(600)
+def test_tiny_model_multi(tmp_path, tiny_rope10_dir, tiny_dataset):
+    _threads()
+    out = tmp_path / "report"
+    assert _eval("--data", tiny_dataset, "--model", tiny_rope10_dir, "--task", "multi", "--max-new-tokens", 6,
+                 "--device", "cpu", "-o", out) == 0  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    s = metrics["models"]["base"]["scores"]
+    assert metrics["task"] == "multi" and metrics["queries"] == 5
+    assert s["counts"]["queries"] == 4 and s["negatives"]["queries"] == 1
+    assert 0.0 <= s["mAP"] <= 100.0 and "white square" in s["per_class"]
+    written = json.loads((out / "base_results.json").read_text())
+    assert written["task"] == "multi" and written["results"][-1]["negative"] is True
+    assert (out / "accuracy.png").is_file()
+    # and the multi results file re-scores to the same numbers without the model
+    again = tmp_path / "again"
+    assert _eval("--predictions", f"again={out / 'base_results.json'}", "-o", again) == 0
+    s2 = json.loads((again / "metrics.json").read_text())["models"]["again"]["scores"]
+    assert s2["mAP"] == s["mAP"] and s2["negatives"] == s["negatives"]
+
+
+def test_rescoring_in_place_leaves_the_input_alone(tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    target = out / "fixed_results.json"
+    shutil.copy(FIXED_RESULTS, target)
+    before = target.read_bytes()
+    assert _eval("--predictions", target, "-o", out) == 0
+    assert target.read_bytes() == before
+    assert json.loads((out / "metrics.json").read_text())["models"]["fixed"]["results_file"] == "fixed_results.json"
