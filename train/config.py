@@ -93,6 +93,10 @@ class TrainConfig:
     save_steps: int = field(default=50, metadata={"help": "checkpoint every N steps (for --resume)"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
     eval_limit: int = field(default=32, metadata={"help": "val queries scored before and after (0: skip)"})
+    keep_checkpoints: bool = field(
+        default=False,
+        metadata={"help": "keep checkpoints/ after a finished run (default: removed; they only serve --resume)"},
+    )
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output_dir"})
     force: bool = field(default=False, metadata={"help": "overwrite a non-empty output_dir"})
     report_to: str = field(default="none", metadata={"help": "trl/transformers report_to (none, tensorboard, wandb)"})

@@ -401,17 +401,19 @@ def run(config: TrainConfig) -> Path:
     if main_process:
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         unwrapped.save_pretrained(str(out), safe_serialization=True)
-        _write_manifest(config, out, data_manifest, before, after, trainer.state.global_step, seconds, result)
+        _write_manifest(config, out, data_manifest, before, after, trainer.state.global_step, seconds, result,
+                        trainer.accelerator.num_processes)  # fmt: skip
         if (out / TRAIN_LOG).is_file():
             plot_curves(out / TRAIN_LOG, out / CURVES_PNG, title=f"{config.method} on {config.data.name}")
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # only for --resume of an interrupted run
+        if not config.keep_checkpoints:  # they only serve --resume of an interrupted run
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
         log.info("adapter written to %s", out)
     trainer.accelerator.wait_for_everyone()
     return out
 
 
 def _write_manifest(config: TrainConfig, out: Path, data_manifest: dict[str, Any], before: Any, after: Any,
-                    steps: int, seconds: float, result: Any) -> None:  # fmt: skip
+                    steps: int, seconds: float, result: Any, world_size: int) -> None:  # fmt: skip
     from engine.loading import model_fingerprint
 
     train_records = len(read_records(config.data, "train", config.task))
@@ -443,6 +445,7 @@ def _write_manifest(config: TrainConfig, out: Path, data_manifest: dict[str, Any
         "lora_targets": LORA_TARGETS,
         "metrics": {"before": before, "after": after, "split": "val", "limit": config.eval_limit},
         "steps": steps,
+        "world_size": world_size,
         "train_seconds": round(seconds, 1),
         "train_loss": getattr(result, "training_loss", None),
         "versions": _library_versions(),

@@ -50,6 +50,12 @@ def tiny_rope10_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_format_model_dir() -> Path:
+    """The format-trained tiny model, the same cache entry as tests/engine/conftest.py's fixture."""
+    return _cached("tiny-format-model-seed0-steps300", seed=0, learn_format_steps=300)
+
+
+@pytest.fixture(scope="session")
 def tiny_other_dir() -> Path:
     """Another random tiny model (seed 1): a different base, for the mismatch tests."""
     return _cached("tiny-rope10-seed1", seed=1, rope_theta=10.0)
