@@ -18,8 +18,11 @@ log = logging.getLogger(__name__)
 TRUE_COLOUR = "#1db954"
 PRED_COLOUR = "#e8202a"
 #: learning-curve keys drawn first, in this order; the other numeric keys follow alphabetically
-CURVE_PRIORITY = ("loss", "reward", "rewards/format", "rewards/iou", "rewards/od", "kl", "learning_rate")
-CURVE_SKIP = ("step", "epoch", "seconds", "global_step")
+CURVE_PRIORITY = ("loss", "reward", "format", "iou", "od", "kl", "lr", "learning_rate", "reward_std", "entropy",
+                  "grad_norm", "completions/mean_length", "frac_reward_zero_std")  # fmt: skip
+#: not curves: the x axis, clocks, and the trainer's end-of-run summary row
+CURVE_SKIP = ("step", "epoch", "seconds", "global_step", "total_flos")
+CURVE_SKIP_PREFIXES = ("train_",)
 MAX_CURVES = 12
 
 
@@ -160,17 +163,19 @@ def example_grid(runs: Sequence[Any], data_dir: Path | None, png: Path, count: i
                 ax.set_title("(not scored)", fontsize=7)
                 continue
             task = run.task
-            for colour, boxes, lw in ((TRUE_COLOUR, _boxes(res.get("ground_truth"), task), 2.0),
-                                      (PRED_COLOUR, _boxes(res.get("extracted_answer"), task), 1.4)):  # fmt: skip
+            # the truth wide and solid, the prediction dashed on top: both stay visible when they coincide
+            styles = ((TRUE_COLOUR, _boxes(res.get("ground_truth"), task), 2.6, "-"),
+                      (PRED_COLOUR, _boxes(res.get("extracted_answer"), task), 1.3, "--"))  # fmt: skip
+            for colour, boxes, lw, ls in styles:
                 for b in boxes:
                     if b == [0.0, 0.0, 0.0, 0.0]:
                         continue  # the failed-parse placeholder
                     ax.add_patch(Rectangle((b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False,
-                                           edgecolor=colour, lw=lw))  # fmt: skip
+                                           edgecolor=colour, lw=lw, ls=ls))  # fmt: skip
             if task == "rec":
                 iou = res.get("iou")
-                label = "no box" if _boxes(res.get("extracted_answer"), task) in ([], [[0.0] * 4]) else ""
-                ax.set_title(f"IoU {iou:.2f} {label}".strip() if iou is not None else label, fontsize=7)
+                no_box = _boxes(res.get("extracted_answer"), task) in ([], [[0.0] * 4])
+                ax.set_title("no box" if no_box else f"IoU {iou:.2f}" if iou is not None else "", fontsize=7)
             else:
                 ax.set_title(f"{len(_boxes(res.get('extracted_answer'), task))} pred / "
                              f"{len(_boxes(res.get('ground_truth'), task))} true", fontsize=7)  # fmt: skip
@@ -210,9 +215,15 @@ def _number(v: Any) -> float | None:
 def curve_keys(rows_by_run: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
     """The numeric keys to plot: :data:`CURVE_PRIORITY` first, then the others alphabetically."""
     keys = {k for rows in rows_by_run.values() for r in rows for k, v in r.items()
-            if k not in CURVE_SKIP and _number(v) is not None}  # fmt: skip
+            if k not in CURVE_SKIP and not k.startswith(CURVE_SKIP_PREFIXES) and _number(v) is not None}  # fmt: skip
     ordered = [k for k in CURVE_PRIORITY if k in keys] + sorted(keys - set(CURVE_PRIORITY))
-    return ordered[:MAX_CURVES]
+    chosen, seen = [], set()
+    for k in ordered:  # a series logged twice (trl's key and the trainer's short alias) is drawn once
+        series = tuple((name, tuple(_number(r.get(k)) for r in rows)) for name, rows in rows_by_run.items())
+        if series not in seen:
+            seen.add(series)
+            chosen.append(k)
+    return chosen[:MAX_CURVES]
 
 
 def learning_curves(logs: Mapping[str, Path], png: Path) -> Path | None:
@@ -227,6 +238,8 @@ def learning_curves(logs: Mapping[str, Path], png: Path) -> Path | None:
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
     cmap = plt.get_cmap("tab10")
+    from matplotlib.ticker import MaxNLocator
+
     for ax, key in zip(axes.flat, keys, strict=False):
         for i, (name, run_rows) in enumerate(rows_by_run.items()):
             pts = [(_number(r.get("step")) if _number(r.get("step")) is not None else n, _number(r.get(key)))
@@ -237,6 +250,7 @@ def learning_curves(logs: Mapping[str, Path], png: Path) -> Path | None:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, lw=1.2, ms=3, color=cmap(i % 10), label=name)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
