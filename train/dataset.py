@@ -612,7 +612,13 @@ class _Builder:
             xy = shapely.get_coordinates(geom)
             cols = inv.a * xy[:, 0] + inv.b * xy[:, 1] + inv.c
             rows = inv.d * xy[:, 0] + inv.e * xy[:, 1] + inv.f
-            box = (float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max()))
+            # snapped to 1e-6 pixel, so reprojection noise cannot move a box across the half-inside threshold
+            box = (
+                round(float(cols.min()), 6),
+                round(float(rows.min()), 6),
+                round(float(cols.max()), 6),
+                round(float(rows.max()), 6),
+            )
             clipped = (
                 max(0.0, box[0]),
                 max(0.0, box[1]),
@@ -855,18 +861,21 @@ class _Builder:
                 self.skipped["negatives not placed"] += n - made
 
     def _split_cells(self, raster: _Raster, split: str) -> list[cm.Cell]:
-        """The grid cells of ``split``: those whose annotations are mostly of it (no annotation: train)."""
+        """The grid cells of ``split``: those whose annotations are mostly of it; cells without annotations
+        belong to the raster's main split (train when tied)."""
         size = raster.side * self.config.cell_chips
         votes: dict[cm.Cell, Counter[str]] = defaultdict(Counter)
         for o in raster.objs:
             votes[cm.cell_of(o.box, size)][o.ann.split] += 1
+        overall = Counter(o.ann.split for o in raster.objs)
+        main = max(SPLITS, key=lambda s: (overall[s], -SPLITS.index(s)))
         ncols = max(1, math.ceil(raster.src.width / size))
         nrows = max(1, math.ceil(raster.src.height / size))
         out = []
         for r in range(nrows):
             for c in range(ncols):
                 v = votes.get((c, r))
-                label = "train" if not v else max(SPLITS, key=lambda s: (v[s], -SPLITS.index(s)))
+                label = main if not v else max(SPLITS, key=lambda s: (v[s], -SPLITS.index(s)))
                 if label == split:
                     out.append((c, r))
         return out
@@ -880,6 +889,7 @@ class _Builder:
                     self.drawn_negative_chips(raster, obj, split)
                 else:
                     self.positive_chips(raster, obj, split)
+        for split in SPLITS:  # after every annotation's chips, so they never take an annotation's place
             self.random_negative_chips(split)
 
     def close(self) -> None:
@@ -1069,7 +1079,8 @@ def build_synthetic(config: SyntheticConfig) -> dict[str, Any]:
         splits: list[str] = []
         while True:  # train scenes until every expression has `shots` objects, then one val and one test scene
             have = Counter(a.expression for a, _ in items if a.split == "train")
-            if splits and all(have[e] >= config.shots for e in per_scene):
+            # at least two train scenes, so 1-, 5- and 10-shot sets of a seed draw from the same pool (nested)
+            if len(splits) >= 2 and all(have[e] >= config.shots for e in per_scene):
                 break
             splits.append("train")
             scene_items = _make_scene(tmp, scene, config, "train", created, write_samples, SampleDataConfig)
