@@ -596,3 +596,38 @@ def test_cli_build_prints_a_summary(utm_ann, tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "dataset written to" in out and "train" in out and "multi" in out
+
+
+def test_drawn_negative_areas_become_none_chips(samples, tmp_path):
+    with rasterio.open(samples / "utm.tif") as src:
+        t = src.transform
+    tanks = [f for f in truth(samples, "utm")["features"] if f["properties"]["category"] == "tank"]
+    items = [
+        (
+            Annotation(expression="tank", raster=str(samples / "utm.tif"), created="2025-01-01T00:00:00+00:00"),
+            shapely.Polygon(f["geometry"]["coordinates"][0]),
+        )
+        for f in tanks
+    ]
+    empty = shapely.box(*(t * (60, 380)), *(t * (90, 350)))  # among the fields, far from the tank pad
+    items.append(
+        (
+            Annotation(
+                expression="tank", raster=str(samples / "utm.tif"), negative=True, created="2025-01-01T00:00:00+00:00"
+            ),
+            empty,
+        )
+    )
+    ann = tmp_path / "a.gpkg"
+    write_annotations(ann, items, "EPSG:32614")
+    out = tmp_path / "ds"
+    build_dataset(BuildConfig(annotations=(ann,), out_dir=out, chip=CHIP, negatives=0, val_fraction=0.0))
+    chips = {c["id"]: c for c in jsonl(out / CHIPS_INDEX)}
+    drawn = [c for c in chips.values() if c["annotation"] and c["annotation"]["fid"] == len(items)]
+    assert len(drawn) == 4 and all(c["negative"] for c in drawn)
+    negs = {r.id.rsplit("-", 1)[0]: r for r in read_records(out, "train", "multi") if r.negative}
+    assert {c["id"] for c in drawn} <= set(negs)
+    for c in drawn:
+        x1, y1, x2, y2 = c["window"]
+        assert x1 <= 60 and x2 >= 90 and y1 <= 350 and y2 >= 380
+        assert expected_chip_boxes(tanks, Affine(*c["transform"]), CHIP) == []
