@@ -1115,6 +1115,7 @@ def _make_scene(tmp: Path, index: int, config: SyntheticConfig, split: str, crea
     for name in ("wgs84", "webmercator", "rotated"):  # only the UTM raster is used
         for suffix in (".tif", ".objects.geojson"):
             (scene_dir / f"{name}{suffix}").unlink(missing_ok=True)
+    (scene_dir / "samples.json").unlink(missing_ok=True)  # it would list the removed rasters
     return _synthetic_features(scene_dir, f"{rel}/utm.tif", split, created)
 
 
