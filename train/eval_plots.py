@@ -78,7 +78,10 @@ def accuracy_bars(runs: Sequence[Any], png: Path) -> Path | None:
     ax.set_ylim(0, min(105.0, max(10.0, top * 1.15 + 2)))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
-    title = "REC accuracy (Geo-R1 counting)" if counts is not None else "OVD COCO AP"
+    if counts is not None:
+        title = "REC accuracy (Geo-R1 counting)"
+    else:
+        title = f"OVD COCO AP: {runs[0].scores['counts']['queries']} positive queries"
     if counts is not None:
         c = counts[0]
         title += f": N={c['overall']}, unique {c['unique']}, non-unique {c['non_unique']}"
@@ -132,7 +135,10 @@ def example_grid(runs: Sequence[Any], data_dir: Path | None, png: Path, count: i
         return None
     from PIL import Image
 
-    first = runs[0].results[:count]
+    pool = runs[0].results
+    if len(pool) > count > 1:  # spread over the whole set, deterministically
+        pool = [pool[round(i * (len(pool) - 1) / (count - 1))] for i in range(count)]
+    first = pool[:count]
     keys = [(r.get("image"), r.get("question"), r.get("id")) for r in first]
     images = []
     for r in first:

@@ -455,7 +455,7 @@ def _rec_table(runs: Sequence[ModelRun]) -> list[str]:
             f"| {_pct(a5['unique'], nu)} | {_pct(a5['non_unique'], nn)} | {_pct(a7['overall'])} "
             f"| {_pct(a7['unique'], nu)} | {_pct(a7['non_unique'], nn)} "
             f"| {s['mean_iou']:.3f} | {'–' if rescaled is None else f'{rescaled:.3f}'} | {s['failed_parses']} "
-            f"| {_pct(s['format_ok'])} |"
+            f"| {_pct(s['format_ok']) if r.mode == 'geo-r1' else '–'} |"
         )
     return lines
 
@@ -471,7 +471,7 @@ def _multi_table(runs: Sequence[ModelRun]) -> list[str]:
         lines.append(
             f"| {r.name} | {r.mode} | {r.method or '–'} | {s['counts']['queries']} | {_pct(s['mAP'])} "
             f"| {_pct(s['AP50'])} | {_pct(s['with_negatives']['mAP'])} | {neg['answered_none']}/{neg['queries']} "
-            f"| {_pct(s['format_ok'])} |"
+            f"| {_pct(s['format_ok']) if r.mode == 'geo-r1' else '–'} |"
         )
     return lines
 
@@ -501,13 +501,22 @@ def write_report(cfg: EvalConfig, runs: Sequence[ModelRun], plots: Mapping[str, 
         off = max((r.scores.get("images_not_multiple_of_28", 0) for r in runs), default=0)
         known = min((r.scores.get("images_of_known_size", 0) for r in runs), default=0)
         n_rows = max((len(r.results) for r in runs), default=0)
+        counts = "; ".join(
+            f"{r.name}: {c['overall']} overall, {c['unique']} unique, {c['non_unique']} non-unique, "
+            f"{c['unflagged']} unflagged"
+            for r in runs
+            for c in [r.scores["counts"]]
+        )
         lines += [
+            "",
+            f"Queries: {counts}.",
             "",
             "Acc@t is the percentage of queries with IoU **>** t (strict: an IoU of exactly 0.5 is a miss), over "
             "**all** queries (a failed parse is [0, 0, 0, 0], a miss), as Geo-R1's `recal_rec_acc_unique.py` "
             "counts. Unique / Non-unique use only the queries with an `is_unique` flag (unflagged queries count "
             "in Overall only). The IoU is Geo-R1's inclusive-pixel IoU. Geo-R1 mode parses the last box of the "
-            "first `<answer>`; sft mode the first `[a, b, c, d]` anywhere. Mean IoU is our addition.",
+            "first `<answer>`; sft mode the first `[a, b, c, d]` anywhere. Mean IoU is our addition. "
+            "*format ok* is Geo-R1's REC format reward (reasoning prompts only).",
             "",
             "Predictions are compared in the pixels the model wrote, without rescaling, as Geo-R1 does. "
             + (
