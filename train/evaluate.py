@@ -392,7 +392,7 @@ def _prediction_runs(cfg: EvalConfig) -> list[ModelRun]:
             scores, values = rescore_rec_results(results, with_unique)
         else:
             scores, values = _multi_scores(results)
-        mode = data.get("mode") if data.get("mode") in MODES else "geo-r1"
+        mode = data.get("mode") if data.get("mode") in MODES else cfg.mode  # a label only: never re-parsed
         runs.append(ModelRun(name, mode, f"predictions {file}", task, list(results), scores, values,
                              data.get("method"), ["re-scored from the results file; no model was run"]))  # fmt: skip
     return runs
