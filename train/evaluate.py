@@ -728,10 +728,11 @@ def main(args: argparse.Namespace) -> int:
     for name, m in metrics["models"].items():
         s = m["scores"]
         if m["task"] == "rec":
-            a5, a7 = s["acc@0.5"], s["acc@0.7"]
+            a5, a7, c = s["acc@0.5"], s["acc@0.7"], s["counts"]
             out.write(
-                f"{name} ({m['mode']}): Acc@0.5 {a5['overall']:.2f} (unique {a5['unique']:.2f}, non-unique "
-                f"{a5['non_unique']:.2f}), Acc@0.7 {a7['overall']:.2f}, mean IoU {s['mean_iou']:.3f}\n"
+                f"{name} ({m['mode']}): Acc@0.5 {a5['overall']:.2f} (unique {_pct(a5['unique'], c['unique'])}, "
+                f"non-unique {_pct(a5['non_unique'], c['non_unique'])}), Acc@0.7 {a7['overall']:.2f}, "
+                f"mean IoU {s['mean_iou']:.3f}\n"
             )
         else:
             out.write(f"{name} ({m['mode']}): mAP {s['mAP']:.2f}, AP50 {s['AP50']:.2f}\n")
