@@ -29,7 +29,8 @@ with ``correct = 1 if iou(extracted, gt) > 0.5`` and ``accuracy = sum(correct) /
    Unique, any other flag (``False``) in Non-unique. Each split's accuracy is
    ``count(iou > t) / len(split) * 100``; an empty split reports 0.0 over 0. So Unique + Non-unique may
    be fewer records than Overall: records without a flag count only in Overall.
-5. Thresholds are ``[0.5, 0.7]``. Duplicate results records are each counted.
+5. Thresholds are ``[0.5, 0.7]``. Duplicate results records are each counted. An empty results list:
+   upstream prints a warning and no numbers; we report 0.0 over 0.
 
 :func:`score_results` reproduces steps 1–5 (:func:`recal_iou` is step 1, :func:`uniqueness_map` the table
 of step 4). :func:`rec_scores` is the counting alone, over ``(iou, is_unique)`` pairs, which is how
