@@ -987,7 +987,11 @@ def build_into(
         "version": FORMAT_VERSION,
         "kind": kind,
         "created": _now_iso(),
-        "command": {"action": kind, "config": asdict(config), **(extra or {})},
+        "command": {
+            "action": kind,
+            "config": {**asdict(config), "annotations": [builder._source_name(p) for p in config.annotations]},
+            **(extra or {}),
+        },
         "frame": "image",
         "frame_note": FRAME_NOTE,
         "chip": config.chip,

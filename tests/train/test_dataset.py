@@ -531,6 +531,10 @@ def test_synthetic_few_shot(tmp_path):
             b = r.boxes[0]
             assert 0.1 * CHIP <= max(b[2] - b[0], b[3] - b[1]) <= 0.55 * CHIP
     assert (tmp_path / "k10" / "annotations.gpkg").is_file()
+    build_synthetic(SyntheticConfig(out_dir=tmp_path / "k2-again", shots=2, seed=4))
+    for name in ("train_rec.jsonl", "train_multi.jsonl", "val_rec.json", "test_multi.jsonl", CHIPS_INDEX):
+        assert (tmp_path / "k2" / name).read_bytes() == (tmp_path / "k2-again" / name).read_bytes()
+    assert "k2.tmp" not in (tmp_path / "k2" / "dataset.json").read_text()
     assert read_manifest(tmp_path / "k10")["sources"][0]["path"].startswith("rasters/")
 
 
