@@ -672,7 +672,8 @@ class _Builder:
         keep: set[int] = set()
         per_expr: Counter[str] = Counter()
         for _, o in shuffled:
-            if o.ann.negative:
+            if o.ann.negative:  # drawn negative areas are not shots: they all stay
+                keep.add(id(o))
                 continue
             if per_expr[o.ann.expression] < self.config.shots:
                 per_expr[o.ann.expression] += 1
