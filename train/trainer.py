@@ -428,8 +428,8 @@ def _write_manifest(config: TrainConfig, out: Path, data_manifest: dict[str, Any
         "base_model_hash_kind": "sha256 over each weight file's name, size and first 16 MiB (engine.loading)",
         "processor": config.processor or config.model,
         "init_adapter": str(config.init_adapter) if config.init_adapter else None,
-        "chip_size": data_manifest.get("chip_size"),
-        "gsd": data_manifest.get("gsd"),
+        "chip_size": data_manifest.get("chip", data_manifest.get("chip_size")),
+        "gsd": data_manifest.get("gsd_m", data_manifest.get("gsd")),
         "crs": data_manifest.get("crs"),
         "frame": "model",
         "frame_note": "boxes in pixels of the image as the model saw it; chips are multiples of 28, so this is "
