@@ -13,9 +13,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.runtime.loading import parse_adapters
 from geo_r1_qgis.core.errors import ConfigError, RasterError
-
-from .loading import parse_adapters
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +77,9 @@ def main(args: argparse.Namespace) -> int:
     )
     from PIL import Image, UnidentifiedImageError
 
-    from .backend import GenerationSettings, GroundItem
-    from .loading import LoadConfig
-    from .runtime import LocalBackend
+    from engine.runtime.backend import GenerationSettings, GroundItem
+    from engine.runtime.loading import LoadConfig
+    from engine.runtime.local import LocalBackend
 
     try:
         with Image.open(config.image) as im:

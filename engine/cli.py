@@ -19,8 +19,8 @@ from geo_r1_qgis.core.errors import GeoR1Error
 COMMANDS: dict[str, tuple[str, str]] = {
     "sample-data": ("train.sample_data", "write synthetic georeferenced sample rasters with true boxes"),
     "dataset": ("train.dataset", "build fine-tuning datasets from annotations (import, build, synthetic, from-json)"),
-    "tiny-model": ("engine.tiny_model", "build a tiny randomly initialised Qwen2.5-VL checkpoint"),
-    "serve": ("engine.server", "run the local grounding engine (HTTP on 127.0.0.1, token protected)"),
+    "tiny-model": ("engine.runtime.tiny_model", "build a tiny randomly initialised Qwen2.5-VL checkpoint"),
+    "serve": ("engine.server.app", "run the local grounding engine (HTTP on 127.0.0.1, token protected)"),
     "ask": ("engine.ask", "print the reasoning and boxes for one plain image"),
     "ground": ("engine.ground", "ground an expression over a whole raster and write a GeoPackage"),
     "eval": ("train.evaluate", "score a model and adapters on a dataset, Geo-R1's way, and write a report"),

@@ -302,11 +302,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run(config: GroundConfig) -> int:
+    from engine.gpkg import CrsTransform, GeoPackageSink, check_layer_name, list_layers
+    from engine.rasters import RasterioSource
     from geo_r1_qgis.core.geometry import PixelBox, gsd_to_scale, window_from_map_bbox
     from geo_r1_qgis.core.pipeline import GroundingJob, run_grounding
-
-    from .gpkg import CrsTransform, GeoPackageSink, check_layer_name, list_layers
-    from .rasters import RasterioSource
 
     logging.getLogger("pyogrio").setLevel(logging.WARNING)  # one INFO line per write otherwise
     # 1. Everything that can be checked before the output is touched.

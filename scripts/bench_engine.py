@@ -96,10 +96,10 @@ def main() -> int:
 
     from PIL import Image
 
-    from engine.backend import GenerationSettings, GroundItem
-    from engine.loading import LoadConfig
-    from engine.runtime import LocalBackend
-    from engine.tiny_model import TinyModelConfig, build_tiny_model
+    from engine.runtime.backend import GenerationSettings, GroundItem
+    from engine.runtime.loading import LoadConfig
+    from engine.runtime.local import LocalBackend
+    from engine.runtime.tiny_model import TinyModelConfig, build_tiny_model
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-engine-"))
     model_dir = args.model

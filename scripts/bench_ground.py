@@ -44,7 +44,7 @@ class NullBackend:
         return {"backend": "null", "model": "null", "adapter": None}
 
     def ground(self, items, settings):
-        from engine.backend import ItemResult
+        from engine.runtime.backend import ItemResult
         from geo_r1_qgis.core.client import Box
 
         out = []
@@ -62,8 +62,8 @@ def serve_null(port: int, token_file: Path) -> int:
     """The real engine app (uvicorn, middleware, decoding) around :class:`NullBackend`."""
     import uvicorn
 
-    from engine.security import ensure_token
-    from engine.server import ServeConfig, create_app
+    from engine.server.app import ServeConfig, create_app
+    from engine.server.security import ensure_token
 
     config = ServeConfig(model="null", port=port, token_file=token_file)
     app = create_app(NullBackend(), config, ensure_token(token_file))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.prompts import OVD_TEMPLATE, REC_QUESTION_PREFIX
+from engine.rules.prompts import OVD_TEMPLATE, REC_QUESTION_PREFIX
 from geo_r1_qgis.core.errors import ConfigError
 
 MANIFEST = "dataset.json"

@@ -9,7 +9,7 @@
 What it does, top to bottom (:func:`run`):
 
 1. Reads the ``split``/``task`` records of the dataset directory (``train/data_format.py``).
-2. Loads the base model once (``engine.loading.load_model``: CUDA bfloat16, else CPU float32), registers
+2. Loads the base model once (``engine.runtime.loading.load_model``: CUDA bfloat16, else CPU float32), registers
    every adapter, and evaluates the base model (named ``base``) and then each adapter (``activate``), in
    the order given. Generation is greedy, batched with left padding, and decodes the whole generated
    sequence at once (``train.generation.generate_texts``); 256 new tokens for rec, 1024 for multi.
@@ -31,7 +31,7 @@ plotted as learning curves; ``--logs NAME=FILE`` adds others.
 Coordinates: Geo-R1's evaluation never rescales predictions, and neither does the headline number here.
 Our chips are multiples of 28, so the model sees them unresized and nothing needs rescaling. For other
 image sizes the report counts them, and gives a "rescaled" mean IoU (predictions mapped back from the
-model's ``smart_resize`` frame, ``engine.coords.model_to_image_box``) as our extension.
+model's ``smart_resize`` frame, ``engine.rules.coords.model_to_image_box``) as our extension.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from engine.coords import model_input_size
-from engine.parsing import format_ok
-from engine.prompts import PROMPT_VERSION, PromptSpec
+from engine.rules.coords import model_input_size
+from engine.rules.parsing import format_ok
+from engine.rules.prompts import PROMPT_VERSION, PromptSpec
 from geo_r1_qgis.core.errors import ConfigError, OutputError
 from train.data_format import SPLITS, TASKS, ChipRecord, eval_json_name, read_records
 from train.metrics import (
@@ -339,7 +339,7 @@ def _generate(loaded: Any, data: Path, records: Sequence[ChipRecord], cfg: EvalC
 
 
 def _model_runs(cfg: EvalConfig, records: Sequence[ChipRecord]) -> list[ModelRun]:
-    from engine.loading import LoadConfig, load_model
+    from engine.runtime.loading import LoadConfig, load_model
 
     loaded = load_model(LoadConfig(model=cfg.model, processor=cfg.processor, device=cfg.device, dtype=cfg.dtype))
     manifests = {}
@@ -697,7 +697,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    from engine.loading import parse_adapters
+    from engine.runtime.loading import parse_adapters
 
     return EvalConfig(
         out_dir=args.out,

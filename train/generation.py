@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.prompts import PromptSpec
+from engine.rules.prompts import PromptSpec
 from train.data_format import ChipRecord
 
 

@@ -1,6 +1,6 @@
 """Session fixtures: the tiny Qwen2.5-VL checkpoints, built once and cached under ``<repo>/.cache``.
 
-The cache key is a hash of ``engine/tiny_model.py``, so a checkpoint is rebuilt only when the builder
+The cache key is a hash of ``engine/runtime/tiny_model.py``, so a checkpoint is rebuilt only when the builder
 changes. Builds go to a temporary sibling first and are renamed into place, so parallel runs are safe.
 """
 
@@ -9,10 +9,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+# _serve_helpers.py (engine processes for the end-to-end tests) is imported by tests in the subfolders too.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache"
@@ -21,11 +25,11 @@ FORMAT_STEPS = 300
 
 
 def _builder_hash() -> str:
-    return hashlib.sha256((REPO / "engine" / "tiny_model.py").read_bytes()).hexdigest()[:12]
+    return hashlib.sha256((REPO / "engine" / "runtime" / "tiny_model.py").read_bytes()).hexdigest()[:12]
 
 
 def _cached_build(name: str, steps: int) -> Path:
-    from engine.tiny_model import TinyModelConfig, build_tiny_model
+    from engine.runtime.tiny_model import TinyModelConfig, build_tiny_model
 
     target = CACHE / f"{name}-{_builder_hash()}"
     if (target / "model.safetensors").is_file():

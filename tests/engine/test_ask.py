@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from engine.ask import AskConfig
-from engine.loading import parse_adapters
+from engine.runtime.loading import parse_adapters
 from geo_r1_qgis.core.errors import ConfigError
 
 pytestmark = pytest.mark.slow

@@ -135,7 +135,7 @@ def _free_port() -> int:
 
 
 def _builder_hash() -> str:
-    return hashlib.sha256((REPO / "engine" / "tiny_model.py").read_bytes()).hexdigest()[:12]
+    return hashlib.sha256((REPO / "engine" / "runtime" / "tiny_model.py").read_bytes()).hexdigest()[:12]
 
 
 def _tiny_format_model() -> Path:

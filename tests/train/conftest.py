@@ -18,13 +18,13 @@ CACHE = REPO / ".cache"  # shared with tests/engine/conftest.py
 
 
 def _builder_hash() -> str:
-    return hashlib.sha256((REPO / "engine" / "tiny_model.py").read_bytes()).hexdigest()[:12]
+    return hashlib.sha256((REPO / "engine" / "runtime" / "tiny_model.py").read_bytes()).hexdigest()[:12]
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def _cached(name: str, **kwargs: object) -> Path:
-    from engine.tiny_model import TinyModelConfig, build_tiny_model
+    from engine.runtime.tiny_model import TinyModelConfig, build_tiny_model
 
     target = CACHE / f"{name}-{_builder_hash()}"
     if (target / "model.safetensors").is_file():

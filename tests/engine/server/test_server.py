@@ -16,10 +16,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from engine.coords import model_input_size
+from engine.rules.coords import model_input_size
 
 # The shared process helpers live beside this file (pytest runs with --import-mode=importlib).
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _serve_helpers import CLEAN_EXIT, assert_error, b64, data_uri, encoded, noise_image, start_engine
 
 pytestmark = pytest.mark.slow

@@ -359,12 +359,12 @@ def build_tokenizer(config: TinyModelConfig) -> Any:
 def build_processor(config: TinyModelConfig) -> Any:
     """Qwen2.5-VL's processor: the tokenizer above and Qwen2-VL's PIL image processor, real settings.
 
-    Without torchvision it is the image-only variant from :mod:`engine.loading` (transformers 5.x cannot
+    Without torchvision it is the image-only variant from :mod:`engine.runtime.loading` (transformers 5.x cannot
     build Qwen2-VL's video processor without torchvision); the files it saves are the same.
     """
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from engine.loading import image_only_processor_class
+    from engine.runtime.loading import image_only_processor_class
 
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=3136,

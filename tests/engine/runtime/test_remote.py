@@ -14,13 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.backend import GenerationSettings, GroundItem
-from engine.coords import model_input_size
-from engine.remote import RemoteBackend, to_openai_messages, token_logprobs
+from engine.rules.coords import model_input_size
+from engine.runtime.backend import GenerationSettings, GroundItem
+from engine.runtime.remote import RemoteBackend, to_openai_messages, token_logprobs
 from geo_r1_qgis.core.errors import ConfigError, EngineRequestError, EngineUnavailableError
 
 # The shared process helpers live beside this file (pytest runs with --import-mode=importlib).
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _serve_helpers import CLEAN_EXIT, assert_error, b64, free_port, noise_image, start_engine
 
 KEY_VAR = "GEO_R1_TEST_REMOTE_KEY"

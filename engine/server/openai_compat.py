@@ -1,9 +1,9 @@
 """The pieces of ``POST /v1/chat/completions`` that are OpenAI's shape rather than the engine's.
 
-The route itself lives in :func:`engine.server.create_app`; these pure helpers check the options of a
-:class:`engine.api_models.ChatRequest`, turn its messages into the backend's chat messages, and build
+The route itself lives in :func:`engine.server.app.create_app`; these pure helpers check the options of a
+:class:`engine.server.api_models.ChatRequest`, turn its messages into the backend's chat messages, and build
 the OpenAI ``chat.completion`` body (with ``logprobs`` in OpenAI's format) from a
-:class:`engine.backend.ChatResult`.
+:class:`engine.runtime.backend.ChatResult`.
 
 Decoding options follow OpenAI's, except that an omitted (or zero) ``temperature`` decodes greedily,
 as Geo-R1 is evaluated; ``top_p``, ``seed`` and other sampling fields are accepted and ignored.
@@ -15,10 +15,10 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from . import __version__ as ENGINE_VERSION
-from .api_models import ChatMessageIn, ChatRequest, TextPart, open_image, split_data_uri
-from .backend import ChatResult, GenerationSettings
-from .security import ApiError
+from engine import __version__ as ENGINE_VERSION
+from engine.runtime.backend import ChatResult, GenerationSettings
+from engine.server.api_models import ChatMessageIn, ChatRequest, TextPart, open_image, split_data_uri
+from engine.server.security import ApiError
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image

@@ -1,4 +1,4 @@
-"""Tests for engine/tiny_model.py: the tiny checkpoint loads and behaves like a real Qwen2.5-VL one."""
+"""Tests for engine/runtime/tiny_model.py: the tiny checkpoint loads and behaves like a real Qwen2.5-VL one."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.loading import has_torchvision, load_processor
-from engine.tiny_model import (
+from engine.runtime.loading import has_torchvision, load_processor
+from engine.runtime.tiny_model import (
     ADDED_TOKENS,
     OVD_PROMPT,
     REASONING_PREFIX,
@@ -87,7 +87,7 @@ def test_loads_through_the_real_code_path(tiny_model_dir):
 
 def test_auto_processor(tiny_model_dir):
     """AutoProcessor works with torchvision; without it transformers 5.x cannot build the video
-    processor, which is why engine.loading falls back to an image-only processor."""
+    processor, which is why engine.runtime.loading falls back to an image-only processor."""
     from transformers import AutoProcessor
 
     if has_torchvision():

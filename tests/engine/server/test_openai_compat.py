@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from engine.api_models import ChatRequest
-from engine.backend import ChatResult
-from engine.openai_compat import (
+from engine.runtime.backend import ChatResult
+from engine.server.api_models import ChatRequest
+from engine.server.openai_compat import (
     chat_completion,
     chat_settings,
     check_chat_request,
     openai_logprobs,
     to_backend_messages,
 )
-from engine.security import ApiError
+from engine.server.security import ApiError
 
 
 def _request(**fields):

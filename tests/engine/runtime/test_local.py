@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.backend import GenerationSettings, GroundItem
-from engine.coords import model_to_image_box, smart_resize
-from engine.loading import LoadConfig
-from engine.parsing import parse_output
-from engine.runtime import LocalBackend, MicroBatcher
+from engine.rules.coords import model_to_image_box, smart_resize
+from engine.rules.parsing import parse_output
+from engine.runtime.backend import GenerationSettings, GroundItem
+from engine.runtime.loading import LoadConfig
+from engine.runtime.local import LocalBackend, MicroBatcher
 
 pytestmark = pytest.mark.slow
 

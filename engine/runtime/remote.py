@@ -1,16 +1,16 @@
 """A backend that forwards to any OpenAI-compatible server: vLLM, SGLang, or a second engine's ``/v1``.
 
-:class:`RemoteBackend` implements :class:`engine.backend.Backend`. The remote server only generates
+:class:`RemoteBackend` implements :class:`engine.runtime.backend.Backend`. The remote server only generates
 text; everything Geo-R1-specific happens here, with the same code as the local backend: the prompt
-(:func:`engine.prompts.build_messages`, sent as OpenAI content parts, the image first as a PNG
-``data:`` URI), the parse (:func:`engine.parsing.parse_output`), the coordinate rescaling
-(:mod:`engine.coords`) and the confidences (:func:`engine.confidence.confidence_from_tokens`).
+(:func:`engine.rules.prompts.build_messages`, sent as OpenAI content parts, the image first as a PNG
+``data:`` URI), the parse (:func:`engine.rules.parsing.parse_output`), the coordinate rescaling
+(:mod:`engine.rules.coords`) and the confidences (:func:`engine.rules.confidence.confidence_from_tokens`).
 
 Assumptions (documented because the remote server does not report them)
 -----------------------------------------------------------------------
 * **Coordinates.** The remote model's processor resizes images with Qwen2.5-VL's default
   ``smart_resize`` (multiples of 28, min_pixels=3136, max_pixels=12845056), so a box is rescaled from
-  :func:`engine.coords.model_input_size` of the image we sent to the image's own size. A server
+  :func:`engine.rules.coords.model_input_size` of the image we sent to the image's own size. A server
   started with other limits (vLLM ``--mm-processor-kwargs '{"max_pixels": ...}'``) must be matched with
   the ``min_pixels``/``max_pixels`` arguments, or boxes of large images land in the wrong place.
 * **Confidence.** Each request asks for ``logprobs`` with ``top_logprobs=20``. A box's score uses the
@@ -36,18 +36,17 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from engine.rules.confidence import confidence_from_tokens, is_none_piece
+from engine.rules.coords import QWEN25_MAX_PIXELS, QWEN25_MIN_PIXELS, model_input_size
+from engine.rules.parsing import parse_output
+from engine.rules.prompts import build_messages
+from engine.runtime.backend import ChatResult, GenerationSettings, GroundItem, ItemResult, item_result
 from geo_r1_qgis.core.errors import (
     ConfigError,
     EngineOverloadedError,
     EngineRequestError,
     EngineUnavailableError,
 )
-
-from .backend import ChatResult, GenerationSettings, GroundItem, ItemResult, item_result
-from .confidence import confidence_from_tokens, is_none_piece
-from .coords import QWEN25_MAX_PIXELS, QWEN25_MIN_PIXELS, model_input_size
-from .parsing import parse_output
-from .prompts import build_messages
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image

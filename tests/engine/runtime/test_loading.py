@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.loading import (
+from engine.runtime.loading import (
     AdapterManager,
     LoadConfig,
     LoadedModel,

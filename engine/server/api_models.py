@@ -1,6 +1,6 @@
 """The engine's request bodies (pydantic models) and their image decoding.
 
-Every check here fails with an :class:`engine.security.ApiError` whose message names the bad field and
+Every check here fails with an :class:`engine.server.security.ApiError` whose message names the bad field and
 the fix: 400 malformed input (base64, image bytes, non-``data:`` URIs), 413 over a limit, 422 invalid
 values. Decoding runs in a worker thread, never on the event loop.
 """
@@ -14,10 +14,9 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from engine.rules.coords import MAX_ASPECT_RATIO
+from engine.server.security import ApiError
 from geo_r1_qgis.core.client import TILES_MEDIA_TYPE
-
-from .coords import MAX_ASPECT_RATIO
-from .security import ApiError
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image

@@ -8,15 +8,15 @@ import pathlib
 
 import pytest
 
-from engine import coords, parsing, prompts
-from engine.coords import (
+from engine.rules import coords, parsing, prompts
+from engine.rules.coords import (
     geo_r1_iou,
     image_to_model_box,
     model_input_size,
     model_to_image_box,
     smart_resize,
 )
-from engine.parsing import ParsedBox
+from engine.rules.parsing import ParsedBox
 from geo_r1_qgis.core.errors import ConfigError
 
 MIN, MAX = 3136, 12845056

@@ -14,8 +14,8 @@ import argparse
 
 import pytest
 
-from engine.backend import ChatResult, ItemResult
-from engine.server import ServeConfig, add_arguments, create_app, status_for
+from engine.runtime.backend import ChatResult, ItemResult
+from engine.server.app import ServeConfig, add_arguments, create_app, status_for
 from geo_r1_qgis.core.errors import (
     ConfigError,
     EngineOverloadedError,

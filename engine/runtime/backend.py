@@ -1,11 +1,11 @@
 """What every grounding backend returns, and the interface the server talks to.
 
 A backend turns (image, expression) items into reasoning plus boxes. Two implement it:
-:class:`engine.runtime.LocalBackend` (a transformers model in this process) and
-:class:`engine.remote.RemoteBackend` (a remote OpenAI-compatible server such as vLLM or SGLang, or a
-second engine's ``/v1`` route). Both use the same prompts (:mod:`engine.prompts`), the same parser
-(:mod:`engine.parsing`), the same coordinate handling (:mod:`engine.coords`) and the same confidence
-definitions (:mod:`engine.confidence`), so their results are interchangeable.
+:class:`engine.runtime.local.LocalBackend` (a transformers model in this process) and
+:class:`engine.runtime.remote.RemoteBackend` (a remote OpenAI-compatible server such as vLLM or SGLang, or a
+second engine's ``/v1`` route). Both use the same prompts (:mod:`engine.rules.prompts`), the same parser
+(:mod:`engine.rules.parsing`), the same coordinate handling (:mod:`engine.rules.coords`) and the same confidence
+definitions (:mod:`engine.rules.confidence`), so their results are interchangeable.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def item_result(
     Boxes go from the model's pixels back to the client image's (smart_resize undone, clipped); boxes
     with no area left are dropped.
     """
-    from .coords import model_to_image_box
+    from engine.rules.coords import model_to_image_box
 
     boxes = []
     for pbox, score in zip(parsed.boxes, scores, strict=True):

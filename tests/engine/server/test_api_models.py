@@ -10,15 +10,15 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from engine.api_models import (
+from engine.rules.coords import MAX_ASPECT_RATIO
+from engine.server.api_models import (
     GroundItemIn,
     decode_ground_item,
     open_image,
     split_data_uri,
     split_tiles_body,
 )
-from engine.coords import MAX_ASPECT_RATIO
-from engine.security import ApiError
+from engine.server.security import ApiError
 
 
 def _png(width=3, height=2, mode="RGB"):

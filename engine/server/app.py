@@ -1,6 +1,6 @@
 """``geo-r1 serve``: the grounding engine over HTTP, on 127.0.0.1, behind a bearer token.
 
-The server is a thin boundary around a :class:`engine.backend.Backend`: it checks and decodes
+The server is a thin boundary around a :class:`engine.runtime.backend.Backend`: it checks and decodes
 requests, hands the work to the backend from a worker thread (the backend batches concurrent
 requests itself, the event loop never blocks), and turns every failure into a JSON error body of
 one shape, ``{"error": {"message", "type", "code"}}``, with a 4xx or 5xx status.
@@ -39,11 +39,11 @@ Modules
 This module holds the configuration (:class:`ServeConfig`, the ``geo-r1 serve`` options), the mapping
 of errors to statuses, the app and ``main``. The rest lives beside it:
 
-- :mod:`engine.security`: the ASGI middleware (body limit, Host check, bearer token), the error shape
-  and :class:`~engine.security.ApiError`, the token file and socket binding;
-- :mod:`engine.api_models`: the pydantic request models and image decoding (base64, ``data:`` URIs,
+- :mod:`engine.server.security`: the ASGI middleware (body limit, Host check, bearer token), the error shape
+  and :class:`~engine.server.security.ApiError`, the token file and socket binding;
+- :mod:`engine.server.api_models`: the pydantic request models and image decoding (base64, ``data:`` URIs,
   the raw ``/ground/tiles`` body), with the pixel and aspect-ratio checks;
-- :mod:`engine.openai_compat`: the OpenAI-shaped parts of ``/v1/chat/completions`` (request checks,
+- :mod:`engine.server.openai_compat`: the OpenAI-shaped parts of ``/v1/chat/completions`` (request checks,
   message conversion, log-probs and the response body).
 """
 
@@ -70,6 +70,36 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
+from engine import __version__ as ENGINE_VERSION
+from engine.rules.prompts import MAX_EXPRESSION_CHARS, PROMPT_VERSION
+from engine.runtime.backend import Backend, GenerationSettings, GroundItem, is_out_of_memory
+from engine.runtime.loading import parse_adapters
+from engine.server.api_models import (
+    ActiveAdapterIn,
+    AdapterIn,
+    ChatRequest,
+    GroundRequest,
+    TilesRequest,
+    decode_ground_item,
+    split_tiles_body,
+)
+from engine.server.openai_compat import (
+    chat_completion,
+    chat_settings,
+    check_chat_request,
+    decode_data_images,
+    to_backend_messages,
+)
+from engine.server.security import (
+    ApiError,
+    BodyLimitMiddleware,
+    HostCheckMiddleware,
+    TokenAuthMiddleware,
+    bind_socket,
+    ensure_token,
+    error_body,
+    is_loopback,
+)
 from geo_r1_qgis.core.client import DEFAULT_PORT, TILES_MEDIA_TYPE, default_token_path
 from geo_r1_qgis.core.errors import (
     ConfigError,
@@ -80,37 +110,6 @@ from geo_r1_qgis.core.errors import (
     GeoR1Error,
     ModelNotFoundError,
     RasterError,
-)
-
-from . import __version__ as ENGINE_VERSION
-from .api_models import (
-    ActiveAdapterIn,
-    AdapterIn,
-    ChatRequest,
-    GroundRequest,
-    TilesRequest,
-    decode_ground_item,
-    split_tiles_body,
-)
-from .backend import Backend, GenerationSettings, GroundItem, is_out_of_memory
-from .loading import parse_adapters
-from .openai_compat import (
-    chat_completion,
-    chat_settings,
-    check_chat_request,
-    decode_data_images,
-    to_backend_messages,
-)
-from .prompts import MAX_EXPRESSION_CHARS, PROMPT_VERSION
-from .security import (
-    ApiError,
-    BodyLimitMiddleware,
-    HostCheckMiddleware,
-    TokenAuthMiddleware,
-    bind_socket,
-    ensure_token,
-    error_body,
-    is_loopback,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -594,8 +593,8 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
 def build_backend(config: ServeConfig) -> Backend:
     """Load the backend ``config`` asks for (imports torch only for the local one)."""
     if config.backend == "local":
-        from .loading import LoadConfig
-        from .runtime import LocalBackend
+        from engine.runtime.loading import LoadConfig
+        from engine.runtime.local import LocalBackend
 
         load_config = LoadConfig(
             model=config.model,
@@ -610,7 +609,7 @@ def build_backend(config: ServeConfig) -> Backend:
             backend.activate_adapter(first)
             log.info("adapter %r is active (switch with POST /adapters/active)", first)
         return backend
-    from .remote import RemoteBackend
+    from engine.runtime.remote import RemoteBackend
 
     api_key = None
     if config.api_key_env:

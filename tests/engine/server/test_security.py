@@ -9,7 +9,7 @@ import stat
 import anyio
 import pytest
 
-from engine.security import (
+from engine.server.security import (
     BodyLimitMiddleware,
     HostCheckMiddleware,
     TokenAuthMiddleware,

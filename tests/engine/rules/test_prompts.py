@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine import prompts
-from engine.prompts import PromptSpec, build_messages, build_prompt
+from engine.rules import prompts
+from engine.rules.prompts import PromptSpec, build_messages, build_prompt
 from geo_r1_qgis.core.errors import ConfigError
 
 # ---- expected prompts, written out by hand (do NOT build these from the module's constants) ----------

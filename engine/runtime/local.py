@@ -1,12 +1,12 @@
 """The local grounding runtime: a transformers Qwen2.5-VL model in this process.
 
-``LocalBackend`` implements :class:`engine.backend.Backend`. Items are generated in batches of
+``LocalBackend`` implements :class:`engine.runtime.backend.Backend`. Items are generated in batches of
 ``batch_size`` with left padding; items that arrive at the same time from several clients are
 micro-batched together by a single worker thread (:class:`MicroBatcher`), which is also the only
 thread that touches the model, so adapter switches never race a generation.
 
 Per generated token we record the log-probability of the chosen token and the probability mass of
-None-starting tokens (:class:`_TokenRecorder`), from which :mod:`engine.confidence` computes the box
+None-starting tokens (:class:`_TokenRecorder`), from which :mod:`engine.rules.confidence` computes the box
 scores and the presence probability without ever keeping a full vocabulary of scores per step.
 """
 
@@ -21,14 +21,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from engine import __version__ as ENGINE_VERSION
+from engine.rules.confidence import confidence_from_tokens, is_none_piece
+from engine.rules.parsing import parse_output
+from engine.rules.prompts import PROMPT_VERSION, build_messages
+from engine.runtime.backend import ChatResult, GenerationSettings, GroundItem, ItemResult, is_out_of_memory, item_result
+from engine.runtime.loading import LoadConfig, load_model
 from geo_r1_qgis.core.errors import ConfigError, EngineOverloadedError
-
-from . import __version__ as ENGINE_VERSION
-from .backend import ChatResult, GenerationSettings, GroundItem, ItemResult, is_out_of_memory, item_result
-from .confidence import confidence_from_tokens, is_none_piece
-from .loading import LoadConfig, load_model
-from .parsing import parse_output
-from .prompts import PROMPT_VERSION, build_messages
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +176,7 @@ class MicroBatcher:
 
 
 class LocalBackend:
-    """A transformers model in this process, behind the :class:`engine.backend.Backend` interface."""
+    """A transformers model in this process, behind the :class:`engine.runtime.backend.Backend` interface."""
 
     kind = "local"
 
