@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.prompts import PROMPT_VERSION, PromptSpec
+from engine.rules.prompts import PROMPT_VERSION, PromptSpec
 from geo_r1_qgis.core.errors import ConfigError, OutputError
 from train.config import FIELD_NAMES, METHODS, TrainConfig, build_config
 from train.data_format import MANIFEST, SPLITS, TASKS, ChipRecord, jsonl_name, read_manifest, read_records, target_text
@@ -125,7 +125,7 @@ def lora_config(config: TrainConfig) -> Any:
 
 
 def _load(config: TrainConfig, padding_side: str) -> tuple[Any, Any, str]:
-    from engine.loading import LoadConfig, load_model
+    from engine.runtime.loading import LoadConfig, load_model
 
     loaded = load_model(LoadConfig(model=config.model, processor=config.processor, device=config.device))
     processor = loaded.processor
@@ -134,7 +134,7 @@ def _load(config: TrainConfig, padding_side: str) -> tuple[Any, Any, str]:
     if config.init_adapter is not None:
         from peft import PeftModel
 
-        from engine.loading import check_adapter_base
+        from engine.runtime.loading import check_adapter_base
 
         if not (config.init_adapter / "adapter_config.json").is_file():
             raise ConfigError(
@@ -305,20 +305,13 @@ def quick_scores(model: Any, processor: Any, config: TrainConfig) -> dict[str, A
     records = read_records(config.data, "val", "rec")[: config.eval_limit]
     if not records:
         return None
-    from engine.coords import geo_r1_iou
-    from engine.parsing import format_ok, geo_r1_eval_box, parse_output
+    from engine.rules.parsing import format_ok
+    from train.evaluate import score_rec_run
     from train.generation import generate_texts
 
     texts = generate_texts(model, processor, config.data, records, reasoning=config.uses_reasoning,
                            max_new_tokens=min(256, config.max_completion_length))  # fmt: skip
-    ious = []
-    for text, r in zip(texts, records, strict=False):
-        if config.uses_reasoning:
-            box = geo_r1_eval_box(text)
-        else:
-            parsed = parse_output(text, "rec", reasoning=False)
-            box = parsed.boxes[0].xyxy if parsed.boxes else (0, 0, 0, 0)
-        ious.append(geo_r1_iou(box, r.boxes[0]))
+    _, _, ious = score_rec_run(records, texts, "geo-r1" if config.uses_reasoning else "sft")
     n = len(ious)
     return {"queries": n, "acc50": sum(v > 0.5 for v in ious) / n, "mean_iou": sum(ious) / n,
             "format": sum(format_ok(t, "rec") for t in texts) / n}  # fmt: skip
@@ -414,7 +407,7 @@ def run(config: TrainConfig) -> Path:
 
 def _write_manifest(config: TrainConfig, out: Path, data_manifest: dict[str, Any], before: Any, after: Any,
                     steps: int, seconds: float, result: Any, world_size: int) -> None:  # fmt: skip
-    from engine.loading import model_fingerprint
+    from engine.runtime.loading import model_fingerprint
 
     train_records = len(read_records(config.data, "train", config.task))
     manifest = {
@@ -425,7 +418,7 @@ def _write_manifest(config: TrainConfig, out: Path, data_manifest: dict[str, Any
         "prompt_version": PROMPT_VERSION,
         "base_model": config.model,
         "base_model_hash": model_fingerprint(config.model),
-        "base_model_hash_kind": "sha256 over each weight file's name, size and first 16 MiB (engine.loading)",
+        "base_model_hash_kind": "sha256 over each weight file's name, size and first 16 MiB (engine.runtime.loading)",
         "processor": config.processor or config.model,
         "init_adapter": str(config.init_adapter) if config.init_adapter else None,
         "chip_size": data_manifest.get("chip", data_manifest.get("chip_size")),
