@@ -6,7 +6,7 @@ QGIS_PY := /usr/bin/python3
 DEMO_DIR ?= demo-out
 export QT_QPA_PLATFORM ?= offscreen
 
-.PHONY: setup test test-engine test-plugin lint demo plugin-zip plugin-install clean
+.PHONY: setup test test-engine test-plugin lint demo demo-train plugin-zip plugin-install clean
 
 setup:
 	@scripts/setup.sh
@@ -26,6 +26,10 @@ test: setup lint test-engine test-plugin
 demo: setup
 	@scripts/demo.sh "$(DEMO_DIR)"
 
+# The fine-tuning loop end to end on the CPU (about 15 minutes): dataset, SFT, GRPO, DAPO, report.
+demo-train: setup
+	@scripts/demo_train.sh "$(DEMO_DIR)-train"
+
 plugin-zip:
 	$(QGIS_PY) scripts/package_plugin.py --out dist/geo_r1_qgis.zip
 
@@ -38,4 +42,4 @@ plugin-install: plugin-zip
 	@echo "installed into $(QGIS_PLUGINS)/geo_r1_qgis: enable Geo-R1 in Plugins > Manage and Install Plugins"
 
 clean:
-	rm -rf $(DEMO_DIR) .cache .pytest_cache
+	rm -rf $(DEMO_DIR) $(DEMO_DIR)-train .cache .pytest_cache

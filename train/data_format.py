@@ -207,20 +207,20 @@ def target_text(record: ChipRecord, reasoning: bool) -> str:
 
     Without reasoning (the paper's SFT baseline): the JSON answer the SFT prompt asks for (a fenced list of
     ``{"bbox_2d", "label"}``), or ``None``. With reasoning (a warm start before GRPO): a short templated
-    ``<think>`` that says where the objects are, then ``<answer>`` holding ``{"bbox_2d": …, "label": …}`` for
-    rec (GEO-R1.md's expected output) or the fenced list / ``None`` for multi.
+    ``<think>`` that says where the objects are (worded like the tiny model's format lessons), then ``<answer>``
+    holding ``[{"bbox_2d": …, "label": …}]`` for rec (Qwen2.5-VL's grounding list; Geo-R1's format reward and
+    both parses accept it) or the fenced list / ``None`` for multi.
     """
     if not reasoning:
         return answer_json(record.boxes, record.expression)
     if not record.boxes:
-        think = f"I look for {record.expression} in the image. There is none."
+        think = f"I look for the {record.expression}. There is none in the image."
         return f"<think> {think} </think> <answer>None</answer>"
-    places = ", ".join(place_words(b, record.image_size) for b in record.boxes)
-    n = len(record.boxes)
-    think = f"I look for {record.expression}. I see {n} {'match' if n == 1 else 'matches'}: {places}."
+    places = " and ".join(place_words(b, record.image_size) for b in record.boxes)
+    think = f"I look for the {record.expression}. It is {places} of the image."
     if record.task == "rec":
         b = record.boxes[0]
-        answer = f'{{"bbox_2d": [{b[0]}, {b[1]}, {b[2]}, {b[3]}], "label": {json.dumps(record.expression)}}}'
+        answer = f'[{{"bbox_2d": [{b[0]}, {b[1]}, {b[2]}, {b[3]}], "label": {json.dumps(record.expression)}}}]'
     else:
         answer = answer_json(record.boxes, record.expression)
     return f"<think> {think} </think> <answer>{answer}</answer>"

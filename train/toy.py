@@ -16,7 +16,7 @@ from pathlib import Path
 from geo_r1_qgis.core.errors import ConfigError
 from train.data_format import MANIFEST, ChipRecord, write_records
 
-EXPRESSION = "the bright square"
+EXPRESSION = "bright square"
 
 
 @dataclass(frozen=True)
