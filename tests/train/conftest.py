@@ -40,6 +40,9 @@ def _cached(name: str, **kwargs: object) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    for stale in CACHE.glob(f"{name}-*"):  # builds of older builder versions
+        if stale != target and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     return target
 
 
