@@ -3,47 +3,21 @@ small learnable dataset directory written through train/data_format.py."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
+import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-CACHE = REPO / ".cache"  # shared with tests/engine/conftest.py
-
-
-def _builder_hash() -> str:
-    return hashlib.sha256((REPO / "engine" / "runtime" / "tiny_model.py").read_bytes()).hexdigest()[:12]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tiny_models import REPO, cached_build
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def _cached(name: str, **kwargs: object) -> Path:
-    from engine.runtime.tiny_model import TinyModelConfig, build_tiny_model
-
-    target = CACHE / f"{name}-{_builder_hash()}"
-    if (target / "model.safetensors").is_file():
-        return target
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=CACHE))
-    try:
-        build_tiny_model(TinyModelConfig(out_dir=tmp / "m", **kwargs))
-        try:
-            os.replace(tmp / "m", target)
-        except OSError:
-            if not (target / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    for stale in CACHE.glob(f"{name}-*"):  # builds of older builder versions
-        if stale != target and stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-    return target
+    return cached_build(name, **kwargs)
 
 
 @pytest.fixture(scope="session")
