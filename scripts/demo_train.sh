@@ -29,13 +29,15 @@ rm -rf "$OUT/data"
 $GEO dataset synthetic -o "$OUT/data" --shots "$SHOTS"
 COMMON=(--data "$OUT/data" --model "$OUT/base" --config tiny-learn --force)
 say "3/7 SFT baseline (the paper's SFT prompt, no reasoning), $SFT_STEPS steps -> $OUT/sft"
-$GEO train sft "${COMMON[@]}" -o "$OUT/sft" --max-steps "$SFT_STEPS"
+$GEO train sft "${COMMON[@]}" -o "$OUT/sft" --max-steps "$SFT_STEPS" --learning-rate 5e-3
 say "4/7 reasoning warm start (SFT on templated <think> + <answer>), $WARM_STEPS steps -> $OUT/warm"
-$GEO train sft "${COMMON[@]}" -o "$OUT/warm" --reasoning --max-steps "$WARM_STEPS"
+$GEO train sft "${COMMON[@]}" -o "$OUT/warm" --reasoning --max-steps "$WARM_STEPS" --learning-rate 5e-3
 say "5/7 GRPO from the warm start, $RL_STEPS steps -> $OUT/grpo"
-$GEO train grpo "${COMMON[@]}" -o "$OUT/grpo" --init-adapter "$OUT/warm" --max-steps "$RL_STEPS"
+$GEO train grpo "${COMMON[@]}" -o "$OUT/grpo" --init-adapter "$OUT/warm" --max-steps "$RL_STEPS" \
+  --learning-rate 5e-4 --per-device-train-batch-size 32
 say "6/7 DAPO from the warm start, $RL_STEPS steps -> $OUT/dapo"
-$GEO train dapo "${COMMON[@]}" -o "$OUT/dapo" --init-adapter "$OUT/warm" --max-steps "$RL_STEPS"
+$GEO train dapo "${COMMON[@]}" -o "$OUT/dapo" --init-adapter "$OUT/warm" --max-steps "$RL_STEPS" \
+  --learning-rate 5e-4 --per-device-train-batch-size 32
 say "7/7 evaluation on the held-out test chips -> $OUT/report"
 rm -rf "$OUT/report"
 $GEO eval --data "$OUT/data" --model "$OUT/base" --split test --max-new-tokens 96 -o "$OUT/report" \
