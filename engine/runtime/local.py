@@ -39,6 +39,35 @@ def _overloaded(exc: BaseException, batch: int, stage: str) -> EngineOverloadedE
     )
 
 
+def decode_with_pieces(tokenizer: Any, ids: Sequence[int]) -> tuple[str, list[str]]:
+    """The text of ``ids`` decoded at once, as Geo-R1 decodes (``skip_special_tokens=True``,
+    ``clean_up_tokenization_spaces=False``), and one piece per token such that ``"".join(pieces) == text``.
+
+    A byte-level BPE can split one character across tokens; decoding token by token would turn it into
+    U+FFFD. Here the tokens are decoded in runs that end on a whole character: the run's text goes to its
+    last token, the tokens before it in the run get "". So per-token log-probabilities keep character
+    offsets that match the real text.
+    """
+    kwargs = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
+    text = tokenizer.decode(list(ids), **kwargs)
+    pieces: list[str] = []
+    start, done = 0, 0
+    for i in range(len(ids)):
+        run = tokenizer.decode(list(ids[start : i + 1]), **kwargs)
+        if run.endswith("\ufffd") and i + 1 < len(ids):
+            pieces.append("")  # an incomplete character: wait for the tokens that finish it
+            continue
+        if not text.startswith(run, done):  # not a clean cut after all: let the rest carry it
+            pieces.append("")
+            continue
+        pieces.append(run)
+        done += len(run)
+        start = i + 1
+    if done != len(text) and pieces:  # whatever is left (an unfinished character at the very end)
+        pieces[-1] += text[done:]
+    return text, pieces
+
+
 class _TokenRecorder:
     """A logits processor that records, per step, log p(chosen token) and P(None-starting token).
 
@@ -314,7 +343,7 @@ class LocalBackend:
                 break
         finished = n < len(gen)
         ids = gen[:n]
-        pieces = self.tokenizer.batch_decode([[t] for t in ids], skip_special_tokens=True)
+        _, pieces = decode_with_pieces(self.tokenizer, ids)
         logprobs = recorder.chosen_rows[row][:n] if n else []
         none_probs = recorder.none_rows[row][:n] if n else []
         return ids, pieces, logprobs, none_probs, finished

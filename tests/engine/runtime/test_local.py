@@ -127,3 +127,53 @@ def test_micro_batcher_groups_by_settings_and_survives_errors():
         assert mb.submit("ok", a).result(timeout=10) == "ok:5"  # the worker goes on
     finally:
         mb.close()
+
+
+# -- decoding: the whole sequence at once, pieces aligned with it (issue 7, item 1) ------------------
+
+MULTIBYTE = [
+    '<think> The tank at 40° north of the 飞机 hangar. </think> <answer>[{"bbox_2d": [10, 20, 30, 40], '
+    '"label": "油罐 °"}]</answer>',
+    "<think> no-break space between numbers </think> <answer>[{\"bbox_2d\": [1,\u00a02, 3, 4]}]</answer>",
+    "飞机飞机 ° \u00a0 end",
+]
+
+
+@pytest.mark.parametrize("text", MULTIBYTE)
+def test_decode_keeps_multibyte_characters_that_tokens_split(tiny_model_dir, text):
+    from engine.rules.confidence import token_offsets
+    from engine.runtime.loading import load_processor
+    from engine.runtime.local import decode_with_pieces
+
+    tok = load_processor(str(tiny_model_dir)).tokenizer
+    ids = tok.encode(text, add_special_tokens=False)
+    old = "".join(tok.batch_decode([[t] for t in ids], skip_special_tokens=True))
+    assert "\ufffd" in old or text.isascii()  # the byte-level BPE really splits these characters
+    decoded, pieces = decode_with_pieces(tok, ids)
+    assert decoded == text
+    assert "".join(pieces) == decoded and len(pieces) == len(ids)
+    assert "\ufffd" not in decoded
+    # offsets still locate every ASCII token where it is in the text
+    for (a, b), piece in zip(token_offsets(pieces), pieces, strict=True):
+        assert decoded[a:b] == piece
+
+
+def test_decode_then_parse_finds_the_box_between_no_break_spaces(tiny_model_dir):
+    from engine.runtime.loading import load_processor
+    from engine.runtime.local import decode_with_pieces
+
+    tok = load_processor(str(tiny_model_dir)).tokenizer
+    text = MULTIBYTE[1]
+    decoded, _ = decode_with_pieces(tok, tok.encode(text, add_special_tokens=False))
+    parsed = parse_output(decoded, "multi", True)
+    assert [b.xyxy for b in parsed.boxes] == [(1.0, 2.0, 3.0, 4.0)]
+
+
+def test_special_tokens_are_skipped_and_get_empty_pieces(tiny_model_dir):
+    from engine.runtime.loading import load_processor
+    from engine.runtime.local import decode_with_pieces
+
+    tok = load_processor(str(tiny_model_dir)).tokenizer
+    ids = [*tok.encode("a°b", add_special_tokens=False), tok.convert_tokens_to_ids("<|im_end|>")]
+    decoded, pieces = decode_with_pieces(tok, ids)
+    assert decoded == "a°b" and pieces[-1] == ""
