@@ -28,7 +28,7 @@ class AskConfig:
     adapters: dict[str, str] = field(default_factory=dict)
     task: str = "multi"
     reasoning: bool = True
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = None  # None: Geo-R1's for the task (rec 256, multi 1024)
     device: str = "auto"
     dtype: str = "auto"
     as_json: bool = False
@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--task", choices=("rec", "multi"), default="multi", help="one box (rec) or all (multi)")
     parser.add_argument("--no-reasoning", action="store_true", help="use the SFT-baseline prompt without <think>")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="generation limit (default: Geo-R1's, 256 for rec, 1024 for multi)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
 
 
@@ -77,6 +78,7 @@ def main(args: argparse.Namespace) -> int:
     )
     from PIL import Image, UnidentifiedImageError
 
+    from engine.rules.prompts import default_max_new_tokens
     from engine.runtime.backend import GenerationSettings, GroundItem
     from engine.runtime.loading import LoadConfig
     from engine.runtime.local import LocalBackend
@@ -100,7 +102,8 @@ def main(args: argparse.Namespace) -> int:
         if config.adapters:
             backend.activate_adapter(next(iter(config.adapters)))
         item = GroundItem(image=image, expression=config.expression, task=config.task, reasoning=config.reasoning)
-        (result,) = backend.ground([item], GenerationSettings(max_new_tokens=config.max_new_tokens))
+        limit = config.max_new_tokens or default_max_new_tokens(config.task)
+        (result,) = backend.ground([item], GenerationSettings(max_new_tokens=limit))
     finally:
         backend.close()
     out = sys.stdout

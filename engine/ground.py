@@ -85,7 +85,7 @@ class GroundConfig:
     serve_timeout_s: float = 300.0
     # -- requests and search
     batch: int = 8
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = None  # None: the engine's default for the task (Geo-R1: rec 256, multi 1024)
     reasoning: bool = True
     coarse_to_fine: bool = True
     top_k: int = 3
@@ -110,7 +110,7 @@ class GroundConfig:
             raise ConfigError("give either --engine URL (a running engine) or --model M (start one), not both")
         if not 1 <= self.batch <= 64:
             raise ConfigError(f"--batch must be within 1..64 tiles per request, got {self.batch}")
-        if not 1 <= self.max_new_tokens <= 4096:
+        if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= 4096:
             raise ConfigError(f"--max-new-tokens must be within 1..4096, got {self.max_new_tokens}")
         if self.top_k < 1:
             raise ConfigError(f"--top-k must be >= 1, got {self.top_k}")
@@ -170,7 +170,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--serve-timeout", type=float, default=300.0, help="seconds to wait for --model to load")
     req = parser.add_argument_group("requests and search")
     req.add_argument("--batch", type=int, default=8, help="tiles per /ground request (default: %(default)s)")
-    req.add_argument("--max-new-tokens", type=int, default=256, help="generation limit per tile")
+    req.add_argument("--max-new-tokens", type=int, default=None,
+                     help="generation limit per tile (default: Geo-R1's, 256 for mode one, 1024 for mode all)")
     req.add_argument("--no-reasoning", action="store_true", help="the SFT-baseline prompt without <think>")
     req.add_argument("--no-coarse-to-fine", action="store_true", help="mode one: always tile at full resolution")
     req.add_argument("--top-k", type=int, default=3, help="mode one: candidates refined at full resolution")

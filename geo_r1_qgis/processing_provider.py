@@ -155,10 +155,10 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(
             QgsProcessingParameterNumber(
                 self.MAX_NEW_TOKENS,
-                _tr("Max new tokens per tile"),
+                _tr("Max new tokens per tile (0: Geo-R1's, 256 for one, 1024 for all)"),
                 QgsProcessingParameterNumber.Integer,
-                256,
-                minValue=16,
+                0,
+                minValue=0,
                 maxValue=4096,
             )
         )
@@ -200,7 +200,7 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
         job = GroundingJob(
             expression=expression,
             mode=mode,
-            max_new_tokens=self.parameterAsInt(parameters, self.MAX_NEW_TOKENS, context),
+            max_new_tokens=self.parameterAsInt(parameters, self.MAX_NEW_TOKENS, context) or None,
             tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context),
             overlap=self.parameterAsInt(parameters, self.OVERLAP, context),
             window=window,

@@ -157,6 +157,17 @@ GRES_TEMPLATE = (
 )
 
 
+#: Geo-R1's generation limits per task: 256 new tokens for REC, 1024 for OVD and GRES (its evaluation
+#: scripts). A request that names no limit gets its task's; a request mixing tasks, the larger.
+MAX_NEW_TOKENS: dict[str, int] = {"rec": 256, "multi": 1024}
+
+
+def default_max_new_tokens(tasks: Any) -> int:
+    """The generation limit for a request whose items have these tasks (a task name or an iterable)."""
+    names = {tasks} if isinstance(tasks, str) else set(tasks)
+    return max((MAX_NEW_TOKENS.get(t, MAX_NEW_TOKENS["multi"]) for t in names), default=MAX_NEW_TOKENS["rec"])
+
+
 @dataclass(frozen=True)
 class PromptSpec:
     """One prompt request: validated on construction, rendered by :attr:`text`.

@@ -47,7 +47,10 @@ class _DecodingIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, le=4096,
+        description="generation limit per item; default Geo-R1's: 256 for rec, 1024 for multi (mixed: the larger)",
+    )
     do_sample: bool = False
     temperature: float = 1.0
 

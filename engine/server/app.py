@@ -71,7 +71,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from engine import __version__ as ENGINE_VERSION
-from engine.rules.prompts import MAX_EXPRESSION_CHARS, PROMPT_VERSION
+from engine.rules.prompts import MAX_EXPRESSION_CHARS, MAX_NEW_TOKENS, PROMPT_VERSION, default_max_new_tokens
 from engine.runtime.backend import Backend, GenerationSettings, GroundItem, is_out_of_memory
 from engine.runtime.loading import parse_adapters
 from engine.server.api_models import (
@@ -458,6 +458,7 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
             "limits": config.limits(),
             "batch_size": config.batch_size,
             "concurrency": config.concurrency,
+            "max_new_tokens_default": dict(MAX_NEW_TOKENS),
         }
 
     @app.post("/ground", tags=["engine"], summary="Geo-R1 grounding of images", description=GROUND_DESCRIPTION)
@@ -509,7 +510,8 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
     async def run_ground(
         body: GroundRequest | TilesRequest, decoded: list[tuple[Image.Image, float]], t0: float
     ) -> JSONResponse:
-        settings = _settings(body.max_new_tokens, body.do_sample, body.temperature)
+        limit = body.max_new_tokens or default_max_new_tokens(it.task for it in body.items)
+        settings = _settings(limit, body.do_sample, body.temperature)
         items = [
             GroundItem(image=img, expression=it.expression, task=it.task, reasoning=it.reasoning)
             for it, (img, _) in zip(body.items, decoded, strict=True)

@@ -197,7 +197,7 @@ class EngineClient:
         expression: str,
         task: str = "multi",
         reasoning: bool = True,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | None = None,
     ) -> list[GroundResult]:
         """Ground one expression on several tiles in one request (the engine batches them).
 
@@ -208,8 +208,9 @@ class EngineClient:
                 {"width": t.width, "height": t.height, "expression": expression, "task": task, "reasoning": reasoning}
                 for t in tiles
             ],
-            "max_new_tokens": max_new_tokens,
         }
+        if max_new_tokens is not None:  # otherwise the engine's default for the task (Geo-R1: rec 256, multi 1024)
+            header["max_new_tokens"] = max_new_tokens
         head = json.dumps(header).encode("utf-8")
         body = b"".join([len(head).to_bytes(4, "big"), head, *(t.rgb for t in tiles)])
         answer = self._request("POST", "/ground/tiles", raw=(body, TILES_MEDIA_TYPE))

@@ -102,7 +102,7 @@ class GroundingJob:
     expression: str
     mode: str = "all"
     reasoning: bool = True
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = None  # None: the engine's default for the task (Geo-R1: rec 256, multi 1024)
     # -- the tile grid (tile-image pixels; scale = output pixel size / native pixel size)
     tile_size: int = 512
     overlap: int = 64
@@ -134,6 +134,8 @@ class GroundingJob:
         TileGridSpec(tile_size=self.tile_size, overlap=self.overlap, scale=self.scale)
         for name in ("batch_size", "max_new_tokens", "coarse_min_tiles", "coarse_grid", "top_k"):
             value = getattr(self, name)
+            if name == "max_new_tokens" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
         if not 0.0 <= self.min_score <= 1.0:
@@ -202,7 +204,7 @@ class GroundingClient(Protocol):
         expression: str,
         task: str = "multi",
         reasoning: bool = True,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | None = None,
     ) -> list[GroundResult]: ...
 
 

@@ -196,3 +196,13 @@ def test_prompts_module_is_pure() -> None:
         for a in n.names
     }
     assert imported <= {"__future__", "dataclasses", "typing", "geo_r1_qgis"}
+
+
+def test_generation_limits_per_task_are_geo_r1s():
+    from engine.rules.prompts import MAX_NEW_TOKENS, default_max_new_tokens
+
+    assert MAX_NEW_TOKENS == {"rec": 256, "multi": 1024}
+    assert default_max_new_tokens("rec") == 256
+    assert default_max_new_tokens("multi") == 1024
+    assert default_max_new_tokens(["rec", "multi", "rec"]) == 1024  # a mixed request gets the larger
+    assert default_max_new_tokens(iter(["rec"])) == 256

@@ -76,3 +76,22 @@ def test_an_engine_that_is_down_gives_one_clear_error():
         client.ground([TileImage(b"\x00" * 12, 2, 2)], "all tanks")
     with pytest.raises(EngineUnavailableError, match="did not become ready"):
         client.wait_until_ready(total_timeout_s=0.5, poll_s=0.1)
+
+
+@pytest.mark.parametrize(("limit", "sent"), [(None, "absent"), (300, 300)])
+def test_the_generation_limit_is_left_to_the_engine_unless_given(monkeypatch, limit, sent):
+    import json
+
+    captured = {}
+
+    def fake_request(self, method, path, body=None, raw=None, **_):
+        payload = raw[0]
+        n = int.from_bytes(payload[:4], "big")
+        captured["header"] = json.loads(payload[4 : 4 + n])
+        return {"items": []}
+
+    monkeypatch.setattr(EngineClient, "_request", fake_request)
+    tile = TileImage.from_array(np.zeros((28, 28, 3), dtype=np.uint8))
+    with pytest.raises(Exception, match="0 results for 1 tiles"):
+        EngineClient("http://127.0.0.1:1").ground([tile], "tanks", max_new_tokens=limit)
+    assert captured["header"].get("max_new_tokens", "absent") == sent
