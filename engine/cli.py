@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     top_args = top.parse_args(argv[: first + 1])
     name = top_args.command
+    from engine.runtime.threads import prepare_environment
+
+    prepare_environment()  # before anything imports torch
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"geo-r1 {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)

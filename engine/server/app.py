@@ -136,6 +136,11 @@ class ServeConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
     batch_size: int = field(default=8, metadata={"help": "most items generated in one batch"})
+    threads: int | None = field(
+        default=None,
+        metadata={"help": "CPU threads for torch (default: cores - 1, at least 1, with passive OpenMP waits, so "
+                          "a shared CPU does not collapse; see BENCHMARKS.md)"},
+    )
     # Network
     host: str = field(
         default="127.0.0.1", metadata={"help": "address to bind; anything but loopback is reachable by others"}
@@ -207,6 +212,8 @@ class ServeConfig:
             if value < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}; leave it out for cores - 1")
         if not self.max_body_mb > 0:
             raise ConfigError(f"--max-body-mb must be > 0, got {self.max_body_mb}")
         if not 1 <= self.max_expression_chars <= MAX_EXPRESSION_CHARS:
@@ -257,6 +264,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--device", default="auto", help=_help("device"))
     model.add_argument("--dtype", default="auto", help=_help("dtype"))
     model.add_argument("--batch-size", type=int, default=8, help=_help("batch_size"))
+    model.add_argument("--threads", type=int, default=None, help=_help("threads"))
     net = parser.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help=_help("host"))
     net.add_argument("--port", type=int, default=DEFAULT_PORT, help=_help("port"))
@@ -457,6 +465,7 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
             "prompt_version": PROMPT_VERSION,
             "limits": config.limits(),
             "batch_size": config.batch_size,
+            "threads": _torch_threads(),
             "concurrency": config.concurrency,
             "max_new_tokens_default": dict(MAX_NEW_TOKENS),
         }
@@ -592,12 +601,22 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
 # --------------------------------------------------------------------------------------------------
 
 
+def _torch_threads() -> int | None:
+    """torch's intra-op thread count, when torch is loaded (the local backend)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return int(torch.get_num_threads()) if torch is not None else None
+
+
 def build_backend(config: ServeConfig) -> Backend:
     """Load the backend ``config`` asks for (imports torch only for the local one)."""
     if config.backend == "local":
         from engine.runtime.loading import LoadConfig
         from engine.runtime.local import LocalBackend
+        from engine.runtime.threads import configure_torch_threads
 
+        configure_torch_threads(config.threads)
         load_config = LoadConfig(
             model=config.model,
             processor=config.processor,

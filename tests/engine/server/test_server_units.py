@@ -177,3 +177,27 @@ def test_unknown_route_and_wrong_method_are_json(stub_client):
 def test_adapter_load_errors_map_to_404(stub_client):
     r = stub_client.post("/adapters", json={"name": "a", "path": "/nowhere"})
     assert r.status_code == 404 and "/nowhere" in r.json()["error"]["message"]
+
+
+def test_threads_default_leaves_a_core_and_waits_passively(monkeypatch):
+    from engine.runtime import threads
+
+    assert threads.default_threads(1) == 1
+    assert threads.default_threads(2) == 1
+    assert threads.default_threads(16) == 15
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    threads.prepare_environment()
+    import os
+
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    threads.prepare_environment()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's choice is kept
+
+
+def test_threads_must_be_positive():
+    from engine.server.app import ServeConfig
+    from geo_r1_qgis.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--threads"):
+        ServeConfig(model="m", threads=0)
