@@ -36,7 +36,8 @@ backend = LocalBackend(LoadConfig(model=args["model"], device="cpu"), batch_size
 backend.loaded.model.generation_config.eos_token_id = None
 backend.eos_ids = set()
 rng = np.random.default_rng(0)
-images = [Image.fromarray(rng.integers(0, 255, (args["tile"], args["tile"], 3), dtype=np.uint8)) for _ in range(args["items"])]
+side = args["tile"]
+images = [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(args["items"])]
 settings = GenerationSettings(max_new_tokens=args["tokens"])
 backend.ground_batched([GroundItem(image=images[0], expression="tanks")], settings)  # warm-up
 t0 = time.perf_counter()
