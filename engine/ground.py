@@ -40,6 +40,7 @@ from geo_r1_qgis.core.errors import (
     GeoR1Error,
     OutputError,
 )
+from geo_r1_qgis.core.geometry import DEFAULT_TILE, tile_size_advice
 from geo_r1_qgis.core.merge import MODES
 from geo_r1_qgis.core.results import parse_bands
 
@@ -67,7 +68,7 @@ class GroundConfig:
     output: Path
     mode: str = "all"
     gsd: float | None = None
-    tile: int = 512
+    tile: int = DEFAULT_TILE
     overlap: int = 64
     bands: tuple[int, ...] | None = None
     bbox: tuple[float, ...] | None = None
@@ -101,7 +102,7 @@ class GroundConfig:
         if self.gsd is not None and not self.gsd > 0:
             raise ConfigError(f"--gsd must be a ground resolution in metres > 0, got {self.gsd!r}; e.g. --gsd 0.5")
         if self.tile < 28:
-            raise ConfigError(f"--tile must be at least 28 pixels (one model patch), got {self.tile}; e.g. --tile 512")
+            raise ConfigError(f"--tile must be at least 28 pixels (one model patch), got {self.tile}; e.g. --tile 504")
         if not 0 <= self.overlap < self.tile:
             raise ConfigError(f"--overlap must be in [0, --tile), got {self.overlap} with --tile {self.tile}")
         if self.output.suffix.lower() != ".gpkg":
@@ -150,7 +151,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     grid = parser.add_argument_group("tiles")
     grid.add_argument("--gsd", type=float, help="ground resolution of the tiles in metres (default: the raster's)")
-    grid.add_argument("--tile", type=int, default=512, help="tile size in pixels (default: %(default)s)")
+    grid.add_argument("--tile", type=int, default=DEFAULT_TILE,
+                      help="tile size in pixels (default: %(default)s, a multiple of 28: the model sees it unresized)")
     grid.add_argument("--overlap", type=int, default=64, help="overlap of tiles in pixels (default: %(default)s)")
     grid.add_argument("--bands", help="band numbers for R,G,B (default: the RGB bands, else the first three)")
     grid.add_argument("--bbox", help="xmin,ymin,xmax,ymax in the raster's CRS (default: the whole raster)")
@@ -309,6 +311,9 @@ def run(config: GroundConfig) -> int:
     from geo_r1_qgis.core.pipeline import GroundingJob, run_grounding
 
     logging.getLogger("pyogrio").setLevel(logging.WARNING)  # one INFO line per write otherwise
+    advice = tile_size_advice(config.tile)
+    if advice:
+        log.warning(advice)
     # 1. Everything that can be checked before the output is touched.
     if config.layer:
         check_layer_name(config.layer)

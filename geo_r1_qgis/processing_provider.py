@@ -31,7 +31,7 @@ from qgis.PyQt.QtCore import QCoreApplication
 
 from .core.client import DEFAULT_URL, EngineClient, default_token_path, read_token
 from .core.errors import EngineRequestError, EngineUnavailableError, GeoR1Error
-from .core.geometry import window_from_map_bbox
+from .core.geometry import DEFAULT_TILE, tile_size_advice, window_from_map_bbox
 from .core.pipeline import GroundingJob, run_grounding
 from .core.results import run_meta
 from .qgis_io import FeatureSinkResultSink, QgisRasterSource, make_fields, parse_bands
@@ -120,7 +120,7 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
                 self.TILE_SIZE,
                 _tr("Tile size (pixels)"),
                 QgsProcessingParameterNumber.Integer,
-                512,
+                DEFAULT_TILE,
                 minValue=28,
                 maxValue=4096,
             )
@@ -180,6 +180,9 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
         expression = self.parameterAsString(parameters, self.EXPRESSION, context)
         mode = MODES[self.parameterAsEnum(parameters, self.MODE, context)]
         bands = parse_bands(self.parameterAsString(parameters, self.BANDS, context))
+        advice = tile_size_advice(self.parameterAsInt(parameters, self.TILE_SIZE, context))
+        if advice:
+            feedback.pushWarning(advice)
         url = self.parameterAsString(parameters, self.ENGINE_URL, context).strip() or DEFAULT_URL
         token_file = self.parameterAsFile(parameters, self.TOKEN_FILE, context) or None
 

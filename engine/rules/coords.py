@@ -125,6 +125,14 @@ def _check_size(name: str, size: Sequence[float]) -> tuple[float, float]:
     return w, h
 
 
+#: Which pixels the model's boxes are in. ``model``: the image as the model saw it after ``smart_resize``
+#: (Qwen2.5-VL's native frame, and VLM-R1's training reward since 2025-06-26); the engine scales boxes back to
+#: the client's image. ``image``: the client's image itself (no scaling, only clipping), for checkpoints
+#: trained and scored without the rescale, as Geo-R1's evaluation scripts score. Tiles whose sides are
+#: multiples of 28 make both the same (GEO-R1.md, "Coordinates").
+BOX_FRAMES = ("model", "image")
+
+
 def model_to_image_box(
     box: Any,
     model_size: tuple[int, int],

@@ -122,17 +122,20 @@ def item_result(
     tokens_generated: int,
     timings_ms: dict[str, float],
     batch_size: int = 1,
+    box_frame: str = "model",
 ) -> ItemResult:
     """The result of one item from the model's text, its parse and its confidences (every backend's last step).
 
-    Boxes go from the model's pixels back to the client image's (smart_resize undone, clipped); boxes
-    with no area left are dropped.
+    Boxes go from the model's pixels back to the client image's (smart_resize undone, clipped); with
+    ``box_frame="image"`` they are taken as the client image's pixels already (clipped only). Boxes with no
+    area left are dropped.
     """
     from engine.rules.coords import model_to_image_box
 
+    frame_size = image_size if box_frame == "image" else model_size  # "image": clip only (BOX_FRAMES)
     boxes = []
     for pbox, score in zip(parsed.boxes, scores, strict=True):
-        box = model_to_image_box(pbox, model_size, image_size)
+        box = model_to_image_box(pbox, frame_size, image_size)
         if box is not None:
             boxes.append(Box(box.x1, box.y1, box.x2, box.y2, score=score, label=pbox.label))
     return ItemResult(

@@ -208,6 +208,8 @@ class LocalBackend:
     """A transformers model in this process, behind the :class:`engine.runtime.backend.Backend` interface."""
 
     kind = "local"
+    #: which pixels the model's boxes are in (engine.rules.coords.BOX_FRAMES); the server sets it
+    box_frame = "model"
 
     def __init__(self, load_config: LoadConfig, batch_size: int = 8, max_wait_ms: float = 5.0) -> None:
         self.load_config = load_config
@@ -241,6 +243,7 @@ class LocalBackend:
             "prompt_version": PROMPT_VERSION,
             "engine_version": ENGINE_VERSION,
             "batch_size": self.batch_size,
+            "box_frame": self.box_frame,
         }
 
     def ground(self, items: list[GroundItem], settings: GenerationSettings) -> list[ItemResult]:
@@ -373,7 +376,8 @@ class LocalBackend:
             n = len(items)
             timings = {"preprocess": (t1 - t0) * 1000 / n, "generate": (t2 - t1) * 1000 / n}
             result = item_result(
-                text, parsed, scores, presence, (gw * patch, gh * patch), item.image.size, len(ids), timings, n
+                text, parsed, scores, presence, (gw * patch, gh * patch), item.image.size, len(ids), timings, n,
+                box_frame=self.box_frame,
             )
             result.timings_ms["parse"] = (time.perf_counter() - tp) * 1000
             results.append(result)

@@ -128,6 +128,8 @@ class RemoteBackend:
     """Geo-R1 grounding through an OpenAI-compatible ``/v1`` server (see the module docstring)."""
 
     kind = "openai"
+    #: which pixels the model's boxes are in (engine.rules.coords.BOX_FRAMES); the server sets it
+    box_frame = "model"
 
     def __init__(
         self,
@@ -182,6 +184,7 @@ class RemoteBackend:
             "dtype": None,
             "concurrency": self.concurrency,
             "smart_resize": {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels},
+            "box_frame": self.box_frame,
         }
 
     def ground(self, items: list[GroundItem], settings: GenerationSettings) -> list[ItemResult]:
@@ -268,7 +271,7 @@ class RemoteBackend:
         timings = {"preprocess": (t1 - t0) * 1000.0, "generate": (t2 - t1) * 1000.0}
         result = item_result(
             text, parsed, scores, presence, model_size, image_size,
-            int(usage.get("completion_tokens") or len(pieces)), timings,
+            int(usage.get("completion_tokens") or len(pieces)), timings, box_frame=self.box_frame,
         )
         result.timings_ms["parse"] = (time.perf_counter() - t2) * 1000.0
         return result

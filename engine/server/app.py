@@ -71,6 +71,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from engine import __version__ as ENGINE_VERSION
+from engine.rules.coords import BOX_FRAMES
 from engine.rules.prompts import MAX_EXPRESSION_CHARS, MAX_NEW_TOKENS, PROMPT_VERSION, default_max_new_tokens
 from engine.runtime.backend import Backend, GenerationSettings, GroundItem, is_out_of_memory
 from engine.runtime.loading import parse_adapters
@@ -136,6 +137,12 @@ class ServeConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
     batch_size: int = field(default=8, metadata={"help": "most items generated in one batch"})
+    box_frame: str = field(
+        default="model",
+        metadata={"help": "which pixels the model's boxes are in: model (Qwen2.5-VL's frame after smart_resize; "
+                  "the engine scales them back) or image (the tile's own pixels, as Geo-R1's evaluation scores "
+                  "them); tiles whose sides are multiples of 28 make both the same"},
+    )
     threads: int | None = field(
         default=None,
         metadata={"help": "CPU threads for torch (default: cores - 1, at least 1, with passive OpenMP waits, so "
@@ -212,6 +219,8 @@ class ServeConfig:
             if value < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
+        if self.box_frame not in BOX_FRAMES:
+            raise ConfigError(f"--box-frame must be one of {', '.join(BOX_FRAMES)}, got {self.box_frame!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}; leave it out for cores - 1")
         if not self.max_body_mb > 0:
@@ -265,6 +274,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--dtype", default="auto", help=_help("dtype"))
     model.add_argument("--batch-size", type=int, default=8, help=_help("batch_size"))
     model.add_argument("--threads", type=int, default=None, help=_help("threads"))
+    model.add_argument("--box-frame", choices=BOX_FRAMES, default="model", help=_help("box_frame"))
     net = parser.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help=_help("host"))
     net.add_argument("--port", type=int, default=DEFAULT_PORT, help=_help("port"))
@@ -625,6 +635,7 @@ def build_backend(config: ServeConfig) -> Backend:
             dtype=config.dtype,
         )
         backend = LocalBackend(load_config, batch_size=config.batch_size)
+        backend.box_frame = config.box_frame
         if config.adapters:  # what the user asked for is what answers: the first adapter is active
             first = config.adapters[0][0]
             backend.activate_adapter(first)
@@ -641,7 +652,9 @@ def build_backend(config: ServeConfig) -> Backend:
                 f"export {config.api_key_env}=<key> before starting"
             )
     assert config.base_url is not None  # checked by ServeConfig
-    return RemoteBackend(config.base_url, api_key=api_key, model=config.remote_model, concurrency=config.concurrency)
+    remote = RemoteBackend(config.base_url, api_key=api_key, model=config.remote_model, concurrency=config.concurrency)
+    remote.box_frame = config.box_frame
+    return remote
 
 
 def main(args: argparse.Namespace) -> int:

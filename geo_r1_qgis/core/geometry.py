@@ -502,22 +502,41 @@ def degrees_per_metre(latitude_deg: float) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------------------
 
 
+#: Qwen2.5-VL's patch grid: an image whose sides are multiples of this is seen unresized (GEO-R1.md).
+MODEL_FACTOR = 28
+#: The default tile: a multiple of 28, so the model's frame and the tile's frame agree.
+DEFAULT_TILE = 504
+
+
+def tile_size_advice(tile_size: int) -> str | None:
+    """A one-line warning when ``tile_size`` is not a multiple of 28, naming the nearest multiples; else None."""
+    if tile_size % MODEL_FACTOR == 0:
+        return None
+    lower = tile_size // MODEL_FACTOR * MODEL_FACTOR
+    upper = lower + MODEL_FACTOR
+    sizes = f"{lower} or {upper}" if lower else f"{upper}"
+    return (
+        f"tile size {tile_size} is not a multiple of 28: the model sees the tile resized and its boxes are "
+        f"scaled back from that frame; use {sizes} so the model sees the tile as it is"
+    )
+
+
 @dataclass(frozen=True)
 class TileGridSpec:
     """How to cut a raster into model tiles.
 
     ``tile_size`` and ``overlap`` are in pixels of the tile *image* sent to the model. ``scale`` is
     output pixel size / native pixel size: 2.0 makes each tile pixel cover 2x2 raster pixels (a
-    coarser ground resolution, so a 512 px tile covers 1024 raster pixels); see :func:`gsd_to_scale`.
+    coarser ground resolution, so a 504 px tile covers 1008 raster pixels); see :func:`gsd_to_scale`.
     """
 
-    tile_size: int = 512
+    tile_size: int = DEFAULT_TILE
     overlap: int = 64
     scale: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int) or self.tile_size < 1:
-            raise ConfigError(f"tile_size must be a positive integer of pixels, got {self.tile_size!r}; e.g. 512")
+            raise ConfigError(f"tile_size must be a positive integer of pixels, got {self.tile_size!r}; e.g. 504")
         if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) or self.overlap < 0:
             raise ConfigError(f"overlap must be an integer >= 0 pixels, got {self.overlap!r}; e.g. 64")
         if self.overlap >= self.tile_size:

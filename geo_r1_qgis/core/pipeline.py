@@ -104,7 +104,7 @@ class GroundingJob:
     reasoning: bool = True
     max_new_tokens: int | None = None  # None: the engine's default for the task (Geo-R1: rec 256, multi 1024)
     # -- the tile grid (tile-image pixels; scale = output pixel size / native pixel size)
-    tile_size: int = 512
+    tile_size: int = 504  # geometry.DEFAULT_TILE: a multiple of 28, unresized by the model
     overlap: int = 64
     scale: float = 1.0
     #: the processed window in raster pixels (``None``: the whole raster)

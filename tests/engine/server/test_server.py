@@ -129,6 +129,7 @@ def test_info_and_openapi(api, tiny_format_model_dir):
     assert info["adapter"] is None and info["batch_size"] == 4
     assert info["max_new_tokens_default"] == {"rec": 256, "multi": 1024}  # Geo-R1's per-task limits
     assert info["threads"] >= 1
+    assert info["box_frame"] == "model"
     assert info["engine_version"] and info["prompt_version"]
     assert info["limits"]["max_items"] == LIMITS["max_items"]
     assert info["limits"]["max_body_bytes"] == 2 * 1024 * 1024

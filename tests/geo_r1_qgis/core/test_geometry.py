@@ -639,3 +639,15 @@ def test_tile_grid_window_outside_raster():
 def test_tile_grid_is_deterministic():
     spec = TileGridSpec(300, 20, 1.3)
     assert make_tile_grid(ROTATED, 2000, 1500, spec) == make_tile_grid(ROTATED, 2000, 1500, spec)
+
+
+@pytest.mark.parametrize(
+    ("tile", "advice"),
+    [(504, None), (448, None), (532, None), (512, "use 504 or 532"), (500, "use 476 or 504"), (20, "use 28 so")],
+)
+def test_tile_size_advice_names_the_nearest_multiples_of_28(tile, advice):
+    from geo_r1_qgis.core.geometry import DEFAULT_TILE, tile_size_advice
+
+    assert DEFAULT_TILE % 28 == 0
+    got = tile_size_advice(tile)
+    assert (got is None) if advice is None else (advice in got and str(tile) in got)
