@@ -27,6 +27,7 @@ from engine.rules.parsing import parse_output
 from engine.rules.prompts import PROMPT_VERSION, build_messages
 from engine.runtime.backend import ChatResult, GenerationSettings, GroundItem, ItemResult, is_out_of_memory, item_result
 from engine.runtime.loading import LoadConfig, load_model
+from engine.runtime.preprocess import fast_inputs
 from geo_r1_qgis.core.errors import ConfigError, EngineOverloadedError
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,8 @@ class LocalBackend:
     kind = "local"
     #: which pixels the model's boxes are in (engine.rules.coords.BOX_FRAMES); the server sets it
     box_frame = "model"
+    #: tiles that need no resize skip the image processor's slow path (engine/runtime/preprocess.py)
+    fast_preprocess = True
 
     def __init__(self, load_config: LoadConfig, batch_size: int = 8, max_wait_ms: float = 5.0) -> None:
         self.load_config = load_config
@@ -302,7 +305,9 @@ class LocalBackend:
         import torch
 
         try:
-            inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+            inputs = fast_inputs(self.processor, texts, images) if self.fast_preprocess and images else None
+            if inputs is None:  # an image that needs resizing, or a processor the fast path does not cover
+                inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
             inputs = inputs.to(self.loaded.device)
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, str(self.loaded.dtype)))

@@ -1,0 +1,97 @@
+"""Model inputs for tiles that need no resize, without the image processor's slow path.
+
+Qwen2-VL's PIL image processor spends most of its 13-24 ms per 504x504 tile on float64 rescale and
+normalise passes and array copies (BENCHMARKS.md). For an image that ``smart_resize`` leaves unchanged
+(sides multiples of 28 within the pixel bounds: every default tile), the whole job is one fused
+``x * a + b`` in float32 and a reshape, done here in torch. The result equals the processor's: the same
+``image_grid_thw``, ``input_ids``, ``attention_mask`` and ``mm_token_type_ids``, and ``pixel_values`` within
+1e-6 (tested). Anything else (an image that needs resizing, a processor with other settings) returns None
+and the caller uses the processor as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from engine.rules.coords import QWEN_FACTOR, smart_resize
+
+
+def _settings(image_processor: Any) -> tuple[float, list[float], list[float], int, int, int, int, int] | None:
+    ip = image_processor
+    try:
+        if not (ip.do_rescale and ip.do_normalize) or getattr(ip, "do_convert_rgb", True) is False:
+            return None
+        size = ip.size
+        # a SizeDict; the min_pixels/max_pixels attributes exist only on some versions, so no .get(default)
+        min_pixels = size["shortest_edge"] if "shortest_edge" in size else ip.min_pixels  # noqa: SIM401
+        max_pixels = size["longest_edge"] if "longest_edge" in size else ip.max_pixels  # noqa: SIM401
+        mean, std = list(ip.image_mean), list(ip.image_std)
+        patch, temporal, merge = int(ip.patch_size), int(ip.temporal_patch_size), int(ip.merge_size)
+        if patch * merge != QWEN_FACTOR or len(mean) != 3 or len(std) != 3:
+            return None
+        return float(ip.rescale_factor), mean, std, patch, temporal, merge, int(min_pixels), int(max_pixels)
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
+def fast_pixel_values(images: Sequence[Any], image_processor: Any) -> tuple[Any, Any] | None:
+    """``(pixel_values, image_grid_thw)`` as the Qwen2-VL image processor computes them, or None when any
+    image would be resized (or the processor is configured in a way this path does not cover)."""
+    import numpy as np
+    import torch
+
+    settings = _settings(image_processor)
+    if settings is None or not images:
+        return None
+    rescale, mean, std, patch, temporal, merge, min_pixels, max_pixels = settings
+    for im in images:
+        w, h = im.size
+        if getattr(im, "mode", "RGB") != "RGB" or smart_resize(h, w, QWEN_FACTOR, min_pixels, max_pixels) != (h, w):
+            return None
+    # (x * rescale - mean) / std == x * a + b, per channel. The patch reordering is done on the uint8
+    # pixels (a quarter of the bytes), then converted and scaled in one pass, then each frame doubled.
+    a = torch.tensor([rescale / s for s in std], dtype=torch.float32).view(1, 1, 1, 1, 3, 1, 1)
+    b = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], dtype=torch.float32).view(1, 1, 1, 1, 3, 1, 1)
+    patches, grids = [], []
+    for im in images:
+        w, h = im.size
+        gh, gw = h // patch, w // patch
+        x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)  # (C, H, W), uint8
+        p = x.reshape(3, gh // merge, merge, patch, gw // merge, merge, patch)
+        p = p.permute(1, 4, 2, 5, 0, 3, 6).contiguous()  # (gh', gw', mh, mw, C, ph, pw): the processor's order
+        p = p.to(torch.float32).mul_(a).add_(b)
+        p = p.unsqueeze(5).expand(*p.shape[:5], temporal, *p.shape[5:])  # each frame twice, as one image
+        patches.append(p.reshape(gh * gw, 3 * temporal * patch * patch))
+        grids.append([1, gh, gw])
+    return torch.cat(patches, dim=0), torch.tensor(grids, dtype=torch.int64)
+
+
+def fast_inputs(processor: Any, texts: Sequence[str], images: Sequence[Any]) -> Any | None:
+    """What ``processor(text=texts, images=images, padding=True, return_tensors="pt")`` returns, for one image
+    per text and images that need no resize; None otherwise."""
+    from transformers import BatchFeature
+
+    if len(texts) != len(images):
+        return None
+    pixels = fast_pixel_values(images, processor.image_processor)
+    if pixels is None:
+        return None
+    pixel_values, grid = pixels
+    token = getattr(processor, "image_token", "<|image_pad|>")
+    merge_len = int(processor.image_processor.merge_size) ** 2
+    expanded = []
+    for text, g in zip(texts, grid.tolist(), strict=True):
+        if text.count(token) != 1:
+            return None
+        expanded.append(text.replace(token, token * (g[0] * g[1] * g[2] // merge_len)))
+    enc = processor.tokenizer(expanded, padding=True, return_tensors="pt")
+    image_id = processor.tokenizer.convert_tokens_to_ids(token)
+    data = {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "mm_token_type_ids": (enc["input_ids"] == image_id).to(enc["input_ids"].dtype),
+        "pixel_values": pixel_values,
+        "image_grid_thw": grid,
+    }
+    return BatchFeature(data=data)
