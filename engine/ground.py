@@ -221,6 +221,45 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: The temporary folder of an engine that ``geo-r1 ground --model`` starts; it holds the token and the log.
+ENGINE_DIR_PREFIX = "geo-r1-ground-"
+OWNER_FILE = "owner.pid"
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGTERM when the parent dies, whatever killed it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+
+def remove_stale_engine_dirs(root: Path | None = None) -> list[Path]:
+    """Remove engine folders left by runs that were killed (their owner PID is gone); return them."""
+    import shutil
+
+    removed = []
+    for d in Path(root or tempfile.gettempdir()).glob(ENGINE_DIR_PREFIX + "*"):
+        try:
+            owner = int((d / OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue  # not ours, or still being created
+        try:
+            os.kill(owner, 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    if removed:
+        log.info("removed %d engine folder(s) left by killed runs", len(removed))
+    return removed
+
+
 @contextlib.contextmanager
 def engine_for(config: GroundConfig) -> Iterator[tuple[EngineClient, dict[str, Any]]]:
     """A ready client and the engine's ``/info``: the given engine, or one started with ``--model``."""
@@ -229,13 +268,15 @@ def engine_for(config: GroundConfig) -> Iterator[tuple[EngineClient, dict[str, A
         info = client.wait_until_ready(total_timeout_s=10.0)
         yield client, info
         return
-    with tempfile.TemporaryDirectory(prefix="geo-r1-ground-") as tmp:
+    remove_stale_engine_dirs()
+    with tempfile.TemporaryDirectory(prefix=ENGINE_DIR_PREFIX) as tmp:
+        (Path(tmp) / OWNER_FILE).write_text(str(os.getpid()))
         port = _free_port()
         token_file = Path(tmp) / "engine.token"
         log_path = Path(tmp) / "serve.log"
         cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", config.model, "--port", str(port)]
         cmd += ["--token-file", str(token_file), "--batch-size", str(config.batch), "--device", config.device]
-        cmd += ["--dtype", config.dtype]
+        cmd += ["--dtype", config.dtype, "--parent-pid", str(os.getpid())]
         if config.processor:
             cmd += ["--processor", config.processor]
         for a in config.adapters:
@@ -244,7 +285,9 @@ def engine_for(config: GroundConfig) -> Iterator[tuple[EngineClient, dict[str, A
         repo = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
         with open(log_path, "wb") as log_fh:
-            proc = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=env)  # nosec B603
+            proc = subprocess.Popen(  # nosec B603
+                cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+            )
         try:
             client = EngineClient(f"http://127.0.0.1:{port}")
             deadline = time.monotonic() + config.serve_timeout_s

@@ -54,6 +54,8 @@ import dataclasses
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -153,6 +155,10 @@ class ServeConfig:
         default="127.0.0.1", metadata={"help": "address to bind; anything but loopback is reachable by others"}
     )
     port: int = field(default=DEFAULT_PORT, metadata={"help": "TCP port"})
+    parent_pid: int | None = field(
+        default=None,
+        metadata={"help": "stop when this process ends (what starts an engine for itself passes its own PID)"},
+    )
     token_file: Path | None = field(
         default=None,
         metadata={"help": "bearer token file, created (0600) on first start (default: %(default)s)"},
@@ -278,6 +284,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net = parser.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help=_help("host"))
     net.add_argument("--port", type=int, default=DEFAULT_PORT, help=_help("port"))
+    net.add_argument("--parent-pid", type=int, default=None, help=_help("parent_pid"))
     net.add_argument(
         "--token-file", type=Path, default=None, help=_help("token_file") % {"default": default_token_path()}
     )
@@ -611,6 +618,34 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
 # --------------------------------------------------------------------------------------------------
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def watch_parent(pid: int, interval_s: float = 1.0) -> threading.Thread:
+    """Stop this engine (SIGTERM to itself: a clean shutdown) once process ``pid`` is gone or it is no longer
+    this process's parent, whatever ended it (SIGKILL included). Portable; on Linux the starter also sets
+    ``PR_SET_PDEATHSIG``, which is immediate."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != pid or not _alive(pid):
+                log.warning("the process that started this engine (PID %d) is gone: stopping", pid)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    thread = threading.Thread(target=watch, name="geo-r1-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def _torch_threads() -> int | None:
     """torch's intra-op thread count, when torch is loaded (the local backend)."""
     import sys
@@ -687,6 +722,8 @@ def main(args: argparse.Namespace) -> int:
         server = uvicorn.Server(
             uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=10, server_header=False)
         )
+        if config.parent_pid is not None:
+            watch_parent(config.parent_pid)
         server.run(sockets=[sock])
         return 0 if server.started else 1
     finally:

@@ -296,3 +296,59 @@ def test_model_starts_its_own_engine(tiny_model_dir, samples, tmp_path, capsys):
     )
     assert rc == 0, capsys.readouterr().err
     assert pyogrio.read_info(out, layer=RUNS_TABLE)["features"] == 1
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        text = (task / "children").read_text() if (task / "children").exists() else ""
+        out += [int(c) for c in text.split()]
+    return out
+
+
+def _gone(pid: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+            stat = Path(f"/proc/{pid}/stat").read_text().split()
+            if stat[2] == "Z":  # a zombie: it has exited
+                return True
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGHUP])
+def test_an_engine_started_for_a_run_dies_with_it(tiny_model_dir, samples, tmp_path, sig):
+    """Issue 8.1: before, the engine kept running under PID 1 (and its token folder stayed) after the
+    command was killed by anything but Ctrl-C."""
+    import tempfile
+
+    cmd = [sys.executable, "-m", "engine.cli", "ground", str(samples / "utm.tif"), "all storage tanks", "-o",
+           str(tmp_path / "o.gpkg"), *map(str, FAST), "--model", str(tiny_model_dir), "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        engine_pid = None
+        while engine_pid is None and time.monotonic() < deadline and proc.poll() is None:
+            kids = _children(proc.pid)
+            engine_pid = kids[0] if kids else None
+            time.sleep(0.2)
+        assert engine_pid, "the run never started its engine"
+        time.sleep(2.0)  # let it load
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+        assert _gone(engine_pid, within_s=15), f"the engine (PID {engine_pid}) outlived the run killed by {sig!r}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # a later run cleans up the folder a killed run left
+    from engine.ground import ENGINE_DIR_PREFIX, OWNER_FILE, remove_stale_engine_dirs
+
+    stale = Path(tempfile.mkdtemp(prefix=ENGINE_DIR_PREFIX))
+    (stale / OWNER_FILE).write_text(str(proc.pid))  # that PID has exited
+    assert stale in remove_stale_engine_dirs()
+    assert not stale.exists()
