@@ -103,7 +103,7 @@ from engine.server.security import (
     error_body,
     is_loopback,
 )
-from geo_r1_qgis.core.client import DEFAULT_PORT, TILES_MEDIA_TYPE, default_token_path
+from geo_r1_qgis.core.client import DEFAULT_PORT, TILES_MEDIA_TYPE, default_token_path, health_proof
 from geo_r1_qgis.core.errors import (
     ConfigError,
     EngineOverloadedError,
@@ -471,8 +471,15 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
         return str(backend.info().get("model") or "geo-r1")
 
     @app.get("/health", tags=["engine"])
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "engine_version": ENGINE_VERSION}
+    async def health(challenge: str | None = None) -> dict[str, Any]:
+        """No token needed. With ``?challenge=C`` (hex, at most 128 characters) the answer carries
+        ``proof`` = HMAC-SHA256(token, "geo-r1-health:" + C): clients check it before they send the token."""
+        out: dict[str, Any] = {"status": "ok", "engine_version": ENGINE_VERSION}
+        if challenge is not None:
+            if not (0 < len(challenge) <= 128) or any(c not in "0123456789abcdefABCDEF" for c in challenge):
+                raise ApiError(422, "challenge must be 1 to 128 hexadecimal characters")
+            out["proof"] = health_proof(token, challenge)
+        return out
 
     @app.get("/info", tags=["engine"])
     async def info() -> dict[str, Any]:

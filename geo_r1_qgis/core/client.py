@@ -6,10 +6,13 @@ the protocol exists once on the client side. See docs/ARCHITECTURE.md for the ro
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import http.client
 import json
 import logging
 import os
+import secrets
 import time
 import urllib.error
 import urllib.request
@@ -122,6 +125,15 @@ class GroundResult:
         )
 
 
+def health_proof(token: str, challenge: str) -> str:
+    """What an engine answers to ``GET /health?challenge=C``: HMAC-SHA256 of C keyed with its token.
+
+    It proves the server holds the token without revealing it, so a client never sends its token to some
+    other program that happens to listen on the engine's port (the engine down, the port reused).
+    """
+    return hmac.new(token.encode("utf-8"), ("geo-r1-health:" + challenge).encode("utf-8"), hashlib.sha256).hexdigest()
+
+
 class EngineClient:
     """Talks to one engine over HTTP. Thread-safe: it holds no connection state."""
 
@@ -131,6 +143,7 @@ class EngineClient:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s
+        self._proven_for: str | None = None  # the token the server has proven it holds
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _request(
@@ -140,7 +153,10 @@ class EngineClient:
         body: Any = None,
         timeout_s: float | None = None,
         raw: tuple[bytes, str] | None = None,
+        auth: bool = True,
     ) -> Any:
+        if auth and self.token and self._proven_for != self.token:
+            self._prove_server()
         data = None if body is None else json.dumps(body).encode("utf-8")
         if raw is not None:
             data = raw[0]
@@ -149,7 +165,7 @@ class EngineClient:
         req.add_header("Accept", "application/json")
         if data is not None:
             req.add_header("Content-Type", raw[1] if raw is not None else "application/json")
-        if self.token:
+        if auth and self.token:
             req.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:  # nosec B310
@@ -171,7 +187,22 @@ class EngineClient:
 
     # -- routes -----------------------------------------------------------------------------------
     def health(self, timeout_s: float = 5.0) -> dict[str, Any]:
-        return self._request("GET", "/health", timeout_s=timeout_s)
+        """``GET /health``, which needs no token: none is sent."""
+        return self._request("GET", "/health", timeout_s=timeout_s, auth=False)
+
+    def _prove_server(self) -> None:
+        """Before the token first leaves this process: the server must prove it holds the same token."""
+        assert self.token is not None
+        challenge = secrets.token_hex(16)
+        answer = self._request("GET", f"/health?challenge={challenge}", timeout_s=10.0, auth=False)
+        proof = answer.get("proof") if isinstance(answer, dict) else None
+        if not isinstance(proof, str) or not hmac.compare_digest(proof, health_proof(self.token, challenge)):
+            raise EngineUnavailableError(
+                f"the server at {self.url} did not prove that it holds the engine's token, so the token was not "
+                "sent: another program may be listening on that port, or the engine uses another token file "
+                f"(or is older than this plugin). {SERVE_HINT}"
+            )
+        self._proven_for = self.token
 
     def info(self) -> dict[str, Any]:
         return self._request("GET", "/info", timeout_s=30.0)

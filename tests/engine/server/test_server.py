@@ -88,6 +88,17 @@ def test_health_needs_no_token_and_tells_nothing_more(engine):
     assert set(r.json()) == {"status", "engine_version"} and r.json()["status"] == "ok"
 
 
+def test_health_proves_the_engine_holds_the_token_without_revealing_it(engine):
+    from geo_r1_qgis.core.client import health_proof
+
+    r = httpx.get(engine.url + "/health", params={"challenge": "00ff11ee"}, trust_env=False)
+    assert r.status_code == 200
+    assert r.json()["proof"] == health_proof(engine.token, "00ff11ee")
+    assert engine.token not in r.text
+    bad = httpx.get(engine.url + "/health", params={"challenge": "not hex!"}, trust_env=False)
+    assert bad.status_code == 422
+
+
 ROUTES = [
     ("GET", "/info"),
     ("POST", "/ground"),

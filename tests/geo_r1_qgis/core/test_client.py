@@ -95,3 +95,72 @@ def test_the_generation_limit_is_left_to_the_engine_unless_given(monkeypatch, li
     with pytest.raises(Exception, match="0 results for 1 tiles"):
         EngineClient("http://127.0.0.1:1").ground([tile], "tanks", max_new_tokens=limit)
     assert captured["header"].get("max_new_tokens", "absent") == sent
+
+
+def _fake_server(answer_health):
+    """A server on a free port that answers anything with 200 JSON and records the headers it got."""
+    import http.server
+    import json
+    import threading
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append((self.path, self.headers.get("Authorization")))
+            body = json.dumps(answer_health(self.path)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, seen
+
+
+def test_the_token_never_goes_to_a_server_that_cannot_prove_it_holds_it():
+    """Issue 8.9: before, a fake server on the engine's port received 'Bearer <token>' on /health, /info
+    and /ground/tiles."""
+    server, seen = _fake_server(lambda path: {"status": "ok", "model": "fake"})
+    try:
+        client = EngineClient(f"http://127.0.0.1:{server.server_address[1]}", token="s3cret")
+        client.health()
+        with pytest.raises(EngineUnavailableError, match="did not prove"):
+            client.info()
+        tile = TileImage.from_array(np.zeros((28, 28, 3), dtype=np.uint8))
+        with pytest.raises(EngineUnavailableError, match="did not prove"):
+            client.ground([tile], "tanks")
+    finally:
+        server.shutdown()
+    assert seen, "the client never asked"
+    assert all(auth is None for _, auth in seen), seen
+    assert any(path.startswith("/health?challenge=") for path, _ in seen)
+
+
+def test_a_server_that_proves_it_gets_the_token():
+    from urllib.parse import parse_qs, urlparse
+
+    from geo_r1_qgis.core.client import health_proof
+
+    def answer(path):
+        q = parse_qs(urlparse(path).query)
+        if "challenge" in q:
+            return {"status": "ok", "proof": health_proof("s3cret", q["challenge"][0])}
+        return {"model": "m"}
+
+    server, seen = _fake_server(answer)
+    try:
+        client = EngineClient(f"http://127.0.0.1:{server.server_address[1]}", token="s3cret")
+        assert client.info() == {"model": "m"}
+        assert client.info() == {"model": "m"}  # proven once per token
+    finally:
+        server.shutdown()
+    assert [auth for path, auth in seen if path == "/info"] == ["Bearer s3cret", "Bearer s3cret"]
+    assert sum(path.startswith("/health?challenge=") for path, _ in seen) == 1
