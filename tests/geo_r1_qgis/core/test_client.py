@@ -106,7 +106,7 @@ def _fake_server(answer_health):
     seen = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             seen.append((self.path, self.headers.get("Authorization")))
             body = json.dumps(answer_health(self.path)).encode()
             self.send_response(200)
@@ -115,7 +115,7 @@ def _fake_server(answer_health):
             self.end_headers()
             self.wfile.write(body)
 
-        do_POST = do_GET  # noqa: N815
+        do_POST = do_GET
 
         def log_message(self, *args):
             pass
