@@ -10,6 +10,7 @@ definitions (:mod:`engine.rules.confidence`), so their results are interchangeab
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -50,7 +51,7 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         if not 1 <= self.max_new_tokens <= 4096:
             raise ConfigError(f"max_new_tokens must be within 1..4096, got {self.max_new_tokens}")
-        if self.temperature <= 0:
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
 
 

@@ -513,7 +513,12 @@ class AdapterManager:
             raise ConfigError("adapter name is empty; give it a non-empty name")
         if name in self._paths:
             raise ConfigError(f"adapter {name!r} is already registered (from {self._paths[name]}); use another name")
-        directory = Path(path).expanduser()
+        try:
+            directory = Path(path).expanduser()
+        except RuntimeError as exc:  # "~nosuchuser": no such home directory
+            raise ModelNotFoundError(
+                f"adapter {name!r}: cannot resolve {path!r} ({exc}); pass an absolute path"
+            ) from None
         config_file = directory / "adapter_config.json"
         if not directory.is_dir():
             raise ModelNotFoundError(
@@ -531,6 +536,11 @@ class AdapterManager:
             raise ConfigError(
                 f"adapter {name!r}: {config_file} is not valid JSON ({exc}); re-save the adapter"
             ) from exc
+        if not (directory / "adapter_model.safetensors").is_file():
+            raise ConfigError(
+                f"adapter {name!r}: {directory} holds only adapter_model.bin (a pickle); only safetensors adapters "
+                "are accepted. Save it again with save_pretrained(..., safe_serialization=True) where it was trained"
+            )
         if adapter_type != "LORA":
             raise ConfigError(f"adapter {name!r}: peft_type is {adapter_type!r}, not 'LORA'; only LoRA is supported")
 

@@ -35,7 +35,7 @@ MAX_TOP_LOGPROBS = 20
 class _QueryIn(BaseModel):
     """What every grounding item asks: the expression, the task and whether to reason first."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     expression: str
     task: Literal["rec", "multi"] = "multi"
@@ -45,14 +45,14 @@ class _QueryIn(BaseModel):
 class _DecodingIn(BaseModel):
     """The decoding settings every grounding request carries."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_new_tokens: int | None = Field(
         default=None, ge=1, le=4096,
         description="generation limit per item; default Geo-R1's: 256 for rec, 1024 for multi (mixed: the larger)",
     )
     do_sample: bool = False
-    temperature: float = 1.0
+    temperature: float = Field(default=1.0, gt=0.0, le=100.0, description="sampling temperature (with do_sample)")
 
 
 class GroundItemIn(_QueryIn):
@@ -130,34 +130,34 @@ def split_tiles_body(body: bytes, max_pixels: int) -> tuple[TilesRequest, list[t
 
 
 class AdapterIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     path: str = Field(min_length=1)
 
 
 class ActiveAdapterIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str | None
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     type: Literal["text"]
     text: str
 
 
 class ImageURL(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     url: str
     detail: str | None = None
 
 
 class ImagePart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     type: Literal["image_url"]
     image_url: ImageURL
@@ -167,14 +167,14 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
     messages: list[ChatMessageIn] = Field(min_length=1)

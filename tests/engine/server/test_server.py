@@ -337,6 +337,29 @@ def test_load_switch_and_unload_a_lora_adapter(api, lora_dir):
     assert _first_token_logprob(api, model_id) == pytest.approx(base, abs=1e-4)
 
 
+def test_bad_adapters_and_non_finite_numbers_are_4xx_not_500(api, lora_dir, tmp_path):
+    """Issue 8.7: each of these was a 500 before."""
+    assert_error(api.post("/adapters", json={"name": "x", "path": "~nosuchuser/adapter"}), 404, "absolute path")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text((lora_dir / "adapter_config.json").read_text())
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    r = api.post("/adapters", json={"name": "p", "path": str(pickled)})
+    assert_error(r, 422, "only safetensors")
+    assert "weights_only" not in r.text and "safety" not in r.text.lower()
+    import json
+
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        extra = {"do_sample": True, "temperature": bad}
+        r = api.post("/ground/tiles", content=_tiles_body([(28, 28)], header_extra=extra), headers=TILES_CT)
+        assert r.status_code in (400, 422), (bad, r.status_code, r.text)
+        body = json.dumps({"items": [_rgb_item(28, 28)], **FAST, **extra})  # NaN/Infinity literals, as JSON allows
+        r = api.post("/ground", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code in (400, 422), (bad, r.status_code, r.text)
+    ok = api.post("/ground/tiles", content=_tiles_body([(28, 28)], header_extra={"do_sample": True}), headers=TILES_CT)
+    assert ok.status_code == 200, ok.text  # the same request with a finite temperature works
+
+
 # -- OpenAI-compatible routes -----------------------------------------------------------------------
 
 
