@@ -62,6 +62,9 @@ class TrainConfig:
     warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of steps for linear warm-up"})
     num_train_epochs: float = field(default=2.0, metadata={"help": "epochs over the training records"})
     max_steps: int = field(default=-1, metadata={"help": "stop after this many optimiser steps (-1: epochs decide)"})
+    max_seconds: float | None = field(
+        default=None, metadata={"help": "stop after this many seconds of training (a wall-clock budget)"}
+    )
     per_device_train_batch_size: int = field(
         default=8, metadata={"help": "per device; for grpo/dapo counted in completions, as in trl"}
     )
@@ -131,6 +134,8 @@ class TrainConfig:
             raise ConfigError(f"max_steps must be -1 (use epochs) or >= 1, got {self.max_steps}")
         if self.max_steps == -1 and not self.num_train_epochs > 0:
             raise ConfigError(f"num_train_epochs must be > 0, got {self.num_train_epochs}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ConfigError(f"max_seconds must be > 0, got {self.max_seconds}")
         if self.beta < 0:
             raise ConfigError(f"beta must be >= 0, got {self.beta}")
         if not 0 < self.epsilon < 1 or (self.epsilon_high is not None and not 0 < self.epsilon_high < 10):

@@ -264,6 +264,24 @@ def _jsonl_callback(path: Path) -> Any:
     return JsonlLog()
 
 
+def _budget_callback(seconds: float) -> Any:
+    from transformers import TrainerCallback
+
+    class Budget(TrainerCallback):
+        """Stop at the first step end past a wall-clock budget (the model is then saved as usual)."""
+
+        t0 = 0.0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            self.t0 = time.monotonic()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            if time.monotonic() - self.t0 > seconds:
+                control.should_training_stop = True
+
+    return Budget()
+
+
 def plot_curves(log_path: Path, png: Path, title: str = "") -> Path | None:
     """Plot the main numeric series of a ``train_log.jsonl`` against the step; None when there is nothing."""
     rows = [json.loads(ln) for ln in log_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -373,6 +391,8 @@ def run(config: TrainConfig) -> Path:
              config.task, config.uses_reasoning)  # fmt: skip
 
     callbacks = [_jsonl_callback(out / TRAIN_LOG)]
+    if config.max_seconds:
+        callbacks.append(_budget_callback(config.max_seconds))
     build = _sft_trainer if config.method == "sft" else _grpo_trainer
     trainer = build(config, model, processor, dataset, device, out, callbacks)
     distributed = trainer.accelerator.num_processes > 1
@@ -451,7 +471,7 @@ def _write_manifest(config: TrainConfig, out: Path, data_manifest: dict[str, Any
 # --------------------------------------------------------------------------------------------------
 
 #: options offered on the command line (any other field: --set NAME=VALUE or a recipe)
-_CLI_FIELDS = ("task", "processor", "init_adapter", "learning_rate", "max_steps", "num_train_epochs",
+_CLI_FIELDS = ("task", "processor", "init_adapter", "learning_rate", "max_steps", "max_seconds", "num_train_epochs",
                "per_device_train_batch_size", "gradient_accumulation_steps", "num_generations", "lora_r",
                "lora_alpha", "beta", "seed", "device", "threads", "max_completion_length", "eval_limit")  # fmt: skip
 

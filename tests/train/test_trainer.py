@@ -222,3 +222,12 @@ def test_cli_train_reports_a_bad_dataset_in_one_line(tmp_path):
     assert proc.returncode == 1
     assert "is not a Geo-R1 dataset" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_wall_clock_budget_stops_training(grid_dataset, tiny_rope10_dir, tmp_path):
+    out = _train("sft", grid_dataset, tiny_rope10_dir, tmp_path / "b", max_steps=10_000, max_seconds=3.0,
+                 eval_limit=0)  # fmt: skip
+    manifest = json.loads((out / "geo_r1_adapter.json").read_text())
+    assert 1 <= manifest["steps"] < 10_000
+    assert manifest["train_seconds"] < 60
