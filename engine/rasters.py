@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ class RasterioSource:
         cache_mb: int = 64,
     ) -> None:
         rasterio = _rasterio()
-        from rasterio.errors import RasterioError
+        from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
         self.path = Path(path)
         if not self.path.exists():
@@ -67,7 +68,9 @@ class RasterioSource:
         self._env.__enter__()
         try:
             try:
-                self.ds = rasterio.open(self.path)
+                with warnings.catch_warnings():  # our own error below says it better, in one line
+                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                    self.ds = rasterio.open(self.path)
             except RasterioError as exc:
                 raise RasterError(
                     f"cannot open {self.path} as a raster ({exc}); the file is corrupt or not a format GDAL reads"

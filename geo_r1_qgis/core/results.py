@@ -66,6 +66,8 @@ def to_uint8(band: Any, lo: float, hi: float) -> Any:
     import numpy as np
 
     values = np.nan_to_num(np.asarray(band, dtype=np.float32), nan=lo, posinf=hi, neginf=lo)
+    # clip first: a value like a -3.4e38 nodata would overflow float32 in the scaling (and warn)
+    values = np.clip(values, np.float32(lo), np.float32(hi))
     return np.clip((values - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
 
 

@@ -128,3 +128,22 @@ def test_shared_rasters():
         tiles = make_tile_grid(src.transform, src.width, src.height, TileGridSpec(128, 0))
         fractions = [src.read(t)[1] for t in tiles]
     assert min(fractions) < 1.0  # the nodata border is seen
+
+
+def test_a_plain_jpeg_gives_one_clean_line(tmp_path):
+    """Issue 8.10: rasterio's NotGeoreferencedWarning (with a site-packages path) came before our error."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    jpg = tmp_path / "photo.jpg"
+    Image.new("RGB", (64, 48), (10, 20, 30)).save(jpg)
+    proc = subprocess.run([sys.executable, "-m", "engine.cli", "ground", str(jpg), "tanks", "-o",
+                           str(tmp_path / "o.gpkg"), "--engine", "http://127.0.0.1:9"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "no CRS" in lines[0], proc.stderr
+    assert "Warning" not in proc.stderr and "site-packages" not in proc.stderr
+    assert not (tmp_path / "o.gpkg").exists()

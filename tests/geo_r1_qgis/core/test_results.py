@@ -100,3 +100,18 @@ def test_run_meta_and_detection_values_fill_every_output_field():
     values = detection_values(det, meta, "run1", "2026-01-01")
     assert set(values) == set(OUTPUT_FIELDS)
     assert values["score"] == 0.5 and values["truncated"] == 1 and values["run_id"] == "run1"
+
+
+def test_to_uint8_never_overflows_on_extreme_nodata_values():
+    """Issue 8.10: a float raster's -3.4e38 nodata made the scaling overflow with a RuntimeWarning."""
+    import warnings
+
+    import numpy as np
+
+    from geo_r1_qgis.core.results import to_uint8
+
+    band = np.array([-3.4e38, 0.0, 5.0, 10.0, 3.4e38, np.nan], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = to_uint8(band, 0.0, 10.0)
+    assert out.tolist() == [0, 0, 128, 255, 255, 0]
