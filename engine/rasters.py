@@ -86,6 +86,13 @@ class RasterioSource:
 
         ds = self.ds
         self.width, self.height = int(ds.width), int(ds.height)
+        gcps, gcp_crs = ds.gcps
+        if gcps and (ds.crs is None or ds.transform.is_identity):
+            srs = f" -t_srs {gcp_crs.to_string()}" if gcp_crs else " -t_srs EPSG:<code>"
+            raise NotGeoreferencedError(
+                f"{self.path} is georeferenced by {len(gcps)} ground control points and has no geotransform; "
+                f"rectify it first, e.g. gdalwarp -r bilinear{srs} {self.path} rectified.tif, then use rectified.tif"
+            )
         if ds.crs is None:
             raise NotGeoreferencedError(
                 f"{self.path} has no CRS, so results could not be placed on a map; assign one first, e.g. "

@@ -147,3 +147,25 @@ def test_a_plain_jpeg_gives_one_clean_line(tmp_path):
     assert len(lines) == 1 and "no CRS" in lines[0], proc.stderr
     assert "Warning" not in proc.stderr and "site-packages" not in proc.stderr
     assert not (tmp_path / "o.gpkg").exists()
+
+
+def test_a_gcp_raster_is_told_to_rectify_not_to_assign_a_crs(tmp_path):
+    """Issue 8.11: a raster georeferenced by GCPs was told it had "no CRS" and to assign EPSG:32633."""
+    import numpy as np
+    import pytest
+    import rasterio
+    from rasterio.control import GroundControlPoint
+
+    from engine.rasters import RasterioSource
+    from geo_r1_qgis.core.errors import NotGeoreferencedError
+
+    path = tmp_path / "gcps.tif"
+    gcps = [GroundControlPoint(row=r, col=c, x=500000 + c, y=4000000 - r) for r, c in ((0, 0), (0, 63), (63, 0))]
+    profile = {"driver": "GTiff", "width": 64, "height": 64, "count": 3, "dtype": "uint8"}
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.full((3, 64, 64), 100, np.uint8))
+        dst.gcps = (gcps, rasterio.crs.CRS.from_epsg(32633))
+    with pytest.raises(NotGeoreferencedError, match="ground control points") as err:
+        RasterioSource(path)
+    assert "gdalwarp" in str(err.value) and "EPSG:32633" in str(err.value)
+    assert "assign one" not in str(err.value)
