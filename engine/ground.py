@@ -39,6 +39,7 @@ from geo_r1_qgis.core.errors import (
     EngineUnavailableError,
     GeoR1Error,
     OutputError,
+    RasterError,
 )
 from geo_r1_qgis.core.geometry import DEFAULT_TILE, tile_size_advice
 from geo_r1_qgis.core.merge import MODES
@@ -399,6 +400,7 @@ def run(config: GroundConfig) -> int:
         params["scale"] = scale
         created_file = not config.output.exists()
         with engine_for(config) as (client, engine_info):
+            _preflight(config, engine_info, source, job, area)
             # 2. The run: from here on the GeoPackage exists and stays valid and resumable.
             sink = GeoPackageSink.open_run(
                 config.output,
@@ -425,12 +427,38 @@ def run(config: GroundConfig) -> int:
             except GeoR1Error as exc:
                 progress.close()
                 _stop(sink, "failed")
+                if not _resume_can_mend(exc):  # a damaged raster or a request the engine refuses: same again
+                    raise type(exc)(f"{exc} -- {config.output} keeps the finished tiles") from None
                 raise type(exc)(
                     f"{exc} -- {config.output} keeps the finished tiles: run the same command with --resume"
                 ) from None
             progress.close()
     _report(config, sink, summary, time.perf_counter() - t0, created_file)
     return 0
+
+
+def _preflight(config: GroundConfig, engine_info: dict[str, Any], source: Any, job: Any, area: Any) -> None:
+    """What can fail the same way on every try is checked before the GeoPackage is created or touched: the
+    engine's limits, and that the raster's first tile can be read."""
+    from geo_r1_qgis.core.geometry import make_tile_grid
+
+    limit = (engine_info.get("limits") or {}).get("max_expression_chars")
+    if isinstance(limit, int) and len(config.expression.strip()) > limit:
+        raise ConfigError(
+            f"the expression is {len(config.expression.strip())} characters long; this engine accepts at most "
+            f"{limit} (its --max-expression-chars): one sentence describing the target"
+        )
+    tiles = make_tile_grid(source.transform, source.width, source.height, job.spec, window=area)
+    if tiles:
+        source.read(tiles[0])
+
+
+def _resume_can_mend(exc: BaseException) -> bool:
+    """Whether running again with --resume can get further: not for a damaged raster or a refused request."""
+    if isinstance(exc, RasterError | ConfigError):
+        return False
+    status = getattr(exc, "status", None)
+    return not (isinstance(status, int) and 400 <= status < 500 and status != 408)
 
 
 def _stop(sink: Any, status: str) -> None:

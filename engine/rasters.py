@@ -48,6 +48,20 @@ def _rasterio() -> Any:
     return rasterio
 
 
+def gdal_message(exc: BaseException) -> str:
+    """rasterio's message and GDAL's own ones behind it (rasterio often says only "see previous exception")."""
+    parts: list[str] = []
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = " ".join(str(e).split())
+        if text and text not in parts:
+            parts.append(text)
+        e = e.__cause__ or e.__context__
+    return " <- ".join(parts) or type(exc).__name__
+
+
 class RasterioSource:
     """A raster opened with rasterio, read tile by tile as 8-bit RGB. Close it (or use ``with``)."""
 
@@ -211,7 +225,11 @@ class RasterioSource:
             data = self.ds.read(self._read_idx, window=window, out_shape=shape, resampling=resampling)
             masks = self.ds.read_masks(self._read_idx, window=window, out_shape=shape)
         except RasterioError as exc:
-            raise RasterError(f"cannot read tile {tile.id} of {self.path} ({exc}); the file is corrupt") from None
+            raise RasterError(
+                f"cannot read tile {tile.id} of {self.path} (columns {win.x1:g}..{win.x2:g}, rows {win.y1:g}.."
+                f"{win.y2:g}): {gdal_message(exc)}; the file is damaged: repair or re-export it (e.g. with "
+                "gdal_translate); --resume cannot mend this"
+            ) from None
         valid = np.all(masks > 0, axis=0)
         if data.dtype.kind == "f":
             valid &= np.all(np.isfinite(data), axis=0)

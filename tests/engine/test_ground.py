@@ -352,3 +352,40 @@ def test_an_engine_started_for_a_run_dies_with_it(tiny_model_dir, samples, tmp_p
     (stale / OWNER_FILE).write_text(str(proc.pid))  # that PID has exited
     assert stale in remove_stale_engine_dirs()
     assert not stale.exists()
+
+
+def test_checks_that_fail_every_time_come_before_the_geopackage(engine, samples, tmp_path, capsys):
+    """Issue 8.6: a 10,000-character expression (refused by the engine) and an unreadable first tile used to
+    leave a GeoPackage with a "failed" run, and advice to --resume that could never work."""
+    out = tmp_path / "o.gpkg"
+    assert ground(samples / "utm.tif", "tank " * 2000, "-o", out, *engine, *FAST) == 1
+    err = capsys.readouterr().err
+    assert "characters long" in err and "--resume" not in err and not out.exists(), err
+
+
+def _truncated_tiff(path: Path, keep: float) -> Path:
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+
+    profile = {"driver": "GTiff", "width": 512, "height": 512, "count": 3, "dtype": "uint8", "tiled": True,
+               "blockxsize": 128, "blockysize": 128, "crs": "EPSG:32633",
+               "transform": from_origin(500000, 4000000, 1, 1)}  # fmt: skip
+    rng = np.random.default_rng(0)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(rng.integers(0, 255, (3, 512, 512), dtype=np.uint8))
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def test_an_unreadable_block_names_the_tile_the_window_and_gdals_message(engine, tmp_path, capsys):
+    raster = _truncated_tiff(tmp_path / "truncated.tif", keep=0.5)
+    out = tmp_path / "o.gpkg"
+    assert ground(raster, "tanks", "-o", out, *engine, "--tile", "224", "--overlap", "0", "--max-new-tokens", "8",
+                  "--no-progress", "--no-coarse-to-fine") == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "cannot read tile" in err and "columns" in err and "rows" in err, err
+    assert "see previous exception" not in err.lower() or "<-" in err, err  # GDAL's own words are shown
+    assert "with --resume" not in err and "--resume cannot mend this" in err, err
+    assert "IReadBlock failed" in err or "TIFFRead" in err, err
