@@ -64,7 +64,7 @@ def _parse_floats(text: str | None, n: int, what: str, example: str) -> tuple[fl
 class GroundConfig:
     """Everything ``geo-r1 ground`` needs. Checks itself; each message names the bad value and the fix."""
 
-    raster: Path
+    raster: Path | str  # a str for GDAL paths (/vsizip/..., URLs), which a Path would mangle
     expression: str
     output: Path
     mode: str = "all"
@@ -144,7 +144,8 @@ class GroundConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("raster", type=Path, help="a georeferenced raster (GeoTIFF, COG, anything GDAL reads)")
+    parser.add_argument("raster", help="a georeferenced raster (GeoTIFF, COG, anything GDAL reads, /vsizip/, "
+                        "/vsicurl/ and other GDAL paths included)")
     parser.add_argument("expression", help='what to find, e.g. "all storage tanks"')
     parser.add_argument("-o", "--output", type=Path, required=True, help="GeoPackage to write (a new layer per run)")
     parser.add_argument(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,14 @@ def _rasterio() -> Any:
     import rasterio  # heavy import kept lazy
 
     return rasterio
+
+
+_DRIVER_PREFIX = re.compile(r"^[A-Z][A-Z0-9_]+:")
+
+
+def is_gdal_path(text: str) -> bool:
+    """A GDAL virtual file system path, a URL or a driver-prefixed dataset name: for GDAL, not the disk."""
+    return text.startswith("/vsi") or "://" in text or bool(_DRIVER_PREFIX.match(text))
 
 
 def gdal_message(exc: BaseException) -> str:
@@ -75,8 +84,11 @@ class RasterioSource:
         rasterio = _rasterio()
         from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
-        self.path = Path(path)
-        if not self.path.exists():
+        text = str(path)
+        # GDAL's own paths (/vsizip/, /vsicurl/, https://, GPKG:file:table...) go to GDAL unchanged: a Path
+        # would collapse "//" and they do not exist on the local disk.
+        self.path: Any = text if is_gdal_path(text) else Path(path)
+        if isinstance(self.path, Path) and not self.path.exists():
             raise RasterError(f"the raster {self.path} does not exist; check the path")
         self._env = rasterio.Env(GDAL_CACHEMAX=int(cache_mb) * 1024 * 1024)
         self._env.__enter__()
@@ -169,7 +181,7 @@ class RasterioSource:
         out = []
         for i in range(len(self._read_idx)):
             out.append(stretch_limits(data[i][valid]))  # (0, 1) if the decimated read missed every valid pixel
-        log.info("%s: %s data stretched to 8 bits per band (2-98 %%): %s", self.path.name, self.dtype, out)
+        log.info("%s: %s data stretched to 8 bits per band (2-98 %%): %s", Path(str(self.path)).name, self.dtype, out)
         return out
 
     def _any_valid_full_scan(self) -> bool:
@@ -250,7 +262,7 @@ class RasterioSource:
     def describe(self) -> dict[str, Any]:
         """Raster facts for the run table."""
         return {
-            "path": str(self.path.resolve()),
+            "path": str(self.path.resolve()) if isinstance(self.path, Path) else self.path,
             "width": self.width,
             "height": self.height,
             "count": self.count,

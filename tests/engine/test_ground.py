@@ -389,3 +389,23 @@ def test_an_unreadable_block_names_the_tile_the_window_and_gdals_message(engine,
     assert "see previous exception" not in err.lower() or "<-" in err, err  # GDAL's own words are shown
     assert "with --resume" not in err and "--resume cannot mend this" in err, err
     assert "IReadBlock failed" in err or "TIFFRead" in err, err
+
+
+def test_gdal_virtual_paths_reach_gdal_unchanged(engine, samples, tmp_path, capsys):
+    """Issue 8.8: /vsizip/ and /vsicurl/ paths got "does not exist", and the URL was mangled (https:/)."""
+    import zipfile
+
+    from engine.rasters import RasterioSource, is_gdal_path
+    from geo_r1_qgis.core.errors import RasterError
+
+    archive = tmp_path / "scene.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(samples / "utm.tif", "inside/utm.tif")
+    out = tmp_path / "o.gpkg"
+    assert ground(f"/vsizip/{archive}/inside/utm.tif", "tanks", "-o", out, *engine, *FAST) == 0, capsys.readouterr().err
+    assert out.exists()
+    url = "/vsicurl/https://127.0.0.1:9/nothing/here.tif"
+    assert is_gdal_path(url) and is_gdal_path("GPKG:/data/x.gpkg:layer") and not is_gdal_path("/data/x.tif")
+    with pytest.raises(RasterError) as err:
+        RasterioSource(url)
+    assert "https://127.0.0.1:9/nothing/here.tif" in str(err.value) and "does not exist" not in str(err.value)
