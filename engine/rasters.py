@@ -36,7 +36,7 @@ import numpy as np
 
 from geo_r1_qgis.core.errors import EmptyRasterError, NotGeoreferencedError, RasterError
 from geo_r1_qgis.core.geometry import Affine, PixelBox, Tile
-from geo_r1_qgis.core.results import choose_bands, stretch_limits, to_uint8
+from geo_r1_qgis.core.results import apply_palette, choose_bands, palette_lut, stretch_limits, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,19 @@ class RasterioSource:
         self.bands = chosen
         self._read_idx = sorted(set(chosen))  # each band read once
         self._channel = [self._read_idx.index(b) for b in chosen]
+        self._palette = None
+        if ds.colorinterp[0] == ColorInterp.palette and set(chosen) == {1}:
+            try:
+                table = ds.colormap(1)
+            except ValueError:  # "NULL color table": marked paletted, but no table
+                table = {}
+            if table:
+                size = 65536 if self.dtype.itemsize > 1 else 256
+                self._palette = palette_lut(table.items(), size=size)
+                log.info("%s: one band of colour indices, expanded through its colour table", Path(str(self.path)).name)
         self._stretch = self._compute_stretch(overview_px)
+        if self._palette is not None:
+            self._stretch = None  # indices are not intensities
 
     def _overview_shape(self, overview_px: int) -> tuple[int, int]:
         f = max(1.0, max(self.width, self.height) / overview_px)
@@ -225,8 +237,8 @@ class RasterioSource:
         w, h = tile.size
         win = tile.window
         sx, sy = tile.pixel_scale
-        if math.isclose(sx, 1.0) and math.isclose(sy, 1.0):
-            resampling = Resampling.nearest
+        if (math.isclose(sx, 1.0) and math.isclose(sy, 1.0)) or self._palette is not None:
+            resampling = Resampling.nearest  # (colour indices cannot be averaged)
         elif sx > 1.0 or sy > 1.0:
             resampling = Resampling.average
         else:
@@ -248,6 +260,10 @@ class RasterioSource:
         frac = float(valid.mean())
         if frac == 0.0:
             return np.zeros((h, w, 3), np.uint8), 0.0
+        if self._palette is not None:
+            rgb = apply_palette(data[self._channel[0]], self._palette)
+            rgb[~valid] = 0
+            return np.ascontiguousarray(rgb), frac
         if self._stretch is None:
             planes = data
         else:

@@ -70,7 +70,16 @@ from .core.errors import EmptyRasterError, NotGeoreferencedError, OutputError, R
 from .core.geometry import Affine, PixelBox, Tile
 from .core.merge import Detection
 from .core.pipeline import MapDetection, RunSummary
-from .core.results import OUTPUT_FIELDS, choose_bands, detection_values, make_run_id, stretch_limits, to_uint8
+from .core.results import (
+    OUTPUT_FIELDS,
+    apply_palette,
+    choose_bands,
+    detection_values,
+    make_run_id,
+    palette_lut,
+    stretch_limits,
+    to_uint8,
+)
 from .core.results import parse_bands as _parse_bands
 
 __all__ = [
@@ -150,9 +159,24 @@ class QgisRasterSource:
         self._alpha = self._alpha_band()
         self._read_idx = sorted(set(self.bands) | ({self._alpha} if self._alpha else set()))
         self.data_types = {b: self._provider.dataType(b) for b in self._read_idx}
+        self._palette = self._palette_table()
         self._stretch = self._compute_stretch(overview_px)
+        if self._palette is not None:
+            self._stretch = None  # colour indices are not intensities
 
     # -- set up ------------------------------------------------------------------------------------
+    def _palette_table(self) -> np.ndarray | None:
+        """The colour table of a one-band paletted raster as a lookup table, else None."""
+        if set(self.bands) != {1} or self._provider.colorInterpretation(1) != QgsRaster.PaletteIndex:
+            return None
+        items = self._provider.colorTable(1) or []
+        if not items:
+            return None
+        size = 256 if self.data_types[1] == Qgis.DataType.Byte else 65536
+        entries = [(int(it.value), (it.color.red(), it.color.green(), it.color.blue())) for it in items]
+        log.info("%s: one band of colour indices, expanded through its colour table", self.name)
+        return palette_lut(entries, size=size)
+
     def _looks_ungeoreferenced(self) -> bool:
         # GDAL without a geotransform gives (0, 1, 0, 0, 0, 1); QGIS flips it to a pixel size of (1, -1).
         t = self.transform
@@ -253,6 +277,8 @@ class QgisRasterSource:
         sx, sy = tile.pixel_scale
         extent = self._map_extent(tile.window)
         kx, ky = _supersampling(sx), _supersampling(sy)
+        if self._palette is not None:
+            kx = ky = 1  # colour indices cannot be averaged: nearest neighbour
         if kx == 1 and ky == 1:
             planes, valid = self._read_bands(extent, w, h)
         else:
@@ -260,6 +286,10 @@ class QgisRasterSource:
         frac = float(valid.mean())
         if frac == 0.0:
             return np.zeros((h, w, 3), np.uint8), 0.0
+        if self._palette is not None:
+            rgb = apply_palette(planes[1].astype(np.int64), self._palette)
+            rgb[~valid] = 0
+            return np.ascontiguousarray(rgb), frac
         eight: dict[int, np.ndarray] = {}
         for i, b in enumerate(sorted(set(self.bands))):
             data = planes[b]

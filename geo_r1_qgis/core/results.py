@@ -71,6 +71,33 @@ def to_uint8(band: Any, lo: float, hi: float) -> Any:
     return np.clip((values - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
 
 
+def palette_lut(entries: Any, size: int = 256) -> Any:
+    """A ``(size, 3)`` uint8 lookup table from a colour table's ``(index, (r, g, b[, a]))`` entries.
+
+    One-band paletted rasters hold colour indices (0..3, say: a nearly black image if sent as grey); both
+    readers expand them through the table, so the model sees the colours the user sees.
+    """
+    import numpy as np
+
+    lut = np.zeros((max(1, int(size)), 3), np.uint8)
+    for index, colour in entries:
+        i = int(index)
+        if 0 <= i < len(lut):
+            lut[i] = [int(c) for c in tuple(colour)[:3]]
+    return lut
+
+
+def apply_palette(indices: Any, lut: Any) -> Any:
+    """``(h, w)`` colour indices -> ``(h, w, 3)`` uint8 RGB; an index outside the table -> black."""
+    import numpy as np
+
+    idx = np.asarray(indices)
+    safe = np.where((idx >= 0) & (idx < len(lut)), idx, 0).astype(np.intp)
+    rgb = lut[safe]
+    rgb[(idx < 0) | (idx >= len(lut))] = 0
+    return rgb
+
+
 def parse_bands(text: str | None, option: str = "--bands") -> tuple[int, ...] | None:
     """``"4,3,2"`` -> ``(4, 3, 2)``; empty -> ``None`` (the automatic choice). Raises :class:`ConfigError`."""
     if text is None or not str(text).strip():

@@ -169,3 +169,33 @@ def test_a_gcp_raster_is_told_to_rectify_not_to_assign_a_crs(tmp_path):
         RasterioSource(path)
     assert "gdalwarp" in str(err.value) and "EPSG:32633" in str(err.value)
     assert "assign one" not in str(err.value)
+
+
+def write_palette_tif(path):
+    """A one-band uint8 GeoTIFF of colour indices 0..3 with a colour table (red, green, blue, white)."""
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+
+    idx = np.zeros((64, 64), np.uint8)
+    idx[:, 16:32], idx[:, 32:48], idx[:, 48:] = 1, 2, 3
+    profile = {"driver": "GTiff", "width": 64, "height": 64, "count": 1, "dtype": "uint8", "crs": "EPSG:32633",
+               "transform": from_origin(500000, 4000000, 1, 1), "photometric": "palette"}  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(idx, 1)
+        dst.write_colormap(1, {0: (200, 0, 0, 255), 1: (0, 200, 0, 255), 2: (0, 0, 200, 255), 3: (255, 255, 255, 255)})
+    return path
+
+
+def test_a_palette_raster_reaches_the_model_in_colour(tmp_path):
+    """Issue 8.4: a one-band raster with a colour table arrived as its indices 0..3, a nearly black image."""
+    from engine.rasters import RasterioSource
+    from geo_r1_qgis.core.geometry import TileGridSpec, make_tile_grid
+
+    path = write_palette_tif(tmp_path / "palette.tif")
+    with RasterioSource(path) as src:
+        tile = make_tile_grid(src.transform, src.width, src.height, TileGridSpec(56, 0))[0]
+        rgb, frac = src.read(tile)
+    assert frac == 1.0
+    assert rgb[10, 5].tolist() == [200, 0, 0] and rgb[10, 20].tolist() == [0, 200, 0]
+    assert rgb[10, 40].tolist() == [0, 0, 200] and rgb[10, 50].tolist() == [255, 255, 255]

@@ -367,6 +367,37 @@ def test_raster_source_band_choice(qgis, sample_dir):
         parse_bands("red,green")
 
 
+def test_raster_source_expands_a_colour_table(qgis, tmp_path):
+    """Issue 8.4: a paletted raster reached the model as its indices 0..3, a nearly black image."""
+    from osgeo import gdal
+
+    from geo_r1_qgis.qgis_io import QgisRasterSource
+
+    path = str(tmp_path / "palette.tif")
+    ds = gdal.GetDriverByName("GTiff").Create(path, 64, 64, 1, gdal.GDT_Byte)
+    ds.SetGeoTransform((500000, 1, 0, 4000000, 0, -1))
+    ds.SetProjection('PROJCS["WGS 84 / UTM zone 33N",GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,'
+                     '298.257223563]],PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433]],PROJECTION['
+                     '"Transverse_Mercator"],PARAMETER["central_meridian",15],PARAMETER["scale_factor",0.9996],'
+                     'PARAMETER["false_easting",500000],PARAMETER["false_northing",0],UNIT["metre",1]]')  # fmt: skip
+    idx = np.zeros((64, 64), np.uint8)
+    idx[:, 16:32], idx[:, 32:48], idx[:, 48:] = 1, 2, 3
+    band = ds.GetRasterBand(1)
+    band.WriteArray(idx)
+    table = gdal.ColorTable()
+    for i, c in enumerate([(200, 0, 0, 255), (0, 200, 0, 255), (0, 0, 200, 255), (255, 255, 255, 255)]):
+        table.SetColorEntry(i, c)
+    band.SetRasterColorTable(table)
+    band.SetRasterColorInterpretation(gdal.GCI_PaletteIndex)
+    ds = None
+    src = QgisRasterSource(qgis.raster(Path(path)))
+    tile = make_tile_grid(src.transform, src.width, src.height, TileGridSpec(56, 0))[0]
+    rgb, frac = src.read(tile)
+    assert frac == 1.0
+    assert rgb[10, 5].tolist() == [200, 0, 0] and rgb[10, 20].tolist() == [0, 200, 0]
+    assert rgb[10, 40].tolist() == [0, 0, 200] and rgb[10, 50].tolist() == [255, 255, 255]
+
+
 class _NoBoxes:
     """A GroundingClient that records the tiles it is sent and finds nothing."""
 

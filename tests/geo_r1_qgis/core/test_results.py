@@ -115,3 +115,16 @@ def test_to_uint8_never_overflows_on_extreme_nodata_values():
         warnings.simplefilter("error")
         out = to_uint8(band, 0.0, 10.0)
     assert out.tolist() == [0, 0, 128, 255, 255, 0]
+
+
+def test_palette_lut_and_apply():
+    import numpy as np
+
+    from geo_r1_qgis.core.results import apply_palette, palette_lut
+
+    lut = palette_lut([(0, (0, 0, 0, 255)), (1, (255, 0, 0, 255)), (3, (10, 200, 30))], size=4)
+    idx = np.array([[0, 1], [3, 9]])
+    rgb = apply_palette(idx, lut)
+    assert rgb.shape == (2, 2, 3) and rgb.dtype == np.uint8
+    assert rgb[0, 1].tolist() == [255, 0, 0] and rgb[1, 0].tolist() == [10, 200, 30]
+    assert rgb[1, 1].tolist() == [0, 0, 0]  # outside the table
