@@ -360,6 +360,7 @@ def run(config: GroundConfig) -> int:
     if advice:
         log.warning(advice)
     # 1. Everything that can be checked before the output is touched.
+    check_writable(config.output)
     if config.layer:
         check_layer_name(config.layer)
     with RasterioSource(config.raster, bands=config.bands) as source:
@@ -452,6 +453,24 @@ def _preflight(config: GroundConfig, engine_info: dict[str, Any], source: Any, j
     tiles = make_tile_grid(source.transform, source.width, source.height, job.spec, window=area)
     if tiles:
         source.read(tiles[0])
+
+
+def check_writable(output: Path) -> None:
+    """One clear line, before anything starts, when ``output`` cannot be written (nothing is changed)."""
+    output = Path(output)
+    if output.exists():
+        if not output.is_file():
+            raise OutputError(f"-o {output} exists and is not a file; choose another -o")
+        if not os.access(output, os.R_OK | os.W_OK):
+            raise OutputError(f"-o {output} is not writable by this user; choose another -o or fix its permissions")
+        return
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"the folder of -o {output} does not exist ({parent}); create it or choose another -o")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"cannot create {output}: the folder {parent} is not writable by this user; choose another -o"
+        )
 
 
 def _resume_can_mend(exc: BaseException) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -409,3 +410,32 @@ def test_gdal_virtual_paths_reach_gdal_unchanged(engine, samples, tmp_path, caps
     with pytest.raises(RasterError) as err:
         RasterioSource(url)
     assert "https://127.0.0.1:9/nothing/here.tif" in str(err.value) and "does not exist" not in str(err.value)
+
+
+_AS_NOBODY = os.geteuid() == 0 and bool(shutil.which("setpriv"))
+
+
+@pytest.mark.skipif(not _AS_NOBODY, reason="needs root and setpriv to run the command as the user 'nobody'")
+def test_an_unwritable_output_is_one_line_and_changes_nothing(samples, tmp_path):
+    """Issue 8.5: as an unprivileged user, -o in a read-only folder or a read-only .gpkg gave a 30-line
+    pyogrio traceback."""
+    work = tmp_path / "w"
+    work.mkdir()
+    shutil.copy(samples / "utm.tif", work / "utm.tif")
+    locked = work / "locked"
+    locked.mkdir()
+    readonly = work / "ro.gpkg"
+    readonly.write_bytes(b"")
+    for p, mode in ((tmp_path, 0o755), (work, 0o755), (locked, 0o555), (readonly, 0o444), (work / "utm.tif", 0o644)):
+        p.chmod(mode)
+    for parent in tmp_path.parents:  # nobody must be able to reach the raster
+        if parent.stat().st_mode & 0o005 != 0o005:
+            parent.chmod(parent.stat().st_mode | 0o005)
+    for out, words in ((locked / "out.gpkg", "not writable"), (readonly, "not writable")):
+        cmd = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-m", "engine.cli",
+               "ground", str(work / "utm.tif"), "tanks", "-o", str(out), "--engine", "http://127.0.0.1:9"]  # fmt: skip
+        env = {**os.environ, "HOME": str(work), "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 1 and len(lines) == 1 and words in lines[0], proc.stderr
+    assert not (locked / "out.gpkg").exists() and readonly.read_bytes() == b""
