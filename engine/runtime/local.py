@@ -213,6 +213,8 @@ class LocalBackend:
     box_frame = "model"
     #: tiles that need no resize skip the image processor's slow path (engine/runtime/preprocess.py)
     fast_preprocess = True
+    #: longest chat prompt accepted, in tokens (None: the model's context); the server sets it
+    max_prompt_tokens: int | None = None
 
     def __init__(self, load_config: LoadConfig, batch_size: int = 8, max_wait_ms: float = 5.0) -> None:
         self.load_config = load_config
@@ -264,7 +266,34 @@ class LocalBackend:
         settings: GenerationSettings,
         top_logprobs: int = 0,
     ) -> ChatResult:
+        self._check_prompt_length(messages, images)  # here, in the request's thread: no model work, no queue
         return self._batcher.call(lambda: self._run_chat(messages, images, settings, top_logprobs))
+
+    @property
+    def context_tokens(self) -> int:
+        """The model's context length (text positions), the default prompt limit."""
+        cfg = self.loaded.model.config
+        text = getattr(cfg, "text_config", cfg)
+        return int(getattr(text, "max_position_embeddings", 32768))
+
+    def _check_prompt_length(self, messages: list[dict[str, Any]], images: list[Any]) -> None:
+        from engine.rules.coords import model_input_size
+
+        limit = self.max_prompt_tokens or self.context_tokens
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if len(text) > 64 * limit:  # no token is that long: reject before even tokenizing
+            n = len(text) // 64
+        else:
+            n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        for im in images:
+            w, h = model_input_size(im.size)
+            n += (w // 28) * (h // 28)
+        if n > limit:
+            source = "--max-prompt-tokens" if self.max_prompt_tokens else "the model's context"
+            raise ConfigError(
+                f"the prompt is {'more than ' if len(text) > 64 * limit else ''}{n} tokens (text and images); "
+                f"this engine takes at most {limit} ({source}): shorten the messages"
+            )
 
     def adapters(self) -> dict[str, Any]:
         names = self.loaded.adapters.list()

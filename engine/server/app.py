@@ -183,6 +183,9 @@ class ServeConfig:
     max_image_pixels: int = field(default=16_777_216, metadata={"help": "largest image, width × height"})
     max_items: int = field(default=64, metadata={"help": "most items (or images) in one request"})
     max_expression_chars: int = field(default=500, metadata={"help": "longest referring expression"})
+    max_prompt_tokens: int | None = field(
+        default=None, metadata={"help": "longest /v1/chat/completions prompt, in tokens (default: the model's context)"}
+    )
     memory_headroom_gb: float | None = field(
         default=None,
         metadata={
@@ -227,6 +230,8 @@ class ServeConfig:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
         if self.box_frame not in BOX_FRAMES:
             raise ConfigError(f"--box-frame must be one of {', '.join(BOX_FRAMES)}, got {self.box_frame!r}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ConfigError(f"--max-prompt-tokens must be >= 1, got {self.max_prompt_tokens}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}; leave it out for cores - 1")
         if not self.max_body_mb > 0:
@@ -249,12 +254,13 @@ class ServeConfig:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    def limits(self) -> dict[str, int]:
+    def limits(self) -> dict[str, int | None]:
         return {
             "max_body_bytes": self.max_body_bytes,
             "max_image_pixels": self.max_image_pixels,
             "max_items": self.max_items,
             "max_expression_chars": self.max_expression_chars,
+            "max_prompt_tokens": self.max_prompt_tokens,
         }
 
     @classmethod
@@ -299,6 +305,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-image-pixels", type=int, default=16_777_216, help=_help("max_image_pixels"))
     limits.add_argument("--max-items", type=int, default=64, help=_help("max_items"))
     limits.add_argument("--max-expression-chars", type=int, default=500, help=_help("max_expression_chars"))
+    limits.add_argument("--max-prompt-tokens", type=int, default=None, help=_help("max_prompt_tokens"))
     limits.add_argument("--memory-headroom-gb", type=float, help=_help("memory_headroom_gb"))
 
 
@@ -678,6 +685,7 @@ def build_backend(config: ServeConfig) -> Backend:
         )
         backend = LocalBackend(load_config, batch_size=config.batch_size)
         backend.box_frame = config.box_frame
+        backend.max_prompt_tokens = config.max_prompt_tokens
         if config.adapters:  # what the user asked for is what answers: the first adapter is active
             first = config.adapters[0][0]
             backend.activate_adapter(first)

@@ -360,6 +360,20 @@ def test_bad_adapters_and_non_finite_numbers_are_4xx_not_500(api, lora_dir, tmp_
     assert ok.status_code == 200, ok.text  # the same request with a finite temperature works
 
 
+def test_a_prompt_over_the_context_is_refused_at_once_and_blocks_nothing(api, engine):
+    """Issue 8.3: a 100,000-word chat message blocked grounding for 10 minutes and peaked at 1.6 GB."""
+    import time
+
+    model_id = api.get("/v1/models").json()["data"][0]["id"]
+    body = {"model": model_id, "messages": [{"role": "user", "content": "tank " * 100_000}], "max_tokens": 4}
+    t0 = time.monotonic()
+    r = api.post("/v1/chat/completions", json=body)
+    assert r.status_code == 422, r.text
+    assert "tokens" in r.json()["error"]["message"] and time.monotonic() - t0 < 30
+    g = api.post("/ground", json={"items": [_rgb_item(56, 56)], **FAST})
+    assert g.status_code == 200
+
+
 # -- OpenAI-compatible routes -----------------------------------------------------------------------
 
 
