@@ -183,6 +183,14 @@ class ServeConfig:
     max_image_pixels: int = field(default=16_777_216, metadata={"help": "largest image, width × height"})
     max_items: int = field(default=64, metadata={"help": "most items (or images) in one request"})
     max_expression_chars: int = field(default=500, metadata={"help": "longest referring expression"})
+    header_timeout_s: float = field(
+        default=5.0, metadata={"help": "seconds a connection may take to send a request's headers"}
+    )
+    max_connections: int | None = field(
+        default=None,
+        metadata={"help": "most open connections (default: the descriptor limit less 64); at the cap, the oldest "
+                          "connection still sending its headers is dropped"},
+    )
     max_prompt_tokens: int | None = field(
         default=None, metadata={"help": "longest /v1/chat/completions prompt, in tokens (default: the model's context)"}
     )
@@ -230,6 +238,10 @@ class ServeConfig:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
         if self.box_frame not in BOX_FRAMES:
             raise ConfigError(f"--box-frame must be one of {', '.join(BOX_FRAMES)}, got {self.box_frame!r}")
+        if not self.header_timeout_s > 0:
+            raise ConfigError(f"--header-timeout must be > 0 seconds, got {self.header_timeout_s}")
+        if self.max_connections is not None and self.max_connections < 2:
+            raise ConfigError(f"--max-connections must be >= 2, got {self.max_connections}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ConfigError(f"--max-prompt-tokens must be >= 1, got {self.max_prompt_tokens}")
         if self.threads is not None and self.threads < 1:
@@ -306,6 +318,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-items", type=int, default=64, help=_help("max_items"))
     limits.add_argument("--max-expression-chars", type=int, default=500, help=_help("max_expression_chars"))
     limits.add_argument("--max-prompt-tokens", type=int, default=None, help=_help("max_prompt_tokens"))
+    limits.add_argument("--header-timeout", dest="header_timeout_s", type=float, default=5.0,
+                        help=_help("header_timeout_s"))
+    limits.add_argument("--max-connections", type=int, default=None, help=_help("max_connections"))
     limits.add_argument("--memory-headroom-gb", type=float, help=_help("memory_headroom_gb"))
 
 
@@ -734,8 +749,15 @@ def main(args: argparse.Namespace) -> int:
             log.warning("!" * 78)
         log.info("Geo-R1 engine %s listening on %s", ENGINE_VERSION, config.url)
         log.info("bearer token file: %s", config.token_file)
+        from engine.server.guard import GuardedHttpTools, RepeatFilter, connection_cap
+
+        GuardedHttpTools.header_timeout_s = config.header_timeout_s
+        GuardedHttpTools.max_connections = config.max_connections or connection_cap()
+        for handler in logging.getLogger().handlers:  # a flood must not fill the disk with the same line
+            handler.addFilter(RepeatFilter())
         server = uvicorn.Server(
-            uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=10, server_header=False)
+            uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=10, server_header=False,
+                           http=GuardedHttpTools)
         )
         if config.parent_pid is not None:
             watch_parent(config.parent_pid)

@@ -1,0 +1,79 @@
+"""Issue 8.2: half-sent requests must not freeze the engine (a real engine, a real descriptor limit)."""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from engine.server.guard import RepeatFilter, connection_cap
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _serve_helpers import free_port, geo_r1_command
+
+pytestmark = pytest.mark.slow
+
+
+def _limit_fds() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+
+def test_half_sent_requests_cannot_freeze_the_engine(tiny_model_dir, tmp_path):
+    """Before: with `ulimit -n 1024`, 1,100 half-sent requests stopped the engine from answering at all and
+    its log grew by about 400 MB a minute ("Too many open files"). Here: a limit of 256 and 400 of them."""
+    port = free_port()
+    log_path = tmp_path / "engine.log"
+    cmd = [*geo_r1_command(), "serve", "--model", str(tiny_model_dir), "--port", str(port),
+           "--token-file", str(tmp_path / "t" / "engine.token"), "--header-timeout", "3"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with open(log_path, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, preexec_fn=_limit_fds)
+    url = f"http://127.0.0.1:{port}/health"
+    socks: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-2000:]
+            time.sleep(0.25)
+        answered, t_end = 0, time.monotonic() + 12
+        while time.monotonic() < t_end:  # keep 400 half-sent requests open, re-opening dropped ones
+            while len(socks) < 400:
+                s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # never finished
+                socks.append(s)
+            r = httpx.get(url, timeout=5, trust_env=False)
+            assert r.status_code == 200
+            answered += 1
+            for s in socks[:100]:  # drop some so that the loop re-opens them, as an attacker would
+                s.close()
+            socks = socks[100:]
+            time.sleep(0.5)
+        assert answered >= 5
+        assert log_path.stat().st_size < 200_000, "the log is flooded"
+    finally:
+        for s in socks:
+            s.close()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_repeat_filter_lets_a_few_through_then_counts():
+    import logging
+
+    f = RepeatFilter(burst=2, window_s=60)
+    msg = "socket.accept() out of system resource"
+    records = [logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None) for _ in range(5)]
+    assert [f.filter(r) for r in records] == [True, True, False, False, False]
+    assert connection_cap(reserve=64, floor=16) >= 16
