@@ -285,3 +285,35 @@ def decode_ground_item(item: GroundItemIn, index: int, max_pixels: int) -> tuple
             )
         image = Image.frombytes("RGB", (item.width, item.height), data)
     return image, (time.perf_counter() - t0) * 1000.0
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong: a message that says what to do, an OpenAI-style type, and the HTTP status."""
+
+    message: str
+    type: str
+    code: int
+
+
+class ErrorOut(BaseModel):
+    """Every error response of the engine: ``{"error": {"message", "type", "code"}}``."""
+
+    error: ErrorDetail
+
+
+#: What each error status means on this engine (the OpenAPI description of every route lists its own).
+ERROR_STATUSES: dict[int, str] = {
+    400: "a Host header that is not loopback (DNS rebinding), a body that is not valid JSON, or a corrupt image",
+    401: "no bearer token, or not the engine's",
+    404: "an unknown adapter, model or route",
+    413: "over a limit: body size, image pixels, items per request",
+    422: "invalid values (the message names them)",
+    500: "a bug; the engine logs it and goes on serving",
+    502: "the OpenAI-compatible server behind --backend openai failed",
+    503: "out of memory for this request; the engine goes on serving",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """FastAPI ``responses=`` for these statuses, each with :class:`ErrorOut`."""
+    return {s: {"model": ErrorOut, "description": ERROR_STATUSES[s]} for s in statuses}

@@ -84,6 +84,7 @@ from engine.server.api_models import (
     GroundRequest,
     TilesRequest,
     decode_ground_item,
+    error_responses,
     split_tiles_body,
 )
 from engine.server.openai_compat import (
@@ -363,7 +364,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404 and not isinstance(exc, ApiError):
             message = f"no route {request.method} {request.url.path}; see /openapi.json"
         elif exc.status_code == 405 and not isinstance(exc, ApiError):
-            message = f"method {request.method} is not allowed on {request.url.path}"
+            allowed = sorted({m for r in request.app.routes if getattr(r, "path", None) == request.url.path
+                              for m in (getattr(r, "methods", None) or ())})  # fmt: skip
+            message = f"method {request.method} is not allowed on {request.url.path}; use {', '.join(allowed)}"
+            headers = {**(exc.headers or {}), "Allow": ", ".join(allowed)}
+            return JSONResponse(error_body(405, message, error_type), 405, headers)
         return JSONResponse(error_body(exc.status_code, message, error_type), exc.status_code, exc.headers)
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -492,7 +497,9 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
     def model_id() -> str:
         return str(backend.info().get("model") or "geo-r1")
 
-    @app.get("/health", tags=["engine"])
+    common = (400, 401, 413, 422, 500)  # every authenticated route
+
+    @app.get("/health", tags=["engine"], responses=error_responses(400, 422, 500))
     async def health(challenge: str | None = None) -> dict[str, Any]:
         """No token needed. With ``?challenge=C`` (hex, at most 128 characters) the answer carries
         ``proof`` = HMAC-SHA256(token, "geo-r1-health:" + C): clients check it before they send the token."""
@@ -503,7 +510,7 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
             out["proof"] = health_proof(token, challenge)
         return out
 
-    @app.get("/info", tags=["engine"])
+    @app.get("/info", tags=["engine"], responses=error_responses(*common))
     async def info() -> dict[str, Any]:
         return {
             **backend.info(),
@@ -516,7 +523,8 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
             "max_new_tokens_default": dict(MAX_NEW_TOKENS),
         }
 
-    @app.post("/ground", tags=["engine"], summary="Geo-R1 grounding of images", description=GROUND_DESCRIPTION)
+    @app.post("/ground", tags=["engine"], summary="Geo-R1 grounding of images", description=GROUND_DESCRIPTION,
+              responses=error_responses(*common, 502, 503))  # fmt: skip
     async def ground(body: GroundRequest) -> JSONResponse:
         t0 = time.perf_counter()
         check_items(body)
@@ -536,6 +544,7 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
             "(like /ground's body, but each item has width and height instead of an image), then the "
             "items' raw row-major RGB uint8 pixels, concatenated in item order. Same response as /ground."
         ),
+        responses=error_responses(*common, 502, 503),
     )
     async def ground_tiles(request: Request) -> JSONResponse:
         t0 = time.perf_counter()
@@ -591,17 +600,17 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
             }
         )
 
-    @app.get("/adapters", tags=["adapters"])
+    @app.get("/adapters", tags=["adapters"], responses=error_responses(*common))
     async def adapters() -> dict[str, Any]:
         return backend.adapters()
 
-    @app.post("/adapters", tags=["adapters"])
+    @app.post("/adapters", tags=["adapters"], responses=error_responses(*common, 404, 503))
     async def load_adapter(body: AdapterIn) -> dict[str, Any]:
         await call_backend(backend.load_adapter, body.name, body.path)
         log.info("loaded adapter %r from %s", body.name, body.path)
         return backend.adapters()
 
-    @app.post("/adapters/active", tags=["adapters"])
+    @app.post("/adapters/active", tags=["adapters"], responses=error_responses(*common, 404, 503))
     async def activate_adapter(body: ActiveAdapterIn) -> dict[str, Any]:
         available = backend.adapters().get("available", {})
         if body.name is not None and body.name not in available:
@@ -614,14 +623,14 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
         log.info("active adapter: %s", body.name or "none (base model)")
         return backend.adapters()
 
-    @app.get("/v1/models", tags=["openai"])
+    @app.get("/v1/models", tags=["openai"], responses=error_responses(*common))
     async def list_models() -> dict[str, Any]:
         return {
             "object": "list",
             "data": [{"id": model_id(), "object": "model", "created": started, "owned_by": "geo-r1"}],
         }
 
-    @app.post("/v1/chat/completions", tags=["openai"])
+    @app.post("/v1/chat/completions", tags=["openai"], responses=error_responses(*common, 404, 502, 503))
     async def chat_completions(body: ChatRequest) -> JSONResponse:
         check_chat_request(body)
         served = model_id()

@@ -148,6 +148,23 @@ def test_info_and_openapi(api, tiny_format_model_dir):
     assert {"/ground", "/ground/tiles", "/info", "/adapters", "/v1/chat/completions"} <= set(schema["paths"])
     doc = schema["paths"]["/ground"]["post"]["description"]
     assert "geometric mean" in doc and "1 - P(None)" in doc  # the confidence definitions are in the API docs
+    # issue 8.12: every status the API answers is documented, with the one error model
+    for path, methods in schema["paths"].items():
+        for method, op in methods.items():
+            codes = set(op["responses"])
+            assert {"422", "500"} <= codes, (method, path, codes)
+            if path != "/health":
+                assert {"400", "401", "413"} <= codes, (method, path, codes)
+            assert op["responses"]["401" if path != "/health" else "400"]["content"]["application/json"]["schema"]
+    assert {"404", "502", "503"} <= set(schema["paths"]["/v1/chat/completions"]["post"]["responses"])
+    assert "ErrorOut" in schema["components"]["schemas"]
+
+
+def test_options_on_a_path_lists_every_method_it_takes(api):
+    r = api.request("OPTIONS", "/adapters")
+    assert r.status_code == 405
+    assert set(r.headers["allow"].replace(" ", "").split(",")) == {"GET", "POST"}, r.headers
+    assert r.json()["error"]["code"] == 405
 
 
 # -- /ground ----------------------------------------------------------------------------------------
