@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from qgis.core import Qgis, QgsApplication, QgsMessageLog
+from qgis.core import QgsApplication, QgsMessageLog
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction
 
+from .compat import MSG_SUCCESS, MSG_WARNING
 from .core.client import DEFAULT_URL, EngineClient, read_token
 from .core.errors import GeoR1Error
 
@@ -73,6 +74,6 @@ class GeoR1Plugin:
 
     def check_engine(self) -> None:
         ok, text = engine_status_text()
-        level = Qgis.Success if ok else Qgis.Warning
+        level = MSG_SUCCESS if ok else MSG_WARNING
         QgsMessageLog.logMessage(text, PLUGIN_NAME, level)
         self.iface.messageBar().pushMessage(PLUGIN_NAME, text, level=level, duration=10)

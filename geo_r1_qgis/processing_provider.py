@@ -14,7 +14,6 @@ import logging
 from typing import Any
 
 from qgis.core import (
-    QgsProcessing,
     QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingParameterEnum,
@@ -25,10 +24,10 @@ from qgis.core import (
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterString,
     QgsProcessingProvider,
-    QgsWkbTypes,
 )
 from qgis.PyQt.QtCore import QCoreApplication
 
+from .compat import FILE_BEHAVIOR_FILE, NUMBER_INTEGER, SOURCE_VECTOR_POLYGON, WKB_POLYGON
 from .core.client import DEFAULT_URL, EngineClient, default_token_path, read_token
 from .core.errors import EngineRequestError, EngineUnavailableError, GeoR1Error
 from .core.geometry import DEFAULT_TILE, tile_size_advice, window_from_map_bbox
@@ -119,7 +118,7 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
             QgsProcessingParameterNumber(
                 self.TILE_SIZE,
                 _tr("Tile size (pixels)"),
-                QgsProcessingParameterNumber.Integer,
+                NUMBER_INTEGER,
                 DEFAULT_TILE,
                 minValue=28,
                 maxValue=4096,
@@ -129,7 +128,7 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
             QgsProcessingParameterNumber(
                 self.OVERLAP,
                 _tr("Tile overlap (pixels)"),
-                QgsProcessingParameterNumber.Integer,
+                NUMBER_INTEGER,
                 64,
                 minValue=0,
                 maxValue=2048,
@@ -146,7 +145,7 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
             QgsProcessingParameterFile(
                 self.TOKEN_FILE,
                 _tr("Engine token file"),
-                behavior=QgsProcessingParameterFile.File,
+                behavior=FILE_BEHAVIOR_FILE,
                 defaultValue=str(default_token_path()),
                 optional=True,
                 fileFilter="All files (*)",  # the default filter (*.*) rejects a name without an extension
@@ -156,14 +155,14 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
             QgsProcessingParameterNumber(
                 self.MAX_NEW_TOKENS,
                 _tr("Max new tokens per tile (0: Geo-R1's, 256 for one, 1024 for all)"),
-                QgsProcessingParameterNumber.Integer,
+                NUMBER_INTEGER,
                 0,
                 minValue=0,
                 maxValue=4096,
             )
         )
         self.addParameter(
-            QgsProcessingParameterFeatureSink(self.OUTPUT, _tr("Grounded objects"), QgsProcessing.TypeVectorPolygon)
+            QgsProcessingParameterFeatureSink(self.OUTPUT, _tr("Grounded objects"), SOURCE_VECTOR_POLYGON)
         )
 
     # -- running ----------------------------------------------------------------------------------
@@ -233,7 +232,7 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
         feedback.pushInfo(f"raster {source.name}: {source.describe()}")
 
         fields = make_fields()
-        sink, dest_id = self.parameterAsSink(parameters, self.OUTPUT, context, fields, QgsWkbTypes.Polygon, layer.crs())
+        sink, dest_id = self.parameterAsSink(parameters, self.OUTPUT, context, fields, WKB_POLYGON, layer.crs())
         if sink is None:
             raise QgsProcessingException(self.invalidSinkError(parameters, self.OUTPUT))
         result_sink = FeatureSinkResultSink(sink, run_meta(expression, mode, info))

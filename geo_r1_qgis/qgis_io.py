@@ -59,13 +59,23 @@ from qgis.core import (
     QgsFields,
     QgsGeometry,
     QgsPointXY,
-    QgsRaster,
     QgsRasterDataProvider,
     QgsRasterLayer,
     QgsRectangle,
 )
-from qgis.PyQt.QtCore import QDateTime, Qt, QVariant
+from qgis.PyQt.QtCore import QDateTime
 
+from .compat import (
+    COLOR_ALPHA,
+    COLOR_BLUE,
+    COLOR_GREEN,
+    COLOR_PALETTE,
+    COLOR_RED,
+    FAST_INSERT,
+    UTC,
+    WKT_PREFERRED,
+    field_type,
+)
 from .core.errors import EmptyRasterError, NotGeoreferencedError, OutputError, RasterError
 from .core.geometry import Affine, PixelBox, Tile
 from .core.merge import Detection
@@ -151,7 +161,7 @@ class QgisRasterSource:
                 "first (gdal_edit.py -a_ullr ulx uly lrx lry, or QGIS's Georeferencer)"
             )
         self.crs = QgsCoordinateReferenceSystem(crs)
-        self.crs_wkt = crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED)
+        self.crs_wkt = crs.toWkt(WKT_PREFERRED)
         # A clone: reads from Processing's worker thread are safe, the layer's own settings untouched.
         self._provider: QgsRasterDataProvider = provider.clone()
         self.count = int(self._provider.bandCount())
@@ -167,7 +177,7 @@ class QgisRasterSource:
     # -- set up ------------------------------------------------------------------------------------
     def _palette_table(self) -> np.ndarray | None:
         """The colour table of a one-band paletted raster as a lookup table, else None."""
-        if set(self.bands) != {1} or self._provider.colorInterpretation(1) != QgsRaster.PaletteIndex:
+        if set(self.bands) != {1} or self._provider.colorInterpretation(1) != COLOR_PALETTE:
             return None
         items = self._provider.colorTable(1) or []
         if not items:
@@ -183,14 +193,14 @@ class QgisRasterSource:
         return t.c == 0.0 and t.f == 0.0 and t.a == 1.0 and abs(t.e) == 1.0
 
     def _choose_bands(self, bands: tuple[int, ...] | None) -> tuple[int, int, int]:
-        names = {QgsRaster.RedBand: "red", QgsRaster.GreenBand: "green", QgsRaster.BlueBand: "blue",
-                 QgsRaster.AlphaBand: "alpha"}
+        names = {COLOR_RED: "red", COLOR_GREEN: "green", COLOR_BLUE: "blue",
+                 COLOR_ALPHA: "alpha"}
         interp = [names.get(self._provider.colorInterpretation(b), "other") for b in range(1, self.count + 1)]
         return choose_bands(self.count, interp, bands, what=self.name, option="bands")
 
     def _alpha_band(self) -> int | None:
         for b in range(1, self.count + 1):
-            if self._provider.colorInterpretation(b) == QgsRaster.AlphaBand and b not in self.bands:
+            if self._provider.colorInterpretation(b) == COLOR_ALPHA and b not in self.bands:
                 return b
         return None
 
@@ -348,19 +358,14 @@ def _box_average(
 
 #: The output fields: the same names and order as the command line's GeoPackage.
 FIELD_NAMES = OUTPUT_FIELDS
-_FIELD_TYPES = {
-    "score": QVariant.Double,
-    "presence": QVariant.Double,
-    "created": QVariant.DateTime,
-    "truncated": QVariant.Int,
-}
+_FIELD_TYPES = {"score": "Double", "presence": "Double", "created": "DateTime", "truncated": "Int"}
 
 
 def make_fields() -> QgsFields:
     """The output layer's fields (see :data:`FIELD_NAMES`)."""
     fields = QgsFields()
     for name in FIELD_NAMES:
-        fields.append(QgsField(name, _FIELD_TYPES.get(name, QVariant.String)))
+        fields.append(QgsField(name, field_type(_FIELD_TYPES.get(name, "String"))))
     return fields
 
 
@@ -403,9 +408,9 @@ class FeatureSinkResultSink:
 
     def finish(self, final: Sequence[MapDetection], summary: RunSummary) -> None:
         created = QDateTime.currentDateTimeUtc()
-        created.setTimeSpec(Qt.UTC)
+        created.setTimeSpec(UTC)
         features = [self.feature(m, created) for m in final]
-        if features and not self.sink.addFeatures(features, QgsFeatureSink.FastInsert):
+        if features and not self.sink.addFeatures(features, FAST_INSERT):
             error = self.sink.lastError() if hasattr(self.sink, "lastError") else ""
             raise OutputError(
                 f"could not write {len(features)} feature(s) to the output ({error}); choose another OUTPUT"

@@ -197,10 +197,11 @@ class EngineClient:
         answer = self._request("GET", f"/health?challenge={challenge}", timeout_s=10.0, auth=False)
         proof = answer.get("proof") if isinstance(answer, dict) else None
         if not isinstance(proof, str) or not hmac.compare_digest(proof, health_proof(self.token, challenge)):
-            raise EngineUnavailableError(
-                f"the server at {self.url} did not prove that it holds the engine's token, so the token was not "
-                "sent: another program may be listening on that port, or the engine uses another token file "
-                f"(or is older than this plugin). {SERVE_HINT}"
+            raise EngineRequestError(
+                f"engine at {self.url} -> 401: the server did not prove that it holds this token, so the token was "
+                "not sent (a wrong token file, or another program listening on that port, or an engine older "
+                f"than this client); use the engine's token file. {SERVE_HINT}",
+                401,
             )
         self._proven_for = self.token
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from geo_r1_qgis.core.client import EngineClient, TileImage, default_token_path, read_token
-from geo_r1_qgis.core.errors import ConfigError, EngineUnavailableError
+from geo_r1_qgis.core.errors import ConfigError, EngineRequestError, EngineUnavailableError
 
 
 def test_tile_image_from_array_is_a_flat_view_in_row_major_order():
@@ -132,10 +132,11 @@ def test_the_token_never_goes_to_a_server_that_cannot_prove_it_holds_it():
     try:
         client = EngineClient(f"http://127.0.0.1:{server.server_address[1]}", token="s3cret")
         client.health()
-        with pytest.raises(EngineUnavailableError, match="did not prove"):
+        with pytest.raises(EngineRequestError, match="did not prove") as err:
             client.info()
+        assert err.value.status == 401
         tile = TileImage.from_array(np.zeros((28, 28, 3), dtype=np.uint8))
-        with pytest.raises(EngineUnavailableError, match="did not prove"):
+        with pytest.raises(EngineRequestError, match="did not prove"):
             client.ground([tile], "tanks")
     finally:
         server.shutdown()
