@@ -74,5 +74,9 @@ _USE_METATYPE = QGIS_VERSION_INT >= 33800
 def field_type(name: str) -> Any:
     """``"Double"``, ``"Int"``, ``"String"``, ``"DateTime"`` as the QgsField type this QGIS wants."""
     if _USE_METATYPE:
-        return getattr(QMetaType.Type, name)
+        return getattr(QMetaType.Type, _METATYPE_NAMES.get(name, name))
     return getattr(QVariant, name)
+
+
+#: QVariant's names where QMetaType's differ
+_METATYPE_NAMES = {"String": "QString", "DateTime": "QDateTime"}

@@ -26,3 +26,15 @@ def qgis_app():
     gc.collect()
     if owned:
         app.exitQgis()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test name carries the QGIS version it ran under, so a failure on one version says which."""
+    try:
+        from qgis.core import Qgis
+
+        label = f"[QGIS {'.'.join(Qgis.QGIS_VERSION.split('.')[:2])}]"
+    except ImportError:
+        return
+    for item in items:
+        item._nodeid = f"{item._nodeid} {label}"

@@ -14,9 +14,7 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +27,8 @@ import pytest
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 qgis_core = pytest.importorskip("qgis.core", reason="PyQGIS is not importable; run under /usr/bin/python3")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import host_exec  # noqa: E402  (the engine venv's commands, also from inside the QGIS 3.40 chroot)
 
 from geo_r1_qgis.core.errors import ConfigError, EmptyRasterError, NotGeoreferencedError, RasterError  # noqa: E402
 from geo_r1_qgis.core.geometry import PixelBox, Tile, TileGridSpec, box_to_polygon, make_tile_grid  # noqa: E402
@@ -151,9 +151,9 @@ def _tiny_format_model() -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".qgis-tests-tiny-format-", dir=CACHE))
     try:
-        proc = subprocess.run(
+        proc = host_exec.run(
             [str(GEO_R1), "tiny-model", str(tmp / "m"), "--learn-format", str(FORMAT_STEPS)],
-            capture_output=True, text=True, timeout=600, env=_venv_env(), check=False,
+            timeout=600, env=_venv_env(),
         )  # fmt: skip
         assert proc.returncode == 0, f"geo-r1 tiny-model failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
         (tmp / "m" / "builder.sha").write_text(key)
@@ -176,8 +176,7 @@ class _Engine:
         self.log_path = workdir / "engine.log"
         cmd = [str(GEO_R1), "serve", "--model", str(model), "--port", str(self.port),
                "--token-file", str(self.token_file)]  # fmt: skip
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_venv_env())  # nosec B603
+        self.proc = host_exec.spawn(cmd, log_path=self.log_path, env=_venv_env())
         deadline = time.monotonic() + 180
         while not self._healthy():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -206,13 +205,7 @@ class _Engine:
             return "(no log)"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        self.proc.stop(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -232,10 +225,7 @@ def engine(tmp_path_factory):
 def sample_dir(tmp_path_factory) -> Path:
     _need_venv()
     out = tmp_path_factory.mktemp("qgis-samples")
-    proc = subprocess.run(
-        [str(GEO_R1), "sample-data", str(out)], capture_output=True, text=True, timeout=120, env=_venv_env(),
-        check=False,
-    )  # fmt: skip
+    proc = host_exec.run([str(GEO_R1), "sample-data", str(out)], timeout=120, env=_venv_env())
     assert proc.returncode == 0, f"geo-r1 sample-data failed:\n{proc.stdout}\n{proc.stderr}"
     return out
 
@@ -281,9 +271,8 @@ def reference(sample_dir, tmp_path_factory) -> dict:
         if path.is_file():
             args += [name, str(path)]
     out = tmp_path_factory.mktemp("reference") / "tiles.npz"
-    proc = subprocess.run(
-        [str(VENV_BIN / "python"), "-c", _REFERENCE_SCRIPT, str(out), *args], cwd=REPO, capture_output=True,
-        text=True, timeout=120, env=_venv_env(), check=False,
+    proc = host_exec.run(
+        [str(VENV_BIN / "python"), "-c", _REFERENCE_SCRIPT, str(out), *args], cwd=REPO, timeout=120, env=_venv_env(),
     )  # fmt: skip
     assert proc.returncode == 0, f"reading with engine/rasters.py failed:\n{proc.stderr[-3000:]}"
     with np.load(out) as data:
@@ -383,12 +372,12 @@ def test_raster_source_expands_a_colour_table(qgis, tmp_path):
     idx = np.zeros((64, 64), np.uint8)
     idx[:, 16:32], idx[:, 32:48], idx[:, 48:] = 1, 2, 3
     band = ds.GetRasterBand(1)
-    band.WriteArray(idx)
     table = gdal.ColorTable()
     for i, c in enumerate([(200, 0, 0, 255), (0, 200, 0, 255), (0, 0, 200, 255), (255, 255, 255, 255)]):
         table.SetColorEntry(i, c)
-    band.SetRasterColorTable(table)
+    band.SetRasterColorTable(table)  # before the pixels: GDAL 3.10 refuses it after
     band.SetRasterColorInterpretation(gdal.GCI_PaletteIndex)
+    band.WriteArray(idx)
     ds = None
     src = QgisRasterSource(qgis.raster(Path(path)))
     tile = make_tile_grid(src.transform, src.width, src.height, TileGridSpec(56, 0))[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import os
-import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +33,9 @@ pytestmark = pytest.mark.qgis
 
 REPO = Path(__file__).resolve().parents[2]
 GEO_R1 = REPO / ".venv" / "bin" / "geo-r1"
+sys.path.insert(0, str(REPO / "tests"))
+import host_exec  # noqa: E402  (the engine venv's commands, also from inside the QGIS 3.40 chroot)
+
 EPSG = {"utm": 32614, "wgs84": 4326, "webmercator": 3857, "rotated": 32614}
 
 
@@ -46,9 +49,7 @@ def sample_dir(tmp_path_factory) -> Path:
         pytest.skip(f"{GEO_R1} is missing: build the engine venv first (make setup)")
     out = tmp_path_factory.mktemp("qgis-samples")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    proc = subprocess.run(
-        [str(GEO_R1), "sample-data", str(out)], capture_output=True, text=True, timeout=120, env=env, check=False
-    )
+    proc = host_exec.run([str(GEO_R1), "sample-data", str(out)], timeout=120, env=env)
     assert proc.returncode == 0, f"geo-r1 sample-data failed:\n{proc.stdout}\n{proc.stderr}"
     return out
 

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The plugin's test suite under QGIS 3.40 (Debian 13), in the chroot scripts/setup_qgis340.sh builds.
+# The repository, ../shared and /tmp are bind-mounted at the same paths, so both sides see the same files; the
+# engine's venv commands the tests need run on the host through scripts/host_exec_server.py (the chroot shares
+# the host's loopback). A chroot that cannot be built is reported as NOT RUN and fails the run, never passes it
+# (set GEO_R1_ALLOW_NO_QGIS340=1 to accept that on a machine without root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd -P)
+ROOT=${GEO_R1_QGIS340_ROOT:-/var/cache/geo-r1/qgis-3.40}
+SHARED=$(cd .. && pwd -P)/shared
+set +e
+scripts/setup_qgis340.sh
+rc=$?
+set -e
+if [[ $rc -ne 0 ]]; then
+  echo "=================================================================================="
+  echo "QGIS 3.40 plugin tests: NOT RUN (the chroot could not be built; see the line above)"
+  echo "=================================================================================="
+  [[ "${GEO_R1_ALLOW_NO_QGIS340:-0}" == 1 ]] && exit 0
+  exit 1
+fi
+mounts=()
+cleanup() {
+  [[ -n "${helper_pid:-}" ]] && kill "$helper_pid" 2>/dev/null || true
+  for ((i=${#mounts[@]}-1; i>=0; i--)); do umount -l "${mounts[$i]}" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+bind() {  # bind SRC at the same path inside the chroot
+  mkdir -p "$ROOT$1"
+  mount --bind "$1" "$ROOT$1"
+  mounts+=("$ROOT$1")
+}
+mount -t proc proc "$ROOT/proc"; mounts+=("$ROOT/proc")
+bind /dev
+bind /tmp
+bind "$REPO"
+[[ -d "$SHARED" ]] && bind "$SHARED"
+portfile=$(mktemp)
+.venv/bin/python scripts/host_exec_server.py "$portfile" &
+helper_pid=$!
+for _ in $(seq 50); do [[ -s "$portfile" ]] && break; sleep 0.1; done
+read -r port token < "$portfile"
+rm -f "$portfile"
+echo "QGIS $(cat "$ROOT/.qgis-version") (Debian 13 chroot $ROOT): the plugin's test suite"
+chroot "$ROOT" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/root LANG=C.UTF-8 QT_QPA_PLATFORM=offscreen \
+  GEO_R1_HOST_EXEC="127.0.0.1:$port" GEO_R1_HOST_EXEC_TOKEN="$token" \
+  /bin/sh -c "cd '$REPO' && python3 -m pytest tests/geo_r1_qgis -p no:cacheprovider $*"
