@@ -1,0 +1,84 @@
+"""Image preprocessing per 504x504 tile: the processor the engine loads (PIL-based without torchvision, the fast
+torchvision one with it), and the engine's own path for tiles that need no resize (engine/runtime/preprocess.py).
+Also the engine's answers on fixed tiles, to compare venvs.
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_preprocess.py --model DIR --json out.json
+    OMP_NUM_THREADS=1 .venv-tv/bin/python scripts/bench_preprocess.py --model DIR --json out-tv.json
+
+Prints a Markdown table (median ms per tile over --tiles tiles, after a warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--tiles", type=int, default=40)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from engine.rules.prompts import build_messages
+    from engine.runtime.backend import GenerationSettings, GroundItem
+    from engine.runtime.loading import LoadConfig, has_torchvision, load_processor
+    from engine.runtime.local import LocalBackend
+    from engine.runtime.preprocess import fast_inputs
+
+    rng = np.random.default_rng(0)
+    tiles = [Image.fromarray(rng.integers(0, 256, (504, 504, 3), dtype=np.uint8)) for _ in range(args.tiles)]
+    processor = load_processor(str(args.model))
+    text = processor.apply_chat_template(build_messages("all storage tanks", "multi", True), tokenize=False,
+                                         add_generation_prompt=True)  # fmt: skip
+
+    def timed(fn) -> float:
+        fn(tiles[0])
+        out = []
+        for im in tiles:
+            t = time.perf_counter()
+            fn(im)
+            out.append((time.perf_counter() - t) * 1000)
+        return statistics.median(out)
+
+    kind = type(processor.image_processor).__name__
+    rows = {
+        f"processor ({kind})": timed(lambda im: processor(text=[text], images=[im], return_tensors="pt")),
+        "engine fast path (no resize)": timed(lambda im: fast_inputs(processor, [text], [im])),
+    }
+    ref = processor(text=[text], images=[tiles[0]], return_tensors="pt")
+    fast = fast_inputs(processor, [text], [tiles[0]])
+    diff = float((ref["pixel_values"] - fast["pixel_values"]).abs().max())
+
+    backend = LocalBackend(LoadConfig(model=str(args.model), device="cpu"), batch_size=8)
+    answers = backend.ground_batched([GroundItem(image=im, expression="all storage tanks") for im in tiles[:8]],
+                                     GenerationSettings(max_new_tokens=48))  # fmt: skip
+    backend.close()
+    result = {
+        "torch": torch.__version__,
+        "torchvision": has_torchvision(),
+        "image_processor": kind,
+        "median_ms_per_tile": rows,
+        "max_abs_diff_pixel_values": diff,
+        "answers": [[r.raw_text, [[b.x1, b.y1, b.x2, b.y2] for b in r.boxes]] for r in answers],
+    }
+    print(f"torch {torch.__version__}, torchvision {'yes' if has_torchvision() else 'no'}; max |pixel diff| {diff:.2e}")
+    print("| path | median ms per 504x504 tile |\n| --- | ---: |")
+    for name, ms in rows.items():
+        print(f"| {name} | {ms:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
