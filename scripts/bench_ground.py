@@ -107,7 +107,7 @@ def bench_overhead(tmp: Path) -> dict:
             engine={},
             crs=CrsTransform(src.crs_wkt, None),
         )
-        job = GroundingJob("x", mode="all", tile_size=512, overlap=64, batch_size=8)
+        job = GroundingJob("x", mode="all", tile_size=TILE, overlap=64, batch_size=8)
         t0 = time.perf_counter()
         s = run_grounding(job, src, sink, client)
         wall = time.perf_counter() - t0
@@ -165,7 +165,7 @@ from engine.rasters import RasterioSource
 from geo_r1_qgis.core.geometry import TileGridSpec, make_tile_grid
 with RasterioSource(sys.argv[1]) as src:
     n = 0
-    for t in make_tile_grid(src.transform, src.width, src.height, TileGridSpec(512, 0)):
+    for t in make_tile_grid(src.transform, src.width, src.height, TileGridSpec(TILE, 0)):
         src.read(t); n += 1
 hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]
 print(n, hwm)
@@ -254,7 +254,7 @@ def bench_agreement(tmp: Path, n_scenes: int) -> dict:
                 src.read = lambda t, o=orig, r=reads: (r.append(t), o(t))[1]
                 sink = _Count()
                 job = GroundingJob(
-                    "the largest storage tank", mode="one", tile_size=224, overlap=32, coarse_to_fine=c2f
+                    "the largest storage tank", mode="one", tile_size=C2F_TILE, overlap=C2F_OVERLAP, coarse_to_fine=c2f
                 )
                 s = run_grounding(job, src, sink, TruthOracle(tanks, reads, seed))
             answers.append(sink.final[0].detection.box if sink.final else None)
@@ -295,8 +295,8 @@ def bench_c2f_time(tmp: Path, model: Path, repeats: int = 3) -> dict:
                 job = GroundingJob(
                     "the largest storage tank",
                     mode="one",
-                    tile_size=224,
-                    overlap=32,
+                    tile_size=C2F_TILE,
+                    overlap=C2F_OVERLAP,
                     coarse_to_fine=c2f,
                     max_new_tokens=96,
                 )
@@ -309,8 +309,18 @@ def bench_c2f_time(tmp: Path, model: Path, repeats: int = 3) -> dict:
     return out
 
 
+#: tile sizes (the command line's defaults; --tile and --c2f-tile change them)
+TILE = 504
+C2F_TILE = 224
+C2F_OVERLAP = 32
+
+
 def main() -> int:
+    global TILE, C2F_TILE, C2F_OVERLAP
     p = argparse.ArgumentParser()
+    p.add_argument("--tile", type=int, default=504, help="tile size of the overhead and memory runs")
+    p.add_argument("--c2f-tile", type=int, default=224, help="tile size of the coarse-to-fine runs")
+    p.add_argument("--c2f-overlap", type=int, default=32)
     p.add_argument("--tmp", type=Path, default=Path("/tmp/geo-r1-bench"))
     p.add_argument("--model", type=Path, help="tiny model directory for the coarse-to-fine timing")
     p.add_argument("--scenes", type=int, default=20)
@@ -318,6 +328,7 @@ def main() -> int:
     p.add_argument("--serve-null", nargs=2, metavar=("PORT", "TOKEN_FILE"), help=argparse.SUPPRESS)
     p.add_argument("--only-overhead", action="store_true")
     a = p.parse_args()
+    TILE, C2F_TILE, C2F_OVERLAP = a.tile, a.c2f_tile, a.c2f_overlap
     if a.serve_null:
         return serve_null(int(a.serve_null[0]), Path(a.serve_null[1]))
     a.tmp.mkdir(parents=True, exist_ok=True)
