@@ -38,7 +38,6 @@ def _settings(image_processor: Any) -> tuple[float, list[float], list[float], in
 def fast_pixel_values(images: Sequence[Any], image_processor: Any) -> tuple[Any, Any] | None:
     """``(pixel_values, image_grid_thw)`` as the Qwen2-VL image processor computes them, or None when any
     image would be resized (or the processor is configured in a way this path does not cover)."""
-    import numpy as np
     import torch
 
     settings = _settings(image_processor)
@@ -53,18 +52,20 @@ def fast_pixel_values(images: Sequence[Any], image_processor: Any) -> tuple[Any,
     # pixels (a quarter of the bytes), then converted and scaled in one pass, then each frame doubled.
     a = torch.tensor([rescale / s for s in std], dtype=torch.float32).view(1, 1, 1, 1, 3, 1, 1)
     b = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], dtype=torch.float32).view(1, 1, 1, 1, 3, 1, 1)
-    patches, grids = [], []
-    for im in images:
-        w, h = im.size
-        gh, gw = h // patch, w // patch
-        x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)  # (C, H, W), uint8
+    grids = [[1, im.size[1] // patch, im.size[0] // patch] for im in images]
+    rows = [g[1] * g[2] for g in grids]
+    out = torch.empty(sum(rows), 3 * temporal * patch * patch, dtype=torch.float32)  # written in place, no concat
+    start = 0
+    for im, (_, gh, gw), n in zip(images, grids, rows, strict=True):
+        pixels = bytearray(im.tobytes())  # writable, so torch does not warn; 0.1 ms for a 504x504 tile
+        x = torch.frombuffer(pixels, dtype=torch.uint8).view(gh * patch, gw * patch, 3).permute(2, 0, 1)  # C, H, W
         p = x.reshape(3, gh // merge, merge, patch, gw // merge, merge, patch)
         p = p.permute(1, 4, 2, 5, 0, 3, 6).contiguous()  # (gh', gw', mh, mw, C, ph, pw): the processor's order
         p = p.to(torch.float32).mul_(a).add_(b)
-        p = p.unsqueeze(5).expand(*p.shape[:5], temporal, *p.shape[5:])  # each frame twice, as one image
-        patches.append(p.reshape(gh * gw, 3 * temporal * patch * patch))
-        grids.append([1, gh, gw])
-    return torch.cat(patches, dim=0), torch.tensor(grids, dtype=torch.int64)
+        dst = out[start : start + n].view(gh // merge, gw // merge, merge, merge, 3, temporal, patch, patch)
+        dst.copy_(p.unsqueeze(5).expand(*p.shape[:5], temporal, *p.shape[5:]))  # each frame twice, as one image
+        start += n
+    return out, torch.tensor(grids, dtype=torch.int64)
 
 
 def fast_inputs(processor: Any, texts: Sequence[str], images: Sequence[Any]) -> Any | None:
