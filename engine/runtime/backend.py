@@ -170,8 +170,10 @@ class Backend(Protocol):
         images: list[Image.Image],
         settings: GenerationSettings,
         top_logprobs: int = 0,
+        cancel: Any = None,
     ) -> ChatResult:
-        """Run one chat completion on already-templated messages (images in message order)."""
+        """Run one chat completion on already-templated messages (images in message order); a set
+        ``cancel`` (a ``threading.Event``) stops the generation at the next token."""
 
     def adapters(self) -> dict[str, Any]:
         """{"active": name | None, "available": {name: path}}."""

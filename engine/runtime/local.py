@@ -265,9 +265,10 @@ class LocalBackend:
         images: list[Any],
         settings: GenerationSettings,
         top_logprobs: int = 0,
+        cancel: threading.Event | None = None,
     ) -> ChatResult:
         self._check_prompt_length(messages, images)  # here, in the request's thread: no model work, no queue
-        return self._batcher.call(lambda: self._run_chat(messages, images, settings, top_logprobs))
+        return self._batcher.call(lambda: self._run_chat(messages, images, settings, top_logprobs, cancel))
 
     @property
     def context_tokens(self) -> int:
@@ -346,7 +347,8 @@ class LocalBackend:
             raise
         return inputs
 
-    def _generate(self, inputs: Any, settings: GenerationSettings, top_k: int = 0):
+    def _generate(self, inputs: Any, settings: GenerationSettings, top_k: int = 0,
+                  cancel: threading.Event | None = None):  # fmt: skip
         import torch
 
         recorder = _TokenRecorder(self.none_ids, top_k=top_k)
@@ -359,6 +361,14 @@ class LocalBackend:
         }
         if settings.do_sample:
             kwargs["temperature"] = settings.temperature
+        if cancel is not None:  # the client left: stop at the next token
+            from transformers import StoppingCriteria, StoppingCriteriaList
+
+            class _Cancelled(StoppingCriteria):
+                def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
+                    return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled()])
         try:
             with torch.inference_mode():
                 out = self.loaded.model.generate(**inputs, **kwargs)
@@ -418,12 +428,15 @@ class LocalBackend:
         return results
 
     def _run_chat(
-        self, messages: list[dict[str, Any]], images: list[Any], settings: GenerationSettings, top_logprobs: int
+        self, messages: list[dict[str, Any]], images: list[Any], settings: GenerationSettings, top_logprobs: int,
+        cancel: threading.Event | None = None,
     ) -> ChatResult:
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         rgb = [im.convert("RGB") if im.mode != "RGB" else im for im in images]
         inputs = self._prepare([text], rgb)
-        sequences, recorder = self._generate(inputs, settings, top_k=top_logprobs)
+        if cancel is not None and cancel.is_set():
+            raise ConfigError("the client disconnected before generation started")
+        sequences, recorder = self._generate(inputs, settings, top_k=top_logprobs, cancel=cancel)
         input_len = inputs["input_ids"].shape[1]
         ids, pieces, logprobs, _, finished = self._row_tokens(sequences, input_len, recorder, 0)
         lp = None

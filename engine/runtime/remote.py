@@ -202,7 +202,9 @@ class RemoteBackend:
         images: list[Image.Image],
         settings: GenerationSettings,
         top_logprobs: int = 0,
+        cancel: Any = None,  # the remote server keeps its own request; nothing to stop here
     ) -> ChatResult:
+        del cancel
         payload = self._payload(to_openai_messages(messages, [png_data_uri(im) for im in images]), settings)
         if top_logprobs:
             payload["logprobs"] = True

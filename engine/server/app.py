@@ -50,6 +50,7 @@ of errors to statuses, the app and ``main``. The rest lives beside it:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import logging
@@ -631,7 +632,7 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
         }
 
     @app.post("/v1/chat/completions", tags=["openai"], responses=error_responses(*common, 404, 502, 503))
-    async def chat_completions(body: ChatRequest) -> JSONResponse:
+    async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse:
         check_chat_request(body)
         served = model_id()
         if body.model != served:
@@ -643,9 +644,16 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
         top = int(body.top_logprobs or 0)
         want_logprobs = bool(body.logprobs)
         # Ask for at least one alternative so the backend records log-probs at all.
-        result = await call_backend(
-            backend.chat, messages, images, chat_settings(body), max(1, top) if want_logprobs else 0
-        )
+        cancel = threading.Event()
+        work = asyncio.ensure_future(call_backend(
+            backend.chat, messages, images, chat_settings(body), max(1, top) if want_logprobs else 0, cancel
+        ))  # fmt: skip
+        while not work.done():  # a client that leaves stops its generation (the worker is then free again)
+            await asyncio.wait({work}, timeout=0.5)
+            if not work.done() and await request.is_disconnected():
+                cancel.set()
+                log.info("chat client disconnected: generation stopped")
+        result = await work
         return JSONResponse(chat_completion(result, served, top, want_logprobs))
 
     return app

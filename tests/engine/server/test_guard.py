@@ -77,3 +77,37 @@ def test_repeat_filter_lets_a_few_through_then_counts():
     records = [logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None) for _ in range(5)]
     assert [f.filter(r) for r in records] == [True, True, False, False, False]
     assert connection_cap(reserve=64, floor=16) >= 16
+
+
+def test_a_chat_client_that_leaves_stops_its_generation(tiny_model_dir, tmp_path):
+    """Issue 8.3: a request went on generating after its client had left, blocking grounding behind it."""
+    from _serve_helpers import start_engine
+
+    eng = start_engine(tmp_path / "e", ["--model", str(tiny_model_dir)])
+    try:
+        with eng.client() as api:
+            model_id = api.get("/v1/models").json()["data"][0]["id"]
+        body = {"model": model_id, "messages": [{"role": "user", "content": "describe the image"}],
+                "max_tokens": 4096, "temperature": 0}  # fmt: skip
+        headers = {"Authorization": f"Bearer {eng.token}"}
+        impatient = httpx.Client(base_url=eng.url, headers=headers, timeout=1.5, trust_env=False)
+        with impatient, pytest.raises(httpx.ReadTimeout):
+            impatient.post("/v1/chat/completions", json=body)  # leaves after 1.5 s
+        t0 = time.monotonic()
+        with eng.client() as api:
+            r = api.post("/ground", json={"items": [_rgb(28, 28)], "max_new_tokens": 4})
+        waited = time.monotonic() - t0
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 10
+        while "generation stopped" not in eng.log_tail(200) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "chat client disconnected: generation stopped" in eng.log_tail(200)
+        assert waited < 5, f"grounding waited {waited:.1f} s behind a generation nobody wanted"
+    finally:
+        eng.stop()
+
+
+def _rgb(w, h):
+    import base64
+
+    return {"rgb": base64.b64encode(bytes(w * h * 3)).decode(), "width": w, "height": h, "expression": "tanks"}
