@@ -193,6 +193,9 @@ class ServeConfig:
         metadata={"help": "most open connections (default: the descriptor limit less 64); at the cap, the oldest "
                           "connection still sending its headers is dropped"},
     )
+    max_new_tokens: int = field(
+        default=4096, metadata={"help": "largest generation limit a request may ask for (max_new_tokens, max_tokens)"}
+    )
     max_prompt_tokens: int | None = field(
         default=None, metadata={"help": "longest /v1/chat/completions prompt, in tokens (default: the model's context)"}
     )
@@ -244,6 +247,8 @@ class ServeConfig:
             raise ConfigError(f"--header-timeout must be > 0 seconds, got {self.header_timeout_s}")
         if self.max_connections is not None and self.max_connections < 2:
             raise ConfigError(f"--max-connections must be >= 2, got {self.max_connections}")
+        if not 1 <= self.max_new_tokens <= 4096:
+            raise ConfigError(f"--max-new-tokens must be within 1..4096, got {self.max_new_tokens}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ConfigError(f"--max-prompt-tokens must be >= 1, got {self.max_prompt_tokens}")
         if self.threads is not None and self.threads < 1:
@@ -275,6 +280,7 @@ class ServeConfig:
             "max_items": self.max_items,
             "max_expression_chars": self.max_expression_chars,
             "max_prompt_tokens": self.max_prompt_tokens,
+            "max_new_tokens": self.max_new_tokens,
         }
 
     @classmethod
@@ -320,6 +326,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-items", type=int, default=64, help=_help("max_items"))
     limits.add_argument("--max-expression-chars", type=int, default=500, help=_help("max_expression_chars"))
     limits.add_argument("--max-prompt-tokens", type=int, default=None, help=_help("max_prompt_tokens"))
+    limits.add_argument("--max-new-tokens", type=int, default=4096, help=_help("max_new_tokens"))
     limits.add_argument("--header-timeout", dest="header_timeout_s", type=float, default=5.0,
                         help=_help("header_timeout_s"))
     limits.add_argument("--max-connections", type=int, default=None, help=_help("max_connections"))
@@ -575,7 +582,11 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
     async def run_ground(
         body: GroundRequest | TilesRequest, decoded: list[tuple[Image.Image, float]], t0: float
     ) -> JSONResponse:
-        limit = body.max_new_tokens or default_max_new_tokens(it.task for it in body.items)
+        if body.max_new_tokens and body.max_new_tokens > config.max_new_tokens:
+            raise ApiError(413, f"max_new_tokens {body.max_new_tokens} is over this engine's limit of "
+                                f"{config.max_new_tokens} (--max-new-tokens)")  # fmt: skip
+        limit = min(config.max_new_tokens,
+                    body.max_new_tokens or default_max_new_tokens(it.task for it in body.items))  # fmt: skip
         settings = _settings(limit, body.do_sample, body.temperature)
         items = [
             GroundItem(image=img, expression=it.expression, task=it.task, reasoning=it.reasoning)
@@ -644,9 +655,16 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
         top = int(body.top_logprobs or 0)
         want_logprobs = bool(body.logprobs)
         # Ask for at least one alternative so the backend records log-probs at all.
+        asked = body.max_completion_tokens or body.max_tokens
+        if asked and asked > config.max_new_tokens:
+            raise ApiError(413, f"max_tokens {asked} is over this engine's limit of {config.max_new_tokens} "
+                                "(--max-new-tokens)")  # fmt: skip
+        settings = chat_settings(body)
+        if settings.max_new_tokens > config.max_new_tokens:  # the default (256) over a lower engine limit
+            settings = dataclasses.replace(settings, max_new_tokens=config.max_new_tokens)
         cancel = threading.Event()
         work = asyncio.ensure_future(call_backend(
-            backend.chat, messages, images, chat_settings(body), max(1, top) if want_logprobs else 0, cancel
+            backend.chat, messages, images, settings, max(1, top) if want_logprobs else 0, cancel
         ))  # fmt: skip
         while not work.done():  # a client that leaves stops its generation (the worker is then free again)
             await asyncio.wait({work}, timeout=0.5)
