@@ -68,6 +68,20 @@ def fast_pixel_values(images: Sequence[Any], image_processor: Any) -> tuple[Any,
     return out, torch.tensor(grids, dtype=torch.int64)
 
 
+_PROMPT_IDS: dict[tuple[int, str], list[int]] = {}
+
+
+def _prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """The token ids of a prompt (with its one image token), cached: a run asks the same prompt per tile."""
+    key = (id(tokenizer), text)
+    ids = _PROMPT_IDS.get(key)
+    if ids is None:
+        if len(_PROMPT_IDS) > 512:
+            _PROMPT_IDS.clear()
+        ids = _PROMPT_IDS[key] = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids
+
+
 def fast_inputs(processor: Any, texts: Sequence[str], images: Sequence[Any]) -> Any | None:
     """What ``processor(text=texts, images=images, padding=True, return_tensors="pt")`` returns, for one image
     per text and images that need no resize; None otherwise."""
@@ -79,19 +93,33 @@ def fast_inputs(processor: Any, texts: Sequence[str], images: Sequence[Any]) -> 
     if pixels is None:
         return None
     pixel_values, grid = pixels
+    import torch
+
+    tok = processor.tokenizer
     token = getattr(processor, "image_token", "<|image_pad|>")
+    image_id = tok.convert_tokens_to_ids(token)
     merge_len = int(processor.image_processor.merge_size) ** 2
-    expanded = []
+    rows = []
     for text, g in zip(texts, grid.tolist(), strict=True):
         if text.count(token) != 1:
             return None
-        expanded.append(text.replace(token, token * (g[0] * g[1] * g[2] // merge_len)))
-    enc = processor.tokenizer(expanded, padding=True, return_tensors="pt")
-    image_id = processor.tokenizer.convert_tokens_to_ids(token)
+        # Special tokens are atomic, so the prompt with one image token, tokenized once and cached, then that
+        # token repeated, equals the tokenization of the expanded prompt (tested against the processor).
+        ids = _prompt_ids(tok, text)
+        at = ids.index(image_id)
+        rows.append(ids[:at] + [image_id] * (g[0] * g[1] * g[2] // merge_len) + ids[at + 1 :])
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(width - len(r), width) if tok.padding_side == "left" else slice(0, len(r))
+        input_ids[i, sl] = torch.tensor(r, dtype=torch.long)
+        attention[i, sl] = 1
     data = {
-        "input_ids": enc["input_ids"],
-        "attention_mask": enc["attention_mask"],
-        "mm_token_type_ids": (enc["input_ids"] == image_id).to(enc["input_ids"].dtype),
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "mm_token_type_ids": (input_ids == image_id).to(torch.long),
         "pixel_values": pixel_values,
         "image_grid_thw": grid,
     }
