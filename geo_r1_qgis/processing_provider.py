@@ -14,23 +14,28 @@ import logging
 from typing import Any
 
 from qgis.core import (
+    QgsFeature,
+    QgsGeometry,
     QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingParameterEnum,
     QgsProcessingParameterExtent,
     QgsProcessingParameterFeatureSink,
+    QgsProcessingParameterFeatureSource,
     QgsProcessingParameterFile,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterString,
     QgsProcessingProvider,
+    QgsRectangle,
 )
 from qgis.PyQt.QtCore import QCoreApplication
 
-from .compat import FILE_BEHAVIOR_FILE, NUMBER_INTEGER, SOURCE_VECTOR_POLYGON, WKB_POLYGON
+from .compat import FAST_INSERT, FILE_BEHAVIOR_FILE, NUMBER_DOUBLE, NUMBER_INTEGER, SOURCE_VECTOR_POLYGON, WKB_POLYGON
 from .core.client import DEFAULT_URL, EngineClient, default_token_path, read_token
 from .core.errors import EngineRequestError, EngineUnavailableError, GeoR1Error
-from .core.geometry import DEFAULT_TILE, tile_size_advice, window_from_map_bbox
+from .core.geometry import DEFAULT_TILE, PixelBox, tile_size_advice, window_from_map_bbox
+from .core.merge import Detection, merge_detections
 from .core.pipeline import GroundingJob, run_grounding
 from .core.results import run_meta
 from .qgis_io import FeatureSinkResultSink, QgisRasterSource, make_fields, parse_bands
@@ -38,6 +43,9 @@ from .qgis_io import FeatureSinkResultSink, QgisRasterSource, make_fields, parse
 log = logging.getLogger(__name__)
 
 MODES = ("one", "all")
+#: what a toolbox search should find the algorithms by
+TAGS = ("detect", "detection", "find", "object", "search", "grounding", "referring expression",
+        "vision language model", "geo-r1", "qwen")  # fmt: skip
 #: how long the algorithm waits for the engine's /health before giving up (seconds)
 ENGINE_READY_TIMEOUT_S = 5.0
 
@@ -76,6 +84,14 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
 
     def createInstance(self) -> GroundExpressionAlgorithm:
         return GroundExpressionAlgorithm()
+
+    def tags(self) -> list[str]:
+        return [_tr(t) for t in TAGS]
+
+    def icon(self):
+        from .plugin import _icon
+
+        return _icon()
 
     def shortHelpString(self) -> str:
         return _tr(
@@ -250,6 +266,111 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
         )
         if summary.status == "canceled":
             feedback.reportError(_tr("canceled: nothing was written (Processing does not resume a run)"))
+        if context.willLoadLayerOnCompletion(dest_id):  # the layer is named after what was asked
+            context.layerToLoadOnCompletionDetails(dest_id).name = f"{expression} ({mode})"
+        return {self.OUTPUT: dest_id}
+
+
+class FilterDetectionsAlgorithm(QgsProcessingAlgorithm):
+    """``geor1:filter``: drop weak detections of a Geo-R1 result layer and merge duplicates, with core/merge.py."""
+
+    INPUT = "INPUT"
+    MIN_SCORE = "MIN_SCORE"
+    IOU = "IOU"
+    CONTAINMENT = "CONTAINMENT"
+    OUTPUT = "OUTPUT"
+
+    def name(self) -> str:
+        return "filter"
+
+    def displayName(self) -> str:
+        return _tr("Filter and merge detections")
+
+    def group(self) -> str:
+        return _tr("Grounding")
+
+    def groupId(self) -> str:
+        return "grounding"
+
+    def tags(self) -> list[str]:
+        return [_tr(t) for t in (*TAGS, "filter", "merge", "threshold", "score")]
+
+    def icon(self):
+        from .plugin import _icon
+
+        return _icon()
+
+    def createInstance(self) -> FilterDetectionsAlgorithm:
+        return FilterDetectionsAlgorithm()
+
+    def shortHelpString(self) -> str:
+        return _tr(
+            "<p>Keeps the detections of a Geo-R1 result layer whose <i>score</i> is at least the minimum, and merges "
+            "those that are the same object (the same rule as the grounding run's merge across tiles: IoU at least "
+            "the threshold, or one box mostly inside another), keeping the best-scored one. Boxes are compared by "
+            "their bounding rectangles in the layer's CRS. Fields are kept as they are.</p>"
+        )
+
+    def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:
+        self.addParameter(QgsProcessingParameterFeatureSource(self.INPUT, _tr("Geo-R1 result layer"),
+                                                              [SOURCE_VECTOR_POLYGON]))  # fmt: skip
+        self.addParameter(QgsProcessingParameterNumber(self.MIN_SCORE, _tr("Minimum score"), NUMBER_DOUBLE, 0.0,
+                                                       minValue=0.0, maxValue=1.0))  # fmt: skip
+        self.addParameter(QgsProcessingParameterNumber(self.IOU, _tr("Merge when IoU is at least"), NUMBER_DOUBLE,
+                                                       0.5, minValue=0.01, maxValue=1.0))  # fmt: skip
+        self.addParameter(QgsProcessingParameterNumber(self.CONTAINMENT, _tr("Merge when this share of the smaller "
+                                                       "box is inside the other"), NUMBER_DOUBLE, 0.7, minValue=0.01,
+                                                       maxValue=1.0))  # fmt: skip
+        self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, _tr("Filtered detections"),
+                                                            SOURCE_VECTOR_POLYGON))  # fmt: skip
+
+    def processAlgorithm(self, parameters, context, feedback) -> dict[str, Any]:
+        try:
+            return self._run(parameters, context, feedback)
+        except GeoR1Error as exc:  # the boundary
+            raise QgsProcessingException(str(exc)) from None
+
+    def _run(self, parameters, context, feedback) -> dict[str, Any]:
+        source = self.parameterAsSource(parameters, self.INPUT, context)
+        if source is None:
+            raise QgsProcessingException(self.invalidSourceError(parameters, self.INPUT))
+        fields = source.fields()
+        score_at = fields.indexOf("score")
+        if score_at < 0:
+            raise QgsProcessingException(_tr("the layer has no 'score' field: pick a layer written by Geo-R1"))
+        min_score = self.parameterAsDouble(parameters, self.MIN_SCORE, context)
+        kept: dict[tuple[float, float, float, float], QgsFeature] = {}
+        dets = []
+        for f in source.getFeatures():
+            score = f.attribute(score_at)
+            if f.geometry().isEmpty() or score is None or float(score) < min_score:
+                continue
+            r = f.geometry().boundingBox()
+            if not (r.width() > 0 and r.height() > 0):
+                continue
+            box = PixelBox(r.xMinimum(), r.yMinimum(), r.xMaximum(), r.yMaximum())
+            kept.setdefault((box.x1, box.y1, box.x2, box.y2), f)
+            dets.append(Detection(box=box, score=float(score)))
+        iou = self.parameterAsDouble(parameters, self.IOU, context)
+        containment = self.parameterAsDouble(parameters, self.CONTAINMENT, context)
+        merged = merge_detections(dets, iou, containment, gap_tol_px=0.0)
+        sink, dest_id = self.parameterAsSink(parameters, self.OUTPUT, context, fields, WKB_POLYGON,
+                                             source.sourceCrs())  # fmt: skip
+        if sink is None:
+            raise QgsProcessingException(self.invalidSinkError(parameters, self.OUTPUT))
+        out = []
+        for d in merged:
+            original = kept.get((d.box.x1, d.box.y1, d.box.x2, d.box.y2))
+            feature = QgsFeature(fields)
+            if original is not None:
+                feature.setAttributes(original.attributes())
+                feature.setGeometry(original.geometry())
+            else:  # pieces of one object: their bounding rectangle
+                feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(d.box.x1, d.box.y1, d.box.x2, d.box.y2)))
+            feature.setAttribute(score_at, d.score)
+            out.append(feature)
+        sink.addFeatures(out, FAST_INSERT)
+        feedback.pushInfo(f"{len(out)} detection(s) kept of {source.featureCount()}")
         return {self.OUTPUT: dest_id}
 
 
@@ -272,3 +393,4 @@ class GeoR1Provider(QgsProcessingProvider):
 
     def loadAlgorithms(self) -> None:
         self.addAlgorithm(GroundExpressionAlgorithm())
+        self.addAlgorithm(FilterDetectionsAlgorithm())

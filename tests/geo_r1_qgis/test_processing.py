@@ -484,6 +484,52 @@ def test_algorithm_is_registered(qgis):
     assert "reasoning" in alg.shortHelpString() and "geo-r1 serve" in alg.shortHelpString()
 
 
+def test_the_toolbox_finds_the_algorithms_by_what_users_type(qgis):
+    reg = qgis_core.QgsApplication.processingRegistry()
+    for alg_id in ("geor1:ground", "geor1:filter"):
+        alg = reg.algorithmById(alg_id)
+        assert alg is not None and not alg.icon().isNull()
+        assert {"detect", "find", "object"} <= set(alg.tags()), alg.tags()
+
+
+def _result_layer(rows):
+    """A memory layer shaped like a Geo-R1 result: polygons with a score field."""
+    layer = qgis_core.QgsVectorLayer("Polygon?crs=EPSG:32633&field=score:double&field=label:string", "r", "memory")
+    feats = []
+    for (x1, y1, x2, y2), score, label in rows:
+        f = qgis_core.QgsFeature(layer.fields())
+        f.setGeometry(qgis_core.QgsGeometry.fromRect(qgis_core.QgsRectangle(x1, y1, x2, y2)))
+        f.setAttributes([score, label])
+        feats.append(f)
+    assert layer.dataProvider().addFeatures(feats)[0]
+    return layer
+
+
+def test_filter_keeps_strong_detections_and_merges_duplicates(qgis):
+    import processing
+
+    layer = _result_layer([
+        ((0, 0, 10, 10), 0.9, "a"),      # an object ...
+        ((1, 0, 11, 10), 0.6, "a-dup"),  # ... found again in an overlap: merged into the 0.9 one
+        ((50, 50, 60, 60), 0.2, "weak"),  # under the minimum score: dropped
+        ((100, 0, 104, 4), 0.8, "b"),    # another object: kept
+    ])  # fmt: skip
+    qgis.layers.append(layer)
+    context = qgis_core.QgsProcessingContext()
+    result = processing.run("geor1:filter", {"INPUT": layer, "MIN_SCORE": 0.5, "IOU": 0.5, "CONTAINMENT": 0.7,
+                                             "OUTPUT": "memory:"}, context=context)  # fmt: skip
+    out = result["OUTPUT"]
+    if isinstance(out, str):
+        out = qgis_core.QgsProcessingUtils.mapLayerFromString(out, context).clone()
+    qgis.layers.append(out)
+    got = sorted((f["label"], round(f["score"], 2)) for f in out.getFeatures())
+    assert got == [("a", 0.9), ("b", 0.8)]
+    with pytest.raises(qgis_core.QgsProcessingException, match="score"):
+        bad = qgis_core.QgsVectorLayer("Polygon?crs=EPSG:32633&field=x:int", "bad", "memory")
+        qgis.layers.append(bad)
+        processing.run("geor1:filter", {"INPUT": bad, "OUTPUT": "memory:"})
+
+
 def test_ground_all_on_utm(qgis, sample_dir, engine):
     from geo_r1_qgis.qgis_io import FIELD_NAMES
 
