@@ -30,7 +30,7 @@ test: setup lint test-engine test-plugin test-plugin-340
 demo: setup
 	@scripts/demo.sh "$(DEMO_DIR)"
 
-# The fine-tuning loop end to end on the CPU (about 15 minutes): dataset, SFT, GRPO, DAPO, report.
+# The fine-tuning loop end to end on the CPU (about 7 minutes): dataset, SFT, GRPO, DAPO, report.
 demo-train: setup
 	@scripts/demo_train.sh "$(DEMO_DIR)-train"
 

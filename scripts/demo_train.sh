@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo-train`: the fine-tuning loop end to end on the CPU, in about 15 minutes on 2 cores:
+# `make demo-train`: the fine-tuning loop end to end on the CPU, in about 7 minutes on 2 cores:
 # a synthetic few-shot dataset, the SFT baseline, a reasoning warm start, GRPO and DAPO from it, and the
 # evaluation report comparing the base model, SFT, GRPO and DAPO.
 set -euo pipefail
