@@ -499,6 +499,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f.metadata.get("help"))
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="any other option of the recipe (YAML value), e.g. --set epsilon_high=0.28")  # fmt: skip
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "every recipe option (YAML key, or --set NAME=VALUE):\n" + "\n".join(
+        f"  {f.name:<28} {f.metadata.get('help', '')}" for f in dataclasses.fields(TrainConfig) if f.name != "method"
+    )
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
