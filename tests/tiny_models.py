@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,17 +22,24 @@ def builder_hash() -> str:
     return hashlib.sha256((REPO / "engine" / "runtime" / "tiny_model.py").read_bytes()).hexdigest()[:12]
 
 
-def cached_build(name: str, **config: object) -> Path:
-    """The checkpoint ``TinyModelConfig(**config)`` builds, under ``.cache/<name>-<builder hash>``."""
-    from engine.runtime.tiny_model import TinyModelConfig, build_tiny_model
+def cached_build(name: str, build: Callable[[Path], None] | None = None, **config: object) -> Path:
+    """The checkpoint ``TinyModelConfig(**config)`` builds, under ``.cache/<name>-<builder hash>``.
 
+    ``build(out_dir)`` replaces the in-process build (the QGIS suite, whose Python has no torch, runs
+    ``geo-r1 tiny-model`` in the engine's venv instead). Standard library only at import time.
+    """
     target = CACHE / f"{name}-{builder_hash()}"
     if (target / "model.safetensors").is_file():
         return target
     CACHE.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=CACHE))
     try:
-        build_tiny_model(TinyModelConfig(out_dir=tmp / "m", **config))
+        if build is None:
+            from engine.runtime.tiny_model import TinyModelConfig, build_tiny_model
+
+            build_tiny_model(TinyModelConfig(out_dir=tmp / "m", **config))
+        else:
+            build(tmp / "m")
         try:
             os.replace(tmp / "m", target)
         except OSError:  # another run finished first

@@ -282,32 +282,6 @@ def _budget_callback(seconds: float) -> Any:
     return Budget()
 
 
-def plot_curves(log_path: Path, png: Path, title: str = "") -> Path | None:
-    """Plot the main numeric series of a ``train_log.jsonl`` against the step; None when there is nothing."""
-    rows = [json.loads(ln) for ln in log_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    keys = [k for k in ("loss", "reward", "format", "iou", "od", "kl", "lr") if any(k in r for r in rows)]
-    if not keys:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.0), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=False):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
-
-
 # --------------------------------------------------------------------------------------------------
 # Before/after check on the val split
 # --------------------------------------------------------------------------------------------------
@@ -323,16 +297,14 @@ def quick_scores(model: Any, processor: Any, config: TrainConfig) -> dict[str, A
     records = read_records(config.data, "val", "rec")[: config.eval_limit]
     if not records:
         return None
-    from engine.rules.parsing import format_ok
     from train.evaluate import score_rec_run
     from train.generation import generate_texts
 
     texts = generate_texts(model, processor, config.data, records, reasoning=config.uses_reasoning,
                            max_new_tokens=min(256, config.max_completion_length))  # fmt: skip
-    _, _, ious = score_rec_run(records, texts, "geo-r1" if config.uses_reasoning else "sft")
-    n = len(ious)
-    return {"queries": n, "acc50": sum(v > 0.5 for v in ious) / n, "mean_iou": sum(ious) / n,
-            "format": sum(format_ok(t, "rec") for t in texts) / n}  # fmt: skip
+    _, scores, _ = score_rec_run(records, texts, "geo-r1" if config.uses_reasoning else "sft")
+    return {"queries": scores["counts"]["overall"], "acc50": scores["acc@0.5"]["overall"] / 100,
+            "mean_iou": scores["mean_iou"], "format": scores["format_ok"] / 100}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -417,7 +389,9 @@ def run(config: TrainConfig) -> Path:
         _write_manifest(config, out, data_manifest, before, after, trainer.state.global_step, seconds, result,
                         trainer.accelerator.num_processes)  # fmt: skip
         if (out / TRAIN_LOG).is_file():
-            plot_curves(out / TRAIN_LOG, out / CURVES_PNG, title=f"{config.method} on {config.data.name}")
+            from train.eval_plots import learning_curves  # the report's plot, for this one run
+
+            learning_curves({config.method: out / TRAIN_LOG}, out / CURVES_PNG)
         if not config.keep_checkpoints:  # they only serve --resume of an interrupted run
             shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
         log.info("adapter written to %s", out)

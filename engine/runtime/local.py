@@ -267,8 +267,9 @@ class LocalBackend:
         top_logprobs: int = 0,
         cancel: threading.Event | None = None,
     ) -> ChatResult:
-        self._check_prompt_length(messages, images)  # here, in the request's thread: no model work, no queue
-        return self._batcher.call(lambda: self._run_chat(messages, images, settings, top_logprobs, cancel))
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        self._check_prompt_length(text, images)  # here, in the request's thread: no model work, no queue
+        return self._batcher.call(lambda: self._run_chat(text, images, settings, top_logprobs, cancel))
 
     @property
     def context_tokens(self) -> int:
@@ -277,11 +278,10 @@ class LocalBackend:
         text = getattr(cfg, "text_config", cfg)
         return int(getattr(text, "max_position_embeddings", 32768))
 
-    def _check_prompt_length(self, messages: list[dict[str, Any]], images: list[Any]) -> None:
+    def _check_prompt_length(self, text: str, images: list[Any]) -> None:
         from engine.rules.coords import model_input_size
 
         limit = self.max_prompt_tokens or self.context_tokens
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if len(text) > 64 * limit:  # no token is that long: reject before even tokenizing
             n = len(text) // 64
         else:
@@ -428,10 +428,10 @@ class LocalBackend:
         return results
 
     def _run_chat(
-        self, messages: list[dict[str, Any]], images: list[Any], settings: GenerationSettings, top_logprobs: int,
+        self, text: str, images: list[Any], settings: GenerationSettings, top_logprobs: int,
         cancel: threading.Event | None = None,
     ) -> ChatResult:
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        """One chat completion of an already templated prompt."""
         rgb = [im.convert("RGB") if im.mode != "RGB" else im for im in images]
         inputs = self._prepare([text], rgb)
         if cancel is not None and cancel.is_set():

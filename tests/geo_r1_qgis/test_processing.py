@@ -10,13 +10,10 @@ subprocess, tile for tile.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import os
-import shutil
 import socket
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -29,6 +26,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 qgis_core = pytest.importorskip("qgis.core", reason="PyQGIS is not importable; run under /usr/bin/python3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import host_exec  # noqa: E402  (the engine venv's commands, also from inside the QGIS 3.40 chroot)
+from tiny_models import cached_build  # noqa: E402
 
 from geo_r1_qgis.core.errors import ConfigError, EmptyRasterError, NotGeoreferencedError, RasterError  # noqa: E402
 from geo_r1_qgis.core.geometry import PixelBox, Tile, TileGridSpec, box_to_polygon, make_tile_grid  # noqa: E402
@@ -41,7 +39,6 @@ REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
 GEO_R1 = VENV_BIN / "geo-r1"
 SHARED = REPO.parent / "shared" / "data"
-CACHE = REPO / ".cache"
 FORMAT_STEPS = 300
 QGIS_PLUGINS = "/usr/share/qgis/python/plugins"
 
@@ -134,38 +131,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _builder_hash() -> str:
-    return hashlib.sha256((REPO / "engine" / "runtime" / "tiny_model.py").read_bytes()).hexdigest()[:12]
-
-
 def _tiny_format_model() -> Path:
-    """The format-trained tiny model: the engine tests' cached build if there is one, else our own, once."""
-    key = _builder_hash()
-    shared = CACHE / f"tiny-format-model-seed0-steps{FORMAT_STEPS}-{key}"
-    if (shared / "model.safetensors").is_file():
-        return shared
-    target = CACHE / "qgis-tests-tiny-format"
-    stamp = target / "builder.sha"
-    if (target / "model.safetensors").is_file() and stamp.is_file() and stamp.read_text().strip() == key:
-        return target
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".qgis-tests-tiny-format-", dir=CACHE))
-    try:
-        proc = host_exec.run(
-            [str(GEO_R1), "tiny-model", str(tmp / "m"), "--learn-format", str(FORMAT_STEPS)],
-            timeout=600, env=_venv_env(),
-        )  # fmt: skip
+    """The format-trained tiny model, the same cache entry the engine suite uses (built once, by whichever runs
+    first; here through ``geo-r1 tiny-model`` in the engine venv, since QGIS's Python has no torch)."""
+
+    def build(out: Path) -> None:
+        proc = host_exec.run([str(GEO_R1), "tiny-model", str(out), "--learn-format", str(FORMAT_STEPS)],
+                             timeout=600, env=_venv_env())  # fmt: skip
         assert proc.returncode == 0, f"geo-r1 tiny-model failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-        (tmp / "m" / "builder.sha").write_text(key)
-        shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.replace(tmp / "m", target)
-        except OSError:  # another run finished first
-            if not (target / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return cached_build(f"tiny-format-model-seed0-steps{FORMAT_STEPS}", build=build)
 
 
 class _Engine:

@@ -51,7 +51,9 @@ def _check_adapter(out: Path, method: str, model: Path) -> dict:
     assert all("seconds" in r and "lr" in r for r in rows if "loss" in r)
     assert (out / "curves.png").stat().st_size > 1000
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert "visual" not in json.dumps(cfg["target_modules"]) or "language_model" in cfg["target_modules"]
+    from train.trainer import LORA_TARGETS
+
+    assert cfg["target_modules"] == LORA_TARGETS  # the language model's linear layers, never model.visual
     tensors = _lora_tensors(out)
     assert tensors and all("visual" not in k for k in tensors), "LoRA reached into the vision tower"
     return manifest
@@ -96,7 +98,7 @@ def test_engine_serves_the_adapter_and_refuses_another_base(grid_dataset, tiny_r
         with engine.client() as api:
             info = api.get("/info").json()
             assert info["adapter"] == "mine"
-            image = {"image": _png_b64(grid_dataset / "images" / "val" / "000.png"), "expression": "white square",
+            image = {"image": _png_b64(grid_dataset / "images" / "val" / "0000.png"), "expression": "bright square",
                      "task": "rec", "reasoning": False}  # fmt: skip
             r = api.post("/ground", json={"items": [image], "max_new_tokens": 16})
             assert r.status_code == 200, r.text
