@@ -59,6 +59,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -210,6 +211,8 @@ class GroundingClient(Protocol):
 
 #: progress(tiles_done, tiles_total, phase) -- phase is "full", "coarse" or "refine"
 ProgressFn = Callable[[int, int, str], None]
+#: how often a wait for the engine checks for a cancel (seconds)
+CANCEL_POLL_S = 0.1
 
 
 @dataclass
@@ -402,12 +405,23 @@ class _Runner:
                 max_new_tokens=job.max_new_tokens,
             )
 
-        def collect() -> None:
-            """Wait for the request in flight and write its tiles (one transaction)."""
+        def collect() -> bool:
+            """Wait for the request in flight and write its tiles (one transaction).
+
+            The wait polls ``is_canceled`` every CANCEL_POLL_S: a cancel abandons the request (the
+            engine may finish it; its answer is ignored, its tiles not marked done) and returns False.
+            """
             if not inflight:
-                return
-            batch, future, t0 = inflight.pop()
-            results = future.result()
+                return True
+            batch, future, t0 = inflight[-1]
+            while True:
+                try:
+                    results = future.result(timeout=CANCEL_POLL_S)
+                    break
+                except FutureTimeout:
+                    if self.is_canceled():
+                        return False
+            inflight.pop()
             summary.engine_s += time.perf_counter() - t0
             summary.requests += 1
             for (tile_id, tile, _), result in zip(batch, results, strict=True):
@@ -430,13 +444,16 @@ class _Runner:
             t1 = time.perf_counter()
             self.sink.commit()
             summary.write_s += time.perf_counter() - t1
+            return True
 
-        def flush() -> None:
+        def flush() -> bool:
             if not pending:
-                return
-            collect()
+                return True
+            if not collect():
+                return False
             inflight.append((list(pending), send(pending), time.perf_counter()))
             pending.clear()
+            return True
 
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geo-r1-request")
         try:
@@ -465,13 +482,12 @@ class _Runner:
                     self.progress(self.done, summary.tiles_total, plan.phase)
                     continue
                 pending.append((tile_id, tile, image))
-                if len(pending) >= job.batch_size:
-                    flush()
-            if pending and self.is_canceled():
+                if len(pending) >= job.batch_size and not flush():
+                    self.canceled()
+                    return None
+            if (pending and self.is_canceled()) or not flush() or not collect():
                 self.canceled()
                 return None
-            flush()
-            collect()
         finally:
             # Normally nothing is left in flight here; after a cancel or an error, don't wait for it.
             executor.shutdown(wait=False, cancel_futures=True)

@@ -306,6 +306,35 @@ def test_cancel_does_not_wait_for_the_request_in_flight():
         client.release.set()
 
 
+def test_cancel_while_waiting_for_the_last_request_returns_without_its_answer():
+    """The panel's 1-second cancel: a cancel that arrives while the run only waits for the engine."""
+    import threading
+
+    class HeldClient(ColourClient):
+        def __init__(self) -> None:
+            super().__init__()
+            self.release = threading.Event()
+            self.started = 0
+            self.finished = False
+
+        def ground(self, tiles, *args, **kwargs):
+            self.started += 1
+            self.release.wait(30)
+            self.finished = True
+            return super().ground(tiles, *args, **kwargs)
+
+    source = ArraySource(paint(300, 300, OBJECTS), Affine.identity())
+    job = GroundingJob("x", mode="all", tile_size=128, overlap=0, batch_size=64)  # one request for all 9 tiles
+    client, sink = HeldClient(), RecordingSink()
+    summary = run_grounding(job, source, sink, client, is_canceled=lambda: client.started >= 1)
+    try:
+        assert summary.status == "canceled" and sink.final is None
+        assert client.started == 1 and not client.finished  # returned while the request was held
+        assert sink.tiles == {}  # nothing of the abandoned request is marked done
+    finally:
+        client.release.set()
+
+
 def test_progress_reports_every_tile():
     source = ArraySource(paint(300, 300, OBJECTS), Affine.identity())
     seen = []
