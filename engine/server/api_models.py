@@ -310,7 +310,7 @@ ERROR_STATUSES: dict[int, str] = {
     422: "invalid values (the message names them)",
     500: "a bug; the engine logs it and goes on serving",
     502: "the OpenAI-compatible server behind --backend openai failed",
-    503: "out of memory for this request; the engine goes on serving",
+    503: "out of memory for this request (the engine goes on serving), or a /shutdown it cannot do here",
 }
 
 

@@ -70,6 +70,7 @@ import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
@@ -481,6 +482,8 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
         redoc_url=None,
     )
     app.state.limiter = anyio.CapacityLimiter(config.concurrency)
+    #: set by ``main`` to stop the server it runs (``POST /shutdown``); None when the app is served otherwise
+    app.state.request_shutdown = None
     _install_error_handlers(app)
     # Added innermost first: Host check -> token -> body limit -> routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
@@ -611,6 +614,23 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
                 "timings_ms": {"total": (time.perf_counter() - t0) * 1000.0},
             }
         )
+
+    @app.post(
+        "/shutdown",
+        tags=["engine"],
+        status_code=202,
+        summary="Stop this engine cleanly",
+        description="Answers 202 first, then stops the server: requests in flight finish (up to 10 s), no new "
+        "connection is accepted, and the process exits with status 0. What started the engine (the QGIS plugin) "
+        "uses it before SIGTERM.",
+        responses=error_responses(*common, 503),
+    )
+    async def shutdown() -> JSONResponse:
+        stop = app.state.request_shutdown
+        if stop is None:
+            raise ApiError(503, "this engine cannot stop itself here (not run by geo-r1 serve); stop its process")
+        log.info("shutdown requested over HTTP: stopping")
+        return JSONResponse({"status": "stopping"}, status_code=202, background=BackgroundTask(stop))
 
     @app.get("/adapters", tags=["adapters"], responses=error_responses(*common))
     async def adapters() -> dict[str, Any]:
@@ -765,6 +785,8 @@ def main(args: argparse.Namespace) -> int:
     config = ServeConfig.from_args(args)
     assert config.token_file is not None
     token = ensure_token(config.token_file)  # before loading anything: a bad token file fails fast
+    if config.parent_pid is not None:  # watched from the start: a parent that dies while the model loads counts
+        watch_parent(config.parent_pid)
     # Pillow's own decompression-bomb guard, as a second line behind the header check.
     Image.MAX_IMAGE_PIXELS = config.max_image_pixels
     log.info("loading the %s backend ...", config.backend)
@@ -794,8 +816,11 @@ def main(args: argparse.Namespace) -> int:
             uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=10, server_header=False,
                            http=GuardedHttpTools)
         )
-        if config.parent_pid is not None:
-            watch_parent(config.parent_pid)
+
+        def request_shutdown() -> None:
+            server.should_exit = True
+
+        app.state.request_shutdown = request_shutdown
         server.run(sockets=[sock])
         return 0 if server.started else 1
     finally:

@@ -105,6 +105,7 @@ ROUTES = [
     ("GET", "/adapters"),
     ("POST", "/adapters"),
     ("POST", "/adapters/active"),
+    ("POST", "/shutdown"),
     ("GET", "/v1/models"),
     ("POST", "/v1/chat/completions"),
     ("GET", "/openapi.json"),
