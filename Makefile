@@ -6,7 +6,7 @@ QGIS_PY := /usr/bin/python3
 DEMO_DIR ?= demo-out
 export QT_QPA_PLATFORM ?= offscreen
 
-.PHONY: setup test test-engine test-plugin test-plugin-340 lint demo demo-train plugin-zip plugin-install clean
+.PHONY: setup test test-engine test-plugin test-plugin-340 lint demo demo-train plugin-zip plugin-install wheel clean
 
 setup:
 	@scripts/setup.sh
@@ -33,6 +33,10 @@ demo: setup
 # The fine-tuning loop end to end on the CPU (about 7 minutes): dataset, SFT, GRPO, DAPO, report.
 demo-train: setup
 	@scripts/demo_train.sh "$(DEMO_DIR)-train"
+
+# The engine as a wheel, dist/geo_r1-<version>-py3-none-any.whl (offline: the venv's setuptools builds it).
+wheel: setup
+	$(VENV)/bin/pip wheel --no-deps --no-build-isolation --quiet -w dist .
 
 plugin-zip:
 	$(QGIS_PY) scripts/package_plugin.py --out dist/geo_r1_qgis.zip

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import sys
 
@@ -25,9 +26,32 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ground": ("engine.ground", "ground an expression over a whole raster and write a GeoPackage"),
     "eval": ("train.evaluate", "score a model and adapters on a dataset, Geo-R1's way, and write a report"),
     "train": ("train.trainer", "fine-tune a LoRA adapter: sft, grpo or dapo"),
+    "wheelhouse": ("engine.wheelhouse", "download this engine and its dependencies into a folder, for offline setup"),
 }
 
+#: commands that need the ``[train]`` extra -> the modules it brings that they import
+TRAIN_EXTRA: dict[str, tuple[str, ...]] = {
+    "train": ("trl", "datasets", "yaml", "matplotlib", "pycocotools"),
+    "eval": ("matplotlib", "pycocotools", "yaml"),
+    "dataset": ("shapely",),
+}
+
+
+def missing_extra(name: str) -> str | None:
+    """A plain message when ``geo-r1 NAME`` needs the ``[train]`` extra and it is not installed, else None."""
+    missing = [m for m in TRAIN_EXTRA.get(name, ()) if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    return (f"geo-r1 {name} needs the training extras ({', '.join(missing)} not installed):"
+            f" pip install 'geo-r1[train]' in this environment")  # fmt: skip
+
 log = logging.getLogger("geo_r1")
+
+
+def _version() -> str:
+    from engine import __version__
+
+    return __version__
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -38,6 +62,7 @@ def _top_parser() -> argparse.ArgumentParser:
         epilog="commands:\n" + "\n".join(f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()),
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("--version", action="version", version=f"geo-r1 {_version()}")
     parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND", help="see below")
     return parser
 
@@ -48,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     # Find the subcommand first, then import only its module.
     first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
     if first is None:
+        if "--version" in argv:
+            sys.stdout.write(f"geo-r1 {_version()}\n")
+            return 0
         if {"-h", "--help"} & set(argv):
             top.print_help(sys.stdout)
             return 0
@@ -55,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     top_args = top.parse_args(argv[: first + 1])
     name = top_args.command
+    if (need := missing_extra(name)) is not None:
+        sys.stderr.write(f"geo-r1 {name}: error: {need}\n")
+        return 1
     from engine.runtime.threads import prepare_environment
 
     prepare_environment()  # before anything imports torch
