@@ -14,6 +14,7 @@ from qgis.core import (
     Qgis,
     QgsCoordinateReferenceSystem,
     QgsFeatureSink,
+    QgsPalLayerSettings,
     QgsProcessing,
     QgsProcessingParameterFile,
     QgsProcessingParameterNumber,
@@ -80,3 +81,6 @@ def field_type(name: str) -> Any:
 
 #: QVariant's names where QMetaType's differ
 _METATYPE_NAMES = {"String": "QString", "DateTime": "QDateTime"}
+
+# Labelling: polygon labels on the perimeter (Qgis.LabelPlacement from 3.26)
+LABEL_PLACEMENT_PERIMETER = _first((Qgis, "LabelPlacement", "Line"), (QgsPalLayerSettings, "Placement", "Line"))
