@@ -11,6 +11,8 @@ The run
 -------
 1. The area (the whole raster or a window) is cut into tiles by
    :func:`~geo_r1_qgis.core.geometry.make_tile_grid` at the job's scale (ground resolution).
+   With ``area_polygons`` only the tiles that share area with a polygon are kept, and a box whose
+   centre lies outside every polygon is dropped before it is written (:mod:`~geo_r1_qgis.core.area`).
 2. Tiles are read one by one; a tile with no valid pixel is *skipped* (recorded, never sent).
    Valid tiles are sent ``batch_size`` at a time in one ``/ground`` request; the engine batches them.
 3. Each box comes back in tile-image pixels; it is clipped to the tile, taken to full-resolution
@@ -63,8 +65,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .area import AreaPolygon, area_bounds, box_in_area, check_area, tiles_touching
 from .client import GroundResult, TileImage
-from .errors import ConfigError, EmptyRasterError
+from .errors import ConfigError, EmptyRasterError, ExtentError
 from .geometry import Affine, PixelBox, Ring, Tile, TileGridSpec, box_to_polygon, make_tile_grid
 from .merge import MODES, Detection, flag_truncated, merge_detections, refinement_windows, select_mode
 
@@ -110,6 +113,9 @@ class GroundingJob:
     scale: float = 1.0
     #: the processed window in raster pixels (``None``: the whole raster)
     window: PixelBox | None = None
+    #: polygons in raster pixels (``None``: no polygon area): only tiles that share area with one are
+    #: asked, and boxes whose centre lies outside every polygon are dropped (:mod:`.area`)
+    area_polygons: tuple[AreaPolygon, ...] | None = None
     # -- requests
     batch_size: int = 8
     # -- merging
@@ -143,6 +149,14 @@ class GroundingJob:
             raise ConfigError(f"min_score must be in [0, 1], got {self.min_score!r}; 0 keeps every box")
         if self.window is not None and not isinstance(self.window, PixelBox):
             raise ConfigError(f"window must be a PixelBox in raster pixels or None, got {self.window!r}")
+        if self.area_polygons is not None:
+            object.__setattr__(self, "area_polygons", check_area(self.area_polygons))
+
+    def keeps(self, det: Detection) -> bool:
+        """Whether a detection passes the job's filters: ``min_score`` and the polygon area (box centre inside)."""
+        if det.score < self.min_score:
+            return False
+        return self.area_polygons is None or box_in_area(det.box, self.area_polygons)
 
     @property
     def spec(self) -> TileGridSpec:
@@ -264,12 +278,37 @@ class PassPlan:
 
 def _area(job: GroundingJob, source: RasterSource) -> PixelBox:
     full = PixelBox(0.0, 0.0, float(source.width), float(source.height))
-    return full if job.window is None else job.window
+    area = full if job.window is None else job.window
+    if job.area_polygons is not None:
+        # The polygons' bounding box grown by one tile: the grid stays small over a large raster, and tiles
+        # on the boundary still see past it, so an object that crosses it is seen whole and judged by its centre.
+        b, grow = area_bounds(job.area_polygons), job.tile_size * job.scale
+        inside = area.intersection(PixelBox(b.x1 - grow, b.y1 - grow, b.x2 + grow, b.y2 + grow))
+        if inside is None or inside.clip(source.width, source.height) is None:
+            raise ExtentError(
+                "the area's polygons do not overlap the raster (or the chosen extent); select polygons over the "
+                "raster, or check the polygon layer's CRS"
+            )
+        area = inside
+    return area
+
+
+def _in_area(job: GroundingJob, tiles: Sequence[Tile]) -> list[Tile]:
+    """The tiles that share area with the job's polygons (all of them when it has none)."""
+    if job.area_polygons is None:
+        return list(tiles)
+    kept = tiles_touching(tiles, job.area_polygons)
+    if not kept:
+        raise ExtentError(
+            "no tile touches the area's polygons: they lie outside the raster's pixels (or the chosen extent); "
+            "select polygons over the raster"
+        )
+    return kept
 
 
 def plan_full(job: GroundingJob, source: RasterSource) -> PassPlan:
     area = _area(job, source)
-    tiles = make_tile_grid(source.transform, source.width, source.height, job.spec, window=area)
+    tiles = _in_area(job, make_tile_grid(source.transform, source.width, source.height, job.spec, window=area))
     return PassPlan("full", job.task, tuple((t.id, t) for t in tiles), tiles_area(tiles))
 
 
@@ -291,7 +330,7 @@ def coarse_scale(area: PixelBox, job: GroundingJob) -> float:
 
 def plan_coarse(job: GroundingJob, source: RasterSource, area: PixelBox) -> PassPlan:
     spec = TileGridSpec(tile_size=job.tile_size, overlap=job.overlap, scale=coarse_scale(area, job))
-    tiles = make_tile_grid(source.transform, source.width, source.height, spec, window=area)
+    tiles = _in_area(job, make_tile_grid(source.transform, source.width, source.height, spec, window=area))
     return PassPlan("coarse", TASK_COARSE, tuple((f"c-{t.id}", t) for t in tiles), area)
 
 
@@ -305,7 +344,10 @@ def plan_refine(
         inside = win.intersection(area)
         if inside is None:
             continue
-        for t in make_tile_grid(source.transform, source.width, source.height, job.spec, window=inside):
+        grid = make_tile_grid(source.transform, source.width, source.height, job.spec, window=inside)
+        if job.area_polygons is not None:
+            grid = tiles_touching(grid, job.area_polygons)
+        for t in grid:
             tiles.append((f"f{k}-{t.id}", t))
     return PassPlan("refine", TASK_ONE, tuple(tiles), area)
 
@@ -431,7 +473,7 @@ class _Runner:
                 tile_dets = [
                     d
                     for d in result_to_detections(result, tile_id, tile, src.width, src.height, plan.area)
-                    if d.score >= job.min_score
+                    if job.keeps(d)
                 ]
                 t1 = time.perf_counter()
                 self.sink.write_tile(tile_id, tile, place(tile_dets, src.transform), "done")
@@ -499,6 +541,8 @@ class _Runner:
         merged = merge_detections(
             dets, iou_threshold=self.job.iou_threshold, containment_threshold=self.job.containment_threshold
         )
+        if self.job.area_polygons is not None:  # a box assembled from cut pieces is judged by its own centre
+            merged = [d for d in merged if box_in_area(d.box, self.job.area_polygons)]
         self.summary.merge_s += time.perf_counter() - t0
         return merged
 
