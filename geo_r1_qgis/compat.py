@@ -14,6 +14,7 @@ from qgis.core import (
     Qgis,
     QgsCoordinateReferenceSystem,
     QgsFeatureSink,
+    QgsMapLayerProxyModel,
     QgsPalLayerSettings,
     QgsProcessing,
     QgsProcessingParameterFile,
@@ -84,3 +85,10 @@ _METATYPE_NAMES = {"String": "QString", "DateTime": "QDateTime"}
 
 # Labelling: polygon labels on the perimeter (Qgis.LabelPlacement from 3.26)
 LABEL_PLACEMENT_PERIMETER = _first((Qgis, "LabelPlacement", "Line"), (QgsPalLayerSettings, "Placement", "Line"))
+
+# Layer pickers (Qgis.LayerFilter from 3.34)
+LAYER_FILTER_RASTER = _first((Qgis, "LayerFilter", "RasterLayer"), (QgsMapLayerProxyModel, "Filter", "RasterLayer"))
+LAYER_FILTER_POLYGON = _first((Qgis, "LayerFilter", "PolygonLayer"),
+                              (QgsMapLayerProxyModel, "Filter", "PolygonLayer"))  # fmt: skip
+GEOMETRY_POLYGON = _first((Qgis, "GeometryType", "Polygon"), (QgsWkbTypes, "GeometryType", "PolygonGeometry"))
+RIGHT_DOCK = Qt.DockWidgetArea.RightDockWidgetArea

@@ -50,6 +50,8 @@ class GeoR1Plugin:
         self.iface = iface
         self.actions: list[QAction] = []
         self.provider = None
+        self.dock = None
+        self.toolbar_action: QAction | None = None
 
     def initProcessing(self) -> None:
         from .processing_provider import GeoR1Provider
@@ -59,15 +61,43 @@ class GeoR1Plugin:
 
     def initGui(self) -> None:
         self.initProcessing()
-        action = QAction(_icon(), "Check the Geo-R1 engine", self.iface.mainWindow())
-        action.triggered.connect(self.check_engine)
-        self.iface.addPluginToRasterMenu(PLUGIN_NAME, action)
-        self.actions.append(action)
+        from .compat import RIGHT_DOCK
+        from .panel import GeoR1Dock
+
+        self.dock = GeoR1Dock(self.iface, parent=self.iface.mainWindow())
+        self.iface.addDockWidget(RIGHT_DOCK, self.dock)  # also listed in View > Panels
+        self.dock.hide()
+        self.toolbar_action = self.dock.toggleViewAction()
+        self.toolbar_action.setIcon(_icon())
+        self.toolbar_action.setText("Geo-R1 panel")
+        self.toolbar_action.setToolTip("Geo-R1: find objects by describing them")
+        self.iface.addToolBarIcon(self.toolbar_action)
+        self.iface.addPluginToRasterMenu(PLUGIN_NAME, self.toolbar_action)
+        for text, slot in (("Settings…", self.open_settings), ("Check the Geo-R1 engine", self.check_engine)):
+            action = QAction(_icon(), text, self.iface.mainWindow())
+            action.triggered.connect(slot)
+            self.iface.addPluginToRasterMenu(PLUGIN_NAME, action)
+            self.actions.append(action)
+
+    def open_settings(self) -> None:
+        from .settings_dialog import SettingsDialog
+
+        SettingsDialog(self.iface.mainWindow()).exec()
 
     def unload(self) -> None:
         for action in self.actions:
             self.iface.removePluginRasterMenu(PLUGIN_NAME, action)
         self.actions.clear()
+        if self.toolbar_action is not None:
+            self.iface.removeToolBarIcon(self.toolbar_action)
+            self.iface.removePluginRasterMenu(PLUGIN_NAME, self.toolbar_action)
+            self.toolbar_action = None
+        if self.dock is not None:
+            if self.dock.task is not None:
+                self.dock.task.cancel()
+            self.iface.removeDockWidget(self.dock)
+            self.dock.deleteLater()
+            self.dock = None
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None

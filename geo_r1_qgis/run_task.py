@@ -27,8 +27,7 @@ from qgis.PyQt.QtCore import pyqtSignal
 
 from .core.client import EngineClient, read_token
 from .core.errors import ConfigError, GeoR1Error
-from .core.geometry import PixelBox, Ring, Tile
-from .core.merge import Detection
+from .core.geometry import PixelBox, Ring, Tile, box_to_polygon
 from .core.pipeline import GroundingJob, MapDetection, RunSummary, run_grounding
 from .core.progress import ProgressTracker
 
@@ -48,7 +47,8 @@ class RunRequest:
     engine_url: str
     token_file: str | None = None
     window: PixelBox | None = None
-    area_polygons: tuple[tuple[Ring, ...], ...] | None = None
+    #: the selected polygons, in raster pixels (``qgis_io.area_from_selection``); None: no polygon area
+    area_polygons: Any = None
     scale: float = 1.0
     tile_size: int = 504
     overlap: int = 64
@@ -86,6 +86,8 @@ class LiveBatch:
     detections: list[MapDetection]
     tiles_done: int
     tiles_total: int
+    #: tile id -> the tile's outline in map coordinates (what "top left" in its reasoning refers to)
+    tile_rings: dict[str, Ring] = field(default_factory=dict)
 
 
 @dataclass
@@ -110,6 +112,7 @@ class _ForwardingSink:
         self.inner = inner
         self.emit = emit
         self._pending: list[MapDetection] = []
+        self._rings: dict[str, Ring] = {}
         self.tiles_written = 0
 
     def done_tiles(self) -> Any:
@@ -118,12 +121,15 @@ class _ForwardingSink:
     def write_tile(self, tile_id: str, tile: Tile, detections: Sequence[MapDetection], status: str) -> None:
         self.inner.write_tile(tile_id, tile, detections, status)
         self._pending.extend(detections)
+        if detections:
+            self._rings[tile_id] = tile_outline(tile)
         self.tiles_written += 1
 
     def commit(self) -> None:
         self.inner.commit()
         batch, self._pending = self._pending, []
-        self.emit(batch)
+        rings, self._rings = self._rings, {}
+        self.emit(batch, rings)
 
     def finish(self, final: Sequence[MapDetection], summary: RunSummary) -> None:
         self.inner.finish(final, summary)
@@ -203,9 +209,9 @@ class GroundingTask(QgsTask):
         self.setProgress(100.0)
         return True
 
-    def _emit_batch(self, detections: list[MapDetection]) -> None:
+    def _emit_batch(self, detections: list[MapDetection], rings: dict[str, Ring]) -> None:
         self.batchCommitted.emit(
-            LiveBatch(self.outcome.run_id, list(detections), self._tiles_done, self._tiles_total)
+            LiveBatch(self.outcome.run_id, list(detections), self._tiles_done, self._tiles_total, dict(rings))
         )
 
     # -- the GUI thread ---------------------------------------------------------------------------
@@ -222,5 +228,7 @@ def run_display_name(expression: str, mode: str, when: datetime | None = None) -
     return f"{expression.strip()} ({mode}, {when:%H:%M:%S})"
 
 
-def detections_of(features: Sequence[MapDetection]) -> list[Detection]:
-    return [m.detection for m in features]
+def tile_outline(tile: Tile) -> Ring:
+    """A tile's outline in map coordinates: its image's corners through its own transform."""
+    w, h = tile.size
+    return box_to_polygon(PixelBox(0, 0, w, h), tile.transform)

@@ -1,0 +1,655 @@
+"""The Geo-R1 dock panel: describe what to find, run it over a raster, read the results on the map.
+
+View › Panels › Geo-R1, or the toolbar button. Inputs (raster, expression with history, mode, area,
+ground resolution, tile size and overlap, the output GeoPackage), the engine line, Run / Cancel / Resume
+with one progress bar, and the list of every run since QGIS started. A run is a
+:class:`~geo_r1_qgis.run_task.GroundingTask`; its detections are drawn as each engine request is
+committed to the GeoPackage, and the final, merged layer replaces them when the run is done. A cancelled
+or failed run keeps what it found (its per-tile layer from the GeoPackage) and can be resumed.
+
+Every text the panel shows that comes from the model or the user is plain text or escaped HTML.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qgis.core import (
+    QgsApplication,
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsFeature,
+    QgsFeatureRequest,
+    QgsGeometry,
+    QgsLayerTreeGroup,
+    QgsMapLayer,
+    QgsPointXY,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRectangle,
+    QgsVectorLayer,
+)
+from qgis.gui import QgsCollapsibleGroupBox, QgsDockWidget, QgsFileWidget, QgsMapLayerComboBox, QgsRubberBand
+from qgis.PyQt.QtCore import QDateTime, Qt, pyqtSignal
+from qgis.PyQt.QtGui import QColor
+from qgis.PyQt.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QTreeWidget,
+    QTreeWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .compat import GEOMETRY_POLYGON, LAYER_FILTER_POLYGON, LAYER_FILTER_RASTER, UTC
+from .core.errors import ConfigError, GeoR1Error
+from .core.geometry import PixelBox, tile_size_advice, window_from_map_bbox
+from .core.pipeline import MapDetection
+from .core.results import detection_values
+from .qgis_io import FIELD_NAMES, QgisRasterSource, make_fields
+from .results_style import first_line, style_result_layer
+from .run_task import GroundingTask, LiveBatch, RunOutcome, RunRequest, run_display_name
+from .settings import EXAMPLE_EXPRESSIONS, PluginSettings, expression_history, remember_expression
+
+log = logging.getLogger(__name__)
+
+GROUP_NAME = "Geo-R1"
+AREA_CANVAS, AREA_LAYER, AREA_DRAWN, AREA_POLYGONS = "canvas", "layer", "drawn", "polygons"
+AREA_CHOICES = (
+    (AREA_CANVAS, "Map canvas extent"),
+    (AREA_LAYER, "Whole raster layer"),
+    (AREA_DRAWN, "Rectangle drawn on the map"),
+    (AREA_POLYGONS, "Selected polygons of a layer"),
+)
+MODE_CHOICES = (("all", "all matching objects"), ("one", "the one best match"))
+ROLE_RUN = Qt.ItemDataRole.UserRole
+ROLE_FEATURE = Qt.ItemDataRole.UserRole + 1
+
+
+@dataclass
+class RunEntry:
+    """A run the panel knows of (kept for the whole QGIS session, across closing and reopening the panel)."""
+
+    run_id: str
+    expression: str
+    mode: str
+    output: Path
+    layer: str  # the answer layer's table name in the GeoPackage
+    display_name: str
+    status: str = "running"  # running / done / canceled / failed
+    request: RunRequest | None = None
+    raster_layer_id: str = ""
+    map_layer_id: str = ""  # the layer on the map (live, then final or per-tile)
+    message: str = ""
+    #: tile id -> the tile's outline in the raster's CRS (for the rubber band)
+    tile_rings: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    first_feature_s: float | None = None
+
+
+#: every run since QGIS started, newest last
+RUNS: list[RunEntry] = []
+
+
+class GeoR1Dock(QgsDockWidget):
+    """The panel. ``iface`` may be None in tests that drive it with a bare canvas."""
+
+    runStarted = pyqtSignal(object)  # RunEntry
+    runFinished = pyqtSignal(object)  # RunEntry
+
+    def __init__(self, iface: Any, canvas: Any = None, parent: QWidget | None = None) -> None:
+        super().__init__("Geo-R1", parent)
+        self.setObjectName("GeoR1Dock")
+        self.iface = iface
+        self.canvas = canvas if canvas is not None else (iface.mapCanvas() if iface is not None else None)
+        self.settings = PluginSettings.load()
+        self.task: GroundingTask | None = None
+        self.entry: RunEntry | None = None
+        self.drawn_extent: tuple[QgsRectangle, QgsCoordinateReferenceSystem] | None = None
+        self._extent_tool = None
+        self._previous_tool = None
+        self._rubber: QgsRubberBand | None = None
+        self._build()
+        self.refresh_history()
+        self.refresh_results()
+
+    # -- layout ------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        body = QWidget(self)
+        outer = QVBoxLayout(body)
+        form = QFormLayout()
+
+        self.raster_combo = QgsMapLayerComboBox(body)
+        self.raster_combo.setFilters(LAYER_FILTER_RASTER)
+        form.addRow("Raster", self.raster_combo)
+
+        self.expression_combo = QComboBox(body)
+        self.expression_combo.setEditable(True)
+        self.expression_combo.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
+        self.expression_combo.lineEdit().setPlaceholderText("what to find, e.g. all storage tanks")
+        form.addRow("Find", self.expression_combo)
+
+        self.mode_combo = QComboBox(body)
+        for key, text in MODE_CHOICES:
+            self.mode_combo.addItem(text, key)
+        form.addRow("Mode", self.mode_combo)
+
+        self.area_combo = QComboBox(body)
+        for key, text in AREA_CHOICES:
+            self.area_combo.addItem(text, key)
+        self.draw_button = QPushButton("Draw", body)
+        self.draw_button.setToolTip("Drag a rectangle on the map")
+        self.draw_button.clicked.connect(self.start_drawing)
+        area_row = QHBoxLayout()
+        area_row.addWidget(self.area_combo, 1)
+        area_row.addWidget(self.draw_button)
+        form.addRow("Area", area_row)
+        self.polygon_combo = QgsMapLayerComboBox(body)
+        self.polygon_combo.setFilters(LAYER_FILTER_POLYGON)
+        self.polygon_combo.setAllowEmptyLayer(True)
+        form.addRow("Polygons", self.polygon_combo)
+        self.area_combo.currentIndexChanged.connect(self._area_changed)
+
+        self.gsd_spin = QDoubleSpinBox(body)
+        self.gsd_spin.setDecimals(3)
+        self.gsd_spin.setRange(0.0, 10000.0)
+        self.gsd_spin.setSingleStep(0.1)
+        self.gsd_spin.setSpecialValueText("native")
+        self.gsd_spin.setSuffix(" m/px")
+        self.gsd_spin.setToolTip("Ground resolution the raster is read at; 'native' reads its own pixels")
+        form.addRow("Ground resolution", self.gsd_spin)
+
+        self.output_widget = QgsFileWidget(body)
+        self.output_widget.setStorageMode(QgsFileWidget.StorageMode.SaveFile)
+        self.output_widget.setFilter("GeoPackage (*.gpkg)")
+        self.output_widget.setFilePath(str(self._default_output()))
+        form.addRow("Save to", self.output_widget)
+        outer.addLayout(form)
+
+        advanced = QgsCollapsibleGroupBox("Advanced", body)
+        adv = QFormLayout(advanced)
+        self.tile_spin = QSpinBox(advanced)
+        self.tile_spin.setRange(56, 4096)
+        self.tile_spin.setSingleStep(28)
+        self.tile_spin.setValue(self.settings.tile_size)
+        self.tile_spin.setSuffix(" px")
+        adv.addRow("Tile size", self.tile_spin)
+        self.overlap_spin = QSpinBox(advanced)
+        self.overlap_spin.setRange(0, 2048)
+        self.overlap_spin.setValue(self.settings.overlap)
+        self.overlap_spin.setSuffix(" px")
+        adv.addRow("Overlap", self.overlap_spin)
+        advanced.setCollapsed(True)
+        outer.addWidget(advanced)
+
+        self.engine_box = self._engine_line(body)
+        outer.addWidget(self.engine_box)
+
+        buttons = QHBoxLayout()
+        self.run_button = QPushButton("Run", body)
+        self.run_button.clicked.connect(self.start_run)
+        self.cancel_button = QPushButton("Cancel", body)
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel_run)
+        self.resume_button = QPushButton("Resume", body)
+        self.resume_button.setEnabled(False)
+        self.resume_button.setToolTip("Continue the selected cancelled or failed run where it stopped")
+        self.resume_button.clicked.connect(self.resume_selected)
+        for b in (self.run_button, self.cancel_button, self.resume_button):
+            buttons.addWidget(b)
+        outer.addLayout(buttons)
+        self.progress = QProgressBar(body)
+        self.progress.setRange(0, 100)
+        self.progress.setValue(0)
+        outer.addWidget(self.progress)
+        self.status_label = QLabel("", body)
+        self.status_label.setTextFormat(Qt.TextFormat.PlainText)
+        self.status_label.setWordWrap(True)
+        outer.addWidget(self.status_label)
+
+        self.results = QTreeWidget(body)
+        self.results.setHeaderLabels(["Result", "Score"])
+        self.results.setColumnWidth(0, 260)
+        self.results.itemClicked.connect(self._item_clicked)
+        self.results.currentItemChanged.connect(lambda *_: self._update_resume())
+        outer.addWidget(self.results, 1)
+        self.setWidget(body)
+        self._area_changed()
+
+    def _engine_line(self, parent: QWidget) -> QWidget:
+        """The engine widget (start/stop/model/adapters) when available, else a status line."""
+        try:
+            from .engine_widget import EngineWidget
+
+            return EngineWidget(parent)
+        except ImportError:  # the engine manager is optional; a status line still tells the user where it is
+            label = QLabel(f"Engine: {self.settings.engine_url}", parent)
+            label.setTextFormat(Qt.TextFormat.PlainText)
+            return label
+
+    def _default_output(self) -> Path:
+        home = QgsProject.instance().homePath()
+        return self.settings.default_output(home or None)
+
+    # -- small state helpers -----------------------------------------------------------------------
+    def refresh_history(self) -> None:
+        current = self.expression_combo.currentText()
+        self.expression_combo.clear()
+        history = expression_history()
+        self.expression_combo.addItems(history + [e for e in EXAMPLE_EXPRESSIONS if e not in history])
+        self.expression_combo.setEditText(current)
+
+    def _area_changed(self) -> None:
+        kind = self.area_combo.currentData()
+        self.draw_button.setEnabled(kind == AREA_DRAWN)
+        self.polygon_combo.setEnabled(kind == AREA_POLYGONS)
+
+    def set_status(self, text: str) -> None:
+        self.status_label.setText(text)
+        log.info("%s", text)
+
+    def _running(self, running: bool) -> None:
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        self._update_resume()
+
+    # -- drawing a rectangle -----------------------------------------------------------------------
+    def start_drawing(self) -> None:
+        if self.canvas is None:
+            return
+        from qgis.gui import QgsMapToolExtent
+
+        self._previous_tool = self.canvas.mapTool()
+        self._extent_tool = QgsMapToolExtent(self.canvas)
+        self._extent_tool.extentChanged.connect(self._extent_drawn)
+        self.canvas.setMapTool(self._extent_tool)
+        self.set_status("Drag a rectangle on the map")
+
+    def _extent_drawn(self, rect: QgsRectangle) -> None:
+        self.set_drawn_extent(rect, self.canvas.mapSettings().destinationCrs())
+        if self._previous_tool is not None:
+            self.canvas.setMapTool(self._previous_tool)
+        elif self._extent_tool is not None:
+            self.canvas.unsetMapTool(self._extent_tool)
+
+    def set_drawn_extent(self, rect: QgsRectangle, crs: QgsCoordinateReferenceSystem) -> None:
+        self.drawn_extent = (QgsRectangle(rect), QgsCoordinateReferenceSystem(crs))
+        self.area_combo.setCurrentIndex([k for k, _ in AREA_CHOICES].index(AREA_DRAWN))
+        self.set_status(f"Area: {rect.width():.1f} × {rect.height():.1f} map units drawn")
+
+    # -- building a run ----------------------------------------------------------------------------
+    def _raster(self) -> QgsRasterLayer:
+        layer = self.raster_combo.currentLayer()
+        if not isinstance(layer, QgsRasterLayer):
+            raise ConfigError("choose a raster layer to search (add one to the project first)")
+        return layer
+
+    def _map_window(self, rect: QgsRectangle, crs: QgsCoordinateReferenceSystem, layer: QgsRasterLayer,
+                    source: Any) -> PixelBox:
+        if crs.isValid() and crs != layer.crs():
+            rect = QgsCoordinateTransform(crs, layer.crs(), QgsProject.instance()).transformBoundingBox(rect)
+        return window_from_map_bbox(rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum(),
+                                    source.transform, source.width, source.height)
+
+    def build_request(self, resume: RunEntry | None = None) -> tuple[RunRequest, Any, QgsRasterLayer]:
+        """The run the inputs describe (or the run to resume) and its raster source. Raises GeoR1Error."""
+        self.settings = PluginSettings.load()
+        if resume is not None and resume.request is not None:
+            layer = QgsProject.instance().mapLayer(resume.raster_layer_id)
+            if not isinstance(layer, QgsRasterLayer):
+                raise ConfigError("the raster of that run is no longer in the project; add it again to resume")
+            source = self._source(layer, resume.request.scale)
+            req = resume.request
+            from dataclasses import replace
+
+            return replace(req, resume_run_id=resume.run_id, engine_url=self.settings.engine_url,
+                           token_file=self.settings.token_file or None), source, layer
+        layer = self._raster()
+        expression = self.expression_combo.currentText().strip()
+        if not expression:
+            raise ConfigError("type what to find, e.g. 'all storage tanks'")
+        output = Path(self.output_widget.filePath().strip() or str(self._default_output()))
+        if output.suffix.lower() != ".gpkg":
+            output = output.with_suffix(".gpkg")
+        scale = self._scale(layer)
+        source = self._source(layer, scale)
+        window, polygons = self._area(layer, source)
+        advice = tile_size_advice(self.tile_spin.value())
+        if advice:
+            self.set_status(advice)
+        req = RunRequest(
+            expression=expression,
+            mode=self.mode_combo.currentData(),
+            output=output,
+            engine_url=self.settings.engine_url,
+            token_file=self.settings.token_file or None,
+            window=window,
+            area_polygons=polygons,
+            scale=scale,
+            tile_size=self.tile_spin.value(),
+            overlap=self.overlap_spin.value(),
+            max_new_tokens=self.settings.max_new_tokens or None,
+            raster_name=layer.name(),
+        )
+        return req, source, layer
+
+    def _scale(self, layer: QgsRasterLayer) -> float:
+        gsd = self.gsd_spin.value()
+        if gsd <= 0:
+            return 1.0
+        from . import qgis_io
+
+        if not hasattr(qgis_io, "scale_for_resolution"):
+            raise ConfigError("reading at another ground resolution is not available in this build; use 'native'")
+        return float(qgis_io.scale_for_resolution(layer, gsd))
+
+    def _source(self, layer: QgsRasterLayer, scale: float) -> Any:
+        return QgisRasterSource(layer)
+
+    def _area(self, layer: QgsRasterLayer, source: Any) -> tuple[PixelBox | None, Any]:
+        kind = self.area_combo.currentData()
+        if kind == AREA_LAYER:
+            return None, None
+        if kind == AREA_CANVAS:
+            if self.canvas is None:
+                return None, None
+            return self._map_window(self.canvas.extent(), self.canvas.mapSettings().destinationCrs(), layer,
+                                    source), None
+        if kind == AREA_DRAWN:
+            if self.drawn_extent is None:
+                raise ConfigError("no rectangle drawn yet: click Draw and drag a rectangle on the map")
+            rect, crs = self.drawn_extent
+            return self._map_window(rect, crs, layer, source), None
+        polygons_layer = self.polygon_combo.currentLayer()
+        if not isinstance(polygons_layer, QgsVectorLayer):
+            raise ConfigError("choose the polygon layer whose selected features bound the search")
+        from . import qgis_io
+
+        if not hasattr(qgis_io, "area_from_selection"):
+            raise ConfigError("searching inside polygons is not available in this build; choose another area")
+        polygons = qgis_io.area_from_selection(polygons_layer, layer)
+        return None, polygons
+
+    # -- running -----------------------------------------------------------------------------------
+    def start_run(self, resume: RunEntry | None = None) -> RunEntry | None:
+        """Start a run from the inputs (or resume ``resume``). Returns its entry, or None with the reason shown."""
+        if self.task is not None:
+            self.set_status("a run is in progress: cancel it first")
+            return None
+        try:
+            req, source, layer = self.build_request(resume if isinstance(resume, RunEntry) else None)
+            req.output.parent.mkdir(parents=True, exist_ok=True)
+        except GeoR1Error as exc:
+            self.set_status(str(exc))
+            self._push(str(exc), warning=True)
+            return None
+        except OSError as exc:
+            self.set_status(f"cannot use the output folder: {exc}; choose another 'Save to' file")
+            return None
+        if not isinstance(resume, RunEntry):
+            remember_expression(req.expression)
+            self.refresh_history()
+        task = GroundingTask(req, source)
+        entry = resume if isinstance(resume, RunEntry) else RunEntry(
+            run_id="", expression=req.expression, mode=req.mode, output=req.output, layer="",
+            display_name=run_display_name(req.expression, req.mode), request=req, raster_layer_id=layer.id(),
+        )
+        entry.status, entry.message, entry.started, entry.first_feature_s = "running", "", time.perf_counter(), None
+        if entry not in RUNS:
+            RUNS.append(entry)
+        self.entry, self.task = entry, task
+        task.runOpened.connect(self._run_opened)
+        task.batchCommitted.connect(self._batch)
+        task.progressChanged.connect(lambda p: self.progress.setValue(round(p)))
+        task.runEnded.connect(self._run_ended)
+        self.progress.setValue(0)
+        self._running(True)
+        self.set_status(f"Running '{req.expression}' ({req.mode}) …")
+        QgsApplication.taskManager().addTask(task)
+        self.refresh_results()
+        self.runStarted.emit(entry)
+        return entry
+
+    def cancel_run(self) -> None:
+        if self.task is not None:
+            self.set_status("Cancelling …")
+            self.task.cancel()
+
+    def resume_selected(self) -> None:
+        entry = self._selected_run()
+        if entry is not None and entry.status in ("canceled", "failed"):
+            self.start_run(entry)
+
+    def _run_opened(self, output: str, layer_name: str, run_id: str) -> None:
+        entry = self.entry
+        if entry is None:
+            return
+        entry.run_id, entry.layer = run_id, layer_name
+        raster = QgsProject.instance().mapLayer(entry.raster_layer_id)
+        crs = raster.crs() if raster is not None else QgsCoordinateReferenceSystem()
+        old = QgsProject.instance().mapLayer(entry.map_layer_id) if entry.map_layer_id else None
+        live = QgsVectorLayer(f"Polygon?crs={crs.authid() or 'EPSG:4326'}", entry.display_name + " …", "memory")
+        if not crs.authid():
+            live.setCrs(crs)
+        live.dataProvider().addAttributes(list(make_fields()))
+        live.updateFields()
+        if old is not None and isinstance(old, QgsVectorLayer):  # a resumed run: show what was already found
+            live.dataProvider().addFeatures([QgsFeature(f) for f in old.getFeatures()])
+            QgsProject.instance().removeMapLayer(old.id())
+        style_result_layer(live)
+        self._add_to_group(live, raster)
+        entry.map_layer_id = live.id()
+        self.refresh_results()
+
+    def _batch(self, batch: LiveBatch) -> None:
+        entry = self.entry
+        if entry is None or not entry.map_layer_id:
+            return
+        layer = QgsProject.instance().mapLayer(entry.map_layer_id)
+        if layer is None:
+            return
+        created = QDateTime.currentDateTimeUtc()
+        created.setTimeSpec(UTC)
+        feats = [self._feature(m, entry, created, layer) for m in batch.detections]
+        entry.tile_rings.update(batch.tile_rings)
+        if feats:
+            layer.dataProvider().addFeatures(feats)
+            layer.updateExtents()
+            layer.triggerRepaint()
+            if entry.first_feature_s is None:
+                entry.first_feature_s = time.perf_counter() - entry.started
+        self.set_status(f"'{entry.expression}': {layer.featureCount()} object(s) so far, "
+                        f"tile {batch.tiles_done} of {batch.tiles_total}")
+        self.refresh_results()
+
+    def _feature(self, m: MapDetection, entry: RunEntry, created: QDateTime, layer: QgsVectorLayer) -> QgsFeature:
+        feat = QgsFeature(layer.fields())
+        feat.setGeometry(QgsGeometry.fromPolygonXY([[QgsPointXY(x, y) for x, y in m.ring]]))
+        meta = {"expression": entry.expression, "mode": entry.mode, "model": "", "adapter": "", "prompt_version": ""}
+        if self.task is not None:
+            meta.update(self.task.outcome.meta)
+        values = detection_values(m.detection, meta, entry.run_id, created)
+        values["reasoning"] = values["reasoning"] or None
+        feat.setAttributes([values[name] for name in FIELD_NAMES])
+        return feat
+
+    def _run_ended(self, outcome: RunOutcome) -> None:
+        entry, self.task = self.entry, None
+        self._running(False)
+        if entry is None:
+            return
+        entry.status = outcome.status
+        if outcome.run_id:
+            entry.run_id, entry.layer = outcome.run_id, outcome.layer
+        s = outcome.summary
+        if outcome.status == "done":
+            self._show_final(entry)
+            n = s.detections_final if s else 0
+            entry.message = f"done: {n} object(s) in {outcome.seconds:.1f} s"
+            self._push(f"'{entry.expression}': {n} object(s) found", warning=False)
+        elif outcome.status == "canceled":
+            entry.message = "cancelled: what was found is kept; select the run and click Resume to finish it"
+            self._show_partial(entry)
+        else:
+            entry.message = f"failed: {outcome.error}. What was found is kept; Resume continues the run"
+            self._show_partial(entry)
+            self._push(f"the run failed: {outcome.error}", warning=True)
+        self.set_status(f"'{entry.expression}' {entry.message}")
+        self.progress.setValue(100 if outcome.status == "done" else self.progress.value())
+        self.refresh_results()
+        self.runFinished.emit(entry)
+
+    def _replace_map_layer(self, entry: RunEntry, layer: QgsVectorLayer) -> None:
+        old = QgsProject.instance().mapLayer(entry.map_layer_id) if entry.map_layer_id else None
+        raster = QgsProject.instance().mapLayer(entry.raster_layer_id)
+        style_result_layer(layer)
+        self._add_to_group(layer, raster)
+        if old is not None:
+            QgsProject.instance().removeMapLayer(old.id())
+        entry.map_layer_id = layer.id()
+
+    def _show_final(self, entry: RunEntry) -> None:
+        layer = QgsVectorLayer(f"{entry.output}|layername={entry.layer}", entry.display_name, "ogr")
+        if not layer.isValid():
+            entry.message = f"the answer layer {entry.layer} could not be opened from {entry.output}"
+            return
+        self._replace_map_layer(entry, layer)
+
+    def _show_partial(self, entry: RunEntry) -> None:
+        """After a cancel or failure: the run's per-tile detections from the GeoPackage (unmerged)."""
+        if not entry.layer:
+            return
+        from .gpkg_ogr import raw_layer_name
+
+        uri = f"{entry.output}|layername={raw_layer_name(entry.layer)}"
+        layer = QgsVectorLayer(uri, f"{entry.display_name} – {entry.status}, per tile", "ogr")
+        if not layer.isValid():
+            return  # nothing was written yet: the live layer (empty) stays
+        layer.setSubsetString(f"\"run_id\" = '{entry.run_id}'")
+        self._replace_map_layer(entry, layer)
+
+    def _add_to_group(self, layer: QgsVectorLayer, raster: QgsMapLayer | None) -> None:
+        """Add ``layer`` to the "Geo-R1" group, the group placed above the raster."""
+        project = QgsProject.instance()
+        project.addMapLayer(layer, False)
+        root = project.layerTreeRoot()
+        group = root.findGroup(GROUP_NAME)
+        if group is None:
+            index = 0
+            if raster is not None:
+                node = root.findLayer(raster.id())
+                if node is not None and isinstance(node.parent(), QgsLayerTreeGroup):
+                    parent = node.parent()
+                    index = parent.children().index(node) if parent is root else 0
+            group = root.insertGroup(index, GROUP_NAME)
+        group.insertLayer(0, layer)
+
+    def _push(self, text: str, warning: bool) -> None:
+        if self.iface is None:
+            return
+        from .compat import MSG_SUCCESS, MSG_WARNING
+
+        self.iface.messageBar().pushMessage("Geo-R1", text, level=MSG_WARNING if warning else MSG_SUCCESS,
+                                            duration=8)
+
+    # -- the results list --------------------------------------------------------------------------
+    def refresh_results(self) -> None:
+        selected = self._selected_run()
+        self.results.clear()
+        for entry in reversed(RUNS):
+            when = entry.display_name.rsplit("(", 1)[-1].rstrip(")")
+            top = QTreeWidgetItem([f"{entry.expression} ({when}) – {entry.status}", ""])
+            top.setData(0, ROLE_RUN, entry.run_id or id(entry))
+            top.setToolTip(0, entry.message or entry.status)
+            self.results.addTopLevelItem(top)
+            layer = QgsProject.instance().mapLayer(entry.map_layer_id) if entry.map_layer_id else None
+            if isinstance(layer, QgsVectorLayer) and layer.isValid():
+                request = QgsFeatureRequest()
+                feats = sorted(layer.getFeatures(request), key=lambda f: -(f["score"] or 0.0))
+                for f in feats[:500]:
+                    label = f["label"] or ""
+                    text = (f"{label}: " if label else "") + first_line(f["reasoning"])
+                    child = QTreeWidgetItem([text or "(no reasoning)", f"{(f['score'] or 0.0):.2f}"])
+                    child.setData(0, ROLE_FEATURE, (layer.id(), f.id(), entry.run_id, f["tile_id"]))
+                    child.setToolTip(0, f["reasoning"] or "")
+                    top.addChild(child)
+            if entry is selected or entry is self.entry:
+                top.setExpanded(True)
+                if entry is selected:
+                    self.results.setCurrentItem(top)
+        self._update_resume()
+
+    def _selected_run(self) -> RunEntry | None:
+        item = self.results.currentItem() if hasattr(self, "results") else None
+        while item is not None and item.parent() is not None:
+            item = item.parent()
+        if item is None:
+            return None
+        key = item.data(0, ROLE_RUN)
+        return next((e for e in RUNS if (e.run_id or id(e)) == key), None)
+
+    def select_run(self, entry: RunEntry) -> None:
+        for i in range(self.results.topLevelItemCount()):
+            item = self.results.topLevelItem(i)
+            if item.data(0, ROLE_RUN) == (entry.run_id or id(entry)):
+                self.results.setCurrentItem(item)
+        self._update_resume()
+
+    def _update_resume(self) -> None:
+        entry = self._selected_run()
+        self.resume_button.setEnabled(self.task is None and entry is not None and entry.status in ("canceled",
+                                                                                                  "failed"))
+
+    def _item_clicked(self, item: QTreeWidgetItem, column: int) -> None:
+        data = item.data(0, ROLE_FEATURE)
+        if not data:
+            return
+        layer_id, fid, _run_id, tile_id = data
+        layer = QgsProject.instance().mapLayer(layer_id)
+        if not isinstance(layer, QgsVectorLayer):
+            return
+        layer.selectByIds([fid])
+        if self.canvas is not None:
+            feat = layer.getFeature(fid)
+            rect = QgsRectangle(feat.geometry().boundingBox())
+            dest = self.canvas.mapSettings().destinationCrs()
+            if dest.isValid() and dest != layer.crs():
+                rect = QgsCoordinateTransform(layer.crs(), dest, QgsProject.instance()).transformBoundingBox(rect)
+            rect.scale(3.0)
+            self.canvas.setExtent(rect)
+            self.canvas.refresh()
+            self.show_tile(layer, tile_id)
+
+    def show_tile(self, layer: QgsVectorLayer, tile_id: str) -> None:
+        """Outline the tile the selected feature's reasoning is about."""
+        if self.canvas is None:
+            return
+        entry = next((e for e in RUNS if e.map_layer_id == layer.id()), None)
+        ring = entry.tile_rings.get(tile_id) if entry else None
+        if self._rubber is None:
+            self._rubber = QgsRubberBand(self.canvas, GEOMETRY_POLYGON)
+            self._rubber.setStrokeColor(QColor(30, 120, 255, 220))
+            self._rubber.setFillColor(QColor(0, 0, 0, 0))
+            self._rubber.setWidth(2)
+        self._rubber.reset(GEOMETRY_POLYGON)
+        if ring:
+            geom = QgsGeometry.fromPolygonXY([[QgsPointXY(x, y) for x, y in ring]])
+            self._rubber.setToGeometry(geom, layer)
+
+    def tile_ring(self, entry: RunEntry, tile_id: str) -> Any:
+        return entry.tile_rings.get(tile_id)
+
+    def closeEvent(self, event: Any) -> None:  # the run goes on when the panel is closed
+        if self._rubber is not None:
+            self._rubber.reset(GEOMETRY_POLYGON)
+        super().closeEvent(event)

@@ -1,0 +1,105 @@
+"""Plugin › Geo-R1 › Settings: the engine URL and token file, the default output, tile size, overlap and
+max new tokens, stored in QgsSettings (:mod:`geo_r1_qgis.settings`). The panel, the engine check and the
+Processing algorithms read the same values."""
+
+from __future__ import annotations
+
+from qgis.gui import QgsFileWidget
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtWidgets import (
+    QCheckBox,
+    QDialog,
+    QDialogButtonBox,
+    QFormLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .core.client import default_token_path
+from .core.errors import ConfigError
+from .settings import PluginSettings
+
+
+class SettingsDialog(QDialog):
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Geo-R1 settings")
+        self.setObjectName("GeoR1SettingsDialog")
+        s = PluginSettings.load()
+        layout = QVBoxLayout(self)
+        form = QFormLayout()
+        self.url_edit = QLineEdit(s.engine_url, self)
+        form.addRow("Engine URL", self.url_edit)
+        self.token_widget = QgsFileWidget(self)
+        self.token_widget.setFilePath(s.token_file)
+        self.token_widget.lineEdit().setPlaceholderText(str(default_token_path()))
+        form.addRow("Token file", self.token_widget)
+        self.output_widget = QgsFileWidget(self)
+        self.output_widget.setStorageMode(QgsFileWidget.StorageMode.SaveFile)
+        self.output_widget.setFilter("GeoPackage (*.gpkg)")
+        self.output_widget.setFilePath(s.output_gpkg)
+        self.output_widget.lineEdit().setPlaceholderText("geo_r1_results.gpkg beside the project (or in your home)")
+        form.addRow("Default output", self.output_widget)
+        self.tile_spin = QSpinBox(self)
+        self.tile_spin.setRange(56, 4096)
+        self.tile_spin.setSingleStep(28)
+        self.tile_spin.setSuffix(" px")
+        self.tile_spin.setValue(s.tile_size)
+        form.addRow("Tile size", self.tile_spin)
+        self.overlap_spin = QSpinBox(self)
+        self.overlap_spin.setRange(0, 2048)
+        self.overlap_spin.setSuffix(" px")
+        self.overlap_spin.setValue(s.overlap)
+        form.addRow("Overlap", self.overlap_spin)
+        self.tokens_spin = QSpinBox(self)
+        self.tokens_spin.setRange(0, 8192)
+        self.tokens_spin.setSpecialValueText("engine default (256 one / 1024 all)")
+        self.tokens_spin.setValue(s.max_new_tokens)
+        form.addRow("Max new tokens", self.tokens_spin)
+        self.keep_check = QCheckBox("Keep an engine started by QGIS running when QGIS quits", self)
+        self.keep_check.setChecked(s.keep_engine_running)
+        form.addRow("", self.keep_check)
+        layout.addLayout(form)
+        self.setup_button = QPushButton("Set up the engine…", self)
+        self.setup_button.clicked.connect(self._open_setup)
+        layout.addWidget(self.setup_button)
+        self.error_label = QLabel("", self)
+        self.error_label.setTextFormat(Qt.TextFormat.PlainText)
+        self.error_label.setWordWrap(True)
+        layout.addWidget(self.error_label)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel, self)
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        layout.addWidget(buttons)
+
+    def values(self) -> PluginSettings:
+        """The settings as entered; ConfigError says which value is wrong."""
+        return PluginSettings.load().with_values(
+            engine_url=self.url_edit.text().strip(),
+            token_file=self.token_widget.filePath().strip(),
+            output_gpkg=self.output_widget.filePath().strip(),
+            tile_size=self.tile_spin.value(),
+            overlap=self.overlap_spin.value(),
+            max_new_tokens=self.tokens_spin.value(),
+            keep_engine_running=self.keep_check.isChecked(),
+        )
+
+    def accept(self) -> None:
+        try:
+            self.values().save()
+        except ConfigError as exc:
+            self.error_label.setText(str(exc))
+            return
+        super().accept()
+
+    def _open_setup(self) -> None:
+        try:
+            from .engine_setup.dialog import SetupDialog
+        except ImportError:
+            self.error_label.setText("The engine set-up is not part of this build; see the README to set it up.")
+            return
+        SetupDialog(self).exec()
