@@ -73,7 +73,8 @@ class GeoR1Plugin:
         self.toolbar_action.setToolTip("Geo-R1: find objects by describing them")
         self.iface.addToolBarIcon(self.toolbar_action)
         self.iface.addPluginToRasterMenu(PLUGIN_NAME, self.toolbar_action)
-        for text, slot in (("Settings…", self.open_settings), ("Check the Geo-R1 engine", self.check_engine)):
+        for text, slot in (("Settings…", self.open_settings), ("Set up the engine…", self.open_engine_setup),
+                           ("Check the Geo-R1 engine", self.check_engine)):
             action = QAction(_icon(), text, self.iface.mainWindow())
             action.triggered.connect(slot)
             self.iface.addPluginToRasterMenu(PLUGIN_NAME, action)
@@ -101,6 +102,11 @@ class GeoR1Plugin:
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None
+
+    def open_engine_setup(self) -> None:
+        from .engine_setup.dialog import SetupDialog
+
+        SetupDialog(self.iface.mainWindow()).exec()
 
     def check_engine(self) -> None:
         ok, text = engine_status_text()
