@@ -123,24 +123,28 @@ class GroundConfig:
     def engine_url(self) -> str:
         return self.engine or DEFAULT_URL
 
-    def run_parameters(self, raster_path: str, bands: tuple[int, ...]) -> dict[str, Any]:
-        """The parameters that define a run's results (a resumed run must match them exactly)."""
-        return {
-            "raster": raster_path,
-            "expression": self.expression,
-            "mode": self.mode,
-            "gsd": self.gsd,
-            "tile": self.tile,
-            "overlap": self.overlap,
-            "bands": list(bands),
-            "bbox": list(self.bbox) if self.bbox else None,
-            "dst_crs": self.dst_crs,
-            "max_new_tokens": self.max_new_tokens,
-            "reasoning": self.reasoning,
-            "coarse_to_fine": self.coarse_to_fine,
-            "top_k": self.top_k,
-            "min_score": self.min_score,
-        }
+    def run_parameters(self, raster_path: str, bands: tuple[int, ...], scale: float = 1.0) -> dict[str, Any]:
+        """The parameters that define a run's results (a resumed run must match them exactly); built by
+        :func:`geo_r1_qgis.core.gpkg_schema.run_parameters`, as the plugin builds them."""
+        from geo_r1_qgis.core.gpkg_schema import run_parameters
+
+        return run_parameters(
+            raster=raster_path,
+            expression=self.expression,
+            mode=self.mode,
+            gsd=self.gsd,
+            tile=self.tile,
+            overlap=self.overlap,
+            bands=bands,
+            bbox=self.bbox,
+            dst_crs=self.dst_crs,
+            max_new_tokens=self.max_new_tokens,
+            reasoning=self.reasoning,
+            coarse_to_fine=self.coarse_to_fine,
+            top_k=self.top_k,
+            min_score=self.min_score,
+            scale=scale,
+        )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -398,8 +402,7 @@ def run(config: GroundConfig) -> int:
                 "choose another --layer, or add --resume to continue that run"
             )
         raster_info = source.describe()
-        params = config.run_parameters(raster_info["path"], source.bands)
-        params["scale"] = scale
+        params = config.run_parameters(raster_info["path"], source.bands, scale)
         created_file = not config.output.exists()
         with engine_for(config) as (client, engine_info):
             _preflight(config, engine_info, source, job, area)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ import numpy as np
 
 from geo_r1_qgis.core.errors import EmptyRasterError, NotGeoreferencedError, RasterError
 from geo_r1_qgis.core.geometry import Affine, PixelBox, Tile
+from geo_r1_qgis.core.gpkg_schema import is_gdal_path  # one rule: the plugin's run parameters use it too
 from geo_r1_qgis.core.results import apply_palette, choose_bands, palette_lut, stretch_limits, to_uint8
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,6 @@ def _rasterio() -> Any:
     return rasterio
 
 
-_DRIVER_PREFIX = re.compile(r"^[A-Z][A-Z0-9_]+:")
-
-
-def is_gdal_path(text: str) -> bool:
-    """A GDAL virtual file system path, a URL or a driver-prefixed dataset name: for GDAL, not the disk."""
-    return text.startswith("/vsi") or "://" in text or bool(_DRIVER_PREFIX.match(text))
 
 
 def gdal_message(exc: BaseException) -> str:

@@ -1,0 +1,668 @@
+"""The results GeoPackage of a grounding run, written once for both writers.
+
+Pure: the standard library and numpy only, no GDAL and no QGIS. ``geo-r1 ground`` writes the file
+through pyogrio (:mod:`engine.gpkg`), the QGIS plugin through GDAL's own Python bindings
+(:mod:`geo_r1_qgis.gpkg_ogr`). Both pass a small :class:`FeatureWriter` (append rows to a table in
+one transaction, creating the file or the table when missing) to :class:`GeoPackageRun`, which holds
+everything else: the table names and fields below, the run row, resuming, and the bookkeeping that
+is plain SQLite (``sqlite3``). So a file written by either is read, resumed and finished by the other.
+
+Layout of one file (it may hold many runs)
+------------------------------------------
+``<layer>``
+    The run's answer: one polygon per merged detection, written once, at the end, in one
+    transaction. Fields: :data:`ANSWER_FIELDS`.
+``<layer>_tiles_raw``
+    Every per-tile detection before merging (the same fields plus the box in raster pixels,
+    ``px_x1 .. px_y2``; :data:`RAW_FIELDS`), written as the run goes. It is what a resumed run merges again.
+``geo_r1_tiles`` (no geometry; :data:`TILES_FIELDS`)
+    One row per finished tile: run_id, tile_id, status (``done`` / ``skipped``), n_boxes, the
+    window in raster pixels, written time. **This table is the record of progress.**
+``geo_r1_runs`` (no geometry; :data:`RUNS_FIELDS`)
+    One row per run: run_id, layer, status (``running``, ``done``, ``canceled``, ``interrupted``,
+    ``failed``), expression, mode, the parameters as JSON (:func:`run_parameters`; a resumed run must
+    match them exactly), the raster (path, CRS WKT, size, transform), the output CRS, the engine's
+    ``/info`` as JSON, started / finished times (ISO 8601 text, UTC, milliseconds) and the summary as JSON.
+
+Field types are OGR's (``String``, ``Real``, ``Integer`` (32-bit), ``Integer64``, ``DateTime``);
+both writers create them so, and GDAL stores them as SQLite ``TEXT``, ``REAL``, ``MEDIUMINT``,
+``INTEGER`` and ``DATETIME``. Date-times are naive UTC, truncated to milliseconds. New files are
+GeoPackage 1.2 (:data:`GPKG_VERSION`), which QGIS 3.22's GDAL reads without a warning.
+
+Transactions, interruption and resume
+-------------------------------------
+Each append is one transaction (SQLite underneath: a process killed in the middle leaves the file as
+it was before; the journal rolls the rest back). The pipeline commits after each engine request:
+first the raw detections of those tiles (one append), then their rows in ``geo_r1_tiles`` (one
+append). So a tile counts as done only once its detections are on disk. A kill between the two
+appends leaves raw rows of tiles that are not marked done; resuming first **deletes the raw rows of
+this run whose tile is not in** ``geo_r1_tiles``, reads the done tiles and their detections back,
+processes only the others, and then merges everything. Tile ids are stable for the same parameters,
+so there are no duplicates. If the answer layer already holds features but the run row is not yet
+marked done, resuming just marks it done (an answer layer that exists but is empty is written again).
+
+Never overwriting
+-----------------
+A new run always adds new layers to an existing GeoPackage (or creates the file). A layer name that
+already exists is an error unless resuming continues that very run. A file that exists but is not a
+GeoPackage is an error. Nothing is ever deleted except the orphaned raw rows above.
+
+Small updates (the run row's status, deleting orphaned raw rows) and every read go through
+``sqlite3``, in a transaction: those tables carry no trigger that needs GDAL's SQL functions (the
+R-tree triggers on delete only use the feature id).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import ConfigError, OutputError
+from .geometry import PixelBox, Ring, Tile, polygon_to_wkb
+from .merge import Detection
+from .pipeline import GroundingJob, MapDetection, RunSummary
+from .results import OUTPUT_FIELDS, detection_values, make_run_id, run_meta
+
+__all__ = [
+    "ANSWER_FIELDS",
+    "GPKG_VERSION",
+    "RAW_FIELDS",
+    "RAW_SUFFIX",
+    "RUNS_FIELDS",
+    "RUNS_TABLE",
+    "TILES_FIELDS",
+    "TILES_TABLE",
+    "FeatureWriter",
+    "Field",
+    "GeoPackageRun",
+    "RunRecord",
+    "SameCrs",
+    "canonical_raster_path",
+    "check_layer_name",
+    "find_runs",
+    "is_gdal_path",
+    "job_parameters",
+    "layer_name_for",
+    "list_tables",
+    "read_raw_detections",
+    "run_parameters",
+]
+
+log = logging.getLogger(__name__)
+
+RUNS_TABLE = "geo_r1_runs"
+TILES_TABLE = "geo_r1_tiles"
+RAW_SUFFIX = "_tiles_raw"
+#: GeoPackage version of new files (readable without warnings by GDAL >= 2.2, hence QGIS 3.22)
+GPKG_VERSION = "1.2"
+#: the geometry type of the answer and raw layers (OGR's name)
+GEOMETRY_TYPE = "Polygon"
+
+# OGR's field type names (ogr.GetFieldTypeName), which both writers map to their own constants.
+STRING = "String"
+REAL = "Real"
+INTEGER = "Integer"  # 32-bit
+INTEGER64 = "Integer64"
+DATETIME = "DateTime"
+FIELD_TYPES = (STRING, REAL, INTEGER, INTEGER64, DATETIME)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One column of a table: its name and OGR field type (one of :data:`FIELD_TYPES`)."""
+
+    name: str
+    type: str
+
+    def __post_init__(self) -> None:
+        if self.type not in FIELD_TYPES:
+            raise ConfigError(f"field {self.name!r} has type {self.type!r}; use one of {FIELD_TYPES}")
+
+
+_ANSWER_TYPES = {"score": REAL, "presence": REAL, "created": DATETIME, "truncated": INTEGER}
+#: the answer layer ``<layer>``: :data:`~geo_r1_qgis.core.results.OUTPUT_FIELDS` with their types
+ANSWER_FIELDS: tuple[Field, ...] = tuple(Field(n, _ANSWER_TYPES.get(n, STRING)) for n in OUTPUT_FIELDS)
+#: the raw layer ``<layer>_tiles_raw``: the answer's fields and the box in full-resolution raster pixels
+RAW_FIELDS: tuple[Field, ...] = (*ANSWER_FIELDS, *(Field(n, REAL) for n in ("px_x1", "px_y1", "px_x2", "px_y2")))
+#: ``geo_r1_tiles``: one row per finished tile
+TILES_FIELDS: tuple[Field, ...] = (
+    Field("run_id", STRING),
+    Field("tile_id", STRING),
+    Field("status", STRING),
+    Field("n_boxes", INTEGER),
+    Field("window", STRING),
+    Field("written", DATETIME),
+)
+#: ``geo_r1_runs``: one row per run
+RUNS_FIELDS: tuple[Field, ...] = (
+    Field("run_id", STRING),
+    Field("layer", STRING),
+    Field("status", STRING),
+    Field("expression", STRING),
+    Field("mode", STRING),
+    Field("parameters", STRING),
+    Field("raster_path", STRING),
+    Field("raster_crs", STRING),
+    Field("raster_width", INTEGER64),
+    Field("raster_height", INTEGER64),
+    Field("raster_transform", STRING),
+    Field("raster_info", STRING),
+    Field("output_crs", STRING),
+    Field("engine", STRING),
+    Field("started", STRING),
+    Field("finished", STRING),
+    Field("summary", STRING),
+)
+
+
+def names(fields: Sequence[Field]) -> tuple[str, ...]:
+    return tuple(f.name for f in fields)
+
+
+# --------------------------------------------------------------------------------------------------
+# Names, parameters and times
+# --------------------------------------------------------------------------------------------------
+
+
+def layer_name_for(expression: str, run_id: str) -> str:
+    """A safe layer name from the expression and the run id, e.g. ``storage_tanks_20250101T120000_ab12cd``."""
+    slug = re.sub(r"[^0-9a-zA-Z]+", "_", expression.lower()).strip("_")[:40] or "ground"
+    if slug[0].isdigit():
+        slug = "q_" + slug
+    return f"{slug}_{run_id}"
+
+
+def check_layer_name(name: str, option: str = "--layer") -> str:
+    """``name`` if it can be a layer of the file; :class:`ConfigError` naming the rule otherwise."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]{0,62}", name) or name.startswith("gpkg_"):
+        raise ConfigError(
+            f"{option} {name!r} is not a usable layer name: use letters, digits, _ and -, start with a letter, "
+            "at most 63 characters, not starting with gpkg_"
+        )
+    if name in (RUNS_TABLE, TILES_TABLE):
+        raise ConfigError(f"{option} {name!r} is reserved for the run bookkeeping; choose another name")
+    return name
+
+
+def run_parameters(
+    *,
+    raster: str,
+    expression: str,
+    mode: str,
+    gsd: float | None,
+    tile: int,
+    overlap: int,
+    bands: Sequence[int],
+    bbox: Sequence[float] | None,
+    dst_crs: str | None,
+    max_new_tokens: int | None,
+    reasoning: bool,
+    coarse_to_fine: bool,
+    top_k: int,
+    min_score: float,
+    scale: float,
+) -> dict[str, Any]:
+    """The parameters that define a run's results; a resumed run must match them exactly.
+
+    ``raster`` is the absolute path (or GDAL path) of the raster, ``bands`` the three bands used
+    (1-based), ``bbox`` the area in the raster's CRS (``None``: the whole raster) and ``scale`` the
+    output pixel size over the native one. ``geo-r1 ground`` and the plugin build them here, so either
+    resumes the other's run.
+    """
+    return {
+        "raster": str(raster),
+        "expression": expression,
+        "mode": mode,
+        "gsd": gsd,
+        "tile": int(tile),
+        "overlap": int(overlap),
+        "bands": [int(b) for b in bands],
+        "bbox": [float(v) for v in bbox] if bbox else None,
+        "dst_crs": dst_crs,
+        "max_new_tokens": max_new_tokens,
+        "reasoning": bool(reasoning),
+        "coarse_to_fine": bool(coarse_to_fine),
+        "top_k": int(top_k),
+        "min_score": float(min_score),
+        "scale": float(scale),
+    }
+
+
+def job_parameters(
+    job: GroundingJob,
+    *,
+    raster: str,
+    bands: Sequence[int],
+    gsd: float | None = None,
+    bbox: Sequence[float] | None = None,
+    dst_crs: str | None = None,
+) -> dict[str, Any]:
+    """:func:`run_parameters` of a :class:`~geo_r1_qgis.core.pipeline.GroundingJob` (what the plugin runs):
+    ``raster`` through :func:`canonical_raster_path`, ``gsd`` and ``bbox`` as the user gave them."""
+    return run_parameters(
+        raster=canonical_raster_path(raster),
+        expression=job.expression,
+        mode=job.mode,
+        gsd=gsd,
+        tile=job.tile_size,
+        overlap=job.overlap,
+        bands=bands,
+        bbox=bbox,
+        dst_crs=dst_crs,
+        max_new_tokens=job.max_new_tokens,
+        reasoning=job.reasoning,
+        coarse_to_fine=job.coarse_to_fine,
+        top_k=job.top_k,
+        min_score=job.min_score,
+        scale=job.scale,
+    )
+
+
+_DRIVER_PREFIX = re.compile(r"^[A-Z][A-Z0-9_]+:")
+
+
+def is_gdal_path(text: str) -> bool:
+    """A GDAL virtual file system path, a URL or a driver-prefixed dataset name: for GDAL, not the disk."""
+    return text.startswith("/vsi") or "://" in text or bool(_DRIVER_PREFIX.match(text))
+
+
+def canonical_raster_path(text: str | Path) -> str:
+    """How a run records its raster: a local file as its absolute, resolved path; a GDAL path unchanged."""
+    text = str(text)
+    return text if is_gdal_path(text) else str(Path(text).resolve())
+
+
+def parameters_json(parameters: Mapping[str, Any]) -> str:
+    """How the parameters are stored and compared."""
+    return json.dumps(dict(parameters), sort_keys=True)
+
+
+def now_utc() -> datetime:
+    """Now, naive UTC, truncated to milliseconds (what the files store)."""
+    return to_ms(datetime.now(timezone.utc).replace(tzinfo=None))
+
+
+def to_ms(dt: datetime) -> datetime:
+    return dt.replace(microsecond=dt.microsecond // 1000 * 1000)
+
+
+def iso_ms(dt: datetime) -> str:
+    """The text of ``started`` / ``finished``: ``2025-01-01T12:00:00.000``."""
+    return dt.isoformat(timespec="milliseconds")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading (plain SQLite)
+# --------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def connect(path: str | Path) -> Iterator[sqlite3.Connection]:
+    """One SQLite transaction on the file (committed on success, rolled back on error), then closed."""
+    con = sqlite3.connect(str(path), timeout=30.0)
+    try:
+        with con:
+            yield con
+    finally:
+        con.close()
+
+
+def list_tables(path: str | Path) -> list[str]:
+    """Layers and tables of a GeoPackage (``gpkg_contents``); [] when the file does not exist.
+
+    Raises :class:`OutputError` when the file exists and is not a GeoPackage (it is left untouched).
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError as exc:
+        raise OutputError(f"{path} cannot be read ({exc}); choose another output file") from None
+    if head != b"SQLite format 3\x00":
+        raise OutputError(f"{path} exists and is not a GeoPackage; it is left untouched: choose another output file")
+    try:
+        with connect(path) as con:
+            return [str(r[0]) for r in con.execute("SELECT table_name FROM gpkg_contents ORDER BY rowid")]
+    except sqlite3.Error as exc:
+        raise OutputError(
+            f"{path} exists but cannot be read as a GeoPackage ({exc}); choose another output file"
+        ) from None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One row of ``geo_r1_runs``, as a run list shows it."""
+
+    run_id: str
+    layer: str
+    status: str
+    parameters: str
+    expression: str = ""
+    mode: str = ""
+    started: str = ""
+    finished: str = ""
+
+    @property
+    def raw_layer(self) -> str:
+        return self.layer + RAW_SUFFIX
+
+    @property
+    def resumable(self) -> bool:
+        return self.status != "done"
+
+
+def find_runs(path: str | Path) -> list[RunRecord]:
+    """The runs recorded in a GeoPackage, oldest first (empty when there is no run table)."""
+    if RUNS_TABLE not in list_tables(path):
+        return []
+    with connect(path) as con:
+        rows = con.execute(
+            f'SELECT run_id, layer, status, parameters, expression, mode, started, finished FROM "{RUNS_TABLE}" '
+            "ORDER BY fid"
+        ).fetchall()
+    return [RunRecord(*("" if v is None else str(v) for v in r)) for r in rows]
+
+
+def done_tile_ids(path: str | Path, run_id: str) -> set[str]:
+    """The tiles of a run marked ``done`` or ``skipped`` in ``geo_r1_tiles``."""
+    if TILES_TABLE not in list_tables(path):
+        return set()
+    with connect(path) as con:
+        return {str(r[0]) for r in con.execute(f'SELECT tile_id FROM "{TILES_TABLE}" WHERE run_id = ?', (run_id,))}
+
+
+def read_raw_detections(path: str | Path, raw_layer: str, run_id: str) -> dict[str, list[Detection]]:
+    """The raw detections of a run by tile id, in the order written (no geometry is needed: the
+    boxes are kept in raster pixels)."""
+    if raw_layer not in list_tables(path):
+        return {}
+    cols = ("tile_id", "px_x1", "px_y1", "px_x2", "px_y2", "score", "presence", "label", "reasoning", "truncated")
+    out: dict[str, list[Detection]] = {}
+    with connect(path) as con:
+        rows = con.execute(
+            f'SELECT {", ".join(cols)} FROM "{raw_layer}" WHERE run_id = ? ORDER BY fid', (run_id,)
+        ).fetchall()
+    for tile_id, x1, y1, x2, y2, score, presence, label, reasoning, truncated in rows:
+        det = Detection(
+            box=PixelBox(float(x1), float(y1), float(x2), float(y2)),
+            score=float(score),
+            presence=float(presence),
+            label=str(label or ""),
+            reasoning=str(reasoning or ""),
+            tile_id=str(tile_id),
+            truncated=bool(truncated),
+        )
+        out.setdefault(det.tile_id, []).append(det)
+    return out
+
+
+def count_rows(path: str | Path, table: str) -> int:
+    if table not in list_tables(path):
+        return 0
+    with connect(path) as con:
+        return int(con.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0])
+
+
+def delete_orphaned_raw(path: str | Path, raw_layer: str, run_id: str) -> int:
+    """Delete the raw rows of ``run_id`` whose tile is not marked done (one transaction); how many."""
+    tables = list_tables(path)
+    if raw_layer not in tables:
+        return 0
+    with connect(path) as con:
+        if TILES_TABLE in tables:
+            cur = con.execute(
+                f'DELETE FROM "{raw_layer}" WHERE run_id = ? AND tile_id NOT IN '
+                f'(SELECT tile_id FROM "{TILES_TABLE}" WHERE run_id = ?)',
+                (run_id, run_id),
+            )
+        else:
+            cur = con.execute(f'DELETE FROM "{raw_layer}" WHERE run_id = ?', (run_id,))
+        return max(0, cur.rowcount)
+
+
+def mark_run(path: str | Path, run_id: str, status: str, summary: Mapping[str, Any] | None = None) -> None:
+    """Set a run's status, finished time and summary (one transaction)."""
+    if not Path(path).exists():
+        return
+    with connect(path) as con:
+        con.execute(
+            f'UPDATE "{RUNS_TABLE}" SET status = ?, finished = ?, summary = ? WHERE run_id = ?',
+            (status, iso_ms(now_utc()), json.dumps(dict(summary or {}), default=str), run_id),
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing: the two writers' protocol, and the run
+# --------------------------------------------------------------------------------------------------
+
+
+class FeatureWriter(Protocol):
+    """Appending rows to one table of a GeoPackage; :mod:`engine.gpkg` (pyogrio) and
+    :mod:`geo_r1_qgis.gpkg_ogr` (``osgeo.ogr``) implement it."""
+
+    def append(
+        self,
+        path: Path,
+        table: str,
+        fields: Sequence[Field],
+        rows: Sequence[Sequence[Any]],
+        geometries: Sequence[bytes] | None = None,
+        crs_wkt: str | None = None,
+    ) -> None:
+        """Append ``rows`` (values in the order of ``fields``) in one transaction.
+
+        Creates the file (GeoPackage :data:`GPKG_VERSION`) when it does not exist, and the table when it
+        does not exist: with exactly ``fields``, and a :data:`GEOMETRY_TYPE` geometry column in ``crs_wkt``
+        when ``geometries`` (little-endian WKB, one per row) is given, else without geometry. Values are
+        ``str``, ``float``, ``int``, naive-UTC :class:`datetime` (``DateTime`` fields) or ``None``.
+        Raises :class:`OutputError` when the write fails.
+        """
+
+
+class RingTransform(Protocol):
+    """How map rings reach the output CRS (``engine.gpkg.CrsTransform`` reprojects with pyproj)."""
+
+    src_wkt: str
+    dst_wkt: str
+
+    def ring(self, ring: Ring) -> Ring: ...
+
+
+class SameCrs:
+    """The output in the raster's own CRS (what the plugin writes)."""
+
+    def __init__(self, wkt: str) -> None:
+        self.src_wkt = wkt
+        self.dst_wkt = wkt
+
+    def ring(self, ring: Ring) -> Ring:
+        return ring
+
+
+class GeoPackageRun:
+    """A :class:`~geo_r1_qgis.core.pipeline.ResultSink` writing one run into a GeoPackage (module doc)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        writer: FeatureWriter,
+        run_id: str,
+        layer: str,
+        meta: Mapping[str, str],
+        crs: RingTransform,
+        resume: bool,
+    ) -> None:
+        self.path = Path(path)
+        self.writer = writer
+        self.run_id = run_id
+        self.layer = layer
+        self.raw_layer = layer + RAW_SUFFIX
+        self.meta = dict(meta)  # expression, mode, model, adapter, prompt_version
+        self.crs = crs
+        self.resume = resume
+        self._pending_raw: list[tuple[MapDetection, datetime]] = []
+        self._pending_tiles: list[tuple[str, Tile, int, str, datetime]] = []
+        self._done: dict[str, list[Detection]] = {}
+        self.final_exists = False
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open_run(
+        cls,
+        path: str | Path,
+        *,
+        writer: FeatureWriter,
+        expression: str,
+        mode: str,
+        parameters: Mapping[str, Any],
+        raster: Mapping[str, Any],
+        engine: Mapping[str, Any],
+        crs: RingTransform,
+        layer: str | None = None,
+        resume: bool = False,
+    ) -> GeoPackageRun:
+        """Start a new run (new layers) or, with ``resume``, continue the unfinished run with these parameters."""
+        path = Path(path)
+        if path.suffix.lower() != ".gpkg":
+            raise ConfigError(f"the output {path} must end in .gpkg (a GeoPackage); e.g. results.gpkg")
+        if not path.parent.exists():
+            raise OutputError(f"the folder of {path} does not exist; create it first")
+        layers = list_tables(path)
+        params_json = parameters_json(parameters)
+        meta = run_meta(expression, mode, engine)
+        if resume:
+            runs = [r for r in find_runs(path) if r.parameters == params_json and (layer is None or r.layer == layer)]
+            unfinished = [r for r in runs if r.status != "done"]
+            if unfinished:
+                rec = unfinished[-1]
+                sink = cls(path, writer=writer, run_id=rec.run_id, layer=rec.layer, meta=meta, crs=crs, resume=True)
+                sink._load_progress()
+                log.info("resuming run %s (layer %s): %d tile(s) already done", rec.run_id, rec.layer, len(sink._done))
+                return sink
+            if runs:
+                raise OutputError(
+                    f"the run with these parameters in {path} is already complete (layer {runs[-1].layer}); "
+                    "start a new run instead of resuming, which adds a new layer"
+                )
+            log.warning("nothing to resume in %s for these parameters: starting a new run", path)
+        run_id = make_run_id()
+        name = check_layer_name(layer) if layer else layer_name_for(expression, run_id)
+        for taken in (name, name + RAW_SUFFIX):
+            if taken in layers:
+                raise OutputError(
+                    f"the layer {taken!r} already exists in {path} and is never overwritten; choose another layer "
+                    "name, or resume that run"
+                )
+        sink = cls(path, writer=writer, run_id=run_id, layer=name, meta=meta, crs=crs, resume=False)
+        sink._write_run_row(params_json, raster, engine)
+        return sink
+
+    def run_row(self, params_json: str, raster: Mapping[str, Any], engine: Mapping[str, Any]) -> list[Any]:
+        """The new run's row of ``geo_r1_runs``, in the order of :data:`RUNS_FIELDS`."""
+        row = {
+            "run_id": self.run_id,
+            "layer": self.layer,
+            "status": "running",
+            "expression": self.meta["expression"],
+            "mode": self.meta["mode"],
+            "parameters": params_json,
+            "raster_path": str(raster.get("path", "")),
+            "raster_crs": self.crs.src_wkt,
+            "raster_width": int(raster.get("width", 0)),
+            "raster_height": int(raster.get("height", 0)),
+            "raster_transform": json.dumps(raster.get("transform")),
+            "raster_info": json.dumps(dict(raster), default=str),
+            "output_crs": self.crs.dst_wkt,
+            "engine": json.dumps(dict(engine), default=str, sort_keys=True),
+            "started": iso_ms(now_utc()),
+            "finished": "",
+            "summary": "",
+        }
+        return [row[f.name] for f in RUNS_FIELDS]
+
+    def _write_run_row(self, params_json: str, raster: Mapping[str, Any], engine: Mapping[str, Any]) -> None:
+        self.writer.append(self.path, RUNS_TABLE, RUNS_FIELDS, [self.run_row(params_json, raster, engine)])
+
+    def _load_progress(self) -> None:
+        self.final_exists = count_rows(self.path, self.layer) > 0
+        removed = delete_orphaned_raw(self.path, self.raw_layer, self.run_id)
+        if removed:
+            log.info("removed %d raw detection(s) of tiles that were not finished", removed)
+        self._done = {t: [] for t in done_tile_ids(self.path, self.run_id)}
+        for tile_id, dets in read_raw_detections(self.path, self.raw_layer, self.run_id).items():
+            self._done.setdefault(tile_id, []).extend(dets)
+
+    # -- the ResultSink protocol -------------------------------------------------------------------
+    def done_tiles(self) -> Mapping[str, Sequence[Detection]]:
+        return self._done
+
+    def write_tile(self, tile_id: str, tile: Tile, detections: Sequence[MapDetection], status: str) -> None:
+        t = now_utc()
+        self._pending_raw.extend((m, t) for m in detections)
+        self._pending_tiles.append((tile_id, tile, len(detections), status, t))
+
+    def feature_rows(self, items: Sequence[tuple[MapDetection, datetime]], raw: bool) -> tuple[list[bytes], list[list]]:
+        """WKB polygons (in the output CRS) and rows (in the order of the layer's fields)."""
+        fields = RAW_FIELDS if raw else ANSWER_FIELDS
+        geoms: list[bytes] = []
+        rows: list[list] = []
+        for m, t in items:
+            d = m.detection
+            geoms.append(polygon_to_wkb(self.crs.ring(m.ring)))
+            values = {
+                **detection_values(d, self.meta, self.run_id, to_ms(t)),
+                "px_x1": float(d.box.x1),
+                "px_y1": float(d.box.y1),
+                "px_x2": float(d.box.x2),
+                "px_y2": float(d.box.y2),
+            }
+            rows.append([values[f.name] for f in fields])
+        return geoms, rows
+
+    def _write_features(self, layer: str, items: Sequence[tuple[MapDetection, datetime]], raw: bool) -> None:
+        geoms, rows = self.feature_rows(items, raw)
+        fields = RAW_FIELDS if raw else ANSWER_FIELDS
+        self.writer.append(self.path, layer, fields, rows, geometries=geoms, crs_wkt=self.crs.dst_wkt)
+
+    def commit(self) -> None:
+        """Write the pending tiles: their raw detections, then their progress rows (see the module doc)."""
+        if not self._pending_tiles:
+            return
+        if self._pending_raw:
+            self._write_features(self.raw_layer, self._pending_raw, raw=True)
+        rows = [
+            [self.run_id, tile_id, status, n, json.dumps(tile.window.as_tuple()), to_ms(t)]
+            for tile_id, tile, n, status, t in self._pending_tiles
+        ]
+        self.writer.append(self.path, TILES_TABLE, TILES_FIELDS, rows)
+        for tile_id, *_ in self._pending_tiles:
+            self._done.setdefault(tile_id, [])
+        self._pending_raw = []
+        self._pending_tiles = []
+
+    def finish(self, final: Sequence[MapDetection], summary: RunSummary) -> None:
+        """Write the merged layer (one transaction), then mark the run done."""
+        self.commit()
+        if self.final_exists:
+            log.info("layer %s was already written by the interrupted run; marking the run done", self.layer)
+        else:
+            t = now_utc()
+            self._write_features(self.layer, [(m, t) for m in final], raw=False)
+            self.final_exists = True
+        self.mark(summary.status, summary.as_dict())
+
+    def mark(self, status: str, summary: Mapping[str, Any] | None = None) -> None:
+        """Update the run row's status (``done``, ``canceled``, ``interrupted``, ``failed``), finished time
+        and summary."""
+        mark_run(self.path, self.run_id, status, summary)
