@@ -312,7 +312,8 @@ class GeoR1Dock(QgsDockWidget):
             req = resume.request
             from dataclasses import replace
 
-            return replace(req, resume_run_id=resume.run_id, engine_url=self.settings.engine_url,
+            return replace(req, resume_run_id=resume.run_id, resume_layer=resume.layer,
+                           engine_url=self.settings.engine_url,
                            token_file=self.settings.token_file or None), source, layer
         layer = self._raster()
         expression = self.expression_combo.currentText().strip()
@@ -340,6 +341,8 @@ class GeoR1Dock(QgsDockWidget):
             overlap=self.overlap_spin.value(),
             max_new_tokens=self.settings.max_new_tokens or None,
             raster_name=layer.name(),
+            raster_path=layer.source(),
+            gsd=self.gsd_spin.value() or None,
         )
         return req, source, layer
 
@@ -519,7 +522,9 @@ class GeoR1Dock(QgsDockWidget):
         entry.map_layer_id = layer.id()
 
     def _show_final(self, entry: RunEntry) -> None:
-        layer = QgsVectorLayer(f"{entry.output}|layername={entry.layer}", entry.display_name, "ogr")
+        from .gpkg_ogr import RunLayers
+
+        layer = QgsVectorLayer(RunLayers(entry.output, entry.run_id, entry.layer).answer_uri, entry.display_name, "ogr")
         if not layer.isValid():
             entry.message = f"the answer layer {entry.layer} could not be opened from {entry.output}"
             return
@@ -529,9 +534,9 @@ class GeoR1Dock(QgsDockWidget):
         """After a cancel or failure: the run's per-tile detections from the GeoPackage (unmerged)."""
         if not entry.layer:
             return
-        from .gpkg_ogr import raw_layer_name
+        from .gpkg_ogr import RunLayers
 
-        uri = f"{entry.output}|layername={raw_layer_name(entry.layer)}"
+        uri = RunLayers(entry.output, entry.run_id, entry.layer).raw_uri
         layer = QgsVectorLayer(uri, f"{entry.display_name} – {entry.status}, per tile", "ogr")
         if not layer.isValid():
             return  # nothing was written yet: the live layer (empty) stays

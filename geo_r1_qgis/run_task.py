@@ -55,7 +55,13 @@ class RunRequest:
     max_new_tokens: int | None = None
     #: continue this run of ``output`` instead of starting a new one
     resume_run_id: str | None = None
+    #: the answer layer of the run to resume (pins it when several unfinished runs share the parameters)
+    resume_layer: str | None = None
     raster_name: str = ""
+    #: the raster's source (a file path or a provider URI), recorded in the run's parameters
+    raster_path: str = ""
+    #: the ground resolution the user chose (metres per pixel), recorded in the run's parameters
+    gsd: float | None = None
 
     def __post_init__(self) -> None:
         if self.output.suffix.lower() != ".gpkg":
@@ -174,8 +180,6 @@ class GroundingTask(QgsTask):
         return False
 
     def _run(self) -> bool:
-        from .gpkg_ogr import open_panel_run
-
         req = self.request
         job = req.job()
         client = EngineClient(req.engine_url, read_token(req.token_file))
@@ -232,3 +236,38 @@ def tile_outline(tile: Tile) -> Ring:
     """A tile's outline in map coordinates: its image's corners through its own transform."""
     w, h = tile.size
     return box_to_polygon(PixelBox(0, 0, w, h), tile.transform)
+
+
+def open_panel_run(req: RunRequest, job: GroundingJob, source: Any, info: dict[str, Any]) -> tuple[Any, str, str, dict]:
+    """Open (or resume) the run's rows in the GeoPackage: ``(sink, run_id, answer layer, meta)``.
+
+    The parameters are :func:`~geo_r1_qgis.core.gpkg_schema.job_parameters`, as ``geo-r1 ground`` records
+    them, so the command line's ``--resume`` finds a run the panel started and the other way round.
+    """
+    from .core.gpkg_schema import job_parameters
+    from .core.results import run_meta
+    from .gpkg_ogr import OgrGeoPackageSink
+
+    bbox = None
+    if req.window is not None:
+        xs, ys = zip(*box_to_polygon(req.window, source.transform), strict=True)
+        bbox = (min(xs), min(ys), max(xs), max(ys))
+    params = job_parameters(job, raster=req.raster_path or req.raster_name, bands=source.bands, gsd=req.gsd,
+                            bbox=bbox)  # fmt: skip
+    sink = OgrGeoPackageSink.open_run(
+        req.output,
+        crs_wkt=source.crs_wkt,
+        expression=job.expression,
+        mode=job.mode,
+        parameters=params,
+        raster=source.describe(),
+        engine=info,
+        layer=req.resume_layer if req.resume_run_id else None,
+        resume=req.resume_run_id is not None,
+    )
+    if req.resume_run_id and sink.run_id != req.resume_run_id:
+        raise ConfigError(
+            f"the run {req.resume_run_id} could not be resumed from {req.output} (its parameters changed or it is "
+            "finished); start a new run"
+        )
+    return sink, sink.run_id, sink.layer, run_meta(job.expression, job.mode, info)

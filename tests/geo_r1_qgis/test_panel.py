@@ -1,0 +1,291 @@
+"""The Geo-R1 dock panel in a real QgsApplication with a map canvas, against a real engine process.
+
+A run is started from the panel as a user would (raster picked, expression typed, Run clicked); the test
+watches the map layer fill while the run is going, cancels a run while the engine is frozen mid-request
+(SIGSTOP) and sees the task end without the engine's answer, resumes it from the panel, and checks the
+style, the map tip and the settings dialog. QGIS's Python only; the engine is the project's venv.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import signal
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+qgis_core = pytest.importorskip("qgis.core", reason="PyQGIS is not importable; run under /usr/bin/python3")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import test_processing as tp  # noqa: E402  (its real-engine helpers)
+
+pytestmark = pytest.mark.qgis
+
+from qgis.core import QgsApplication, QgsExpression, QgsExpressionContext, QgsProject  # noqa: E402
+from qgis.PyQt.QtCore import QCoreApplication  # noqa: E402
+
+
+def spin(until, timeout: float = 120.0, step: float = 0.02) -> bool:
+    """Run the Qt event loop until ``until()`` is true (False after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        QgsApplication.processEvents()
+        if until():
+            return True
+        time.sleep(step)
+    return bool(until())
+
+
+@pytest.fixture(scope="module")
+def isolated_settings(qgis_app):
+    """QgsSettings of a throw-away application name, so the tests never touch a user's QGIS settings."""
+    old = QCoreApplication.applicationName()
+    QCoreApplication.setApplicationName(f"geo-r1-tests-{os.getpid()}")
+    from geo_r1_qgis.settings import PluginSettings
+
+    PluginSettings().save()
+    yield
+    from qgis.core import QgsSettings
+
+    QgsSettings().clear()
+    QCoreApplication.setApplicationName(old)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    tp._need_venv()
+    eng = tp._Engine(tmp_path_factory.mktemp("panel-engine"), tp._tiny_format_model())
+    yield eng
+    with contextlib.suppress(OSError):
+        os.kill(eng.proc.pid, signal.SIGCONT)
+    eng.stop()
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory) -> Path:
+    tp._need_venv()
+    out = tmp_path_factory.mktemp("panel-samples")
+    proc = tp.host_exec.run([str(tp.GEO_R1), "sample-data", str(out)], timeout=120, env=tp._venv_env())
+    assert proc.returncode == 0, f"geo-r1 sample-data failed:\n{proc.stdout}\n{proc.stderr}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def canvas(qgis_app):
+    from qgis.gui import QgsMapCanvas
+
+    c = QgsMapCanvas()
+    c.resize(800, 600)
+    c.show()
+    yield c
+    c.hide()
+
+
+@pytest.fixture
+def dock(qgis_app, isolated_settings, canvas, engine, tmp_path):
+    from geo_r1_qgis.panel import RUNS, GeoR1Dock
+    from geo_r1_qgis.settings import PluginSettings
+
+    PluginSettings().with_values(engine_url=engine.url, token_file=str(engine.token_file),
+                                 output_gpkg=str(tmp_path / "results.gpkg")).save()  # fmt: skip
+    d = GeoR1Dock(None, canvas=canvas)
+    yield d
+    if d.task is not None:
+        d.task.cancel()
+        spin(lambda: d.task is None, 30)
+    RUNS.clear()
+    QgsProject.instance().removeAllMapLayers()
+    d.deleteLater()
+    gc.collect()
+
+
+def _load_raster(path: Path, canvas):
+    layer = qgis_core.QgsRasterLayer(str(path), path.stem)
+    assert layer.isValid(), path
+    QgsProject.instance().addMapLayer(layer)
+    canvas.setDestinationCrs(layer.crs())
+    canvas.setLayers([layer])
+    canvas.setExtent(layer.extent())
+    return layer
+
+
+def _configure(dock, raster, expression: str, mode: str = "all", tile: int = 112, overlap: int = 16) -> None:
+    dock.raster_combo.setLayer(raster)
+    dock.expression_combo.setEditText(expression)
+    dock.mode_combo.setCurrentIndex([dock.mode_combo.itemData(i) for i in range(dock.mode_combo.count())].index(mode))
+    dock.area_combo.setCurrentIndex(1)  # the whole raster layer
+    dock.tile_spin.setValue(tile)
+    dock.overlap_spin.setValue(overlap)
+
+
+def _map_layer(entry):
+    return QgsProject.instance().mapLayer(entry.map_layer_id)
+
+
+def test_panel_builds_with_history_and_examples(dock):
+    from geo_r1_qgis.settings import EXAMPLE_EXPRESSIONS, remember_expression
+
+    remember_expression("all oil tanks")
+    dock.refresh_history()
+    items = [dock.expression_combo.itemText(i) for i in range(dock.expression_combo.count())]
+    assert items[0] == "all oil tanks"
+    assert set(EXAMPLE_EXPRESSIONS) <= set(items)
+    assert dock.run_button.isEnabled() and not dock.cancel_button.isEnabled()
+
+
+def test_run_shows_features_before_it_ends_and_the_final_layer_after(dock, samples, canvas):
+    raster = _load_raster(samples / "utm.tif", canvas)
+    _configure(dock, raster, "all bright squares")
+    seen_mid_run: list[tuple[int, str]] = []
+
+    def on_batch(batch):
+        layer = _map_layer(dock.entry)
+        seen_mid_run.append((layer.featureCount(), dock.entry.status))
+
+    entry = dock.start_run()
+    assert entry is not None, dock.status_label.text()
+    dock.task.batchCommitted.connect(on_batch)  # after the panel's own slot: the features are already added
+    assert spin(lambda: dock.task is None, 300), dock.status_label.text()
+    assert entry.status == "done", entry.message
+    # observed while the run was still going: features on the map, and more than one commit
+    assert len(seen_mid_run) >= 2
+    assert any(n > 0 and status == "running" for n, status in seen_mid_run), seen_mid_run
+    final = _map_layer(entry)
+    assert final.isValid() and final.providerType() == "ogr"
+    assert final.featureCount() >= 1
+    assert final.name() == entry.display_name and entry.display_name.startswith("all bright squares (all, ")
+    group = QgsProject.instance().layerTreeRoot().findGroup("Geo-R1")
+    assert group is not None and group.findLayer(final.id()) is not None
+    # the results list: one run with its features, best score first
+    top = dock.results.topLevelItem(0)
+    assert top.childCount() == final.featureCount()
+    scores = [float(top.child(i).text(1)) for i in range(top.childCount())]
+    assert scores == sorted(scores, reverse=True)
+    # clicking a result selects the feature and zooms to it
+    dock._item_clicked(top.child(0), 0)
+    assert final.selectedFeatureCount() == 1
+    assert canvas.extent().intersects(final.getFeature(final.selectedFeatureIds()[0]).geometry().boundingBox())
+
+
+def test_style_and_map_tip(qgis_app):
+    from geo_r1_qgis.qgis_io import make_fields
+    from geo_r1_qgis.results_style import MAP_TIP_TEMPLATE, style_result_layer
+
+    layer = qgis_core.QgsVectorLayer("Polygon?crs=EPSG:32633", "t", "memory")
+    layer.dataProvider().addAttributes(list(make_fields()))
+    layer.updateFields()
+    f = qgis_core.QgsFeature(layer.fields())
+    f["score"], f["presence"], f["label"] = 0.87654321, 0.9, "tank <b>"
+    f["reasoning"] = "I see <script>alert(1)</script> & a tank\nin the top left"
+    f["tile_id"] = "r0c1"
+    layer.dataProvider().addFeatures([f])
+    style_result_layer(layer)
+    renderer = layer.renderer()
+    assert renderer.type() == "graduatedSymbol" and renderer.classAttribute() == "score"
+    for r in renderer.ranges():
+        sym = r.symbol().symbolLayer(0)
+        assert sym.brushStyle() == 0  # Qt NoBrush: outline only, the imagery stays visible
+    assert layer.labelsEnabled()
+    assert layer.mapTipTemplate() == MAP_TIP_TEMPLATE
+    feat = next(layer.getFeatures())
+    ctx = QgsExpressionContext()
+    ctx.setFeature(feat)
+    tip = QgsExpression.replaceExpressionText(MAP_TIP_TEMPLATE, ctx)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; a tank" in tip and "<script>" not in tip
+    assert "tank &lt;b&gt;" in tip and "0.88" in tip
+    # shown rounded, stored whole
+    idx = layer.fields().indexOf("score")
+    setup = layer.editorWidgetSetup(idx)
+    assert setup.type() == "Range" and setup.config()["Precision"] == 2
+    formatter = QgsApplication.fieldFormatterRegistry().fieldFormatter(setup.type())
+    assert formatter.representValue(layer, idx, setup.config(), None, feat["score"]) == "0.88"
+    assert feat["score"] == pytest.approx(0.87654321)
+    r_idx = layer.fields().indexOf("reasoning")
+    assert layer.editorWidgetSetup(r_idx).config()["IsMultiline"] is True
+
+
+def test_cancel_while_the_engine_is_frozen_then_resume(dock, samples, canvas, engine):
+    raster = _load_raster(samples / "utm.tif", canvas)
+    _configure(dock, raster, "all bright squares", tile=84, overlap=0)
+    frozen: dict[str, float] = {}
+
+    def freeze(batch):
+        if "at" not in frozen:  # after the first commit, freeze the engine while the next request is in flight
+            os.kill(engine.proc.pid, signal.SIGSTOP)
+            frozen["at"] = time.monotonic()
+
+    entry = dock.start_run()
+    assert entry is not None, dock.status_label.text()
+    dock.task.batchCommitted.connect(freeze)
+    try:
+        assert spin(lambda: "at" in frozen, 300), "no batch was committed"
+        spin(lambda: False, 0.5)  # the next request is now held by the frozen engine
+        t0 = time.monotonic()
+        dock.cancel_run()
+        ended = spin(lambda: dock.task is None, 15)
+        cancel_s = time.monotonic() - t0
+        assert ended, "the task did not end while the engine was frozen"
+        engine_still_frozen = True  # it stays frozen until SIGCONT below: the task did not wait for the answer
+    finally:
+        os.kill(engine.proc.pid, signal.SIGCONT)
+    assert engine_still_frozen and entry.status == "canceled", entry.message
+    print(f"cancel took {cancel_s:.2f} s with the engine frozen")
+    partial = _map_layer(entry)
+    assert partial.isValid() and partial.providerType() == "ogr" and "per tile" in partial.name()
+    n_partial = partial.featureCount()
+    with sqlite3.connect(str(entry.output)) as con:
+        done_before = con.execute("SELECT COUNT(*) FROM geo_r1_tiles WHERE run_id = ?", (entry.run_id,)).fetchone()[0]
+    assert done_before >= 1
+    # resume it from the panel: the run is selected in the list, Resume is enabled
+    dock.select_run(entry)
+    assert dock.resume_button.isEnabled()
+    dock.resume_selected()
+    assert dock.task is not None
+    assert spin(lambda: dock.task is None, 300), dock.status_label.text()
+    assert entry.status == "done", entry.message
+    with sqlite3.connect(str(entry.output)) as con:
+        rows = con.execute("SELECT tile_id FROM geo_r1_tiles WHERE run_id = ?", (entry.run_id,)).fetchall()
+        status = con.execute("SELECT status FROM geo_r1_runs WHERE run_id = ?", (entry.run_id,)).fetchone()[0]
+    assert len(rows) == len(set(rows)) > done_before  # every tile once, the resumed ones not asked again
+    assert status == "done"
+    final = _map_layer(entry)
+    assert final.isValid() and final.featureCount() >= 1 and n_partial >= 0
+
+
+def test_bad_input_is_reported_in_the_panel(dock, samples, canvas):
+    raster = _load_raster(samples / "utm.tif", canvas)
+    _configure(dock, raster, "   ")
+    assert dock.start_run() is None
+    assert "type what to find" in dock.status_label.text()
+    _configure(dock, raster, "all tanks")
+    dock.area_combo.setCurrentIndex(2)  # a drawn rectangle, none drawn
+    assert dock.start_run() is None
+    assert "Draw" in dock.status_label.text()
+
+
+def test_settings_dialog_round_trip(qgis_app, isolated_settings):
+    from geo_r1_qgis.settings import PluginSettings
+    from geo_r1_qgis.settings_dialog import SettingsDialog
+
+    d = SettingsDialog()
+    d.url_edit.setText("http://127.0.0.1:9999")
+    d.token_widget.setFilePath("/tmp/some.token")
+    d.output_widget.setFilePath("/tmp/out.gpkg")
+    d.tile_spin.setValue(448)
+    d.overlap_spin.setValue(32)
+    d.tokens_spin.setValue(512)
+    d.accept()
+    s = PluginSettings.load()
+    assert (s.engine_url, s.token_file, s.output_gpkg, s.tile_size, s.overlap, s.max_new_tokens) == (
+        "http://127.0.0.1:9999", "/tmp/some.token", "/tmp/out.gpkg", 448, 32, 512)
+    d2 = SettingsDialog()
+    assert d2.tile_spin.value() == 448 and d2.url_edit.text() == "http://127.0.0.1:9999"
+    d2.url_edit.setText("ftp://nowhere")
+    d2.accept()
+    assert "http://" in d2.error_label.text()
+    assert PluginSettings.load().engine_url == "http://127.0.0.1:9999"  # the bad value was not saved
