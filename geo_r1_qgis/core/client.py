@@ -208,6 +208,22 @@ class EngineClient:
     def info(self) -> dict[str, Any]:
         return self._request("GET", "/info", timeout_s=30.0)
 
+    def adapters(self) -> dict[str, Any]:
+        """``GET /adapters``: ``{"active": name or None, "available": {name: path}}``."""
+        return self._request("GET", "/adapters", timeout_s=30.0)
+
+    def load_adapter(self, name: str, path: str) -> dict[str, Any]:
+        """``POST /adapters``: register the peft LoRA adapter in directory ``path`` as ``name``."""
+        return self._request("POST", "/adapters", {"name": name, "path": str(path)})
+
+    def activate_adapter(self, name: str | None) -> dict[str, Any]:
+        """``POST /adapters/active``: switch to adapter ``name``, or back to the base model with None."""
+        return self._request("POST", "/adapters/active", {"name": name})
+
+    def shutdown(self) -> dict[str, Any]:
+        """``POST /shutdown``: the engine answers 202, then stops cleanly."""
+        return self._request("POST", "/shutdown", {}, timeout_s=10.0)
+
     def wait_until_ready(self, total_timeout_s: float = 120.0, poll_s: float = 0.25) -> dict[str, Any]:
         """Poll ``/health`` until it answers, then return ``/info``; raise after the total timeout."""
         deadline = time.monotonic() + total_timeout_s
