@@ -16,6 +16,7 @@ never waits on the engine.
 from __future__ import annotations
 
 import collections
+import contextlib
 import html
 import json
 import logging
@@ -796,3 +797,36 @@ class ModelDownload(QObject):
     def _error(self, error: QProcess.ProcessError) -> None:
         if error == QProcess.ProcessError.FailedToStart:
             self.finished.emit(False, f"cannot run {self.proc.program()}: {self.proc.errorString()}")
+
+
+# --------------------------------------------------------------------------------------------------
+# One manager per QGIS session
+# --------------------------------------------------------------------------------------------------
+
+_shared: EngineManager | None = None
+
+
+def shared_manager() -> EngineManager:
+    """The plugin's one EngineManager (the panel's engine widget and the plugin share it). On QGIS's quit it
+    stops the engine it started, unless that engine was started to keep running."""
+    global _shared
+    if _shared is None:
+        _shared = EngineManager()
+        app = QgsApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(_shared.stop_for_unload)
+    return _shared
+
+
+def release_shared_manager() -> None:
+    """At plugin unload: stop the engine the plugin started (unless "keep running") and forget the manager."""
+    global _shared
+    manager, _shared = _shared, None
+    if manager is None:
+        return
+    app = QgsApplication.instance()
+    if app is not None:
+        with contextlib.suppress(TypeError, RuntimeError):  # not connected
+            app.aboutToQuit.disconnect(manager.stop_for_unload)
+    manager.stop_for_unload()
+    manager.deleteLater()

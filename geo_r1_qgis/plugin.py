@@ -14,8 +14,6 @@ from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction
 
 from .compat import MSG_SUCCESS, MSG_WARNING
-from .core.client import DEFAULT_URL, EngineClient, read_token
-from .core.errors import GeoR1Error
 
 log = logging.getLogger(__name__)
 
@@ -27,20 +25,6 @@ def _icon() -> QIcon:
     # Installed plugins carry icon.png beside this file; in the source tree it lives in resources/.
     path = ICON_PATH if ICON_PATH.exists() else Path(__file__).resolve().parents[1] / "resources" / "icon.png"
     return QIcon(str(path))
-
-
-def engine_status_text(url: str = DEFAULT_URL, token_file: str | None = None) -> tuple[bool, str]:
-    """One line about the engine: (reachable, message). Never raises."""
-    try:
-        client = EngineClient(url, read_token(token_file), timeout_s=10)
-        info = client.info()
-    except GeoR1Error as exc:
-        return False, str(exc)
-    adapter = info.get("adapter") or "none"
-    return True, (
-        f"engine {info.get('engine_version', '?')} at {url}: model {info.get('model')}, adapter {adapter},"
-        f" {info.get('device')} {info.get('dtype')}, prompts {info.get('prompt_version')}"
-    )
 
 
 class GeoR1Plugin:
@@ -102,6 +86,9 @@ class GeoR1Plugin:
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None
+        from .engine_process import release_shared_manager
+
+        release_shared_manager()  # stops the engine the plugin started, unless it was started to keep running
 
     def open_engine_setup(self) -> None:
         from .engine_setup.dialog import SetupDialog
@@ -109,7 +96,18 @@ class GeoR1Plugin:
         SetupDialog(self.iface.mainWindow()).exec()
 
     def check_engine(self) -> None:
-        ok, text = engine_status_text()
-        level = MSG_SUCCESS if ok else MSG_WARNING
-        QgsMessageLog.logMessage(text, PLUGIN_NAME, level)
-        self.iface.messageBar().pushMessage(PLUGIN_NAME, text, level=level, duration=10)
+        """Asks the engine in the background (a few seconds at most); QGIS never waits for it."""
+        from .engine_process import EngineStatusCheck, message_bar_text
+        from .settings import PluginSettings
+
+        settings = PluginSettings.load()
+        check = EngineStatusCheck(settings.engine_url, settings.token_path(), parent=self.iface.mainWindow())
+
+        def done(ok: bool, text: str, _info: dict) -> None:
+            level = MSG_SUCCESS if ok else MSG_WARNING
+            QgsMessageLog.logMessage(text, PLUGIN_NAME, level)
+            self.iface.messageBar().pushMessage(PLUGIN_NAME, message_bar_text(text), level=level, duration=10)
+            check.deleteLater()
+
+        check.finished.connect(done)
+        check.start()

@@ -384,3 +384,33 @@ def test_download_without_the_network_says_so(ep, qgis_app, tmp_path):
     ok, message = done[0]
     assert not ok and "cannot be reached" in message and "HF_HUB_OFFLINE=1" in message
     assert download.lines[0].startswith(f"downloading {MODEL_ID}")
+
+
+def test_the_menus_engine_check_answers_in_the_message_bar_without_waiting(ep, qgis_app, monkeypatch, tmp_path):
+    from qgis.gui import QgsMessageBar
+    from qgis.PyQt.QtWidgets import QTextBrowser, QWidget
+
+    from geo_r1_qgis import plugin as plugin_module
+    from geo_r1_qgis.settings import PluginSettings
+
+    url = f"http://127.0.0.1:{ep.free_port()}"
+    monkeypatch.setattr(PluginSettings, "load", classmethod(lambda cls, s=None: cls(engine_url=url,
+                                                                                    token_file=str(tmp_path / "t"))))
+
+    class Iface:
+        def __init__(self) -> None:
+            self.window = QWidget()
+            self.bar = QgsMessageBar(self.window)
+
+        def mainWindow(self):
+            return self.window
+
+        def messageBar(self):
+            return self.bar
+
+    iface = Iface()
+    plugin = plugin_module.GeoR1Plugin(iface)
+    plugin.check_engine()  # returns at once; the answer comes through the event loop
+    spin(lambda: iface.bar.currentItem() is not None, 30, "the message")
+    shown = " ".join(b.toPlainText() for b in iface.bar.currentItem().findChildren(QTextBrowser))
+    assert url in shown and "geo-r1 serve --model <model id or directory>" in shown, shown
