@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SYSTEM_PKGS=(python3-qgis qgis-providers python3-pytest python3-venv gdal-bin)
+SYSTEM_PKGS=(python3-qgis qgis-providers python3-pytest python3-venv gdal-bin
+             qgis xvfb xdotool)  # the last three: the desktop test (tests/geo_r1_qgis/test_desktop.py)
 VENV=.venv
 SYS_PY=/usr/bin/python3
 
