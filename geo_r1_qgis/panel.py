@@ -221,6 +221,8 @@ class GeoR1Dock(QgsDockWidget):
         self.results.setHeaderLabels(["Result", "Score"])
         self.results.setColumnWidth(0, 260)
         self.results.itemClicked.connect(self._item_clicked)
+        self.results.itemDoubleClicked.connect(self._item_double_clicked)
+        self.results.setToolTip("Click a result to zoom to it; double-click a run to open its layer again")
         self.results.currentItemChanged.connect(lambda *_: self._update_resume())
         outer.addWidget(self.results, 1)
         self.setWidget(body)
@@ -450,6 +452,7 @@ class GeoR1Dock(QgsDockWidget):
             live.dataProvider().addFeatures([QgsFeature(f) for f in old.getFeatures()])
             QgsProject.instance().removeMapLayer(old.id())
         style_result_layer(live)
+        self._watch_selection(live)
         self._add_to_group(live, raster)
         entry.map_layer_id = live.id()
         self.refresh_results()
@@ -516,6 +519,7 @@ class GeoR1Dock(QgsDockWidget):
         old = QgsProject.instance().mapLayer(entry.map_layer_id) if entry.map_layer_id else None
         raster = QgsProject.instance().mapLayer(entry.raster_layer_id)
         style_result_layer(layer)
+        self._watch_selection(layer)
         self._add_to_group(layer, raster)
         if old is not None:
             QgsProject.instance().removeMapLayer(old.id())
@@ -615,6 +619,26 @@ class GeoR1Dock(QgsDockWidget):
         self.resume_button.setEnabled(self.task is None and entry is not None and entry.status in ("canceled",
                                                                                                   "failed"))
 
+    def _item_double_clicked(self, item: QTreeWidgetItem, column: int) -> None:
+        if item.parent() is None:
+            entry = self._selected_run()
+            if entry is not None:
+                self.reopen(entry)
+
+    def reopen(self, entry: RunEntry) -> QgsVectorLayer | None:
+        """Put a run's layer back on the map (after it was removed from the project) and return it."""
+        layer = QgsProject.instance().mapLayer(entry.map_layer_id) if entry.map_layer_id else None
+        if isinstance(layer, QgsVectorLayer):
+            return layer
+        entry.map_layer_id = ""
+        if entry.status == "done":
+            self._show_final(entry)
+        elif entry.status in ("canceled", "failed"):
+            self._show_partial(entry)
+        self.refresh_results()
+        layer = QgsProject.instance().mapLayer(entry.map_layer_id) if entry.map_layer_id else None
+        return layer if isinstance(layer, QgsVectorLayer) else None
+
     def _item_clicked(self, item: QTreeWidgetItem, column: int) -> None:
         data = item.data(0, ROLE_FEATURE)
         if not data:
@@ -635,12 +659,55 @@ class GeoR1Dock(QgsDockWidget):
             self.canvas.refresh()
             self.show_tile(layer, tile_id)
 
+    def _watch_selection(self, layer: QgsVectorLayer) -> None:
+        """When one feature of a run's layer is selected (map, attribute table or list), outline its tile."""
+
+        def changed(*_: Any) -> None:
+            ids = layer.selectedFeatureIds()
+            if len(ids) == 1:
+                self.show_tile(layer, layer.getFeature(ids[0])["tile_id"])
+            elif self._rubber is not None:
+                self._rubber.reset(GEOMETRY_POLYGON)
+
+        layer.selectionChanged.connect(changed)
+
+    def tile_ring(self, entry: RunEntry, tile_id: str) -> Any:
+        """A tile's outline in the raster's CRS: from this session's run, else from the GeoPackage's
+        ``geo_r1_tiles`` window and the run's raster transform (a tile finished by an earlier session)."""
+        if tile_id in entry.tile_rings:
+            return entry.tile_rings[tile_id]
+        if not entry.run_id or not entry.output.exists():
+            return None
+        import json
+        import sqlite3
+
+        from .core.geometry import Affine, box_to_polygon
+        from .core.gpkg_schema import RUNS_TABLE, TILES_TABLE
+
+        try:
+            con = sqlite3.connect(f"file:{entry.output}?mode=ro", uri=True, timeout=5)
+            try:
+                row = con.execute(f'SELECT window FROM "{TILES_TABLE}" WHERE run_id = ? AND tile_id = ?',
+                                  (entry.run_id, tile_id)).fetchone()  # fmt: skip
+                run = con.execute(f'SELECT raster_transform FROM "{RUNS_TABLE}" WHERE run_id = ?',
+                                  (entry.run_id,)).fetchone()  # fmt: skip
+            finally:
+                con.close()
+            if not row or not run:
+                return None
+            ring = box_to_polygon(PixelBox(*json.loads(row[0])), Affine(*json.loads(run[0])[:6]))
+        except (sqlite3.Error, ValueError, TypeError) as exc:
+            log.debug("no outline for tile %s: %s", tile_id, exc)
+            return None
+        entry.tile_rings[tile_id] = ring
+        return ring
+
     def show_tile(self, layer: QgsVectorLayer, tile_id: str) -> None:
         """Outline the tile the selected feature's reasoning is about."""
         if self.canvas is None:
             return
         entry = next((e for e in RUNS if e.map_layer_id == layer.id()), None)
-        ring = entry.tile_rings.get(tile_id) if entry else None
+        ring = self.tile_ring(entry, tile_id) if entry and tile_id else None
         if self._rubber is None:
             self._rubber = QgsRubberBand(self.canvas, GEOMETRY_POLYGON)
             self._rubber.setStrokeColor(QColor(30, 120, 255, 220))
@@ -650,9 +717,6 @@ class GeoR1Dock(QgsDockWidget):
         if ring:
             geom = QgsGeometry.fromPolygonXY([[QgsPointXY(x, y) for x, y in ring]])
             self._rubber.setToGeometry(geom, layer)
-
-    def tile_ring(self, entry: RunEntry, tile_id: str) -> Any:
-        return entry.tile_rings.get(tile_id)
 
     def closeEvent(self, event: Any) -> None:  # the run goes on when the panel is closed
         if self._rubber is not None:

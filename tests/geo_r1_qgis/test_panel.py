@@ -169,7 +169,24 @@ def test_run_shows_features_before_it_ends_and_the_final_layer_after(dock, sampl
     # clicking a result selects the feature and zooms to it
     dock._item_clicked(top.child(0), 0)
     assert final.selectedFeatureCount() == 1
-    assert canvas.extent().intersects(final.getFeature(final.selectedFeatureIds()[0]).geometry().boundingBox())
+    feat = final.getFeature(final.selectedFeatureIds()[0])
+    assert canvas.extent().intersects(feat.geometry().boundingBox())
+    # the selected feature's tile is outlined: the reasoning's "top left" is about that square
+    band = dock._rubber.asGeometry()
+    assert not band.isEmpty() and band.contains(feat.geometry().centroid())
+    tile_area = band.area()
+    assert tile_area > feat.geometry().area()
+    # the same outline from the GeoPackage alone (a tile finished in an earlier session)
+    entry.tile_rings.clear()
+    ring = dock.tile_ring(entry, feat["tile_id"])
+    assert ring is not None
+    assert qgis_core.QgsGeometry.fromPolygonXY([[qgis_core.QgsPointXY(x, y) for x, y in ring]]).area() == (
+        pytest.approx(tile_area))
+    # a run's layer removed from the project is opened again from the list (from its GeoPackage)
+    n = final.featureCount()
+    QgsProject.instance().removeMapLayer(final.id())
+    again = dock.reopen(entry)
+    assert again is not None and again.isValid() and again.featureCount() == n
 
 
 def test_style_and_map_tip(qgis_app):
