@@ -64,7 +64,7 @@ START_HINT = (
 LOG_LINES = 500
 
 
-def _executable(settings: PluginSettings) -> Path:
+def engine_program(settings: PluginSettings) -> Path:
     """``<venv>/bin/geo-r1`` of the engine venv the settings name (the setup's own function when present)."""
     try:
         from .engine_setup.venv import engine_executable
@@ -149,7 +149,7 @@ class EngineStartConfig:
     def from_settings(cls, settings: PluginSettings | None = None, **overrides: Any) -> EngineStartConfig:
         s = settings or PluginSettings.load()
         values: dict[str, Any] = {
-            "program": _executable(s),
+            "program": engine_program(s),
             "model": s.engine_model,
             "processor": s.engine_processor,
             "adapter": s.engine_adapter,
