@@ -144,13 +144,13 @@ def _tiny_format_model() -> Path:
 
 
 class _Engine:
-    def __init__(self, workdir: Path, model: Path) -> None:
+    def __init__(self, workdir: Path, model: Path, extra: tuple[str, ...] = ()) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.token_file = workdir / "engine.token"
         self.log_path = workdir / "engine.log"
         cmd = [str(GEO_R1), "serve", "--model", str(model), "--port", str(self.port),
-               "--token-file", str(self.token_file)]  # fmt: skip
+               "--token-file", str(self.token_file), *extra]  # fmt: skip
         self.proc = host_exec.spawn(cmd, log_path=self.log_path, env=_venv_env())
         deadline = time.monotonic() + 180
         while not self._healthy():
