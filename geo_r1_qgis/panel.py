@@ -95,6 +95,8 @@ class RunEntry:
     tile_rings: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     first_feature_s: float | None = None
+    #: the parameters JSON of a run found in a GeoPackage (not started in this session)
+    file_parameters: str = ""
 
 
 #: every run since QGIS started, newest last
@@ -205,7 +207,11 @@ class GeoR1Dock(QgsDockWidget):
         self.resume_button.setEnabled(False)
         self.resume_button.setToolTip("Continue the selected cancelled or failed run where it stopped")
         self.resume_button.clicked.connect(self.resume_selected)
-        for b in (self.run_button, self.cancel_button, self.resume_button):
+        self.file_runs_button = QPushButton("Runs in file", body)
+        self.file_runs_button.setToolTip("List the unfinished runs of the 'Save to' GeoPackage (from earlier "
+                                         "sessions or the geo-r1 command line) so they can be resumed")
+        self.file_runs_button.clicked.connect(self.load_file_runs)
+        for b in (self.run_button, self.cancel_button, self.resume_button, self.file_runs_button):
             buttons.addWidget(b)
         outer.addLayout(buttons)
         self.progress = QProgressBar(body)
@@ -233,7 +239,7 @@ class GeoR1Dock(QgsDockWidget):
         try:
             from .engine_widget import EngineWidget
 
-            return EngineWidget(parent)
+            return EngineWidget(parent=parent)
         except ImportError:  # the engine manager is optional; a status line still tells the user where it is
             label = QLabel(f"Engine: {self.settings.engine_url}", parent)
             label.setTextFormat(Qt.TextFormat.PlainText)
@@ -306,6 +312,8 @@ class GeoR1Dock(QgsDockWidget):
     def build_request(self, resume: RunEntry | None = None) -> tuple[RunRequest, Any, QgsRasterLayer]:
         """The run the inputs describe (or the run to resume) and its raster source. Raises GeoR1Error."""
         self.settings = PluginSettings.load()
+        if resume is not None and resume.request is None and resume.file_parameters:
+            return self._request_from_file(resume)
         if resume is not None and resume.request is not None:
             layer = QgsProject.instance().mapLayer(resume.raster_layer_id)
             if not isinstance(layer, QgsRasterLayer):
@@ -429,6 +437,68 @@ class GeoR1Dock(QgsDockWidget):
         if self.task is not None:
             self.set_status("Cancelling …")
             self.task.cancel()
+
+    def load_file_runs(self, path: str | Path | None = None) -> list[RunEntry]:
+        """Add the unfinished runs recorded in a GeoPackage to the list (resumable from the panel)."""
+        from .core.gpkg_schema import find_runs
+
+        output = Path(path or self.output_widget.filePath().strip() or self._default_output())
+        if not output.exists():
+            self.set_status(f"{output} does not exist yet: no runs to list")
+            return []
+        try:
+            records = find_runs(output)
+        except GeoR1Error as exc:
+            self.set_status(str(exc))
+            return []
+        known = {(e.output, e.run_id) for e in RUNS}
+        added = []
+        for rec in records:
+            if not rec.resumable or (output, rec.run_id) in known:
+                continue
+            entry = RunEntry(run_id=rec.run_id, expression=rec.expression, mode=rec.mode, output=output,
+                             layer=rec.layer, display_name=f"{rec.expression} ({rec.mode}, {rec.started[:19]})",
+                             status="canceled" if rec.status in ("canceled", "running", "interrupted") else rec.status,
+                             message=f"{rec.status} in {output.name}; Resume continues it")  # fmt: skip
+            entry.file_parameters = rec.parameters
+            RUNS.append(entry)
+            added.append(entry)
+        self.set_status(f"{len(added)} unfinished run(s) found in {output.name}")
+        self.refresh_results()
+        return added
+
+    def _request_from_file(self, entry: RunEntry) -> tuple[RunRequest, Any, QgsRasterLayer]:
+        """The request of a run recorded in a GeoPackage, from its parameters (as ``geo-r1 ground`` wrote them)."""
+        import json
+
+        from .core.gpkg_schema import canonical_raster_path
+
+        p = json.loads(entry.file_parameters)
+        raster_path = p["raster"]
+        project = QgsProject.instance()
+        layer = next((lyr for lyr in project.mapLayers().values() if isinstance(lyr, QgsRasterLayer)
+                      and canonical_raster_path(lyr.source()) == raster_path), None)  # fmt: skip
+        if layer is None:
+            layer = QgsRasterLayer(raster_path, Path(raster_path).stem)
+            if not layer.isValid():
+                raise ConfigError(f"the run's raster {raster_path} cannot be opened; restore it to resume the run")
+            project.addMapLayer(layer)
+        entry.raster_layer_id = layer.id()
+        source = self._source(layer, float(p.get("scale", 1.0)))
+        window = None
+        if p.get("bbox"):
+            window = window_from_map_bbox(*p["bbox"], source.transform, source.width, source.height)
+        if list(p.get("bands") or []) != list(source.bands):
+            raise ConfigError(f"the run used bands {p.get('bands')}, the raster's default now is {list(source.bands)};"
+                              " resume it with geo-r1 ground --resume --bands")
+        req = RunRequest(expression=p["expression"], mode=p["mode"], output=entry.output,
+                         engine_url=self.settings.engine_url, token_file=self.settings.token_file or None,
+                         window=window, scale=float(p.get("scale", 1.0)), tile_size=int(p["tile"]),
+                         overlap=int(p["overlap"]), max_new_tokens=p.get("max_new_tokens"),
+                         resume_run_id=entry.run_id, resume_layer=entry.layer, raster_name=layer.name(),
+                         raster_path=raster_path, gsd=p.get("gsd"), bbox=tuple(p["bbox"]) if p.get("bbox") else None)
+        entry.request = req
+        return req, source, layer
 
     def resume_selected(self) -> None:
         entry = self._selected_run()

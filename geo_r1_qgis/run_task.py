@@ -62,6 +62,8 @@ class RunRequest:
     raster_path: str = ""
     #: the ground resolution the user chose (metres per pixel), recorded in the run's parameters
     gsd: float | None = None
+    #: the area as recorded in the parameters (raster CRS); None: the window's own bounds
+    bbox: tuple[float, float, float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.output.suffix.lower() != ".gpkg":
@@ -248,8 +250,8 @@ def open_panel_run(req: RunRequest, job: GroundingJob, source: Any, info: dict[s
     from .core.results import run_meta
     from .gpkg_ogr import OgrGeoPackageSink
 
-    bbox = None
-    if req.window is not None:
+    bbox = req.bbox
+    if bbox is None and req.window is not None:
         xs, ys = zip(*box_to_polygon(req.window, source.transform), strict=True)
         bbox = (min(xs), min(ys), max(xs), max(ys))
     params = job_parameters(job, raster=req.raster_path or req.raster_name, bands=source.bands, gsd=req.gsd,

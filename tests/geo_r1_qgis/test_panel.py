@@ -306,3 +306,51 @@ def test_settings_dialog_round_trip(qgis_app, isolated_settings):
     d2.accept()
     assert "http://" in d2.error_label.text()
     assert PluginSettings.load().engine_url == "http://127.0.0.1:9999"  # the bad value was not saved
+
+
+def test_a_run_the_command_line_interrupted_is_resumed_from_the_panel(dock, samples, engine, tmp_path):
+    """Ctrl-C on ``geo-r1 ground``, then "Runs in file" and Resume in the panel finish that very run."""
+    out = tmp_path / "cli.gpkg"
+    raster = samples / "utm.tif"
+    cmd = [str(tp.GEO_R1), "ground", str(raster), "all bright squares", "-o", str(out), "--engine", engine.url,
+           "--token-file", str(engine.token_file), "--tile", "84", "--overlap", "0", "--batch", "2",
+           "--no-progress"]  # fmt: skip
+    proc = tp.host_exec.spawn(cmd, log_path=tmp_path / "cli.log", env=tp._venv_env())
+
+    def done_tiles() -> int:
+        if not out.exists():  # (sqlite3 would create an empty file, which is not a GeoPackage)
+            return 0
+        try:
+            with sqlite3.connect(f"file:{out}?mode=ro", uri=True, timeout=5) as con:
+                return int(con.execute("SELECT count(*) FROM geo_r1_tiles").fetchone()[0])
+        except sqlite3.Error:
+            return 0
+
+    deadline = time.monotonic() + 300
+    while done_tiles() < 4 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, (tmp_path / "cli.log").read_text()[-2000:]
+    os.kill(proc.pid, signal.SIGINT)
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() == 130
+    done_before = done_tiles()
+
+    added = dock.load_file_runs(out)
+    assert len(added) == 1 and added[0].expression == "all bright squares"
+    entry = added[0]
+    dock.select_run(entry)
+    assert dock.resume_button.isEnabled()
+    dock.resume_selected()
+    assert dock.task is not None, dock.status_label.text()
+    assert spin(lambda: dock.task is None, 300), dock.status_label.text()
+    assert entry.status == "done", entry.message
+    with sqlite3.connect(str(out)) as con:
+        rows = [r[0] for r in con.execute("SELECT tile_id FROM geo_r1_tiles WHERE run_id = ?", (entry.run_id,))]
+        (status, summary) = con.execute("SELECT status, summary FROM geo_r1_runs WHERE run_id = ?",
+                                        (entry.run_id,)).fetchone()  # fmt: skip
+    assert status == "done" and len(rows) == len(set(rows)) > done_before
+    import json
+
+    assert json.loads(summary)["tiles_resumed"] == done_before
+    assert _map_layer(entry).featureCount() >= 1
