@@ -34,11 +34,11 @@ from qgis.PyQt.QtCore import QCoreApplication
 from .compat import FAST_INSERT, FILE_BEHAVIOR_FILE, NUMBER_DOUBLE, NUMBER_INTEGER, SOURCE_VECTOR_POLYGON, WKB_POLYGON
 from .core.client import DEFAULT_URL, EngineClient, default_token_path, read_token
 from .core.errors import EngineRequestError, EngineUnavailableError, GeoR1Error
-from .core.geometry import DEFAULT_TILE, PixelBox, tile_size_advice, window_from_map_bbox
+from .core.geometry import DEFAULT_TILE, PixelBox, tile_size_advice
 from .core.merge import Detection, merge_detections
 from .core.pipeline import GroundingJob, run_grounding
 from .core.results import run_meta
-from .qgis_io import FeatureSinkResultSink, QgisRasterSource, make_fields, parse_bands
+from .qgis_io import FeatureSinkResultSink, features_area, make_fields, parse_bands, prepare_input
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
     OVERLAP = "OVERLAP"
     BANDS = "BANDS"
     EXTENT = "EXTENT"
+    GROUND_RESOLUTION = "GROUND_RESOLUTION"
+    AREA = "AREA"
     ENGINE_URL = "ENGINE_URL"
     TOKEN_FILE = "TOKEN_FILE"
     MAX_NEW_TOKENS = "MAX_NEW_TOKENS"
@@ -109,7 +111,12 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
             "for R,G,B (or one, shown as grey), e.g. <code>4,3,2</code>; by default the red, green and blue "
             "bands, else the first three, else band 1. Non-8-bit data is stretched from its 2nd to its 98th "
             "percentile; nodata, NaN and alpha are respected and tiles with no valid pixel are skipped. "
-            "<i>Extent</i>: only this part of the raster. <i>Engine URL</i> and <i>Token file</i>: where the "
+            "<i>Extent</i>: only this part of the raster. <i>Ground resolution</i>: metres per pixel the model "
+            "sees (0: the raster's own); e.g. 0.3 on a 0.1 m orthophoto reads it averaged to 0.3 m. <i>Area</i>: "
+            "polygons to search in (tick <i>Selected features only</i> for the selection): only tiles that touch "
+            "them are asked, and objects whose centre lies outside them are dropped. Web layers (XYZ, WMS, WMTS) "
+            "are read at the ground resolution (0: the layer's finest zoom level) over the extent or the "
+            "polygons, one of which is then needed. <i>Engine URL</i> and <i>Token file</i>: where the "
             "engine runs and its token. <i>Max new tokens</i>: how long the model may reason per tile.</p>"
             "<p><b>Output.</b> Each feature stores the expression, mode, score (box confidence × presence), "
             "presence, label, the model's <b>reasoning</b> for its tile, the model, adapter and prompt version, "
@@ -156,6 +163,23 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
             )
         )
         self.addParameter(QgsProcessingParameterExtent(self.EXTENT, _tr("Extent (empty: whole raster)"), optional=True))
+        self.addParameter(
+            QgsProcessingParameterNumber(
+                self.GROUND_RESOLUTION,
+                _tr("Ground resolution (metres per pixel; 0: the raster's own)"),
+                NUMBER_DOUBLE,
+                0.0,
+                minValue=0.0,
+            )
+        )
+        self.addParameter(
+            QgsProcessingParameterFeatureSource(
+                self.AREA,
+                _tr("Area: search only inside these polygons (optional)"),
+                [SOURCE_VECTOR_POLYGON],
+                optional=True,
+            )
+        )
         self.addParameter(QgsProcessingParameterString(self.ENGINE_URL, _tr("Engine URL"), defaultValue=DEFAULT_URL))
         self.addParameter(
             QgsProcessingParameterFile(
@@ -201,27 +225,33 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
         url = self.parameterAsString(parameters, self.ENGINE_URL, context).strip() or DEFAULT_URL
         token_file = self.parameterAsFile(parameters, self.TOKEN_FILE, context) or None
 
-        source = QgisRasterSource(layer, bands)
-        window = None
+        extent = None
         if parameters.get(self.EXTENT) not in (None, ""):
-            ext = self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs())
-            if not ext.isNull() and not ext.isEmpty():
-                window = window_from_map_bbox(
-                    ext.xMinimum(),
-                    ext.yMinimum(),
-                    ext.xMaximum(),
-                    ext.yMaximum(),
-                    source.transform,
-                    source.width,
-                    source.height,
-                )
+            extent = self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs())
+        area = None
+        if parameters.get(self.AREA) not in (None, ""):
+            polygons = self.parameterAsSource(parameters, self.AREA, context)
+            if polygons is None:
+                raise QgsProcessingException(self.invalidSourceError(parameters, self.AREA))
+            area = features_area(polygons.getFeatures(), polygons.sourceCrs(), name="the AREA polygons")
+        inputs = prepare_input(
+            layer,
+            bands=bands,
+            extent=extent,
+            metres_per_pixel=self.parameterAsDouble(parameters, self.GROUND_RESOLUTION, context) or None,
+            area=area,
+            context=context.transformContext(),
+        )
+        source = inputs.source
         job = GroundingJob(
             expression=expression,
             mode=mode,
             max_new_tokens=self.parameterAsInt(parameters, self.MAX_NEW_TOKENS, context) or None,
             tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context),
             overlap=self.parameterAsInt(parameters, self.OVERLAP, context),
-            window=window,
+            scale=inputs.scale,
+            window=inputs.window,
+            area_polygons=inputs.area_polygons,
         )
 
         client = EngineClient(url, read_token(token_file))
@@ -246,6 +276,10 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
             f"{info.get('adapter') or 'none'}, prompts {info.get('prompt_version')}"
         )
         feedback.pushInfo(f"raster {source.name}: {source.describe()}")
+        feedback.pushInfo(
+            f"read at {inputs.units_per_pixel:.6g} map units per pixel (scale {inputs.scale:.4g}); "
+            f"{len(inputs.area_polygons or ())} area polygon part(s)"
+        )
 
         fields = make_fields()
         sink, dest_id = self.parameterAsSink(parameters, self.OUTPUT, context, fields, WKB_POLYGON, layer.crs())

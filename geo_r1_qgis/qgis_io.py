@@ -12,6 +12,20 @@ Reading, the rules of ``engine/rasters.py``
   north up), so the transform is the north-up affine of the layer's extent and size. A layer with
   no valid CRS, or with the pixel grid GDAL reports when there is no geotransform, is
   :class:`NotGeoreferencedError`; an invalid layer :class:`RasterError`.
+* **Web layers** (XYZ, WMS, WMTS: QGIS's ``wms`` provider, and any provider with no pixel size of its
+  own, ``width() == height() == 0``) are read through their provider at a chosen resolution, as
+  Deepness does: the pixel grid is *defined* by the area asked for (canvas extent, drawn rectangle or
+  the polygons' bounding box) and the ground resolution, north up in the layer's CRS (``grid=`` of
+  :class:`QgisRasterSource`; :func:`prepare_input` builds it). The provider renders each tile at the
+  requested size (it picks the zoom level itself). Their single band of ``ARGB32`` colour is decoded
+  to RGB (premultiplied colour un-premultiplied); alpha 0 is invalid. Without a resolution the
+  default is the layer's finest native resolution (its deepest zoom level, from
+  ``nativeResolutions()``); a web layer that reports none needs one.
+* **Ground resolution** (metres per pixel, :func:`scale_for_resolution`): metres are converted to the
+  CRS's units, as ``geo-r1 ground --gsd`` does: with the CRS's linear unit for a projected CRS (so in
+  Web Mercator a metre is a Mercator metre, larger than a ground metre away from the equator), and
+  for a geographic CRS (degrees) with the WGS 84 degrees per metre at the centre latitude of the
+  raster (:func:`~geo_r1_qgis.core.geometry.degrees_per_metre`).
 * **Windowed reads only.** Each tile is one ``provider.block(band, extent, w, h)`` per band, on a
   *clone* of the layer's provider (safe in Processing's worker thread, and the layer's own
   settings are left alone). At the native resolution the pixels are exactly the command line's.
@@ -47,21 +61,28 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from qgis.core import (
     Qgis,
     QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsCoordinateTransformContext,
     QgsFeature,
     QgsFeatureSink,
     QgsField,
     QgsFields,
     QgsGeometry,
+    QgsMapLayer,
     QgsPointXY,
+    QgsProject,
     QgsRasterDataProvider,
     QgsRasterLayer,
     QgsRectangle,
+    QgsUnitTypes,
+    QgsVectorLayer,
 )
 from qgis.PyQt.QtCore import QDateTime
 
@@ -74,10 +95,12 @@ from .compat import (
     FAST_INSERT,
     UTC,
     WKT_PREFERRED,
+    _first,
     field_type,
 )
-from .core.errors import EmptyRasterError, NotGeoreferencedError, OutputError, RasterError
-from .core.geometry import Affine, PixelBox, Tile
+from .core.area import AreaPolygon
+from .core.errors import ConfigError, EmptyRasterError, ExtentError, NotGeoreferencedError, OutputError, RasterError
+from .core.geometry import Affine, PixelBox, Tile, degrees_per_metre, gsd_to_scale, window_from_map_bbox
 from .core.merge import Detection
 from .core.pipeline import MapDetection, RunSummary
 from .core.results import (
@@ -95,10 +118,18 @@ from .core.results import parse_bands as _parse_bands
 __all__ = [
     "FIELD_NAMES",
     "FeatureSinkResultSink",
+    "MapArea",
     "QgisRasterSource",
+    "RasterInput",
+    "area_from_selection",
+    "features_area",
+    "is_web_layer",
     "make_fields",
     "make_run_id",
     "parse_bands",
+    "prepare_input",
+    "scale_for_resolution",
+    "selected_area",
 ]
 
 log = logging.getLogger(__name__)
@@ -115,6 +146,18 @@ _NUMPY_TYPES = {
 }
 if hasattr(Qgis.DataType, "Int8"):  # QGIS >= 3.30
     _NUMPY_TYPES[Qgis.DataType.Int8] = np.int8
+#: colour data (what web providers render): one band of 0xAARRGGBB words
+_ARGB_TYPES = {Qgis.DataType.ARGB32, Qgis.DataType.ARGB32_Premultiplied}
+_METRES = _first((Qgis, "DistanceUnit", "Meters"), (QgsUnitTypes, "DistanceUnit", "DistanceMeters"))
+_UNKNOWN_UNIT = _first((Qgis, "DistanceUnit", "Unknown"), (QgsUnitTypes, "DistanceUnit", "DistanceUnknownUnit"))
+
+#: the most pixels a web layer's grid may have (100 000 x 100 000): past that the extent or resolution is a slip
+MAX_WEB_PIXELS = 10**10
+#: what to do with a layer Geo-R1 cannot read
+EXPORT_HINT = (
+    "export it to a GeoTIFF first (Raster > Conversion > Translate, or right-click the layer > Export > Save As) "
+    "and run on that"
+)
 
 
 #: most samples per output pixel and axis when a tile is downsampled (QGIS's block() only decimates)
@@ -132,30 +175,42 @@ def parse_bands(text: str | None) -> tuple[int, ...] | None:
 class QgisRasterSource:
     """A ``QgsRasterLayer`` read tile by tile as 8-bit RGB (see the module docstring)."""
 
-    def __init__(self, layer: QgsRasterLayer, bands: Sequence[int] | None = None, overview_px: int = 1024) -> None:
-        if layer is None or not isinstance(layer, QgsRasterLayer) or not layer.isValid():
-            name = layer.name() if isinstance(layer, QgsRasterLayer) else repr(layer)
-            raise RasterError(
-                f"the raster layer {name} is not valid (QGIS cannot read its source); check the file or reload it"
-            )
+    def __init__(
+        self,
+        layer: QgsRasterLayer,
+        bands: Sequence[int] | None = None,
+        overview_px: int = 1024,
+        *,
+        grid: tuple[QgsRectangle, float] | None = None,
+    ) -> None:
+        """``grid``: for a web layer only, ``(extent, units_per_pixel)`` in the layer's CRS (module docstring)."""
+        _check_raster_layer(layer)
         self.name = layer.name() or layer.source()
         provider = layer.dataProvider()
         if provider is None or not provider.isValid():
             raise RasterError(f"the raster layer {self.name} has no valid data provider; reload the layer")
-        self.width, self.height = int(layer.width()), int(layer.height())
-        if self.width <= 0 or self.height <= 0:
-            raise RasterError(f"the raster layer {self.name} is empty ({self.width} x {self.height} pixels)")
         crs = layer.crs()
         if not crs.isValid():
             raise NotGeoreferencedError(
                 f"the raster {self.name} has no CRS, so results could not be placed on a map; assign one first "
                 "(Layer Properties > Source > Assigned CRS, or gdal_edit.py -a_srs EPSG:<code> on the file)"
             )
-        ext = layer.extent()
-        self.transform = Affine(
-            ext.width() / self.width, 0.0, ext.xMinimum(), 0.0, -ext.height() / self.height, ext.yMaximum()
-        )
-        if self._looks_ungeoreferenced():
+        self.web = is_web_layer(layer)
+        self.kind = layer_kind(layer)
+        if self.web:
+            self.width, self.height, self.transform = _web_grid(self.name, self.kind, grid)
+        else:
+            if grid is not None:
+                raise ConfigError(
+                    f"the raster {self.name} has pixels of its own: choose its part with a window and its "
+                    "resolution with a scale (prepare_input does both), not with grid="
+                )
+            self.width, self.height = int(layer.width()), int(layer.height())
+            ext = layer.extent()
+            self.transform = Affine(
+                ext.width() / self.width, 0.0, ext.xMinimum(), 0.0, -ext.height() / self.height, ext.yMaximum()
+            )
+        if not self.web and self._looks_ungeoreferenced():
             raise NotGeoreferencedError(
                 f"the raster {self.name} has a CRS but no geotransform (pixel size 1, origin 0,0); georeference it "
                 "first (gdal_edit.py -a_ullr ulx uly lrx lry, or QGIS's Georeferencer)"
@@ -165,10 +220,18 @@ class QgisRasterSource:
         # A clone: reads from Processing's worker thread are safe, the layer's own settings untouched.
         self._provider: QgsRasterDataProvider = provider.clone()
         self.count = int(self._provider.bandCount())
-        self.bands = self._choose_bands(tuple(bands) if bands else None)
-        self._alpha = self._alpha_band()
-        self._read_idx = sorted(set(self.bands) | ({self._alpha} if self._alpha else set()))
-        self.data_types = {b: self._provider.dataType(b) for b in self._read_idx}
+        self._argb = self.count == 1 and self._provider.dataType(1) in _ARGB_TYPES
+        if self._argb:  # one band of colour: decoded to three byte bands 1, 2, 3 (R, G, B)
+            self.bands = choose_bands(3, ["red", "green", "blue"], tuple(bands) if bands else None, what=self.name,
+                                      option="bands")  # fmt: skip
+            self._alpha = None
+            self._read_idx = [1]
+            self.data_types = dict.fromkeys((1, 2, 3), Qgis.DataType.Byte)
+        else:
+            self.bands = self._choose_bands(tuple(bands) if bands else None)
+            self._alpha = self._alpha_band()
+            self._read_idx = sorted(set(self.bands) | ({self._alpha} if self._alpha else set()))
+            self.data_types = {b: self._provider.dataType(b) for b in self._read_idx}
         self._palette = self._palette_table()
         self._stretch = self._compute_stretch(overview_px)
         if self._palette is not None:
@@ -177,7 +240,7 @@ class QgisRasterSource:
     # -- set up ------------------------------------------------------------------------------------
     def _palette_table(self) -> np.ndarray | None:
         """The colour table of a one-band paletted raster as a lookup table, else None."""
-        if set(self.bands) != {1} or self._provider.colorInterpretation(1) != COLOR_PALETTE:
+        if self._argb or set(self.bands) != {1} or self._provider.colorInterpretation(1) != COLOR_PALETTE:
             return None
         items = self._provider.colorTable(1) or []
         if not items:
@@ -216,15 +279,21 @@ class QgisRasterSource:
         for b in self._read_idx:
             block = self._provider.block(b, extent, w, h)
             if block is None or not block.isValid() or block.width() != w or block.height() != h:
+                where = "the service did not answer or" if self.web else "the file is corrupt or"
                 raise RasterError(
-                    f"QGIS could not read band {b} of {self.name} over {extent.toString()}; the file is corrupt "
-                    "or no longer reachable"
+                    f"QGIS could not read band {b} of {self.name} ({self.kind}) over {extent.toString()}; {where} "
+                    f"is no longer reachable. If QGIS shows the layer but Geo-R1 cannot read it, {EXPORT_HINT}"
                 )
+            if block.dataType() in _ARGB_TYPES:
+                rgb, alpha = _decode_argb(block, w, h)
+                planes.update({1: rgb[..., 0], 2: rgb[..., 1], 3: rgb[..., 2]})
+                valid &= alpha > 0
+                continue
             dtype = _NUMPY_TYPES.get(block.dataType())
             if dtype is None:
                 raise RasterError(
-                    f"band {b} of {self.name} has the data type {block.dataType()!r}, which Geo-R1 cannot read; "
-                    "convert the raster to an integer or float type (gdal_translate -ot)"
+                    f"band {b} of {self.name} ({self.kind}) has the data type {block.dataType()!r}, which Geo-R1 "
+                    f"cannot read; convert it to an integer or float type (gdal_translate -ot), or {EXPORT_HINT}"
                 )
             raw = bytes(block.data())
             data = np.frombuffer(raw, dtype=dtype, count=w * h).reshape(h, w)
@@ -253,6 +322,11 @@ class QgisRasterSource:
         h, w = self._overview_shape(overview_px)
         full = PixelBox(0.0, 0.0, float(self.width), float(self.height))
         planes, valid = self._read_bands(self._map_extent(full), w, h)
+        if not valid.any() and self.web:
+            raise EmptyRasterError(
+                f"the {self.kind} layer {self.name} shows nothing over the chosen extent (every pixel is transparent); "
+                "choose an extent the layer covers, or check that the service answers"
+            )
         if not valid.any() and not self._any_valid_full_scan():
             nodata = sorted(
                 {self._provider.sourceNoDataValue(b) for b in self.bands if self._provider.sourceHasNoDataValue(b)}
@@ -317,6 +391,7 @@ class QgisRasterSource:
         """Raster facts for logs."""
         return {
             "name": self.name,
+            "kind": self.kind,
             "width": self.width,
             "height": self.height,
             "count": self.count,
@@ -350,6 +425,341 @@ def _box_average(
         mean = (values * weights).sum(axis=(1, 3)) / safe
         out[b] = np.rint(mean).astype(data.dtype) if data.dtype.kind in "iu" else mean.astype(data.dtype)
     return out, out_valid
+
+
+def _decode_argb(block: Any, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+    """``((h, w, 3) uint8 RGB, (h, w) uint8 alpha)`` from a block of ``0xAARRGGBB`` words (native order)."""
+    words = np.frombuffer(bytes(block.data()), dtype=np.uint32, count=w * h).reshape(h, w)
+    alpha = (words >> 24).astype(np.uint8)
+    rgb = np.stack([(words >> s) & 0xFF for s in (16, 8, 0)], axis=-1).astype(np.uint8)
+    if block.dataType() == Qgis.DataType.ARGB32_Premultiplied:
+        partial = (alpha > 0) & (alpha < 255)
+        if partial.any():
+            a = alpha[partial].astype(np.float64)[:, None]
+            rgb[partial] = np.clip(np.rint(rgb[partial] * 255.0 / a), 0, 255).astype(np.uint8)
+    return rgb, alpha
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers: which kind, web grids, ground resolution
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_raster_layer(layer: Any) -> None:
+    if isinstance(layer, QgsRasterLayer) and layer.isValid():
+        return
+    if isinstance(layer, QgsRasterLayer):
+        raise RasterError(
+            f"the raster layer {layer.name()} is not valid (QGIS cannot read its source); check the file or the "
+            "service, or reload it"
+        )
+    if isinstance(layer, QgsMapLayer):
+        raise RasterError(
+            f"the layer {layer.name()} is not a raster layer ({type(layer).__name__}): Geo-R1 reads images. If it "
+            f"shows imagery, {EXPORT_HINT}"
+        )
+    raise RasterError(f"{layer!r} is not a raster layer; pick a raster layer")
+
+
+def is_web_layer(layer: QgsRasterLayer) -> bool:
+    """True for a layer with no pixel grid of its own (XYZ, WMS, WMTS: size 0 x 0); see the module docstring."""
+    return int(layer.width()) <= 0 or int(layer.height()) <= 0
+
+
+def layer_kind(layer: QgsRasterLayer) -> str:
+    """``"XYZ tiles"``, ``"WMTS"``, ``"WMS"``, ``"raster file"`` or the provider's name, for messages."""
+    provider = layer.providerType()
+    if provider == "wms":
+        src = layer.source()
+        if "type=xyz" in src:
+            return "XYZ tiles"
+        return "WMTS" if "tileMatrixSet=" in src else "WMS"
+    return "raster file" if provider == "gdal" else f"{provider} layer"
+
+
+def _web_grid(name: str, kind: str, grid: tuple[QgsRectangle, float] | None) -> tuple[int, int, Affine]:
+    """The pixel grid of a web layer: ``(width, height, transform)`` over ``grid = (extent, units_per_pixel)``."""
+    if grid is None:
+        raise ConfigError(
+            f"{name} is a web layer ({kind}): it has no pixels of its own until an area and a ground resolution are "
+            "chosen; choose an area (the canvas extent, a drawn rectangle or polygons) and a ground resolution"
+        )
+    extent, upp = grid
+    if isinstance(upp, bool) or not isinstance(upp, (int, float)) or not math.isfinite(upp) or upp <= 0:
+        raise ConfigError(f"the ground resolution of {name} must be > 0 map units per pixel, got {upp!r}")
+    if extent is None or extent.isNull() or extent.isEmpty() or not (extent.width() > 0 and extent.height() > 0):
+        raise ExtentError(f"{name} is a web layer ({kind}) and the chosen area is empty; choose an extent with an area")
+    w = max(1, math.ceil(extent.width() / upp - 1e-6))
+    h = max(1, math.ceil(extent.height() / upp - 1e-6))
+    if w * h > MAX_WEB_PIXELS:
+        raise ConfigError(
+            f"reading {name} over that area at {upp:g} map units per pixel would take {w} x {h} pixels; choose a "
+            "smaller area or a coarser ground resolution"
+        )
+    return w, h, Affine(float(upp), 0.0, extent.xMinimum(), 0.0, -float(upp), extent.yMaximum())
+
+
+def crs_units_per_metre(crs: QgsCoordinateReferenceSystem, extent: QgsRectangle) -> float | tuple[float, float]:
+    """Metres -> CRS units, as :func:`~geo_r1_qgis.core.geometry.gsd_to_scale` takes them (see the module docstring).
+
+    Geographic CRS: ``(degrees of longitude, degrees of latitude)`` per metre at the extent's centre
+    latitude. Projected CRS: 1 / (metres per unit). A CRS of unknown units is an error.
+    """
+    if crs.isGeographic():
+        lat = extent.center().y()
+        return degrees_per_metre(max(-89.0, min(89.0, lat)))
+    units = crs.mapUnits()
+    factor = QgsUnitTypes.fromUnitToUnitFactor(units, _METRES)
+    if units == _UNKNOWN_UNIT or not (factor > 0 and math.isfinite(factor)):
+        raise ConfigError(
+            f"the CRS {crs.authid() or crs.description()} has no known length unit, so a ground resolution in metres "
+            "cannot be converted; leave the ground resolution at native (0), or reproject the raster"
+        )
+    return 1.0 / factor
+
+
+def _check_resolution(metres_per_pixel: Any) -> float:
+    if isinstance(metres_per_pixel, bool) or not isinstance(metres_per_pixel, (int, float)):
+        raise ConfigError(f"the ground resolution must be a number of metres per pixel, got {metres_per_pixel!r}")
+    if not (math.isfinite(metres_per_pixel) and metres_per_pixel > 0):
+        raise ConfigError(
+            f"the ground resolution must be > 0 metres per pixel, got {metres_per_pixel!r}; e.g. 0.3, or leave it "
+            "empty (0) for the raster's own"
+        )
+    return float(metres_per_pixel)
+
+
+def scale_for_resolution(layer: QgsRasterLayer, metres_per_pixel: float | None) -> float:
+    """The :attr:`GroundingJob.scale` that reads a raster file at ``metres_per_pixel`` (``None`` or 0: native, 1.0).
+
+    ``scale > 1`` reads coarser than the raster (box-averaged), ``< 1`` finer (nearest neighbour): a
+    0.3 m choice on a 0.1 m raster is 3.0. Web layers have no native grid: :func:`prepare_input`
+    builds theirs at the resolution directly (their scale is 1).
+    """
+    _check_raster_layer(layer)
+    if metres_per_pixel is None or metres_per_pixel == 0:
+        return 1.0
+    metres = _check_resolution(metres_per_pixel)
+    if is_web_layer(layer):
+        raise ConfigError(
+            f"{layer.name()} is a web layer ({layer_kind(layer)}), with no native resolution to scale from; "
+            "prepare_input reads it at the ground resolution directly"
+        )
+    ext = layer.extent()
+    native = Affine(ext.width() / layer.width(), 0.0, ext.xMinimum(), 0.0, -ext.height() / layer.height(),
+                    ext.yMaximum())  # fmt: skip
+    return gsd_to_scale(metres, native, crs_units_per_metre(layer.crs(), ext))
+
+
+def web_default_resolution(layer: QgsRasterLayer) -> float:
+    """A web layer's default resolution in its CRS units: its finest native resolution (deepest zoom level)."""
+    provider = layer.dataProvider()
+    resolutions = [r for r in (provider.nativeResolutions() if provider is not None else []) if r > 0]
+    if not resolutions:
+        raise ConfigError(
+            f"{layer.name()} is a web layer ({layer_kind(layer)}) that reports no resolution of its own: choose a "
+            "ground resolution in metres per pixel"
+        )
+    return float(min(resolutions))
+
+
+# --------------------------------------------------------------------------------------------------
+# Areas: polygons from a layer's selection, or from a Processing feature source
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MapArea:
+    """Polygons in map coordinates (``crs``), before they are taken to a raster's pixels."""
+
+    geometries: tuple[QgsGeometry, ...]
+    crs: QgsCoordinateReferenceSystem
+    name: str = "the polygons"
+
+    def in_crs(
+        self, crs: QgsCoordinateReferenceSystem, context: QgsCoordinateTransformContext | None = None
+    ) -> MapArea:
+        """The same polygons reprojected to ``crs`` (QgsCoordinateTransform, the project's datum transforms)."""
+        if not self.crs.isValid():
+            raise NotGeoreferencedError(f"{self.name} have no CRS; set the polygon layer's CRS first")
+        if self.crs == crs:
+            return self
+        ctx = context if context is not None else QgsProject.instance().transformContext()
+        ct = QgsCoordinateTransform(self.crs, crs, ctx)
+        out = []
+        for g in self.geometries:
+            g2 = QgsGeometry(g)
+            try:
+                g2.transform(ct)
+            except Exception as exc:  # QgsCsException: a polygon outside the CRS's area of use
+                raise ExtentError(
+                    f"{self.name} cannot be reprojected from {self.crs.authid()} to {crs.authid()} ({exc}); select "
+                    "polygons over the raster"
+                ) from None
+            out.append(g2)
+        return MapArea(tuple(out), QgsCoordinateReferenceSystem(crs), self.name)
+
+    def bounds(self) -> QgsRectangle:
+        box = QgsRectangle(self.geometries[0].boundingBox())
+        for g in self.geometries[1:]:
+            box.combineExtentWith(g.boundingBox())
+        return box
+
+    def to_pixels(self, transform: Affine) -> tuple[AreaPolygon, ...]:
+        """Each polygon part as an :class:`AreaPolygon` in the pixels of ``transform`` (holes kept)."""
+        out = []
+        for g in self.geometries:
+            abstract = g.constGet()
+            if abstract is not None and abstract.hasCurvedSegments():
+                g = QgsGeometry(abstract.segmentize())
+            parts = g.asMultiPolygon() if g.isMultipart() else [g.asPolygon()]
+            for rings in parts:
+                if not rings or len(rings[0]) < 4:
+                    continue
+                px = [tuple(transform.inverse_apply(p.x(), p.y()) for p in ring) for ring in rings]
+                try:
+                    out.append(AreaPolygon(px[0], tuple(r for r in px[1:] if len(r) >= 4)))
+                except ConfigError:
+                    log.info("%s: a part with no area is left out", self.name)
+        if not out:
+            raise ConfigError(f"{self.name} hold no polygon with an area; select polygons with an area")
+        return tuple(out)
+
+
+def _polygon_geometries(features: Any, name: str) -> tuple[QgsGeometry, ...]:
+    geoms = tuple(QgsGeometry(f.geometry()) for f in features if f.hasGeometry() and not f.geometry().isEmpty())
+    if not geoms:
+        raise ConfigError(f"{name} hold no geometry; select polygons with a geometry")
+    return geoms
+
+
+def selected_area(layer: QgsVectorLayer) -> MapArea:
+    """The selected features of a polygon layer, in its CRS. Errors: not a polygon layer, nothing selected."""
+    from .compat import GEOMETRY_POLYGON
+
+    if not isinstance(layer, QgsVectorLayer) or not layer.isValid():
+        name = layer.name() if isinstance(layer, QgsMapLayer) else repr(layer)
+        raise ConfigError(f"{name} is not a valid vector layer; pick a polygon layer")
+    if layer.geometryType() != GEOMETRY_POLYGON:
+        raise ConfigError(
+            f"the layer {layer.name()} holds no polygons (its geometries are not polygons); pick a polygon layer, "
+            "or draw the area as a rectangle"
+        )
+    if layer.selectedFeatureCount() == 0:
+        raise ConfigError(
+            f"no feature of {layer.name()} is selected; select the polygons to search in (Select Features tool), "
+            "or choose another area"
+        )
+    name = f"the {layer.selectedFeatureCount()} selected polygon(s) of {layer.name()}"
+    return MapArea(_polygon_geometries(layer.getSelectedFeatures(), name), QgsCoordinateReferenceSystem(layer.crs()),
+                   name)  # fmt: skip
+
+
+def features_area(features: Any, crs: QgsCoordinateReferenceSystem, name: str = "the area's polygons") -> MapArea:
+    """A :class:`MapArea` from any features (a Processing feature source gives them, selection applied)."""
+    return MapArea(_polygon_geometries(features, name), QgsCoordinateReferenceSystem(crs), name)
+
+
+def area_from_selection(
+    polygon_layer: QgsVectorLayer,
+    raster: QgsRasterLayer | QgisRasterSource,
+    context: QgsCoordinateTransformContext | None = None,
+) -> tuple[AreaPolygon, ...]:
+    """The selected polygons of ``polygon_layer`` in the pixels of ``raster``, for :attr:`GroundingJob.area_polygons`.
+
+    Reprojected to the raster's CRS; multipolygons give one :class:`AreaPolygon` per part, holes kept
+    (a hole is outside). ``raster`` is a raster file's layer, or the :class:`QgisRasterSource` a run
+    reads (whose pixels a web layer's grid defines).
+    """
+    if isinstance(raster, QgisRasterSource):
+        transform, crs = raster.transform, raster.crs
+    else:
+        _check_raster_layer(raster)
+        if is_web_layer(raster):
+            raise ConfigError(
+                f"{raster.name()} is a web layer ({layer_kind(raster)}), whose pixels exist only once an area and a "
+                "resolution are chosen: pass its QgisRasterSource (prepare_input does it all)"
+            )
+        ext = raster.extent()  # only the georeferencing is needed
+        transform = Affine(ext.width() / raster.width(), 0.0, ext.xMinimum(), 0.0, -ext.height() / raster.height(),
+                           ext.yMaximum())  # fmt: skip
+        crs = raster.crs()
+    return selected_area(polygon_layer).in_crs(crs, context).to_pixels(transform)
+
+
+# --------------------------------------------------------------------------------------------------
+# Everything a run reads, in one call (the panel and Processing)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RasterInput:
+    """What :func:`prepare_input` decided: the source and the job's ``scale``, ``window`` and ``area_polygons``."""
+
+    source: QgisRasterSource
+    scale: float
+    window: PixelBox | None
+    area_polygons: tuple[AreaPolygon, ...] | None
+    #: map units of the layer's CRS per tile pixel (the ground resolution as read)
+    units_per_pixel: float
+
+
+def prepare_input(
+    layer: QgsRasterLayer,
+    *,
+    bands: Sequence[int] | None = None,
+    extent: QgsRectangle | None = None,
+    extent_crs: QgsCoordinateReferenceSystem | None = None,
+    metres_per_pixel: float | None = None,
+    area: MapArea | None = None,
+    context: QgsCoordinateTransformContext | None = None,
+) -> RasterInput:
+    """Open ``layer`` for a run over ``extent`` and/or the polygons ``area``, at ``metres_per_pixel``.
+
+    ``extent`` is in ``extent_crs`` (default: the layer's CRS); ``None`` is the whole raster (or, for a
+    web layer, the polygons' bounding box: a web layer needs an extent or polygons). ``metres_per_pixel``
+    ``None``/0 is the raster's own resolution (for a web layer, its finest native resolution).
+    Then ``GroundingJob(..., scale=r.scale, window=r.window, area_polygons=r.area_polygons)``.
+    """
+    _check_raster_layer(layer)
+    ctx = context if context is not None else QgsProject.instance().transformContext()
+    crs = layer.crs()
+    if extent is not None and (extent.isNull() or extent.isEmpty()):
+        extent = None
+    if extent is not None and extent_crs is not None and extent_crs.isValid() and extent_crs != crs:
+        extent = QgsCoordinateTransform(extent_crs, crs, ctx).transformBoundingBox(extent)
+    area_map = area.in_crs(crs, ctx) if area is not None else None
+    metres = None if metres_per_pixel in (None, 0, 0.0) else _check_resolution(metres_per_pixel)
+    if is_web_layer(layer):
+        if extent is None and area_map is None:
+            raise ConfigError(
+                f"{layer.name()} is a web layer ({layer_kind(layer)}), which has no extent of its own to search: "
+                "choose the canvas extent, draw a rectangle, or select polygons"
+            )
+        grid_extent = QgsRectangle(extent) if extent is not None else area_map.bounds()
+        if extent is not None and area_map is not None:
+            grid_extent = grid_extent.intersect(area_map.bounds())
+            if grid_extent.isEmpty():
+                raise ExtentError("the chosen extent and the polygons do not overlap; pick polygons inside the extent")
+        if metres is None:
+            upp = web_default_resolution(layer)
+        else:
+            units = crs_units_per_metre(crs, grid_extent)
+            ux, uy = (units, units) if isinstance(units, float) else units
+            upp = metres * math.sqrt(ux * uy)
+        source = QgisRasterSource(layer, bands, grid=(grid_extent, upp))
+        scale, window = 1.0, None
+    else:
+        source = QgisRasterSource(layer, bands)
+        scale = scale_for_resolution(layer, metres)
+        window = None
+        if extent is not None:
+            window = window_from_map_bbox(extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum(),
+                                          source.transform, source.width, source.height)  # fmt: skip
+        px, py = source.transform.pixel_size
+        upp = math.sqrt(px * py) * scale
+    polygons = area_map.to_pixels(source.transform) if area_map is not None else None
+    return RasterInput(source, scale, window, polygons, float(upp))
 
 
 # --------------------------------------------------------------------------------------------------
