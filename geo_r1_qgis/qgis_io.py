@@ -31,9 +31,9 @@ Reading, the rules of ``engine/rasters.py``
   settings are left alone). At the native resolution the pixels are exactly the command line's.
   QGIS 3.22's ``block()`` only decimates (nearest neighbour; provider resampling does not apply to
   it), so a downsampled tile is read at up to ``MAX_SUPERSAMPLING`` samples per output pixel and
-  axis and box-averaged over valid samples: close to GDAL's ``average``, not bit-identical. An
-  upsampled tile (never asked for by Processing, whose scale is 1) is nearest neighbour where the
-  command line is bilinear.
+  axis and box-averaged over valid samples: close to GDAL's ``average``, not bit-identical (exact
+  for a whole-number scale up to 4, e.g. 0.3 m read from 0.1 m). An upsampled tile (a ground
+  resolution finer than the raster's) is nearest neighbour where the command line is bilinear.
 * **Bands.** ``bands`` (1-based, one or three) if given; else the bands whose colour interpretation
   is red, green and blue; else the first three non-alpha bands; a raster with fewer than three bands
   has its first band replicated into three channels.

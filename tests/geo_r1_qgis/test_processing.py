@@ -453,8 +453,8 @@ def test_algorithm_is_registered(qgis):
     assert alg is not None and alg.displayName() == "Ground an expression on a raster"
     assert alg.provider().name() == "Geo-R1" and not alg.provider().icon().isNull()
     names = [p.name() for p in alg.parameterDefinitions()]
-    for name in ("INPUT", "EXPRESSION", "MODE", "TILE_SIZE", "OVERLAP", "BANDS", "EXTENT", "ENGINE_URL",
-                 "TOKEN_FILE", "MAX_NEW_TOKENS", "OUTPUT"):  # fmt: skip
+    for name in ("INPUT", "EXPRESSION", "MODE", "TILE_SIZE", "OVERLAP", "BANDS", "EXTENT", "GROUND_RESOLUTION",
+                 "AREA", "ENGINE_URL", "TOKEN_FILE", "MAX_NEW_TOKENS", "OUTPUT"):  # fmt: skip
         assert name in names
     assert "reasoning" in alg.shortHelpString() and "geo-r1 serve" in alg.shortHelpString()
 
