@@ -2,8 +2,9 @@
 
 Qwen2-VL's PIL image processor spends most of its 13-24 ms per 504x504 tile on float64 rescale and
 normalise passes and array copies (BENCHMARKS.md). For an image that ``smart_resize`` leaves unchanged
-(sides multiples of 28 within the pixel bounds: every default tile), the whole job is one fused
-``x * a + b`` in float32 and a reshape, done here in torch. The result equals the processor's: the same
+(sides multiples of 28 within the pixel bounds: every default tile), the whole job is a reorder of the
+pixels into patches, ``x * a + b`` per channel in float32 and one write of the two temporal frames, done here
+in numpy on the bytes Pillow holds. The result equals the processor's: the same
 ``image_grid_thw``, ``input_ids``, ``attention_mask`` and ``mm_token_type_ids``, and ``pixel_values`` within
 1e-6 (tested). Anything else (an image that needs resizing, a processor with other settings) returns None
 and the caller uses the processor as before.
@@ -38,6 +39,7 @@ def _settings(image_processor: Any) -> tuple[float, list[float], list[float], in
 def fast_pixel_values(images: Sequence[Any], image_processor: Any) -> tuple[Any, Any] | None:
     """``(pixel_values, image_grid_thw)`` as the Qwen2-VL image processor computes them, or None when any
     image would be resized (or the processor is configured in a way this path does not cover)."""
+    import numpy as np
     import torch
 
     settings = _settings(image_processor)
@@ -48,24 +50,35 @@ def fast_pixel_values(images: Sequence[Any], image_processor: Any) -> tuple[Any,
         w, h = im.size
         if getattr(im, "mode", "RGB") != "RGB" or smart_resize(h, w, QWEN_FACTOR, min_pixels, max_pixels) != (h, w):
             return None
-    # (x * rescale - mean) / std == x * a + b, per channel. The patch reordering is done on the uint8
-    # pixels (a quarter of the bytes), then converted and scaled in one pass, then each frame doubled.
-    a = torch.tensor([rescale / s for s in std], dtype=torch.float32).view(1, 1, 1, 1, 3, 1, 1)
-    b = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], dtype=torch.float32).view(1, 1, 1, 1, 3, 1, 1)
+    # (x * rescale - mean) / std == x * a + b, per channel, in float32 as before (within 1e-6 of the processor)
+    a = [np.float32(rescale / s) for s in std]
+    b = [np.float32(-m / s) for m, s in zip(mean, std, strict=True)]
     grids = [[1, im.size[1] // patch, im.size[0] // patch] for im in images]
     rows = [g[1] * g[2] for g in grids]
-    out = torch.empty(sum(rows), 3 * temporal * patch * patch, dtype=torch.float32)  # written in place, no concat
+    area = patch * patch
+    out = np.empty((sum(rows), 3, temporal, area), dtype=np.float32)  # written in place, no concat
+    # Pixels move as whole RGBX words (two pixels at once when the patch side is even), so the patch reorder
+    # copies a few large elements instead of 3 bytes per pixel; numpy's loops here run several times faster
+    # than torch's for these shapes (BENCHMARKS.md, "Engine review (issue 7)").
+    word = np.int64 if patch % 2 == 0 else np.int32
+    per = patch * 4 // np.dtype(word).itemsize  # words per patch row
     start = 0
     for im, (_, gh, gw), n in zip(images, grids, rows, strict=True):
-        pixels = bytearray(im.tobytes())  # writable, so torch does not warn; 0.1 ms for a 504x504 tile
-        x = torch.frombuffer(pixels, dtype=torch.uint8).view(gh * patch, gw * patch, 3).permute(2, 0, 1)  # C, H, W
-        p = x.reshape(3, gh // merge, merge, patch, gw // merge, merge, patch)
-        p = p.permute(1, 4, 2, 5, 0, 3, 6).contiguous()  # (gh', gw', mh, mw, C, ph, pw): the processor's order
-        p = p.to(torch.float32).mul_(a).add_(b)
-        dst = out[start : start + n].view(gh // merge, gw // merge, merge, merge, 3, temporal, patch, patch)
-        dst.copy_(p.unsqueeze(5).expand(*p.shape[:5], temporal, *p.shape[5:]))  # each frame twice, as one image
+        # RGBX is Pillow's own memory layout for RGB (so this is a plain copy, faster than tobytes() in RGB)
+        words = np.frombuffer(im.tobytes("raw", "RGBX"), dtype=word)
+        words = words.reshape(gh // merge, merge, patch, gw // merge, merge, per).transpose(0, 3, 1, 4, 2, 5)
+        pixels = np.ascontiguousarray(words).view(np.uint8).reshape(-1)  # (patches, P, P, RGBX): processor order
+        # One channel at a time over all patches, so each loop below runs over n*P*P values at once
+        planes = np.empty((3, n * area), dtype=np.float32)
+        for c in range(3):
+            plane = planes[c]
+            plane[...] = pixels[c::4]
+            plane *= a[c]
+            plane += b[c]
+        # (patches, C, T, P*P): each frame twice, as one image is two identical frames
+        out[start : start + n] = planes.reshape(3, n, 1, area).transpose(1, 0, 2, 3)
         start += n
-    return out, torch.tensor(grids, dtype=torch.int64)
+    return torch.from_numpy(out.reshape(sum(rows), -1)), torch.tensor(grids, dtype=torch.int64)
 
 
 _PROMPT_IDS: dict[tuple[int, str], list[int]] = {}
