@@ -75,6 +75,8 @@ class SetupDialog(QDialog):
         intro.setTextFormat(Qt.TextFormat.PlainText)
 
         self.python_combo = QComboBox()
+        self.python_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.python_combo.setMinimumContentsLength(40)
         self.python_browse = QPushButton("Browse…")
         self.python_browse.clicked.connect(self._browse_python)
         self.python_note = QLabel()
@@ -153,7 +155,7 @@ class SetupDialog(QDialog):
         lay.addWidget(self.progress)
         lay.addWidget(self.log_view, 1)
         lay.addWidget(buttons)
-        self.resize(760, 640)
+        self.resize(820, 680)
         self._set_running(False)
 
     def _fill(self) -> None:
@@ -221,7 +223,7 @@ class SetupDialog(QDialog):
             self.python_note.setText(f"This Python cannot be used: {interp.problem}.")
         else:
             v = ".".join(map(str, interp.version))
-            self.python_note.setText(f"Found Python {v} at {interp.path}; the engine venv will be made with it.")
+            self.python_note.setText(f"Found Python {v} at {interp.path}: the venv is made with it.")
 
     def _source_changed(self) -> None:
         needs_path = self.source_combo.currentData() != "index"

@@ -87,6 +87,8 @@ class Interpreter:
     has_venv: bool = False
     #: empty when usable, else what is wrong with it and what to do
     problem: str = ""
+    #: the interpreter's own ``sys.executable`` (a pyenv shim or a link reports the real file)
+    executable: str = ""
 
     @property
     def usable(self) -> bool:
@@ -95,7 +97,7 @@ class Interpreter:
     @property
     def label(self) -> str:
         v = ".".join(map(str, self.version)) if self.version else "?"
-        return f"{self.path} (Python {v})" + (f": {self.problem}" if self.problem else "")
+        return f"{self.path} (Python {v})" + (" (cannot be used)" if self.problem else "")
 
 
 def probe_interpreter(path: Path | str, timeout: float = 30) -> Interpreter:
@@ -109,7 +111,7 @@ def probe_interpreter(path: Path | str, timeout: float = 30) -> Interpreter:
         data = json.loads(proc.stdout.strip().splitlines()[-1])
         version = tuple(int(v) for v in data["version"])
     except (ValueError, KeyError, IndexError, TypeError):
-        tail = (proc.stdout + proc.stderr).strip()[-200:]
+        tail = " ".join((proc.stdout + proc.stderr).split())[-160:]
         return Interpreter(path, problem=f"it is not a working Python 3 (exit {proc.returncode}: {tail})")
     has_venv = bool(data.get("venv")) and bool(data.get("ensurepip"))
     problem = ""
@@ -118,7 +120,7 @@ def probe_interpreter(path: Path | str, timeout: float = 30) -> Interpreter:
     elif not has_venv:
         problem = ("its venv or ensurepip module is missing; on Debian/Ubuntu install python3-venv"
                    f" (sudo apt install python{version[0]}.{version[1]}-venv)")  # fmt: skip
-    return Interpreter(path, version, has_venv, problem)
+    return Interpreter(path, version, has_venv, problem, str(data.get("executable") or ""))
 
 
 def _qgis_bundle_roots() -> list[Path]:
@@ -168,7 +170,12 @@ def candidate_paths(path_env: str | None = None, home: Path | None = None) -> li
 
 def find_interpreters(path_env: str | None = None) -> list[Interpreter]:
     """Every candidate probed; usable ones first (newest Python first), then the rejected ones with the reason."""
-    found = [probe_interpreter(p) for p in candidate_paths(path_env)]
+    found, seen = [], set()
+    for interp in map(probe_interpreter, candidate_paths(path_env)):
+        real = Path(interp.executable).resolve() if interp.executable else interp.path.resolve()
+        if real not in seen:  # python3 and python3.11 shims of one pyenv version: once
+            seen.add(real)
+            found.append(interp)
     usable = sorted((i for i in found if i.usable), key=lambda i: i.version, reverse=True)
     return usable + [i for i in found if not i.usable]
 
