@@ -576,6 +576,11 @@ class GeoR1Dock(QgsDockWidget):
         elif outcome.status == "canceled":
             entry.message = "cancelled: what was found is kept; select the run and click Resume to finish it"
             self._show_partial(entry)
+        elif outcome.interrupted:
+            entry.message = (f"interrupted: the engine stopped answering ({outcome.error}). What was found is kept; "
+                             "restart the engine, then select the run and click Resume")
+            self._show_partial(entry)
+            self._push(entry.message, warning=True)
         else:
             entry.message = f"failed: {outcome.error}. What was found is kept; Resume continues the run"
             self._show_partial(entry)

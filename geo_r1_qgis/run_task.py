@@ -26,7 +26,7 @@ from qgis.core import QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
 
 from .core.client import EngineClient, read_token
-from .core.errors import ConfigError, GeoR1Error
+from .core.errors import ConfigError, EngineUnavailableError, GeoR1Error
 from .core.geometry import PixelBox, Ring, Tile, box_to_polygon
 from .core.pipeline import GroundingJob, MapDetection, RunSummary, run_grounding
 from .core.progress import ProgressTracker
@@ -111,6 +111,8 @@ class RunOutcome:
     engine_info: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    #: the engine stopped answering mid-run (crashed, killed or stopped)
+    interrupted: bool = False
 
 
 class _ForwardingSink:
@@ -203,6 +205,10 @@ class GroundingTask(QgsTask):
         try:
             summary = run_grounding(job, self.source, forwarding, client, progress=progress,
                                     is_canceled=self.isCanceled)
+        except EngineUnavailableError:
+            forwarding.mark("interrupted")  # the engine went away: resumable once it is back
+            self.outcome.interrupted = True
+            raise
         except BaseException:
             forwarding.mark("failed")
             raise

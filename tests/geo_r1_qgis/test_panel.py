@@ -354,3 +354,41 @@ def test_a_run_the_command_line_interrupted_is_resumed_from_the_panel(dock, samp
 
     assert json.loads(summary)["tiles_resumed"] == done_before
     assert _map_layer(entry).featureCount() >= 1
+
+
+def test_an_engine_killed_mid_run_interrupts_it_and_resume_finishes_it(dock, samples, canvas, tmp_path):
+    from geo_r1_qgis.settings import PluginSettings
+
+    (tmp_path / "e1").mkdir()
+    own = tp._Engine(tmp_path / "e1", tp._tiny_format_model())
+    PluginSettings.load().with_values(engine_url=own.url, token_file=str(own.token_file)).save()
+    raster = _load_raster(samples / "utm.tif", canvas)
+    _configure(dock, raster, "all bright squares", tile=84, overlap=0)
+    killed: dict[str, bool] = {}
+
+    def kill(batch):
+        if not killed:
+            os.kill(own.proc.pid, signal.SIGKILL)
+            killed["yes"] = True
+
+    entry = dock.start_run()
+    assert entry is not None, dock.status_label.text()
+    dock.task.batchCommitted.connect(kill)
+    assert spin(lambda: dock.task is None, 300), dock.status_label.text()
+    assert killed and entry.status == "failed" and entry.message.startswith("interrupted"), entry.message
+    with sqlite3.connect(str(entry.output)) as con:
+        (status,) = con.execute("SELECT status FROM geo_r1_runs WHERE run_id = ?", (entry.run_id,)).fetchone()
+        done_before = con.execute("SELECT COUNT(*) FROM geo_r1_tiles WHERE run_id = ?", (entry.run_id,)).fetchone()[0]
+    assert status == "interrupted" and done_before >= 1
+    assert "per tile" in _map_layer(entry).name()  # what was found stays on the map
+    own.stop()
+    (tmp_path / "e2").mkdir()
+    again = tp._Engine(tmp_path / "e2", tp._tiny_format_model())
+    try:
+        PluginSettings.load().with_values(engine_url=again.url, token_file=str(again.token_file)).save()
+        dock.select_run(entry)
+        dock.resume_selected()
+        assert spin(lambda: dock.task is None, 300), dock.status_label.text()
+        assert entry.status == "done", entry.message
+    finally:
+        again.stop()
