@@ -99,9 +99,13 @@ def test_interpreter_problems_are_plain_and_say_what_to_do(tmp_path):
 
 def test_finds_this_machines_python3(tmp_path):
     found = inst.find_interpreters()
+    assert found, "not even QGIS's python3 was found on PATH"
     usable = [i for i in found if i.usable]
-    assert usable, f"no usable python3 found among {[i.label for i in found]}"
-    assert all(i.version >= (3, 10) for i in usable)
+    assert all(i.version >= (3, 10) and i.has_venv for i in usable)
+    # usable ones first; an unusable one says what to do (the QGIS 3.40 chroot's python3 has no ensurepip)
+    assert found[: len(usable)] == usable
+    assert all(("python3" in i.problem and "-venv" in i.problem) or "3.10" in i.problem or "Python 3" in i.problem
+               for i in found[len(usable):])  # fmt: skip
     real = {i.path.resolve() for i in found}
     assert len(real) == len(found)  # each real interpreter once
     # a PATH of its own: the fake is found first, and a second link to the same file is not listed twice
@@ -352,11 +356,13 @@ def test_dialog_shows_the_python_found_and_cancels_an_install(qgis_app, tmp_path
     (old / "marker").write_text("the old engine")
     settings = PluginSettings(engine_venv=str(old))
     dialog = SetupDialog(None, settings=settings, gpu=GpuInfo("cpu", "nvidia-smi not found: the CPU build"))
-    usable = [i for i in inst.find_interpreters() if i.usable]
-    assert usable, "no python3 found to show"
-    assert dialog.python_combo.count() >= 1
-    assert str(usable[0].path) in dialog.python_combo.itemText(0)
-    assert dialog.python_note.text().startswith(f"Found Python {'.'.join(map(str, usable[0].version))}")
+    found = inst.find_interpreters()
+    assert found and dialog.python_combo.count() == len(found)
+    assert str(found[0].path) in dialog.python_combo.itemText(0)
+    if found[0].usable:
+        assert dialog.python_note.text().startswith(f"Found Python {'.'.join(map(str, found[0].version))}")
+    else:  # e.g. the QGIS 3.40 chroot's python3, without ensurepip: the note says why and what to do
+        assert dialog.python_note.text() == f"This Python cannot be used: {found[0].problem}."
     assert dialog.venv_edit.text() == str(old) and "without an install record" in dialog.status.text()
     assert dialog.torch_choice() == "cpu" and "nvidia-smi" in dialog.gpu_note.text()
 
