@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -33,6 +35,19 @@ def test_fast_inputs_equal_the_processors(processor, sizes):
         assert got[key].dtype == ref[key].dtype and bool((got[key] == ref[key]).all()), key
     assert got["pixel_values"].shape == ref["pixel_values"].shape
     assert float((got["pixel_values"] - ref["pixel_values"]).abs().max()) <= 1e-6
+
+
+def test_an_odd_patch_side_moves_pixels_one_word_at_a_time(processor):
+    # The fast path moves two RGBX pixels as one 8-byte word when the patch side is even (14); with an odd
+    # side (7 x merge 4, still 28) it moves one pixel per 4-byte word. The processor itself is the reference.
+    image_processor = copy.deepcopy(processor.image_processor)
+    image_processor.patch_size, image_processor.merge_size = 7, 4
+    images = _images([(56, 84), (112, 56)], seed=1)
+    ref = image_processor(images=images, return_tensors="pt")
+    got = fast_pixel_values(images, image_processor)
+    assert got is not None and bool((got[1] == ref["image_grid_thw"]).all())
+    assert got[0].shape == ref["pixel_values"].shape == (12 * 8 + 8 * 16, 3 * 2 * 7 * 7)
+    assert float((got[0] - ref["pixel_values"]).abs().max()) <= 1e-6
 
 
 @pytest.mark.parametrize("size", [(512, 512), (100, 130), (20, 20)])
