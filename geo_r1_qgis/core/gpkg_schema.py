@@ -15,6 +15,7 @@ Layout of one file (it may hold many runs)
 ``<layer>_tiles_raw``
     Every per-tile detection before merging (the same fields plus the box in raster pixels,
     ``px_x1 .. px_y2``; :data:`RAW_FIELDS`), written as the run goes. It is what a resumed run merges again.
+    It is created, empty, when the run starts, so a viewer can open it at once and reload it as tiles finish.
 ``geo_r1_tiles`` (no geometry; :data:`TILES_FIELDS`)
     One row per finished tile: run_id, tile_id, status (``done`` / ``skipped``), n_boxes, the
     window in raster pixels, written time. **This table is the record of progress.**
@@ -65,6 +66,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
+from .area import area_digest
 from .errors import ConfigError, OutputError
 from .geometry import PixelBox, Ring, Tile, polygon_to_wkb
 from .merge import Detection
@@ -246,8 +248,9 @@ def job_parameters(
     dst_crs: str | None = None,
 ) -> dict[str, Any]:
     """:func:`run_parameters` of a :class:`~geo_r1_qgis.core.pipeline.GroundingJob` (what the plugin runs):
-    ``raster`` through :func:`canonical_raster_path`, ``gsd`` and ``bbox`` as the user gave them."""
-    return run_parameters(
+    ``raster`` through :func:`canonical_raster_path`, ``gsd`` and ``bbox`` as the user gave them. A polygon
+    area adds ``"area"`` (its :func:`~geo_r1_qgis.core.area.area_digest`), so only the same area resumes."""
+    params = run_parameters(
         raster=canonical_raster_path(raster),
         expression=job.expression,
         mode=job.mode,
@@ -264,6 +267,9 @@ def job_parameters(
         min_score=job.min_score,
         scale=job.scale,
     )
+    if job.area_polygons is not None:
+        params["area"] = area_digest(job.area_polygons)
+    return params
 
 
 _DRIVER_PREFIX = re.compile(r"^[A-Z][A-Z0-9_]+:")
@@ -566,6 +572,7 @@ class GeoPackageRun:
                 )
         sink = cls(path, writer=writer, run_id=run_id, layer=name, meta=meta, crs=crs, resume=False)
         sink._write_run_row(params_json, raster, engine)
+        sink._write_features(sink.raw_layer, [], raw=True)  # empty: a viewer can open it before the first tile
         return sink
 
     def run_row(self, params_json: str, raster: Mapping[str, Any], engine: Mapping[str, Any]) -> list[Any]:
