@@ -36,6 +36,36 @@ def _settings(image_processor: Any) -> tuple[float, list[float], list[float], in
         return None
 
 
+def patch_pixels(image: Any, patch: int, merge: int) -> Any:
+    """The RGBX bytes of an RGB image whose sides are multiples of ``patch * merge``, reordered into the
+    processor's patch order: a flat uint8 array of (patches, P, P, RGBX), patches row by row in merge blocks.
+
+    RGBX is how Pillow holds an RGB image, so ``tobytes`` only copies it (faster than packing RGB), and the
+    reorder moves whole words, two pixels at once when ``patch`` is even, instead of single bytes."""
+    import numpy as np
+
+    w, h = image.size
+    word = np.int64 if patch % 2 == 0 else np.int32
+    per_row = patch * 4 // np.dtype(word).itemsize  # words per patch row
+    words = np.frombuffer(image.tobytes("raw", "RGBX"), dtype=word)
+    words = words.reshape(h // (patch * merge), merge, patch, w // (patch * merge), merge, per_row)
+    return np.ascontiguousarray(words.transpose(0, 3, 1, 4, 2, 5)).view(np.uint8).reshape(-1)
+
+
+def normalised_planes(pixels: Any, a: Sequence[Any], b: Sequence[Any]) -> Any:
+    """``x * a[c] + b[c]`` in float32 for channel c of the RGBX ``pixels``, as a (3, pixels) array: one channel
+    at a time, so each numpy loop runs over all the pixels at once."""
+    import numpy as np
+
+    planes = np.empty((3, pixels.size // 4), dtype=np.float32)
+    for c in range(3):
+        plane = planes[c]
+        plane[...] = pixels[c::4]
+        plane *= a[c]
+        plane += b[c]
+    return planes
+
+
 def fast_pixel_values(images: Sequence[Any], image_processor: Any) -> tuple[Any, Any] | None:
     """``(pixel_values, image_grid_thw)`` as the Qwen2-VL image processor computes them, or None when any
     image would be resized (or the processor is configured in a way this path does not cover)."""
@@ -50,32 +80,18 @@ def fast_pixel_values(images: Sequence[Any], image_processor: Any) -> tuple[Any,
         w, h = im.size
         if getattr(im, "mode", "RGB") != "RGB" or smart_resize(h, w, QWEN_FACTOR, min_pixels, max_pixels) != (h, w):
             return None
-    # (x * rescale - mean) / std == x * a + b, per channel, in float32 as before (within 1e-6 of the processor)
+    # (x * rescale - mean) / std == x * a + b, per channel, in float32 (within 1e-6 of the processor)
     a = [np.float32(rescale / s) for s in std]
     b = [np.float32(-m / s) for m, s in zip(mean, std, strict=True)]
     grids = [[1, im.size[1] // patch, im.size[0] // patch] for im in images]
     rows = [g[1] * g[2] for g in grids]
     area = patch * patch
-    out = np.empty((sum(rows), 3, temporal, area), dtype=np.float32)  # written in place, no concat
-    # Pixels move as whole RGBX words (two pixels at once when the patch side is even), so the patch reorder
-    # copies a few large elements instead of 3 bytes per pixel; numpy's loops here run several times faster
-    # than torch's for these shapes (BENCHMARKS.md, "Engine review (issue 7)").
-    word = np.int64 if patch % 2 == 0 else np.int32
-    per = patch * 4 // np.dtype(word).itemsize  # words per patch row
+    # Fresh for each call (the model may still hold the last one), written in place: no concat, no torch copy
+    out = np.empty((sum(rows), 3, temporal, area), dtype=np.float32)
     start = 0
-    for im, (_, gh, gw), n in zip(images, grids, rows, strict=True):
-        # RGBX is Pillow's own memory layout for RGB (so this is a plain copy, faster than tobytes() in RGB)
-        words = np.frombuffer(im.tobytes("raw", "RGBX"), dtype=word)
-        words = words.reshape(gh // merge, merge, patch, gw // merge, merge, per).transpose(0, 3, 1, 4, 2, 5)
-        pixels = np.ascontiguousarray(words).view(np.uint8).reshape(-1)  # (patches, P, P, RGBX): processor order
-        # One channel at a time over all patches, so each loop below runs over n*P*P values at once
-        planes = np.empty((3, n * area), dtype=np.float32)
-        for c in range(3):
-            plane = planes[c]
-            plane[...] = pixels[c::4]
-            plane *= a[c]
-            plane += b[c]
-        # (patches, C, T, P*P): each frame twice, as one image is two identical frames
+    for im, n in zip(images, rows, strict=True):
+        planes = normalised_planes(patch_pixels(im, patch, merge), a, b)
+        # (patches, C, T, P*P): each frame written twice by one broadcast, as one image is two identical frames
         out[start : start + n] = planes.reshape(3, n, 1, area).transpose(1, 0, 2, 3)
         start += n
     return torch.from_numpy(out.reshape(sum(rows), -1)), torch.tensor(grids, dtype=torch.int64)
