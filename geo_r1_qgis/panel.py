@@ -97,6 +97,8 @@ class RunEntry:
     first_feature_s: float | None = None
     #: the parameters JSON of a run found in a GeoPackage (not started in this session)
     file_parameters: str = ""
+    #: the raster source the run read (a web layer's grid is the run's own), reused to resume it
+    source: Any = None
 
 
 #: every run since QGIS started, newest last
@@ -302,13 +304,6 @@ class GeoR1Dock(QgsDockWidget):
             raise ConfigError("choose a raster layer to search (add one to the project first)")
         return layer
 
-    def _map_window(self, rect: QgsRectangle, crs: QgsCoordinateReferenceSystem, layer: QgsRasterLayer,
-                    source: Any) -> PixelBox:
-        if crs.isValid() and crs != layer.crs():
-            rect = QgsCoordinateTransform(crs, layer.crs(), QgsProject.instance()).transformBoundingBox(rect)
-        return window_from_map_bbox(rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum(),
-                                    source.transform, source.width, source.height)
-
     def build_request(self, resume: RunEntry | None = None) -> tuple[RunRequest, Any, QgsRasterLayer]:
         """The run the inputs describe (or the run to resume) and its raster source. Raises GeoR1Error."""
         self.settings = PluginSettings.load()
@@ -318,7 +313,7 @@ class GeoR1Dock(QgsDockWidget):
             layer = QgsProject.instance().mapLayer(resume.raster_layer_id)
             if not isinstance(layer, QgsRasterLayer):
                 raise ConfigError("the raster of that run is no longer in the project; add it again to resume")
-            source = self._source(layer, resume.request.scale)
+            source = resume.source if resume.source is not None else self._source(layer, resume.request.scale)
             req = resume.request
             from dataclasses import replace
 
@@ -332,66 +327,56 @@ class GeoR1Dock(QgsDockWidget):
         output = Path(self.output_widget.filePath().strip() or str(self._default_output()))
         if output.suffix.lower() != ".gpkg":
             output = output.with_suffix(".gpkg")
-        scale = self._scale(layer)
-        source = self._source(layer, scale)
-        window, polygons = self._area(layer, source)
         advice = tile_size_advice(self.tile_spin.value())
         if advice:
             self.set_status(advice)
+        from .qgis_io import prepare_input
+
+        extent, extent_crs, area = self._area()
+        gsd = self.gsd_spin.value() or None
+        prepared = prepare_input(layer, extent=extent, extent_crs=extent_crs, metres_per_pixel=gsd, area=area,
+                                 context=QgsProject.instance().transformContext())  # fmt: skip
         req = RunRequest(
             expression=expression,
             mode=self.mode_combo.currentData(),
             output=output,
             engine_url=self.settings.engine_url,
             token_file=self.settings.token_file or None,
-            window=window,
-            area_polygons=polygons,
-            scale=scale,
+            window=prepared.window,
+            area_polygons=prepared.area_polygons,
+            scale=prepared.scale,
             tile_size=self.tile_spin.value(),
             overlap=self.overlap_spin.value(),
             max_new_tokens=self.settings.max_new_tokens or None,
             raster_name=layer.name(),
             raster_path=layer.source(),
-            gsd=self.gsd_spin.value() or None,
+            gsd=gsd,
         )
-        return req, source, layer
-
-    def _scale(self, layer: QgsRasterLayer) -> float:
-        gsd = self.gsd_spin.value()
-        if gsd <= 0:
-            return 1.0
-        from . import qgis_io
-
-        if not hasattr(qgis_io, "scale_for_resolution"):
-            raise ConfigError("reading at another ground resolution is not available in this build; use 'native'")
-        return float(qgis_io.scale_for_resolution(layer, gsd))
+        return req, prepared.source, layer
 
     def _source(self, layer: QgsRasterLayer, scale: float) -> Any:
         return QgisRasterSource(layer)
 
-    def _area(self, layer: QgsRasterLayer, source: Any) -> tuple[PixelBox | None, Any]:
+    def _area(self) -> tuple[QgsRectangle | None, QgsCoordinateReferenceSystem | None, Any]:
+        """The chosen area as (extent, its CRS, polygons) for :func:`qgis_io.prepare_input`."""
         kind = self.area_combo.currentData()
         if kind == AREA_LAYER:
-            return None, None
+            return None, None, None
         if kind == AREA_CANVAS:
             if self.canvas is None:
-                return None, None
-            return self._map_window(self.canvas.extent(), self.canvas.mapSettings().destinationCrs(), layer,
-                                    source), None
+                return None, None, None
+            return QgsRectangle(self.canvas.extent()), self.canvas.mapSettings().destinationCrs(), None
         if kind == AREA_DRAWN:
             if self.drawn_extent is None:
                 raise ConfigError("no rectangle drawn yet: click Draw and drag a rectangle on the map")
             rect, crs = self.drawn_extent
-            return self._map_window(rect, crs, layer, source), None
+            return rect, crs, None
         polygons_layer = self.polygon_combo.currentLayer()
         if not isinstance(polygons_layer, QgsVectorLayer):
             raise ConfigError("choose the polygon layer whose selected features bound the search")
-        from . import qgis_io
+        from .qgis_io import selected_area
 
-        if not hasattr(qgis_io, "area_from_selection"):
-            raise ConfigError("searching inside polygons is not available in this build; choose another area")
-        polygons = qgis_io.area_from_selection(polygons_layer, layer)
-        return None, polygons
+        return None, None, selected_area(polygons_layer)
 
     # -- running -----------------------------------------------------------------------------------
     def start_run(self, resume: RunEntry | None = None) -> RunEntry | None:
@@ -418,6 +403,7 @@ class GeoR1Dock(QgsDockWidget):
             display_name=run_display_name(req.expression, req.mode), request=req, raster_layer_id=layer.id(),
         )
         entry.status, entry.message, entry.started, entry.first_feature_s = "running", "", time.perf_counter(), None
+        entry.source = source
         if entry not in RUNS:
             RUNS.append(entry)
         self.entry, self.task = entry, task

@@ -262,6 +262,10 @@ def open_panel_run(req: RunRequest, job: GroundingJob, source: Any, info: dict[s
         bbox = (min(xs), min(ys), max(xs), max(ys))
     params = job_parameters(job, raster=req.raster_path or req.raster_name, bands=source.bands, gsd=req.gsd,
                             bbox=bbox)  # fmt: skip
+    if job.area_polygons:  # a resumed run must search the same polygons
+        from .core.area import area_digest
+
+        params["area"] = area_digest(job.area_polygons)
     sink = OgrGeoPackageSink.open_run(
         req.output,
         crs_wkt=source.crs_wkt,

@@ -24,18 +24,14 @@ from geo_r1_qgis.core.errors import ConfigError, EmptyRasterError  # noqa: E402
 from geo_r1_qgis.core.geometry import Affine, TileGridSpec, make_tile_grid  # noqa: E402
 
 from .test_processing import GEO_R1, SHARED, _Engine, _need_venv, _Qgis, _tiny_format_model  # noqa: E402
+from .xyz_tiles import ORIGIN, make_xyz, warp_3857, xyz_uri, zoom_res  # noqa: E402
 
 pytestmark = pytest.mark.qgis
 
 NAIP = SHARED / "naip_m_4709963_se_14_20200831.tif"  # 5 m pixels, EPSG:26914, 4 bands, nodata 0
 COG = SHARED / "cog.tif"  # EPSG:4326, degrees
-#: half the Web Mercator world's width (metres)
-ORIGIN = 20037508.342789244
 XYZ_ZOOMS = (13, 14, 15)
-
-
-def _zoom_res(z: int) -> float:
-    return 2 * ORIGIN / (256 * 2**z)
+_zoom_res = zoom_res
 
 
 @pytest.fixture(scope="module")
@@ -268,10 +264,7 @@ class _Feedback(qgis_core.QgsProcessingFeedback):
 # --------------------------------------------------------------------------------------------------
 
 
-def _warp(src: Path, bounds: tuple[float, float, float, float], res: float, alg: str = "average"):
-    """``src`` warped to EPSG:3857 over ``bounds`` at ``res`` (RGB + alpha, in memory)."""
-    return gdal.Warp("", str(src), format="MEM", dstSRS="EPSG:3857", outputBounds=bounds, xRes=res, yRes=res,
-                     resampleAlg=alg, dstAlpha=True)  # fmt: skip
+_warp = warp_3857
 
 
 @pytest.fixture(scope="module")
@@ -279,29 +272,11 @@ def xyz_dir(tmp_path_factory) -> Path:
     """PNG tiles ``{z}/{x}/{y}.png`` of NAIP's RGB bands for zooms 13-15, made with GDAL the way a tile server
     does: for each zoom, one warp to EPSG:3857 aligned to the zoom's tile grid (average resampling), cut in
     256 x 256 tiles (alpha 0 where NAIP has no data)."""
-    gdal.UseExceptions()
-    out = tmp_path_factory.mktemp("xyz")
-    vrt = gdal.Warp("", str(_need(NAIP)), format="VRT", dstSRS="EPSG:3857")
-    gt = vrt.GetGeoTransform()
-    xmin, ymax = gt[0], gt[3]
-    xmax, ymin = xmin + gt[1] * vrt.RasterXSize, ymax + gt[5] * vrt.RasterYSize
-    for z in XYZ_ZOOMS:
-        span = 256 * _zoom_res(z)
-        tx0, tx1 = math.floor((xmin + ORIGIN) / span), math.floor((xmax + ORIGIN) / span)
-        ty0, ty1 = math.floor((ORIGIN - ymax) / span), math.floor((ORIGIN - ymin) / span)
-        left, top = -ORIGIN + tx0 * span, ORIGIN - ty0 * span
-        nx, ny = tx1 - tx0 + 1, ty1 - ty0 + 1
-        ds = _warp(NAIP, (left, top - ny * span, left + nx * span, top), _zoom_res(z))
-        for i in range(nx):
-            for j in range(ny):
-                (out / str(z) / str(tx0 + i)).mkdir(parents=True, exist_ok=True)
-                gdal.Translate(str(out / str(z) / str(tx0 + i) / f"{ty0 + j}.png"), ds, format="PNG",
-                               srcWin=(i * 256, j * 256, 256, 256), bandList=[1, 2, 3, ds.RasterCount])  # fmt: skip
-    return out
+    return make_xyz(_need(NAIP), tmp_path_factory.mktemp("xyz"), XYZ_ZOOMS)
 
 
 def _xyz_layer(qgis, tiles: Path, name: str = "naip xyz"):
-    uri = f"type=xyz&url=file://{tiles}/{{z}}/{{x}}/{{y}}.png&zmin={XYZ_ZOOMS[0]}&zmax={XYZ_ZOOMS[-1]}"
+    uri = xyz_uri(tiles, XYZ_ZOOMS)
     layer = qgis_core.QgsRasterLayer(uri, name, "wms")
     assert layer.isValid(), uri
     qgis.layers.append(layer)

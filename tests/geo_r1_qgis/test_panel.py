@@ -23,6 +23,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 qgis_core = pytest.importorskip("qgis.core", reason="PyQGIS is not importable; run under /usr/bin/python3")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import test_processing as tp  # noqa: E402  (its real-engine helpers)
+from xyz_tiles import make_xyz, xyz_uri, zoom_res  # noqa: E402
 
 pytestmark = pytest.mark.qgis
 
@@ -392,3 +393,66 @@ def test_an_engine_killed_mid_run_interrupts_it_and_resume_finishes_it(dock, sam
         assert entry.status == "done", entry.message
     finally:
         again.stop()
+
+
+def test_selected_polygons_bound_the_search(dock, samples, canvas):
+    raster = _load_raster(samples / "utm.tif", canvas)
+    ext = raster.extent()
+    # the west half of the raster, drawn in another CRS (EPSG:4326), selected in a polygon layer
+    to_ll = qgis_core.QgsCoordinateTransform(raster.crs(), qgis_core.QgsCoordinateReferenceSystem("EPSG:4326"),
+                                             QgsProject.instance())  # fmt: skip
+    west = qgis_core.QgsRectangle(ext.xMinimum(), ext.yMinimum(), ext.center().x(), ext.yMaximum())
+    geom = qgis_core.QgsGeometry.fromRect(west)
+    geom.transform(to_ll)
+    polys = qgis_core.QgsVectorLayer("Polygon?crs=EPSG:4326", "fields", "memory")
+    f = qgis_core.QgsFeature()
+    f.setGeometry(geom)
+    polys.dataProvider().addFeatures([f])
+    QgsProject.instance().addMapLayer(polys)
+    polys.selectAll()
+    _configure(dock, raster, "all bright squares")
+    dock.area_combo.setCurrentIndex(3)
+    dock.polygon_combo.setLayer(polys)
+    entry = dock.start_run()
+    assert entry is not None, dock.status_label.text()
+    assert spin(lambda: dock.task is None, 300), dock.status_label.text()
+    assert entry.status == "done", entry.message
+    final = _map_layer(entry)
+    grown = qgis_core.QgsRectangle(west)
+    grown.grow(1e-6)
+    feats = list(final.getFeatures())
+    assert feats, "nothing found in the west half"
+    assert all(grown.contains(ft.geometry().centroid().asPoint()) for ft in feats)
+    with sqlite3.connect(str(entry.output)) as con:
+        asked = con.execute("SELECT COUNT(*) FROM geo_r1_tiles WHERE run_id = ?", (entry.run_id,)).fetchone()[0]
+    assert 0 < asked < 100  # a full 112 px tiling of 1024 px is 100 tiles; only those touching the polygon
+
+
+def test_a_web_layer_from_a_local_xyz_directory(dock, samples, canvas, tmp_path):
+    zooms = (17, 18)
+    tiles = make_xyz(samples / "utm.tif", tmp_path / "xyz", zooms)
+    layer = qgis_core.QgsRasterLayer(xyz_uri(tiles, zooms), "sample xyz", "wms")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    ref = _load_raster(samples / "utm.tif", canvas)  # only to place the rectangle
+    to_3857 = qgis_core.QgsCoordinateTransform(ref.crs(), layer.crs(), QgsProject.instance())
+    inner = qgis_core.QgsRectangle(ref.extent())
+    inner.scale(0.6)
+    rect = to_3857.transformBoundingBox(inner)
+    _configure(dock, layer, "all bright squares")
+    dock.set_drawn_extent(rect, layer.crs())
+    entry = dock.start_run()
+    assert entry is not None, dock.status_label.text()
+    assert spin(lambda: dock.task is None, 300), dock.status_label.text()
+    assert entry.status == "done", entry.message
+    with sqlite3.connect(str(entry.output)) as con:
+        asked = con.execute("SELECT COUNT(*) FROM geo_r1_tiles WHERE run_id = ?", (entry.run_id,)).fetchone()[0]
+    px = rect.width() / zoom_res(zooms[-1])  # read at the finest zoom's resolution
+    assert asked >= (px // 112) ** 2
+    final = _map_layer(entry)
+    assert final.crs().authid() == "EPSG:3857"
+    grown = qgis_core.QgsRectangle(rect)
+    grown.grow(zoom_res(zooms[-1]))  # the grid covers the rectangle in whole pixels
+    outside = [ft.geometry().boundingBox().toString(2) for ft in final.getFeatures()
+               if not grown.contains(ft.geometry().boundingBox())]  # fmt: skip
+    assert not outside, (rect.toString(2), outside)
