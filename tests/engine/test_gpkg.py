@@ -160,3 +160,25 @@ def test_a_killed_writer_leaves_a_valid_resumable_file(tmp_path):
     done = again.done_tiles()
     assert len(done) > 2 and all(len(v) == 20 for v in done.values())
     assert pyogrio.read_info(out, layer=again.raw_layer)["features"] == 20 * len(done)
+
+
+def test_the_plugin_builds_the_same_run_parameters_as_the_command_line(tmp_path, monkeypatch):
+    """A run started by either side is found by the other's --resume: same parameters, same raster path."""
+    from engine.ground import GroundConfig
+    from engine.rasters import RasterioSource
+    from geo_r1_qgis.core.gpkg_schema import canonical_raster_path, job_parameters, parameters_json
+    from geo_r1_qgis.core.pipeline import GroundingJob
+
+    raster = REPO.parent / "shared" / "data" / "naip_m_4709963_se_14_20200831.tif"
+    if not raster.is_file():
+        pytest.skip(f"{raster} is missing (the shared rasters live in <repo>/../shared/data)")
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.relpath(raster)
+    cfg = GroundConfig(raster=relative, expression="all farmsteads", output=tmp_path / "o.gpkg", tile=112,
+                       overlap=16, max_new_tokens=96, batch=1)  # fmt: skip
+    job = GroundingJob(expression="all farmsteads", tile_size=112, overlap=16, max_new_tokens=96, batch_size=1)
+    with RasterioSource(relative) as src:
+        described = src.describe()["path"]
+        cli = cfg.run_parameters(described, src.bands, 1.0)
+        assert described == canonical_raster_path(relative) == str(raster.resolve())
+        assert parameters_json(job_parameters(job, raster=relative, bands=src.bands)) == parameters_json(cli)
