@@ -34,11 +34,12 @@ from qgis.PyQt.QtCore import QCoreApplication
 from .compat import FAST_INSERT, FILE_BEHAVIOR_FILE, NUMBER_DOUBLE, NUMBER_INTEGER, SOURCE_VECTOR_POLYGON, WKB_POLYGON
 from .core.client import DEFAULT_URL, EngineClient, default_token_path, read_token
 from .core.errors import EngineRequestError, EngineUnavailableError, GeoR1Error
-from .core.geometry import DEFAULT_TILE, PixelBox, tile_size_advice
+from .core.geometry import PixelBox, tile_size_advice
 from .core.merge import Detection, merge_detections
 from .core.pipeline import GroundingJob, run_grounding
 from .core.results import run_meta
 from .qgis_io import FeatureSinkResultSink, features_area, make_fields, parse_bands, prepare_input
+from .settings import PluginSettings
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +102,10 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
             "building next to the river</i>) on a georeferenced raster with a Geo-R1 model, and returns one "
             "polygon per object, in the raster's CRS.</p>"
             "<p><b>The engine.</b> The model runs in a separate process, the Geo-R1 engine, which must be "
-            f"started first: <code>geo-r1 serve --model &lt;model id or directory&gt;</code>. It listens on "
-            f"{DEFAULT_URL} and writes a token file the plugin reads (default "
-            f"<code>{default_token_path()}</code>).</p>"
+            f"started first: from the Geo-R1 panel's engine line (Start), or in a terminal with <code>geo-r1 serve "
+            "--model &lt;model id or directory&gt;</code>. The algorithm uses the engine URL and token file of "
+            f"the plugin's settings (Raster › Geo-R1 › Settings; by default {DEFAULT_URL} and "
+            f"<code>{default_token_path()}</code>) unless <i>Engine URL</i> and <i>Token file</i> are given.</p>"
             "<p><b>Parameters.</b> <i>Expression</i>: what to find. <i>Mode</i>: <b>all</b> returns every "
             "instance; <b>one</b> only the single best match (large rasters are searched coarse to fine). "
             "<i>Tile size</i> and <i>Overlap</i>: the raster is cut into tiles of this many pixels that overlap "
@@ -127,6 +129,7 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
 
     # -- parameters -------------------------------------------------------------------------------
     def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:
+        defaults = PluginSettings.load()  # the settings dialog's tile size, overlap and max new tokens
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, _tr("Raster")))
         self.addParameter(QgsProcessingParameterString(self.EXPRESSION, _tr("Expression (what to find)")))
         self.addParameter(
@@ -142,7 +145,7 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
                 self.TILE_SIZE,
                 _tr("Tile size (pixels)"),
                 NUMBER_INTEGER,
-                DEFAULT_TILE,
+                defaults.tile_size,
                 minValue=28,
                 maxValue=4096,
             )
@@ -152,7 +155,7 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
                 self.OVERLAP,
                 _tr("Tile overlap (pixels)"),
                 NUMBER_INTEGER,
-                64,
+                defaults.overlap,
                 minValue=0,
                 maxValue=2048,
             )
@@ -180,13 +183,16 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
                 optional=True,
             )
         )
-        self.addParameter(QgsProcessingParameterString(self.ENGINE_URL, _tr("Engine URL"), defaultValue=DEFAULT_URL))
+        # The engine comes from the plugin's settings unless a model or a call names another one: the
+        # defaults are empty, so a saved model follows the settings instead of a URL baked into it.
+        self.addParameter(QgsProcessingParameterString(
+            self.ENGINE_URL, _tr("Engine URL (empty: the plugin's settings)"), defaultValue="", optional=True))
         self.addParameter(
             QgsProcessingParameterFile(
                 self.TOKEN_FILE,
-                _tr("Engine token file"),
+                _tr("Engine token file (empty: the plugin's settings)"),
                 behavior=FILE_BEHAVIOR_FILE,
-                defaultValue=str(default_token_path()),
+                defaultValue=None,
                 optional=True,
                 fileFilter="All files (*)",  # the default filter (*.*) rejects a name without an extension
             )
@@ -196,7 +202,7 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
                 self.MAX_NEW_TOKENS,
                 _tr("Max new tokens per tile (0: Geo-R1's, 256 for one, 1024 for all)"),
                 NUMBER_INTEGER,
-                0,
+                defaults.max_new_tokens,
                 minValue=0,
                 maxValue=4096,
             )
@@ -222,8 +228,9 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
         advice = tile_size_advice(self.parameterAsInt(parameters, self.TILE_SIZE, context))
         if advice:
             feedback.pushWarning(advice)
-        url = self.parameterAsString(parameters, self.ENGINE_URL, context).strip() or DEFAULT_URL
-        token_file = self.parameterAsFile(parameters, self.TOKEN_FILE, context) or None
+        settings = PluginSettings.load()
+        url = self.parameterAsString(parameters, self.ENGINE_URL, context).strip() or settings.engine_url
+        token_file = self.parameterAsFile(parameters, self.TOKEN_FILE, context) or settings.token_file or None
 
         extent = None
         if parameters.get(self.EXTENT) not in (None, ""):
@@ -259,9 +266,10 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
             info = client.wait_until_ready(total_timeout_s=ENGINE_READY_TIMEOUT_S)
         except EngineUnavailableError as exc:
             raise QgsProcessingException(
-                f"the Geo-R1 engine is not running at {url}: {exc}. Start it in a terminal with "
-                "`geo-r1 serve --model <model id or directory>` (add --port and --token-file to match "
-                f"ENGINE_URL and TOKEN_FILE), then run this algorithm again"
+                f"the Geo-R1 engine is not running at {url}: {exc}. Start it with Start in the Geo-R1 panel's "
+                "engine line, or in a terminal with `geo-r1 serve --model <model id or directory>` (add --port "
+                "and --token-file to match the plugin's settings or ENGINE_URL and TOKEN_FILE), then run this "
+                "algorithm again"
             ) from None
         except EngineRequestError as exc:
             hint = (

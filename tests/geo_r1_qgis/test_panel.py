@@ -456,3 +456,23 @@ def test_a_web_layer_from_a_local_xyz_directory(dock, samples, canvas, tmp_path)
     outside = [ft.geometry().boundingBox().toString(2) for ft in final.getFeatures()
                if not grown.contains(ft.geometry().boundingBox())]  # fmt: skip
     assert not outside, (rect.toString(2), outside)
+
+
+def test_processing_takes_the_engine_from_the_plugin_settings(isolated_settings, engine, samples, qgis_app):
+    from geo_r1_qgis.settings import PluginSettings
+
+    session = tp._Qgis()
+    try:
+        raster = session.raster(samples / "utm.tif")
+        params = {"INPUT": raster, "EXPRESSION": "all bright squares", "MODE": 1, "TILE_SIZE": 224,
+                  "OVERLAP": 32, "MAX_NEW_TOKENS": 32, "OUTPUT": "TEMPORARY_OUTPUT"}  # fmt: skip
+        PluginSettings().with_values(engine_url=engine.url, token_file=str(engine.token_file)).save()
+        out = session.run(params)  # no ENGINE_URL, no TOKEN_FILE: the settings' engine
+        assert out is not None and out.isValid()
+        assert {f["model"] for f in out.getFeatures()} <= {engine.info["model"]}
+        elsewhere = f"http://127.0.0.1:{tp._free_port()}"
+        PluginSettings().with_values(engine_url=elsewhere, token_file=str(engine.token_file)).save()
+        with pytest.raises(qgis_core.QgsProcessingException, match=f"not running at {elsewhere}"):
+            session.run(params)
+    finally:
+        session.close()
