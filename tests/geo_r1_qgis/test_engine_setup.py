@@ -404,3 +404,76 @@ def _gone(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
     except (OSError, IndexError):
         return True
+
+
+@pytest.mark.slow
+def test_from_the_installed_venv_to_objects_on_the_map_through_the_gui(installed, qgis_app, tmp_path):
+    """Issue 12's promise, through the plugin's own parts only: the venv the installer built (from the wheel),
+    the engine started from it by the EngineManager (QProcess), and a run from the panel that puts objects on
+    the map; then the engine is stopped."""
+    from qgis.gui import QgsMapCanvas
+    from qgis.PyQt.QtCore import QCoreApplication
+
+    from geo_r1_qgis import engine_process as ep
+    from geo_r1_qgis.panel import RUNS, GeoR1Dock
+    from geo_r1_qgis.settings import PluginSettings
+
+    cfg, _, _ = installed
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import test_processing as tp
+
+    model, samples = tp._tiny_format_model(), tmp_path / "samples"
+    proc = host_exec.run([str(VENV_GEO_R1), "sample-data", str(samples)], timeout=120, env=tp._venv_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    old_app = QCoreApplication.applicationName()
+    QCoreApplication.setApplicationName(f"geo-r1-journey-{os.getpid()}")  # never the user's QGIS settings
+    manager = ep.EngineManager(settings=qgis_core.QgsSettings())
+    canvas, dock = QgsMapCanvas(), None
+    try:
+        PluginSettings().with_values(output_gpkg=str(tmp_path / "results.gpkg")).save()
+        start = ep.EngineStartConfig(program=engine_executable(cfg.venv), model=str(model),
+                                     token_file=tmp_path / "engine.token", log_path=tmp_path / "engine.log",
+                                     threads=1, start_timeout_s=300)  # fmt: skip
+        assert manager.start(start)
+
+        def wait(predicate, timeout: float) -> None:
+            deadline = time.monotonic() + timeout
+            while not predicate():
+                assert time.monotonic() < deadline, f"waited {timeout} s; engine log:\n{manager.log_lines[-20:]}"
+                QCoreApplication.processEvents()
+                time.sleep(0.02)
+
+        wait(lambda: manager.state != ep.STARTING, 300)
+        assert manager.state == ep.HEALTHY, manager.message
+        assert PluginSettings.load().engine_url == manager.url  # the panel will use the engine just started
+
+        raster = qgis_core.QgsRasterLayer(str(samples / "utm.tif"), "utm")
+        qgis_core.QgsProject.instance().addMapLayer(raster)
+        canvas.setDestinationCrs(raster.crs())
+        canvas.setExtent(raster.extent())
+        dock = GeoR1Dock(None, canvas=canvas)
+        dock.raster_combo.setLayer(raster)
+        dock.expression_combo.setEditText("all bright squares")
+        dock.area_combo.setCurrentIndex(1)
+        dock.tile_spin.setValue(224)
+        entry = dock.start_run()
+        assert entry is not None, dock.status_label.text()
+        wait(lambda: dock.task is None, 300)
+        assert entry.status == "done", entry.message
+        layer = qgis_core.QgsProject.instance().mapLayer(entry.map_layer_id)
+        assert layer.featureCount() >= 1
+        assert {f["model"] for f in layer.getFeatures()} == {str(model)}
+    finally:
+        if manager.state not in (ep.STOPPED, ep.CRASHED):
+            manager.stop()
+            deadline = time.monotonic() + 120
+            while manager.state != ep.STOPPED and time.monotonic() < deadline:
+                QCoreApplication.processEvents()
+                time.sleep(0.05)
+        assert manager.state == ep.STOPPED
+        RUNS.clear()
+        qgis_core.QgsProject.instance().removeAllMapLayers()
+        if dock is not None:
+            dock.deleteLater()
+        qgis_core.QgsSettings().clear()
+        QCoreApplication.setApplicationName(old_app)
