@@ -646,17 +646,20 @@ class GeoPackageRun:
         """Write the pending tiles: their raw detections, then their progress rows (see the module doc)."""
         if not self._pending_tiles:
             return
-        if self._pending_raw:
-            self._write_features(self.raw_layer, self._pending_raw, raw=True)
+        # Taken off the pending lists first: a commit interrupted anywhere (Ctrl-C lands between GDAL's
+        # commit and the return as well) is never repeated by the next commit, which would duplicate rows.
+        # Tiles whose progress rows did not make it are simply asked again on resume (module doc).
+        raw, tiles = self._pending_raw, self._pending_tiles
+        self._pending_raw, self._pending_tiles = [], []
+        if raw:
+            self._write_features(self.raw_layer, raw, raw=True)
         rows = [
             [self.run_id, tile_id, status, n, json.dumps(tile.window.as_tuple()), to_ms(t)]
-            for tile_id, tile, n, status, t in self._pending_tiles
+            for tile_id, tile, n, status, t in tiles
         ]
         self.writer.append(self.path, TILES_TABLE, TILES_FIELDS, rows)
-        for tile_id, *_ in self._pending_tiles:
+        for tile_id, *_ in tiles:
             self._done.setdefault(tile_id, [])
-        self._pending_raw = []
-        self._pending_tiles = []
 
     def finish(self, final: Sequence[MapDetection], summary: RunSummary) -> None:
         """Write the merged layer (one transaction), then mark the run done."""

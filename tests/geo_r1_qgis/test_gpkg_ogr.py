@@ -425,3 +425,58 @@ def test_the_plugin_reads_and_resumes_a_run_the_command_line_interrupted(raster,
     assert len(raw) == len(set(raw)) == summary.detections_raw
     assert list_runs(out)[0].status == "done"
     assert len(read_features(out, run.layer)) == summary.detections_final
+
+
+# --------------------------------------------------------------------------------------------------
+# GDAL's exception mode, errors, and a worker thread
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exceptions", [False, True], ids=["return-codes", "UseExceptions"])
+def test_the_writer_works_in_either_gdal_exception_mode_and_off_the_main_thread(qgis_app, tmp_path, exceptions):
+    """The host decides ogr.UseExceptions() (QGIS 3.22 leaves it off); the writer must not care, and it runs in a
+    worker thread as in a QgsTask. A write that cannot succeed is one OutputError saying what failed."""
+    import threading
+
+    from osgeo import gdal, ogr, osr
+
+    from geo_r1_qgis.core.errors import OutputError
+    from geo_r1_qgis.core.gpkg_schema import TILES_FIELDS, Field, now_utc
+    from geo_r1_qgis.gpkg_ogr import OgrWriter
+
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    before = (gdal.GetUseExceptions(), ogr.GetUseExceptions())
+    errors: list[BaseException] = []
+    out = tmp_path / "t.gpkg"
+
+    def work() -> None:
+        try:
+            sink = OgrGeoPackageSink.open_run(out, expression="x", mode="all", parameters={}, raster={}, engine={},
+                                              crs_wkt=srs.ExportToWkt())  # fmt: skip
+            sink.write_tile("r0c0", Tile(0, 0, 0, PixelBox(0, 0, 10, 10), (10, 10), T), [], "skipped")
+            sink.commit()
+            with pytest.raises(OutputError, match=r"no field nope .*not a Geo-R1 table"):
+                OgrWriter().append(out, TILES_TABLE, [*TILES_FIELDS, Field("nope", "String")], [[None] * 7])
+            with pytest.raises(OutputError, match="could not write 1 row"):
+                OgrWriter().append(tmp_path / "missing" / "x.gpkg", TILES_TABLE, TILES_FIELDS,
+                                   [["r", "t", "done", 0, "[]", now_utc()]])  # fmt: skip
+        except BaseException as exc:  # reported on the main thread
+            errors.append(exc)
+
+    if exceptions:
+        gdal.UseExceptions()
+        ogr.UseExceptions()
+    try:
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join(120)
+    finally:
+        if not exceptions:
+            assert (gdal.GetUseExceptions(), ogr.GetUseExceptions()) == before, "the writer changed GDAL's mode"
+        if not before[1]:  # undone in reverse order (GDAL keeps a stack of handlers)
+            ogr.DontUseExceptions()
+        if not before[0]:
+            gdal.DontUseExceptions()
+    assert not errors, errors
+    assert _tiles_rows(out) == [(list_runs(out)[0].run_id, "r0c0", "skipped")]

@@ -359,3 +359,35 @@ def test_mark_records_a_cancel(tmp_path):
     assert run.status == "canceled" and run.resumable and run.finished
     (summary,) = rows(out, f'SELECT summary FROM "{RUNS_TABLE}"')[0]
     assert json.loads(summary) == {"tiles_processed": 3}
+
+
+class InterruptedAfter(SqlWriter):
+    """Ctrl-C right after the append to ``table`` is on disk, before the writer returns."""
+
+    def __init__(self, table: str) -> None:
+        super().__init__()
+        self.table = table
+
+    def append(self, path, table, fields, rows, geometries=None, crs_wkt=None) -> None:
+        super().append(path, table, fields, rows, geometries, crs_wkt)
+        if table == self.table:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("after", ["raw", TILES_TABLE])
+def test_a_commit_interrupted_by_ctrl_c_is_never_written_twice(tmp_path, after):
+    """geo-r1 ground commits again when Ctrl-C lands (to keep finished tiles): that must not duplicate rows."""
+    out = tmp_path / "o.gpkg"
+    sink = open_run(out)
+    sink.writer = InterruptedAfter(sink.raw_layer if after == "raw" else TILES_TABLE)
+    sink.write_tile("r0c0", tile(0), [det(10, 10, 20, 20)], "done")
+    with pytest.raises(KeyboardInterrupt):
+        sink.commit()
+    sink.commit()
+    sink.mark("interrupted")
+    assert len(rows(out, f'SELECT * FROM "{sink.raw_layer}"')) == 1
+    marked = rows(out, f'SELECT tile_id FROM "{TILES_TABLE}"') if TILES_TABLE in list_tables(out) else []
+    assert marked == ([("r0c0",)] if after == TILES_TABLE else [])
+    again = open_run(out, resume=True)
+    assert dict(again.done_tiles()) == ({"r0c0": [det(10, 10, 20, 20).detection]} if after == TILES_TABLE else {})
+    assert len(rows(out, f'SELECT * FROM "{sink.raw_layer}"')) == (1 if after == TILES_TABLE else 0)
