@@ -131,7 +131,18 @@ class GeoR1Dock(QgsDockWidget):
     def _build(self) -> None:
         body = QWidget(self)
         outer = QVBoxLayout(body)
-        form = QFormLayout()
+        engine_group = QgsCollapsibleGroupBox("Engine", body)
+        engine_layout = QVBoxLayout(engine_group)
+        self.engine_box = self._engine_line(engine_group)
+        engine_layout.addWidget(self.engine_box)
+        outer.addWidget(engine_group)
+        self.engine_group = engine_group
+        manager = getattr(self.engine_box, "manager", None)
+        if manager is not None:  # the group's title shows the engine's state; it folds away once one answers
+            manager.stateChanged.connect(self._engine_state)
+            self._engine_state(manager.state, "")
+        search = QgsCollapsibleGroupBox("Find", body)
+        form = QFormLayout(search)
 
         self.raster_combo = QgsMapLayerComboBox(body)
         self.raster_combo.setFilters(LAYER_FILTER_RASTER)
@@ -178,7 +189,7 @@ class GeoR1Dock(QgsDockWidget):
         self.output_widget.setFilter("GeoPackage (*.gpkg)")
         self.output_widget.setFilePath(str(self._default_output()))
         form.addRow("Save to", self.output_widget)
-        outer.addLayout(form)
+        outer.addWidget(search)
 
         advanced = QgsCollapsibleGroupBox("Advanced", body)
         adv = QFormLayout(advanced)
@@ -194,10 +205,7 @@ class GeoR1Dock(QgsDockWidget):
         self.overlap_spin.setSuffix(" px")
         adv.addRow("Overlap", self.overlap_spin)
         advanced.setCollapsed(True)
-        outer.addWidget(advanced)
-
-        self.engine_box = self._engine_line(body)
-        outer.addWidget(self.engine_box)
+        form.addRow(advanced)
 
         buttons = QHBoxLayout()
         self.run_button = QPushButton("Run", body)
@@ -227,7 +235,7 @@ class GeoR1Dock(QgsDockWidget):
 
         self.results = QTreeWidget(body)
         self.results.setHeaderLabels(["Result", "Score"])
-        self.results.setColumnWidth(0, 260)
+        self.results.setColumnWidth(0, 300)
         self.results.itemClicked.connect(self._item_clicked)
         self.results.itemDoubleClicked.connect(self._item_double_clicked)
         self.results.setToolTip("Click a result to zoom to it; double-click a run to open its layer again")
@@ -246,6 +254,12 @@ class GeoR1Dock(QgsDockWidget):
             label = QLabel(f"Engine: {self.settings.engine_url}", parent)
             label.setTextFormat(Qt.TextFormat.PlainText)
             return label
+
+    def _engine_state(self, state: str, message: str) -> None:
+        from .engine_process import EXTERNAL, HEALTHY
+
+        self.engine_group.setTitle(f"Engine: {state}")
+        self.engine_group.setCollapsed(state in (HEALTHY, EXTERNAL))
 
     def _default_output(self) -> Path:
         home = QgsProject.instance().homePath()
