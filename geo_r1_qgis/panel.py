@@ -641,9 +641,12 @@ class GeoR1Dock(QgsDockWidget):
     def _push(self, text: str, warning: bool) -> None:
         if self.iface is None:
             return
+        import html
+
         from .compat import MSG_SUCCESS, MSG_WARNING
 
-        self.iface.messageBar().pushMessage("Geo-R1", text, level=MSG_WARNING if warning else MSG_SUCCESS,
+        # the message bar renders HTML: expressions and engine errors are shown as typed (escaped)
+        self.iface.messageBar().pushMessage("Geo-R1", html.escape(text), level=MSG_WARNING if warning else MSG_SUCCESS,
                                             duration=8)
 
     # -- the results list --------------------------------------------------------------------------
