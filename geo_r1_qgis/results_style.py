@@ -16,6 +16,7 @@ from qgis.core import (
     QgsGraduatedSymbolRenderer,
     QgsPalLayerSettings,
     QgsRendererRange,
+    QgsSimpleLineSymbolLayer,
     QgsTextBufferSettings,
     QgsTextFormat,
     QgsVectorLayer,
@@ -59,10 +60,14 @@ MAP_TIP_TEMPLATE = (
 def score_renderer() -> QgsGraduatedSymbolRenderer:
     ranges = []
     for lower, upper, colour, label in SCORE_CLASSES:
-        symbol = QgsFillSymbol.createSimple(
-            {"style": "no", "color": "0,0,0,0", "outline_color": colour, "outline_width": str(OUTLINE_WIDTH_MM),
-             "outline_width_unit": "MM", "joinstyle": "miter"}
+        # An outline symbol layer, not a fill without brush: QGIS paints a *selected* fill solid in the
+        # selection colour, which would hide the very object the user clicked; a selected outline stays an outline.
+        outline = QgsSimpleLineSymbolLayer.create(
+            {"line_color": colour, "line_width": str(OUTLINE_WIDTH_MM), "line_width_unit": "MM",
+             "joinstyle": "miter"}
         )
+        symbol = QgsFillSymbol.createSimple({})
+        symbol.changeSymbolLayer(0, outline)  # the symbol owns it from here
         ranges.append(QgsRendererRange(lower, upper, symbol, label))
     return QgsGraduatedSymbolRenderer("score", ranges)
 
