@@ -41,6 +41,7 @@ from qgis.PyQt.QtWidgets import (
     QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QProgressBar,
     QPushButton,
@@ -235,7 +236,10 @@ class GeoR1Dock(QgsDockWidget):
 
         self.results = QTreeWidget(body)
         self.results.setHeaderLabels(["Result", "Score"])
-        self.results.setColumnWidth(0, 300)
+        header = self.results.header()  # the text takes the width, the score column just fits its numbers
+        header.setStretchLastSection(False)
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        header.setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
         self.results.itemClicked.connect(self._item_clicked)
         self.results.itemDoubleClicked.connect(self._item_double_clicked)
         self.results.setToolTip("Click a result to zoom to it; double-click a run to open its layer again")
