@@ -1,0 +1,274 @@
+"""Runs inside the real QGIS desktop (``qgis --code desktop_driver.py``) and uses the Geo-R1 panel as a user would.
+
+Started by ``test_desktop.py`` under Xvfb, in a fresh profile with the plugin installed from ``make plugin-zip``
+and its settings pointing at a real engine. Its configuration is the JSON file named by
+``GEO_R1_DESKTOP_CONFIG``: ``expression``, ``screenshot`` (png path), ``status`` (json path), ``timeout_s``.
+
+The steps, each waited for on a QTimer so the desktop stays live: the plugin is loaded; the panel is opened
+by clicking the toolbar button (xdotool); the expression is typed into the panel's expression box (xdotool);
+Run is clicked (xdotool); the run ends; one result in the results list is clicked (xdotool), which selects
+the feature, zooms to it and outlines its tile; the mouse rests on the box so its map tip shows; the screen
+is saved. The status file says what happened (also on failure), then QGIS quits.
+
+QGIS runs this file with ``exec`` in its console namespace: everything stays in one object kept in a global.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import traceback
+from pathlib import Path
+
+from qgis.core import Qgis, QgsApplication, QgsMapLayer, QgsPointXY, QgsProject, QgsVectorLayer
+from qgis.PyQt.QtCore import QPoint, QTimer
+from qgis.PyQt.QtGui import QGuiApplication
+from qgis.PyQt.QtWidgets import QPlainTextEdit, QTabWidget, QToolButton, QWidget
+from qgis.utils import iface, plugins
+
+PLUGIN = "geo_r1_qgis"
+WINDOW = (1600, 1000)
+DOCK_WIDTH = 430
+
+
+class Driver:
+    def __init__(self, config: dict) -> None:
+        self.cfg = config
+        self.status: dict = {"ok": False, "step": "start", "qgis_version": Qgis.QGIS_VERSION, "log": []}
+        self.t_start = time.monotonic()
+        self.deadline = self.t_start + float(config.get("timeout_s", 480))
+        self.messages: list[dict] = []
+        QgsApplication.messageLog().messageReceived.connect(self._message)
+        self.steps = iter(self._steps())
+        self.timer = QTimer()
+        self.timer.setInterval(100)
+        self.timer.timeout.connect(self._tick)
+        self.timer.start()
+
+    # -- plumbing ----------------------------------------------------------------------------------
+    def _message(self, text: str, tag: str, level) -> None:
+        self.messages.append({"tag": tag, "level": int(level), "text": text[:2000]})
+
+    def note(self, text: str) -> None:
+        self.status["log"].append(f"{time.monotonic() - self.t_start:7.2f}s {text}")
+
+    def _tick(self) -> None:
+        """Advance the current step: a step is a generator that yields while it waits."""
+        try:
+            if time.monotonic() > self.deadline:
+                raise TimeoutError(f"gave up at step {self.status['step']!r} after {self.cfg.get('timeout_s')} s")
+            next(self.steps)
+        except StopIteration:
+            self._finish()
+        except Exception:  # the boundary: whatever went wrong goes into the status file
+            self.status["error"] = traceback.format_exc()
+            self._finish()
+
+    def wait(self, until, what: str, timeout: float = 60.0):
+        """Yield until ``until()`` is true; raise after ``timeout`` seconds."""
+        self.status["step"] = what
+        end = time.monotonic() + timeout
+        while not until():
+            if time.monotonic() > end:
+                raise TimeoutError(f"timed out after {timeout:.0f} s waiting for: {what}")
+            yield
+
+    def pause(self, seconds: float):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            yield
+
+    def xdotool(self, *args: str) -> None:
+        exe = shutil.which("xdotool")
+        if exe is None:
+            raise RuntimeError("xdotool is not installed (apt-get install xdotool)")
+        proc = subprocess.run([exe, *args], capture_output=True, text=True, timeout=60, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"xdotool {' '.join(args)} failed: {proc.stderr.strip()}")
+
+    def click(self, widget, point: QPoint | None = None) -> None:
+        """A real mouse click (X server events) at ``point`` in ``widget`` (default its centre)."""
+        p = widget.mapToGlobal(point if point is not None else widget.rect().center())
+        self.xdotool("mousemove", "--sync", str(p.x()), str(p.y()))
+        self.xdotool("click", "1")
+
+    # -- the user's steps --------------------------------------------------------------------------
+    def _steps(self):
+        win = iface.mainWindow()
+        win.setGeometry(0, 0, *WINDOW)
+        win.show()
+        win.activateWindow()
+        yield from self.wait(lambda: PLUGIN in plugins and getattr(plugins[PLUGIN], "toolbar_action", None),
+                             "the Geo-R1 plugin is loaded", 120)
+        plugin = plugins[PLUGIN]
+        yield from self.wait(lambda: self._raster() is not None, "the sample raster is on the map", 60)
+        raster = self._raster()
+        iface.mapCanvas().setExtent(raster.extent())
+        yield from self.wait(lambda: not iface.mapCanvas().isDrawing(), "the raster is drawn", 60)
+        self.note(f"plugin loaded, raster {raster.name()} on the map")
+
+        # the panel's load time: a second panel built and shown on its own, then thrown away
+        from geo_r1_qgis.panel import GeoR1Dock
+
+        t0 = time.perf_counter()
+        probe = GeoR1Dock(iface)
+        probe.show()
+        QgsApplication.processEvents()
+        self.status["panel_load_s"] = time.perf_counter() - t0
+        probe.hide()
+        probe.deleteLater()
+        yield
+
+        # open the panel with the toolbar button
+        dock = plugin.dock
+        button = iface.pluginToolBar().widgetForAction(plugin.toolbar_action)
+        t0 = time.perf_counter()
+        if isinstance(button, QToolButton) and button.isVisible():
+            self.click(button)
+            self.status["opened_by"] = "toolbar button (mouse click)"
+        else:
+            plugin.toolbar_action.trigger()
+            self.status["opened_by"] = "toolbar action (trigger: the button was not found)"
+        yield from self.wait(lambda: dock.isVisible(), "the panel opens from the toolbar button", 30)
+        self.status["panel_open_s"] = time.perf_counter() - t0
+        from qgis.PyQt.QtCore import Qt
+
+        win.resizeDocks([dock], [DOCK_WIDTH], Qt.Orientation.Horizontal)
+        yield from self.pause(0.5)
+        self.note(f"panel open ({self.status['opened_by']})")
+
+        # type the expression
+        dock.raster_combo.setLayer(raster)
+        expression = self.cfg["expression"]
+        edit = dock.expression_combo.lineEdit()
+        self.click(edit)
+        yield from self.wait(lambda: edit.hasFocus(), "the expression box has the keyboard focus", 20)
+        self.xdotool("key", "ctrl+a")
+        self.xdotool("type", "--delay", "15", expression)
+        yield from self.wait(lambda: dock.expression_combo.currentText() == expression,
+                             f"the expression box reads {expression!r}", 30)
+        self.note("expression typed")
+
+        # Run
+        self.click(dock.run_button)
+        t_click = time.perf_counter()
+        yield from self.wait(lambda: dock.task is not None or dock.entry is not None, "the run starts", 30)
+        entry = dock.entry
+        first_feature: dict = {}
+
+        def seen_feature() -> bool:
+            layer = QgsProject.instance().mapLayer(entry.map_layer_id) if entry.map_layer_id else None
+            if "s" not in first_feature and isinstance(layer, QgsVectorLayer) and layer.featureCount() > 0:
+                first_feature["s"] = time.perf_counter() - t_click
+                first_feature["running"] = dock.task is not None
+            return dock.task is None
+
+        yield from self.wait(seen_feature, "the run ends", float(self.cfg.get("run_timeout_s", 360)))
+        self.status["run_status"] = entry.status
+        self.status["run_message"] = entry.message
+        self.status["click_to_first_feature_s"] = first_feature.get("s")
+        self.status["first_feature_while_running"] = first_feature.get("running")
+        self.status["panel_first_feature_s"] = entry.first_feature_s
+        self.status["run_s"] = time.perf_counter() - t_click
+        self.status["status_line"] = dock.status_label.text()
+        self.note(f"run ended: {entry.status} {entry.message}")
+
+        root = QgsProject.instance().layerTreeRoot()
+        group = root.findGroup("Geo-R1")
+        layers = [n.layer() for n in group.findLayers()] if group is not None else []
+        self.status["group_layers"] = [(lyr.name(), lyr.featureCount()) for lyr in layers]
+        self.status["features"] = sum(lyr.featureCount() for lyr in layers if isinstance(lyr, QgsVectorLayer))
+        raster_node = root.findLayer(raster.id())
+        self.status["group_above_raster"] = bool(
+            group is not None and raster_node is not None
+            and root.children().index(group) < root.children().index(raster_node))  # fmt: skip
+
+        # click the best result in the results list
+        top = dock.results.topLevelItem(0)
+        if top is not None and top.childCount():
+            top.setExpanded(True)
+            child = top.child(0)
+            dock.results.scrollToItem(child)
+            yield from self.pause(0.3)
+            rect = dock.results.visualItemRect(child)
+            self.click(dock.results.viewport(), rect.center())
+            layer = QgsProject.instance().mapLayer(entry.map_layer_id)
+            yield from self.wait(lambda: layer.selectedFeatureCount() == 1, "the clicked result is selected", 20)
+            self.status["selected_result"] = child.text(0)
+            canvas = iface.mapCanvas()
+            yield from self.pause(0.5)
+            yield from self.wait(lambda: not canvas.isDrawing(), "the map is drawn at the result", 60)
+            # one turn of the mouse wheel out, for the boxes around it
+            centre = canvas.viewport().mapToGlobal(canvas.viewport().rect().center())
+            self.xdotool("mousemove", "--sync", str(centre.x()), str(centre.y()))
+            self.xdotool("click", "5")
+            yield from self.pause(0.5)
+            yield from self.wait(lambda: not canvas.isDrawing(), "the map is drawn after zooming out", 60)
+            # rest the mouse on the selected box, with map tips on, so its reasoning shows
+            feat = layer.getFeature(layer.selectedFeatureIds()[0])
+            iface.setActiveLayer(layer)
+            if not iface.actionMapTips().isChecked():
+                iface.actionMapTips().trigger()
+            box = feat.geometry().boundingBox()
+            inside = QgsPointXY(box.xMaximum() - box.width() * 0.1, box.yMinimum() + box.height() * 0.1)
+            px = canvas.getCoordinateTransform().transform(inside)
+            p = canvas.viewport().mapToGlobal(QPoint(int(px.x()), int(px.y())))
+            self.xdotool("mousemove", "--sync", str(p.x() - 2), str(p.y()))
+            yield from self.pause(0.2)
+            self.xdotool("mousemove", "--sync", str(p.x()), str(p.y()))
+            yield from self.pause(2.5)
+            self.status["visible_over_canvas"] = sorted({type(w).__name__ for w in canvas.findChildren(QWidget)
+                                                         if w.isVisible()})  # fmt: skip
+        yield from self.wait(lambda: not iface.mapCanvas().isDrawing(), "the map is drawn", 60)
+        yield from self.pause(0.5)
+
+        # the screenshot: the whole X screen (main window, panel, map tip)
+        shot = Path(self.cfg["screenshot"])
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        pixmap = QGuiApplication.primaryScreen().grabWindow(0)
+        if not pixmap.save(str(shot), "PNG"):
+            raise OSError(f"could not save the screenshot to {shot}")
+        self.status["screenshot"] = str(shot)
+        self.status["screenshot_size"] = [pixmap.width(), pixmap.height()]
+        self.status["ok"] = True
+        self.status["step"] = "done"
+
+    def _raster(self) -> QgsMapLayer | None:
+        return next((lyr for lyr in QgsProject.instance().mapLayers().values()
+                     if lyr.type() == QgsMapLayer.LayerType.RasterLayer), None)  # fmt: skip
+
+    def _message_log_tabs(self) -> dict[str, str]:
+        """The Log Messages panel's tabs and their text (the plugin's load errors land in 'Python error')."""
+        tabs: dict[str, str] = {}
+        for tw in iface.mainWindow().findChildren(QTabWidget):
+            if tw.parent() is None or type(tw.parent()).__name__ != "QgsMessageLogViewer":
+                continue
+            for i in range(tw.count()):
+                edit = tw.widget(i).findChild(QPlainTextEdit) if not isinstance(tw.widget(i), QPlainTextEdit) \
+                    else tw.widget(i)  # fmt: skip
+                tabs[tw.tabText(i)] = edit.toPlainText()[-4000:] if edit is not None else ""
+        return tabs
+
+    def _finish(self) -> None:
+        self.timer.stop()
+        self.status["elapsed_s"] = time.monotonic() - self.t_start
+        self.status["messages"] = self.messages
+        try:
+            self.status["message_log_tabs"] = self._message_log_tabs()
+        except Exception:
+            self.status["message_log_tabs"] = {"(unreadable)": traceback.format_exc()}
+        Path(self.cfg["status"]).write_text(json.dumps(self.status, indent=2, default=str))
+        QgsProject.instance().setDirty(False)  # no "save the project?" question on exit
+        QTimer.singleShot(200, iface.actionExit().trigger)  # Project > Exit QGIS, as a user quits
+        QTimer.singleShot(15000, self._exit_blocked)
+
+    def _exit_blocked(self) -> None:
+        """Still running 15 s after Exit: keep a picture of what blocks it, then leave the event loop."""
+        QGuiApplication.primaryScreen().grabWindow(0).save(str(Path(self.cfg["status"]).with_suffix(".exit.png")))
+        QgsApplication.exit(3)
+
+
+_geo_r1_desktop_driver = Driver(json.loads(Path(os.environ["GEO_R1_DESKTOP_CONFIG"]).read_text()))
