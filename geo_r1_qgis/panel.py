@@ -265,6 +265,16 @@ class GeoR1Dock(QgsDockWidget):
         self.engine_group.setTitle(f"Engine: {state}")
         self.engine_group.setCollapsed(state in (HEALTHY, EXTERNAL))
 
+    def showEvent(self, event: Any) -> None:
+        """Opening the panel asks (in the background) whether an engine already answers at the settings' URL."""
+        super().showEvent(event)
+        manager = getattr(self.engine_box, "manager", None)
+        if manager is not None:
+            from .engine_process import STOPPED
+
+            if manager.state == STOPPED:
+                manager.probe_external()
+
     def _default_output(self) -> Path:
         home = QgsProject.instance().homePath()
         return self.settings.default_output(home or None)

@@ -48,7 +48,7 @@ def _escaped(field: str) -> str:
 
 #: The map tip: HTML, wrapped, every model-written value escaped by the expression engine.
 MAP_TIP_TEMPLATE = (
-    '<div style="max-width: 32em; white-space: pre-wrap; word-wrap: break-word;">'
+    '<div style="min-width: 20em; max-width: 32em; white-space: pre-wrap; word-wrap: break-word;">'
     "<b>[% format_number(\"score\", 2) %]</b> " + _escaped("label") + "<br/>"
     "<i>" + _escaped("expression") + "</i> (" + _escaped("mode") + ")<br/>"
     + _escaped("reasoning")
