@@ -190,7 +190,7 @@ class Driver:
         top = dock.results.topLevelItem(0)
         if top is not None and top.childCount():
             top.setExpanded(True)
-            child = top.child(0)
+            child = self._central_result(top, raster.extent())
             dock.results.scrollToItem(child)
             yield from self.pause(0.3)
             rect = dock.results.visualItemRect(child)
@@ -236,6 +236,18 @@ class Driver:
         self.status["ok"] = True
         self.status["step"] = "done"
 
+    def _central_result(self, top, extent):
+        """The best-scored result away from the raster's edges (the first one when none is), for the picture."""
+        from geo_r1_qgis.panel import ROLE_FEATURE
+
+        middle = extent.buffered(-0.2 * min(extent.width(), extent.height()))
+        for i in range(top.childCount()):
+            layer_id, fid = top.child(i).data(0, ROLE_FEATURE)[:2]
+            feat = QgsProject.instance().mapLayer(layer_id).getFeature(fid)
+            if middle.contains(feat.geometry().boundingBox().center()):
+                return top.child(i)
+        return top.child(0)
+
     def _raster(self) -> QgsMapLayer | None:
         return next((lyr for lyr in QgsProject.instance().mapLayers().values()
                      if lyr.type() == QgsMapLayer.LayerType.RasterLayer), None)  # fmt: skip
@@ -256,6 +268,11 @@ class Driver:
         self.timer.stop()
         self.status["elapsed_s"] = time.monotonic() - self.t_start
         self.status["messages"] = self.messages
+        root = QgsProject.instance().layerTreeRoot()
+        self.status["project_layers"] = [
+            {"name": lyr.name(), "provider": lyr.providerType(), "in_layer_tree": root.findLayer(lyr.id()) is not None}
+            for lyr in QgsProject.instance().mapLayers().values()
+        ]
         try:
             self.status["message_log_tabs"] = self._message_log_tabs()
         except Exception:

@@ -101,7 +101,9 @@ def _profile(root: Path, zip_path: Path, engine, output_gpkg: Path) -> Path:
         "[PythonPlugins]\ngeo_r1_qgis=true\n\n"
         f"[geo_r1]\nengine_url={engine.url}\ntoken_file={engine.token_file}\noutput_gpkg={output_gpkg}\n"
         "tile_size=224\noverlap=32\n\n"
-        "[qgis]\ncheckVersion=false\nshowTips=false\n"
+        "[qgis]\ncheckVersion=false\nshowTips=false\n\n"
+        # the results GeoPackage lies under /tmp, which QGIS counts as temporary and asks about on exit
+        "[app]\naskToSaveMemoryLayers=false\n"
     )
     return profile
 
