@@ -252,7 +252,7 @@ def open_panel_run(req: RunRequest, job: GroundingJob, source: Any, info: dict[s
     The parameters are :func:`~geo_r1_qgis.core.gpkg_schema.job_parameters`, as ``geo-r1 ground`` records
     them, so the command line's ``--resume`` finds a run the panel started and the other way round.
     """
-    from .core.gpkg_schema import job_parameters
+    from .core.gpkg_schema import canonical_raster_path, job_parameters
     from .core.results import run_meta
     from .gpkg_ogr import OgrGeoPackageSink
 
@@ -262,17 +262,13 @@ def open_panel_run(req: RunRequest, job: GroundingJob, source: Any, info: dict[s
         bbox = (min(xs), min(ys), max(xs), max(ys))
     params = job_parameters(job, raster=req.raster_path or req.raster_name, bands=source.bands, gsd=req.gsd,
                             bbox=bbox)  # fmt: skip
-    if job.area_polygons:  # a resumed run must search the same polygons
-        from .core.area import area_digest
-
-        params["area"] = area_digest(job.area_polygons)
     sink = OgrGeoPackageSink.open_run(
         req.output,
         crs_wkt=source.crs_wkt,
         expression=job.expression,
         mode=job.mode,
         parameters=params,
-        raster=source.describe(),
+        raster={**source.describe(), "path": canonical_raster_path(req.raster_path or req.raster_name)},
         engine=info,
         layer=req.resume_layer if req.resume_run_id else None,
         resume=req.resume_run_id is not None,

@@ -268,8 +268,10 @@ def test_cancel_while_the_engine_is_frozen_then_resume(dock, samples, canvas, en
     assert entry.status == "done", entry.message
     with sqlite3.connect(str(entry.output)) as con:
         rows = con.execute("SELECT tile_id FROM geo_r1_tiles WHERE run_id = ?", (entry.run_id,)).fetchall()
-        status = con.execute("SELECT status FROM geo_r1_runs WHERE run_id = ?", (entry.run_id,)).fetchone()[0]
+        status, raster_path = con.execute("SELECT status, raster_path FROM geo_r1_runs WHERE run_id = ?",
+                                          (entry.run_id,)).fetchone()  # fmt: skip
     assert len(rows) == len(set(rows)) > done_before  # every tile once, the resumed ones not asked again
+    assert raster_path == str((samples / "utm.tif").resolve())
     assert status == "done"
     final = _map_layer(entry)
     assert final.isValid() and final.featureCount() >= 1 and n_partial >= 0
