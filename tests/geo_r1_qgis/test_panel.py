@@ -309,6 +309,10 @@ def test_settings_dialog_round_trip(qgis_app, isolated_settings):
     d2.accept()
     assert "http://" in d2.error_label.text()
     assert PluginSettings.load().engine_url == "http://127.0.0.1:9999"  # the bad value was not saved
+    from qgis.PyQt import sip
+
+    for dialog in (d, d2):  # widgets must not outlive exitQgis() (the interpreter would crash at exit)
+        sip.delete(dialog)
 
 
 def test_a_run_the_command_line_interrupted_is_resumed_from_the_panel(dock, samples, engine, tmp_path):
@@ -465,8 +469,7 @@ def test_processing_takes_the_engine_from_the_plugin_settings(isolated_settings,
 
     session = tp._Qgis()
     try:
-        raster = session.raster(samples / "utm.tif")
-        params = {"INPUT": raster, "EXPRESSION": "all bright squares", "MODE": 1, "TILE_SIZE": 224,
+        params = {"INPUT": str(samples / "utm.tif"), "EXPRESSION": "all bright squares", "MODE": 1, "TILE_SIZE": 224,
                   "OVERLAP": 32, "MAX_NEW_TOKENS": 32, "OUTPUT": "TEMPORARY_OUTPUT"}  # fmt: skip
         PluginSettings().with_values(engine_url=engine.url, token_file=str(engine.token_file)).save()
         out = session.run(params)  # no ENGINE_URL, no TOKEN_FILE: the settings' engine
