@@ -140,6 +140,13 @@ class Driver:
         yield from self.pause(0.5)
         self.note(f"panel open ({self.status['opened_by']})")
 
+        # the engine line: opening the panel asked whether an engine answers at the settings' URL
+        manager = getattr(dock.engine_box, "manager", None)
+        if manager is not None:
+            yield from self.wait(lambda: manager.state != "stopped", "the panel finds the running engine", 30)
+            self.status["engine_state"] = manager.state
+            yield from self.pause(1.0)
+
         # type the expression
         dock.raster_combo.setLayer(raster)
         expression = self.cfg["expression"]

@@ -171,6 +171,9 @@ def test_the_panel_in_the_qgis_desktop(engine, tmp_path):
     assert status["first_feature_while_running"] is True
     assert status["opened_by"].startswith("toolbar button")
     assert status.get("selected_result"), "no result was listed to click"
+    # the engine started outside QGIS is shown as such, and QGIS quit by itself (Project > Exit QGIS)
+    assert status.get("engine_state", "external") == "external", status.get("engine_state")
+    assert not status_path.with_suffix(".exit.png").exists(), "QGIS did not quit within 15 s of Exit (see the png)"
     # the GeoPackage the panel wrote
     assert output_gpkg.exists()
     # the screenshot: the screen's size, and not blank
