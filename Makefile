@@ -6,7 +6,7 @@ QGIS_PY := /usr/bin/python3
 DEMO_DIR ?= demo-out
 export QT_QPA_PLATFORM ?= offscreen
 
-.PHONY: setup test test-engine test-plugin test-plugin-340 lint demo demo-train plugin-zip plugin-install wheel clean
+.PHONY: setup test test-engine test-plugin test-plugin-340 lint demo demo-train plugin-zip plugin-install panel-screenshot wheel clean
 
 setup:
 	@scripts/setup.sh
@@ -40,6 +40,10 @@ wheel: setup
 
 plugin-zip:
 	$(QGIS_PY) scripts/package_plugin.py --out dist/geo_r1_qgis.zip
+
+# The README's screenshot: the desktop test (Debian's QGIS under Xvfb, a real engine) saving it to docs/panel.png.
+panel-screenshot: setup
+	GEO_R1_SCREENSHOT=$(CURDIR)/docs/panel.png $(QGIS_PY) -m pytest tests/geo_r1_qgis/test_desktop.py -q
 
 # Install the plugin into the default QGIS profile (unzipped; replaces an older copy of it).
 QGIS_PLUGINS ?= $(HOME)/.local/share/QGIS/QGIS3/profiles/default/python/plugins
