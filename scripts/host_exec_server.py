@@ -66,6 +66,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 def main() -> int:
+    # Started in the background by a script, this process ignores SIGINT (bash does that to background jobs)
+    # and its children would inherit that: a test's Ctrl-C to `geo-r1 ground` would be lost. Restore it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     with open(sys.argv[1], "w", encoding="ascii") as fh:
         fh.write(f"{server.server_address[1]} {TOKEN}\n")
