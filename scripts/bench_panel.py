@@ -72,9 +72,9 @@ def engine(tmp: Path, model: Path):
     port = free_port()
     token = tmp / "engine.token"
     with open(tmp / "engine.log", "wb") as log:
-        proc = subprocess.Popen([str(GEO_R1), "serve", "--model", str(model), "--port", str(port), "--threads", "1",
-                                 "--token-file", str(token)], stdout=log, stderr=subprocess.STDOUT,
-                                env=venv_env())  # fmt: skip
+        cmd = [str(GEO_R1), "serve", "--model", str(model), "--port", str(port), "--threads", "1",
+               "--token-file", str(token), "--parent-pid", str(os.getpid())]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=venv_env())
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 300
