@@ -197,6 +197,9 @@ class EngineHttp(QObject):
         self.nam = QNetworkAccessManager(self)
         self.nam.setProxy(QNetworkProxy(QNetworkProxy.ProxyType.NoProxy))  # loopback: never through a proxy
         self._proven: set[tuple[str, str]] = set()
+        #: replies in flight, with their timer and slots: held here until they finish, or a garbage collection
+        #: (e.g. triggered by a run's worker thread) frees them mid-request and the callback never comes or crashes
+        self._inflight: dict[int, tuple[Any, ...]] = {}
 
     def request(self, method: str, url: str, path: str, callback: Callback, body: Any = None,
                 token: str | None = None, timeout_ms: int = 5000) -> QNetworkReply:  # fmt: skip
@@ -233,9 +236,11 @@ class EngineHttp(QObject):
             if error is None and status is not None and int(status) >= 400:
                 err = payload.get("error", {}) if isinstance(payload, dict) else {}
                 error = f"{method} {path} -> {int(status)}: {err.get('message', raw[:200].decode(errors='replace'))}"
+            self._inflight.pop(id(reply), None)
             reply.deleteLater()
             callback(int(status) if status is not None else None, payload, error)
 
+        self._inflight[id(reply)] = (reply, timer, on_finished, on_timeout, callback)
         timer.timeout.connect(on_timeout)
         reply.finished.connect(on_finished)
         timer.start(int(timeout_ms))

@@ -414,3 +414,47 @@ def test_the_menus_engine_check_answers_in_the_message_bar_without_waiting(ep, q
     spin(lambda: iface.bar.currentItem() is not None, 30, "the message")
     shown = " ".join(b.toPlainText() for b in iface.bar.currentItem().findChildren(QTextBrowser))
     assert url in shown and "geo-r1 serve --model <model id or directory>" in shown, shown
+
+
+def test_requests_in_flight_survive_garbage_collection(ep, qgis_app):
+    """A garbage collection while a request is in flight (a run's worker thread triggers them) must neither lose
+    the callback nor crash: the replies are held until they finish."""
+    import gc
+    import http.server
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"status": "ok"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    http_ = ep.EngineHttp()
+    answers: list = []
+
+    def again(status, payload, error) -> None:
+        answers.append((status, payload, error))
+        if len(answers) < 20:
+            http_.request("GET", url, "/health", again)
+
+    try:
+        http_.request("GET", url, "/health", again)
+        from qgis.PyQt.QtCore import QCoreApplication
+
+        deadline = time.monotonic() + 60
+        while len(answers) < 20 and time.monotonic() < deadline:
+            QCoreApplication.processEvents()
+            gc.collect()
+        assert len(answers) == 20, answers
+        assert all(a == (200, {"status": "ok"}, None) for a in answers), answers[:3]
+        assert not http_._inflight
+    finally:
+        server.shutdown()
