@@ -774,14 +774,14 @@ class GeoR1Dock(QgsDockWidget):
         import sqlite3
 
         from .core.geometry import Affine, box_to_polygon
-        from .core.gpkg_schema import RUNS_TABLE, TILES_TABLE
+        from .core.gpkg_schema import RUNS_TABLE, TILES_TABLE, ident
 
         try:
             con = sqlite3.connect(f"file:{entry.output}?mode=ro", uri=True, timeout=5)
             try:
-                row = con.execute(f'SELECT window FROM "{TILES_TABLE}" WHERE run_id = ? AND tile_id = ?',
+                row = con.execute(f"SELECT window FROM {ident(TILES_TABLE)} WHERE run_id = ? AND tile_id = ?",  # nosec B608
                                   (entry.run_id, tile_id)).fetchone()  # fmt: skip
-                run = con.execute(f'SELECT raster_transform FROM "{RUNS_TABLE}" WHERE run_id = ?',
+                run = con.execute(f"SELECT raster_transform FROM {ident(RUNS_TABLE)} WHERE run_id = ?",  # nosec B608
                                   (entry.run_id,)).fetchone()  # fmt: skip
             finally:
                 con.close()

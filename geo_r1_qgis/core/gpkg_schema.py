@@ -310,6 +310,11 @@ def iso_ms(dt: datetime) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+def ident(name: str) -> str:
+    """An SQLite identifier, quoted (``"`` doubled): table names read from a file can hold any character."""
+    return '"' + str(name).replace('"', '""') + '"'
+
+
 @contextmanager
 def connect(path: str | Path) -> Iterator[sqlite3.Connection]:
     """One SQLite transaction on the file (committed on success, rolled back on error), then closed."""
@@ -372,10 +377,8 @@ def find_runs(path: str | Path) -> list[RunRecord]:
     if RUNS_TABLE not in list_tables(path):
         return []
     with connect(path) as con:
-        rows = con.execute(
-            f'SELECT run_id, layer, status, parameters, expression, mode, started, finished FROM "{RUNS_TABLE}" '
-            "ORDER BY fid"
-        ).fetchall()
+        columns = "run_id, layer, status, parameters, expression, mode, started, finished"
+        rows = con.execute(f"SELECT {columns} FROM {ident(RUNS_TABLE)} ORDER BY fid").fetchall()  # nosec B608
     return [RunRecord(*("" if v is None else str(v) for v in r)) for r in rows]
 
 
@@ -384,7 +387,7 @@ def done_tile_ids(path: str | Path, run_id: str) -> set[str]:
     if TILES_TABLE not in list_tables(path):
         return set()
     with connect(path) as con:
-        return {str(r[0]) for r in con.execute(f'SELECT tile_id FROM "{TILES_TABLE}" WHERE run_id = ?', (run_id,))}
+        return {str(r[0]) for r in con.execute(f"SELECT tile_id FROM {ident(TILES_TABLE)} WHERE run_id = ?", (run_id,))}  # nosec B608
 
 
 def read_raw_detections(path: str | Path, raw_layer: str, run_id: str) -> dict[str, list[Detection]]:
@@ -396,7 +399,7 @@ def read_raw_detections(path: str | Path, raw_layer: str, run_id: str) -> dict[s
     out: dict[str, list[Detection]] = {}
     with connect(path) as con:
         rows = con.execute(
-            f'SELECT {", ".join(cols)} FROM "{raw_layer}" WHERE run_id = ? ORDER BY fid', (run_id,)
+            f'SELECT {", ".join(cols)} FROM {ident(raw_layer)} WHERE run_id = ? ORDER BY fid', (run_id,)  # nosec B608
         ).fetchall()
     for tile_id, x1, y1, x2, y2, score, presence, label, reasoning, truncated in rows:
         det = Detection(
@@ -416,7 +419,7 @@ def count_rows(path: str | Path, table: str) -> int:
     if table not in list_tables(path):
         return 0
     with connect(path) as con:
-        return int(con.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0])
+        return int(con.execute(f"SELECT count(*) FROM {ident(table)}").fetchone()[0])  # nosec B608
 
 
 def delete_orphaned_raw(path: str | Path, raw_layer: str, run_id: str) -> int:
@@ -427,12 +430,12 @@ def delete_orphaned_raw(path: str | Path, raw_layer: str, run_id: str) -> int:
     with connect(path) as con:
         if TILES_TABLE in tables:
             cur = con.execute(
-                f'DELETE FROM "{raw_layer}" WHERE run_id = ? AND tile_id NOT IN '
+                f"DELETE FROM {ident(raw_layer)} WHERE run_id = ? AND tile_id NOT IN "  # nosec B608
                 f'(SELECT tile_id FROM "{TILES_TABLE}" WHERE run_id = ?)',
                 (run_id, run_id),
             )
         else:
-            cur = con.execute(f'DELETE FROM "{raw_layer}" WHERE run_id = ?', (run_id,))
+            cur = con.execute(f"DELETE FROM {ident(raw_layer)} WHERE run_id = ?", (run_id,))  # nosec B608
         return max(0, cur.rowcount)
 
 
@@ -442,7 +445,7 @@ def mark_run(path: str | Path, run_id: str, status: str, summary: Mapping[str, A
         return
     with connect(path) as con:
         con.execute(
-            f'UPDATE "{RUNS_TABLE}" SET status = ?, finished = ?, summary = ? WHERE run_id = ?',
+            f"UPDATE {ident(RUNS_TABLE)} SET status = ?, finished = ?, summary = ? WHERE run_id = ?",  # nosec B608
             (status, iso_ms(now_utc()), json.dumps(dict(summary or {}), default=str), run_id),
         )
 
