@@ -13,6 +13,7 @@ Every text the panel shows that comes from the model or the user is plain text o
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from qgis.core import (
     QgsVectorLayer,
 )
 from qgis.gui import QgsCollapsibleGroupBox, QgsDockWidget, QgsFileWidget, QgsMapLayerComboBox, QgsRubberBand
-from qgis.PyQt.QtCore import QDateTime, Qt, pyqtSignal
+from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtGui import QColor
 from qgis.PyQt.QtWidgets import (
     QComboBox,
@@ -52,12 +53,10 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from .compat import GEOMETRY_POLYGON, LAYER_FILTER_POLYGON, LAYER_FILTER_RASTER, UTC
+from .compat import GEOMETRY_POLYGON, LAYER_FILTER_POLYGON, LAYER_FILTER_RASTER
 from .core.errors import ConfigError, GeoR1Error
-from .core.geometry import PixelBox, tile_size_advice, window_from_map_bbox
-from .core.pipeline import MapDetection
-from .core.results import detection_values
-from .qgis_io import FIELD_NAMES, QgisRasterSource, make_fields
+from .core.geometry import tile_size_advice, window_from_map_bbox
+from .qgis_io import QgisRasterSource, make_fields, result_feature, utc_now
 from .results_style import first_line, style_result_layer
 from .run_task import GroundingTask, LiveBatch, RunOutcome, RunRequest, run_display_name
 from .settings import EXAMPLE_EXPRESSIONS, PluginSettings, expression_history, remember_expression
@@ -92,8 +91,6 @@ class RunEntry:
     raster_layer_id: str = ""
     map_layer_id: str = ""  # the layer on the map (live, then final or per-tile)
     message: str = ""
-    #: tile id -> the tile's outline in the raster's CRS (for the rubber band)
-    tile_rings: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     first_feature_s: float | None = None
     #: the parameters JSON of a run found in a GeoPackage (not started in this session)
@@ -341,7 +338,7 @@ class GeoR1Dock(QgsDockWidget):
             layer = QgsProject.instance().mapLayer(resume.raster_layer_id)
             if not isinstance(layer, QgsRasterLayer):
                 raise ConfigError("the raster of that run is no longer in the project; add it again to resume")
-            source = resume.source if resume.source is not None else self._source(layer, resume.request.scale)
+            source = resume.source if resume.source is not None else QgisRasterSource(layer)
             req = resume.request
             from dataclasses import replace
 
@@ -381,9 +378,6 @@ class GeoR1Dock(QgsDockWidget):
             gsd=gsd,
         )
         return req, prepared.source, layer
-
-    def _source(self, layer: QgsRasterLayer, scale: float) -> Any:
-        return QgisRasterSource(layer)
 
     def _area(self) -> tuple[QgsRectangle | None, QgsCoordinateReferenceSystem | None, Any]:
         """The chosen area as (extent, its CRS, polygons) for :func:`qgis_io.prepare_input`."""
@@ -498,7 +492,7 @@ class GeoR1Dock(QgsDockWidget):
                 raise ConfigError(f"the run's raster {raster_path} cannot be opened; restore it to resume the run")
             project.addMapLayer(layer)
         entry.raster_layer_id = layer.id()
-        source = self._source(layer, float(p.get("scale", 1.0)))
+        source = QgisRasterSource(layer)
         window = None
         if p.get("bbox"):
             window = window_from_map_bbox(*p["bbox"], source.transform, source.width, source.height)
@@ -548,10 +542,9 @@ class GeoR1Dock(QgsDockWidget):
         layer = QgsProject.instance().mapLayer(entry.map_layer_id)
         if layer is None:
             return
-        created = QDateTime.currentDateTimeUtc()
-        created.setTimeSpec(UTC)
-        feats = [self._feature(m, entry, created, layer) for m in batch.detections]
-        entry.tile_rings.update(batch.tile_rings)
+        created = utc_now()
+        meta = self.task.outcome.meta if self.task is not None else {}
+        feats = [result_feature(layer.fields(), m, meta, entry.run_id, created) for m in batch.detections]
         if feats:
             layer.dataProvider().addFeatures(feats)
             layer.updateExtents()
@@ -561,17 +554,6 @@ class GeoR1Dock(QgsDockWidget):
         self.set_status(f"'{entry.expression}': {layer.featureCount()} object(s) so far, "
                         f"tile {batch.tiles_done} of {batch.tiles_total}")
         self.refresh_results()
-
-    def _feature(self, m: MapDetection, entry: RunEntry, created: QDateTime, layer: QgsVectorLayer) -> QgsFeature:
-        feat = QgsFeature(layer.fields())
-        feat.setGeometry(QgsGeometry.fromPolygonXY([[QgsPointXY(x, y) for x, y in m.ring]]))
-        meta = {"expression": entry.expression, "mode": entry.mode, "model": "", "adapter": "", "prompt_version": ""}
-        if self.task is not None:
-            meta.update(self.task.outcome.meta)
-        values = detection_values(m.detection, meta, entry.run_id, created)
-        values["reasoning"] = values["reasoning"] or None
-        feat.setAttributes([values[name] for name in FIELD_NAMES])
-        return feat
 
     def _run_ended(self, outcome: RunOutcome) -> None:
         entry, self.task = self.entry, None
@@ -764,50 +746,33 @@ class GeoR1Dock(QgsDockWidget):
         layer.selectionChanged.connect(changed)
 
     def tile_ring(self, entry: RunEntry, tile_id: str) -> Any:
-        """A tile's outline in the raster's CRS: from this session's run, else from the GeoPackage's
-        ``geo_r1_tiles`` window and the run's raster transform (a tile finished by an earlier session)."""
-        if tile_id in entry.tile_rings:
-            return entry.tile_rings[tile_id]
+        """A tile's outline in the raster's CRS, from the GeoPackage (``geo_r1_tiles`` and the run's transform)."""
         if not entry.run_id or not entry.output.exists():
             return None
-        import json
-        import sqlite3
-
-        from .core.geometry import Affine, box_to_polygon
-        from .core.gpkg_schema import RUNS_TABLE, TILES_TABLE, ident
+        from .core.gpkg_schema import tile_outline
 
         try:
-            con = sqlite3.connect(f"file:{entry.output}?mode=ro", uri=True, timeout=5)
-            try:
-                row = con.execute(f"SELECT window FROM {ident(TILES_TABLE)} WHERE run_id = ? AND tile_id = ?",  # nosec B608
-                                  (entry.run_id, tile_id)).fetchone()  # fmt: skip
-                run = con.execute(f"SELECT raster_transform FROM {ident(RUNS_TABLE)} WHERE run_id = ?",  # nosec B608
-                                  (entry.run_id,)).fetchone()  # fmt: skip
-            finally:
-                con.close()
-            if not row or not run:
-                return None
-            ring = box_to_polygon(PixelBox(*json.loads(row[0])), Affine(*json.loads(run[0])[:6]))
-        except (sqlite3.Error, ValueError, TypeError) as exc:
+            return tile_outline(entry.output, entry.run_id, tile_id)
+        except (sqlite3.Error, ValueError, TypeError) as exc:  # a file another program changed: no outline
             log.debug("no outline for tile %s: %s", tile_id, exc)
             return None
-        entry.tile_rings[tile_id] = ring
-        return ring
 
     def show_tile(self, layer: QgsVectorLayer, tile_id: str) -> None:
-        """Outline the tile the selected feature's reasoning is about."""
+        """Outline the tile the selected feature's reasoning is about (every tile of a box pieced together from
+        cut parts, whose id is ``r1c2+r1c3``)."""
         if self.canvas is None:
             return
         entry = next((e for e in RUNS if e.map_layer_id == layer.id()), None)
-        ring = self.tile_ring(entry, tile_id) if entry and tile_id else None
+        rings = [self.tile_ring(entry, t) for t in (tile_id or "").split("+") if t] if entry else []
+        rings = [r for r in rings if r]
         if self._rubber is None:
             self._rubber = QgsRubberBand(self.canvas, GEOMETRY_POLYGON)
             self._rubber.setStrokeColor(QColor(30, 120, 255, 220))
             self._rubber.setFillColor(QColor(0, 0, 0, 0))
             self._rubber.setWidth(2)
         self._rubber.reset(GEOMETRY_POLYGON)
-        if ring:
-            geom = QgsGeometry.fromPolygonXY([[QgsPointXY(x, y) for x, y in ring]])
+        if rings:
+            geom = QgsGeometry.fromMultiPolygonXY([[[QgsPointXY(x, y) for x, y in ring]] for ring in rings])
             self._rubber.setToGeometry(geom, layer)
 
     def closeEvent(self, event: Any) -> None:  # the run goes on when the panel is closed

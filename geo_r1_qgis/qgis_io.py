@@ -779,6 +779,24 @@ def make_fields() -> QgsFields:
     return fields
 
 
+def utc_now() -> QDateTime:
+    """Now, in UTC, as the results' ``created`` field wants it."""
+    now = QDateTime.currentDateTimeUtc()
+    now.setTimeSpec(UTC)
+    return now
+
+
+def result_feature(fields: QgsFields, m: MapDetection, meta: Mapping[str, str], run_id: str,
+                   created: QDateTime) -> QgsFeature:  # fmt: skip
+    """One result feature (:data:`FIELD_NAMES`) of a placed detection: the Processing output's and the panel's."""
+    feat = QgsFeature(fields)
+    feat.setGeometry(QgsGeometry.fromPolygonXY([[QgsPointXY(x, y) for x, y in m.ring]]))
+    values = detection_values(m.detection, meta, run_id, created)
+    values["reasoning"] = values["reasoning"] or None  # NULL rather than an empty string
+    feat.setAttributes([values[name] for name in FIELD_NAMES])
+    return feat
+
+
 class FeatureSinkResultSink:
     """A :class:`~geo_r1_qgis.core.pipeline.ResultSink` that writes the final layer to a ``QgsFeatureSink``.
 
@@ -807,19 +825,9 @@ class FeatureSinkResultSink:
     def commit(self) -> None:
         """Nothing to make durable: tiles live in memory until :meth:`finish`."""
 
-    def feature(self, m: MapDetection, created: QDateTime) -> QgsFeature:
-        d = m.detection
-        feat = QgsFeature(self.fields)
-        feat.setGeometry(QgsGeometry.fromPolygonXY([[QgsPointXY(x, y) for x, y in m.ring]]))
-        values = detection_values(d, self.meta, self.run_id, created)
-        values["reasoning"] = values["reasoning"] or None  # NULL rather than an empty string
-        feat.setAttributes([values[name] for name in FIELD_NAMES])
-        return feat
-
     def finish(self, final: Sequence[MapDetection], summary: RunSummary) -> None:
-        created = QDateTime.currentDateTimeUtc()
-        created.setTimeSpec(UTC)
-        features = [self.feature(m, created) for m in final]
+        created = utc_now()
+        features = [result_feature(self.fields, m, self.meta, self.run_id, created) for m in final]
         if features and not self.sink.addFeatures(features, FAST_INSERT):
             error = self.sink.lastError() if hasattr(self.sink, "lastError") else ""
             raise OutputError(

@@ -5,7 +5,7 @@ GeoPackage layout as ``geo-r1 ground`` (written through ``osgeo.ogr``, :mod:`geo
 cancelled or failed run keeps every finished tile on disk and can be resumed, by the panel or by the
 command line. After each engine request the tiles' detections are committed to the file and then handed
 to the GUI thread (:attr:`GroundingTask.batchCommitted`), which draws them at once: results appear on the
-map as tiles finish, and the GUI never reads the file while the task writes it.
+map as tiles finish, and the GUI does not poll the file while the task writes it.
 
 Cancel: ``QgsTask.cancel()`` sets ``isCanceled()``, which the run loop polls before each tile and every
 0.1 s while it waits for the engine; the request in flight is abandoned (the engine may finish it, its
@@ -27,7 +27,7 @@ from qgis.PyQt.QtCore import pyqtSignal
 
 from .core.client import EngineClient, read_token
 from .core.errors import ConfigError, EngineUnavailableError, GeoR1Error
-from .core.geometry import PixelBox, Ring, Tile, box_to_polygon
+from .core.geometry import PixelBox, Tile, box_to_polygon
 from .core.pipeline import GroundingJob, MapDetection, RunSummary, run_grounding
 from .core.progress import ProgressTracker
 
@@ -94,8 +94,6 @@ class LiveBatch:
     detections: list[MapDetection]
     tiles_done: int
     tiles_total: int
-    #: tile id -> the tile's outline in map coordinates (what "top left" in its reasoning refers to)
-    tile_rings: dict[str, Ring] = field(default_factory=dict)
 
 
 @dataclass
@@ -122,7 +120,6 @@ class _ForwardingSink:
         self.inner = inner
         self.emit = emit
         self._pending: list[MapDetection] = []
-        self._rings: dict[str, Ring] = {}
         self.tiles_written = 0
 
     def done_tiles(self) -> Any:
@@ -131,15 +128,12 @@ class _ForwardingSink:
     def write_tile(self, tile_id: str, tile: Tile, detections: Sequence[MapDetection], status: str) -> None:
         self.inner.write_tile(tile_id, tile, detections, status)
         self._pending.extend(detections)
-        if detections:
-            self._rings[tile_id] = tile_outline(tile)
         self.tiles_written += 1
 
     def commit(self) -> None:
         self.inner.commit()
         batch, self._pending = self._pending, []
-        rings, self._rings = self._rings, {}
-        self.emit(batch, rings)
+        self.emit(batch)
 
     def finish(self, final: Sequence[MapDetection], summary: RunSummary) -> None:
         self.inner.finish(final, summary)
@@ -221,10 +215,8 @@ class GroundingTask(QgsTask):
         self.setProgress(100.0)
         return True
 
-    def _emit_batch(self, detections: list[MapDetection], rings: dict[str, Ring]) -> None:
-        self.batchCommitted.emit(
-            LiveBatch(self.outcome.run_id, list(detections), self._tiles_done, self._tiles_total, dict(rings))
-        )
+    def _emit_batch(self, detections: list[MapDetection]) -> None:
+        self.batchCommitted.emit(LiveBatch(self.outcome.run_id, list(detections), self._tiles_done, self._tiles_total))
 
     # -- the GUI thread ---------------------------------------------------------------------------
     def finished(self, result: bool) -> None:
@@ -238,12 +230,6 @@ def run_display_name(expression: str, mode: str, when: datetime | None = None) -
     """``<expression> (<mode>, <run time>)``: the name of a run's layer in the Layers panel."""
     when = when or datetime.now()
     return f"{expression.strip()} ({mode}, {when:%H:%M:%S})"
-
-
-def tile_outline(tile: Tile) -> Ring:
-    """A tile's outline in map coordinates: its image's corners through its own transform."""
-    w, h = tile.size
-    return box_to_polygon(PixelBox(0, 0, w, h), tile.transform)
 
 
 def open_panel_run(req: RunRequest, job: GroundingJob, source: Any, info: dict[str, Any]) -> tuple[Any, str, str, dict]:

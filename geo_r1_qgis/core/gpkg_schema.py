@@ -68,7 +68,7 @@ from typing import Any, Protocol
 
 from .area import area_digest
 from .errors import ConfigError, OutputError
-from .geometry import PixelBox, Ring, Tile, polygon_to_wkb
+from .geometry import Affine, PixelBox, Ring, Tile, box_to_polygon, polygon_to_wkb
 from .merge import Detection
 from .pipeline import GroundingJob, MapDetection, RunSummary
 from .results import OUTPUT_FIELDS, detection_values, make_run_id, run_meta
@@ -96,6 +96,7 @@ __all__ = [
     "list_tables",
     "read_raw_detections",
     "run_parameters",
+    "tile_outline",
 ]
 
 log = logging.getLogger(__name__)
@@ -413,6 +414,22 @@ def read_raw_detections(path: str | Path, raw_layer: str, run_id: str) -> dict[s
         )
         out.setdefault(det.tile_id, []).append(det)
     return out
+
+
+def tile_outline(path: str | Path, run_id: str, tile_id: str) -> Ring | None:
+    """A finished tile's outline in the raster's CRS: its ``geo_r1_tiles`` window (raster pixels) through the
+    run's recorded raster transform; None when the file holds no such tile."""
+    tables = list_tables(path)
+    if TILES_TABLE not in tables or RUNS_TABLE not in tables:
+        return None
+    with connect(path) as con:
+        row = con.execute(f"SELECT window FROM {ident(TILES_TABLE)} WHERE run_id = ? AND tile_id = ?",  # nosec B608
+                          (run_id, tile_id)).fetchone()  # fmt: skip
+        run = con.execute(f"SELECT raster_transform FROM {ident(RUNS_TABLE)} WHERE run_id = ?",  # nosec B608
+                          (run_id,)).fetchone()  # fmt: skip
+    if not row or not run or not row[0] or not run[0]:
+        return None
+    return box_to_polygon(PixelBox(*json.loads(row[0])), Affine(*json.loads(run[0])[:6]))
 
 
 def count_rows(path: str | Path, table: str) -> int:
