@@ -48,6 +48,7 @@ from qgis.PyQt.QtNetwork import QNetworkAccessManager, QNetworkProxy, QNetworkRe
 
 from .core.client import health_proof
 from .core.errors import ConfigError, EngineUnavailableError, GeoR1Error
+from .engine_setup.venv import engine_executable
 from .settings import PluginSettings, clean_environment, plugin_settings_dir
 
 log = logging.getLogger(__name__)
@@ -62,21 +63,6 @@ START_HINT = (
     f"or run in a terminal:  {SERVE_COMMAND}"
 )
 LOG_LINES = 500
-
-
-def engine_program(settings: PluginSettings) -> Path:
-    """``<venv>/bin/geo-r1`` of the engine venv the settings name (the setup's own function when present)."""
-    try:
-        from .engine_setup.venv import engine_executable
-    except ImportError:
-        bin_dir = settings.venv_path() / ("Scripts" if os.name == "nt" else "bin")
-        return bin_dir / ("geo-r1.exe" if os.name == "nt" else "geo-r1")
-    return Path(engine_executable(settings))
-
-
-def venv_python_of(program: Path) -> Path:
-    """The venv's Python beside its ``geo-r1`` program."""
-    return program.with_name("python.exe" if os.name == "nt" else "python")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -149,7 +135,7 @@ class EngineStartConfig:
     def from_settings(cls, settings: PluginSettings | None = None, **overrides: Any) -> EngineStartConfig:
         s = settings or PluginSettings.load()
         values: dict[str, Any] = {
-            "program": engine_program(s),
+            "program": engine_executable(s),
             "model": s.engine_model,
             "processor": s.engine_processor,
             "adapter": s.engine_adapter,

@@ -39,10 +39,9 @@ from .engine_process import (
     EngineManager,
     EngineStartConfig,
     ModelDownload,
-    engine_program,
     shared_manager,
-    venv_python_of,
 )
+from .engine_setup.venv import venv_python
 from .settings import PluginSettings
 
 #: state -> (label, colour)
@@ -274,7 +273,7 @@ class EngineWidget(QWidget):
             self.show_message("Type a Hugging Face id to download (a local directory needs no download).")
             return
         try:
-            self.download = ModelDownload(venv_python_of(engine_program(PluginSettings.load(self.qsettings))), model,
+            self.download = ModelDownload(venv_python(PluginSettings.load(self.qsettings).venv_path()), model,
                                           parent=self)  # fmt: skip
         except GeoR1Error as exc:
             self.show_message(str(exc))
