@@ -47,7 +47,7 @@ class RunRequest:
     engine_url: str
     token_file: str | None = None
     window: PixelBox | None = None
-    #: the selected polygons, in raster pixels (``qgis_io.area_from_selection``); None: no polygon area
+    #: the selected polygons, in raster pixels (``qgis_io.prepare_input``); None: no polygon area
     area_polygons: Any = None
     scale: float = 1.0
     tile_size: int = 504
