@@ -484,6 +484,7 @@ class EngineManager(QObject):
             self._countdown_timer.stop()
             self._set_info(payload)
             self._remember_engine()
+            self._read_log()  # the log view is current when the state turns healthy (its "listening on" line)
             self._set_state(HEALTHY, describe_info(self.url or "", payload))
 
     def _remember_engine(self) -> None:
