@@ -449,13 +449,19 @@ class Installer:
         proc = self._proc
         step_tail: deque[str] = deque(maxlen=LOG_TAIL)
         assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            step_tail.append(line)
-            self._emit(line)
-        rc = proc.wait()
-        with self._lock:
-            self._proc = None
+        try:
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                step_tail.append(line)
+                self._emit(line)
+        except BaseException:  # the line handler failed: the program must not outlive the step
+            _kill_tree(proc)
+            raise
+        finally:  # the pipe closed and the program reaped, however the step ends (QGIS shows ResourceWarnings)
+            proc.stdout.close()
+            rc = proc.wait()
+            with self._lock:
+                self._proc = None
         if self.canceled:
             raise SetupCanceled(step.title, "cancelled")
         if rc != 0:

@@ -189,6 +189,43 @@ def test_relocated_venv_scripts_run_from_their_new_place(tmp_path):
     assert str(built) not in (final / "bin" / "activate").read_text()
 
 
+def test_the_setup_leaves_no_unclosed_pipe_file_or_process(tmp_path):
+    """QGIS shows every ResourceWarning in its "Python warning" tab: a step that fails and one that is cancelled
+    must close the program's pipe, the log file and reap the program (warnings as errors, after a collection)."""
+    import gc
+    import threading
+    import warnings
+
+    fake = _fake_python(tmp_path / "python3", f"""
+if "-c" in sys.argv:
+    {PROBE_OK}
+elif "hang" in os.environ.get("FAKE_MODE", ""):
+    print("creating the venv ...", flush=True)
+    time.sleep(600)
+else:
+    print("creating the venv ...", flush=True)
+    print("Error: no room left", flush=True)
+    sys.exit(3)
+""")
+    cfg = inst.SetupConfig(python=fake, venv=tmp_path / "engine-venv", source="index", log_path=tmp_path / "setup.log")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        result = inst.Installer(cfg).run()
+        assert not result.ok and "exited with status 3" in result.message, result.message
+        os.environ["FAKE_MODE"] = "hang"
+        try:
+            installer = inst.Installer(cfg)
+            threading.Timer(3.0, installer.cancel).start()
+            cancelled = installer.run()
+        finally:
+            del os.environ["FAKE_MODE"]
+        assert not cancelled.ok and "cancelled" in cancelled.message, cancelled.message
+        del installer
+        gc.collect()
+    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not leaks, leaks
+
+
 def test_a_failed_pip_step_is_named_with_its_log_and_the_old_venv_stays(tmp_path):
     """A wheelhouse without torch's dependencies: real pip fails offline at "install torch" (pip's configured
     find-links may still hold torch itself); the old venv is untouched."""
