@@ -172,11 +172,15 @@ class EngineClient:
                 return json.loads(resp.read().decode("utf-8"))
         except urllib.error.HTTPError as exc:
             message = _error_message(exc)
+            # the technical line goes to the log (the plugin's is QGIS's message log); the error reads as words
+            log.warning("engine %s %s%s -> %s: %s", method, self.url, path.split("?")[0], exc.code, message)
             if exc.code == 503:
-                raise EngineOverloadedError(f"engine at {self.url} is overloaded: {message}") from None
-            if exc.code == 401:
-                message += " (the token does not match: use the engine's token file)"
-            raise EngineRequestError(f"engine {method} {path} -> {exc.code}: {message}", exc.code) from None
+                raise EngineOverloadedError(
+                    f"the engine at {self.url} has no memory (or capacity) left for this request: {message}. Try "
+                    "again when it is less busy, or choose a smaller tile size"
+                ) from None
+            raise EngineRequestError(f"the engine {_STATUS_WORDS.get(exc.code, 'refused the request')} "
+                                     f"(HTTP {exc.code}): {message}", exc.code) from None  # fmt: skip
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
             raise EngineUnavailableError(
@@ -198,7 +202,7 @@ class EngineClient:
         proof = answer.get("proof") if isinstance(answer, dict) else None
         if not isinstance(proof, str) or not hmac.compare_digest(proof, health_proof(self.token, challenge)):
             raise EngineRequestError(
-                f"engine at {self.url} -> 401: the server did not prove that it holds this token, so the token was "
+                f"the engine at {self.url} did not prove that it holds this token (HTTP 401), so the token was "
                 "not sent (a wrong token file, or another program listening on that port, or an engine older "
                 f"than this client); use the engine's token file. {SERVE_HINT}",
                 401,
@@ -266,6 +270,81 @@ class EngineClient:
         if not isinstance(results, list) or len(results) != len(tiles):
             raise EngineRequestError(f"engine returned {len(results or [])} results for {len(tiles)} tiles")
         return [GroundResult.from_json(r) for r in results]
+
+
+#: the longest expression any engine accepts (``engine.rules.prompts.MAX_EXPRESSION_CHARS``; ``--max-expression-chars``
+#: can only lower it): the plugin's history never keeps a longer one
+MAX_EXPRESSION_CHARS = 2000
+
+
+def request_bytes(expression: str, items: int, width: int, height: int) -> int:
+    """The size of a ``POST /ground/tiles`` body of ``items`` tiles of ``width`` × ``height`` (as :meth:`EngineClient.
+    ground` builds it, a few bytes generous for the header)."""
+    item = {"width": width, "height": height, "expression": expression, "task": "multi", "reasoning": True}
+    header = json.dumps({"items": [item] * items, "max_new_tokens": 4096}).encode("utf-8")
+    return 4 + len(header) + items * width * height * 3
+
+
+def check_limits(limits: dict[str, Any] | None, *, expression: str, largest_tile: tuple[int, int], items: int,
+                 max_new_tokens: int | None) -> None:  # fmt: skip
+    """Refuse a run the engine would refuse, before anything starts: every limit ``GET /info`` reports that the
+    run's requests could break (expression length, image pixels, items and bytes per request, generation length).
+
+    ``largest_tile`` is the largest tile image the run sends, ``items`` the tiles in its fullest request. Each
+    message says what is over which limit and what to do. ``max_prompt_tokens`` needs the engine's tokenizer
+    and is left to the engine (the expression's length bounds it)."""
+    limits = limits or {}
+    expression = expression.strip()
+
+    def limit(name: str) -> int | None:
+        value = limits.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    most = limit("max_expression_chars")
+    if most is not None and len(expression) > most:
+        raise ConfigError(
+            f"the description is {len(expression)} characters long; this engine accepts at most {most}. Describe "
+            "the target in one short sentence, e.g. 'all storage tanks'"
+        )
+    w, h = largest_tile
+    most = limit("max_image_pixels")
+    if most is not None and w * h > most:
+        raise ConfigError(
+            f"a tile of {w} × {h} pixels is over this engine's limit of {most:,} pixels per image; choose a smaller "
+            "tile size (Advanced), or start the engine with a larger --max-image-pixels"
+        )
+    most = limit("max_items")
+    if most is not None and items > most:
+        raise ConfigError(
+            f"the run sends {items} tiles per request; this engine takes at most {most}. Start the engine with "
+            f"--max-items {items} or more"
+        )
+    most = limit("max_body_bytes")
+    size = request_bytes(expression, items, w, h)
+    if most is not None and size > most:
+        raise ConfigError(
+            f"a request of {items} tiles of {w} × {h} pixels is {size / 2**20:.1f} MiB; this engine accepts at most "
+            f"{most / 2**20:.1f} MiB per request. Choose a smaller tile size (Advanced), or start the engine with a "
+            "larger --max-body-mb"
+        )
+    most = limit("max_new_tokens")
+    if most is not None and max_new_tokens is not None and max_new_tokens > most:
+        raise ConfigError(
+            f"max new tokens is {max_new_tokens}; this engine generates at most {most}. Lower it in the Geo-R1 "
+            "Settings (0: the engine's default), or start the engine with a larger --max-new-tokens"
+        )
+
+
+#: what an engine's error status means, in words (docs/ARCHITECTURE.md, "Errors are JSON")
+_STATUS_WORDS = {
+    400: "could not read the request",
+    401: "refused the token (it does not match: use the token file the engine was started with, --token-file)",
+    404: "does not know what was asked for",
+    413: "refused a request over one of its limits",
+    422: "refused a value of the request",
+    500: "failed on this request (its log says why)",
+    502: "could not reach the model server behind it",
+}
 
 
 def _error_message(exc: urllib.error.HTTPError) -> str:

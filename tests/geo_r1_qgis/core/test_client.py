@@ -165,3 +165,73 @@ def test_a_server_that_proves_it_gets_the_token():
         server.shutdown()
     assert [auth for path, auth in seen if path == "/info"] == ["Bearer s3cret", "Bearer s3cret"]
     assert sum(path.startswith("/health?challenge=") for path, _ in seen) == 1
+
+
+LIMITS = {"max_body_bytes": 64 * 2**20, "max_image_pixels": 16_777_216, "max_items": 64, "max_expression_chars": 500,
+          "max_prompt_tokens": None, "max_new_tokens": 4096}  # an engine's defaults, as /info reports them
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragments"),
+    [
+        ({"expression": "x" * 501}, ("501 characters", "at most 500")),
+        ({"largest_tile": (4097, 4096)}, ("4097 × 4096", "16,777,216 pixels", "tile size")),
+        ({"items": 65, "largest_tile": (56, 56)}, ("65 tiles per request", "--max-items 65")),
+        ({"items": 8, "largest_tile": (2048, 2048)}, ("96.0 MiB", "at most 64.0 MiB", "--max-body-mb")),
+        ({"max_new_tokens": 4097}, ("4097", "at most 4096", "Settings")),
+    ],
+)
+def test_a_run_over_an_engine_limit_is_refused_with_what_to_do(kwargs, fragments):
+    from geo_r1_qgis.core.client import check_limits
+
+    args = {"expression": "all storage tanks", "largest_tile": (504, 504), "items": 8, "max_new_tokens": None,
+            **kwargs}  # fmt: skip
+    with pytest.raises(ConfigError) as exc:
+        check_limits(LIMITS, **args)
+    for fragment in fragments:
+        assert fragment in str(exc.value), str(exc.value)
+
+
+def test_a_run_within_the_limits_passes_and_missing_limits_are_not_guessed():
+    from geo_r1_qgis.core.client import check_limits, request_bytes
+
+    check_limits(LIMITS, expression="x" * 500, largest_tile=(4096, 4096), items=1, max_new_tokens=4096)
+    check_limits({}, expression="x" * 5000, largest_tile=(9999, 9999), items=999, max_new_tokens=99999)
+    # the body estimate is at least what the client really sends
+    tile = TileImage(b"\x00" * (56 * 56 * 3), 56, 56)
+    import json
+
+    head = json.dumps({"items": [{"width": 56, "height": 56, "expression": "all tanks", "task": "multi",
+                                  "reasoning": True}] * 3}).encode()  # fmt: skip
+    assert request_bytes("all tanks", 3, 56, 56) >= 4 + len(head) + 3 * len(tile.rgb)
+
+
+def test_an_engine_error_reads_as_words_and_the_detail_goes_to_the_log(caplog):
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b'{"error": {"message": "items[0].expression is empty", "type": "invalid", "code": 422}}'
+            self.send_response(422)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = EngineClient(f"http://127.0.0.1:{server.server_address[1]}")
+        with caplog.at_level("WARNING", logger="geo_r1_qgis.core.client"), pytest.raises(EngineRequestError) as exc:
+            client.ground([TileImage(b"\x00" * 12, 2, 2)], "x")
+    finally:
+        server.shutdown()
+        server.server_close()
+    text = str(exc.value)
+    assert exc.value.status == 422 and "refused a value" in text and "items[0].expression is empty" in text
+    assert "POST" not in text and "/ground/tiles" not in text and "->" not in text, text
+    assert "POST" in caplog.text and "/ground/tiles -> 422" in caplog.text
