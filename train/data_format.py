@@ -13,13 +13,19 @@ and ``geo-r1 eval`` read) holds:
 
 ``rec`` records have exactly one box (the expression names one object in the chip); ``multi`` records
 have zero (a negative chip: the answer is "None") or more boxes.
+
+Each record carries ``image_id``, its image's COCO id: every record of one image has the same id, and the
+OVD evaluation numbers the images by it (COCOeval ranks detections of equal score by image id, so the
+numbers must not depend on the order of the rows). :func:`write_records` gives the images that have none
+the next ids after the largest one given, in the sorted order of their paths (:func:`assign_image_ids`);
+records read from a dataset written before the key existed get theirs the same way.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +81,13 @@ class ChipRecord:
     image_size: tuple[int, int]  # (width, height)
     is_unique: bool | None = None
     negative: bool = False
+    #: the image's COCO id (None: not given; :func:`assign_image_ids` gives one)
+    image_id: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.split, self.task)
+        if self.image_id is not None and (isinstance(self.image_id, bool) or not isinstance(self.image_id, int)):
+            raise ConfigError(f"record {self.id}: image_id must be a whole number (a COCO id), got {self.image_id!r}")
         object.__setattr__(self, "boxes", tuple(tuple(int(v) for v in b) for b in self.boxes))
         object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
         if not self.expression.strip():
@@ -111,6 +121,7 @@ class ChipRecord:
         return {
             "id": self.id,
             "image": self.image,
+            **({} if self.image_id is None else {"image_id": self.image_id}),
             "conversations": [
                 {"from": "human", "value": "<image>" + self.question},
                 {"from": "gpt", "value": self.solution_text},
@@ -139,17 +150,41 @@ class ChipRecord:
                 image_size=tuple(d["image_size"]),
                 is_unique=d.get("is_unique"),
                 negative=bool(d.get("negative", False)),
+                image_id=d.get("image_id"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"a dataset record is malformed ({type(exc).__name__}: {exc}): {str(d)[:200]}") from exc
 
 
+def assign_image_ids(records: Sequence[ChipRecord]) -> list[ChipRecord]:
+    """``records`` with every image's COCO id: the ids given are kept (one image, one id: a contradiction
+    is refused); an image without one takes the id another record of it has, else the next id after the
+    largest given, in the sorted order of the image paths (never the order of the records)."""
+    ids: dict[str, int] = {}
+    owners: dict[int, str] = {}
+    for r in records:
+        if r.image_id is None:
+            continue
+        if ids.get(r.image, r.image_id) != r.image_id or owners.get(r.image_id, r.image) != r.image:
+            raise ConfigError(
+                f"record {r.id}: image {r.image} with image_id {r.image_id} contradicts another record "
+                "(one image, one id); fix the dataset's image_id keys"
+            )
+        ids[r.image], owners[r.image_id] = r.image_id, r.image
+    nxt = max(ids.values(), default=0) + 1
+    for image in sorted({r.image for r in records} - ids.keys()):
+        ids[image] = nxt
+        nxt += 1
+    return [r if r.image_id == ids[r.image] else replace(r, image_id=ids[r.image]) for r in records]
+
+
 def write_records(directory: Path, records: Iterable[ChipRecord]) -> dict[str, int]:
     """Write every record to its ``<split>_<task>.jsonl`` (all files of all splits and tasks are created,
-    empty ones included); return the count per file name."""
+    empty ones included), each with its image's COCO id (:func:`assign_image_ids`); return the count per
+    file name."""
     directory = Path(directory)
     files = {jsonl_name(s, t): [] for s in SPLITS for t in TASKS}
-    for r in records:
+    for r in assign_image_ids(list(records)):
         files[jsonl_name(r.split, r.task)].append(json.dumps(r.to_json(), ensure_ascii=False))
     for name, lines in files.items():
         (directory / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")

@@ -25,7 +25,14 @@ What it does, top to bottom (:func:`run`):
 ``--predictions FILE`` re-scores results files without any model (torch is never imported on that path):
 REC records are re-scored from their ``extracted_answer`` exactly as ``recal_rec_acc_unique.py`` does,
 with the unique flags joined from ``<split>_rec_with_unique.json`` when ``--data`` holds one, else taken
-from the records' own ``is_unique``. Training logs (``train_log.jsonl``) found in adapter directories are
+from the records' own ``is_unique`` (with no flag at all, the report and the summary say why Unique and
+Non-unique are "–"). Odd records score as upstream scores them (IoU 0), or are refused in one line naming
+the record (:func:`rescore_rec_results`). A file's mode is its ``mode`` key, else ``--mode``, else sft when
+no output holds ``<answer>`` (:func:`results_mode`); sft runs get no format rate. OVD records are scored
+under their ``image_id`` (COCO ties are ranked by image id, so the row order never matters), and with
+``--data`` the dataset's positive queries missing from the file are added as misses, as Geo-R1 counts
+them. Every results file written here carries each row's ``image_id``.
+Training logs (``train_log.jsonl``) found in adapter directories are
 plotted as learning curves; ``--logs NAME=FILE`` adds others.
 
 Coordinates: Geo-R1's evaluation never rescales predictions, and neither does the headline number here.
@@ -52,7 +59,7 @@ from engine.rules.coords import model_input_size
 from engine.rules.parsing import format_ok
 from engine.rules.prompts import PROMPT_VERSION, PromptSpec
 from geo_r1_qgis.core.errors import ConfigError, OutputError
-from train.data_format import SPLITS, TASKS, ChipRecord, eval_json_name, read_records
+from train.data_format import SPLITS, TASKS, ChipRecord, assign_image_ids, eval_json_name, read_records
 from train.metrics import (
     MODES,
     OvdQuery,
@@ -60,6 +67,7 @@ from train.metrics import (
     coco_map_single,
     coco_scores,
     extract_rec_box,
+    finite_box,
     mean_iou,
     ovd_answer_region,
     ovd_eval_boxes,
@@ -99,7 +107,10 @@ class EvalConfig:
     )
     split: str = dataclasses.field(default="test", metadata={"help": "split to score: test or val"})
     task: str = dataclasses.field(default="rec", metadata={"help": "rec (one box) or multi (OVD style)"})
-    mode: str = dataclasses.field(default="geo-r1", metadata={"help": "geo-r1 (reasoning) or sft (baseline)"})
+    mode: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "geo-r1 (reasoning) or sft (baseline); None: geo-r1 for models, a results file's own"},
+    )
     batch_size: int = dataclasses.field(default=8, metadata={"help": "queries per generate call"})
     max_new_tokens: int | None = dataclasses.field(default=None, metadata={"help": "None: 256 rec, 1024 multi"})
     limit: int | None = dataclasses.field(default=None, metadata={"help": "score only the first N queries"})
@@ -130,7 +141,7 @@ class EvalConfig:
             raise ConfigError(f"split must be one of {SPLITS}, got {self.split!r}; use --split test or --split val")
         if self.task not in TASKS:
             raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}; use --task rec or --task multi")
-        if self.mode not in MODES:
+        if self.mode is not None and self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}; use --mode geo-r1 or --mode sft")
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}; try --batch-size 8")
@@ -155,6 +166,11 @@ class EvalConfig:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"two models are named {dupes[0]!r}; give each adapter and predictions file a NAME=")
+
+    @property
+    def model_mode(self) -> str:
+        """The mode models are scored in (an adapter's manifest may override it): ``--mode``, else geo-r1."""
+        return self.mode or "geo-r1"
 
     @property
     def new_tokens(self) -> int:
@@ -206,27 +222,72 @@ class ModelRun:
     results_file: str | None = None
 
 
-def _rec_extras(results: Sequence[Mapping[str, Any]], ious: Sequence[float]) -> dict[str, Any]:
+#: why Unique and Non-unique are empty ("–"), by cause; ``{f}`` is the flag's name as the output writes it
+_UNIQUE_WHY = {
+    "no_flags": "no record carries an {f} flag: pass --with-unique FILE (Geo-R1's …_with_unique.json) or --data DIR",
+    "no_match": "no record matched an {f} flag of the unique file on (image, question): check that it belongs "
+    "to these results",
+    "dataset_no_flags": "the dataset's records carry no {f} flag",
+}
+
+
+def unique_why(scores: Mapping[str, Any], markdown: bool = False) -> str | None:
+    """Why a REC run's Unique and Non-unique are empty, in words (None when they are not)."""
+    why = scores.get("unique_missing")
+    return _UNIQUE_WHY[why].format(f="`is_unique`" if markdown else "is_unique") if why in _UNIQUE_WHY else None
+
+
+def _image_size(value: Any) -> tuple[int, int] | None:
+    """A record's ``image_size`` when it is two positive whole numbers, else None (unknown)."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+    ):
+        return (value[0], value[1])
+    return None
+
+
+def _is_box(value: Any) -> bool:
+    return finite_box(value) is not None
+
+
+def _format_rate(outputs: Sequence[Any], task: str, mode: str) -> float | None:
+    """Geo-R1's format reward over the outputs, in %: only for reasoning prompts (geo-r1 mode) and only
+    when the file holds outputs; None otherwise (an SFT-baseline output never has the reasoning format)."""
+    if mode != "geo-r1" or not any(isinstance(o, str) for o in outputs):
+        return None
+    return sum(format_ok(o, task) for o in outputs if isinstance(o, str)) / len(outputs) * 100
+
+
+def _rec_extras(results: Sequence[Mapping[str, Any]], ious: Sequence[float], mode: str) -> dict[str, Any]:
     rescaled = [r.get("rescaled_iou") for r in results]
-    sizes = [r.get("image_size") for r in results]
-    off_grid = sum(1 for s in sizes if s and tuple(model_input_size(tuple(s))) != tuple(s))
-    outputs = [r.get("model_output") for r in results]
+    sizes = [_image_size(r.get("image_size")) for r in results]
+    off_grid = sum(1 for s in sizes if s and tuple(model_input_size(s)) != s)
+    known_rescaled = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rescaled)
     return {
-        "rescaled_mean_iou": mean_iou(rescaled) if rescaled and all(v is not None for v in rescaled) else None,
+        "rescaled_mean_iou": mean_iou(rescaled) if rescaled and known_rescaled else None,
         "images_not_multiple_of_28": off_grid,
         "images_of_known_size": sum(1 for s in sizes if s),
-        "failed_parses": sum(1 for r in results if list(r.get("extracted_answer") or [0, 0, 0, 0]) == [0, 0, 0, 0]),
-        "format_ok": (
-            sum(format_ok(o, "rec") for o in outputs if isinstance(o, str)) / len(outputs) * 100 if outputs else 0.0
+        # no box at all (Geo-R1 writes [0, 0, 0, 0] for a failed parse; odd values are no box either)
+        "failed_parses": sum(
+            1
+            for r in results
+            if not _is_box(r.get("extracted_answer")) or all(v == 0 for v in r.get("extracted_answer"))
         ),
+        "format_ok": _format_rate([r.get("model_output") for r in results], "rec", mode),
         "ious_above_0": sum(1 for v in ious if v > 0),
     }
 
 
+def _unique_missing(scores: Mapping[str, Any], cause: str) -> str | None:
+    counts = scores["counts"]
+    return cause if counts["overall"] and not counts["unique"] and not counts["non_unique"] else None
+
+
 def score_rec_run(records: Sequence[ChipRecord], outputs: Sequence[str], mode: str) -> tuple[list[dict], dict, list]:
-    """Score REC outputs: Geo-R1's results records, the numbers and the per-query IoUs."""
+    """Score REC outputs: Geo-R1's results records (each with its image's COCO id), the numbers and the
+    per-query IoUs."""
     results, pairs = [], []
-    for r, text in zip(records, outputs, strict=True):
+    for r, text in zip(assign_image_ids(records), outputs, strict=True):
         box = extract_rec_box(text, mode)
         gt = r.boxes[0]
         iou = recal_iou(list(box), list(gt))
@@ -240,83 +301,135 @@ def score_rec_run(records: Sequence[ChipRecord], outputs: Sequence[str], mode: s
             is_unique=r.is_unique,
             image_size=r.image_size,
             rescaled_iou=rescaled_iou(list(box), list(gt), r.image_size),
-            extra={"id": r.id, "expression": r.expression, "category": r.category},
+            extra={"id": r.id, "image_id": r.image_id, "expression": r.expression, "category": r.category},
         )
         results.append(res.to_json())
         pairs.append((iou, r.is_unique))
     scores = rec_scores(pairs).to_json()
     ious = [p[0] for p in pairs]
-    scores.update(_rec_extras(results, ious))
+    scores.update(_rec_extras(results, ious, mode))
+    scores["unique_missing"] = _unique_missing(scores, "dataset_no_flags")
     return results, scores, ious
 
 
-def rescore_rec_results(results: Sequence[Mapping[str, Any]], with_unique: Any = None) -> tuple[dict, list]:
-    """Re-score REC results records as ``recal_rec_acc_unique.py`` does (see train/metrics.py)."""
+def rescore_rec_results(results: Sequence[Mapping[str, Any]], with_unique: Any = None,
+                        mode: str = "geo-r1") -> tuple[dict, list]:  # fmt: skip
+    """Re-score REC results records as ``recal_rec_acc_unique.py`` does (see train/metrics.py). Odd
+    values score as upstream scores them: an ``extracted_answer`` or ``ground_truth`` that is not a list
+    of 4 (a number, a string, a boolean, a nested list) has IoU 0, and so has a box holding a NaN (upstream:
+    nan, which is no hit either); a record that is not an object, or a box value ``float()`` rejects (where
+    upstream crashes), is refused with its number."""
     rec, ious = score_results(results, with_unique)
     scores = rec.to_json()
     fixed = []
     for r in results:  # the rescaled IoU needs the image size, which only our results files carry
         r = dict(r)
-        if r.get("image_size") and r.get("rescaled_iou") is None:
-            r["rescaled_iou"] = rescaled_iou(r.get("extracted_answer"), r.get("ground_truth"), r["image_size"])
+        size = _image_size(r.get("image_size"))
+        if size and r.get("rescaled_iou") is None:
+            r["rescaled_iou"] = rescaled_iou(r.get("extracted_answer"), r.get("ground_truth"), size)
         fixed.append(r)
-    scores.update(_rec_extras(fixed, ious))
+    scores.update(_rec_extras(fixed, ious, mode))
     scores["unique_flags_from"] = "with_unique file" if with_unique is not None else "records' is_unique"
+    scores["unique_missing"] = _unique_missing(scores, "no_match" if with_unique is not None else "no_flags")
     return scores, ious
 
 
-def _multi_scores(results: Sequence[Mapping[str, Any]]) -> tuple[dict, list]:
+def _ovd_queries(results: Sequence[Any], boxes_key: str = "extracted_answer") -> list[OvdQuery]:
+    """One :class:`OvdQuery` per results record (its ``image_id`` the image's COCO id); a record that
+    cannot be one is refused with its number."""
     queries = []
-    for r in results:
+    for n, r in enumerate(results, 1):
+        if not isinstance(r, Mapping):
+            raise ConfigError(f"record {n} is not a JSON object ({str(r)[:80]}); fix the results file")
+        image, image_id = r.get("image"), r.get("image_id")
+        if image is None and image_id is None:
+            raise ConfigError(f"record {n} has neither an image nor an image_id; fix the results file")
+        name = str(image) if image is not None else f"image_id {image_id}"
         category = str(r.get("category") or r.get("question"))
-        gt, pred = r.get("ground_truth") or [], r.get("extracted_answer") or []
-        queries.append(OvdQuery(str(r.get("image")), category, gt, pred))
+        gt, pred = r.get("ground_truth"), r.get(boxes_key)
+        try:
+            queries.append(OvdQuery(name, category, [] if gt is None else gt, [] if pred is None else pred, image_id))
+        except ConfigError as exc:
+            raise ConfigError(f"record {n} ({name}): {exc}") from None
+    return queries
+
+
+def _multi_scores(results: Sequence[Mapping[str, Any]], mode: str = "geo-r1") -> tuple[dict, list]:
+    queries = _ovd_queries(results)
+    with_neg = coco_scores(queries)  # first: its refusals number the records as the file does
     positives = [q for q in queries if q.gt_boxes]
     negatives = [q for q in queries if not q.gt_boxes]
     scores = coco_scores(positives).to_json()
-    with_neg = coco_scores(queries)
     scores["with_negatives"] = {"mAP": with_neg.mAP * 100, "AP50": with_neg.AP50 * 100}
     scores["negatives"] = {
         "queries": len(negatives),
         "answered_none": sum(1 for q in negatives if not q.pred_boxes),
     }
-    outputs = [r.get("model_output") for r in results]
-    scores["format_ok"] = (
-        sum(format_ok(o, "multi") for o in outputs if isinstance(o, str)) / len(outputs) * 100 if outputs else 0.0
-    )
+    missing = [r for r in results if r.get("missing")]
+    if missing:
+        scores["missing_from_results"] = {
+            "queries": len(missing),
+            "gt_boxes": sum(len(r.get("ground_truth") or []) for r in missing),
+        }
+    scores["format_ok"] = _format_rate([r.get("model_output") for r in results if not r.get("missing")], "multi", mode)
+    if results and all(isinstance(r.get("answer_region_boxes"), list) or r.get("missing") for r in results):
+        region = coco_scores(q for q in _ovd_queries(results, "answer_region_boxes") if q.gt_boxes)
+        scores["answer_region"] = {
+            "mAP": region.mAP * 100,
+            "AP50": region.AP50 * 100,
+            "queries_differing": sum(
+                1 for r in results if not r.get("missing") and r.get("answer_region_boxes") != r.get("extracted_answer")
+            ),
+        }
     values = [coco_map_single(q.pred_boxes, q.gt_boxes) for q in positives]
     return scores, values
 
 
 def score_multi_run(records: Sequence[ChipRecord], outputs: Sequence[str], mode: str) -> tuple[list[dict], dict, list]:
-    """Score OVD-style outputs: results records (boxes per query), COCO numbers and per-query APs."""
+    """Score OVD-style outputs: results records (boxes per query, each with its image's COCO id), COCO
+    numbers and per-query APs.
+
+    The boxes (``extracted_answer``) are read from the whole response in both modes, as Geo-R1's
+    ``test_ovd_nwpu_eval.py`` reads them (its prompt has no reasoning). In geo-r1 mode the prompt asks for
+    reasoning, and brackets in ``<think>`` can then be taken for the answer; our reasoning-mode rule reads
+    only the first ``<answer>`` region (``train.metrics.ovd_answer_region``): each record also keeps those
+    boxes (``answer_region_boxes``), scored beside Geo-R1's numbers as ``answer_region``, never instead."""
     results = []
-    for r, text in zip(records, outputs, strict=True):
-        boxes = ovd_eval_boxes(ovd_answer_region(text, reasoning=mode == "geo-r1"))
-        results.append({
+    for r, text in zip(assign_image_ids(records), outputs, strict=True):
+        row = {
             "image": r.image,
+            "image_id": r.image_id,
             "question": PromptSpec(r.expression, "multi", mode == "geo-r1").text,
             "ground_truth": [list(b) for b in r.boxes],
             "model_output": text,
-            "extracted_answer": boxes,
+            "extracted_answer": ovd_eval_boxes(text),
             "category": r.category,
             "negative": r.negative,
             "id": r.id,
             "expression": r.expression,
             "image_size": list(r.image_size),
-        })  # fmt: skip
-    scores, values = _multi_scores(results)
+        }
+        if mode == "geo-r1":
+            row["answer_region_boxes"] = ovd_eval_boxes(ovd_answer_region(text, reasoning=True))
+        results.append(row)
+    scores, values = _multi_scores(results, mode)
     return results, scores, values
 
 
+def _nested_boxes(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(b, list) for b in value)
+
+
 def infer_task(data: Mapping[str, Any]) -> str:
-    """The task of a results file: its ``task`` key, else rec when boxes are flat lists of 4."""
+    """The task of a results file: its ``task`` key; else multi when every record's ``ground_truth`` is a
+    list of boxes (and at least one holds one); else rec, Geo-R1's only results format (a REC file with
+    an odd record, e.g. a nested truth first, stays REC and that record scores 0, as upstream scores it)."""
     if data.get("task") in TASKS:
         return data["task"]
-    for r in data.get("results", []):
-        gt = r.get("ground_truth")
-        if isinstance(gt, list) and gt:
-            return "multi" if isinstance(gt[0], list) else "rec"
+    rows = data.get("results", [])
+    gts = [r.get("ground_truth") if isinstance(r, Mapping) else None for r in rows]
+    if gts and all(_nested_boxes(g) for g in gts) and any(g for g in gts):
+        return "multi"
     return "rec"
 
 
@@ -352,7 +465,7 @@ def _model_runs(cfg: EvalConfig, records: Sequence[ChipRecord]) -> list[ModelRun
     runs = []
     for name, adapter in plan:
         manifest = manifests.get(adapter, {}) if adapter else {}
-        mode = mode_for_adapter(manifest, cfg.mode)
+        mode = mode_for_adapter(manifest, cfg.model_mode)
         notes = []
         if adapter and "reasoning" in manifest:
             notes.append(f"mode {mode} from {ADAPTER_MANIFEST} (reasoning={manifest['reasoning']})")
@@ -386,16 +499,78 @@ def _prediction_runs(cfg: EvalConfig) -> list[ModelRun]:
     runs = []
     for name, file in cfg.predictions.items():
         data = read_results(file)
-        results = data.get("results", [])
+        results = list(data.get("results", []))
         task = infer_task(data)
+        mode, mode_note = results_mode(data, cfg.mode)  # a label (and the format rate) only: never re-parsed
+        notes = ["re-scored from the results file; no model was run", mode_note]
         if task == "rec":
-            scores, values = rescore_rec_results(results, with_unique)
+            scores, values = rescore_rec_results(results, with_unique, mode)
         else:
-            scores, values = _multi_scores(results)
-        mode = data.get("mode") if data.get("mode") in MODES else cfg.mode  # a label only: never re-parsed
-        runs.append(ModelRun(name, mode, f"predictions {file}", task, list(results), scores, values,
-                             data.get("method"), ["re-scored from the results file; no model was run"]))  # fmt: skip
+            if cfg.data is not None:
+                results, data_notes = _with_missing_queries(cfg, results, mode)
+                notes += data_notes
+            scores, values = _multi_scores(results, mode)
+        runs.append(ModelRun(name, mode, f"predictions {file}", task, results, scores, values,
+                             data.get("method"), notes))  # fmt: skip
     return runs
+
+
+def results_mode(data: Mapping[str, Any], given: str | None) -> tuple[str, str]:
+    """The mode of a results file, and how it was decided: the file's own ``mode`` key; else ``--mode``;
+    else sft when none of its outputs holds ``<answer>`` (Geo-R1's ``test_rec_baseline_eval.py`` writes
+    no mode and its outputs have no tags), geo-r1 otherwise."""
+    if data.get("mode") in MODES:
+        return data["mode"], f"mode {data['mode']} from the file's mode key"
+    if given is not None:
+        return given, f"mode {given} from --mode"
+    rows = [r for r in data.get("results", []) if isinstance(r, Mapping)]
+    outputs = [r.get("model_output") for r in rows if isinstance(r.get("model_output"), str)]
+    outputs = [o for o in outputs if o.strip()]
+    if not outputs:
+        return "geo-r1", "mode geo-r1 assumed: the file has no mode key and no outputs (pass --mode to say)"
+    if not any("<answer>" in o for o in outputs):
+        return "sft", "mode sft: no output holds <answer>, as in an SFT-baseline file (pass --mode to say otherwise)"
+    return "geo-r1", "mode geo-r1: the outputs hold <answer> (pass --mode to say otherwise)"
+
+
+def _with_missing_queries(cfg: EvalConfig, results: list[Any], mode: str) -> tuple[list[Any], list[str]]:
+    """The OVD results with every positive query of ``--data`` (its split) that they lack added as a
+    miss (its true boxes, no prediction, ``"missing": true``), as Geo-R1 scores against the whole
+    annotation file; rows without an ``image_id`` take the dataset's. Returns the rows and notes."""
+    records = [r for r in assign_image_ids(read_records(cfg.data, cfg.split, "multi")) if r.boxes]
+    ids = {r.image: r.image_id for r in records}
+    rows: list[Any] = []
+    have, have_positive = set(), set()
+    for r in results:
+        if isinstance(r, Mapping):
+            if r.get("image_id") is None and r.get("image") in ids:
+                r = {**r, "image_id": ids[r["image"]]}
+            key = (r.get("image"), str(r.get("category") or r.get("question")))
+            have.add(key)
+            if r.get("ground_truth"):
+                have_positive.add(key)
+        rows.append(r)
+    known = {(r.image, r.category) for r in records}
+    missing = [r for r in records if (r.image, r.category) not in have]
+    for r in missing:
+        rows.append({
+            "image": r.image, "image_id": r.image_id,
+            "question": PromptSpec(r.expression, "multi", mode == "geo-r1").text,
+            "ground_truth": [list(b) for b in r.boxes], "model_output": None, "extracted_answer": [],
+            "category": r.category, "negative": False, "id": r.id, "expression": r.expression,
+            "image_size": list(r.image_size), "missing": True,
+        })  # fmt: skip
+    notes = []
+    if missing:
+        notes.append(f"{len(missing)} queries of the dataset ({cfg.split}) are missing from the results: "
+                     "counted as misses, as Geo-R1 counts them")  # fmt: skip
+    else:
+        notes.append(f"every positive query of the dataset ({cfg.split}) is in the results")
+    strangers = sum(1 for key in have_positive if key not in known)
+    if strangers:
+        notes.append(f"{strangers} (image, category) pairs of the results are not positive queries of the dataset "
+                     f"({cfg.split}): check --data and --split")  # fmt: skip
+    return rows, notes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -457,6 +632,10 @@ def _rec_table(runs: Sequence[ModelRun]) -> list[str]:
             f"| {s['mean_iou']:.3f} | {'–' if rescaled is None else f'{rescaled:.3f}'} | {s['failed_parses']} "
             f"| {_pct(s['format_ok']) if r.mode == 'geo-r1' else '–'} |"
         )
+    for r in runs:
+        why = unique_why(r.scores, markdown=True)
+        if why:
+            lines += ["", f"Unique and Non-unique show – for {r.name}: {why}."]
     return lines
 
 
@@ -535,10 +714,23 @@ def write_report(cfg: EvalConfig, runs: Sequence[ModelRun], plots: Mapping[str, 
         lines += [
             "",
             "COCO mAP (AP@[.5:.95]) and AP50 with pycocotools over the queries whose chip holds the category, "
-            "every box scored 1.0, as Geo-R1's `test_ovd_nwpu_eval.py`; boxes are read from the first fenced "
-            "json block, else the greedy `[...]` (in Geo-R1 mode, inside the first `<answer>`). *mAP with "
-            "negatives* also counts boxes given on negative chips as false positives (our addition).",
+            "every box scored 1.0, each image under its COCO id (`image_id`: COCOeval ranks boxes of equal score "
+            "by image id, so the row order does not matter), as Geo-R1's `test_ovd_nwpu_eval.py`; boxes are read "
+            "from the first fenced json block of the whole response, else the greedy `[...]`, in both modes, as "
+            "Geo-R1 reads them. *mAP with negatives* also counts boxes given on negative chips as false positives "
+            "(our addition). With `--data`, the dataset's queries missing from the results count as misses.",
         ]
+        for r in runs:
+            region = r.scores.get("answer_region")
+            if region:
+                lines += ["", f"Reasoning-mode rule (ours), {r.name}: reading only the first `<answer>` region, so "
+                          "that brackets in `<think>` are not taken for the answer, gives mAP "
+                          f"{_pct(region['mAP'])} / AP50 {_pct(region['AP50'])}; its boxes differ from Geo-R1's "
+                          f"parse on {region['queries_differing']} of {len(r.results)} queries."]  # fmt: skip
+            gone = r.scores.get("missing_from_results")
+            if gone:
+                lines += ["", f"{r.name}: {gone['queries']} queries of the dataset ({gone['gt_boxes']} true boxes) "
+                          "are missing from the results and count as misses."]  # fmt: skip
         classes = sorted({c for r in runs for c in r.scores.get("per_class", {})})
         if classes:
             lines += ["", "Per class (AP50 / mAP):", "", "| model | " + " | ".join(classes) + " |",
@@ -608,7 +800,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
 
     records: list[ChipRecord] = []
     if cfg.model is not None:
-        records = read_records(cfg.data, cfg.split, cfg.task)[: cfg.limit]
+        records = assign_image_ids(read_records(cfg.data, cfg.split, cfg.task))[: cfg.limit]
         if not records:
             raise ConfigError(
                 f"{cfg.data} has no {cfg.split} {cfg.task} records; pick another --split/--task or rebuild the dataset"
@@ -677,9 +869,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a LoRA adapter to evaluate beside the base model (repeatable)")  # fmt: skip
     parser.add_argument("--split", default="test", choices=("test", "val", "train"))
     parser.add_argument("--task", default="rec", choices=TASKS, help="rec: one box; multi: all boxes (OVD)")
-    parser.add_argument("--mode", default="geo-r1", choices=MODES,
-                        help="prompt and parse: geo-r1 (reasoning) or sft (baseline); an adapter's "
-                        f"{ADAPTER_MANIFEST} overrides it for that adapter")  # fmt: skip
+    parser.add_argument("--mode", choices=MODES,
+                        help="prompt and parse: geo-r1 (reasoning, the default) or sft (baseline); an adapter's "
+                        f"{ADAPTER_MANIFEST} overrides it for that adapter; for --predictions, the mode of a file "
+                        "without a 'mode' key (default: sft when no output holds <answer>, else geo-r1)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, help="default: 256 for rec, 1024 for multi (Geo-R1's)")
     parser.add_argument("--limit", type=int, help="score only the first N queries")
@@ -728,13 +921,19 @@ def main(args: argparse.Namespace) -> int:
     for name, m in metrics["models"].items():
         s = m["scores"]
         if m["task"] == "rec":
-            a5, a7, c = s["acc@0.5"], s["acc@0.7"], s["counts"]
-            out.write(
-                f"{name} ({m['mode']}): Acc@0.5 {a5['overall']:.2f} (unique {_pct(a5['unique'], c['unique'])}, "
-                f"non-unique {_pct(a5['non_unique'], c['non_unique'])}), Acc@0.7 {a7['overall']:.2f}, "
-                f"mean IoU {s['mean_iou']:.3f}\n"
-            )
+            c = s["counts"]
+            parts = [
+                f"Acc@{t} {a['overall']:.2f} (unique {_pct(a['unique'], c['unique'])}, "
+                f"non-unique {_pct(a['non_unique'], c['non_unique'])})"
+                for t in ("0.5", "0.7")
+                for a in [s[f"acc@{t}"]]
+            ]
+            why = unique_why(s)
+            out.write(f"{name} ({m['mode']}): {', '.join(parts)}, mean IoU {s['mean_iou']:.3f}"
+                      + (f"; unique/non-unique –: {why}" if why else "") + "\n")  # fmt: skip
         else:
-            out.write(f"{name} ({m['mode']}): mAP {s['mAP']:.2f}, AP50 {s['AP50']:.2f}\n")
+            gone = s.get("missing_from_results")
+            out.write(f"{name} ({m['mode']}): mAP {s['mAP']:.2f}, AP50 {s['AP50']:.2f}"
+                      + (f" ({gone['queries']} missing queries counted as misses)" if gone else "") + "\n")  # fmt: skip
     out.write(f"report: {cfg.out_dir / 'report.md'}\n")
     return 0

@@ -64,9 +64,27 @@ Detections get score 1.0 and ``[x, y, w, h]`` with ``w = x2 - x1`` (no reorderin
 ("bbox") scores them against every true box. mAP is ``stats[0]`` (AP@[.5:.95]), AP50 ``stats[1]``;
 per class, the mean of ``precision[t, :, k, 0, -1]`` over entries > -1 (0.0 when none), as upstream.
 An empty prediction list scores 0 everywhere (upstream skips the evaluation; VLM-R1's
-``ovd_coco_evaluation.py`` returns zeros). COCOeval matches detections only within one (image,
-category), so :func:`coco_scores` gives each query its own image id: the same numbers as one id per
-image whenever each (image, category) pair is queried once, as upstream does.
+``ovd_coco_evaluation.py`` returns zeros).
+
+**Image ids.** Every detection scores 1.0, so COCOeval ranks tied detections by image id (its images
+in id order, then a stable sort by score): the ids change mAP, not only which boxes match. Upstream uses
+the annotation file's COCO ids. :func:`coco_scores` uses the ``image_id`` each query carries (our results
+records carry the dataset's, ``train.data_format.assign_image_ids``); a query without one is numbered by
+:func:`ovd_image_ids`: the id another query of the same image has, else the next ids after the largest
+given, in the sorted order of the image names. So re-scoring a shuffled file gives the same numbers, and
+never depends on row positions. One image with two ids, one id on two images, or an (image, category)
+queried twice (upstream asks each once) is refused. Queries missing from a results file are upstream's
+misses (its truth is the whole annotation file); ``geo-r1 eval --data`` adds them (train/evaluate.py).
+
+**The reasoning-mode rule (ours, reported separately).** Upstream's OVD prompt has no reasoning and its
+parse reads the whole response; ``geo-r1 eval`` follows it in both modes. With the reasoning prompt,
+brackets in ``<think>`` can then be taken for the answer: :func:`ovd_answer_region` reads only the first
+``<answer>`` region, and the evaluator scores those boxes beside upstream's numbers, never instead.
+
+Odd REC records score as upstream scores them: anything but a 4-item list is IoU 0, and a box holding a
+NaN gives upstream an IoU of nan, no hit at any threshold; :func:`recal_iou` returns 0.0 for it (the same
+miss, and a mean IoU that stays a number). A value ``float()`` rejects (upstream crashes) or a record that
+is not an object is refused with the record's number.
 
 :func:`coco_map_single` is AP@[.5:.95] on one image, one category, all scores 1.0, as VLM-R1's
 ``calculate_map`` (``score_type=0``) computes it for its ``odLength`` reward; the reward decides what
@@ -103,9 +121,11 @@ __all__ = [
     "coco_map_single",
     "coco_scores",
     "extract_rec_box",
+    "finite_box",
     "mean_iou",
     "ovd_answer_region",
     "ovd_eval_boxes",
+    "ovd_image_ids",
     "read_results",
     "rec_scores",
     "recal_iou",
@@ -140,6 +160,15 @@ Box = Sequence[float]
 # --------------------------------------------------------------------------------------------------
 # REC: parses and IoU
 # --------------------------------------------------------------------------------------------------
+
+
+def finite_box(box: Any) -> tuple[float, ...] | None:
+    """``box`` as a tuple when it is 4 finite numbers (bools excluded), else None."""
+    if not isinstance(box, (list, tuple)) or len(box) != 4:
+        return None
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in box):
+        return None
+    return tuple(box)
 
 
 def sft_baseline_box(text: str) -> tuple[float, float, float, float] | tuple[int, int, int, int]:
@@ -179,7 +208,10 @@ def recal_iou(pred: Any, gt: Any) -> float:
             f"a box holds a value that is not a number ({exc}): prediction {list(pred)!r}, truth {list(gt)!r}; "
             "fix the results file"
         ) from None
-    return geo_r1_iou(a, b)
+    value = geo_r1_iou(a, b)
+    # upstream: a NaN (or inf - inf) in a box gives an IoU of nan, and ``nan > t`` is False: a miss. 0.0 is
+    # the same miss at every threshold, and keeps the mean IoU a number.
+    return value if math.isfinite(value) else 0.0
 
 
 def rescaled_iou(pred: Any, gt: Any, image_size: Sequence[int]) -> float:
@@ -190,7 +222,7 @@ def rescaled_iou(pred: Any, gt: Any, image_size: Sequence[int]) -> float:
     model_size = model_input_size(size)
     if model_size == size:
         return recal_iou(pred, gt)
-    if not (isinstance(pred, (list, tuple)) and len(pred) == 4):
+    if finite_box(pred) is None:  # not 4 finite numbers: no box (recal_iou's 0.0, or upstream's nan miss)
         return 0.0
     box = model_to_image_box([float(v) for v in pred], model_size, size)
     if box is None:
@@ -345,7 +377,16 @@ def score_rec(
 def uniqueness_map(eval_items: Iterable[Mapping[str, Any]]) -> dict[tuple[Any, Any], Any]:
     """``recal_rec_acc_unique.py``'s lookup table: ``(image, problem) -> item.get("is_unique", False)``
     (a missing key means non-unique; ``null`` stays None; a repeated key keeps the last item)."""
-    return {(item.get("image"), item.get("problem")): item.get("is_unique", False) for item in eval_items}
+    table = {}
+    for n, item in enumerate(eval_items, 1):
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"item {n} of the unique file is not a JSON object ({str(item)[:80]})")
+        key = (item.get("image"), item.get("problem"))
+        try:
+            table[key] = item.get("is_unique", False)
+        except TypeError:  # an image or problem that is a list or an object: upstream crashes here
+            raise ConfigError(f"item {n} of the unique file: image and problem must be text, got {key!r}") from None
+    return table
 
 
 def read_results(path: Path) -> dict[str, Any]:
@@ -375,10 +416,20 @@ def score_results(
     from each record's own ``is_unique`` key (our results files carry it; missing means no flag)."""
     table = uniqueness_map(with_unique) if with_unique is not None else None
     ious, pairs = [], []
-    for rec in results:
-        iou = recal_iou(rec.get("extracted_answer"), rec.get("ground_truth"))
+    for n, rec in enumerate(results, 1):
+        if not isinstance(rec, Mapping):
+            raise ConfigError(f"record {n} is not a JSON object ({str(rec)[:80]}); fix the results file")
+        try:
+            iou = recal_iou(rec.get("extracted_answer"), rec.get("ground_truth"))
+        except ConfigError as exc:
+            raise ConfigError(f"record {n} ({rec.get('image')}): {exc}") from None
         if table is not None:
-            flag = table.get((rec.get("image"), rec.get("question")))
+            key = (rec.get("image"), rec.get("question"))
+            try:
+                flag = table.get(key)
+            except TypeError:  # a list or an object: upstream crashes here
+                raise ConfigError(f"record {n}: image and question must be text to join the unique file, "
+                                  f"got {key!r}") from None  # fmt: skip
         else:
             flag = rec.get("is_unique")
         ious.append(iou)
@@ -392,9 +443,10 @@ def score_results(
 
 
 def ovd_answer_region(text: str, reasoning: bool) -> str:
-    """What the OVD parse reads. Upstream's evaluation prompt has no reasoning, and the parse reads the
-    whole response. With reasoning (our choice): the first ``<answer>`` content when there is one, so
-    brackets in the reasoning are not taken for the answer; else the whole response."""
+    """The reasoning-mode rule (ours): what an OVD parse reads of a response to the reasoning prompt.
+    Upstream's evaluation prompt has no reasoning, and its parse reads the whole response (the headline
+    numbers do too). With ``reasoning``: the first ``<answer>`` content when there is one, so brackets in
+    the reasoning are not taken for the answer; else the whole response."""
     if not isinstance(text, str):
         return ""
     if reasoning:
@@ -436,19 +488,63 @@ def ovd_eval_boxes(text: str) -> list[list[int]]:
 
 @dataclass(frozen=True)
 class OvdQuery:
-    """One OVD query: an image, a category, its true boxes and the predicted boxes (all xyxy)."""
+    """One OVD query: an image, a category, its true boxes and the predicted boxes (all xyxy).
+
+    ``image_id`` is the image's COCO id (the dataset's), which decides how COCOeval ranks tied
+    detections; None: numbered by :func:`ovd_image_ids` from the image's name."""
 
     image: str
     category: str
     gt_boxes: tuple[tuple[float, ...], ...]
     pred_boxes: tuple[tuple[float, ...], ...]
+    image_id: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "gt_boxes", tuple(tuple(b) for b in self.gt_boxes))
-        object.__setattr__(self, "pred_boxes", tuple(tuple(b) for b in self.pred_boxes))
-        for b in (*self.gt_boxes, *self.pred_boxes):
-            if len(b) != 4:
-                raise ConfigError(f"query {self.image} / {self.category}: box {list(b)} needs 4 values x1, y1, x2, y2")
+        for name in ("gt_boxes", "pred_boxes"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"query {self.image} / {self.category}: {name} must be a list of boxes, "
+                                  f"got {value!r}")  # fmt: skip
+            boxes = []
+            for b in value:
+                box = finite_box(b)
+                if box is None:
+                    raise ConfigError(
+                        f"query {self.image} / {self.category}: box {b!r} needs 4 values x1, y1, x2, y2, "
+                        "each a finite number"
+                    )
+                boxes.append(box)
+            object.__setattr__(self, name, tuple(boxes))
+        if self.image_id is not None and (isinstance(self.image_id, bool) or not isinstance(self.image_id, int)):
+            raise ConfigError(
+                f"query {self.image} / {self.category}: image_id must be a whole number (the image's COCO id), "
+                f"got {self.image_id!r}"
+            )
+
+
+def ovd_image_ids(queries: Iterable[OvdQuery]) -> dict[str, int]:
+    """The COCO image id of every image of ``queries``: the ids the queries carry (the dataset's COCO
+    ids); an image no query gives an id gets the next ids after the largest carried one, in the sorted
+    order of the image names (stable under any reordering of the rows, never the row position). An image
+    with two ids, or an id on two images, is refused."""
+    ids: dict[str, int] = {}
+    images: dict[int, str] = {}
+    queries = list(queries)
+    for q in queries:
+        if q.image_id is None:
+            continue
+        if ids.get(q.image, q.image_id) != q.image_id:
+            raise ConfigError(f"image {q.image} has image_id {ids[q.image]} and image_id {q.image_id}; "
+                              "each image has one COCO id: fix the results file")  # fmt: skip
+        if images.get(q.image_id, q.image) != q.image:
+            raise ConfigError(f"images {images[q.image_id]} and {q.image} both have image_id {q.image_id}; "
+                              "each image has its own COCO id: fix the results file")  # fmt: skip
+        ids[q.image], images[q.image_id] = q.image_id, q.image
+    nxt = max(ids.values(), default=0) + 1
+    for name in sorted({q.image for q in queries} - ids.keys()):
+        ids[name] = nxt
+        nxt += 1
+    return ids
 
 
 @dataclass(frozen=True)
@@ -507,21 +603,32 @@ def _mean_valid(values: Any) -> float:
 
 def coco_scores(queries: Iterable[OvdQuery]) -> OvdScores:
     """COCO mAP and AP50 of OVD queries, as ``test_ovd_nwpu_eval.py`` computes them (scores 1.0, no
-    rescaling; per class as its table). No detections at all: every number is 0.0."""
+    rescaling; per class as its table), each image under its COCO id (:func:`ovd_image_ids`). Each
+    (image, category) is queried once, as upstream does; a second query of one is refused. No detections
+    at all: every number is 0.0."""
     queries = list(queries)
+    image_ids = ovd_image_ids(queries)
+    seen: dict[tuple[int, str], int] = {}
+    for n, q in enumerate(queries, 1):
+        key = (image_ids[q.image], q.category)
+        if key in seen:
+            raise ConfigError(f"queries {seen[key]} and {n} ask twice for {q.category!r} on image {q.image}; "
+                              "Geo-R1 asks each (image, category) once: drop the repeated row")  # fmt: skip
+        seen[key] = n
     categories = sorted({q.category for q in queries})
     cat_ids = {name: i + 1 for i, name in enumerate(categories)}
     gt: dict[str, Any] = {
-        "images": [{"id": i + 1, "file_name": q.image} for i, q in enumerate(queries)],
+        "images": [{"id": i, "file_name": name} for name, i in sorted(image_ids.items(), key=lambda kv: kv[1])],
         "categories": [{"id": cat_ids[c], "name": c} for c in categories],
         "annotations": [],
     }
     dets = []
-    for i, q in enumerate(queries):
+    for q in queries:
+        image_id = image_ids[q.image]
         for b in q.gt_boxes:
-            gt["annotations"].append(_gt_annotation(len(gt["annotations"]) + 1, i + 1, cat_ids[q.category], b))
+            gt["annotations"].append(_gt_annotation(len(gt["annotations"]) + 1, image_id, cat_ids[q.category], b))
         for b in q.pred_boxes:
-            dets.append({"image_id": i + 1, "category_id": cat_ids[q.category], "bbox": _xywh(b), "score": 1.0})
+            dets.append({"image_id": image_id, "category_id": cat_ids[q.category], "bbox": _xywh(b), "score": 1.0})
     n_gt, n_pred = len(gt["annotations"]), len(dets)
     if not dets or not gt["annotations"]:
         zero = {c: {"AP50": 0.0, "mAP": 0.0} for c in categories}

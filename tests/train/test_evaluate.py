@@ -15,7 +15,14 @@ import pytest
 from engine.cli import main as cli_main
 from geo_r1_qgis.core.errors import ConfigError
 from train.data_format import MANIFEST, ChipRecord, eval_json_name, write_records
-from train.evaluate import EvalConfig, adapter_manifest, infer_task, mode_for_adapter
+from train.evaluate import (
+    EvalConfig,
+    adapter_manifest,
+    infer_task,
+    mode_for_adapter,
+    score_multi_run,
+    score_rec_run,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).parent / "data"
@@ -141,6 +148,10 @@ def test_infer_task():
     assert infer_task({"task": "multi", "results": []}) == "multi"
     assert infer_task({"results": [{"ground_truth": [1, 2, 3, 4]}]}) == "rec"
     assert infer_task({"results": [{"ground_truth": [[1, 2, 3, 4]]}]}) == "multi"
+    assert infer_task({"results": [{"ground_truth": [[1, 2, 3, 4]]}, {"ground_truth": []}]}) == "multi"
+    # Geo-R1's REC results with one odd row first: still REC (its only results format), the row a miss
+    assert infer_task({"results": [{"ground_truth": [[1, 2, 3, 4]]}, {"ground_truth": [1, 2, 3, 4]}]}) == "rec"
+    assert infer_task({"results": [7, {"ground_truth": None}]}) == "rec"
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -322,3 +333,204 @@ def test_rescoring_in_place_leaves_the_input_alone(tmp_path):
     assert _eval("--predictions", target, "-o", out) == 0
     assert target.read_bytes() == before
     assert json.loads((out / "metrics.json").read_text())["models"]["fixed"]["results_file"] == "fixed_results.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# OVD: COCO image ids, the whole-response parse, queries missing from the results
+# --------------------------------------------------------------------------------------------------
+
+SQ = [0, 0, 10, 10]
+FAR = [50, 50, 60, 60]
+# tests/train/test_metrics.py::COCO_ID_ORDER_AP, by hand: in COCO id order the detections are FP, TP, TP
+COCO_ID_ORDER_AP = 67 * (2 / 3) / 101
+OVD_ROWS = [  # three images of one class; the miss is on z.png, the image with the lowest COCO id
+    {"image": "z.png", "image_id": 11, "category": "ship", "ground_truth": [SQ], "extracted_answer": [FAR]},
+    {"image": "y.png", "image_id": 12, "category": "ship", "ground_truth": [SQ], "extracted_answer": [SQ]},
+    {"image": "x.png", "image_id": 13, "category": "ship", "ground_truth": [SQ], "extracted_answer": [SQ]},
+]
+
+
+def _ovd_file(path: Path, rows: list[dict], **head) -> Path:
+    rows = [{"question": "q", "model_output": "", **r} for r in rows]
+    path.write_text(json.dumps({"accuracy": 0.0, "task": "multi", **head, "results": rows}))
+    return path
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0), (1, 2, 0)])
+def test_rescoring_a_shuffled_ovd_file_gives_the_same_numbers(tmp_path, order, capsys):
+    """COCOeval ranks tied detections (all scores 1.0) by image id: the rows' own COCO ids decide, not
+    their order (numbered by position, (2, 1, 0) gives 67/101: TP, TP, FP) nor their names (67/101 too)."""
+    file = _ovd_file(tmp_path / "ovd_results.json", [OVD_ROWS[i] for i in order])
+    out = tmp_path / "r"
+    assert _eval("--predictions", file, "-o", out) == 0
+    s = json.loads((out / "metrics.json").read_text())["models"]["ovd"]["scores"]
+    assert s["mAP"] == pytest.approx(COCO_ID_ORDER_AP * 100)
+    assert s["AP50"] == pytest.approx(COCO_ID_ORDER_AP * 100)
+    assert f"ovd (geo-r1): mAP {COCO_ID_ORDER_AP * 100:.2f}" in capsys.readouterr().out
+    written = json.loads((out / "ovd_results.json").read_text())["results"]
+    assert [r["image_id"] for r in written] == [OVD_ROWS[i]["image_id"] for i in order]
+
+
+def test_rows_without_an_image_id_are_numbered_by_image_name(tmp_path):
+    rows = [{k: v for k, v in r.items() if k != "image_id"} for r in reversed(OVD_ROWS)]
+    out = tmp_path / "r"
+    assert _eval("--predictions", _ovd_file(tmp_path / "bare_results.json", rows), "-o", out) == 0
+    s = json.loads((out / "metrics.json").read_text())["models"]["bare"]["scores"]
+    # numbered by name, x.png, y.png, z.png: TP, TP, FP, so precision 1 up to recall 2/3: 67/101
+    assert s["mAP"] == pytest.approx(67 / 101 * 100)
+
+
+def _multi_record(name: str, box=(0, 0, 28, 28), image_id: int | None = None) -> ChipRecord:
+    return ChipRecord(id=name, image=f"images/test/{name}.png", split="test", task="multi", expression="ship",
+                      category="ship", boxes=(box,), image_size=(112, 112), image_id=image_id)  # fmt: skip
+
+
+def test_every_results_row_we_write_carries_the_image_id():
+    recs = [_multi_record("b", image_id=5), _multi_record("a")]
+    results, _, _ = score_multi_run(recs, ["None", "None"], "sft")
+    assert [r["image_id"] for r in results] == [5, 6]  # a.png had none: the next id after the dataset's
+    rec = ChipRecord(id="r", image="images/test/r.png", split="test", task="rec", expression="ship",
+                     category="ship", boxes=((0, 0, 28, 28),), image_size=(112, 112), image_id=9)  # fmt: skip
+    results, _, _ = score_rec_run([rec], ["[0, 0, 28, 28]"], "sft")
+    assert results[0]["image_id"] == 9
+
+
+def test_geo_r1_mode_reads_the_whole_response_as_geo_r1s_ovd_script():
+    """Brackets in the reasoning: Geo-R1's parse (the whole response) finds no JSON list; the reasoning-mode
+    rule (only the first <answer>) finds the box, and is reported beside it, not instead of it."""
+    text = '<think> the ship at [5, 5] is small </think> <answer>[{"bbox_2d": [0, 0, 28, 28]}]</answer>'
+    results, scores, _ = score_multi_run([_multi_record("a", image_id=1)], [text], "geo-r1")
+    assert results[0]["extracted_answer"] == []
+    assert results[0]["answer_region_boxes"] == [[0, 0, 28, 28]]
+    assert scores["mAP"] == 0.0
+    assert scores["answer_region"]["mAP"] == pytest.approx(100.0)
+    assert scores["answer_region"]["queries_differing"] == 1
+    # a fenced block in the answer: both rules agree, brackets in the reasoning or not
+    fenced = '<think> [a] </think> <answer>```json\n[{"bbox_2d": [0, 0, 28, 28]}]\n```</answer>'
+    results, scores, _ = score_multi_run([_multi_record("a", image_id=1)], [fenced], "geo-r1")
+    assert results[0]["extracted_answer"] == [[0, 0, 28, 28]] and scores["answer_region"]["queries_differing"] == 0
+
+
+def test_ovd_queries_missing_from_the_results_count_as_misses_with_data(tmp_path, tiny_dataset):
+    """The dataset's four positive queries, results for two of them (both exact): without --data mAP is
+    100; with --data the other two true boxes are misses, so the recall stops at 1/2: by hand, precision 1
+    on COCO's recall points 0.00 … 0.50 (51 of 101), AP = 51/101 at every threshold."""
+    recs = [json.loads(line) for line in (tiny_dataset / "test_multi.jsonl").read_text().splitlines()]
+    positives = [r for r in recs if not r["negative"]]
+    rows = [{"image": r["image"], "category": r["category"], "ground_truth": r["solution"],
+             "extracted_answer": r["solution"]} for r in positives[:2]]  # fmt: skip
+    file = _ovd_file(tmp_path / "part_results.json", rows)
+    out = tmp_path / "alone"
+    assert _eval("--predictions", file, "-o", out) == 0
+    assert json.loads((out / "metrics.json").read_text())["models"]["part"]["scores"]["mAP"] == pytest.approx(100)
+    out = tmp_path / "with_data"
+    assert _eval("--data", tiny_dataset, "--predictions", file, "-o", out) == 0
+    s = json.loads((out / "metrics.json").read_text())["models"]["part"]["scores"]
+    assert s["mAP"] == pytest.approx(51 / 101 * 100) and s["AP50"] == pytest.approx(51 / 101 * 100)
+    assert s["missing_from_results"] == {"queries": 2, "gt_boxes": 2}
+    assert s["counts"]["gt_boxes"] == 4
+    assert "2 queries of the dataset" in (out / "report.md").read_text()
+    # the written file holds them (marked), so it re-scores to the same numbers without --data
+    again = tmp_path / "again"
+    assert _eval("--predictions", f"again={out / 'part_results.json'}", "-o", again) == 0
+    assert json.loads((again / "metrics.json").read_text())["models"]["again"]["scores"]["mAP"] == s["mAP"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Odd records: scored as Geo-R1 scores them, or refused in one line naming the record
+# --------------------------------------------------------------------------------------------------
+
+
+def _cli(*argv) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    return subprocess.run([str(REPO / ".venv/bin/geo-r1"), "eval", *[str(a) for a in argv]], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=180)  # fmt: skip
+
+
+def test_odd_rec_records_are_scored_as_geo_r1_through_the_cli(tmp_path):
+    gt = [0, 0, 10, 10]
+    rows = [
+        {"image": "a.png", "question": "Q", "ground_truth": [gt], "extracted_answer": gt},  # nested truth first
+        {"image": "b.png", "question": "Q", "ground_truth": gt, "extracted_answer": 5},
+        {"image": "c.png", "question": "Q", "ground_truth": gt, "extracted_answer": "[0, 0, 10, 10]"},
+        {"image": "d.png", "question": "Q", "ground_truth": gt, "extracted_answer": True},
+        {"image": "e.png", "question": "Q", "ground_truth": gt, "extracted_answer": [0, 0, float("nan"), 10]},
+        {"image": "f.png", "question": "Q", "ground_truth": gt, "extracted_answer": gt, "image_size": "big"},
+    ]
+    file = tmp_path / "odd_results.json"
+    file.write_text(json.dumps({"accuracy": 0.0, "results": rows}))  # Geo-R1's format: no task key
+    done = _cli("--predictions", file, "-o", tmp_path / "r")
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    s = m["models"]["odd"]["scores"]
+    # upstream's iou(): 0.0 for the nested truth and for every answer that is not a 4-item list; nan for
+    # the NaN box, a miss; only f.png's answer hits
+    assert m["task"] == "rec" and s["counts"]["overall"] == 6
+    assert s["correct@0.5"]["overall"] == 1 and s["correct@0.7"]["overall"] == 1
+    assert s["mean_iou"] == pytest.approx(1 / 6)
+    assert s["failed_parses"] == 4  # 5, the string, True and the NaN box are no box
+
+
+@pytest.mark.parametrize(
+    ("task", "rows", "named"),
+    [
+        ("rec", [{"image": "a.png", "ground_truth": [0, 0, 1, 1], "extracted_answer": [0, 0, 1, 1]},
+                 {"image": "b.png", "ground_truth": [0, 0, 1, 1], "extracted_answer": [0, None, 1, 1]}],
+         "record 2 (b.png)"),
+        ("rec", [7], "record 1"),
+        ("multi", [{"image": "a.png", "category": "ship", "ground_truth": [[0, 0, "x", 1]], "extracted_answer": []}],
+         "record 1 (a.png)"),
+        ("multi", [{"image": "a.png", "category": "ship", "ground_truth": 3, "extracted_answer": []}],
+         "record 1 (a.png)"),
+    ],
+)  # fmt: skip
+def test_records_that_cannot_be_scored_are_refused_in_one_line(tmp_path, task, rows, named):
+    file = tmp_path / "bad_results.json"
+    file.write_text(json.dumps({"accuracy": 0.0, "task": task, "results": rows}))
+    done = _cli("--predictions", file, "-o", tmp_path / "r")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and named in done.stderr, done.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# What the report and the summary say
+# --------------------------------------------------------------------------------------------------
+
+
+def test_unique_dashes_say_why(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert _eval("--predictions", FIXED_RESULTS, "-o", out) == 0
+    stdout = capsys.readouterr().out
+    assert "unique/non-unique –: no record carries an is_unique flag" in stdout and "--with-unique" in stdout
+    report = (out / "report.md").read_text()
+    assert "Unique and Non-unique show – for rec_results_fixed: no record carries an `is_unique` flag" in report
+    assert "--with-unique" in report
+
+
+def test_summary_line_gives_unique_and_non_unique_at_both_thresholds(tmp_path, capsys):
+    assert _eval("--predictions", f"grpo={FIXED_RESULTS}", "--with-unique", FIXED_UNIQUE, "-o", tmp_path / "r") == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("grpo"))
+    # the hand counts of test_predictions_rescore_fixed_file: @0.7 unique 4/5, non-unique 1/4
+    assert "Acc@0.7 54.55 (unique 80.00, non-unique 25.00)" in line, line
+
+
+def test_an_sft_baseline_file_is_labelled_sft_without_a_format_rate(tmp_path, capsys):
+    """A results file of Geo-R1's test_rec_baseline_eval.py: no mode key, outputs without <answer>."""
+    rows = [{"image": f"{i}.png", "question": "Q", "ground_truth": [0, 0, 10, 10],
+             "model_output": f'```json\n[{{"bbox_2d": [0, 0, 10, {h}], "label": "tank"}}]\n```',
+             "extracted_answer": [0.0, 0.0, 10.0, float(h)], "correct": int(h > 5)} for i, h in enumerate((10, 4))]
+    file = tmp_path / "sft_results.json"
+    file.write_text(json.dumps({"accuracy": 50.0, "results": rows}))
+    out = tmp_path / "r"
+    assert _eval("--predictions", file, "-o", out) == 0
+    assert "sft (sft): Acc@0.5 50.00" in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())["models"]["sft"]
+    assert m["mode"] == "sft" and m["scores"]["format_ok"] is None
+    assert any("no output holds <answer>" in n for n in m["notes"])
+    report = (out / "report.md").read_text()
+    row = next(ln for ln in report.splitlines() if ln.startswith("| sft |"))
+    assert row.startswith("| sft | sft |") and row.rstrip().endswith("| – |")
+    # --mode says it outright (a file's own mode key would win over both)
+    assert _eval("--predictions", file, "--mode", "geo-r1", "-o", tmp_path / "r2") == 0
+    assert json.loads((tmp_path / "r2" / "metrics.json").read_text())["models"]["sft"]["mode"] == "geo-r1"

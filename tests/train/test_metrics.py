@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import math
 from pathlib import Path
@@ -16,6 +18,7 @@ from train.metrics import (
     extract_rec_box,
     ovd_answer_region,
     ovd_eval_boxes,
+    ovd_image_ids,
     read_results,
     rec_scores,
     recal_iou,
@@ -430,3 +433,124 @@ def test_coco_scores_edge_cases():
     assert math.isfinite(with_negative.AP50)
     with pytest.raises(ConfigError, match="4 values"):
         OvdQuery("a.png", "ship", [[1, 2, 3]], [])
+
+
+# --------------------------------------------------------------------------------------------------
+# OVD: COCO image ids (ties are ranked by image id) and odd records
+# --------------------------------------------------------------------------------------------------
+
+BOX = [0, 0, 10, 10]
+FAR = [50, 50, 60, 60]
+# Three images of one class, one true box each: the detection on image 1 misses, those on 2 and 3 hit.
+# Every score is 1.0, so COCOeval ranks the detections by image id (a stable sort over the images in id
+# order). By hand, in id order FP, TP, TP: precision after each detection 0, 1/2, 2/3 and recall 0, 1/3, 2/3;
+# the interpolated precision is 2/3 at every recall point 0.00 … 0.66 (67 of COCO's 101) and 0 above, so
+# AP = 67 * (2/3) / 101 at every IoU threshold (the boxes are exact): mAP = AP50 = 44.67 %.
+# Numbered by row position instead, the order TP, TP, FP gives 67 / 101 (66.3 %) and TP, FP, TP gives
+# (34 * 1 + 33 * 2/3) / 101 (55.4 %).
+COCO_ID_ORDER_AP = 67 * (2 / 3) / 101
+THREE_IMAGES = [
+    OvdQuery("x.png", "ship", [BOX], [FAR], image_id=1),
+    OvdQuery("y.png", "ship", [BOX], [BOX], image_id=2),
+    OvdQuery("z.png", "ship", [BOX], [BOX], image_id=3),
+]
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_coco_scores_rank_tied_detections_by_the_coco_image_id(order):
+    scores = coco_scores([THREE_IMAGES[i] for i in order])
+    assert scores.mAP == pytest.approx(COCO_ID_ORDER_AP)
+    assert scores.to_json()["AP50"] == pytest.approx(COCO_ID_ORDER_AP * 100)
+    assert scores.per_class["ship"]["AP50"] == pytest.approx(COCO_ID_ORDER_AP)
+
+
+def test_coco_scores_ids_decide_the_ranking():
+    # the same rows, the miss now on the image with the highest id: TP, TP, FP
+    moved = [dataclasses.replace(q, image_id=i) for q, i in zip(THREE_IMAGES, (3, 1, 2), strict=True)]
+    assert coco_scores(moved).mAP == pytest.approx(67 / 101)
+    moved = [dataclasses.replace(q, image_id=i) for q, i in zip(THREE_IMAGES, (2, 1, 3), strict=True)]
+    assert coco_scores(moved).mAP == pytest.approx((34 + 33 * 2 / 3) / 101)
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_coco_scores_without_ids_number_the_images_by_name(order):
+    """Rows without an image_id: the images are numbered in the sorted order of their names (stable
+    under any shuffle), never by row position."""
+    bare = [dataclasses.replace(q, image_id=None) for q in THREE_IMAGES]
+    assert coco_scores([bare[i] for i in order]).mAP == pytest.approx(COCO_ID_ORDER_AP)
+    assert ovd_image_ids([bare[i] for i in order]) == {"x.png": 1, "y.png": 2, "z.png": 3}
+
+
+def test_ovd_image_ids_share_an_image_and_follow_the_carried_ones():
+    queries = [
+        OvdQuery("b.png", "tank", [BOX], []),  # no id, but b.png has one on another row
+        OvdQuery("b.png", "ship", [BOX], [], image_id=7),
+        OvdQuery("c.png", "ship", [BOX], []),  # new: after the largest carried id
+        OvdQuery("a.png", "ship", [BOX], []),
+    ]
+    assert ovd_image_ids(queries) == {"b.png": 7, "a.png": 8, "c.png": 9}
+
+
+def test_ovd_image_ids_refuse_contradictions():
+    with pytest.raises(ConfigError, match=r"b\.png.*image_id 1"):
+        ovd_image_ids([OvdQuery("a.png", "ship", [BOX], [], image_id=1),
+                       OvdQuery("b.png", "ship", [BOX], [], image_id=1)])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"a\.png.*image_id"):
+        ovd_image_ids([OvdQuery("a.png", "ship", [BOX], [], image_id=1),
+                       OvdQuery("a.png", "tank", [BOX], [], image_id=2)])  # fmt: skip
+    with pytest.raises(ConfigError, match="image_id must be a whole number"):
+        OvdQuery("a.png", "ship", [BOX], [], image_id="1")
+    with pytest.raises(ConfigError, match="image_id must be a whole number"):
+        OvdQuery("a.png", "ship", [BOX], [], image_id=True)
+    with pytest.raises(ConfigError, match=r"twice.*ship.*a\.png"):
+        coco_scores([OvdQuery("a.png", "ship", [BOX], [BOX], image_id=1),
+                     OvdQuery("a.png", "ship", [BOX], [], image_id=1)])  # fmt: skip
+
+
+def test_ovd_query_refuses_boxes_that_are_not_finite_numbers():
+    with pytest.raises(ConfigError, match="finite"):
+        OvdQuery("a.png", "ship", [[0, 0, float("nan"), 10]], [])
+    with pytest.raises(ConfigError, match="finite"):
+        OvdQuery("a.png", "ship", [BOX], [[0, "x", 10, 10]])
+
+
+# --------------------------------------------------------------------------------------------------
+# REC: odd records, scored as recal_rec_acc_unique.py scores them
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pred", [5, "0, 0, 10, 10", True, {"bbox_2d": BOX}, [[0, 0, 10, 10]]])
+def test_odd_extracted_answers_are_misses(pred):
+    # upstream's iou(): anything but a 4-item list is 0.0
+    assert recal_iou(pred, GT) == 0.0
+    scores, ious = score_results([{"ground_truth": GT, "extracted_answer": pred}])
+    assert ious == [0.0] and scores.overall[0.5].correct == 0
+
+
+def test_a_nan_in_a_box_is_a_miss_and_the_mean_iou_stays_a_number():
+    # upstream: the IoU is nan, and nan > 0.5 is False: a miss; ours scores it 0.0, the same miss
+    assert recal_iou([0, 0, float("nan"), 10], GT) == 0.0
+    assert recal_iou(GT, [0, float("nan"), 10, 10]) == 0.0
+    scores, ious = score_results([
+        {"ground_truth": GT, "extracted_answer": [0, 0, float("nan"), 10]},
+        {"ground_truth": GT, "extracted_answer": GT},
+    ])  # fmt: skip
+    assert ious == [0.0, 1.0] and scores.mean_iou == 0.5 and scores.overall[0.5].correct == 1
+
+
+def test_score_results_names_the_record_it_refuses():
+    with pytest.raises(ConfigError, match=r"record 2 \(b.png\).*not a number"):
+        score_results([{"image": "a.png", "ground_truth": GT, "extracted_answer": GT},
+                       {"image": "b.png", "ground_truth": GT, "extracted_answer": [0, None, 1, 1]}])  # fmt: skip
+    with pytest.raises(ConfigError, match="record 1 is not a JSON object"):
+        score_results([5])
+
+
+def test_ovd_whole_response_parse_with_brackets_in_the_reasoning():
+    """Geo-R1's OVD parse reads the whole response: with a fenced block in the answer, brackets in the
+    reasoning do not matter; without one, the greedy list starts at the reasoning's first bracket."""
+    fenced = "<think> I see [two] ships. </think> <answer>" + FENCED + "</answer>"
+    assert ovd_eval_boxes(fenced) == [[10, 20, 30, 40], [50, 60, 70, 80]]
+    bare = '<think> the ship at [5, 5] is small </think> <answer>[{"bbox_2d": [1, 2, 3, 4]}]</answer>'
+    assert ovd_eval_boxes(bare) == []  # Geo-R1's rule: '[5, 5] … [{…}]' is not JSON
+    assert ovd_eval_boxes(ovd_answer_region(bare, reasoning=True)) == [[1, 2, 3, 4]]  # the reasoning-mode rule

@@ -1,0 +1,40 @@
+"""Tests of train/data_format.py: the records' COCO image ids."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from geo_r1_qgis.core.errors import ConfigError
+from train.data_format import MANIFEST, ChipRecord, assign_image_ids, read_records, write_records
+
+
+def _record(name: str, image: str, task: str = "multi", image_id: int | None = None) -> ChipRecord:
+    return ChipRecord(id=name, image=image, split="test", task=task, expression="ship", category="ship",
+                      boxes=((0, 0, 28, 28),), image_size=(112, 112), image_id=image_id)  # fmt: skip
+
+
+def test_assign_image_ids_one_id_per_image_in_path_order():
+    recs = [_record("c", "images/test/c.png"), _record("a-rec", "images/test/a.png", "rec"),
+            _record("a", "images/test/a.png"), _record("b", "images/test/b.png", image_id=4)]  # fmt: skip
+    ids = {r.id: r.image_id for r in assign_image_ids(recs)}
+    # b.png keeps its id; a.png and c.png take the next ones, in path order (not record order)
+    assert ids == {"b": 4, "a": 5, "a-rec": 5, "c": 6}
+    assert [r.id for r in assign_image_ids(list(reversed(recs)))] == [r.id for r in reversed(recs)]
+    assert {r.id: r.image_id for r in assign_image_ids(list(reversed(recs)))} == ids
+
+
+def test_assign_image_ids_refuses_contradictions():
+    with pytest.raises(ConfigError, match="contradicts"):
+        assign_image_ids([_record("a", "a.png", image_id=1), _record("b", "b.png", image_id=1)])
+    with pytest.raises(ConfigError, match="whole number"):
+        _record("a", "a.png", image_id="1")
+
+
+def test_written_records_carry_their_image_id(tmp_path):
+    (tmp_path / MANIFEST).write_text(json.dumps({}))
+    write_records(tmp_path, [_record("b", "images/test/b.png"), _record("a", "images/test/a.png")])
+    lines = [json.loads(line) for line in (tmp_path / "test_multi.jsonl").read_text().splitlines()]
+    assert [(d["id"], d["image_id"]) for d in lines] == [("b", 2), ("a", 1)]
+    assert [(r.id, r.image_id) for r in read_records(tmp_path, "test", "multi")] == [("b", 2), ("a", 1)]
