@@ -54,6 +54,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from .compat import GEOMETRY_POLYGON, LAYER_FILTER_POLYGON, LAYER_FILTER_RASTER
+from .core.checkpoints import default_mode_for
 from .core.errors import ConfigError, GeoR1Error
 from .core.geometry import tile_size_advice, window_from_map_bbox
 from .qgis_io import QgisRasterSource, make_fields, result_feature, utc_now
@@ -156,6 +157,10 @@ class GeoR1Dock(QgsDockWidget):
         for key, text in MODE_CHOICES:
             self.mode_combo.addItem(text, key)
         form.addRow("Mode", self.mode_combo)
+        model_combo = getattr(self.engine_box, "model_combo", None)
+        if model_combo is not None:  # a known checkpoint brings its mode (OVD, GRES: all; REC: one)
+            model_combo.currentTextChanged.connect(self._model_chosen)
+            self._model_chosen(model_combo.currentText())
 
         self.area_combo = QComboBox(body)
         for key, text in AREA_CHOICES:
@@ -255,6 +260,13 @@ class GeoR1Dock(QgsDockWidget):
             label = QLabel(f"Engine: {self.settings.engine_url}", parent)
             label.setTextFormat(Qt.TextFormat.PlainText)
             return label
+
+    def _model_chosen(self, model_id: str) -> None:
+        """Choosing a known checkpoint in the engine's model field sets its default mode (an OVD or GRES
+        checkpoint: all matching objects; a REC one: the one best match); other models leave it alone."""
+        index = self.mode_combo.findData(default_mode_for(model_id, self.mode_combo.currentData()))
+        if index >= 0:
+            self.mode_combo.setCurrentIndex(index)
 
     def _engine_state(self, state: str, message: str) -> None:
         from .engine_process import EXTERNAL, HEALTHY

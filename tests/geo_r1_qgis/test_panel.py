@@ -496,3 +496,31 @@ def test_processing_takes_the_engine_from_the_plugin_settings(isolated_settings,
             session.run(params)
     finally:
         session.close()
+
+
+def test_choosing_a_known_checkpoint_sets_its_mode(qgis_app, isolated_settings, canvas):
+    """The engine's model field drives the panel's mode: an OVD (or GRES) checkpoint picks all matching
+    objects, a REC one the one best match, and any other model leaves the user's choice alone."""
+    from geo_r1_qgis.panel import GeoR1Dock
+    from geo_r1_qgis.settings import PluginSettings
+
+    PluginSettings().with_values(engine_model="Geo-R1/Geo-R1-3B-GRPO-REC-5shot").save()
+    d = GeoR1Dock(None, canvas=canvas)
+    try:
+        assert d.mode_combo.currentData() == "one"  # the saved REC checkpoint, at open
+        combo = d.engine_box.model_combo
+        combo.setEditText("Geo-R1/Geo-R1-3B-GRPO-OVD-10shot")
+        assert d.mode_combo.currentData() == "all"
+        combo.setEditText("Geo-R1/Geo-R1-7B-GRPO-REC-10shot")
+        assert d.mode_combo.currentData() == "one"
+        combo.setEditText("Geo-R1/Geo-R1-3B-GRPO-GRES-1shot")
+        assert d.mode_combo.currentData() == "all"
+        d.mode_combo.setCurrentIndex(d.mode_combo.findData("one"))  # the user's own choice
+        combo.setEditText("/data/my-model")
+        assert d.mode_combo.currentData() == "one"
+        combo.setEditText("Geo-R1/Geo-R1-3B-GRPO-OVD-5shot")
+        assert d.mode_combo.currentData() == "all"
+    finally:
+        PluginSettings().save()
+        d.deleteLater()
+        gc.collect()
