@@ -46,7 +46,7 @@ from qgis.PyQt.QtCore import (
 )
 from qgis.PyQt.QtNetwork import QNetworkAccessManager, QNetworkProxy, QNetworkReply, QNetworkRequest
 
-from .core.client import health_proof
+from .core.client import STATUS_WORDS, health_proof
 from .core.errors import ConfigError, EngineUnavailableError, GeoR1Error
 from .engine_setup.venv import engine_executable
 from .settings import PluginSettings, clean_environment, plugin_settings_dir
@@ -63,6 +63,9 @@ START_HINT = (
     f"or run in a terminal:  {SERVE_COMMAND}"
 )
 LOG_LINES = 500
+#: the address of an engine started with "keep running" (it outlives QGIS): apart from the user's engine URL
+KEPT_URL_KEY = "geo_r1/kept_engine/url"
+KEPT_TOKEN_KEY = "geo_r1/kept_engine/token_file"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -113,7 +116,7 @@ class EngineStartConfig:
         if not program.is_file():
             raise ConfigError(
                 f"the engine is not installed: {program} does not exist. Use Set up the engine... in the Geo-R1 "
-                "panel, or set the engine venv (Settings) to a venv where geo-r1 is installed"
+                "panel, or choose a venv where geo-r1 is installed as Engine venv in Raster > Geo-R1 > Settings"
             )
         if not self.model.strip():
             raise ConfigError(
@@ -221,7 +224,10 @@ class EngineHttp(QObject):
                 payload = None
             if error is None and status is not None and int(status) >= 400:
                 err = payload.get("error", {}) if isinstance(payload, dict) else {}
-                error = f"{method} {path} -> {int(status)}: {err.get('message', raw[:200].decode(errors='replace'))}"
+                detail = err.get("message", raw[:200].decode(errors="replace"))
+                log.warning("engine %s %s%s -> %s: %s", method, url, path.split("?")[0], int(status), detail)
+                words = STATUS_WORDS.get(int(status), "refused the request")
+                error = f"the engine {words} (HTTP {int(status)}): {detail}"
             self._inflight.pop(id(reply), None)
             reply.deleteLater()
             callback(int(status) if status is not None else None, payload, error)
@@ -483,14 +489,29 @@ class EngineManager(QObject):
             self._health_timer.stop()
             self._countdown_timer.stop()
             self._set_info(payload)
-            self._remember_engine()
+            self._remember_kept_engine()
             self._read_log()  # the log view is current when the state turns healthy (its "listening on" line)
             self._set_state(HEALTHY, describe_info(self.url or "", payload))
 
-    def _remember_engine(self) -> None:
-        """The plugin's engine URL and token file become the started engine's."""
-        s = self.settings().with_values(engine_url=self.url, token_file=str(self.token_file))
-        s.save(self.qsettings)
+    def _remember_kept_engine(self) -> None:
+        """An engine started to keep running outlives QGIS on its own port: its address is kept apart from the
+        user's engine settings (which are never changed), so the next QGIS session can still find it."""
+        s = self.qsettings if self.qsettings is not None else QgsSettings()
+        if self.config is not None and self.config.keep_running:
+            s.setValue(KEPT_URL_KEY, self.url)
+            s.setValue(KEPT_TOKEN_KEY, str(self.token_file))
+        else:
+            s.remove(KEPT_URL_KEY)
+            s.remove(KEPT_TOKEN_KEY)
+        s.sync()
+
+    def endpoint(self) -> tuple[str, Path]:
+        """Where runs, Processing and the checks talk to: the engine this manager runs while it runs, otherwise
+        the engine of the user's settings (URL and token file)."""
+        if self.url and self.token_file and self.state in (STARTING, HEALTHY, STOPPING) and self.owns_engine():
+            return self.url, Path(self.token_file)
+        s = self.settings()
+        return s.engine_url.rstrip("/"), s.token_path()
 
     def _set_info(self, info: dict[str, Any]) -> None:
         self.info = dict(info)
@@ -509,19 +530,65 @@ class EngineManager(QObject):
     # -- an engine we did not start -------------------------------------------------------------------
     def probe_external(self, on_done: Callable[[bool], None] | None = None) -> None:
         """If an engine answers at the settings' URL and it is not ours, the state becomes external."""
-        s = self.settings()
-        check = EngineStatusCheck(s.engine_url, s.token_path(), parent=self, http=self.http)
+        self.recheck(None if on_done is None else lambda ok, text, info: on_done(ok or "/info failed" in text))
+
+    def recheck(self, on_done: Callable[[bool, str, dict], None] | None = None) -> None:
+        """Look again (in the background) where the plugin looks: the engine this manager runs, else the user's
+        engine URL (then an engine an earlier session started to keep running). What answers there and is not
+        ours becomes external; an external engine that no longer answers becomes stopped. The settings dialog's
+        OK and the menu's check call it, so the panel and the check always agree."""
+        url, token_file = self.endpoint()
+        ours = self.owns_engine() and self.state in (STARTING, HEALTHY, STOPPING)
+        qs = self.qsettings if self.qsettings is not None else QgsSettings()
+        kept = str(qs.value(KEPT_URL_KEY, "") or "")
+        kept_token = str(qs.value(KEPT_TOKEN_KEY, "") or "")
+        check = EngineStatusCheck(url, token_file, parent=self, http=self.http)
 
         def done(ok: bool, text: str, info: dict) -> None:
+            check.deleteLater()
             reachable = ok or "/info failed" in text
-            if reachable and not self.owns_engine():
-                self.url, self.token_file = s.engine_url.rstrip("/"), s.token_path()
+            if ours or self.owns_engine():
+                pass  # the manager's own engine: its state comes from its process and its start
+            elif reachable:
+                self.url, self.token_file = url, token_file
                 if info:
                     self._set_info(info)
                 self._set_state(EXTERNAL, f"{text} (started outside the plugin: the plugin never stops it)")
-            check.deleteLater()
+            elif kept and kept.rstrip("/") != url and kept_token:
+                self._recheck_kept(kept.rstrip("/"), Path(kept_token), text, on_done)
+                return
+            elif self.state in (EXTERNAL, STOPPED):
+                self.url, self.token_file, self.info = None, None, {}
+                self._set_state(STOPPED, f"no engine answers at {url} (the engine URL in Raster > Geo-R1 > "
+                                         "Settings)")  # fmt: skip
             if on_done is not None:
-                on_done(reachable)
+                on_done(ok, text, info)
+
+        check.finished.connect(done)
+        check.start()
+
+    def _recheck_kept(self, url: str, token_file: Path, first_text: str,
+                      on_done: Callable[[bool, str, dict], None] | None) -> None:  # fmt: skip
+        """The engine an earlier QGIS session started to keep running, looked for at its own address."""
+        check = EngineStatusCheck(url, token_file, parent=self, http=self.http)
+
+        def done(ok: bool, text: str, info: dict) -> None:
+            check.deleteLater()
+            if ok and not self.owns_engine():
+                self.url, self.token_file = url, token_file
+                self._set_info(info)
+                self._set_state(EXTERNAL, f"{text} (kept running by an earlier QGIS session: stop it from its "
+                                          "process, the plugin never stops it)")  # fmt: skip
+            else:
+                qs = self.qsettings if self.qsettings is not None else QgsSettings()
+                qs.remove(KEPT_URL_KEY)
+                qs.remove(KEPT_TOKEN_KEY)
+                if self.state in (EXTERNAL, STOPPED) and not self.owns_engine():
+                    self.url, self.token_file, self.info = None, None, {}
+                    self._set_state(STOPPED, f"no engine answers at {self.settings().engine_url} (the engine URL in "
+                                             "Raster > Geo-R1 > Settings)")  # fmt: skip
+            if on_done is not None:
+                on_done(ok, text if ok else first_text, info)
 
         check.finished.connect(done)
         check.start()
@@ -808,6 +875,21 @@ def shared_manager() -> EngineManager:
         if app is not None:
             app.aboutToQuit.connect(_shared.stop_for_unload)
     return _shared
+
+
+def shared_endpoint(settings: PluginSettings | None = None) -> tuple[str, Path]:
+    """Where the plugin's runs talk to: the engine the plugin runs while it runs, else the settings' engine. For
+    callers that must not create the manager (Processing, without the panel)."""
+    if _shared is not None:
+        return _shared.endpoint()
+    s = settings or PluginSettings.load()
+    return s.engine_url.rstrip("/"), s.token_path()
+
+
+def recheck_shared() -> None:
+    """The settings changed: the panel's engine line looks again (nothing happens before the manager exists)."""
+    if _shared is not None:
+        _shared.recheck()
 
 
 def release_shared_manager() -> None:

@@ -205,7 +205,7 @@ class EngineWidget(QWidget):
             from .engine_setup.dialog import SetupDialog
         except ImportError:
             text = ("The engine setup is not part of this plugin version. Install the engine by hand (see the README) "
-                    "and set its venv in the Geo-R1 settings.")
+                    "and choose its venv as Engine venv in Raster > Geo-R1 > Settings.")
             QMessageBox.information(self, "Geo-R1", text)
             return
         SetupDialog(self).exec()
@@ -217,7 +217,16 @@ class EngineWidget(QWidget):
         label, colour = STATE_STYLE.get(state, (state, "#7f7f7f"))
         self.state_label.setText(label)
         self.state_label.setStyleSheet(f"color: {colour}; font-weight: bold;")
-        self.details_label.setText(message if state != CRASHED else (self.manager.url or ""))
+        url, token_file = self.manager.endpoint()
+        where = f"The panel looks for the engine at {url} (token file {token_file})"
+        self.state_label.setToolTip(where + "; the engine URL and token file are in Raster > Geo-R1 > Settings")
+        if state == CRASHED:
+            details = self.manager.url or url
+        elif url in message:
+            details = message
+        else:  # say where the panel is looking, whatever the state
+            details = f"{message.rstrip('.')}; looking at {url}" if message else f"looking at {url}"
+        self.details_label.setText(details)
         if state == CRASHED:
             self.show_message(message)
             self.log_toggle.setChecked(True)  # the last lines say why
@@ -295,7 +304,7 @@ class EngineWidget(QWidget):
 
     def _adapters_answer(self, status: int | None, payload: Any, error: str | None) -> None:
         if error is not None or not isinstance(payload, dict):
-            self.show_message(f"adapters: {error}")
+            self.show_message(f"The engine's adapters could not be listed: {error}")
             return
         self.fill_adapters(payload)
 
@@ -332,11 +341,17 @@ class EngineWidget(QWidget):
 
     def load_adapter(self, path: str, name: str | None = None) -> None:
         name = name or Path(path).name
+        folder = Path(path).expanduser()
+        if not (folder / "adapter_config.json").is_file():  # the engine runs on this machine: check it here first
+            self.show_message(f"{folder} is not a LoRA adapter folder: it holds no adapter_config.json. Choose the "
+                              "folder that training wrote the adapter to (adapter_config.json and "
+                              "adapter_model.safetensors).")  # fmt: skip
+            return
         self.show_message(f"loading adapter {name} …")
 
         def done(status: int | None, payload: Any, error: str | None) -> None:
             if error is not None:
-                self.show_message(f"loading the adapter failed: {error}")
+                self.show_message(f"The adapter {name} could not be loaded: {error}")
                 return
             self.fill_adapters(payload)
             self.show_message(f"adapter {name} loaded; choose it above to use it")

@@ -13,7 +13,7 @@ from qgis.core import QgsApplication, QgsMessageLog
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction
 
-from .compat import MSG_SUCCESS, MSG_WARNING
+from .compat import MSG_INFO, MSG_SUCCESS, MSG_WARNING
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,30 @@ def _icon() -> QIcon:
     return QIcon(str(path))
 
 
+class MessageLogHandler(logging.Handler):
+    """The plugin's log records (``geo_r1_qgis.*``) in QGIS's message log, tab "Geo-R1": the technical detail of
+    what the panel says in words (routes, statuses, engine messages) is found there."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+        except Exception:  # a broken record must never raise into QGIS
+            return
+        level = MSG_WARNING if record.levelno >= logging.WARNING else MSG_INFO
+        QgsMessageLog.logMessage(text, PLUGIN_NAME, level)
+
+
+def install_message_log() -> MessageLogHandler:
+    """Route ``geo_r1_qgis``'s log records (INFO and up) to QGIS's message log; returns the handler to remove."""
+    handler = MessageLogHandler(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    package = logging.getLogger("geo_r1_qgis")
+    package.addHandler(handler)
+    if package.level == logging.NOTSET or package.level > logging.INFO:
+        package.setLevel(logging.INFO)
+    return handler
+
+
 class GeoR1Plugin:
     """Created by QGIS through ``classFactory``."""
 
@@ -36,6 +60,7 @@ class GeoR1Plugin:
         self.provider = None
         self.dock = None
         self.toolbar_action: QAction | None = None
+        self.log_handler: MessageLogHandler | None = None
 
     def initProcessing(self) -> None:
         from .processing_provider import GeoR1Provider
@@ -44,6 +69,7 @@ class GeoR1Plugin:
         QgsApplication.processingRegistry().addProvider(self.provider)
 
     def initGui(self) -> None:
+        self.log_handler = install_message_log()
         self.initProcessing()
         from .compat import RIGHT_DOCK
         from .panel import GeoR1Dock
@@ -89,6 +115,9 @@ class GeoR1Plugin:
         from .engine_process import release_shared_manager
 
         release_shared_manager()  # stops the engine the plugin started, unless it was started to keep running
+        if self.log_handler is not None:
+            logging.getLogger("geo_r1_qgis").removeHandler(self.log_handler)
+            self.log_handler = None
 
     def open_engine_setup(self) -> None:
         from .engine_setup.dialog import SetupDialog
@@ -97,17 +126,12 @@ class GeoR1Plugin:
 
     def check_engine(self) -> None:
         """Asks the engine in the background (a few seconds at most); QGIS never waits for it."""
-        from .engine_process import EngineStatusCheck, message_bar_text
-        from .settings import PluginSettings
-
-        settings = PluginSettings.load()
-        check = EngineStatusCheck(settings.engine_url, settings.token_path(), parent=self.iface.mainWindow())
+        from .engine_process import message_bar_text, shared_manager
 
         def done(ok: bool, text: str, _info: dict) -> None:
             level = MSG_SUCCESS if ok else MSG_WARNING
             QgsMessageLog.logMessage(text, PLUGIN_NAME, level)
             self.iface.messageBar().pushMessage(PLUGIN_NAME, message_bar_text(text), level=level, duration=10)
-            check.deleteLater()
 
-        check.finished.connect(done)
-        check.start()
+        # the panel's own look: where it looks (its engine, else the settings' URL), and its engine line follows
+        shared_manager().recheck(done)

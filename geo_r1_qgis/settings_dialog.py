@@ -1,9 +1,12 @@
-"""Plugin › Geo-R1 › Settings: the engine URL and token file, the default output, tile size, overlap and
-max new tokens, stored in QgsSettings (:mod:`geo_r1_qgis.settings`). The panel, the engine check and the
-Processing algorithms read the same values."""
+"""Raster › Geo-R1 › Settings: the engine URL and token file, the engine venv, the default output, tile size,
+overlap and max new tokens, stored in QgsSettings (:mod:`geo_r1_qgis.settings`). The panel, the engine check and
+the Processing algorithms read the same values; OK makes the panel's engine line look again."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from qgis.core import QgsSettings
 from qgis.gui import QgsFileWidget
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtWidgets import (
@@ -21,15 +24,19 @@ from qgis.PyQt.QtWidgets import (
 
 from .core.client import default_token_path
 from .core.errors import ConfigError
-from .settings import PluginSettings
+from .settings import PluginSettings, plugin_settings_dir
 
 
 class SettingsDialog(QDialog):
-    def __init__(self, parent: QWidget | None = None) -> None:
+    def __init__(self, parent: QWidget | None = None, settings: QgsSettings | None = None, manager: Any = None) -> None:
+        """``settings``: where the values live (the user's QgsSettings); ``manager``: the EngineManager to re-check
+        on OK (the plugin's shared one, if it exists)."""
         super().__init__(parent)
         self.setWindowTitle("Geo-R1 settings")
         self.setObjectName("GeoR1SettingsDialog")
-        s = PluginSettings.load()
+        self.qsettings = settings
+        self.manager = manager
+        s = PluginSettings.load(settings)
         layout = QVBoxLayout(self)
         form = QFormLayout()
         self.url_edit = QLineEdit(s.engine_url, self)
@@ -38,6 +45,12 @@ class SettingsDialog(QDialog):
         self.token_widget.setFilePath(s.token_file)
         self.token_widget.lineEdit().setPlaceholderText(str(default_token_path()))
         form.addRow("Token file", self.token_widget)
+        self.venv_widget = QgsFileWidget(self)
+        self.venv_widget.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
+        self.venv_widget.setFilePath(s.engine_venv)
+        self.venv_widget.lineEdit().setPlaceholderText(str(plugin_settings_dir() / "engine-venv"))
+        self.venv_widget.setToolTip("The venv the panel's Start runs geo-r1 from (Set up the engine... builds one)")
+        form.addRow("Engine venv", self.venv_widget)
         self.output_widget = QgsFileWidget(self)
         self.output_widget.setStorageMode(QgsFileWidget.StorageMode.SaveFile)
         self.output_widget.setFilter("GeoPackage (*.gpkg)")
@@ -78,9 +91,10 @@ class SettingsDialog(QDialog):
 
     def values(self) -> PluginSettings:
         """The settings as entered; ConfigError says which value is wrong."""
-        return PluginSettings.load().with_values(
+        return PluginSettings.load(self.qsettings).with_values(
             engine_url=self.url_edit.text().strip(),
             token_file=self.token_widget.filePath().strip(),
+            engine_venv=self.venv_widget.filePath().strip(),
             output_gpkg=self.output_widget.filePath().strip(),
             tile_size=self.tile_spin.value(),
             overlap=self.overlap_spin.value(),
@@ -90,11 +104,17 @@ class SettingsDialog(QDialog):
 
     def accept(self) -> None:
         try:
-            self.values().save()
+            self.values().save(self.qsettings)
         except ConfigError as exc:
             self.error_label.setText(str(exc))
             return
         super().accept()
+        from .engine_process import recheck_shared
+
+        if self.manager is not None:  # the engine line looks again where the settings now point
+            self.manager.recheck()
+        else:
+            recheck_shared()
 
     def _open_setup(self) -> None:
         try:

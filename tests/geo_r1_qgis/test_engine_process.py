@@ -143,8 +143,9 @@ def test_start_ground_switch_adapters_and_stop(ep, qsettings, tiny_model, lora_d
     assert [s for s, _ in rec.states] == [ep.STARTING, ep.HEALTHY]
     assert manager.info["model"] == str(tiny_model) and manager.info["threads"] == 1
     assert any("listening on" in line for line in rec.lines), "the engine's log reaches the panel"
-    saved = PluginSettings.load(qsettings)
-    assert saved.engine_url == manager.url and saved.token_file == str(tmp_path / "engine.token")
+    saved = PluginSettings.load(qsettings)  # the user's engine settings are not the started engine's
+    assert saved.engine_url == PluginSettings().engine_url and saved.token_file == ""
+    assert manager.endpoint() == (manager.url, tmp_path / "engine.token")  # runs go to the started engine
 
     client = EngineClient(manager.url, read_token(tmp_path / "engine.token"), timeout_s=300)
     tile = TileImage.from_array(np.random.default_rng(0).integers(0, 256, (56, 56, 3), dtype=np.uint8))
@@ -258,6 +259,53 @@ def test_an_external_engine_is_reported_and_never_stopped(ep, qsettings, externa
     assert error is None and payload["active"] is None
     time.sleep(1.0)
     assert proc.poll() is None, "the plugin stopped an engine it did not start"
+
+
+def test_a_started_engine_leaves_the_users_settings_so_a_restart_finds_the_readme_engine(ep, qsettings, tiny_model,
+                                                                                          external, tmp_path):
+    """Issue 16, 3.3: Start in the panel rewrote the engine URL and token file to the started engine's random port;
+    after a restart the engine the README starts (here on the settings' port) was not found, and fixing the URL in
+    Settings left the panel saying "stopped"."""
+    from qgis.PyQt import sip
+
+    from geo_r1_qgis.settings import PluginSettings
+    from geo_r1_qgis.settings_dialog import SettingsDialog
+
+    _proc, url, token_file = external
+    PluginSettings().with_values(engine_url=url, token_file=str(token_file)).save(qsettings)
+    manager = ep.EngineManager(settings=qsettings)
+    manager.start(_config(ep, tmp_path / "own", tiny_model))
+    spin(lambda: manager.state != ep.STARTING, what="the started engine")
+    assert manager.state == ep.HEALTHY and manager.url != url, manager.message
+    saved = PluginSettings.load(qsettings)
+    assert (saved.engine_url, saved.token_file) == (url, str(token_file)), "the user's engine settings were changed"
+    assert manager.endpoint() == (manager.url, tmp_path / "own" / "engine.token")
+    manager.stop_for_unload()  # QGIS quits
+    assert manager.endpoint() == (url, token_file)
+
+    restarted = ep.EngineManager(settings=qsettings)  # the next QGIS session
+    found: list[bool] = []
+    restarted.probe_external(found.append)
+    spin(lambda: bool(found), 60, "the probe")
+    assert found == [True] and restarted.state == ep.EXTERNAL and restarted.url == url.rstrip("/")
+
+    # Settings pointed elsewhere, then back: OK makes the engine line look again each time, and it agrees with
+    # the menu's check
+    nowhere = f"http://127.0.0.1:{ep.free_port()}"
+    dialogs = []
+    for target, state in ((nowhere, ep.STOPPED), (url, ep.EXTERNAL)):
+        d = SettingsDialog(settings=qsettings, manager=restarted)
+        dialogs.append(d)
+        d.url_edit.setText(target)
+        d.accept()
+        spin(lambda state=state: restarted.state == state, 60, f"the engine line to say {state}")
+        assert target in restarted.message, restarted.message
+    checked: list = []
+    restarted.recheck(lambda ok, text, info: checked.append((ok, text)))
+    spin(lambda: bool(checked), 60, "the check")
+    assert checked[0][0] is True and url in checked[0][1] and restarted.state == ep.EXTERNAL
+    for d in dialogs:
+        sip.delete(d)
 
 
 def test_the_status_check_never_blocks_on_a_hung_engine(ep, qgis_app, external):

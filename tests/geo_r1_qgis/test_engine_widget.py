@@ -110,3 +110,46 @@ def test_the_setup_button_opens_the_setup_dialog_when_present(widget, monkeypatc
     monkeypatch.setattr(dialog.SetupDialog, "exec", lambda self: opened.append(self) or 0)
     widget.open_setup()
     assert len(opened) == 1
+
+
+def test_the_engine_line_says_where_it_looks(widget):
+    """Issue 16, 3.3: the line says which URL (and token file) the panel looks at, in every state."""
+    from geo_r1_qgis.settings import PluginSettings
+
+    s = PluginSettings.load(widget.qsettings)
+    for state, message in (("stopped", "no engine started"), ("external", "engine 0.1 answers")):
+        widget.manager._set_state(state, message)
+        assert s.engine_url in widget.details_label.text(), (state, widget.details_label.text())
+        assert s.engine_url in widget.state_label.toolTip() and str(s.token_path()) in widget.state_label.toolTip()
+
+
+def test_messages_name_only_settings_that_exist(widget, qgis_app):
+    """Issue 16, 3.7: "set the engine venv in Settings" pointed to a field the dialog did not have."""
+    from qgis.PyQt import sip
+    from qgis.PyQt.QtWidgets import QFormLayout, QLabel
+
+    from geo_r1_qgis.settings import PluginSettings
+    from geo_r1_qgis.settings_dialog import SettingsDialog
+
+    widget.model_combo.setEditText("Geo-R1/Geo-R1-3B-GRPO-REC-10shot")
+    widget.start()  # no engine venv: the message names where to choose one
+    text = widget.message_label.text()
+    assert "Engine venv" in text and "Settings" in text, text
+    d = SettingsDialog(settings=widget.qsettings, manager=widget.manager)
+    try:
+        form = d.findChild(QFormLayout)
+        labels = [form.itemAt(i, QFormLayout.ItemRole.LabelRole).widget().text() for i in range(form.rowCount())
+                  if form.itemAt(i, QFormLayout.ItemRole.LabelRole) is not None
+                  and isinstance(form.itemAt(i, QFormLayout.ItemRole.LabelRole).widget(), QLabel)]  # fmt: skip
+        assert "Engine venv" in labels, labels
+        d.venv_widget.setFilePath("/opt/geo-r1-venv")
+        d.accept()
+        assert PluginSettings.load(widget.qsettings).engine_venv == "/opt/geo-r1-venv"
+    finally:
+        sip.delete(d)
+
+
+def test_an_adapter_folder_that_is_not_one_is_refused_in_plain_words(widget, tmp_path):
+    widget.load_adapter(str(tmp_path))  # no adapter_config.json: said before the engine is asked
+    text = widget.message_label.text()
+    assert "not a LoRA adapter folder" in text and "PeftModel" not in text and "->" not in text, text
