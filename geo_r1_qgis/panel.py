@@ -46,6 +46,7 @@ from qgis.PyQt.QtWidgets import (
     QLabel,
     QProgressBar,
     QPushButton,
+    QSizePolicy,
     QSpinBox,
     QTreeWidget,
     QTreeWidgetItem,
@@ -55,12 +56,12 @@ from qgis.PyQt.QtWidgets import (
 
 from .compat import GEOMETRY_POLYGON, LAYER_FILTER_POLYGON, LAYER_FILTER_RASTER
 from .core.checkpoints import default_mode_for
-from .core.errors import ConfigError, GeoR1Error
+from .core.errors import ConfigError, GeoR1Error, OutputError
 from .core.geometry import tile_size_advice, window_from_map_bbox
 from .qgis_io import QgisRasterSource, make_fields, result_feature, utc_now
 from .results_style import first_line, style_result_layer
 from .run_task import GroundingTask, LiveBatch, RunOutcome, RunRequest, run_display_name
-from .settings import EXAMPLE_EXPRESSIONS, PluginSettings, expression_history, remember_expression
+from .settings import EXAMPLE_EXPRESSIONS, PluginSettings, elided, expression_history, remember_expression
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,60 @@ class RunEntry:
 RUNS: list[RunEntry] = []
 
 
+def check_output_writable(output: Path) -> None:
+    """The GeoPackage can be created or written, with SQLite's journal beside it: tried, not guessed from the
+    permission bits (root passes those; an immutable or read-only folder does not). Nothing is left behind."""
+    import tempfile
+
+    folder = output.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if output.exists() and not output.is_file():
+            raise OutputError(f"'Save to' {output} is a folder, not a GeoPackage file; choose a file name ending "
+                              "in .gpkg")  # fmt: skip
+        if output.exists():
+            with open(output, "r+b"):
+                pass
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise OutputError(f"the results cannot be written to {output}: the folder {folder} is not writable "
+                          f"({exc.strerror or exc}). Choose another 'Save to' file (a folder you can write "
+                          "to), then click Run") from None  # fmt: skip
+
+
+#: errors a later try can get past (the engine short of memory, a full disk, a slow answer): Resume is worth it
+_TRANSIENT = ("no memory", "No space left", "disk I/O", "did not become ready", "timed out", "cannot reach")
+
+
+def resume_advice(error: str, opened: bool) -> str:
+    """What to say after a failed run: Resume only where it can help."""
+    if not opened:
+        return "Nothing was written; fix the cause above and click Run again"
+    if any(marker in error for marker in _TRANSIENT):
+        return "What was found is kept; once the cause is gone, select the run and click Resume to finish it"
+    return ("What was found is kept; Resume would meet the same error, so fix the cause above and start a new run "
+            "(click Run)")
+
+
+def engine_info(url: str, token_file: Path | str) -> dict[str, Any]:
+    """The engine's ``/info`` at ``url``, asked before a run starts (a few seconds at most on loopback)."""
+    from .core.client import EngineClient, read_token
+    from .core.errors import EngineUnavailableError
+
+    where = (f"No Geo-R1 engine answers at {url}. Start one in the Engine section above (Start), or run "
+             "geo-r1 serve --model <model> in a terminal, or correct the engine URL in Raster > Geo-R1 > Settings; "
+             "then click Run")  # fmt: skip
+    try:
+        client = EngineClient(url, None, timeout_s=3.0)
+        client.health(timeout_s=3.0)
+    except EngineUnavailableError:
+        raise EngineUnavailableError(where) from None
+    return EngineClient(url, read_token(token_file), timeout_s=5.0).info(timeout_s=5.0)
+
+
 class GeoR1Dock(QgsDockWidget):
     """The panel. ``iface`` may be None in tests that drive it with a bare canvas."""
 
@@ -136,8 +191,9 @@ class GeoR1Dock(QgsDockWidget):
         engine_layout.addWidget(self.engine_box)
         outer.addWidget(engine_group)
         self.engine_group = engine_group
+        self._shown_once = False
         manager = getattr(self.engine_box, "manager", None)
-        if manager is not None:  # the group's title shows the engine's state; it folds away once one answers
+        if manager is not None:  # the group's title shows the engine's state (folded only before the panel shows)
             manager.stateChanged.connect(self._engine_state)
             self._engine_state(manager.state, "")
         search = QgsCollapsibleGroupBox("Find", body)
@@ -151,6 +207,14 @@ class GeoR1Dock(QgsDockWidget):
         self.expression_combo.setEditable(True)
         self.expression_combo.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
         self.expression_combo.lineEdit().setPlaceholderText("what to find, e.g. all storage tanks")
+        # Its width never follows its entries (a 5,000-character one made QGIS's window 32,237 px wide): the
+        # entries are shown elided (the whole text is each item's data), the box sized by a few characters.
+        self.expression_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.expression_combo.setMinimumContentsLength(12)
+        self.expression_combo.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.expression_combo.view().setTextElideMode(Qt.TextElideMode.ElideRight)
+        self.expression_combo.activated.connect(self._history_chosen)
+        self.expression_combo.currentIndexChanged.connect(self._history_chosen)
         form.addRow("Find", self.expression_combo)
 
         self.mode_combo = QComboBox(body)
@@ -192,23 +256,38 @@ class GeoR1Dock(QgsDockWidget):
         self.output_widget.setFilter("GeoPackage (*.gpkg)")
         self.output_widget.setFilePath(str(self._default_output()))
         form.addRow("Save to", self.output_widget)
+        self._output_default = self.output_widget.filePath()
+        project = QgsProject.instance()  # "Save to" follows the project (beside it) until the user picks a file
+        project.homePathChanged.connect(self._project_changed)
+        project.fileNameChanged.connect(self._project_changed)
+        project.projectSaved.connect(self._project_changed)  # a first save (write()) emits no fileNameChanged
+        project.readProject.connect(self._project_changed)
+        project.cleared.connect(self._project_changed)
         outer.addWidget(search)
 
         advanced = QgsCollapsibleGroupBox("Advanced", body)
         adv = QFormLayout(advanced)
+        adv.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
         self.tile_spin = QSpinBox(advanced)
         self.tile_spin.setRange(56, 4096)
         self.tile_spin.setSingleStep(28)
         self.tile_spin.setValue(self.settings.tile_size)
         self.tile_spin.setSuffix(" px")
-        adv.addRow("Tile size", self.tile_spin)
+        self.tile_spin.setToolTip("Side of the square tiles the raster is cut into (a multiple of 28 is read "
+                                  "unresized by the model)")  # fmt: skip
         self.overlap_spin = QSpinBox(advanced)
         self.overlap_spin.setRange(0, 2048)
         self.overlap_spin.setValue(self.settings.overlap)
         self.overlap_spin.setSuffix(" px")
+        self.overlap_spin.setToolTip("Pixels neighbouring tiles share, so objects on a tile edge are seen whole")
+        for spin in (self.tile_spin, self.overlap_spin):  # wide enough for "4096 px" and its arrows, never squashed
+            spin.setMinimumWidth(spin.fontMetrics().horizontalAdvance(" 4096 px ") + 40)
+            spin.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        adv.addRow("Tile size", self.tile_spin)
         adv.addRow("Overlap", self.overlap_spin)
         advanced.setCollapsed(True)
-        form.addRow(advanced)
+        self.advanced_group = advanced
+        outer.addWidget(advanced)
 
         buttons = QHBoxLayout()
         self.run_button = QPushButton("Run", body)
@@ -272,11 +351,18 @@ class GeoR1Dock(QgsDockWidget):
         from .engine_process import EXTERNAL, HEALTHY
 
         self.engine_group.setTitle(f"Engine: {state}")
-        self.engine_group.setCollapsed(state in (HEALTHY, EXTERNAL))
+        manager = getattr(self.engine_box, "manager", None)
+        if manager is not None:
+            url, _token = manager.endpoint()
+            self.engine_group.setToolTip(f"The panel looks for the engine at {url}")
+        if not self._shown_once:  # folded only before the panel first shows: Run never moves under the cursor
+            self.engine_group.setCollapsed(state in (HEALTHY, EXTERNAL))
 
     def showEvent(self, event: Any) -> None:
         """Opening the panel asks (in the background) whether an engine already answers at the settings' URL."""
         super().showEvent(event)
+        self._shown_once = True
+        self._project_changed()
         manager = getattr(self.engine_box, "manager", None)
         if manager is not None:
             from .engine_process import STOPPED
@@ -285,16 +371,49 @@ class GeoR1Dock(QgsDockWidget):
                 manager.probe_external()
 
     def _default_output(self) -> Path:
-        home = QgsProject.instance().homePath()
+        """The settings' default output, else ``geo_r1_results.gpkg`` beside the open project, else in the home
+        folder (README, "Using the panel")."""
+        project = QgsProject.instance()
+        home = project.absolutePath() or (project.homePath() if project.fileName() else "")
         return self.settings.default_output(home or None)
+
+    def _project_changed(self, *_: Any) -> None:
+        """A project opened, saved elsewhere or closed: "Save to" follows it unless the user chose a file."""
+        if self.output_widget.filePath().strip() in ("", self._output_default):
+            self.settings = PluginSettings.load()
+            self._output_default = str(self._default_output())
+            self.output_widget.setFilePath(self._output_default)
 
     # -- small state helpers -----------------------------------------------------------------------
     def refresh_history(self) -> None:
-        current = self.expression_combo.currentText()
-        self.expression_combo.clear()
+        """The history, then the examples: each shown on one line, elided; the whole text is the item's data (and
+        tooltip), and choosing an item puts the whole text in the box."""
+        combo = self.expression_combo
+        current = combo.currentText()
+        combo.blockSignals(True)
+        combo.clear()
         history = expression_history()
-        self.expression_combo.addItems(history + [e for e in EXAMPLE_EXPRESSIONS if e not in history])
-        self.expression_combo.setEditText(current)
+        for text in history + [e for e in EXAMPLE_EXPRESSIONS if e not in history]:
+            combo.addItem(elided(text), text)
+            combo.setItemData(combo.count() - 1, text, Qt.ItemDataRole.ToolTipRole)
+        combo.setCurrentIndex(-1)  # no entry chosen: choosing any one is a change (and puts its whole text)
+        combo.setEditText(current)
+        combo.blockSignals(False)
+
+    def _history_chosen(self, index: int) -> None:
+        text = self.expression_combo.itemData(index) if index >= 0 else None
+        if isinstance(text, str) and text:
+            self.expression_combo.setEditText(text)
+
+    def expression_text(self) -> str:
+        """What to find: the box's text, or the whole entry when the box shows a chosen entry's elided text."""
+        combo = self.expression_combo
+        text = combo.currentText().strip()
+        index = combo.currentIndex()
+        full = combo.itemData(index) if index >= 0 else None
+        if isinstance(full, str) and text == combo.itemText(index).strip():
+            return full.strip()
+        return text
 
     def _area_changed(self) -> None:
         kind = self.area_combo.currentData()
@@ -357,8 +476,9 @@ class GeoR1Dock(QgsDockWidget):
             return replace(req, resume_run_id=resume.run_id, resume_layer=resume.layer,
                            engine_url=self.settings.engine_url,
                            token_file=self.settings.token_file or None), source, layer
+        self._project_changed()  # "Save to" still the panel's own default: beside the project as it is now
         layer = self._raster()
-        expression = self.expression_combo.currentText().strip()
+        expression = self.expression_text()
         if not expression:
             raise ConfigError("type what to find, e.g. 'all storage tanks'")
         output = Path(self.output_widget.filePath().strip() or str(self._default_output()))
@@ -420,17 +540,11 @@ class GeoR1Dock(QgsDockWidget):
             return None
         try:
             req, source, layer = self.build_request(resume if isinstance(resume, RunEntry) else None)
-            req.output.parent.mkdir(parents=True, exist_ok=True)
+            req = self.preflight(req, source)
         except GeoR1Error as exc:
             self.set_status(str(exc))
             self._push(str(exc), warning=True)
             return None
-        except OSError as exc:
-            self.set_status(f"cannot use the output folder: {exc}; choose another 'Save to' file")
-            return None
-        if not isinstance(resume, RunEntry):
-            remember_expression(req.expression)
-            self.refresh_history()
         task = GroundingTask(req, source)
         entry = resume if isinstance(resume, RunEntry) else RunEntry(
             run_id="", expression=req.expression, mode=req.mode, output=req.output, layer="",
@@ -441,6 +555,8 @@ class GeoR1Dock(QgsDockWidget):
         if entry not in RUNS:
             RUNS.append(entry)
         self.entry, self.task = entry, task
+        # remembered once the engine has accepted it (a first answer, or the run done): never a refused one
+        self._unconfirmed = entry if not isinstance(resume, RunEntry) else None
         task.runOpened.connect(self._run_opened)
         task.batchCommitted.connect(self._batch)
         task.progressChanged.connect(lambda p: self.progress.setValue(round(p)))
@@ -452,6 +568,37 @@ class GeoR1Dock(QgsDockWidget):
         self.refresh_results()
         self.runStarted.emit(entry)
         return entry
+
+    def preflight(self, req: RunRequest, source: Any) -> RunRequest:
+        """What can be checked before a run starts, checked before anything is created or started: the output can
+        be written, an engine answers where the panel looks, and the run is within every limit it reports. Returns
+        the request aimed at that engine. Raises GeoR1Error saying what to do."""
+        from dataclasses import replace
+
+        check_output_writable(req.output)
+        manager = getattr(self.engine_box, "manager", None)
+        if manager is not None:
+            url, token_file = manager.endpoint()
+        else:
+            url, token_file = self.settings.engine_url.rstrip("/"), self.settings.token_path()
+        req = replace(req, engine_url=url, token_file=str(token_file))
+        from .engine_process import EXTERNAL, HEALTHY, STARTING
+
+        if manager is not None and manager.state == STARTING and manager.owns_engine():
+            return req  # the run waits for the engine it is starting (its limits are checked by the engine)
+        if manager is not None and manager.state in (HEALTHY, EXTERNAL) and manager.url == url and manager.info:
+            info = manager.info
+        else:
+            info = engine_info(url, token_file)
+        job = req.job()
+        from .core.client import check_limits
+        from .core.geometry import make_tile_grid
+
+        tiles = make_tile_grid(source.transform, source.width, source.height, job.spec, window=job.window)
+        largest = (max((t.size[0] for t in tiles), default=0), max((t.size[1] for t in tiles), default=0))
+        check_limits(info.get("limits"), expression=job.expression, largest_tile=largest,
+                     items=min(job.batch_size, len(tiles)), max_new_tokens=job.max_new_tokens)  # fmt: skip
+        return req
 
     def cancel_run(self) -> None:
         if self.task is not None:
@@ -554,6 +701,7 @@ class GeoR1Dock(QgsDockWidget):
         layer = QgsProject.instance().mapLayer(entry.map_layer_id)
         if layer is None:
             return
+        self._accepted(entry)
         created = utc_now()
         meta = self.task.outcome.meta if self.task is not None else {}
         feats = [result_feature(layer.fields(), m, meta, entry.run_id, created) for m in batch.detections]
@@ -577,6 +725,7 @@ class GeoR1Dock(QgsDockWidget):
             entry.run_id, entry.layer = outcome.run_id, outcome.layer
         s = outcome.summary
         if outcome.status == "done":
+            self._accepted(entry)
             self._show_final(entry)
             n = s.detections_final if s else 0
             entry.message = f"done: {n} object(s) in {outcome.seconds:.1f} s"
@@ -590,13 +739,20 @@ class GeoR1Dock(QgsDockWidget):
             self._show_partial(entry)
             self._push(entry.message, warning=True)
         else:
-            entry.message = f"failed: {outcome.error}. What was found is kept; Resume continues the run"
+            entry.message = f"failed: {outcome.error}. {resume_advice(outcome.error, bool(entry.layer))}"
             self._show_partial(entry)
             self._push(f"the run failed: {outcome.error}", warning=True)
         self.set_status(f"'{entry.expression}' {entry.message}")
         self.progress.setValue(100 if outcome.status == "done" else self.progress.value())
         self.refresh_results()
         self.runFinished.emit(entry)
+
+    def _accepted(self, entry: RunEntry) -> None:
+        """The engine answered the run's expression: it goes into the history (once)."""
+        if getattr(self, "_unconfirmed", None) is entry:
+            self._unconfirmed = None
+            remember_expression(entry.expression)
+            self.refresh_history()
 
     def _replace_map_layer(self, entry: RunEntry, layer: QgsVectorLayer) -> None:
         old = QgsProject.instance().mapLayer(entry.map_layer_id) if entry.map_layer_id else None

@@ -12,13 +12,15 @@ from pathlib import Path
 
 from qgis.core import QgsApplication, QgsSettings
 
-from .core.client import DEFAULT_URL, default_token_path
+from .core.client import DEFAULT_URL, MAX_EXPRESSION_CHARS, default_token_path
 from .core.errors import ConfigError
 from .core.geometry import DEFAULT_TILE
 
 PREFIX = "geo_r1/"
 HISTORY_KEY = PREFIX + "expression_history"
 HISTORY_MAX = 30
+#: characters of a history entry shown in the expression box (the whole entry is the item's data and tooltip)
+HISTORY_SHOWN_CHARS = 60
 #: examples offered in the expression box before the user has a history
 EXAMPLE_EXPRESSIONS = (
     "all storage tanks",
@@ -125,19 +127,30 @@ class PluginSettings:
 
 
 def expression_history(settings: QgsSettings | None = None) -> list[str]:
+    """The stored expressions, newest first. An entry no engine accepts (longer than MAX_EXPRESSION_CHARS, as an
+    old version could store) is left out: one such line made the panel, and QGIS's window, 32,000 pixels wide."""
     s = settings or QgsSettings()
     value = s.value(HISTORY_KEY, [])
     if isinstance(value, str):
         value = [value] if value else []
-    return [str(v) for v in (value or []) if str(v).strip()]
+    entries = [" ".join(str(v).split()) for v in (value or []) if not isinstance(v, bytes)]
+    return [e for e in entries if e and len(e) <= MAX_EXPRESSION_CHARS][:HISTORY_MAX]
+
+
+def elided(text: str, chars: int = HISTORY_SHOWN_CHARS) -> str:
+    """``text`` on one line, at most ``chars`` characters (cut with "…")."""
+    line = " ".join(text.split())
+    return line if len(line) <= chars else line[: chars - 1].rstrip() + "…"
 
 
 def remember_expression(expression: str, settings: QgsSettings | None = None) -> list[str]:
-    """Put ``expression`` first in the history (no duplicates, at most HISTORY_MAX); returns the history."""
+    """Put ``expression`` first in the history (no duplicates, at most HISTORY_MAX); returns the history.
+
+    Call it only for an expression the engine accepted; one longer than any engine accepts is never stored."""
     s = settings or QgsSettings()
-    expression = expression.strip()
+    expression = " ".join(expression.split())
     history = [e for e in expression_history(s) if e != expression]
-    if expression:
+    if expression and len(expression) <= MAX_EXPRESSION_CHARS:
         history.insert(0, expression)
     history = history[:HISTORY_MAX]
     s.setValue(HISTORY_KEY, history)

@@ -179,7 +179,7 @@ class EngineClient:
                     f"the engine at {self.url} has no memory (or capacity) left for this request: {message}. Try "
                     "again when it is less busy, or choose a smaller tile size"
                 ) from None
-            raise EngineRequestError(f"the engine {_STATUS_WORDS.get(exc.code, 'refused the request')} "
+            raise EngineRequestError(f"the engine {STATUS_WORDS.get(exc.code, 'refused the request')} "
                                      f"(HTTP {exc.code}): {message}", exc.code) from None  # fmt: skip
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
@@ -209,8 +209,8 @@ class EngineClient:
             )
         self._proven_for = self.token
 
-    def info(self) -> dict[str, Any]:
-        return self._request("GET", "/info", timeout_s=30.0)
+    def info(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        return self._request("GET", "/info", timeout_s=timeout_s)
 
     def adapters(self) -> dict[str, Any]:
         """``GET /adapters``: ``{"active": name or None, "available": {name: path}}``."""
@@ -336,7 +336,7 @@ def check_limits(limits: dict[str, Any] | None, *, expression: str, largest_tile
 
 
 #: what an engine's error status means, in words (docs/ARCHITECTURE.md, "Errors are JSON")
-_STATUS_WORDS = {
+STATUS_WORDS = {
     400: "could not read the request",
     401: "refused the token (it does not match: use the token file the engine was started with, --token-file)",
     404: "does not know what was asked for",

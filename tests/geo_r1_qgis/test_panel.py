@@ -498,6 +498,217 @@ def test_processing_takes_the_engine_from_the_plugin_settings(isolated_settings,
         session.close()
 
 
+# --------------------------------------------------------------------------------------------------
+# Checked before Run: the engine's limits, the output folder; the history never grows the panel
+# --------------------------------------------------------------------------------------------------
+
+
+def _tasks_added() -> list:
+    added: list = []
+    QgsApplication.taskManager().taskAdded.connect(added.append)
+    return added
+
+
+def test_inputs_over_the_engines_limits_are_refused_before_anything_starts(dock, samples, canvas, engine):
+    from qgis.core import QgsSettings
+
+    from geo_r1_qgis.settings import HISTORY_KEY, PluginSettings, expression_history
+
+    QgsSettings().remove(HISTORY_KEY)
+    raster = _load_raster(samples / "utm.tif", canvas)
+    output = Path(dock.output_widget.filePath())
+    limits = engine.info["limits"]
+    added = _tasks_added()
+    long_text = ("all storage tanks beside the road " * 150).strip()  # 5,000+ characters
+    assert len(long_text) > 10 * limits["max_expression_chars"]
+    _configure(dock, raster, long_text)
+    assert dock.start_run() is None and dock.task is None
+    status = dock.status_label.text()
+    assert f"at most {limits['max_expression_chars']}" in status and f"{len(long_text)} characters" in status, status
+    assert "422" not in status and "POST" not in status
+    assert not output.exists(), "a GeoPackage was created for a refused run"
+    assert long_text not in expression_history() and all(len(e) <= 500 for e in expression_history())
+    assert all(dock.expression_combo.itemText(i) != long_text for i in range(dock.expression_combo.count()))
+    # a generation limit over the engine's (--max-new-tokens)
+    PluginSettings.load().with_values(max_new_tokens=limits["max_new_tokens"] + 1).save()
+    try:
+        _configure(dock, raster, "all bright squares")
+        assert dock.start_run() is None and dock.task is None
+        assert f"{limits['max_new_tokens']}" in dock.status_label.text() and "Settings" in dock.status_label.text()
+        assert not output.exists()
+    finally:
+        PluginSettings.load().with_values(max_new_tokens=0).save()
+    assert not added, "a task was started for a refused run"
+    assert "all bright squares" not in expression_history()  # nothing refused is remembered
+
+
+def test_an_expression_the_engine_refuses_mid_run_is_not_remembered(dock, samples, canvas):
+    """What only the engine can judge (it refuses the first request) is not stored in the history either."""
+    from qgis.core import QgsSettings
+
+    from geo_r1_qgis.settings import HISTORY_KEY, expression_history
+
+    QgsSettings().remove(HISTORY_KEY)
+    raster = _load_raster(samples / "utm.tif", canvas)
+    _configure(dock, raster, "all bright squares", tile=112, overlap=16)
+    entry = dock.start_run()
+    assert entry is not None, dock.status_label.text()
+    assert "all bright squares" not in expression_history()  # not yet: the engine has not accepted it
+    assert spin(lambda: dock.task is None, 300), dock.status_label.text()
+    assert entry.status == "done" and expression_history()[0] == "all bright squares"
+
+
+def test_a_long_history_entry_never_widens_the_panel(qgis_app, isolated_settings, canvas, engine, tmp_path):
+    """A 5,000-character entry stored by an old version, and a long valid one, must not make the dock (and with it
+    the QGIS window) wider: the long one is dropped on load, the other shown elided, its full text kept."""
+    from qgis.core import QgsSettings
+
+    from geo_r1_qgis.panel import GeoR1Dock
+    from geo_r1_qgis.settings import HISTORY_KEY, PluginSettings, expression_history
+
+    PluginSettings().with_values(engine_url=engine.url, token_file=str(engine.token_file),
+                                 output_gpkg=str(tmp_path / "results.gpkg")).save()  # fmt: skip
+    QgsSettings().setValue(HISTORY_KEY, ["all ships"])
+    plain = GeoR1Dock(None, canvas=canvas)  # the same panel with a short history: the widths to keep
+    plain.resize(350, 900)
+    plain.show()
+    QgsApplication.processEvents()
+    widths = (plain.minimumSizeHint().width(), plain.sizeHint().width())
+    plain.hide()
+    plain.deleteLater()
+    huge = "x" * 5000
+    valid_long = ("the storage tank closest to the north end of the long pier " * 7).strip()  # ~400 characters
+    QgsSettings().setValue(HISTORY_KEY, [huge, valid_long, "all ships"])
+    assert huge not in expression_history() and valid_long in expression_history()
+    d = GeoR1Dock(None, canvas=canvas)
+    try:
+        d.resize(350, 900)
+        d.show()
+        QgsApplication.processEvents()
+        combo = d.expression_combo
+        texts = [combo.itemText(i) for i in range(combo.count())]
+        assert huge not in texts and all(len(t) <= 80 for t in texts), [len(t) for t in texts]
+        i = next(i for i in range(combo.count()) if combo.itemData(i) == valid_long)
+        from qgis.PyQt.QtCore import Qt
+
+        assert combo.itemText(i).endswith("…") and combo.itemData(i, Qt.ItemDataRole.ToolTipRole) == valid_long
+        assert combo.sizeHint().width() < 400 and combo.minimumSizeHint().width() < 400, combo.sizeHint()
+        assert (d.minimumSizeHint().width(), d.sizeHint().width()) == widths, (d.minimumSizeHint(), d.sizeHint())
+        combo.setCurrentIndex(i)  # picked from the list: the whole expression is shown and is what runs
+        assert combo.currentText() == valid_long and d.expression_text() == valid_long
+        combo.setEditText("y" * 5000)  # typed: the line edit scrolls, nothing grows
+        QgsApplication.processEvents()
+        assert d.sizeHint().width() == widths[1]
+    finally:
+        d.hide()
+        d.deleteLater()
+        QgsSettings().remove(HISTORY_KEY)
+
+
+def _read_only_folder(path: Path):
+    """A folder nobody can write into, even root (chattr +i), undone by the returned function."""
+    import subprocess
+
+    path.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False).returncode != 0:
+            pytest.skip("chattr +i is not supported here")
+        return lambda: subprocess.run(["chattr", "-i", str(path)], check=False)
+    path.chmod(0o555)
+    return lambda: path.chmod(0o755)
+
+
+def test_a_read_only_output_folder_is_refused_before_the_run_without_resume_advice(dock, samples, canvas, tmp_path):
+    raster = _load_raster(samples / "utm.tif", canvas)
+    _configure(dock, raster, "all bright squares")
+    folder = tmp_path / "read-only"
+    undo = _read_only_folder(folder)
+    added = _tasks_added()
+    try:
+        dock.output_widget.setFilePath(str(folder / "results.gpkg"))
+        assert dock.start_run() is None and dock.task is None and not added
+        status = dock.status_label.text()
+        assert str(folder) in status and "Save to" in status and "Resume" not in status, status
+        assert not (folder / "results.gpkg").exists()
+    finally:
+        undo()
+
+
+def test_no_engine_is_found_before_the_run_and_the_message_says_where_it_looked(dock, samples, canvas, tmp_path):
+    from geo_r1_qgis.engine_process import free_port
+    from geo_r1_qgis.settings import PluginSettings
+
+    raster = _load_raster(samples / "utm.tif", canvas)
+    _configure(dock, raster, "all bright squares")
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    PluginSettings.load().with_values(engine_url=nowhere).save()
+    added = _tasks_added()
+    assert dock.start_run() is None and not added
+    status = dock.status_label.text()
+    assert nowhere in status and "Start" in status and "Resume" not in status, status
+    assert not Path(dock.output_widget.filePath()).exists()
+
+
+def test_save_to_defaults_beside_the_open_project(qgis_app, isolated_settings, canvas, tmp_path):
+    """The panel exists from QGIS's start, before a project is opened: its default follows the project."""
+    from geo_r1_qgis.panel import GeoR1Dock
+    from geo_r1_qgis.settings import PluginSettings
+
+    PluginSettings().save()  # no default output set: beside the project, else in the home folder
+    project = QgsProject.instance()
+    project.clear()
+    d = GeoR1Dock(None, canvas=canvas)
+    try:
+        assert Path(d.output_widget.filePath()) == Path.home() / "geo_r1_results.gpkg"
+        project_file = tmp_path / "proj" / "mine.qgz"
+        project_file.parent.mkdir()
+        assert project.write(str(project_file)), project.error()
+        QgsApplication.processEvents()
+        assert Path(d.output_widget.filePath()) == project_file.parent / "geo_r1_results.gpkg"
+        d.output_widget.setFilePath(str(tmp_path / "chosen.gpkg"))  # the user's own choice is kept
+        project.clear()
+        QgsApplication.processEvents()
+        assert Path(d.output_widget.filePath()) == tmp_path / "chosen.gpkg"
+    finally:
+        project.clear()
+        d.deleteLater()
+
+
+def test_the_engine_section_never_folds_after_the_panel_shows_and_tile_and_overlap_are_not_squashed(
+        qgis_app, isolated_settings, canvas, engine, tmp_path):  # fmt: skip
+    """Issue 16, 3.7: an engine found after the panel opened folded the Engine section and moved Run under the
+    cursor; Tile size and Overlap were squashed."""
+    from geo_r1_qgis.engine_process import EXTERNAL, STOPPED
+    from geo_r1_qgis.panel import GeoR1Dock
+    from geo_r1_qgis.settings import PluginSettings
+
+    PluginSettings().with_values(engine_url=engine.url, token_file=str(engine.token_file),
+                                 output_gpkg=str(tmp_path / "results.gpkg")).save()  # fmt: skip
+    d = GeoR1Dock(None, canvas=canvas)
+    manager = d.engine_box.manager
+    try:
+        manager._set_state(STOPPED, "no engine started")
+        d.resize(360, 1000)
+        d.show()
+        spin(lambda: manager.state == EXTERNAL, 60)  # the probe of showEvent finds the engine
+        spin(lambda: False, 1.5)  # its adapters are listed, the layout settles
+        assert manager.state == EXTERNAL
+        before = d.run_button.mapTo(d, d.run_button.rect().topLeft())
+        manager._set_state(EXTERNAL, manager.message)  # and once more, as an adapter switch does
+        spin(lambda: False, 1.5)
+        assert not d.engine_group.isCollapsed()
+        assert d.run_button.mapTo(d, d.run_button.rect().topLeft()) == before
+        assert engine.url in d.engine_group.toolTip()
+        d.advanced_group.setCollapsed(False)
+        QgsApplication.processEvents()
+        for box in (d.tile_spin, d.overlap_spin):
+            need = box.fontMetrics().horizontalAdvance("4096 px")
+            assert box.width() >= need + 20, (box.width(), need)
+    finally:
+        d.hide()
+        d.deleteLater()
+
+
 def test_choosing_a_known_checkpoint_sets_its_mode(qgis_app, isolated_settings, canvas):
     """The engine's model field drives the panel's mode: an OVD (or GRES) checkpoint picks all matching
     objects, a REC one the one best match, and any other model leaves the user's choice alone."""
@@ -524,3 +735,14 @@ def test_choosing_a_known_checkpoint_sets_its_mode(qgis_app, isolated_settings, 
         PluginSettings().save()
         d.deleteLater()
         gc.collect()
+
+
+def test_resume_is_advised_only_where_it_can_help(qgis_app):
+    from geo_r1_qgis.panel import resume_advice
+
+    assert "click Run again" in resume_advice("the engine refused a value (HTTP 422): bad", opened=False)
+    refused = resume_advice("the engine refused a value (HTTP 422): bad", opened=True)
+    assert "Resume would meet the same error" in refused and "start a new run" in refused
+    for transient in ("the engine at http://x has no memory (or capacity) left for this request",
+                      "database or disk is full: No space left on device"):  # fmt: skip
+        assert "click Resume" in resume_advice(transient, opened=True)
