@@ -46,6 +46,7 @@ from qgis.PyQt.QtWidgets import (
     QLabel,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSizePolicy,
     QSpinBox,
     QTreeWidget,
@@ -66,6 +67,8 @@ from .settings import EXAMPLE_EXPRESSIONS, PluginSettings, elided, expression_hi
 log = logging.getLogger(__name__)
 
 GROUP_NAME = "Geo-R1"
+#: a "Geo-R1" group's custom properties: the id and name of the raster it sits above
+GROUP_RASTER_KEY, GROUP_RASTER_NAME_KEY = "geo_r1/raster", "geo_r1/raster_name"
 AREA_CANVAS, AREA_LAYER, AREA_DRAWN, AREA_POLYGONS = "canvas", "layer", "drawn", "polygons"
 AREA_CHOICES = (
     (AREA_CANVAS, "Map canvas extent"),
@@ -99,6 +102,22 @@ class RunEntry:
     file_parameters: str = ""
     #: the raster source the run read (a web layer's grid is the run's own), reused to resume it
     source: Any = None
+
+
+#: the status line: at most this many characters and lines shown (the whole message in its tooltip and the log)
+STATUS_CHARS, STATUS_LINES = 360, 6
+_LONG_WORD = 40
+
+
+def status_text(text: str, limit: int = STATUS_CHARS) -> str:
+    """``text`` for the status line: cut to ``limit`` characters (``…``), and a zero-width space after every
+    :data:`_LONG_WORD` characters of a word, so a path or URL wraps instead of widening the panel."""
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[: limit - 1].rstrip() + "…"
+    return " ".join(
+        "\u200b".join(w[i : i + _LONG_WORD] for i in range(0, len(w), _LONG_WORD)) for w in text.split(" ")
+    )
 
 
 #: every run since QGIS started, newest last
@@ -313,6 +332,10 @@ class GeoR1Dock(QgsDockWidget):
         self.status_label = QLabel("", body)
         self.status_label.setTextFormat(Qt.TextFormat.PlainText)
         self.status_label.setWordWrap(True)
+        # a long message (an engine's error, a path) is wrapped and shortened to a few lines: the whole text is in
+        # the tooltip and in the Geo-R1 tab of the message log, and never widens the panel or the QGIS window
+        self.status_label.setMaximumHeight(self.status_label.fontMetrics().lineSpacing() * STATUS_LINES + 4)
+        self.status_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         outer.addWidget(self.status_label)
 
         self.results = QTreeWidget(body)
@@ -326,7 +349,15 @@ class GeoR1Dock(QgsDockWidget):
         self.results.setToolTip("Click a result to zoom to it; double-click a run to open its layer again")
         self.results.currentItemChanged.connect(lambda *_: self._update_resume())
         outer.addWidget(self.results, 1)
-        self.setWidget(body)
+        # the contents scroll inside the dock: however long a message or small the screen, the dock asks for no
+        # more room than a scroll area does, so Run, Resume and the results stay reachable
+        scroll = QScrollArea(self)
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
+        scroll.setWidget(body)
+        self.scroll_area = scroll
+        self.setWidget(scroll)
         self._area_changed()
 
     def _engine_line(self, parent: QWidget) -> QWidget:
@@ -421,7 +452,10 @@ class GeoR1Dock(QgsDockWidget):
         self.polygon_combo.setEnabled(kind == AREA_POLYGONS)
 
     def set_status(self, text: str) -> None:
-        self.status_label.setText(text)
+        """Show ``text`` on the status line, shortened to :data:`STATUS_CHARS` (the whole text in the tooltip and
+        the log), with break chances in long words (paths, URLs), so it wraps within the panel's width."""
+        self.status_label.setText(status_text(text))
+        self.status_label.setToolTip(text)
         log.info("%s", text)
 
     def _running(self, running: bool) -> None:
@@ -787,20 +821,32 @@ class GeoR1Dock(QgsDockWidget):
         self._replace_map_layer(entry, layer)
 
     def _add_to_group(self, layer: QgsVectorLayer, raster: QgsMapLayer | None) -> None:
-        """Add ``layer`` to the "Geo-R1" group, the group placed above the raster."""
+        """Add ``layer`` to a "Geo-R1" group placed directly above ``raster`` (in the raster's own group), so the
+        boxes are drawn over the imagery they were found on, wherever that raster sits in the layer tree.
+
+        Each raster gets its own group (tagged with the raster's id), reused while it is still above that raster;
+        a run on a raster higher in the tree gets a new group above it. With a custom layer order (Layer Order
+        panel) the layer is put directly above its raster there too. Without a raster: a group on top."""
         project = QgsProject.instance()
         project.addMapLayer(layer, False)
         root = project.layerTreeRoot()
-        group = root.findGroup(GROUP_NAME)
+        node = root.findLayer(raster.id()) if raster is not None else None
+        parent = node.parent() if node is not None and isinstance(node.parent(), QgsLayerTreeGroup) else root
+        index = parent.children().index(node) if node is not None else 0
+        key = raster.id() if node is not None else ""
+        group = next((g for g in parent.children()[:index] if isinstance(g, QgsLayerTreeGroup)
+                      and g.customProperty(GROUP_RASTER_KEY, None) == key
+                      and (key or g.name() == GROUP_NAME)), None)  # fmt: skip
         if group is None:
-            index = 0
+            group = parent.insertGroup(index, GROUP_NAME)
+            group.setCustomProperty(GROUP_RASTER_KEY, key)
             if raster is not None:
-                node = root.findLayer(raster.id())
-                if node is not None and isinstance(node.parent(), QgsLayerTreeGroup):
-                    parent = node.parent()
-                    index = parent.children().index(node) if parent is root else 0
-            group = root.insertGroup(index, GROUP_NAME)
+                group.setCustomProperty(GROUP_RASTER_NAME_KEY, raster.name())
         group.insertLayer(0, layer)
+        if raster is not None and root.hasCustomLayerOrder():
+            order = [lyr for lyr in root.customLayerOrder() if lyr.id() != layer.id()]
+            at = next((i for i, lyr in enumerate(order) if lyr.id() == raster.id()), 0)
+            root.setCustomLayerOrder([*order[:at], layer, *order[at:]])
 
     def _push(self, text: str, warning: bool) -> None:
         if self.iface is None:

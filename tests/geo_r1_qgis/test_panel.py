@@ -749,3 +749,73 @@ def test_resume_is_advised_only_where_it_can_help(qgis_app):
     for transient in ("the engine at http://x has no memory (or capacity) left for this request",
                       "database or disk is full: No space left on device"):  # fmt: skip
         assert "click Resume" in resume_advice(transient, opened=True)
+
+
+def _render_order(layer_id: str) -> int:
+    """A layer's place in the map's render order (0: drawn on top), as the canvas draws the layer tree."""
+    return [lyr.id() for lyr in QgsProject.instance().layerTreeRoot().layerOrder()].index(layer_id)
+
+
+def test_results_are_drawn_above_the_raster_they_were_found_on(dock, samples, canvas):
+    """Two rasters; a run on the lower one, then one on the upper one: each run's layer (live while it runs, then
+    the final one) sits directly above its own raster in the layer tree, so its boxes are never hidden."""
+    root = QgsProject.instance().layerTreeRoot()
+    lower = _load_raster(samples / "utm.tif", canvas)
+    upper = qgis_core.QgsRasterLayer(str(samples / "utm.tif"), "utm upper")
+    QgsProject.instance().addMapLayer(upper, False)
+    root.insertLayer(0, upper)  # the upper raster covers the lower one
+    canvas.setLayers([upper, lower])
+    assert _render_order(upper.id()) < _render_order(lower.id())
+    placed = []
+    for raster in (lower, upper):
+        _configure(dock, raster, "all bright squares", tile=224, overlap=0)
+        entry = dock.start_run()
+        assert entry is not None, dock.status_label.text()
+        seen: list[bool] = []
+
+        def check(_batch, r=raster, e=entry, seen=seen) -> None:
+            seen.append(_render_order(e.map_layer_id) < _render_order(r.id()))
+
+        dock.task.batchCommitted.connect(check)
+        assert spin(lambda: dock.task is None, 300), dock.status_label.text()
+        assert entry.status == "done", entry.message
+        assert seen and all(seen), (seen, [lyr.name() for lyr in root.layerOrder()])  # the live layer, mid-run
+        final = _map_layer(entry)
+        assert final.providerType() == "ogr"
+        placed.append((entry, raster))
+    for entry, raster in placed:  # the later run did not push the earlier one's layer below anything of its own
+        order = [lyr.id() for lyr in root.layerOrder()]
+        assert order.index(entry.map_layer_id) < order.index(raster.id()), [lyr.name() for lyr in root.layerOrder()]
+        node = root.findLayer(entry.map_layer_id)
+        group = node.parent()
+        assert group.name() == "Geo-R1"
+        siblings = group.parent().children()  # the group is directly above its raster
+        assert siblings.index(group) + 1 == siblings.index(root.findLayer(raster.id()))
+    # the upper raster's results are above the upper raster; the lower raster's are between the two rasters
+    (first, _), (second, _) = placed
+    assert _render_order(second.map_layer_id) < _render_order(upper.id()) < _render_order(first.map_layer_id) \
+        < _render_order(lower.id())
+
+
+def test_a_long_message_keeps_the_panel_within_the_screen(dock, qgis_app):
+    """A 3,000-character message (an engine error, a missing CRS) must not grow the dock: the panel scrolls,
+    the status line wraps and shortens it (the whole text in its tooltip and in the log)."""
+    dock.resize(360, 700)
+    dock.show()
+    QgsApplication.processEvents()
+    before = (dock.minimumSizeHint(), dock.sizeHint())
+    long = "the engine stopped: " + " ".join(f"word{i}" for i in range(400)) + " /a/very/long/path/" + "x" * 900
+    assert len(long) > 3000
+    dock.set_status(long)
+    QgsApplication.processEvents()
+    hint, size = dock.minimumSizeHint(), dock.sizeHint()
+    # the dock can always be made small enough for a 1,000 px screen (its contents scroll), and the message
+    # does not make it ask for more room than it did before
+    assert hint.height() <= 400 and hint.width() <= 400, hint
+    assert size.height() <= before[1].height() + 8 and size.width() <= before[1].width() + 8, (size, before[1])
+    assert dock.status_label.sizeHint().height() <= 200 and dock.status_label.minimumSizeHint().width() <= 400
+    assert dock.status_label.toolTip() == long
+    assert len(dock.status_label.text()) < 600 and dock.status_label.text().endswith("…")
+    dock.set_status("short")
+    assert dock.status_label.text() == "short"
+    dock.hide()
