@@ -38,6 +38,7 @@ from .core.geometry import PixelBox, tile_size_advice
 from .core.merge import Detection, merge_detections
 from .core.pipeline import GroundingJob, run_grounding
 from .core.results import run_meta
+from .engine_process import shared_endpoint
 from .qgis_io import FeatureSinkResultSink, features_area, make_fields, parse_bands, prepare_input
 from .settings import PluginSettings
 
@@ -229,8 +230,10 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
         if advice:
             feedback.pushWarning(advice)
         settings = PluginSettings.load()
-        url = self.parameterAsString(parameters, self.ENGINE_URL, context).strip() or settings.engine_url
-        token_file = self.parameterAsFile(parameters, self.TOKEN_FILE, context) or settings.token_file or None
+        # left empty: the engine the plugin started while it runs (the panel's), else the settings' engine
+        shared_url, shared_token = shared_endpoint(settings)
+        url = self.parameterAsString(parameters, self.ENGINE_URL, context).strip() or shared_url
+        token_file = self.parameterAsFile(parameters, self.TOKEN_FILE, context) or str(shared_token)
 
         extent = None
         if parameters.get(self.EXTENT) not in (None, ""):

@@ -308,6 +308,48 @@ def test_a_started_engine_leaves_the_users_settings_so_a_restart_finds_the_readm
         sip.delete(d)
 
 
+def test_processing_left_without_an_engine_url_uses_the_engine_the_panel_started(ep, qsettings, tiny_model, tmp_path,
+                                                                                 monkeypatch):
+    """Issue 16, 3.3: once a started engine no longer rewrites the settings, Processing (ENGINE_URL empty) must still
+    find it: the engine the plugin runs while it runs, else the settings' engine."""
+    from qgis.core import QgsSettings
+
+    from geo_r1_qgis.settings import PluginSettings
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import test_processing as tp
+
+    samples = tmp_path / "samples"
+    proc = host_exec.run([str(GEO_R1), "sample-data", str(samples)], timeout=120, env=_venv_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    nowhere = f"http://127.0.0.1:{ep.free_port()}"
+    saved = PluginSettings.load()
+    down = PluginSettings().with_values(engine_url=nowhere, token_file=str(tmp_path / "own" / "engine.token"))
+    down.save()
+    down.save(qsettings)  # the manager's settings (QGIS's own in the plugin; a private file here)
+    manager = ep.EngineManager(settings=qsettings)
+    monkeypatch.setattr(ep, "_shared", manager)
+    session = tp._Qgis()
+    try:
+        manager.start(_config(ep, tmp_path / "own", tiny_model))
+        spin(lambda: manager.state != ep.STARTING, what="the started engine")
+        assert manager.state == ep.HEALTHY, manager.message
+        params = {"INPUT": str(samples / "utm.tif"), "EXPRESSION": "all bright squares", "MODE": 1, "TILE_SIZE": 224,
+                  "OVERLAP": 32, "MAX_NEW_TOKENS": 32, "OUTPUT": "TEMPORARY_OUTPUT"}  # fmt: skip
+        out = session.run(params)  # no ENGINE_URL, no TOKEN_FILE, the settings' engine down: the started one
+        assert out is not None and out.isValid()  # with the settings' engine it raises "not running at ..."
+        assert {f["model"] for f in out.getFeatures()} <= {manager.info.get("model")}
+        manager.stop_for_unload()
+        spin(lambda: manager.state == ep.STOPPED, 60, "the engine to stop")
+        with pytest.raises(qgis_core.QgsProcessingException, match=f"not running at {nowhere}"):
+            session.run(params)  # stopped: back to the settings' engine, which is not there
+    finally:
+        session.close()
+        manager.stop_for_unload()
+        saved.save()
+        QgsSettings().sync()
+
+
 def test_the_status_check_never_blocks_on_a_hung_engine(ep, qgis_app, external):
     from qgis.PyQt.QtCore import QTimer
 
