@@ -74,6 +74,10 @@ ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("<|file_sep|>", False),
 )
 
+#: With ``number_tokens``: every whole number a box coordinate in a tile of up to 1000 pixels can take, and the
+#: separator of a coordinate list, each one token (added after :data:`ADDED_TOKENS`, not special).
+NUMBER_TOKENS: tuple[str, ...] = (*(str(i) for i in range(1001)), ", ")
+
 #: Listed as ``extra_special_tokens`` in the real tokenizer config.
 EXTRA_SPECIAL_TOKENS: tuple[str, ...] = tuple(
     tok for tok, special in ADDED_TOKENS if special and tok != "<|endoftext|>"
@@ -195,6 +199,11 @@ class TinyModelConfig:
     bpe_vocab_size: int = dataclasses.field(default=2048, metadata={"help": "BPE vocabulary, no added tokens"})
     padding_side: str = dataclasses.field(
         default="right", metadata={"help": "saved tokenizer padding side (Qwen's is right; engines use left)"}
+    )
+    number_tokens: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "add the whole numbers 0..1000 and ', ' as single (non-special) tokens after Qwen's, "
+                          "so a box [x1, y1, x2, y2] costs 9 tokens instead of about 19"},
     )
     # Language model
     hidden_size: int = 64
@@ -348,6 +357,9 @@ def build_tokenizer(config: TinyModelConfig) -> Any:
         got = tokenizer.convert_tokens_to_ids(tok)
         if got != base + i:  # a programming error, not a user error
             raise RuntimeError(f"added token {tok} got id {got}, expected {base + i}")
+    if config.number_tokens:
+        # After Qwen's added tokens, so their ids stay where the real tokenizer has them relative to the BPE.
+        tokenizer.add_tokens([AddedToken(tok, special=False, normalized=False) for tok in NUMBER_TOKENS])
     return tokenizer
 
 
