@@ -137,7 +137,8 @@ class PyogrioWriter:
     ``pyogrio.raw.write`` (one GDAL transaction) per append, typed columns from the schema's fields."""
 
     def __init__(self) -> None:
-        # Each write stays one transaction with SQLite's rollback journal, so a killed process leaves a
+        # Each write stays one SQLite transaction (in WAL mode while the run holds the file, core/gpkg_schema.WalHold;
+        # the hold runs in a child process, since this GDAL carries its own SQLite), so a killed process leaves a
         # valid file; only durability against an OS crash or power loss is traded for speed (see BENCHMARKS.md).
         _pyogrio().set_gdal_config_options({"OGR_SQLITE_SYNCHRONOUS": "OFF"})
 

@@ -15,6 +15,7 @@ quiet handler pushed for this thread only (CPL's handler stack is per thread), t
 
 from __future__ import annotations
 
+import atexit
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -36,6 +37,7 @@ from .core.gpkg_schema import (
     GeoPackageRun,
     RunRecord,
     SameCrs,
+    WalHold,
     done_tile_ids,
     find_runs,
     read_raw_detections,
@@ -47,6 +49,7 @@ __all__ = [
     "OgrWriter",
     "RunLayers",
     "describe_schema",
+    "hold_wal",
     "list_runs",
     "read_done_tiles",
     "read_features",
@@ -95,9 +98,36 @@ def _ok(rc: Any, what: str) -> None:
         raise _Failed(what)
 
 
+def gdal_shares_sqlite() -> bool:
+    """Whether GDAL (``osgeo``) and Python's ``sqlite3`` run the same SQLite library in this process (Linux
+    distributions and OSGeo4W link one shared library): then a :class:`~geo_r1_qgis.core.gpkg_schema.WalHold`
+    may keep its connection here. False when that cannot be told (the hold then runs in a child process)."""
+    global _SHARES_SQLITE
+    if _SHARES_SQLITE is None:
+        try:
+            import _sqlite3
+            import ctypes
+
+            from osgeo import _gdal
+
+            ours = ctypes.cast(ctypes.CDLL(_sqlite3.__file__).sqlite3_libversion, ctypes.c_void_p).value
+            gdals = ctypes.cast(ctypes.CDLL(_gdal.__file__).sqlite3_libversion, ctypes.c_void_p).value
+            _SHARES_SQLITE = bool(ours) and ours == gdals
+        except (ImportError, OSError, AttributeError):
+            _SHARES_SQLITE = False
+    return _SHARES_SQLITE
+
+
+_SHARES_SQLITE: bool | None = None
+
+
 class OgrWriter:
     """The plugin's :class:`~geo_r1_qgis.core.gpkg_schema.FeatureWriter`: ``osgeo.ogr``, one dataset
     transaction per append (the table is created inside it when missing)."""
+
+    @property
+    def shares_sqlite(self) -> bool:
+        return gdal_shares_sqlite()
 
     def append(
         self,
@@ -237,6 +267,34 @@ class RunLayers:
     @property
     def raw_uri(self) -> str:
         return f"{self.path}|layername={self.raw_layer}"
+
+
+#: the GeoPackages the panel shows layers of, held in WAL mode (core/gpkg_schema.py, "Readers while a run writes")
+_HOLDS: dict[str, WalHold] = {}
+
+
+def hold_wal(path: str | Path) -> bool:
+    """Hold ``path`` in WAL mode until :func:`release_wal` (call it before QGIS opens a layer of the file, so
+    QGIS reads it with locks and safely while a run writes). Whether the file is held."""
+    key = str(Path(path).resolve())
+    hold = _HOLDS.get(key)
+    if hold is None:
+        hold = _HOLDS[key] = WalHold(key, separate=not gdal_shares_sqlite())
+    return hold.acquire()
+
+
+def release_wal(keep: Sequence[str | Path] = ()) -> None:
+    """Release every held file but those in ``keep`` (files that still have layers on the map)."""
+    kept = {str(Path(p).resolve()) for p in keep}
+    for key in [k for k in _HOLDS if k not in kept]:
+        _HOLDS.pop(key).release()
+
+
+def held_files() -> list[str]:
+    return sorted(k for k, h in _HOLDS.items() if h.held)
+
+
+atexit.register(release_wal)
 
 
 def list_runs(path: str | Path) -> list[RunRecord]:

@@ -199,6 +199,7 @@ class GeoR1Dock(QgsDockWidget):
         self._build()
         self.refresh_history()
         self.refresh_results()
+        QgsProject.instance().layersRemoved.connect(self._release_unused_files)
 
     # -- layout ------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -799,8 +800,9 @@ class GeoR1Dock(QgsDockWidget):
         entry.map_layer_id = layer.id()
 
     def _show_final(self, entry: RunEntry) -> None:
-        from .gpkg_ogr import RunLayers
+        from .gpkg_ogr import RunLayers, hold_wal
 
+        hold_wal(entry.output)  # before QGIS opens it: read with locks while later runs write the file
         layer = QgsVectorLayer(RunLayers(entry.output, entry.run_id, entry.layer).answer_uri, entry.display_name, "ogr")
         if not layer.isValid():
             entry.message = f"the answer layer {entry.layer} could not be opened from {entry.output}"
@@ -811,8 +813,9 @@ class GeoR1Dock(QgsDockWidget):
         """After a cancel or failure: the run's per-tile detections from the GeoPackage (unmerged)."""
         if not entry.layer:
             return
-        from .gpkg_ogr import RunLayers
+        from .gpkg_ogr import RunLayers, hold_wal
 
+        hold_wal(entry.output)
         uri = RunLayers(entry.output, entry.run_id, entry.layer).raw_uri
         layer = QgsVectorLayer(uri, f"{entry.display_name} – {entry.status}, per tile", "ogr")
         if not layer.isValid():
@@ -847,6 +850,14 @@ class GeoR1Dock(QgsDockWidget):
             order = [lyr for lyr in root.customLayerOrder() if lyr.id() != layer.id()]
             at = next((i for i, lyr in enumerate(order) if lyr.id() == raster.id()), 0)
             root.setCustomLayerOrder([*order[:at], layer, *order[at:]])
+
+    @staticmethod
+    def _release_unused_files(*_: Any) -> None:
+        """GeoPackages no layer on the map reads any more are no longer held in WAL mode (gpkg_ogr.hold_wal)."""
+        from .gpkg_ogr import release_wal
+
+        sources = [lyr.source().split("|", 1)[0] for lyr in QgsProject.instance().mapLayers().values()]
+        release_wal(keep=[s for s in sources if s.lower().endswith(".gpkg")])
 
     def _push(self, text: str, warning: bool) -> None:
         if self.iface is None:

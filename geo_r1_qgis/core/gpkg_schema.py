@@ -48,6 +48,23 @@ A new run always adds new layers to an existing GeoPackage (or creates the file)
 already exists is an error unless resuming continues that very run. A file that exists but is not a
 GeoPackage is an error. Nothing is ever deleted except the orphaned raw rows above.
 
+Readers while a run writes
+--------------------------
+QGIS (3.22 and later, with GDAL >= 3.4.2) opens a GeoPackage layer read-only with GDAL's ``NOLOCK=ON``: no
+file locks at all, which GDAL documents as safe only while no other process changes the file. A layer left
+open in QGIS while a run wrote the same file (``geo-r1 ground``, or the plugin's own task) could so read a
+page half-written and log "database disk image is malformed", "disk I/O error" or "At least one of the
+required GeoPackage tables ... is missing" (the file itself stayed intact). GDAL ignores ``NOLOCK`` for a file
+in SQLite's WAL journal mode, where readers take a consistent snapshot and neither blocks a writer. So each
+run holds its file in WAL mode from opening to its end (:class:`WalHold`, one idle connection; QGIS returns a
+file it closes to the ``delete`` mode, and the held connection stops that while the run writes), and at the end
+checkpoints the log into the file and returns it to ``delete`` when nobody else has it open. The panel also
+holds the files whose layers it shows (``gpkg_ogr.hold_wal``), so its layers are opened in WAL mode and read
+safely while a later run writes. A layer opened in QGIS *before* a run starts, while the file was in
+``delete`` mode, still reads without locks: it reports "unable to open database file" once the run switches
+the file, instead of reading torn pages; removing and adding it again (or the panel's own layers) reads with
+locks.
+
 Small updates (the run row's status, deleting orphaned raw rows) and every read go through
 ``sqlite3``, in a transaction: those tables carry no trigger that needs GDAL's SQL functions (the
 R-tree triggers on delete only use the feature id).
@@ -327,6 +344,116 @@ def connect(path: str | Path) -> Iterator[sqlite3.Connection]:
         con.close()
 
 
+#: the held connection of a :class:`WalHold` in a separate process (run with ``python -I -c``): WAL on, one
+#: read (so the shared lock is taken), the mode on stdout, then held until stdin closes (or the parent dies)
+_KEEPER = """
+import sqlite3, sys
+con = sqlite3.connect(sys.argv[1], timeout=30.0, isolation_level=None)
+try:
+    mode = str(con.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]).lower()
+    con.execute("SELECT count(*) FROM sqlite_master").fetchall()
+except sqlite3.Error as exc:
+    mode = "error: %s" % exc
+sys.stdout.write(mode + "\\n")
+sys.stdout.flush()
+sys.stdin.read()
+try:
+    con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    con.execute("PRAGMA busy_timeout = 0")
+    con.execute("PRAGMA journal_mode = DELETE").fetchall()
+except sqlite3.Error:
+    pass
+con.close()
+"""
+
+
+class WalHold:
+    """Keeps a GeoPackage in SQLite's WAL journal mode while it is held (module doc, "Readers while a run writes").
+
+    ``acquire()`` switches the file to WAL and keeps one idle connection open: an open WAL connection holds a
+    shared lock, so no other connection (QGIS's provider returning the file to ``delete`` when it closes its
+    last handle, in particular) can take the file out of WAL while a run writes. ``release()`` copies the log
+    into the file (a passive checkpoint), returns the file to ``delete`` when nobody else has it open (one
+    file again, as QGIS leaves it) and closes the connection. Either may be called more than once; a file
+    that cannot be switched (a read-only folder, a network share without shared memory) stays as it is.
+
+    ``separate``: hold the connection in a small child process (``sys.executable``) instead of this one. Needed
+    where the writer's GDAL carries its own copy of SQLite (pyogrio's wheels do): two SQLite libraries in one
+    process do not see each other's connections, and POSIX locks are the process's, so the writer closing the
+    file would drop the held connection's lock and delete the log it still maps (a malformed file).
+    """
+
+    def __init__(self, path: str | Path, separate: bool = False) -> None:
+        self.path = Path(path)
+        self.separate = separate
+        self._con: sqlite3.Connection | None = None
+        self._proc: Any = None
+
+    @property
+    def held(self) -> bool:
+        return self._con is not None or self._proc is not None
+
+    def acquire(self) -> bool:
+        """Hold the file in WAL mode; whether it is now (False: left in its own mode, logged)."""
+        if self.held:
+            return True
+        if not self.path.is_file():
+            return False
+        mode = self._acquire_child() if self.separate else self._acquire_here()
+        if mode != "wal":
+            log.warning("%s stays in its own journal mode (%s): a reader without locks (QGIS) may see a run "
+                        "half-written", self.path, mode)  # fmt: skip
+            self.release()
+            return False
+        return True
+
+    def _acquire_here(self) -> str:
+        con = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)
+        self._con = con
+        try:
+            mode = str(con.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]).lower()
+            # a read opens the log and takes the shared lock an idle WAL connection then keeps (fetchall: the
+            # statement is finished, so this connection never pins an old snapshot and checkpoints go on)
+            con.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        except sqlite3.Error as exc:
+            return f"error: {exc}"
+        return mode
+
+    def _acquire_child(self) -> str:
+        import subprocess  # nosec B404 (our own interpreter, an argument list, no shell)
+        import sys
+
+        try:
+            self._proc = subprocess.Popen(  # nosec B603
+                [sys.executable, "-I", "-c", _KEEPER, str(self.path)], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            )  # fmt: skip
+            return (self._proc.stdout.readline() or "no answer").strip()
+        except OSError as exc:
+            return f"error: {exc}"
+
+    def release(self) -> None:
+        con, self._con = self._con, None
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            try:
+                proc.stdin.close()
+                proc.wait(timeout=60)
+            except Exception as exc:  # never let the bookkeeping of a hold fail a run
+                log.debug("the WAL hold of %s did not end cleanly: %s", self.path, exc)
+                proc.kill()
+        if con is None:
+            return
+        try:
+            con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            con.execute("PRAGMA busy_timeout = 0")
+            con.execute("PRAGMA journal_mode = DELETE").fetchall()  # only succeeds when no one else has it open
+        except sqlite3.Error as exc:  # another reader or writer has it open: it stays in WAL, they hold it
+            log.debug("%s stays in WAL mode: %s", self.path, exc)
+        finally:
+            con.close()
+
+
 def list_tables(path: str | Path) -> list[str]:
     """Layers and tables of a GeoPackage (``gpkg_contents``); [] when the file does not exist.
 
@@ -474,7 +601,8 @@ def mark_run(path: str | Path, run_id: str, status: str, summary: Mapping[str, A
 
 class FeatureWriter(Protocol):
     """Appending rows to one table of a GeoPackage; :mod:`engine.gpkg` (pyogrio) and
-    :mod:`geo_r1_qgis.gpkg_ogr` (``osgeo.ogr``) implement it."""
+    :mod:`geo_r1_qgis.gpkg_ogr` (``osgeo.ogr``) implement it. A writer whose GDAL runs the same SQLite library
+    as Python's ``sqlite3`` says so with a true ``shares_sqlite`` attribute (:class:`WalHold`'s ``separate``)."""
 
     def append(
         self,
@@ -541,6 +669,8 @@ class GeoPackageRun:
         self._pending_tiles: list[tuple[str, Tile, int, str, datetime]] = []
         self._done: dict[str, list[Detection]] = {}
         self.final_exists = False
+        #: the file held in WAL mode from opening to :meth:`mark` (module doc, "Readers while a run writes")
+        self.wal = WalHold(self.path, separate=not getattr(writer, "shares_sqlite", False))
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
@@ -573,6 +703,7 @@ class GeoPackageRun:
             if unfinished:
                 rec = unfinished[-1]
                 sink = cls(path, writer=writer, run_id=rec.run_id, layer=rec.layer, meta=meta, crs=crs, resume=True)
+                sink.wal.acquire()
                 sink._load_progress()
                 log.info("resuming run %s (layer %s): %d tile(s) already done", rec.run_id, rec.layer, len(sink._done))
                 return sink
@@ -591,7 +722,9 @@ class GeoPackageRun:
                     "name, or resume that run"
                 )
         sink = cls(path, writer=writer, run_id=run_id, layer=name, meta=meta, crs=crs, resume=False)
+        sink.wal.acquire()  # an existing file: before the first write (a new one: right after it is created)
         sink._write_run_row(params_json, raster, engine)
+        sink.wal.acquire()
         sink._write_features(sink.raw_layer, [], raw=True)  # empty: a viewer can open it before the first tile
         return sink
 
@@ -694,5 +827,8 @@ class GeoPackageRun:
 
     def mark(self, status: str, summary: Mapping[str, Any] | None = None) -> None:
         """Update the run row's status (``done``, ``canceled``, ``interrupted``, ``failed``), finished time
-        and summary."""
-        mark_run(self.path, self.run_id, status, summary)
+        and summary; the run is over, so the file is released from WAL mode (:class:`WalHold`)."""
+        try:
+            mark_run(self.path, self.run_id, status, summary)
+        finally:
+            self.wal.release()

@@ -480,3 +480,95 @@ def test_the_writer_works_in_either_gdal_exception_mode_and_off_the_main_thread(
             gdal.DontUseExceptions()
     assert not errors, errors
     assert _tiles_rows(out) == [(list_runs(out)[0].run_id, "r0c0", "skipped")]
+
+
+def test_qgis_reads_a_file_while_the_command_line_writes_it(qgis_app, engine, tmp_path):
+    """QGIS opens GeoPackage layers read-only without file locks (GDAL's NOLOCK), which read half-written pages
+    while another process writes ("database disk image is malformed", "disk I/O error" in QGIS's log). With the
+    file held in WAL mode by the run and by the panel (gpkg_ogr.hold_wal), QGIS reads it with locks: a layer kept
+    open as the panel opens it, new layers of the file opened over and over, and ogrinfo, all while
+    ``geo-r1 ground`` writes it, give no error, and every committed row is read back."""
+    import subprocess
+    import threading
+
+    from osgeo import gdal
+
+    from geo_r1_qgis import gpkg_ogr
+
+    out = tmp_path / "shared.gpkg"
+    first = host_exec.run(_cli(engine, out, "--tile", "504", "--overlap", "0"), timeout=300, env=tp._venv_env())
+    assert first.returncode == 0, first.stderr[-2000:]
+    (done_run,) = list_runs(out)
+    log_messages: list[tuple[str, str]] = []
+    cpl_errors: list[str] = []
+
+    def on_message(message, tag, level):
+        if level >= qgis_core.Qgis.Warning:
+            log_messages.append((tag, message))
+
+    qgis_core.QgsApplication.messageLog().messageReceived.connect(on_message)
+    gdal.SetErrorHandler(lambda cls, no, msg: cpl_errors.append(msg) if cls >= gdal.CE_Failure else None)
+    stop = threading.Event()
+    ogrinfo_errors: list[str] = []
+    ogrinfo_runs = [0]
+
+    def ogrinfo() -> None:  # another program reading the file, as the README invites
+        while not stop.is_set():
+            r = subprocess.run(["ogrinfo", "-ro", "-so", "-al", str(out)], capture_output=True, text=True,
+                               check=False)  # fmt: skip
+            ogrinfo_runs[0] += 1
+            if r.returncode or "ERROR" in r.stderr:
+                ogrinfo_errors.append(r.stderr[-300:])
+
+    assert gpkg_ogr.hold_wal(out)  # what the panel does before it shows a layer of the file
+    shown = qgis_core.QgsVectorLayer(f"{out}|layername={done_run.layer}", "shown", "ogr")
+    assert shown.isValid()
+    n_shown = shown.featureCount()
+    reader = threading.Thread(target=ogrinfo) if shutil.which("ogrinfo") else None
+    proc = host_exec.spawn(_cli(engine, out, "--tile", "56", "--overlap", "0"), log_path=tmp_path / "cli.log",
+                           env=tp._venv_env())  # fmt: skip
+    reads = 0
+    try:
+        if reader is not None:
+            reader.start()
+        deadline = time.monotonic() + 400
+        while proc.poll() is None and time.monotonic() < deadline:
+            shown.dataProvider().reloadData()
+            assert sum(1 for _ in shown.getFeatures()) == n_shown
+            for rec in list_runs(out):  # layers opened during the run, as a user adds them
+                lyr = qgis_core.QgsVectorLayer(f"{out}|layername={rec.layer}{RAW_SUFFIX}", "raw", "ogr")
+                assert lyr.isValid(), log_messages[-3:]
+                sum(1 for _ in lyr.getFeatures())
+                del lyr
+            reads += 1
+            qgis_core.QgsApplication.processEvents()
+    finally:
+        stop.set()
+        if reader is not None:
+            reader.join(60)
+        gdal.SetErrorHandler(None)
+        qgis_core.QgsApplication.messageLog().messageReceived.disconnect(on_message)
+    assert proc.poll() == 0, (tmp_path / "cli.log").read_text()[-2000:]
+    assert reads >= 5, reads
+    assert not log_messages, log_messages[:5]
+    assert not cpl_errors, cpl_errors[:5]
+    assert not ogrinfo_errors and (reader is None or ogrinfo_runs[0] >= 2), ogrinfo_errors[:3]
+    # the file is whole, and every row the command line committed reads back through QGIS's provider
+    with sqlite3.connect(str(out)) as con:
+        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        (run,) = [r for r in list_runs(out) if r.run_id != done_run.run_id]
+        n_raw = con.execute(f'SELECT count(*) FROM "{run.raw_layer}"').fetchone()[0]
+        n_tiles = con.execute(f"SELECT count(*) FROM {TILES_TABLE} WHERE run_id = ?", (run.run_id,)).fetchone()[0]
+        (summary,) = con.execute(f"SELECT summary FROM {RUNS_TABLE} WHERE run_id = ?", (run.run_id,)).fetchone()
+    assert run.status == "done" and n_tiles == json.loads(summary)["tiles_total"] > 100
+    for layer, n in ((run.raw_layer, n_raw), (done_run.layer, n_shown)):
+        lyr = qgis_core.QgsVectorLayer(f"{out}|layername={layer}", "check", "ogr")
+        assert lyr.isValid() and sum(1 for _ in lyr.getFeatures()) == n > 0
+        del lyr
+    del shown
+    gpkg_ogr.release_wal()
+    assert gpkg_ogr.held_files() == []
+    with sqlite3.connect(str(out)) as con:  # nobody holds it: one file again, as QGIS leaves a file it closes
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert not Path(f"{out}-wal").exists()
+

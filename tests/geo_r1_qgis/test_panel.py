@@ -795,6 +795,16 @@ def test_results_are_drawn_above_the_raster_they_were_found_on(dock, samples, ca
     (first, _), (second, _) = placed
     assert _render_order(second.map_layer_id) < _render_order(upper.id()) < _render_order(first.map_layer_id) \
         < _render_order(lower.id())
+    # the GeoPackage the panel shows layers of is held in WAL mode (QGIS reads it with locks while a later run or
+    # geo-r1 ground writes it; test_gpkg_ogr.py), and let go once no layer of it is on the map
+    from geo_r1_qgis.gpkg_ogr import held_files
+
+    assert held_files() == [str(first.output.resolve())]
+    with sqlite3.connect(str(first.output)) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    con.close()
+    QgsProject.instance().removeMapLayers([first.map_layer_id, second.map_layer_id])
+    assert held_files() == []
 
 
 def test_a_long_message_keeps_the_panel_within_the_screen(dock, qgis_app):

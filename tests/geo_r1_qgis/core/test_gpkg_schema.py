@@ -391,3 +391,40 @@ def test_a_commit_interrupted_by_ctrl_c_is_never_written_twice(tmp_path, after):
     again = open_run(out, resume=True)
     assert dict(again.done_tiles()) == ({"r0c0": [det(10, 10, 20, 20).detection]} if after == TILES_TABLE else {})
     assert len(rows(out, f'SELECT * FROM "{sink.raw_layer}"')) == (1 if after == TILES_TABLE else 0)
+
+
+@pytest.mark.parametrize("separate", [False, True], ids=["here", "child-process"])
+def test_a_wal_hold_keeps_the_file_in_wal_until_released(tmp_path, separate):
+    """While held, another process cannot take the file out of WAL (what QGIS does when it closes its last
+    handle of a GeoPackage); released and alone, the file is one file in ``delete`` mode again."""
+    import subprocess
+    import sys
+
+    from geo_r1_qgis.core.gpkg_schema import WalHold
+
+    path = tmp_path / "f.gpkg"
+    with sqlite3.connect(path) as con:
+        con.execute("CREATE TABLE t (x)")
+    con.close()
+    other = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1], timeout=0.2)\n"
+             "try: print(c.execute('PRAGMA journal_mode = DELETE').fetchone()[0])\n"
+             "except sqlite3.OperationalError as e: print(e)")  # fmt: skip
+    hold = WalHold(path, separate=separate)
+    assert hold.acquire() and hold.held and hold.acquire()
+    try:
+        out = subprocess.run([sys.executable, "-c", other, str(path)], capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "database is locked"
+        with sqlite3.connect(path) as con:  # a writer goes on meanwhile (WAL: readers and a writer at once)
+            con.execute("INSERT INTO t VALUES (1)")
+            assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        con.close()
+    finally:
+        hold.release()
+    assert not hold.held
+    hold.release()  # twice is fine
+    with sqlite3.connect(path) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        assert con.execute("SELECT x FROM t").fetchall() == [(1,)]
+    con.close()
+    assert not (tmp_path / "f.gpkg-wal").exists()
+    assert not WalHold(tmp_path / "missing.gpkg").acquire()
