@@ -95,6 +95,8 @@ class RunEntry:
     request: RunRequest | None = None
     raster_layer_id: str = ""
     map_layer_id: str = ""  # the layer on the map (live, then final or per-tile)
+    #: the user removed the run's layer from the map while it ran: it is not put back (double-click reopens it)
+    removed_from_map: bool = False
     message: str = ""
     started: float = field(default_factory=time.perf_counter)
     first_feature_s: float | None = None
@@ -734,7 +736,11 @@ class GeoR1Dock(QgsDockWidget):
         if entry is None or not entry.map_layer_id:
             return
         layer = QgsProject.instance().mapLayer(entry.map_layer_id)
-        if layer is None:
+        if layer is None:  # removed from the map (or its group removed): respected, and the status goes on
+            self._accepted(entry)
+            entry.removed_from_map = True
+            self.set_status(f"'{entry.expression}': tile {batch.tiles_done} of {batch.tiles_total} (its layer was "
+                            "removed from the map; double-click the run in the list to show it again)")
             return
         self._accepted(entry)
         created = utc_now()
@@ -777,6 +783,8 @@ class GeoR1Dock(QgsDockWidget):
             entry.message = f"failed: {outcome.error}. {resume_advice(outcome.error, bool(entry.layer))}"
             self._show_partial(entry)
             self._push(f"the run failed: {outcome.error}", warning=True)
+        if entry.removed_from_map:
+            entry.message += "; its layer was removed from the map: double-click the run in the list to show it"
         self.set_status(f"'{entry.expression}' {entry.message}")
         self.progress.setValue(100 if outcome.status == "done" else self.progress.value())
         self.refresh_results()
@@ -791,6 +799,12 @@ class GeoR1Dock(QgsDockWidget):
 
     def _replace_map_layer(self, entry: RunEntry, layer: QgsVectorLayer) -> None:
         old = QgsProject.instance().mapLayer(entry.map_layer_id) if entry.map_layer_id else None
+        if old is None and entry.map_layer_id:  # the user removed the run's layer: not put back (reopen does)
+            entry.removed_from_map = True
+            entry.map_layer_id = ""
+            self._release_unused_files()
+            return
+        entry.removed_from_map = False
         raster = QgsProject.instance().mapLayer(entry.raster_layer_id)
         style_result_layer(layer)
         self._watch_selection(layer)

@@ -829,3 +829,34 @@ def test_a_long_message_keeps_the_panel_within_the_screen(dock, qgis_app):
     dock.set_status("short")
     assert dock.status_label.text() == "short"
     dock.hide()
+
+
+def test_removing_the_results_mid_run_is_respected_and_the_status_goes_on(dock, samples, canvas):
+    """The user removes the Geo-R1 group (and so the run's live layer) while the run goes on: the status line
+    keeps counting tiles, the final layer is not put back at the end, and the run stays listed and reopens."""
+    QgsProject.instance().layerTreeRoot().removeAllChildren()  # (empty groups of earlier tests)
+    raster = _load_raster(samples / "utm.tif", canvas)
+    _configure(dock, raster, "all bright squares", tile=84, overlap=0)
+    statuses: list[str] = []
+    removed: dict[str, bool] = {}
+
+    def remove_group(batch):
+        statuses.append(dock.status_label.text())
+        if not removed:
+            root = QgsProject.instance().layerTreeRoot()
+            group = root.findGroup("Geo-R1")
+            group.parent().removeChildNode(group)
+            removed["yes"] = True
+
+    entry = dock.start_run()
+    assert entry is not None, dock.status_label.text()
+    dock.task.batchCommitted.connect(remove_group)
+    assert spin(lambda: dock.task is None, 300), dock.status_label.text()
+    assert removed and entry.status == "done", entry.message
+    assert len(set(statuses)) >= 3, statuses[:5]  # the tile count went on after the layer was gone
+    assert "tile" in statuses[-1] and statuses[-1] != statuses[1]
+    assert _map_layer(entry) is None  # not put back on the map
+    assert QgsProject.instance().layerTreeRoot().findGroup("Geo-R1") is None
+    assert "removed" in entry.message and dock.results.topLevelItem(0).text(0).startswith("all bright squares")
+    again = dock.reopen(entry)  # double-click in the list
+    assert again is not None and again.featureCount() >= 1
