@@ -585,7 +585,8 @@ class GeoR1Dock(QgsDockWidget):
         task = GroundingTask(req, source)
         entry = resume if isinstance(resume, RunEntry) else RunEntry(
             run_id="", expression=req.expression, mode=req.mode, output=req.output, layer="",
-            display_name=run_display_name(req.expression, req.mode), request=req, raster_layer_id=layer.id(),
+            display_name=run_display_name(req.expression, req.mode, raster=layer.name()), request=req,
+            raster_layer_id=layer.id(),
         )
         entry.status, entry.message, entry.started, entry.first_feature_s = "running", "", time.perf_counter(), None
         entry.source = source

@@ -18,6 +18,7 @@ from qgis.core import (
     QgsGeometry,
     QgsProcessingAlgorithm,
     QgsProcessingException,
+    QgsProcessingLayerPostProcessorInterface,
     QgsProcessingParameterEnum,
     QgsProcessingParameterExtent,
     QgsProcessingParameterFeatureSink,
@@ -28,6 +29,7 @@ from qgis.core import (
     QgsProcessingParameterString,
     QgsProcessingProvider,
     QgsRectangle,
+    QgsVectorLayer,
 )
 from qgis.PyQt.QtCore import QCoreApplication
 
@@ -37,9 +39,11 @@ from .core.errors import EngineRequestError, EngineUnavailableError, GeoR1Error
 from .core.geometry import PixelBox, tile_size_advice
 from .core.merge import Detection, merge_detections
 from .core.pipeline import GroundingJob, run_grounding
+from .core.progress import ProgressTracker
 from .core.results import run_meta
 from .engine_process import shared_endpoint
 from .qgis_io import FeatureSinkResultSink, features_area, make_fields, parse_bands, prepare_input
+from .run_task import run_display_name
 from .settings import PluginSettings
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,26 @@ TAGS = ("detect", "detection", "find", "object", "search", "grounding", "referri
         "vision language model", "geo-r1", "qwen")  # fmt: skip
 #: how long the algorithm waits for the engine's /health before giving up (seconds)
 ENGINE_READY_TIMEOUT_S = 5.0
+
+
+class _ResultStyler(QgsProcessingLayerPostProcessorInterface):
+    """Gives a loaded ``geor1:ground`` output the Geo-R1 look (score ramp, labels, map tip, form widgets).
+
+    One instance for the session: Processing keeps only a pointer, used after the algorithm's copy is gone."""
+
+    _instance: _ResultStyler | None = None
+
+    @classmethod
+    def shared(cls) -> _ResultStyler:
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def postProcessLayer(self, layer, context, feedback) -> None:
+        if isinstance(layer, QgsVectorLayer):
+            from .results_style import style_result_layer
+
+            style_result_layer(layer)
 
 
 def _tr(text: str) -> str:
@@ -298,8 +322,10 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
             raise QgsProcessingException(self.invalidSinkError(parameters, self.OUTPUT))
         result_sink = FeatureSinkResultSink(sink, run_meta(expression, mode, info))
 
+        tracker = ProgressTracker(job)  # one 0-100 % over both passes of mode "one", as the panel shows it
+
         def progress(done: int, total: int, phase: str) -> None:
-            feedback.setProgress(100.0 * done / max(1, total))
+            feedback.setProgress(tracker.percent(done, total, phase))
             feedback.setProgressText(f"{phase}: tile {done} of {total}")
 
         summary = run_grounding(job, source, result_sink, client, progress=progress, is_canceled=feedback.isCanceled)
@@ -311,8 +337,11 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
         )
         if summary.status == "canceled":
             feedback.reportError(_tr("canceled: nothing was written (Processing does not resume a run)"))
-        if context.willLoadLayerOnCompletion(dest_id):  # the layer is named after what was asked
-            context.layerToLoadOnCompletionDetails(dest_id).name = f"{expression} ({mode})"
+        feedback.setProgress(100.0)
+        if context.willLoadLayerOnCompletion(dest_id):  # named after what was asked, styled as the panel's layers
+            details = context.layerToLoadOnCompletionDetails(dest_id)
+            details.name = run_display_name(expression, mode, raster=layer.name())
+            details.setPostProcessor(_ResultStyler.shared())
         return {self.OUTPUT: dest_id}
 
 

@@ -226,10 +226,15 @@ class GroundingTask(QgsTask):
         self.runEnded.emit(self.outcome)
 
 
-def run_display_name(expression: str, mode: str, when: datetime | None = None) -> str:
-    """``<expression> (<mode>, <run time>)``: the name of a run's layer in the Layers panel."""
+def run_display_name(expression: str, mode: str, when: datetime | None = None, raster: str = "") -> str:
+    """``<expression> on <raster> (<mode>, <run time>)``: the name of a run's layer in the Layers panel (the panel's
+    and Processing's), so runs of one expression on several rasters are told apart."""
     when = when or datetime.now()
-    return f"{expression.strip()} ({mode}, {when:%H:%M:%S})"
+    text = " ".join(expression.split())
+    if len(text) > 60:  # the whole expression is in every feature's "expression" field
+        text = text[:59].rstrip() + "…"
+    on = f" on {raster.strip()}" if raster and raster.strip() else ""
+    return f"{text}{on} ({mode}, {when:%H:%M:%S})"
 
 
 def open_panel_run(req: RunRequest, job: GroundingJob, source: Any, info: dict[str, Any]) -> tuple[Any, str, str, dict]:

@@ -166,7 +166,7 @@ def test_run_shows_features_before_it_ends_and_the_final_layer_after(dock, sampl
     final = _map_layer(entry)
     assert final.isValid() and final.providerType() == "ogr"
     assert final.featureCount() >= 1
-    assert final.name() == entry.display_name and entry.display_name.startswith("all bright squares (all, ")
+    assert final.name() == entry.display_name and entry.display_name.startswith("all bright squares on utm (all, ")
     group = QgsProject.instance().layerTreeRoot().findGroup("Geo-R1")
     assert group is not None and group.findLayer(final.id()) is not None
     # the results list: one run with its features, best score first

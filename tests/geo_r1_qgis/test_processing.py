@@ -565,3 +565,33 @@ def test_raster_and_band_errors_become_processing_errors(qgis, sample_dir, engin
         qgis.run(_params(sample_dir, engine, INPUT=str(_path(sample_dir, "all_nodata"))))
     with pytest.raises(qgis_core.QgsProcessingException, match="band"):
         qgis.run(_params(sample_dir, engine, BANDS="1,2,9"))
+
+
+def test_the_toolbox_run_shows_progress_and_a_styled_layer_named_after_the_raster(qgis, sample_dir, engine):
+    """Run from the toolbox (results loaded into the project): the progress bar moves from 0 to 100 %, and the
+    loaded layer has the Geo-R1 score style (not QGIS's default fill) and a name with the expression, the raster
+    and the mode."""
+    import processing
+
+    class Feedback(qgis_core.QgsProcessingFeedback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[float] = []
+            self.progressChanged.connect(self.seen.append)
+
+    qgis.raster(sample_dir / "utm.tif")
+    context = qgis_core.QgsProcessingContext()
+    context.setProject(qgis_core.QgsProject.instance())
+    feedback = Feedback()
+    result = processing.runAndLoadResults("geor1:ground", _params(sample_dir, engine), feedback=feedback,
+                                          context=context)  # fmt: skip
+    layer = qgis_core.QgsProject.instance().mapLayer(result["OUTPUT"])
+    try:
+        assert layer is not None and layer.featureCount() >= 1
+        inner = [p for p in feedback.seen if 0 < p < 100]
+        assert inner and inner == sorted(inner) and max(feedback.seen) == 100, feedback.seen[:20]
+        assert layer.renderer().type() == "graduatedSymbol" and layer.renderer().classAttribute() == "score"
+        assert layer.labelsEnabled() and "score" in layer.mapTipTemplate()
+        assert layer.name().startswith("all storage tanks on utm (all, "), layer.name()
+    finally:
+        qgis_core.QgsProject.instance().removeAllMapLayers()
