@@ -111,7 +111,14 @@ def style_result_layer(layer: QgsVectorLayer, tile_note: str = "") -> None:
         layer.setFieldAlias(idx, "Reasoning (about the whole tile)")
     idx = fields.indexOf("tile_id")
     if idx >= 0:
-        layer.setFieldAlias(idx, tile_note or "Tile (outlined on the map while the feature is selected)")
+        layer.setFieldAlias(idx, tile_note or "Tile (outlined on the map when selected)")
+    # Every label above its field: a column of labels (the long aliases above, and QGIS's ~420 px minimum for a
+    # text field) made the form wider than its dialog, so the score and presence (right-aligned spin boxes) sat
+    # past the dialog's right edge and looked empty until the window was widened.
+    form = layer.editFormConfig()
+    for idx in range(fields.count()):
+        form.setLabelOnTop(idx, True)
+    layer.setEditFormConfig(form)
     layer.triggerRepaint()
 
 
