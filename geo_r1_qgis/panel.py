@@ -865,6 +865,8 @@ class GeoR1Dock(QgsDockWidget):
             order = [lyr for lyr in root.customLayerOrder() if lyr.id() != layer.id()]
             at = next((i for i, lyr in enumerate(order) if lyr.id() == raster.id()), 0)
             root.setCustomLayerOrder([*order[:at], layer, *order[at:]])
+        if self.iface is not None:  # QGIS shows map tips for the active layer only: the run's layer is made active
+            self.iface.setActiveLayer(layer)
 
     @staticmethod
     def _release_unused_files(*_: Any) -> None:

@@ -860,3 +860,106 @@ def test_removing_the_results_mid_run_is_respected_and_the_status_goes_on(dock, 
     assert "removed" in entry.message and dock.results.topLevelItem(0).text(0).startswith("all bright squares")
     again = dock.reopen(entry)  # double-click in the list
     assert again is not None and again.featureCount() >= 1
+
+
+class _Iface:
+    """QGIS's interface as far as the panel uses it, built from QGIS's own widgets: the active layer is the layer
+    tree view's current layer, as in QGIS (QgisApp::setActiveLayer sets the view's current layer)."""
+
+    def __init__(self, canvas):
+        from qgis.core import QgsLayerTreeModel
+        from qgis.gui import QgsLayerTreeView, QgsMessageBar
+
+        self._canvas, self._bar = canvas, QgsMessageBar()
+        self.view = QgsLayerTreeView()
+        self.model = QgsLayerTreeModel(QgsProject.instance().layerTreeRoot())
+        self.view.setModel(self.model)
+
+    def mapCanvas(self):
+        return self._canvas
+
+    def messageBar(self):
+        return self._bar
+
+    def layerTreeView(self):
+        return self.view
+
+    def setActiveLayer(self, layer) -> bool:
+        self.view.setCurrentLayer(layer)
+        return True
+
+    def activeLayer(self):
+        return self.view.currentLayer()
+
+
+def test_a_runs_layer_becomes_the_active_layer_so_its_map_tips_show(qgis_app, isolated_settings, canvas, engine,
+                                                                    samples, tmp_path):  # fmt: skip
+    """QGIS shows map tips for the active layer only: the live layer, then the final layer, is made active."""
+    from geo_r1_qgis.panel import RUNS, GeoR1Dock
+    from geo_r1_qgis.settings import PluginSettings
+
+    PluginSettings().with_values(engine_url=engine.url, token_file=str(engine.token_file),
+                                 output_gpkg=str(tmp_path / "results.gpkg")).save()  # fmt: skip
+    iface = _Iface(canvas)
+    d = GeoR1Dock(iface)
+    try:
+        raster = _load_raster(samples / "utm.tif", canvas)
+        iface.setActiveLayer(raster)
+        _configure(d, raster, "all bright squares")
+        active_mid_run: list[str] = []
+        entry = d.start_run()
+        assert entry is not None, d.status_label.text()
+        d.task.batchCommitted.connect(lambda _b: active_mid_run.append(iface.activeLayer().id()))
+        assert spin(lambda: d.task is None, 300), d.status_label.text()
+        assert entry.status == "done", entry.message
+        assert active_mid_run and active_mid_run[0] != raster.id()  # the live layer, not the raster
+        final = _map_layer(entry)
+        assert iface.activeLayer() is not None and iface.activeLayer().id() == final.id()
+        if hasattr(final, "mapTipsEnabled"):
+            assert final.mapTipsEnabled()
+        assert final.mapTipTemplate()
+    finally:
+        RUNS.clear()
+        QgsProject.instance().removeAllMapLayers()
+        d.deleteLater()
+        gc.collect()
+
+
+def test_score_and_presence_show_in_the_feature_form_at_its_default_size(qgis_app):
+    """The feature form (QGIS's attribute dialog, as Open Form shows it) at its default size shows the score and
+    presence: they were right-aligned past the right edge of a form made wider than the dialog by its column of
+    labels, so they looked empty until the window was widened."""
+    from qgis.gui import QgsAttributeDialog, QgsEditorWidgetWrapper, QgsGui
+    from qgis.PyQt.QtCore import QPoint, QRect, Qt
+    from qgis.PyQt.QtWidgets import QLineEdit
+
+    from geo_r1_qgis.qgis_io import make_fields
+    from geo_r1_qgis.results_style import style_result_layer
+
+    QgsGui.editorWidgetRegistry().initEditors()
+    layer = qgis_core.QgsVectorLayer("Polygon?crs=EPSG:32633", "t", "memory")
+    layer.dataProvider().addAttributes(list(make_fields()))
+    layer.updateFields()
+    f = qgis_core.QgsFeature(layer.fields())
+    f["score"], f["presence"], f["reasoning"], f["tile_id"] = 0.87654321, 0.9, "a tank in the top left", "r0c1"
+    layer.dataProvider().addFeatures([f])
+    style_result_layer(layer)
+    dialog = QgsAttributeDialog(layer, next(layer.getFeatures()), False, None, True)
+    dialog.show()
+    for _ in range(20):
+        QgsApplication.processEvents()
+    assert dialog.width() < 600, dialog.size()  # its default size, not widened
+    wrappers = {w.field().name(): w for w in dialog.findChildren(QgsEditorWidgetWrapper)}
+    for name, shown in (("score", "0.88"), ("presence", "0.90")):
+        widget = wrappers[name].widget()
+        edit = widget if isinstance(widget, QLineEdit) else widget.findChild(QLineEdit)
+        assert edit.text() == shown
+        text_w = edit.fontMetrics().horizontalAdvance(shown)
+        assert edit.width() > text_w
+        x = edit.width() - text_w - 4 if edit.alignment() & Qt.AlignmentFlag.AlignRight else 2
+        top_left = edit.mapTo(dialog, QPoint(x, 0))
+        text_rect = QRect(top_left.x(), top_left.y(), text_w, edit.height())
+        assert dialog.rect().contains(text_rect), (name, text_rect, dialog.rect())
+    dialog.hide()
+    dialog.deleteLater()
+
