@@ -198,6 +198,8 @@ class GeoR1Dock(QgsDockWidget):
         self._extent_tool = None
         self._previous_tool = None
         self._rubber: QgsRubberBand | None = None
+        # before the Raster box's model connects to it: the box still shows the raster that is being removed
+        QgsProject.instance().layersWillBeRemoved.connect(self._layers_leaving)
         self._build()
         self.refresh_history()
         self.refresh_results()
@@ -448,6 +450,21 @@ class GeoR1Dock(QgsDockWidget):
         if isinstance(full, str) and text == combo.itemText(index).strip():
             return full.strip()
         return text
+
+    def _layers_leaving(self, layers: Any) -> None:
+        """The picked raster is being removed from the project: the Raster box shows none (QgsMapLayerComboBox
+        would silently pick another raster) and the status says so; a running run reads its own copy and goes on."""
+        combo = getattr(self, "raster_combo", None)
+        current = combo.currentLayer() if combo is not None else None
+        ids = {lyr if isinstance(lyr, str) else lyr.id() for lyr in layers}
+        if current is None or current.id() not in ids:
+            return
+        name = current.name()
+        self.raster_combo.setAllowEmptyLayer(True)
+        self.raster_combo.setLayer(None)
+        running = self.entry is not None and self.task is not None and self.entry.raster_layer_id == current.id()
+        self.set_status(f"The raster {name} was removed from the project; pick another in the Raster box"
+                        + (" (the run on it goes on: it reads its own copy)" if running else ""))
 
     def _area_changed(self) -> None:
         kind = self.area_combo.currentData()

@@ -963,3 +963,30 @@ def test_score_and_presence_show_in_the_feature_form_at_its_default_size(qgis_ap
     dialog.hide()
     dialog.deleteLater()
 
+
+def test_removing_the_raster_mid_run_empties_the_raster_box_and_the_run_ends(dock, samples, canvas):
+    """The picked raster removed from the project (mid-run): the Raster box shows none (not another raster), the
+    status says so, and the run (reading its own copy of the source) ends done."""
+    raster = _load_raster(samples / "utm.tif", canvas)
+    other = qgis_core.QgsRasterLayer(str(samples / "utm.tif"), "another raster")
+    QgsProject.instance().addMapLayer(other)
+    _configure(dock, raster, "all bright squares", tile=84, overlap=0)
+    removed: dict[str, str] = {}
+
+    def remove_raster(_batch):
+        if not removed:
+            removed["status"] = ""
+            QgsProject.instance().removeMapLayer(raster.id())
+            removed["combo"] = repr(dock.raster_combo.currentLayer())
+            removed["status"] = dock.status_label.text()
+
+    entry = dock.start_run()
+    assert entry is not None, dock.status_label.text()
+    dock.task.batchCommitted.connect(remove_raster)
+    assert spin(lambda: dock.task is None, 300), dock.status_label.text()
+    assert removed, "no batch was committed"
+    assert removed["combo"] == "None"
+    assert "utm" in removed["status"] and "removed" in removed["status"], removed["status"]
+    assert entry.status == "done", entry.message
+    assert dock.raster_combo.currentLayer() is None
+
