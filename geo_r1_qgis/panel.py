@@ -198,6 +198,7 @@ class GeoR1Dock(QgsDockWidget):
         self._extent_tool = None
         self._previous_tool = None
         self._rubber: QgsRubberBand | None = None
+        self._area_band: QgsRubberBand | None = None  # the drawn rectangle, on the map while it is the area
         # before the Raster box's model connects to it: the box still shows the raster that is being removed
         QgsProject.instance().layersWillBeRemoved.connect(self._layers_leaving)
         self._build()
@@ -469,6 +470,10 @@ class GeoR1Dock(QgsDockWidget):
     def _area_changed(self) -> None:
         kind = self.area_combo.currentData()
         self.draw_button.setEnabled(kind == AREA_DRAWN)
+        if kind == AREA_DRAWN:
+            self._show_drawn_extent()
+        elif self._area_band is not None:
+            self._area_band.reset(GEOMETRY_POLYGON)
         self.polygon_combo.setEnabled(kind == AREA_POLYGONS)
 
     def set_status(self, text: str) -> None:
@@ -505,7 +510,25 @@ class GeoR1Dock(QgsDockWidget):
     def set_drawn_extent(self, rect: QgsRectangle, crs: QgsCoordinateReferenceSystem) -> None:
         self.drawn_extent = (QgsRectangle(rect), QgsCoordinateReferenceSystem(crs))
         self.area_combo.setCurrentIndex([k for k, _ in AREA_CHOICES].index(AREA_DRAWN))
+        self._show_drawn_extent()
         self.set_status(f"Area: {rect.width():.1f} × {rect.height():.1f} map units drawn")
+
+    def _show_drawn_extent(self) -> None:
+        """Outline the drawn rectangle on the map (until another area is chosen, a new one drawn, the panel shut)."""
+        if self.canvas is None or self.drawn_extent is None:
+            return
+        rect, crs = self.drawn_extent
+        dest = self.canvas.mapSettings().destinationCrs()
+        if crs.isValid() and dest.isValid() and crs != dest:
+            rect = QgsCoordinateTransform(crs, dest, QgsProject.instance()).transformBoundingBox(rect)
+        if self._area_band is None:
+            self._area_band = QgsRubberBand(self.canvas, GEOMETRY_POLYGON)
+            self._area_band.setStrokeColor(QColor(255, 120, 0, 230))
+            self._area_band.setFillColor(QColor(0, 0, 0, 0))
+            self._area_band.setWidth(2)
+        self._area_band.reset(GEOMETRY_POLYGON)
+        self._area_band.setToGeometry(QgsGeometry.fromRect(rect), None)
+        self._area_band.show()
 
     # -- building a run ----------------------------------------------------------------------------
     def _raster(self) -> QgsRasterLayer:
@@ -1035,6 +1058,7 @@ class GeoR1Dock(QgsDockWidget):
             self._rubber.setToGeometry(geom, layer)
 
     def closeEvent(self, event: Any) -> None:  # the run goes on when the panel is closed
-        if self._rubber is not None:
-            self._rubber.reset(GEOMETRY_POLYGON)
+        for band in (self._rubber, self._area_band):
+            if band is not None:
+                band.reset(GEOMETRY_POLYGON)
         super().closeEvent(event)

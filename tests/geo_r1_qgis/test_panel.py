@@ -990,3 +990,30 @@ def test_removing_the_raster_mid_run_empties_the_raster_box_and_the_run_ends(doc
     assert entry.status == "done", entry.message
     assert dock.raster_combo.currentLayer() is None
 
+
+def test_a_drawn_rectangle_is_shown_on_the_map_until_the_area_changes(dock, samples, canvas):
+    from geo_r1_qgis.panel import AREA_CHOICES, AREA_DRAWN, AREA_LAYER
+
+    raster = _load_raster(samples / "utm.tif", canvas)
+    ext = raster.extent()
+    rect = qgis_core.QgsRectangle(ext.xMinimum(), ext.yMinimum(), ext.center().x(), ext.center().y())
+    dock.set_drawn_extent(rect, raster.crs())
+    band = dock._area_band
+    assert band is not None and band.isVisible()
+    geom = band.asGeometry()
+    assert band.numberOfVertices() in (4, 5)
+    assert geom.symDifference(qgis_core.QgsGeometry.fromRect(rect)).area() < 1e-6 * rect.area(), geom.asWkt()
+    # a new rectangle replaces it
+    smaller = qgis_core.QgsRectangle(rect)
+    smaller.scale(0.5)
+    dock.set_drawn_extent(smaller, raster.crs())
+    assert dock._area_band.asGeometry().symDifference(qgis_core.QgsGeometry.fromRect(smaller)).area() < (
+        1e-6 * smaller.area())
+    # another area mode hides it
+    dock.area_combo.setCurrentIndex([k for k, _ in AREA_CHOICES].index(AREA_LAYER))
+    assert dock._area_band.numberOfVertices() == 0 or not dock._area_band.isVisible()
+    # and choosing the drawn rectangle again shows it again; closing the panel takes it off the map
+    dock.area_combo.setCurrentIndex([k for k, _ in AREA_CHOICES].index(AREA_DRAWN))
+    assert dock._area_band.numberOfVertices() in (4, 5)
+    dock.close()
+    assert dock._area_band.numberOfVertices() == 0
