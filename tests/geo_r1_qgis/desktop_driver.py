@@ -2,13 +2,22 @@
 
 Started by ``test_desktop.py`` under Xvfb, in a fresh profile with the plugin installed from ``make plugin-zip``
 and its settings pointing at a real engine. Its configuration is the JSON file named by
-``GEO_R1_DESKTOP_CONFIG``: ``expression``, ``screenshot`` (png path), ``status`` (json path), ``timeout_s``.
+``GEO_R1_DESKTOP_CONFIG``: ``expression``, ``screenshot`` (png path), ``status`` (json path), ``timeout_s``, and
+optionally ``long_expression``, ``no_crs_raster``, ``read_only_output``, ``second_raster``, ``project``, ``mode``.
 
 The steps, each waited for on a QTimer so the desktop stays live: the plugin is loaded; the panel is opened
-by clicking the toolbar button (xdotool); the expression is typed into the panel's expression box (xdotool);
-Run is clicked (xdotool); the run ends; one result in the results list is clicked (xdotool), which selects
-the feature, zooms to it and outlines its tile; the mouse rests on the box so its map tip shows; the screen
-is saved. The status file says what happened (also on failure), then QGIS quits.
+by clicking the toolbar button (xdotool); where the configuration names them, Run is refused three times
+before anything starts: a ``long_expression`` pasted (ctrl+v) into the expression box, a ``no_crs_raster``
+added and chosen, a ``read_only_output`` typed into Save to (each time the message, whether a task or a run
+started, the history and the window's and Run's geometry are recorded); the expression is typed into the
+panel's expression box (xdotool); Run is clicked (xdotool); the run ends; one result in the results list is
+clicked (xdotool), which selects the feature, zooms to it and outlines its tile; the mouse rests on the box so
+its map tip shows; the screen is saved; then a ``second_raster`` is added on top and run on (the render order
+recorded), the settings and the history are read back and the ``project`` is saved for the next start. The
+status file says what happened (also on failure), then QGIS quits.
+
+With ``"mode": "second"`` it is the next start in the same profile instead: it opens the panel (unless QGIS
+restored it open) and records the window's size, the history, the engine the panel found and Save to.
 
 QGIS runs this file with ``exec`` in its console namespace: everything stays in one object kept in a global.
 """
@@ -23,7 +32,7 @@ import time
 import traceback
 from pathlib import Path
 
-from qgis.core import Qgis, QgsApplication, QgsMapLayer, QgsPointXY, QgsProject, QgsVectorLayer
+from qgis.core import Qgis, QgsApplication, QgsMapLayer, QgsPointXY, QgsProject, QgsSettings, QgsVectorLayer
 from qgis.PyQt.QtCore import QPoint, QTimer
 from qgis.PyQt.QtGui import QGuiApplication
 from qgis.PyQt.QtWidgets import QPlainTextEdit, QTabWidget, QToolButton, QWidget
@@ -98,6 +107,11 @@ class Driver:
     # -- the user's steps --------------------------------------------------------------------------
     def _steps(self):
         win = iface.mainWindow()
+        if self.cfg.get("mode") == "second":
+            # the next start in the same profile: QGIS sizes its window itself (from the saved geometry and what
+            # the panel asks for), nothing here sets it
+            yield from self._second_start()
+            return
         win.setGeometry(0, 0, *WINDOW)
         win.show()
         win.activateWindow()
@@ -109,18 +123,6 @@ class Driver:
         iface.mapCanvas().setExtent(raster.extent())
         yield from self.wait(lambda: not iface.mapCanvas().isDrawing(), "the raster is drawn", 60)
         self.note(f"plugin loaded, raster {raster.name()} on the map")
-
-        # the panel's load time: a second panel built and shown on its own, then thrown away
-        from geo_r1_qgis.panel import GeoR1Dock
-
-        t0 = time.perf_counter()
-        probe = GeoR1Dock(iface)
-        probe.show()
-        QgsApplication.processEvents()
-        self.status["panel_load_s"] = time.perf_counter() - t0
-        probe.hide()
-        probe.deleteLater()
-        yield
 
         # open the panel with the toolbar button
         dock = plugin.dock
@@ -138,6 +140,10 @@ class Driver:
 
         win.resizeDocks([dock], [DOCK_WIDTH], Qt.Orientation.Horizontal)
         yield from self.pause(0.5)
+        t_shown = time.monotonic()
+        self.status["geometry_shown"] = self.geometry(dock)
+        manager = getattr(dock.engine_box, "manager", None)
+        self.status["engine_state_at_show"] = manager.state if manager is not None else None
         self.note(f"panel open ({self.status['opened_by']})")
 
         # the engine line: opening the panel asked whether an engine answers at the settings' URL
@@ -145,22 +151,71 @@ class Driver:
         if manager is not None:
             yield from self.wait(lambda: manager.state != "stopped", "the panel finds the running engine", 30)
             self.status["engine_state"] = manager.state
+            self.status["engine_url"] = manager.url
             yield from self.pause(1.0)
+        # the Engine section never folds once the panel shows: Run stays where it was 3 s later
+        yield from self.pause(max(0.0, 3.0 - (time.monotonic() - t_shown)))
+        self.status["geometry_3s"] = self.geometry(dock)
+        self.status["engine_details"] = self.engine_details(dock)
+
+        # the panel's load time (after the real panel opened, so that one finds the engine itself): a second
+        # panel built and shown on its own, then thrown away
+        from geo_r1_qgis.panel import GeoR1Dock
+
+        t0 = time.perf_counter()
+        probe = GeoR1Dock(iface)
+        probe.show()
+        QgsApplication.processEvents()
+        self.status["panel_load_s"] = time.perf_counter() - t0
+        probe.hide()
+        probe.deleteLater()
+        yield
+
+        dock.raster_combo.setLayer(raster)
+        edit = dock.expression_combo.lineEdit()
+        if self.cfg.get("long_expression"):
+            # a 5,000-character description, pasted (ctrl+v) into the box, then Run: refused before anything starts
+            from qgis.PyQt.QtWidgets import QApplication
+
+            long_text = self.cfg["long_expression"]
+            QApplication.clipboard().setText(long_text)
+            self.click(edit)
+            yield from self.wait(lambda: edit.hasFocus(), "the expression box has the keyboard focus", 20)
+            self.xdotool("key", "ctrl+a")
+            self.xdotool("key", "ctrl+v")
+            yield from self.wait(lambda: dock.expression_combo.currentText() == long_text,
+                                 f"the expression box holds the {len(long_text)}-character text", 30)
+            self.status["long_expression"] = yield from self.refused_run(dock, "the long expression")
+            self.note("long expression refused")
+        if self.cfg.get("no_crs_raster"):
+            # a raster without a CRS: refused, and the long message leaves the window on the screen
+            no_crs = iface.addRasterLayer(self.cfg["no_crs_raster"], "no_crs")
+            if no_crs is None or not no_crs.isValid():
+                raise RuntimeError(f"QGIS could not open {self.cfg['no_crs_raster']}")
+            self.status["no_crs_layer_crs_valid"] = no_crs.crs().isValid()
+            dock.raster_combo.setLayer(no_crs)
+            yield from self.type_expression(dock, self.cfg["expression"])
+            self.status["no_crs"] = yield from self.refused_run(dock, "the raster without a CRS")
+            QgsProject.instance().removeMapLayer(no_crs.id())
+            dock.raster_combo.setLayer(raster)
+            self.note("raster without a CRS refused")
+        if self.cfg.get("read_only_output"):
+            # Save to a folder nobody can write into: refused before the run starts, without Resume advice
+            original = dock.output_widget.filePath()
+            yield from self.type_save_to(dock, self.cfg["read_only_output"])
+            yield from self.type_expression(dock, self.cfg["expression"])
+            self.status["read_only"] = yield from self.refused_run(dock, "the read-only Save to")
+            yield from self.type_save_to(dock, original)
+            self.note("read-only Save to refused")
 
         # type the expression
         dock.raster_combo.setLayer(raster)
         expression = self.cfg["expression"]
-        edit = dock.expression_combo.lineEdit()
-        self.click(edit)
-        yield from self.wait(lambda: edit.hasFocus(), "the expression box has the keyboard focus", 20)
-        self.xdotool("key", "ctrl+a")
-        self.xdotool("type", "--delay", "15", expression)
-        yield from self.wait(lambda: dock.expression_combo.currentText() == expression,
-                             f"the expression box reads {expression!r}", 30)
+        yield from self.type_expression(dock, expression)
         self.note("expression typed")
 
         # Run
-        self.click(dock.run_button)
+        self.click_run(dock, "the run")
         t_click = time.perf_counter()
         yield from self.wait(lambda: dock.task is not None or dock.entry is not None, "the run starts", 30)
         entry = dock.entry
@@ -193,6 +248,8 @@ class Driver:
             group is not None and raster_node is not None
             and root.children().index(group) < root.children().index(raster_node))  # fmt: skip
 
+        self.status["geometry_after_run"] = self.geometry(dock)
+
         # click the best result in the results list
         top = dock.results.topLevelItem(0)
         if top is not None and top.childCount():
@@ -205,6 +262,7 @@ class Driver:
             layer = QgsProject.instance().mapLayer(entry.map_layer_id)
             yield from self.wait(lambda: layer.selectedFeatureCount() == 1, "the clicked result is selected", 20)
             self.status["selected_result"] = child.text(0)
+            self.status["geometry_after_result_click"] = self.geometry(dock)
             canvas = iface.mapCanvas()
             yield from self.pause(0.5)
             yield from self.wait(lambda: not canvas.isDrawing(), "the map is drawn at the result", 60)
@@ -240,6 +298,195 @@ class Driver:
             raise OSError(f"could not save the screenshot to {shot}")
         self.status["screenshot"] = str(shot)
         self.status["screenshot_size"] = [pixmap.width(), pixmap.height()]
+
+        if self.cfg.get("second_raster"):
+            yield from self.run_on_second_raster(dock, raster)
+        from geo_r1_qgis.settings import HISTORY_KEY, PluginSettings
+
+        stored = PluginSettings.load()
+        self.status["settings_after"] = {"engine_url": stored.engine_url, "token_file": stored.token_file}
+        self.status["history_raw_lengths"] = self.raw_history_lengths(QgsSettings().value(HISTORY_KEY, []))
+        self.status["final_geometry"] = self.geometry(dock)
+        if self.cfg.get("project"):  # the project the next start opens
+            QgsProject.instance().write(self.cfg["project"])
+        self.status["ok"] = True
+        self.status["step"] = "done"
+
+    # -- steps used above ------------------------------------------------------------------------
+    def type_expression(self, dock, text: str):
+        edit = dock.expression_combo.lineEdit()
+        self.click(edit)
+        yield from self.wait(lambda: edit.hasFocus(), "the expression box has the keyboard focus", 20)
+        self.xdotool("key", "ctrl+a")
+        self.xdotool("type", "--delay", "15", text)
+        yield from self.wait(lambda: dock.expression_combo.currentText() == text,
+                             f"the expression box reads {text!r}", 30)
+
+    def type_save_to(self, dock, path: str):
+        edit = dock.output_widget.lineEdit()
+        self.click(edit)
+        yield from self.wait(lambda: edit.hasFocus(), "the Save to box has the keyboard focus", 20)
+        self.xdotool("key", "ctrl+a")
+        self.xdotool("type", "--delay", "10", path)
+        yield from self.wait(lambda: dock.output_widget.filePath() == path, f"Save to reads {path!r}", 30)
+
+    def click_run(self, dock, what: str) -> None:
+        """Click Run. Where the panel has scrolled it (partly) out of its view, that is noted, and it is scrolled
+        into view first, as a user would, so the later steps still run."""
+        geometry = self.geometry(dock)
+        if not geometry["run_in_view"]:
+            self.status.setdefault("run_out_of_view", []).append({"before": what, "geometry": geometry})
+            dock.scroll_area.ensureWidgetVisible(dock.run_button)
+            QgsApplication.processEvents()
+        self.click(dock.run_button)
+
+    def refused_run(self, dock, what: str):
+        """Click Run and wait for the panel's answer; what it says and whether anything started."""
+        from geo_r1_qgis.panel import RUNS
+
+        manager = QgsApplication.taskManager()
+        before = {"tasks": len(manager.tasks()), "runs": len(RUNS), "message": dock.status_label.toolTip(),
+                  "bar": len(iface.messageBar().items())}  # fmt: skip
+        self.click_run(dock, what)
+        yield from self.wait(lambda: dock.status_label.toolTip() != before["message"] or dock.task is not None,
+                             f"the panel answers Run ({what})", 30)
+        yield from self.pause(0.3)
+        started = dock.task is not None
+        yield from self.wait(lambda: dock.task is None, f"a started run ends ({what})", 120)
+        yield from self.pause(1.0)  # the layout settles after the message
+        return {
+            "message": dock.status_label.toolTip(),
+            "shown": dock.status_label.text(),
+            "bar": [item.text() for item in iface.messageBar().items()][-3:],
+            "task_started": started,
+            "tasks_added": len(manager.tasks()) - before["tasks"],
+            "runs_added": len(RUNS) - before["runs"],
+            "history": [dock.expression_combo.itemData(i) for i in range(dock.expression_combo.count())],
+            "geometry": self.geometry(dock),
+        }
+
+    def run_on_second_raster(self, dock, lower):
+        """A second raster on top of the first, a run on it: each run's boxes drawn above its own raster."""
+        from geo_r1_qgis.panel import AREA_LAYER, RUNS
+
+        upper = iface.addRasterLayer(self.cfg["second_raster"], Path(self.cfg["second_raster"]).stem)
+        if upper is None or not upper.isValid():
+            raise RuntimeError(f"QGIS could not open {self.cfg['second_raster']}")
+        dock.raster_combo.setLayer(upper)
+        dock.area_combo.setCurrentIndex(dock.area_combo.findData(AREA_LAYER))
+        yield from self.type_expression(dock, self.cfg["expression"])
+        runs = len(RUNS)
+        self.click_run(dock, "the run on the second raster")
+        yield from self.wait(lambda: dock.task is not None or len(RUNS) > runs, "the run on the second raster starts",
+                             30)  # fmt: skip
+        yield from self.wait(lambda: dock.task is None, "the run on the second raster ends", 240)
+        self.status["second_run"] = {"status": RUNS[-1].status, "message": RUNS[-1].message}
+        self.note(f"second raster run ended: {RUNS[-1].status}")
+        root = QgsProject.instance().layerTreeRoot()
+        order = [lyr.id() for lyr in root.layerOrder()]  # render order, top first
+        names = {lyr.id(): lyr.name() for lyr in QgsProject.instance().mapLayers().values()}
+        self.status["render_order"] = [names.get(i, i) for i in order]
+        self.status["result_layers"] = [
+            {"raster": names.get(e.raster_layer_id), "layer": names.get(e.map_layer_id), "status": e.status,
+             "above_its_raster": (e.map_layer_id in order and e.raster_layer_id in order
+                                  and order.index(e.map_layer_id) < order.index(e.raster_layer_id))}
+            for e in RUNS if e.map_layer_id
+        ]  # fmt: skip
+        self.status["rasters"] = [lower.name(), upper.name()]
+
+    def geometry(self, dock) -> dict:
+        """The main window, the screen and the Run button, in global (screen) pixels."""
+        from qgis.PyQt.QtCore import QRect
+
+        win = iface.mainWindow()
+        screen = QGuiApplication.primaryScreen().geometry()
+        button = dock.run_button
+        top_left = button.mapToGlobal(QPoint(0, 0))
+        run = QRect(top_left, button.size())
+        viewport = getattr(dock, "scroll_area", None)
+        port = None
+        if viewport is not None:
+            vp = viewport.viewport()
+            port = QRect(vp.mapToGlobal(QPoint(0, 0)), vp.size())
+        frame = win.frameGeometry()
+        scroll = getattr(dock, "scroll_area", None)
+        scrolled = {}
+        if scroll is not None:  # what makes the panel's contents wider than its view, when they are
+            body = scroll.widget()
+            wide = sorted(((w.minimumSizeHint().width(), f"{type(w).__name__} {w.objectName()}".strip())
+                           for w in body.findChildren(QWidget) if w.isVisible()), reverse=True)[:4]  # fmt: skip
+            bar = scroll.horizontalScrollBar()
+            scrolled = {"h_scroll": [bar.value(), bar.maximum()], "view_width": scroll.viewport().width(),
+                        "contents_min_width": body.minimumSizeHint().width(), "widest": wide}  # fmt: skip
+        return {
+            **scrolled,
+            "window": [frame.x(), frame.y(), frame.width(), frame.height()],
+            "window_size": [win.width(), win.height()],
+            "screen": [screen.x(), screen.y(), screen.width(), screen.height()],
+            "run": [run.x(), run.y(), run.width(), run.height()],
+            "run_visible": button.isVisible(),
+            "run_on_screen": screen.contains(run),
+            "run_in_view": port.contains(run) if port is not None else True,
+            "dock": [dock.width(), dock.height()],
+            "engine_folded": dock.engine_group.isCollapsed(),
+        }
+
+    @staticmethod
+    def engine_details(dock) -> dict:
+        box = dock.engine_box
+        return {
+            "details": box.details_label.text() if hasattr(box, "details_label") else box.text(),
+            "state_tooltip": box.state_label.toolTip() if hasattr(box, "state_label") else "",
+            "group_title": dock.engine_group.title(),
+            "group_tooltip": dock.engine_group.toolTip(),
+        }
+
+    @staticmethod
+    def raw_history_lengths(value) -> list[int]:
+        if isinstance(value, str):
+            value = [value]
+        return [len(str(v)) for v in (value or [])]
+
+    def _second_start(self):
+        """The next QGIS start in the same profile: open the panel, report the window, the history, the engine."""
+        from geo_r1_qgis.settings import HISTORY_KEY, expression_history
+
+        win = iface.mainWindow()
+        yield from self.wait(lambda: PLUGIN in plugins and getattr(plugins[PLUGIN], "toolbar_action", None),
+                             "the Geo-R1 plugin is loaded", 120)
+        plugin = plugins[PLUGIN]
+        if self.cfg.get("project"):
+            project = QgsProject.instance()
+            yield from self.wait(lambda: Path(project.fileName() or "/nonexistent") == Path(self.cfg["project"]),
+                                 "the project is open", 60)  # fmt: skip
+        yield from self.pause(1.0)
+        self.status["window_at_start"] = [win.width(), win.height()]
+        dock = plugin.dock
+        self.status["panel_open_at_start"] = dock.isVisible()
+        if not dock.isVisible():
+            button = iface.pluginToolBar().widgetForAction(plugin.toolbar_action)
+            if isinstance(button, QToolButton) and button.isVisible():
+                self.click(button)
+                self.status["opened_by"] = "toolbar button (mouse click)"
+            else:
+                plugin.toolbar_action.trigger()
+                self.status["opened_by"] = "toolbar action (trigger: the button was not found)"
+        yield from self.wait(lambda: dock.isVisible(), "the panel opens", 30)
+        manager = getattr(dock.engine_box, "manager", None)
+        if manager is not None:
+            yield from self.wait(lambda: manager.state != "stopped", "the panel finds the running engine", 30)
+            self.status["engine_state"] = manager.state
+            self.status["engine_url"] = manager.url
+        yield from self.pause(1.5)
+        combo = dock.expression_combo
+        self.status["geometry"] = self.geometry(dock)
+        self.status["engine_details"] = self.engine_details(dock)
+        self.status["history"] = expression_history()
+        self.status["history_raw_lengths"] = self.raw_history_lengths(QgsSettings().value(HISTORY_KEY, []))
+        self.status["combo_items"] = [{"text": combo.itemText(i), "data_len": len(str(combo.itemData(i) or ""))}
+                                      for i in range(combo.count())]  # fmt: skip
+        self.status["combo_size_hint"] = [combo.sizeHint().width(), combo.minimumSizeHint().width()]
+        self.status["save_to"] = dock.output_widget.filePath()
         self.status["ok"] = True
         self.status["step"] = "done"
 
