@@ -44,6 +44,7 @@ from qgis.PyQt.QtWidgets import (
     QHBoxLayout,
     QHeaderView,
     QLabel,
+    QMenu,
     QProgressBar,
     QPushButton,
     QScrollArea,
@@ -354,6 +355,8 @@ class GeoR1Dock(QgsDockWidget):
         self.results.itemDoubleClicked.connect(self._item_double_clicked)
         self.results.setToolTip("Click a result to zoom to it; double-click a run to open its layer again")
         self.results.currentItemChanged.connect(lambda *_: self._update_resume())
+        self.results.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.results.customContextMenuRequested.connect(self._results_context_menu)
         outer.addWidget(self.results, 1)
         # the contents scroll inside the dock: however long a message or small the screen, the dock asks for no
         # more room than a scroll area does, so Run, Resume and the results stay reachable
@@ -994,6 +997,129 @@ class GeoR1Dock(QgsDockWidget):
         self.refresh_results()
         layer = QgsProject.instance().mapLayer(entry.map_layer_id) if entry.map_layer_id else None
         return layer if isinstance(layer, QgsVectorLayer) else None
+
+    # -- the results list's right-click menu -------------------------------------------------------
+    def _results_context_menu(self, pos: Any) -> None:
+        item = self.results.itemAt(pos)
+        if item is not None:
+            self.results.setCurrentItem(item)
+        menu = self.results_menu()
+        menu.exec(self.results.viewport().mapToGlobal(pos))
+
+    def results_menu(self) -> QMenu:
+        """The results list's right-click menu for the selected run: Zoom to, Remove from map, Export…, Open the
+        GeoPackage's folder, and Clear the list (the actions a run without a layer cannot take are disabled)."""
+        entry = self._selected_run()
+        menu = QMenu(self.results)
+        layer = self._map_layer_of(entry)
+        zoom = menu.addAction("Zoom to", lambda: self.zoom_to_run(entry))
+        zoom.setEnabled(layer is not None and self.canvas is not None)
+        remove = menu.addAction("Remove from map", lambda: self.remove_run_layer(entry))
+        remove.setEnabled(layer is not None)
+        export = menu.addAction("Export…", lambda: self.export_run(entry, self._ask_export_path(entry)))
+        export.setEnabled(entry is not None and bool(entry.layer) and entry.output.exists())
+        folder = menu.addAction("Open the GeoPackage's folder", lambda: self.open_run_folder(entry))
+        folder.setEnabled(entry is not None and entry.output.parent.is_dir())
+        menu.addSeparator()
+        clear = menu.addAction("Clear the list", self.clear_results)
+        clear.setEnabled(any(e.status != "running" for e in RUNS))
+        return menu
+
+    @staticmethod
+    def _map_layer_of(entry: RunEntry | None) -> QgsVectorLayer | None:
+        layer = QgsProject.instance().mapLayer(entry.map_layer_id) if entry is not None and entry.map_layer_id else None
+        return layer if isinstance(layer, QgsVectorLayer) else None
+
+    def zoom_to_run(self, entry: RunEntry | None) -> None:
+        layer = self._map_layer_of(entry)
+        if layer is None or self.canvas is None:
+            return
+        layer.updateExtents()
+        rect = QgsRectangle(layer.extent())
+        dest = self.canvas.mapSettings().destinationCrs()
+        if dest.isValid() and dest != layer.crs():
+            rect = QgsCoordinateTransform(layer.crs(), dest, QgsProject.instance()).transformBoundingBox(rect)
+        rect.scale(1.1)
+        self.canvas.setExtent(rect)
+        self.canvas.refresh()
+
+    def remove_run_layer(self, entry: RunEntry | None) -> None:
+        """Take the run's layer off the map; the run stays listed (double-click shows it again)."""
+        layer = self._map_layer_of(entry)
+        if layer is None:
+            return
+        QgsProject.instance().removeMapLayer(layer.id())
+        entry.map_layer_id = ""
+        self.refresh_results()
+
+    def _ask_export_path(self, entry: RunEntry) -> str:
+        from qgis.PyQt.QtWidgets import QFileDialog
+
+        start = str(entry.output.with_name(f"{entry.layer or 'geo_r1'}_export.gpkg"))
+        path, _ = QFileDialog.getSaveFileName(self, "Export the run's features", start,
+                                              "GeoPackage (*.gpkg);;GeoJSON (*.geojson)")  # fmt: skip
+        return path
+
+    def export_run(self, entry: RunEntry | None, path: str) -> bool:
+        """Write the run's features (its map layer, else its layer in the GeoPackage) to a new GeoPackage or
+        GeoJSON file (GeoJSON in WGS 84, as the format asks). Says in the status what was written, or why not."""
+        from qgis.core import QgsVectorFileWriter
+
+        if entry is None or not path:
+            return False
+        target = Path(path)
+        if target.suffix.lower() not in (".gpkg", ".geojson", ".json"):
+            target = target.with_suffix(".gpkg")
+        layer = self._map_layer_of(entry) or self._file_layer(entry)
+        if layer is None:
+            self.set_status(f"'{entry.expression}' has no features to export yet")
+            return False
+        if target.resolve() == entry.output.resolve():
+            self.set_status(f"Export to another file than the run's own GeoPackage {entry.output}")
+            return False
+        options = QgsVectorFileWriter.SaveVectorOptions()
+        options.driverName = "GPKG" if target.suffix.lower() == ".gpkg" else "GeoJSON"
+        options.layerName = entry.layer or "geo_r1_export"
+        options.fileEncoding = "UTF-8"
+        if options.driverName == "GeoJSON":
+            options.ct = QgsCoordinateTransform(layer.crs(), QgsCoordinateReferenceSystem("EPSG:4326"),
+                                                QgsProject.instance())  # fmt: skip
+        writer = getattr(QgsVectorFileWriter, "writeAsVectorFormatV3", None)  # QGIS >= 3.20
+        writer = writer or QgsVectorFileWriter.writeAsVectorFormatV2
+        result = writer(layer, str(target), QgsProject.instance().transformContext(), options)
+        if result[0] != QgsVectorFileWriter.WriterError.NoError:
+            self.set_status(f"the export to {target} failed: {result[1]}. Choose another file (a folder you can "
+                            "write to)")  # fmt: skip
+            return False
+        self.set_status(f"'{entry.expression}': {layer.featureCount()} feature(s) exported to {target}")
+        return True
+
+    def _file_layer(self, entry: RunEntry) -> QgsVectorLayer | None:
+        """The run's layer read from its GeoPackage (not added to the map): the answer, else the per-tile rows."""
+        if not entry.layer or not entry.output.exists():
+            return None
+        from .gpkg_ogr import RunLayers
+
+        layers = RunLayers(entry.output, entry.run_id, entry.layer)
+        if entry.status == "done":
+            layer = QgsVectorLayer(layers.answer_uri, entry.display_name, "ogr")
+        else:
+            layer = QgsVectorLayer(layers.raw_uri, entry.display_name, "ogr")
+            layer.setSubsetString(f"\"run_id\" = '{entry.run_id}'")
+        return layer if layer.isValid() else None
+
+    def open_run_folder(self, entry: RunEntry | None) -> None:
+        from qgis.PyQt.QtCore import QUrl
+        from qgis.PyQt.QtGui import QDesktopServices
+
+        if entry is not None:
+            QDesktopServices.openUrl(QUrl.fromLocalFile(str(entry.output.parent)))
+
+    def clear_results(self) -> None:
+        """Forget every finished run (a running one stays); their layers stay on the map and in the GeoPackage."""
+        RUNS[:] = [e for e in RUNS if e.status == "running" and e is self.entry and self.task is not None]
+        self.refresh_results()
+        self.set_status("The results list is cleared (the layers and the GeoPackages are kept)")
 
     def _item_clicked(self, item: QTreeWidgetItem, column: int) -> None:
         data = item.data(0, ROLE_FEATURE)

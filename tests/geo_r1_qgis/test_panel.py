@@ -1017,3 +1017,71 @@ def test_a_drawn_rectangle_is_shown_on_the_map_until_the_area_changes(dock, samp
     assert dock._area_band.numberOfVertices() in (4, 5)
     dock.close()
     assert dock._area_band.numberOfVertices() == 0
+
+
+def test_the_results_list_context_menu_actions(dock, samples, canvas, tmp_path):
+    """Right-click on a run in the results list: Zoom to, Remove from map, Export… (GeoPackage and GeoJSON), Open
+    the GeoPackage's folder, Clear the list; each action triggered as the menu would."""
+    from qgis.PyQt.QtCore import QObject, QUrl, pyqtSlot
+    from qgis.PyQt.QtGui import QDesktopServices
+
+    from geo_r1_qgis.panel import RUNS
+
+    raster = _load_raster(samples / "utm.tif", canvas)
+    _configure(dock, raster, "all bright squares")
+    entry = dock.start_run()
+    assert entry is not None, dock.status_label.text()
+    assert spin(lambda: dock.task is None, 300), dock.status_label.text()
+    assert entry.status == "done", entry.message
+    layer = _map_layer(entry)
+    n = layer.featureCount()
+    assert n >= 1
+    dock.select_run(entry)
+    menu = dock.results_menu()
+    actions = {a.text(): a for a in menu.actions() if a.text()}
+    assert set(actions) == {"Zoom to", "Remove from map", "Export…", "Open the GeoPackage's folder", "Clear the list"}
+    # Zoom to: the canvas shows the run's features
+    far = qgis_core.QgsRectangle(raster.extent())
+    far.scale(0.01)
+    far = qgis_core.QgsRectangle(far.xMinimum() - 1e5, far.yMinimum() - 1e5, far.xMaximum() - 1e5,
+                                 far.yMaximum() - 1e5)  # fmt: skip
+    canvas.setExtent(far)
+    assert not canvas.extent().intersects(layer.extent())
+    actions["Zoom to"].trigger()
+    assert canvas.extent().contains(layer.extent()), (canvas.extent().toString(), layer.extent().toString())
+    # Export…: the run's features to a new GeoPackage and a new GeoJSON file (the file dialog answered)
+    for name in ("export.gpkg", "export.geojson"):
+        target = tmp_path / name
+        dock._ask_export_path = lambda _entry, target=target: str(target)
+        dock.results_menu().actions()[[a.text() for a in menu.actions()].index("Export…")].trigger()
+        out = qgis_core.QgsVectorLayer(str(target), "out", "ogr")
+        assert out.isValid() and out.featureCount() == n, (name, dock.status_label.text())
+        scores = sorted(f["score"] for f in out.getFeatures())
+        assert scores == pytest.approx(sorted(f["score"] for f in layer.getFeatures()))
+        assert str(target) in dock.status_label.toolTip()
+    # Open the GeoPackage's folder: the folder's file URL goes to the desktop
+    opened: list[str] = []
+
+    class Handler(QObject):
+        @pyqtSlot(QUrl)
+        def open(self, url):
+            opened.append(url.toLocalFile())
+
+    handler = Handler()
+    QDesktopServices.setUrlHandler("file", handler, "open")
+    try:
+        actions["Open the GeoPackage's folder"].trigger()
+    finally:
+        QDesktopServices.unsetUrlHandler("file")
+    assert [Path(p) for p in opened] == [entry.output.parent]
+    # Remove from map: the layer leaves the project, the run stays listed (and reopens)
+    layer_id = layer.id()
+    actions["Remove from map"].trigger()
+    assert QgsProject.instance().mapLayer(layer_id) is None
+    assert entry in RUNS and dock.results.topLevelItemCount() == 1
+    assert dock.reopen(entry).featureCount() == n
+    # Clear the list: the finished runs leave the list; their layers stay on the map
+    kept = _map_layer(entry)
+    dock.results_menu().actions()[-1].trigger()
+    assert RUNS == [] and dock.results.topLevelItemCount() == 0
+    assert QgsProject.instance().mapLayer(kept.id()) is not None
