@@ -136,14 +136,16 @@ class Driver:
             self.status["opened_by"] = "toolbar action (trigger: the button was not found)"
         yield from self.wait(lambda: dock.isVisible(), "the panel opens from the toolbar button", 30)
         self.status["panel_open_s"] = time.perf_counter() - t0
+        # the moment it shows (before the engine answers the panel's probe): is the Engine section folded?
+        manager = getattr(dock.engine_box, "manager", None)
+        self.status["engine_state_at_show"] = manager.state if manager is not None else None
+        self.status["engine_folded_at_show"] = dock.engine_group.isCollapsed()
         from qgis.PyQt.QtCore import Qt
 
         win.resizeDocks([dock], [DOCK_WIDTH], Qt.Orientation.Horizontal)
         yield from self.pause(0.5)
         t_shown = time.monotonic()
         self.status["geometry_shown"] = self.geometry(dock)
-        manager = getattr(dock.engine_box, "manager", None)
-        self.status["engine_state_at_show"] = manager.state if manager is not None else None
         self.note(f"panel open ({self.status['opened_by']})")
 
         # the engine line: opening the panel asked whether an engine answers at the settings' URL
@@ -249,6 +251,7 @@ class Driver:
             and root.children().index(group) < root.children().index(raster_node))  # fmt: skip
 
         self.status["geometry_after_run"] = self.geometry(dock)
+        self.trace(dock, "the run ended")
 
         # click the best result in the results list
         top = dock.results.topLevelItem(0)
@@ -263,6 +266,7 @@ class Driver:
             yield from self.wait(lambda: layer.selectedFeatureCount() == 1, "the clicked result is selected", 20)
             self.status["selected_result"] = child.text(0)
             self.status["geometry_after_result_click"] = self.geometry(dock)
+            self.trace(dock, "clicked a result")
             canvas = iface.mapCanvas()
             yield from self.pause(0.5)
             yield from self.wait(lambda: not canvas.isDrawing(), "the map is drawn at the result", 60)
@@ -321,6 +325,7 @@ class Driver:
         self.xdotool("type", "--delay", "15", text)
         yield from self.wait(lambda: dock.expression_combo.currentText() == text,
                              f"the expression box reads {text!r}", 30)
+        self.trace(dock, f"typed the expression {text[:20]!r}")
 
     def type_save_to(self, dock, path: str):
         edit = dock.output_widget.lineEdit()
@@ -329,6 +334,13 @@ class Driver:
         self.xdotool("key", "ctrl+a")
         self.xdotool("type", "--delay", "10", path)
         yield from self.wait(lambda: dock.output_widget.filePath() == path, f"Save to reads {path!r}", 30)
+        self.trace(dock, "typed Save to")
+
+    def trace(self, dock, what: str) -> None:
+        """Where the panel's contents are scrolled to after a step (which step scrolls Run out of view)."""
+        bar = dock.scroll_area.horizontalScrollBar() if hasattr(dock, "scroll_area") else None
+        if bar is not None:
+            self.status.setdefault("h_scroll_trace", []).append([what, bar.value(), bar.maximum()])
 
     def click_run(self, dock, what: str) -> None:
         """Click Run. Where the panel has scrolled it (partly) out of its view, that is noted, and it is scrolled
@@ -339,6 +351,7 @@ class Driver:
             dock.scroll_area.ensureWidgetVisible(dock.run_button)
             QgsApplication.processEvents()
         self.click(dock.run_button)
+        self.trace(dock, f"clicked Run ({what})")
 
     def refused_run(self, dock, what: str):
         """Click Run and wait for the panel's answer; what it says and whether anything started."""

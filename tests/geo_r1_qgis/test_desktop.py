@@ -342,7 +342,7 @@ def _assert_later_items(status: dict, second: dict, project: Path, logs: str) ->
     # 3.7: the Engine section does not fold once the panel shows (Run stays under the cursor's target)
     shown, later = status["geometry_shown"], status["geometry_3s"]
     assert shown["run"] == later["run"], (shown, later)
-    assert shown["engine_folded"] == later["engine_folded"], (shown, later)
+    assert status["engine_folded_at_show"] == later["engine_folded"], (status["engine_state_at_show"], later)
     # 3.7: Save to defaults to beside the open project
     assert Path(second["save_to"]) == project.parent / "geo_r1_results.gpkg", second["save_to"]
     # 3.2: two rasters, a run on each: every run's boxes are drawn above its own raster
