@@ -139,7 +139,7 @@ class Driver:
         # the moment it shows (before the engine answers the panel's probe): is the Engine section folded?
         manager = getattr(dock.engine_box, "manager", None)
         self.status["engine_state_at_show"] = manager.state if manager is not None else None
-        self.status["engine_folded_at_show"] = dock.engine_group.isCollapsed()
+        self.status["engine_folded_at_show"] = self.engine_folded(dock)
         from qgis.PyQt.QtCore import Qt
 
         win.resizeDocks([dock], [DOCK_WIDTH], Qt.Orientation.Horizontal)
@@ -441,17 +441,23 @@ class Driver:
             "run_on_screen": screen.contains(run),
             "run_in_view": port.contains(run) if port is not None else True,
             "dock": [dock.width(), dock.height()],
-            "engine_folded": dock.engine_group.isCollapsed(),
+            "engine_folded": self.engine_folded(dock),
         }
+
+    @staticmethod
+    def engine_folded(dock) -> bool | None:
+        group = getattr(dock, "engine_group", None)  # (a panel without an Engine section: None)
+        return group.isCollapsed() if group is not None else None
 
     @staticmethod
     def engine_details(dock) -> dict:
         box = dock.engine_box
+        group = getattr(dock, "engine_group", None)
         return {
             "details": box.details_label.text() if hasattr(box, "details_label") else box.text(),
             "state_tooltip": box.state_label.toolTip() if hasattr(box, "state_label") else "",
-            "group_title": dock.engine_group.title(),
-            "group_tooltip": dock.engine_group.toolTip(),
+            "group_title": group.title() if group is not None else None,
+            "group_tooltip": group.toolTip() if group is not None else None,
         }
 
     @staticmethod
