@@ -228,6 +228,19 @@ class GeoR1Dock(QgsDockWidget):
         self.raster_combo = QgsMapLayerComboBox(body)
         self.raster_combo.setFilters(LAYER_FILTER_RASTER)
         form.addRow("Raster", self.raster_combo)
+        band_row = QHBoxLayout()
+        self.band_combos = []
+        for colour in ("Red", "Green", "Blue"):
+            combo = QComboBox(body)
+            combo.setToolTip(f"The raster band shown to the model as {colour.lower()}")
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(3)
+            band_row.addWidget(QLabel(colour[0], body))
+            band_row.addWidget(combo, 1)
+            self.band_combos.append(combo)
+        form.addRow("Bands", band_row)
+        self.raster_combo.layerChanged.connect(self._raster_chosen)
+        self._raster_chosen(self.raster_combo.currentLayer())
 
         self.expression_combo = QComboBox(body)
         self.expression_combo.setEditable(True)
@@ -470,6 +483,30 @@ class GeoR1Dock(QgsDockWidget):
         self.set_status(f"The raster {name} was removed from the project; pick another in the Raster box"
                         + (" (the run on it goes on: it reads its own copy)" if running else ""))
 
+    def _raster_chosen(self, layer: Any) -> None:
+        """The band choice of the raster picked: its bands, set to its renderer's red, green and blue (else the
+        reader's rule); disabled where the bands are fixed (a web layer, packed colour, no raster)."""
+        from .qgis_io import choosable_bands
+
+        choice = choosable_bands(layer) if isinstance(layer, QgsRasterLayer) else None
+        for i, combo in enumerate(self.band_combos):
+            combo.blockSignals(True)
+            combo.clear()
+            if choice is not None:
+                count, default = choice
+                provider = layer.dataProvider()
+                for b in range(1, count + 1):
+                    combo.addItem(f"{b}: {provider.displayBandName(b)}" if count > 1 else str(b), b)
+                combo.setCurrentIndex(combo.findData(default[i]))
+            combo.setEnabled(choice is not None and choice[0] > 1)
+            combo.blockSignals(False)
+
+    def chosen_bands(self) -> tuple[int, int, int] | None:
+        """The bands chosen (R, G, B), or None where the raster's bands are not the user's to choose."""
+        if not all(c.isEnabled() and c.currentData() for c in self.band_combos):
+            return None
+        return tuple(int(c.currentData()) for c in self.band_combos)  # type: ignore[return-value]
+
     def _area_changed(self) -> None:
         kind = self.area_combo.currentData()
         self.draw_button.setEnabled(kind == AREA_DRAWN)
@@ -571,7 +608,8 @@ class GeoR1Dock(QgsDockWidget):
 
         extent, extent_crs, area = self._area()
         gsd = self.gsd_spin.value() or None
-        prepared = prepare_input(layer, extent=extent, extent_crs=extent_crs, metres_per_pixel=gsd, area=area,
+        prepared = prepare_input(layer, bands=self.chosen_bands(), extent=extent, extent_crs=extent_crs,
+                                 metres_per_pixel=gsd, area=area,
                                  context=QgsProject.instance().transformContext())  # fmt: skip
         req = RunRequest(
             expression=expression,
@@ -732,7 +770,7 @@ class GeoR1Dock(QgsDockWidget):
                 raise ConfigError(f"the run's raster {raster_path} cannot be opened; restore it to resume the run")
             project.addMapLayer(layer)
         entry.raster_layer_id = layer.id()
-        source = QgisRasterSource(layer)
+        source = QgisRasterSource(layer, [int(b) for b in p.get("bands") or []] or None)  # the run's own bands
         window = None
         if p.get("bbox"):
             window = window_from_map_bbox(*p["bbox"], source.transform, source.width, source.height)

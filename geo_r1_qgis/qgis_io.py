@@ -122,6 +122,7 @@ __all__ = [
     "QgisRasterSource",
     "RasterInput",
     "area_from_selection",
+    "choosable_bands",
     "features_area",
     "is_web_layer",
     "make_fields",
@@ -165,6 +166,26 @@ MAX_SUPERSAMPLING = 4
 
 #: rows per block of the full scan that confirms an all-nodata raster
 _SCAN_ROWS = 256
+
+
+def choosable_bands(layer: QgsRasterLayer) -> tuple[int, tuple[int, int, int]] | None:
+    """For the panel's band choice: ``(band count, default R, G, B bands)``, or None where the bands are not the
+    user's to choose (a web layer, one band of packed colour). The default is the layer's own multiband colour
+    renderer's red, green and blue bands when it has one, else the reader's rule (:func:`choose_bands`)."""
+    provider = layer.dataProvider() if isinstance(layer, QgsRasterLayer) else None
+    if provider is None or not provider.isValid() or is_web_layer(layer):
+        return None
+    count = int(provider.bandCount())
+    if count < 1 or (count == 1 and provider.dataType(1) in _ARGB_TYPES):
+        return None
+    renderer = layer.renderer()
+    if renderer is not None and renderer.type() == "multibandcolor":
+        rgb = (renderer.redBand(), renderer.greenBand(), renderer.blueBand())
+        if all(1 <= b <= count for b in rgb):
+            return count, rgb
+    names = {COLOR_RED: "red", COLOR_GREEN: "green", COLOR_BLUE: "blue", COLOR_ALPHA: "alpha"}
+    interp = [names.get(provider.colorInterpretation(b), "other") for b in range(1, count + 1)]
+    return count, choose_bands(count, interp, None, what=layer.name(), option="bands")
 
 
 def parse_bands(text: str | None) -> tuple[int, ...] | None:

@@ -1085,3 +1085,58 @@ def test_the_results_list_context_menu_actions(dock, samples, canvas, tmp_path):
     dock.results_menu().actions()[-1].trigger()
     assert RUNS == [] and dock.results.topLevelItemCount() == 0
     assert QgsProject.instance().mapLayer(kept.id()) is not None
+
+
+NAIP = tp.SHARED / "naip_m_4709963_se_14_20200831.tif"
+
+
+def test_the_band_choice_reads_a_4_band_naip_tile_with_bands_4_3_2(dock, canvas, tmp_path):
+    """A 4-band NAIP tile: the panel offers its bands (default: the renderer's red, green and blue), a run reads
+    the bands chosen (4, 3, 2 read equal to GDAL's own reading of them), records them in the GeoPackage, and a
+    run resumed from the file reads them again."""
+    import json
+
+    import numpy as np
+    from osgeo import gdal
+
+    from geo_r1_qgis.core.geometry import TileGridSpec, make_tile_grid
+    from geo_r1_qgis.core.gpkg_schema import find_runs
+
+    if not NAIP.exists():
+        pytest.skip(f"the NAIP sample {NAIP} is not there")
+    raster = _load_raster(NAIP, canvas)
+    _configure(dock, raster, "all bright squares", tile=224, overlap=0)
+    combos = dock.band_combos
+    assert [c.count() for c in combos] == [4, 4, 4] and all(c.isEnabled() for c in combos)
+    renderer = raster.renderer()
+    assert [c.currentData() for c in combos] == [renderer.redBand(), renderer.greenBand(), renderer.blueBand()]
+    for combo, band in zip(combos, (4, 3, 2), strict=True):
+        combo.setCurrentIndex(combo.findData(band))
+    _req, source, _layer = dock.build_request()
+    assert tuple(source.bands) == (4, 3, 2)
+    tile = make_tile_grid(source.transform, source.width, source.height, TileGridSpec(224, 0))[5]
+    rgb, frac = source.read(tile)
+    ds = gdal.Open(str(NAIP))
+    x, y = int(tile.window.x1), int(tile.window.y1)
+    w, h = tile.size
+    expected = np.stack([ds.GetRasterBand(b).ReadAsArray(x, y, w, h) for b in (4, 3, 2)], axis=-1)
+    assert frac == 1.0 and np.array_equal(rgb, expected)
+    assert not np.array_equal(rgb, np.stack([ds.GetRasterBand(b).ReadAsArray(x, y, w, h) for b in (1, 2, 3)], -1))
+    # a run records them, and a run found in the file (resumed from the panel) reads the same bands
+    dock.area_combo.setCurrentIndex(2)
+    ext = raster.extent()
+    dock.set_drawn_extent(qgis_core.QgsRectangle(ext.xMinimum(), ext.yMaximum() - ext.height() / 3,
+                                                 ext.xMinimum() + ext.width() / 3, ext.yMaximum()), raster.crs())
+    entry = dock.start_run()
+    assert entry is not None, dock.status_label.text()
+    assert spin(lambda: dock.task is None, 300), dock.status_label.text()
+    record = next(r for r in find_runs(entry.output) if r.run_id == entry.run_id)
+    assert json.loads(record.parameters)["bands"] == [4, 3, 2]
+    from geo_r1_qgis.panel import RunEntry
+
+    for combo in combos:  # the panel's choice back to band 1: the file's bands still win
+        combo.setCurrentIndex(combo.findData(1))
+    found = RunEntry(run_id=record.run_id, expression=record.expression, mode=record.mode, output=entry.output,
+                     layer=record.layer, display_name="found", status="canceled", file_parameters=record.parameters)
+    _req2, source2, _ = dock.build_request(found)  # as Resume builds a run listed from the file
+    assert tuple(source2.bands) == (4, 3, 2)
