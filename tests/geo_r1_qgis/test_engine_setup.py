@@ -465,6 +465,7 @@ def test_from_the_installed_venv_to_objects_on_the_map_through_the_gui(installed
     old_app = QCoreApplication.applicationName()
     QCoreApplication.setApplicationName(f"geo-r1-journey-{os.getpid()}")  # never the user's QGIS settings
     manager = ep.EngineManager(settings=qgis_core.QgsSettings())
+    shared_before, ep._shared = ep._shared, manager  # the plugin's one manager, as the panel's Start uses it
     canvas, dock = QgsMapCanvas(), None
     try:
         PluginSettings().with_values(output_gpkg=str(tmp_path / "results.gpkg")).save()
@@ -482,7 +483,9 @@ def test_from_the_installed_venv_to_objects_on_the_map_through_the_gui(installed
 
         wait(lambda: manager.state != ep.STARTING, 300)
         assert manager.state == ep.HEALTHY, manager.message
-        assert PluginSettings.load().engine_url == manager.url  # the panel will use the engine just started
+        # the panel uses the engine just started; the user's engine URL stays as it was (issue 16, 3.3)
+        assert ep.shared_endpoint() == (manager.url, tmp_path / "engine.token")
+        assert PluginSettings.load().engine_url != manager.url
 
         raster = qgis_core.QgsRasterLayer(str(samples / "utm.tif"), "utm")
         qgis_core.QgsProject.instance().addMapLayer(raster)
@@ -508,6 +511,7 @@ def test_from_the_installed_venv_to_objects_on_the_map_through_the_gui(installed
                 QCoreApplication.processEvents()
                 time.sleep(0.05)
         assert manager.state == ep.STOPPED
+        ep._shared = shared_before
         RUNS.clear()
         qgis_core.QgsProject.instance().removeAllMapLayers()
         if dock is not None:
