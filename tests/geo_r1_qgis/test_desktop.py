@@ -307,6 +307,8 @@ def test_the_panel_in_the_qgis_desktop(engine, tmp_path):
 def _assert_refusals(status: dict, read_only: Path, read_only_exists: bool) -> None:
     """3.1, 3.4, 3.5: a 5,000-character description, a raster without a CRS and a read-only Save to are refused
     before anything starts, each with a message saying what to do; the window stays on the screen."""
+    for what in ("long_expression", "no_crs", "read_only"):
+        assert status[what]["answered"], f"Run got no answer ({what}): {status[what]}"
     long = status["long_expression"]
     assert not long["task_started"] and long["tasks_added"] == 0 and long["runs_added"] == 0, long
     assert f"{len(LONG_EXPRESSION)} characters" in long["message"] and "at most" in long["message"], long["message"]
