@@ -40,6 +40,7 @@ from .core.gpkg_schema import (
     WalHold,
     done_tile_ids,
     find_runs,
+    hold_in_child,
     read_raw_detections,
 )
 from .core.merge import Detection
@@ -100,8 +101,9 @@ def _ok(rc: Any, what: str) -> None:
 
 def gdal_shares_sqlite() -> bool:
     """Whether GDAL (``osgeo``) and Python's ``sqlite3`` run the same SQLite library in this process (Linux
-    distributions and OSGeo4W link one shared library): then a :class:`~geo_r1_qgis.core.gpkg_schema.WalHold`
-    may keep its connection here. False when that cannot be told (the hold then runs in a child process)."""
+    distributions and OSGeo4W link one shared library): then, on Windows, a
+    :class:`~geo_r1_qgis.core.gpkg_schema.WalHold` may keep its connection here (elsewhere it is always held in a
+    child process, ``gpkg_schema.hold_in_child``). False when that cannot be told."""
     global _SHARES_SQLITE
     if _SHARES_SQLITE is None:
         try:
@@ -279,7 +281,7 @@ def hold_wal(path: str | Path) -> bool:
     key = str(Path(path).resolve())
     hold = _HOLDS.get(key)
     if hold is None:
-        hold = _HOLDS[key] = WalHold(key, separate=not gdal_shares_sqlite())
+        hold = _HOLDS[key] = WalHold(key, separate=hold_in_child(gdal_shares_sqlite()))
     return hold.acquire()
 
 

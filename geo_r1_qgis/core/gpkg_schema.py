@@ -65,6 +65,13 @@ safely while a later run writes. A layer opened in QGIS *before* a run starts, w
 the file, instead of reading torn pages; removing and adding it again (or the panel's own layers) reads with
 locks.
 
+On Linux and macOS every hold is a connection in a small child process (:func:`hold_in_child`): locks there
+are POSIX locks, which a process loses on a file as soon as it closes *any* descriptor of it, and GDAL opens
+and closes the file to identify it each time QGIS opens a layer. A connection held in QGIS's own process so
+lost its shared lock at the first layer QGIS opened; when ``geo-r1 ground`` then ended its run, its hold could
+checkpoint the log away and return the file to ``delete`` under QGIS's open WAL layers, and QGIS 3.40 logged
+"database disk image is malformed: this file is a WAL-enabled database" for a layer opened at that moment.
+
 Small updates (the run row's status, deleting orphaned raw rows) and every read go through
 ``sqlite3``, in a transaction: those tables carry no trigger that needs GDAL's SQL functions (the
 R-tree triggers on delete only use the feature id).
@@ -74,6 +81,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
@@ -367,6 +375,33 @@ con.close()
 """
 
 
+def hold_in_child(shares_sqlite: bool) -> bool:
+    """Whether a :class:`WalHold` must keep its connection in a child process (its ``separate``): always where
+    locks are POSIX advisory locks (Linux, macOS). Closing *any* descriptor of a file drops every lock the
+    process holds on it, and GDAL opens and closes a file to identify it each time QGIS opens a layer of it,
+    so a connection held in QGIS's process would lose its shared lock at the first layer QGIS opened, and
+    another process could take the file out of WAL under QGIS's open layers. Windows locks belong to the
+    handle: there a connection held here is enough where GDAL and ``sqlite3`` share one SQLite library
+    (``shares_sqlite``; two libraries in one process do not see each other's connections)."""
+    return os.name != "nt" or not shares_sqlite
+
+
+def _keeper_python() -> str | None:
+    """This Python's interpreter program, for a :class:`WalHold`'s child: ``sys.executable`` where it is one (an
+    application embedding Python, QGIS on Windows, may name itself there), else the one in ``sys.exec_prefix``."""
+    import sys
+
+    exe = Path(sys.executable or "")
+    if exe.name.lower().startswith("python") and exe.is_file():
+        return str(exe)
+    prefix = Path(sys.exec_prefix)
+    major, minor = sys.version_info[:2]
+    for candidate in (prefix / "python.exe", prefix / "bin" / f"python{major}.{minor}", prefix / "bin" / "python3"):
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
 class WalHold:
     """Keeps a GeoPackage in SQLite's WAL journal mode while it is held (module doc, "Readers while a run writes").
 
@@ -377,10 +412,12 @@ class WalHold:
     file again, as QGIS leaves it) and closes the connection. Either may be called more than once; a file
     that cannot be switched (a read-only folder, a network share without shared memory) stays as it is.
 
-    ``separate``: hold the connection in a small child process (``sys.executable``) instead of this one. Needed
-    where the writer's GDAL carries its own copy of SQLite (pyogrio's wheels do): two SQLite libraries in one
-    process do not see each other's connections, and POSIX locks are the process's, so the writer closing the
-    file would drop the held connection's lock and delete the log it still maps (a malformed file).
+    ``separate``: hold the connection in a small child process (this Python's interpreter) instead of this one
+    (:func:`hold_in_child` says when). Needed where the writer's GDAL carries its own copy of SQLite (pyogrio's
+    wheels do): two SQLite libraries in one process do not see each other's connections, and POSIX locks are
+    the process's, so the writer closing the file would drop the held connection's lock and delete the log it
+    still maps (a malformed file); and needed wherever locks are POSIX ones, since any other code in the
+    process that opens and closes the file (GDAL identifying it for QGIS) drops the held connection's lock.
     """
 
     def __init__(self, path: str | Path, separate: bool = False) -> None:
@@ -423,9 +460,12 @@ class WalHold:
         import subprocess  # nosec B404 (our own interpreter, an argument list, no shell)
         import sys
 
+        python = _keeper_python()
+        if python is None:
+            return f"error: no Python interpreter found to hold it with (sys.executable is {sys.executable!r})"
         try:
             self._proc = subprocess.Popen(  # nosec B603
-                [sys.executable, "-I", "-c", _KEEPER, str(self.path)], stdin=subprocess.PIPE,
+                [python, "-I", "-c", _KEEPER, str(self.path)], stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             )  # fmt: skip
             return (self._proc.stdout.readline() or "no answer").strip()
@@ -670,7 +710,7 @@ class GeoPackageRun:
         self._done: dict[str, list[Detection]] = {}
         self.final_exists = False
         #: the file held in WAL mode from opening to :meth:`mark` (module doc, "Readers while a run writes")
-        self.wal = WalHold(self.path, separate=not getattr(writer, "shares_sqlite", False))
+        self.wal = WalHold(self.path, separate=hold_in_child(getattr(writer, "shares_sqlite", False)))
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod

@@ -560,6 +560,7 @@ def test_qgis_reads_a_file_while_the_command_line_writes_it(qgis_app, engine, tm
         n_raw = con.execute(f'SELECT count(*) FROM "{run.raw_layer}"').fetchone()[0]
         n_tiles = con.execute(f"SELECT count(*) FROM {TILES_TABLE} WHERE run_id = ?", (run.run_id,)).fetchone()[0]
         (summary,) = con.execute(f"SELECT summary FROM {RUNS_TABLE} WHERE run_id = ?", (run.run_id,)).fetchone()
+    con.close()  # an open WAL connection keeps its shared lock: the file could not return to delete mode below
     assert run.status == "done" and n_tiles == json.loads(summary)["tiles_total"] > 100
     for layer, n in ((run.raw_layer, n_raw), (done_run.layer, n_shown)):
         lyr = qgis_core.QgsVectorLayer(f"{out}|layername={layer}", "check", "ogr")
@@ -572,3 +573,46 @@ def test_qgis_reads_a_file_while_the_command_line_writes_it(qgis_app, engine, tm
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     assert not Path(f"{out}-wal").exists()
 
+
+def test_a_held_file_stays_in_wal_while_qgis_opens_and_closes_it(qgis_app, tmp_path):
+    """A hold must survive what QGIS does in its own process: GDAL opens and closes the file to identify it
+    (and QGIS, Python, anything else may read it), and closing any descriptor of a file drops every POSIX lock
+    the process has on it, so a connection held in QGIS's process loses its shared lock. Another process (the
+    command line's run ending, another QGIS closing its last layer of the file) could then take the file out of
+    WAL and delete the log under QGIS's open WAL layers: "database disk image is malformed" (QGIS 3.40)."""
+    import subprocess
+
+    from osgeo import ogr
+
+    from geo_r1_qgis import gpkg_ogr
+    from geo_r1_qgis.core.gpkg_schema import WalHold, hold_in_child
+
+    out = tmp_path / "held.gpkg"
+    ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(out))
+    ds.CreateLayer("points", geom_type=ogr.wkbPoint)
+    ds = None
+    other = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1], timeout=0.2)\n"
+             "try: print(c.execute('PRAGMA journal_mode = DELETE').fetchone()[0])\n"
+             "except sqlite3.OperationalError as e: print(e)")  # fmt: skip
+
+    def another_process_takes_it_out_of_wal() -> str:
+        r = subprocess.run([sys.executable, "-c", other, str(out)], capture_output=True, text=True, check=True)
+        return r.stdout.strip()
+
+    # the panel's hold, and the hold of a run the plugin writes (OgrWriter) while QGIS shows its layers
+    run_hold = WalHold(out, separate=hold_in_child(gpkg_ogr.OgrWriter().shares_sqlite))
+    for hold in ("panel", run_hold):
+        assert gpkg_ogr.hold_wal(out) if hold == "panel" else hold.acquire()
+        try:
+            layer = qgis_core.QgsVectorLayer(f"{out}|layername=points", "shown", "ogr")
+            assert layer.isValid()
+            assert sum(1 for _ in layer.getFeatures()) == 0
+            out.read_bytes()  # any other reader in the process
+            assert another_process_takes_it_out_of_wal() == "database is locked"
+            del layer
+            assert another_process_takes_it_out_of_wal() == "database is locked"
+        finally:
+            gpkg_ogr.release_wal() if hold == "panel" else hold.release()
+    with sqlite3.connect(str(out)) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    con.close()
