@@ -482,6 +482,9 @@ class WalHold:
             except Exception as exc:  # never let the bookkeeping of a hold fail a run
                 log.debug("the WAL hold of %s did not end cleanly: %s", self.path, exc)
                 proc.kill()
+                proc.wait()
+            finally:
+                proc.stdout.close()
         if con is None:
             return
         try:

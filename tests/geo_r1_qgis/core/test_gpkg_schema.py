@@ -428,3 +428,25 @@ def test_a_wal_hold_keeps_the_file_in_wal_until_released(tmp_path, separate):
     con.close()
     assert not (tmp_path / "f.gpkg-wal").exists()
     assert not WalHold(tmp_path / "missing.gpkg").acquire()
+
+
+def test_a_released_wal_hold_leaves_no_unclosed_pipe(tmp_path):
+    """The desktop test saw a ResourceWarning in QGIS's log after every run: the child's stdout was never closed."""
+    import gc
+    import warnings
+
+    from geo_r1_qgis.core.gpkg_schema import WalHold
+
+    path = tmp_path / "f.gpkg"
+    with sqlite3.connect(path) as con:
+        con.execute("CREATE TABLE t (x)")
+    con.close()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", ResourceWarning)
+        hold = WalHold(path, separate=True)
+        assert hold.acquire()
+        hold.release()
+        del hold
+        gc.collect()
+    leaks = [str(w.message) for w in seen if issubclass(w.category, ResourceWarning)]
+    assert not leaks, leaks
