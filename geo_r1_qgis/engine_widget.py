@@ -15,6 +15,7 @@ from qgis.PyQt.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
+    QGridLayout,
     QHBoxLayout,
     QLabel,
     QLineEdit,
@@ -125,9 +126,14 @@ class EngineWidget(QWidget):
         top = QHBoxLayout()
         top.addWidget(QLabel("Engine:"))
         top.addWidget(self.state_label, 1)
-        buttons = QHBoxLayout()
-        for b in (self.start_button, self.stop_button, self.restart_button, self.setup_button):
-            buttons.addWidget(b)
+        # two rows of buttons and combos sized by a few characters, not their longest entry: the panel fits a
+        # narrow dock without scrolling sideways (issue 16, 3.4)
+        buttons = QGridLayout()
+        for i, b in enumerate((self.start_button, self.stop_button, self.restart_button, self.setup_button)):
+            buttons.addWidget(b, i // 2, i % 2)
+        for combo in (self.model_combo, self.adapter_combo):
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(8)
         model_row = QHBoxLayout()
         model_row.addWidget(self.model_combo, 1)
         model_row.addWidget(self.browse_model_button)
@@ -136,6 +142,7 @@ class EngineWidget(QWidget):
         adapters_row.addWidget(self.adapter_combo, 1)
         adapters_row.addWidget(self.load_adapter_button)
         form = QFormLayout()
+        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
         form.addRow("Model", model_row)
         form.addRow("Processor", self.processor_edit)
         form.addRow("Adapter at start", self.adapter_edit)

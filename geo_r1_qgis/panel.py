@@ -224,6 +224,7 @@ class GeoR1Dock(QgsDockWidget):
             self._engine_state(manager.state, "")
         search = QgsCollapsibleGroupBox("Find", body)
         form = QFormLayout(search)
+        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)  # a narrow dock puts labels above fields
 
         self.raster_combo = QgsMapLayerComboBox(body)
         self.raster_combo.setFilters(LAYER_FILTER_RASTER)
@@ -271,6 +272,8 @@ class GeoR1Dock(QgsDockWidget):
         self.draw_button = QPushButton("Draw", body)
         self.draw_button.setToolTip("Drag a rectangle on the map")
         self.draw_button.clicked.connect(self.start_drawing)
+        self.area_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.area_combo.setMinimumContentsLength(12)
         area_row = QHBoxLayout()
         area_row.addWidget(self.area_combo, 1)
         area_row.addWidget(self.draw_button)

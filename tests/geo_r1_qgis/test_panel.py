@@ -831,6 +831,20 @@ def test_a_long_message_keeps_the_panel_within_the_screen(dock, qgis_app):
     dock.hide()
 
 
+def test_the_panel_fits_a_narrow_dock_without_scrolling_sideways(dock, qgis_app):
+    """The desktop test, at a 430 px dock: the contents needed 607 px (the Engine section alone 565), so the panel
+    scrolled sideways after Run and cut off Run, the labels and the left of every field. Only vertical scrolling."""
+    dock.resize(430, 700)
+    dock.show()
+    QgsApplication.processEvents()
+    content = dock.scroll_area.widget()
+    view = dock.scroll_area.viewport().width()
+    assert content.minimumSizeHint().width() <= view, (content.minimumSizeHint(), view)
+    assert dock.engine_box.minimumSizeHint().width() <= view, dock.engine_box.minimumSizeHint()
+    assert dock.scroll_area.horizontalScrollBar().maximum() == 0
+    dock.hide()
+
+
 def test_removing_the_results_mid_run_is_respected_and_the_status_goes_on(dock, samples, canvas):
     """The user removes the Geo-R1 group (and so the run's live layer) while the run goes on: the status line
     keeps counting tiles, the final layer is not put back at the end, and the run stays listed and reopens."""
