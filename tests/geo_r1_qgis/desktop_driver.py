@@ -258,6 +258,7 @@ class Driver:
         if top is not None and top.childCount():
             top.setExpanded(True)
             child = self._central_result(top, raster.extent())
+            dock.scroll_area.ensureWidgetVisible(dock.results)  # as a user scrolls the panel down to the list
             dock.results.scrollToItem(child)
             yield from self.pause(0.3)
             rect = dock.results.visualItemRect(child)
