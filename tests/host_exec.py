@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 import urllib.request
@@ -77,12 +78,19 @@ class HostProcess:
         _call("/stop", {"pid": self.pid, "timeout": timeout}, timeout + 30)
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default. A background job (``make test &``, CI runners) starts
+    with SIGINT ignored, Python then installs no KeyboardInterrupt handler, and a test's Ctrl-C is lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn(cmd: list[str], *, log_path: Path, env: dict[str, str] | None = None) -> HostProcess:
     """Start ``cmd`` on the host, output to ``log_path`` (a path both sides see)."""
     cmd = [str(c) for c in cmd]
     if not remote():
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)  # nosec B603
+        with open(log_path, "wb") as log:  # Ctrl-C reaches it even when the tests run as a background job
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,  # nosec B603
+                                    preexec_fn=_default_sigint)  # fmt: skip
         return HostProcess(proc.pid, proc)
     out = _call("/spawn", {"cmd": cmd, "env": _delta(env), "log": str(log_path)}, 60)
     time.sleep(0.1)
