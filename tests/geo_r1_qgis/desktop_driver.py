@@ -98,6 +98,16 @@ class Driver:
         if proc.returncode != 0:
             raise RuntimeError(f"xdotool {' '.join(args)} failed: {proc.stderr.strip()}")
 
+    def press_toolbar_button(self, plugin) -> None:
+        """Open the panel as a user does: a mouse click on the plugin's toolbar button (the action if not found)."""
+        button = iface.pluginToolBar().widgetForAction(plugin.toolbar_action)
+        if isinstance(button, QToolButton) and button.isVisible():
+            self.click(button)
+            self.status["opened_by"] = "toolbar button (mouse click)"
+        else:
+            plugin.toolbar_action.trigger()
+            self.status["opened_by"] = "toolbar action (trigger: the button was not found)"
+
     def click(self, widget, point: QPoint | None = None) -> None:
         """A real mouse click (X server events) at ``point`` in ``widget`` (default its centre)."""
         p = widget.mapToGlobal(point if point is not None else widget.rect().center())
@@ -126,14 +136,8 @@ class Driver:
 
         # open the panel with the toolbar button
         dock = plugin.dock
-        button = iface.pluginToolBar().widgetForAction(plugin.toolbar_action)
         t0 = time.perf_counter()
-        if isinstance(button, QToolButton) and button.isVisible():
-            self.click(button)
-            self.status["opened_by"] = "toolbar button (mouse click)"
-        else:
-            plugin.toolbar_action.trigger()
-            self.status["opened_by"] = "toolbar action (trigger: the button was not found)"
+        self.press_toolbar_button(plugin)
         yield from self.wait(lambda: dock.isVisible(), "the panel opens from the toolbar button", 30)
         self.status["panel_open_s"] = time.perf_counter() - t0
         # the moment it shows (before the engine answers the panel's probe): is the Engine section folded?
@@ -498,13 +502,7 @@ class Driver:
         dock = plugin.dock
         self.status["panel_open_at_start"] = dock.isVisible()
         if not dock.isVisible():
-            button = iface.pluginToolBar().widgetForAction(plugin.toolbar_action)
-            if isinstance(button, QToolButton) and button.isVisible():
-                self.click(button)
-                self.status["opened_by"] = "toolbar button (mouse click)"
-            else:
-                plugin.toolbar_action.trigger()
-                self.status["opened_by"] = "toolbar action (trigger: the button was not found)"
+            self.press_toolbar_button(plugin)
         yield from self.wait(lambda: dock.isVisible(), "the panel opens", 30)
         manager = getattr(dock.engine_box, "manager", None)
         if manager is not None:
