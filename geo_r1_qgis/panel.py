@@ -82,6 +82,15 @@ ROLE_RUN = Qt.ItemDataRole.UserRole
 ROLE_FEATURE = Qt.ItemDataRole.UserRole + 1
 
 
+def _outline_band(canvas: Any, colour: QColor) -> QgsRubberBand:
+    """A polygon rubber band drawn as an outline only (the drawn area, a result's tile)."""
+    band = QgsRubberBand(canvas, GEOMETRY_POLYGON)
+    band.setStrokeColor(colour)
+    band.setFillColor(QColor(0, 0, 0, 0))
+    band.setWidth(2)
+    return band
+
+
 @dataclass
 class RunEntry:
     """A run the panel knows of (kept for the whole QGIS session, across closing and reopening the panel)."""
@@ -565,10 +574,7 @@ class GeoR1Dock(QgsDockWidget):
         if crs.isValid() and dest.isValid() and crs != dest:
             rect = QgsCoordinateTransform(crs, dest, QgsProject.instance()).transformBoundingBox(rect)
         if self._area_band is None:
-            self._area_band = QgsRubberBand(self.canvas, GEOMETRY_POLYGON)
-            self._area_band.setStrokeColor(QColor(255, 120, 0, 230))
-            self._area_band.setFillColor(QColor(0, 0, 0, 0))
-            self._area_band.setWidth(2)
+            self._area_band = _outline_band(self.canvas, QColor(255, 120, 0, 230))
         self._area_band.reset(GEOMETRY_POLYGON)
         self._area_band.setToGeometry(QgsGeometry.fromRect(rect), None)
         self._area_band.show()
@@ -1215,10 +1221,7 @@ class GeoR1Dock(QgsDockWidget):
         rings = [self.tile_ring(entry, t) for t in (tile_id or "").split("+") if t] if entry else []
         rings = [r for r in rings if r]
         if self._rubber is None:
-            self._rubber = QgsRubberBand(self.canvas, GEOMETRY_POLYGON)
-            self._rubber.setStrokeColor(QColor(30, 120, 255, 220))
-            self._rubber.setFillColor(QColor(0, 0, 0, 0))
-            self._rubber.setWidth(2)
+            self._rubber = _outline_band(self.canvas, QColor(30, 120, 255, 220))
         self._rubber.reset(GEOMETRY_POLYGON)
         if rings:
             geom = QgsGeometry.fromMultiPolygonXY([[[QgsPointXY(x, y) for x, y in ring]] for ring in rings])

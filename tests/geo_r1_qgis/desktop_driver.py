@@ -322,12 +322,15 @@ class Driver:
         self.status["step"] = "done"
 
     # -- steps used above ------------------------------------------------------------------------
-    def type_expression(self, dock, text: str):
-        edit = dock.expression_combo.lineEdit()
+    def type_into(self, edit, text: str, what: str, delay_ms: int):
+        """Click ``edit``, select all and type ``text`` with real key events, as a user replaces a box's text."""
         self.click(edit)
-        yield from self.wait(lambda: edit.hasFocus(), "the expression box has the keyboard focus", 20)
+        yield from self.wait(lambda: edit.hasFocus(), f"the {what} box has the keyboard focus", 20)
         self.xdotool("key", "ctrl+a")
-        self.xdotool("type", "--delay", "15", text)
+        self.xdotool("type", "--delay", str(delay_ms), text)
+
+    def type_expression(self, dock, text: str):
+        yield from self.type_into(dock.expression_combo.lineEdit(), text, "expression", 15)
         yield from self.pause(0.2)
         shown = dock.expression_combo.currentText()
         if shown != text and shown.startswith(text):  # the box completed it from the history: Delete, as a user
@@ -338,11 +341,7 @@ class Driver:
         self.trace(dock, f"typed the expression {text[:20]!r}")
 
     def type_save_to(self, dock, path: str):
-        edit = dock.output_widget.lineEdit()
-        self.click(edit)
-        yield from self.wait(lambda: edit.hasFocus(), "the Save to box has the keyboard focus", 20)
-        self.xdotool("key", "ctrl+a")
-        self.xdotool("type", "--delay", "10", path)
+        yield from self.type_into(dock.output_widget.lineEdit(), path, "Save to", 10)
         yield from self.wait(lambda: dock.output_widget.filePath() == path, f"Save to reads {path!r}", 30)
         self.trace(dock, "typed Save to")
 
