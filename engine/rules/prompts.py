@@ -64,6 +64,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from geo_r1_qgis.core.client import MAX_EXPRESSION_CHARS as _MAX_EXPRESSION_CHARS
 from geo_r1_qgis.core.errors import ConfigError
 
 __all__ = [
@@ -90,8 +91,9 @@ PROMPT_VERSION = "geo-r1-vlmr1-2025.09"
 #: Tasks understood by :func:`build_prompt`.
 TASKS: tuple[str, ...] = ("rec", "multi")
 
-#: Longest accepted expression, in characters (a referring expression is a sentence, not a document).
-MAX_EXPRESSION_CHARS = 2000
+#: Longest accepted expression, in characters (a referring expression is a sentence, not a document). Defined in
+#: the pure core, which the plugin ships too, so that its history keeps no longer entry than any engine accepts.
+MAX_EXPRESSION_CHARS = _MAX_EXPRESSION_CHARS
 
 #: VRSBench's REC question, followed directly by the expression (GEO-R1.md).
 REC_QUESTION_PREFIX = "Please provide the bounding box coordinate of the region this sentence describes: "

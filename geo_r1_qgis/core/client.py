@@ -272,8 +272,8 @@ class EngineClient:
         return [GroundResult.from_json(r) for r in results]
 
 
-#: the longest expression any engine accepts (``engine.rules.prompts.MAX_EXPRESSION_CHARS``; ``--max-expression-chars``
-#: can only lower it): the plugin's history never keeps a longer one
+#: the longest expression any engine accepts (the prompt builder's limit, ``engine.rules.prompts`` imports it from here;
+#: ``--max-expression-chars`` can only lower it): the plugin's history never keeps a longer one
 MAX_EXPRESSION_CHARS = 2000
 
 
