@@ -155,6 +155,12 @@ def test_a_killed_writer_leaves_a_valid_resumable_file(tmp_path):
     time.sleep(1.5)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    # the run's WAL hold (a child process, core/gpkg_schema.WalHold) sees its pipe close and takes the file out of
+    # WAL; until then this process's two SQLite libraries (Python's, pyogrio's GDAL) can read different snapshots
+    wal = out.with_name(out.name + "-wal")
+    deadline = time.monotonic() + 30
+    while wal.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     # closed before anything else opens the file: pyogrio's GDAL carries its own SQLite, and a connection of
     # Python's sqlite3 left open in the same process makes it read a stale WAL snapshot (core/gpkg_schema.WalHold)
     with contextlib.closing(sqlite3.connect(out)) as con:
