@@ -308,6 +308,9 @@ def test_a_started_engine_leaves_the_users_settings_so_a_restart_finds_the_readm
         sip.delete(d)
 
 
+_KEPT: list = []
+
+
 def test_processing_left_without_an_engine_url_uses_the_engine_the_panel_started(ep, qsettings, tiny_model, tmp_path,
                                                                                  monkeypatch):
     """Issue 16, 3.3: once a started engine no longer rewrites the settings, Processing (ENGINE_URL empty) must still
@@ -346,6 +349,8 @@ def test_processing_left_without_an_engine_url_uses_the_engine_the_panel_started
     finally:
         session.close()
         manager.stop_for_unload()
+        spin(lambda: manager.state in (ep.STOPPED, ep.CRASHED), 60, "the engine to stop")
+        _KEPT.append(manager)  # never collected while Qt may still call its reply handlers (a later test crashed)
         saved.save()
         QgsSettings().sync()
 
