@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 
 import pytest
 
@@ -26,6 +27,23 @@ def qgis_app():
     gc.collect()
     if owned:
         app.exitQgis()
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_in_the_main_thread():
+    """After each test, free what it left in reference cycles here, in Qt's thread.
+
+    A manager a test dropped still owns its network manager and the replies in flight. Left to Python's
+    collector, it may be freed from another thread (a test's reader thread) or in the middle of one of its
+    own replies' ``finished`` handlers, and Qt then reads a deleted reply: a segfault in a later test
+    (``engine_process.py ... on_finished`` during test_gpkg_ogr, in one CI run)."""
+    yield
+    if "qgis.core" in sys.modules:
+        from qgis.PyQt.QtCore import QCoreApplication, QEvent
+
+        QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+        QCoreApplication.processEvents()
+    gc.collect()
 
 
 def pytest_collection_modifyitems(config, items):
