@@ -78,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
     )
     from PIL import Image, UnidentifiedImageError
 
-    from engine.rules.prompts import default_max_new_tokens
+    from geo_r1_qgis.core.rules.prompts import default_max_new_tokens
     from engine.runtime.backend import GenerationSettings, GroundItem
     from engine.runtime.loading import LoadConfig
     from engine.runtime.local import LocalBackend

@@ -30,7 +30,7 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from engine.rules.prompts import build_messages
+    from geo_r1_qgis.core.rules.prompts import build_messages
     from engine.runtime.backend import GenerationSettings, GroundItem
     from engine.runtime.loading import LoadConfig, has_torchvision, load_processor
     from engine.runtime.local import LocalBackend

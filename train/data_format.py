@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from engine.rules.prompts import OVD_TEMPLATE, REC_QUESTION_PREFIX
+from geo_r1_qgis.core.rules.prompts import OVD_TEMPLATE, REC_QUESTION_PREFIX
 from geo_r1_qgis.core.errors import ConfigError
 
 MANIFEST = "dataset.json"

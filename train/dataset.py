@@ -1163,7 +1163,7 @@ def _load_json_list(path: Path, what: str) -> list[dict[str, Any]]:
 
 def expression_of(problem: str) -> str:
     """The bare expression of a Geo-R1 ``problem`` (the REC question prefix removed when present)."""
-    from engine.rules.prompts import REC_QUESTION_PREFIX
+    from geo_r1_qgis.core.rules.prompts import REC_QUESTION_PREFIX
 
     text = problem.strip()
     if text.startswith(REC_QUESTION_PREFIX.strip()):

@@ -38,7 +38,7 @@ plotted as learning curves; ``--logs NAME=FILE`` adds others.
 Coordinates: Geo-R1's evaluation never rescales predictions, and neither does the headline number here.
 Our chips are multiples of 28, so the model sees them unresized and nothing needs rescaling. For other
 image sizes the report counts them, and gives a "rescaled" mean IoU (predictions mapped back from the
-model's ``smart_resize`` frame, ``engine.rules.coords.model_to_image_box``) as our extension.
+model's ``smart_resize`` frame, ``geo_r1_qgis.core.rules.coords.model_to_image_box``) as our extension.
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from engine.rules.coords import model_input_size
-from engine.rules.parsing import format_ok
-from engine.rules.prompts import PROMPT_VERSION, PromptSpec
+from geo_r1_qgis.core.rules.coords import model_input_size
+from geo_r1_qgis.core.rules.parsing import format_ok
+from geo_r1_qgis.core.rules.prompts import PROMPT_VERSION, PromptSpec
 from geo_r1_qgis.core.errors import ConfigError, OutputError
 from train.data_format import SPLITS, TASKS, ChipRecord, assign_image_ids, eval_json_name, read_records
 from train.metrics import (

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.rules.prompts import PromptSpec
+from geo_r1_qgis.core.rules.prompts import PromptSpec
 from train.data_format import ChipRecord
 
 

@@ -12,7 +12,7 @@ with ``correct = 1 if iou(extracted, gt) > 0.5`` and ``accuracy = sum(correct) /
 ``recal_rec_acc_unique.py`` then re-scores that file; it never re-parses ``model_output``:
 
 1. **IoU** ``iou(box1, box2)``: ``0.0`` unless both are Python *lists* of exactly 4 items; the items are
-   converted with ``float()``; then the inclusive-pixel IoU (``engine.rules.coords.geo_r1_iou``: intersection
+   converted with ``float()``; then the inclusive-pixel IoU (``geo_r1_qgis.core.rules.coords.geo_r1_iou``: intersection
    ``[max(a0,b0), min(a2-1,b2-1)]`` inclusive, counted only when start < end on both axes; union of the
    exclusive areas; ``union <= 0`` gives 0.0). It is computed between ``extracted_answer`` and
    ``ground_truth`` of each results record.
@@ -40,7 +40,7 @@ against a literal transcription of the upstream counting on a fixed results file
 
 Parses (which box a model output gives):
 
-- Geo-R1 mode: ``engine.rules.parsing.geo_r1_eval_box`` (the first ``<answer>``, then the greedy
+- Geo-R1 mode: ``geo_r1_qgis.core.rules.parsing.geo_r1_eval_box`` (the first ``<answer>``, then the greedy
   ``\\{.*\\[a, b, c, d]\\s*.*\\}``, i.e. the LAST box of the answer, as ints; else ``[0, 0, 0, 0]``).
 - SFT-baseline mode: :func:`sft_baseline_box`, ``test_rec_baseline_eval.py``'s ``extract_bbox_answer``:
   the FIRST ``[a, b, c, d]`` anywhere (signed decimals, spaces allowed inside the brackets) as floats;
@@ -48,7 +48,7 @@ Parses (which box a model output gives):
 
 No rescaling, reordering or clipping in either mode: the prediction is compared in the pixels the model
 wrote. Our extension, reported beside it, is :func:`rescaled_iou`: the prediction scaled from the model's
-``smart_resize`` frame back to the image (``engine.rules.coords.model_to_image_box``), which only differs for
+``smart_resize`` frame back to the image (``geo_r1_qgis.core.rules.coords.model_to_image_box``), which only differs for
 images whose sides are not multiples of 28. :func:`mean_iou` is our extension too (upstream reports none).
 
 OVD: what Geo-R1's ``run_scripts/test_ovd_nwpu_eval.py`` does
@@ -106,8 +106,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.rules.coords import geo_r1_iou, model_input_size, model_to_image_box
-from engine.rules.parsing import geo_r1_eval_box
+from geo_r1_qgis.core.rules.coords import geo_r1_iou, model_input_size, model_to_image_box
+from geo_r1_qgis.core.rules.parsing import geo_r1_eval_box
 from geo_r1_qgis.core.errors import ConfigError
 
 __all__ = [
@@ -216,7 +216,7 @@ def recal_iou(pred: Any, gt: Any) -> float:
 
 def rescaled_iou(pred: Any, gt: Any, image_size: Sequence[int]) -> float:
     """Our extension: the IoU after scaling ``pred`` from the model's ``smart_resize`` frame to the image
-    (``engine.rules.coords.model_to_image_box``, which also clips it). Equals :func:`recal_iou` when the image
+    (``geo_r1_qgis.core.rules.coords.model_to_image_box``, which also clips it). Equals :func:`recal_iou` when the image
     sides are multiples of 28 (the model sees the image unresized). A box outside the image scores 0."""
     size = (int(image_size[0]), int(image_size[1]))
     model_size = model_input_size(size)

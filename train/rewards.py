@@ -8,9 +8,9 @@ are those the trainer builds from the dataset (``train/data_format.py``):
 - ``solution``: the true boxes, a list of ``[x1, y1, x2, y2]`` in original-image (chip) pixels;
 - ``image_size``: ``[width, height]`` of the original image.
 
-The rules themselves live once, in the engine: the format regex (``engine.rules.parsing.format_ok``), the box
-the reward reads (``engine.rules.parsing.vlm_r1_reward_box``), Geo-R1's IoU (``engine.rules.coords.geo_r1_iou``) and
-Qwen's ``smart_resize`` (``engine.rules.coords.model_input_size``, which equals ``image_grid_thw[1:] * 14``).
+The rules themselves live once, in the engine: the format regex (``geo_r1_qgis.core.rules.parsing.format_ok``), the box
+the reward reads (``geo_r1_qgis.core.rules.parsing.vlm_r1_reward_box``), Geo-R1's IoU (``geo_r1_qgis.core.rules.coords.geo_r1_iou``) and
+Qwen's ``smart_resize`` (``geo_r1_qgis.core.rules.coords.model_input_size``, which equals ``image_grid_thw[1:] * 14``).
 
 Total reward = format + metric, unweighted (maximum 2), as in GEO-R1.md.
 """
@@ -23,8 +23,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from engine.rules.coords import geo_r1_iou, model_input_size
-from engine.rules.parsing import format_ok, vlm_r1_reward_box
+from geo_r1_qgis.core.rules.coords import geo_r1_iou, model_input_size
+from geo_r1_qgis.core.rules.parsing import format_ok, vlm_r1_reward_box
 
 RewardFn = Callable[..., list[float]]
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.rules.prompts import PROMPT_VERSION, PromptSpec
+from geo_r1_qgis.core.rules.prompts import PROMPT_VERSION, PromptSpec
 from geo_r1_qgis.core.errors import ConfigError, OutputError
 from train.config import FIELD_NAMES, METHODS, TrainConfig, build_config
 from train.data_format import MANIFEST, SPLITS, TASKS, ChipRecord, jsonl_name, read_manifest, read_records, target_text

@@ -3,9 +3,9 @@
 A backend turns (image, expression) items into reasoning plus boxes. Two implement it:
 :class:`engine.runtime.local.LocalBackend` (a transformers model in this process) and
 :class:`engine.runtime.remote.RemoteBackend` (a remote OpenAI-compatible server such as vLLM or SGLang, or a
-second engine's ``/v1`` route). Both use the same prompts (:mod:`engine.rules.prompts`), the same parser
-(:mod:`engine.rules.parsing`), the same coordinate handling (:mod:`engine.rules.coords`) and the same confidence
-definitions (:mod:`engine.rules.confidence`), so their results are interchangeable.
+second engine's ``/v1`` route). Both use the same prompts (:mod:`geo_r1_qgis.core.rules.prompts`), the same parser
+(:mod:`geo_r1_qgis.core.rules.parsing`), the same coordinate handling (:mod:`geo_r1_qgis.core.rules.coords`) and the same confidence
+definitions (:mod:`geo_r1_qgis.core.rules.confidence`), so their results are interchangeable.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def item_result(
     ``box_frame="image"`` they are taken as the client image's pixels already (clipped only). Boxes with no
     area left are dropped.
     """
-    from engine.rules.coords import model_to_image_box
+    from geo_r1_qgis.core.rules.coords import model_to_image_box
 
     frame_size = image_size if box_frame == "image" else model_size  # "image": clip only (BOX_FRAMES)
     boxes = []

@@ -6,7 +6,7 @@ micro-batched together by a single worker thread (:class:`MicroBatcher`), which 
 thread that touches the model, so adapter switches never race a generation.
 
 Per generated token we record the log-probability of the chosen token and the probability mass of
-None-starting tokens (:class:`_TokenRecorder`), from which :mod:`engine.rules.confidence` computes the box
+None-starting tokens (:class:`_TokenRecorder`), from which :mod:`geo_r1_qgis.core.rules.confidence` computes the box
 scores and the presence probability without ever keeping a full vocabulary of scores per step.
 """
 
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine import __version__ as ENGINE_VERSION
-from engine.rules.confidence import confidence_from_tokens, is_none_piece
-from engine.rules.parsing import parse_output
-from engine.rules.prompts import PROMPT_VERSION, build_messages
+from geo_r1_qgis.core.rules.confidence import confidence_from_tokens, is_none_piece
+from geo_r1_qgis.core.rules.parsing import parse_output
+from geo_r1_qgis.core.rules.prompts import PROMPT_VERSION, build_messages
 from engine.runtime.backend import ChatResult, GenerationSettings, GroundItem, ItemResult, is_out_of_memory, item_result
 from engine.runtime.loading import LoadConfig, load_model
 from engine.runtime.preprocess import fast_inputs
@@ -209,7 +209,7 @@ class LocalBackend:
     """A transformers model in this process, behind the :class:`engine.runtime.backend.Backend` interface."""
 
     kind = "local"
-    #: which pixels the model's boxes are in (engine.rules.coords.BOX_FRAMES); the server sets it
+    #: which pixels the model's boxes are in (geo_r1_qgis.core.rules.coords.BOX_FRAMES); the server sets it
     box_frame = "model"
     #: tiles that need no resize skip the image processor's slow path (engine/runtime/preprocess.py)
     fast_preprocess = True
@@ -279,7 +279,7 @@ class LocalBackend:
         return int(getattr(text, "max_position_embeddings", 32768))
 
     def _check_prompt_length(self, text: str, images: list[Any]) -> None:
-        from engine.rules.coords import model_input_size
+        from geo_r1_qgis.core.rules.coords import model_input_size
 
         limit = self.max_prompt_tokens or self.context_tokens
         if len(text) > 64 * limit:  # no token is that long: reject before even tokenizing

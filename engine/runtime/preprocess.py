@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from engine.rules.coords import QWEN_FACTOR, smart_resize
+from geo_r1_qgis.core.rules.coords import QWEN_FACTOR, smart_resize
 
 
 def _settings(image_processor: Any) -> tuple[float, list[float], list[float], int, int, int, int, int] | None:

@@ -2,15 +2,15 @@
 
 :class:`RemoteBackend` implements :class:`engine.runtime.backend.Backend`. The remote server only generates
 text; everything Geo-R1-specific happens here, with the same code as the local backend: the prompt
-(:func:`engine.rules.prompts.build_messages`, sent as OpenAI content parts, the image first as a PNG
-``data:`` URI), the parse (:func:`engine.rules.parsing.parse_output`), the coordinate rescaling
-(:mod:`engine.rules.coords`) and the confidences (:func:`engine.rules.confidence.confidence_from_tokens`).
+(:func:`geo_r1_qgis.core.rules.prompts.build_messages`, sent as OpenAI content parts, the image first as a PNG
+``data:`` URI), the parse (:func:`geo_r1_qgis.core.rules.parsing.parse_output`), the coordinate rescaling
+(:mod:`geo_r1_qgis.core.rules.coords`) and the confidences (:func:`geo_r1_qgis.core.rules.confidence.confidence_from_tokens`).
 
 Assumptions (documented because the remote server does not report them)
 -----------------------------------------------------------------------
 * **Coordinates.** The remote model's processor resizes images with Qwen2.5-VL's default
   ``smart_resize`` (multiples of 28, min_pixels=3136, max_pixels=12845056), so a box is rescaled from
-  :func:`engine.rules.coords.model_input_size` of the image we sent to the image's own size. A server
+  :func:`geo_r1_qgis.core.rules.coords.model_input_size` of the image we sent to the image's own size. A server
   started with other limits (vLLM ``--mm-processor-kwargs '{"max_pixels": ...}'``) must be matched with
   the ``min_pixels``/``max_pixels`` arguments, or boxes of large images land in the wrong place.
 * **Confidence.** Each request asks for ``logprobs`` with ``top_logprobs=20``. A box's score uses the
@@ -36,10 +36,10 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from engine.rules.confidence import confidence_from_tokens, is_none_piece
-from engine.rules.coords import QWEN25_MAX_PIXELS, QWEN25_MIN_PIXELS, model_input_size
-from engine.rules.parsing import parse_output
-from engine.rules.prompts import build_messages
+from geo_r1_qgis.core.rules.confidence import confidence_from_tokens, is_none_piece
+from geo_r1_qgis.core.rules.coords import QWEN25_MAX_PIXELS, QWEN25_MIN_PIXELS, model_input_size
+from geo_r1_qgis.core.rules.parsing import parse_output
+from geo_r1_qgis.core.rules.prompts import build_messages
 from engine.runtime.backend import ChatResult, GenerationSettings, GroundItem, ItemResult, item_result
 from geo_r1_qgis.core.errors import (
     ConfigError,
@@ -128,7 +128,7 @@ class RemoteBackend:
     """Geo-R1 grounding through an OpenAI-compatible ``/v1`` server (see the module docstring)."""
 
     kind = "openai"
-    #: which pixels the model's boxes are in (engine.rules.coords.BOX_FRAMES); the server sets it
+    #: which pixels the model's boxes are in (geo_r1_qgis.core.rules.coords.BOX_FRAMES); the server sets it
     box_frame = "model"
 
     def __init__(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engine.rules.coords import MAX_ASPECT_RATIO
+from geo_r1_qgis.core.rules.coords import MAX_ASPECT_RATIO
 from engine.server.security import ApiError
 from geo_r1_qgis.core.client import TILES_MEDIA_TYPE
 

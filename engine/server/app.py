@@ -75,8 +75,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from engine import __version__ as ENGINE_VERSION
-from engine.rules.coords import BOX_FRAMES
-from engine.rules.prompts import MAX_EXPRESSION_CHARS, MAX_NEW_TOKENS, PROMPT_VERSION, default_max_new_tokens
+from geo_r1_qgis.core.rules.coords import BOX_FRAMES
+from geo_r1_qgis.core.rules.prompts import MAX_EXPRESSION_CHARS, MAX_NEW_TOKENS, PROMPT_VERSION, default_max_new_tokens
 from engine.runtime.backend import Backend, GenerationSettings, GroundItem, is_out_of_memory
 from engine.runtime.loading import parse_adapters
 from engine.server.api_models import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.rules.parsing import vlm_r1_reward_box
+from geo_r1_qgis.core.rules.parsing import vlm_r1_reward_box
 from train.rewards import (
     REWARDS,
     TASK_REWARDS,

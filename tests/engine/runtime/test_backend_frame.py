@@ -1,10 +1,10 @@
-"""``--box-frame``: which pixels the model's boxes are in (engine.rules.coords.BOX_FRAMES)."""
+"""``--box-frame``: which pixels the model's boxes are in (geo_r1_qgis.core.rules.coords.BOX_FRAMES)."""
 
 from __future__ import annotations
 
 import pytest
 
-from engine.rules.parsing import parse_output
+from geo_r1_qgis.core.rules.parsing import parse_output
 from engine.runtime.backend import item_result
 
 TEXT = '<think> t </think> <answer>[{"bbox_2d": [252, 252, 504, 504], "label": "x"}]</answer>'

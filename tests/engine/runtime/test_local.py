@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.rules.coords import model_to_image_box, smart_resize
-from engine.rules.parsing import parse_output
+from geo_r1_qgis.core.rules.coords import model_to_image_box, smart_resize
+from geo_r1_qgis.core.rules.parsing import parse_output
 from engine.runtime.backend import GenerationSettings, GroundItem
 from engine.runtime.loading import LoadConfig
 from engine.runtime.local import LocalBackend, MicroBatcher
@@ -141,7 +141,7 @@ MULTIBYTE = [
 
 @pytest.mark.parametrize("text", MULTIBYTE)
 def test_decode_keeps_multibyte_characters_that_tokens_split(tiny_model_dir, text):
-    from engine.rules.confidence import token_offsets
+    from geo_r1_qgis.core.rules.confidence import token_offsets
     from engine.runtime.loading import load_processor
     from engine.runtime.local import decode_with_pieces
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.rules.coords import model_input_size
+from geo_r1_qgis.core.rules.coords import model_input_size
 from engine.runtime.backend import GenerationSettings, GroundItem
 from engine.runtime.remote import RemoteBackend, to_openai_messages, token_logprobs
 from geo_r1_qgis.core.errors import ConfigError, EngineRequestError, EngineUnavailableError

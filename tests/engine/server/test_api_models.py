@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from engine.rules.coords import MAX_ASPECT_RATIO
+from geo_r1_qgis.core.rules.coords import MAX_ASPECT_RATIO
 from engine.server.api_models import (
     GroundItemIn,
     decode_ground_item,

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from engine.rules.coords import model_input_size
+from geo_r1_qgis.core.rules.coords import model_input_size
 
 # The shared process helpers live beside this file (pytest runs with --import-mode=importlib).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -8,15 +8,15 @@ import pathlib
 
 import pytest
 
-from engine.rules import coords, parsing, prompts
-from engine.rules.coords import (
+from geo_r1_qgis.core.rules import coords, parsing, prompts
+from geo_r1_qgis.core.rules.coords import (
     geo_r1_iou,
     image_to_model_box,
     model_input_size,
     model_to_image_box,
     smart_resize,
 )
-from engine.rules.parsing import ParsedBox
+from geo_r1_qgis.core.rules.parsing import ParsedBox
 from geo_r1_qgis.core.errors import ConfigError
 
 MIN, MAX = 3136, 12845056

@@ -10,7 +10,7 @@ would have accepted the text in ``format_ok``.
 fidelity only.
 
 Coordinates are returned as the model wrote them (pixels of the smart-resized image);
-:mod:`engine.rules.coords` rescales them to the original image and clips them.
+:mod:`geo_r1_qgis.core.rules.coords` rescales them to the original image and clips them.
 
 Rules (deliberate choices, documented here because sources differ)
 -----------------------------------------------------------------

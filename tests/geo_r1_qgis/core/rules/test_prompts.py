@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.rules import prompts
-from engine.rules.prompts import PromptSpec, build_messages, build_prompt
+from geo_r1_qgis.core.rules import prompts
+from geo_r1_qgis.core.rules.prompts import PromptSpec, build_messages, build_prompt
 from geo_r1_qgis.core.errors import ConfigError
 
 # ---- expected prompts, written out by hand (do NOT build these from the module's constants) ----------
@@ -199,7 +199,7 @@ def test_prompts_module_is_pure() -> None:
 
 
 def test_generation_limits_per_task_are_geo_r1s():
-    from engine.rules.prompts import MAX_NEW_TOKENS, default_max_new_tokens
+    from geo_r1_qgis.core.rules.prompts import MAX_NEW_TOKENS, default_max_new_tokens
 
     assert MAX_NEW_TOKENS == {"rec": 256, "multi": 1024}
     assert default_max_new_tokens("rec") == 256

@@ -4,14 +4,14 @@ import math
 
 import pytest
 
-from engine.rules.confidence import (
+from geo_r1_qgis.core.rules.confidence import (
     branch_char_index,
     confidence_from_tokens,
     is_none_piece,
     span_score,
     token_offsets,
 )
-from engine.rules.parsing import parse_output
+from geo_r1_qgis.core.rules.parsing import parse_output
 
 
 @pytest.mark.parametrize(
