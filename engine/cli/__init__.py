@@ -109,6 +109,3 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"geo-r1 {name}: interrupted\n")
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())
