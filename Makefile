@@ -39,7 +39,7 @@ wheel: setup
 	$(VENV)/bin/pip wheel --no-deps --no-build-isolation --quiet -w dist .
 
 plugin-zip:
-	$(QGIS_PY) scripts/package_plugin.py --out dist/geo_r1_qgis.zip
+	$(QGIS_PY) scripts/package_plugin.py --output dist/geo_r1_qgis.zip
 
 # The README's screenshot: the desktop test (Debian's QGIS under Xvfb, a real engine) saving it to docs/panel.png.
 panel-screenshot: setup

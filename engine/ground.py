@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.cli.options import hide_aliases
 from geo_r1_qgis.core.client import DEFAULT_URL, EngineClient, read_token
 from geo_r1_qgis.core.errors import (
     ConfigError,
@@ -111,7 +112,7 @@ class GroundConfig:
         if self.engine and self.model:
             raise ConfigError("give either --engine URL (a running engine) or --model M (start one), not both")
         if not 1 <= self.batch <= 64:
-            raise ConfigError(f"--batch must be within 1..64 tiles per request, got {self.batch}")
+            raise ConfigError(f"--batch-size must be within 1..64 tiles per request, got {self.batch}")
         if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= 4096:
             raise ConfigError(f"--max-new-tokens must be within 1..4096, got {self.max_new_tokens}")
         if self.top_k < 1:
@@ -177,7 +178,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--dtype", default="auto", help="dtype for --model: auto, float32, bfloat16, float16")
     eng.add_argument("--serve-timeout", type=float, default=300.0, help="seconds to wait for --model to load")
     req = parser.add_argument_group("requests and search")
-    req.add_argument("--batch", type=int, default=8, help="tiles per /ground request (default: %(default)s)")
+    hide_aliases(req.add_argument("--batch-size", "--batch", dest="batch", type=int, default=8,
+                                  help="tiles per /ground request (default: %(default)s)"), ("--batch",))
     req.add_argument("--max-new-tokens", type=int, default=None,
                      help="generation limit per tile (default: Geo-R1's, 256 for mode one, 1024 for mode all)")
     req.add_argument("--no-reasoning", action="store_true", help="the SFT-baseline prompt without <think>")

@@ -1,6 +1,6 @@
 """Build the QGIS plugin zip (the layout plugins.qgis.org and "Install from ZIP" expect).
 
-    python3 scripts/package_plugin.py [--out dist/geo_r1_qgis.zip]
+    python3 scripts/package_plugin.py [--output dist/geo_r1_qgis.zip]
 
 The zip holds one folder, ``geo_r1_qgis/``: the package's Python files, ``metadata.txt`` and the icon
 from ``resources/``. Standard library only, so QGIS's Python can run it too.
@@ -44,7 +44,9 @@ def build(out: Path, root: Path = ROOT) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "dist" / f"{PKG}.zip")
+    action = ap.add_argument("-o", "--output", "--out", dest="out", type=Path, default=ROOT / "dist" / f"{PKG}.zip",
+                             help="the zip to write (default: %(default)s)")
+    action.option_strings = ["-o", "--output"]  # --out, the old spelling, still parses (as geo-r1's hidden aliases)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     build(args.out)

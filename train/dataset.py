@@ -52,6 +52,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from engine.cli.options import hide_aliases
 from geo_r1_qgis.core.annotations import FIELDS, GEOMETRY_TYPE, LAYER_NAME, SPLITS, Annotation
 from geo_r1_qgis.core.errors import ConfigError, NotGeoreferencedError, OutputError, RasterError
 from train import chips as cm
@@ -1295,7 +1296,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("build", help="chips, records and manifest from annotation GeoPackages")
     p.add_argument("annotations", type=Path, nargs="+", metavar="ANN.gpkg", help="annotation GeoPackage(s)")
-    p.add_argument("-o", "--out-dir", type=Path, required=True, help="dataset folder to create")
+    hide_aliases(p.add_argument("-o", "--output", "--out-dir", dest="out_dir", type=Path, required=True,
+                              help="dataset folder to create"), ("--out-dir",))
     p.add_argument("--gsd", type=float, help="working ground resolution in metres (default: each raster's own)")
     p.add_argument("--chip", type=int, default=504, help="chip side in pixels, a multiple of 28 (default: %(default)s)")
     p.add_argument("--chips-per-box", type=int, default=4, help="chips per annotation (default: %(default)s)")
@@ -1312,7 +1314,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the dataset folder if it exists")
 
     p = sub.add_parser("synthetic", help="a small learnable few-shot set from the sample scenes")
-    p.add_argument("-o", "--out-dir", type=Path, required=True, help="dataset folder to create")
+    hide_aliases(p.add_argument("-o", "--output", "--out-dir", dest="out_dir", type=Path, required=True,
+                              help="dataset folder to create"), ("--out-dir",))
     p.add_argument("--shots", type=int, required=True, help="train annotations per expression, e.g. 1, 5 or 10")
     p.add_argument("--chip", type=int, default=112, help="chip side in pixels, a multiple of 28 (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
@@ -1325,7 +1328,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("from-json", help="a dataset folder from a VRSBench / DIOR-RSVG evaluation JSON")
     p.add_argument("eval_json", type=Path, metavar="EVAL.json", help="list of {image, problem, solution}")
     p.add_argument("--images", type=Path, required=True, help="folder the JSON's image paths are relative to")
-    p.add_argument("-o", "--out-dir", type=Path, required=True, help="dataset folder to create")
+    hide_aliases(p.add_argument("-o", "--output", "--out-dir", dest="out_dir", type=Path, required=True,
+                              help="dataset folder to create"), ("--out-dir",))
     p.add_argument("--split", default="test", choices=SPLITS, help="split of the records (default: %(default)s)")
     p.add_argument("--unique", type=Path, metavar="FILE", help="the ..._with_unique.json file (is_unique per query)")
     p.add_argument("--overwrite", action="store_true", help="replace the dataset folder if it exists")

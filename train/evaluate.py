@@ -55,10 +55,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from engine.cli.options import hide_aliases
+from geo_r1_qgis.core.errors import ConfigError, OutputError
 from geo_r1_qgis.core.rules.coords import model_input_size
 from geo_r1_qgis.core.rules.parsing import format_ok
 from geo_r1_qgis.core.rules.prompts import PROMPT_VERSION, PromptSpec
-from geo_r1_qgis.core.errors import ConfigError, OutputError
 from train.data_format import SPLITS, TASKS, ChipRecord, assign_image_ids, eval_json_name, read_records
 from train.metrics import (
     MODES,
@@ -876,7 +877,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, help="default: 256 for rec, 1024 for multi (Geo-R1's)")
     parser.add_argument("--limit", type=int, help="score only the first N queries")
-    parser.add_argument("-o", "--out", type=Path, required=True, metavar="REPORT_DIR", help="report directory")
+    hide_aliases(parser.add_argument("-o", "--output", "--out", dest="out", type=Path, required=True,
+                                     metavar="REPORT_DIR", help="report directory"), ("--out",))
     parser.add_argument("--predictions", action="append", metavar="[NAME=]FILE",
                         help="re-score a results file without running a model (repeatable)")  # fmt: skip
     parser.add_argument("--logs", action="append", metavar="NAME=TRAIN_LOG.jsonl",

@@ -58,10 +58,11 @@ from typing import Any
 
 import numpy as np
 
+from engine.cli.options import add_config_arguments, config_from_args
+from geo_r1_qgis.core.errors import ConfigError, OutputError
 from geo_r1_qgis.core.rules.coords import geo_r1_iou
 from geo_r1_qgis.core.rules.parsing import geo_r1_eval_box
 from geo_r1_qgis.core.rules.prompts import PROMPT_VERSION, build_messages
-from geo_r1_qgis.core.errors import ConfigError, OutputError
 from train import chips
 from train.data_format import answer_json, place_words
 
@@ -83,7 +84,8 @@ DEVICES = ("cpu", "cuda")
 class SampleModelConfig:
     """One ``geo-r1 sample-model build`` run. Checked on construction; every message names the fix."""
 
-    out_dir: Path = field(metadata={"help": "directory to write the checkpoint into", "flags": ("-o", "--out-dir")})
+    out_dir: Path = field(metadata={"help": "directory to write the checkpoint into", "flags": ("-o", "--output"),
+                                             "aliases": ("--out-dir",)})
     steps: int = field(default=6000, metadata={"help": "optimiser steps (the time budget may stop it earlier)"})
     seed: int = field(default=0, metadata={"help": "seed of the weights and of the chip stream"})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
@@ -697,30 +699,6 @@ def build(config: SampleModelConfig, command: str | None = None) -> dict[str, An
 # --------------------------------------------------------------------------------------------------
 # Command line: flags derived from the config's fields, as ``geo-r1 train`` derives them from TrainConfig
 # --------------------------------------------------------------------------------------------------
-
-_KINDS = {"int": int, "float": float, "str": str, "Path": Path}
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per dataclass field: its name with dashes, its type and its ``help`` metadata; bools as
-    ``--name/--no-name``. Defaults stay None so the dataclass's own defaults and checks apply."""
-    for f in dataclasses.fields(cls):
-        flags = f.metadata.get("flags", (f"--{f.name.replace('_', '-')}",))
-        kind = str(f.type).split(" ")[0]
-        default = None if f.default is dataclasses.MISSING else f.default
-        help_ = f.metadata.get("help", "") + (f" (default {default})" if default is not None else "")
-        if kind == "bool":
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        else:
-            required = f.default is dataclasses.MISSING
-            parser.add_argument(*flags, dest=f.name, type=_KINDS.get(kind, str), default=None, required=required,
-                                help=help_)  # fmt: skip
-
-
-def config_from_args(cls: type, args: argparse.Namespace) -> Any:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
-    return cls(**values)
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")

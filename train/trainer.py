@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from geo_r1_qgis.core.rules.prompts import PROMPT_VERSION, PromptSpec
+from engine.cli.options import hide_aliases
 from geo_r1_qgis.core.errors import ConfigError, OutputError
+from geo_r1_qgis.core.rules.prompts import PROMPT_VERSION, PromptSpec
 from train.config import FIELD_NAMES, METHODS, TrainConfig, build_config
 from train.data_format import MANIFEST, SPLITS, TASKS, ChipRecord, jsonl_name, read_manifest, read_records, target_text
 
@@ -455,7 +456,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("method", choices=METHODS, help="sft (the paper's baseline), grpo or dapo")
     parser.add_argument("--data", type=Path, required=True, help="dataset directory (geo-r1 dataset build|synthetic)")
     parser.add_argument("--model", required=True, help="base model: Hugging Face id or local directory")
-    parser.add_argument("-o", "--output-dir", type=Path, required=True, help="adapter directory to write")
+    hide_aliases(parser.add_argument("-o", "--output", "--output-dir", dest="output_dir", type=Path, required=True,
+                                     help="adapter directory to write"), ("--output-dir",))
     parser.add_argument("--config", help="a YAML recipe (path, or a built-in name: sft, grpo, dapo, cpu-smoke, "
                                          "tiny-learn), applied over the method's preset")  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in -o")

@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import logging
 import sys
+from types import ModuleType
 
 from geo_r1_qgis.core.errors import GeoR1Error
 
@@ -68,6 +69,14 @@ def _top_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_parser(name: str) -> tuple[argparse.ArgumentParser, ModuleType]:
+    """The parser of ``geo-r1 NAME`` and the module that runs it (imported only now)."""
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"geo-r1 {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    return parser, module
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = _top_parser()
@@ -90,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.runtime.threads import prepare_environment
 
     prepare_environment()  # before anything imports torch
-    module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"geo-r1 {name}", description=COMMANDS[name][1])
-    module.add_arguments(parser)
+    parser, module = command_parser(name)
     args = parser.parse_args(argv[first + 1 :])
     level = logging.WARNING - 10 * min(2, top_args.verbose + 1)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,5 +1,6 @@
 """The ``geo-r1`` dispatcher: help, exit codes, lazy imports, one-line errors."""
 
+import re
 import subprocess
 import sys
 
@@ -40,3 +41,49 @@ def test_a_command_imports_only_what_it_needs(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0 []", out.stdout + out.stderr
+
+
+#: command (and sub-action) -> the old spellings of its output flag, which still parse but are not listed
+OUTPUT_ALIASES = {
+    ("ground", None): ("--output",),
+    ("train", None): ("--output-dir",),
+    ("eval", None): ("--out",),
+    ("dataset", "import"): ("--output",),
+    ("dataset", "build"): ("--out-dir",),
+    ("dataset", "synthetic"): ("--out-dir",),
+    ("dataset", "from-json"): ("--out-dir",),
+    ("sample-model", "build"): ("--out-dir",),
+}
+
+
+def _help_of(name, action):
+    parser, _ = cli.command_parser(name)
+    if action is None:
+        return parser, parser.format_help()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return parser, sub.choices[action].format_help()
+
+
+@pytest.mark.parametrize(("name", "action"), sorted(OUTPUT_ALIASES, key=str))
+def test_the_output_flag_is_spelled_one_way_and_old_spellings_still_parse(name, action, tmp_path):
+    parser, text = _help_of(name, action)
+    assert "-o " in text and "--output" in text
+    for old in OUTPUT_ALIASES[name, action]:
+        if old == "--output":
+            continue
+        assert not re.search(re.escape(old) + r"\b(?!-)", text)  # hidden
+        required = {"ground": ["r.tif", "tanks"], "train": ["sft", "--data", "d", "--model", "m"],
+                    "dataset": [action, *({"import": ["l.gpkg", "--raster", "r.tif", "--expression", "e"],
+                                           "build": ["a.gpkg"], "synthetic": ["--shots", "1"],
+                                           "from-json": ["e.json", "--images", "i"]}.get(action, []))],
+                    "sample-model": ["build"]}.get(name, [])  # fmt: skip
+        new = vars(parser.parse_args([*required, "--output", str(tmp_path / "x.gpkg")]))
+        assert vars(parser.parse_args([*required, old, str(tmp_path / "x.gpkg")])) == new
+
+
+def test_one_name_per_idea_batch_size():
+    parser, text = _help_of("ground", None)
+    assert "--batch-size" in text and "--batch " not in text
+    old = parser.parse_args(["r.tif", "tanks", "-o", "x.gpkg", "--batch", "3"])
+    new = parser.parse_args(["r.tif", "tanks", "-o", "x.gpkg", "--batch-size", "3"])
+    assert vars(old) == vars(new)
