@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.cli.options import hide_aliases
+from engine.cli import options
+from engine.cli.options import add_config_arguments
 from geo_r1_qgis.core.client import DEFAULT_URL, EngineClient, read_token
 from geo_r1_qgis.core.errors import (
     ConfigError,
@@ -61,40 +62,118 @@ def _parse_floats(text: str | None, n: int, what: str, example: str) -> tuple[fl
     return values
 
 
+def _parse_bbox(text: str | None) -> tuple[float, ...] | None:
+    return _parse_floats(text, 4, "--bbox", "--bbox 630000,4249000,631000,4250000")
+
+
+#: the help sections of ``geo-r1 ground``
+_TILES = {"group": "tiles"}
+_OUT = {"group": "output"}
+_ENGINE = {"group": "engine (a running one, or one started for this run)"}
+_REQUESTS = {"group": "requests and search"}
+
+
 @dataclass(frozen=True)
 class GroundConfig:
     """Everything ``geo-r1 ground`` needs. Checks itself; each message names the bad value and the fix."""
 
-    raster: Path | str  # a str for GDAL paths (/vsizip/..., URLs), which a Path would mangle
-    expression: str
-    output: Path
-    mode: str = "all"
-    gsd: float | None = None
-    tile: int = DEFAULT_TILE
-    overlap: int = 64
-    bands: tuple[int, ...] | None = None
-    bbox: tuple[float, ...] | None = None
-    layer: str | None = None
-    dst_crs: str | None = None
-    resume: bool = False
+    # a str for GDAL paths (/vsizip/..., URLs), which a Path would mangle
+    raster: Path | str = field(metadata={
+        "positional": True, "type": str,
+        "help": "a georeferenced raster (GeoTIFF, COG, anything GDAL reads, /vsizip/, /vsicurl/ and other GDAL "
+                "paths included)"})  # fmt: skip
+    expression: str = field(metadata={"positional": True, "help": 'what to find, e.g. "all storage tanks"'})
+    output: Path = field(metadata={"flags": ("-o", "--output"), "help": "GeoPackage to write (a new layer per run)"})
+    mode: str = field(
+        default="all",
+        metadata={"choices": MODES, "help": "all: every instance (default); one: the single best match"},
+    )
+    gsd: float | None = field(
+        default=None, metadata={**_TILES, "help": "ground resolution of the tiles in metres (default: the raster's)"}
+    )
+    tile: int = field(
+        default=DEFAULT_TILE,
+        metadata={**_TILES,
+                  "help": "tile size in pixels (default: %(default)s, a multiple of 28: the model sees it unresized)"},
+    )  # fmt: skip
+    overlap: int = field(default=64, metadata={**_TILES, "help": "overlap of tiles in pixels"})
+    bands: tuple[int, ...] | None = field(
+        default=None,
+        metadata={**_TILES, "action": "store", "parse": parse_bands,
+                  "help": "band numbers for R,G,B (default: the RGB bands, else the first three)"},
+    )  # fmt: skip
+    bbox: tuple[float, ...] | None = field(
+        default=None,
+        metadata={**_TILES, "action": "store", "parse": _parse_bbox,
+                  "help": "xmin,ymin,xmax,ymax in the raster's CRS (default: the whole raster)"},
+    )  # fmt: skip
+    layer: str | None = field(
+        default=None, metadata={**_OUT, "help": "layer name (default: from the expression and the run id)"}
+    )
+    dst_crs: str | None = field(
+        default=None, metadata={**_OUT, "help": "write polygons in this CRS, e.g. EPSG:4326 (default: the raster's)"}
+    )
+    resume: bool = field(
+        default=False, metadata={**_OUT, "help": "continue the interrupted run with these parameters"}
+    )
+    progress: bool = field(
+        default=True, metadata={**_OUT, "flags": ("--no-progress",), "action": "store_false", "help": "no progress bar"}
+    )
     # -- engine
-    engine: str | None = None
-    token_file: Path | None = None
-    model: str | None = None
-    processor: str | None = None
-    adapters: tuple[str, ...] = ()
-    device: str = "auto"
-    dtype: str = "auto"
-    serve_timeout_s: float = 300.0
+    engine: str | None = field(
+        default=None,
+        metadata={**_ENGINE, "metavar": "URL", "help": f"URL of a running engine (default: {DEFAULT_URL})"},
+    )
+    token_file: Path | None = field(
+        default=None, metadata={**_ENGINE, "help": "the engine's token file (default: the engine's default)"}
+    )
+    model: str | None = field(
+        default=None, metadata={**_ENGINE, "help": "start an engine with this model for the run (HF id or directory)"}
+    )
+    processor: str | None = field(default=None, metadata={**_ENGINE, "help": "processor id/directory for --model"})
+    adapters: tuple[str, ...] = field(
+        default=(),
+        metadata={**_ENGINE, "flags": ("--adapter",), "metavar": "[NAME=]PATH", "help": "LoRA adapter for --model"},
+    )
+    device: str = field(
+        default="auto", metadata={**_ENGINE, "help": "device for --model: auto, cpu, cuda, cuda:N, mps"}
+    )
+    dtype: str = field(
+        default="auto", metadata={**_ENGINE, "help": "dtype for --model: auto, float32, bfloat16, float16"}
+    )
+    serve_timeout_s: float = field(
+        default=300.0,
+        metadata={**_ENGINE, "flags": ("--serve-timeout",), "help": "seconds to wait for --model to load"},
+    )
     # -- requests and search
-    batch: int = 8
-    max_new_tokens: int | None = None  # None: the engine's default for the task (Geo-R1: rec 256, multi 1024)
-    reasoning: bool = True
-    coarse_to_fine: bool = True
-    top_k: int = 3
-    min_score: float = 0.0
-    progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    batch: int = field(
+        default=8,
+        metadata={**_REQUESTS, "flags": ("--batch-size",), "aliases": ("--batch",),
+                  "help": "tiles per /ground request"},
+    )  # fmt: skip
+    # None: the engine's default for the task (Geo-R1: rec 256, multi 1024)
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={**_REQUESTS,
+                  "help": "generation limit per tile (default: Geo-R1's, 256 for mode one, 1024 for mode all)"},
+    )  # fmt: skip
+    reasoning: bool = field(
+        default=True,
+        metadata={**_REQUESTS, "flags": ("--no-reasoning",), "action": "store_false",
+                  "help": "the SFT-baseline prompt without <think>"},
+    )  # fmt: skip
+    coarse_to_fine: bool = field(
+        default=True,
+        metadata={**_REQUESTS, "flags": ("--no-coarse-to-fine",), "action": "store_false",
+                  "help": "mode one: always tile at full resolution"},
+    )  # fmt: skip
+    top_k: int = field(
+        default=3, metadata={**_REQUESTS, "help": "mode one: candidates refined at full resolution"}
+    )
+    min_score: float = field(
+        default=0.0, metadata={**_REQUESTS, "help": "drop boxes whose score is below this"}
+    )
+    extra: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
 
     def __post_init__(self) -> None:
         if not self.expression.strip():
@@ -149,75 +228,12 @@ class GroundConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("raster", help="a georeferenced raster (GeoTIFF, COG, anything GDAL reads, /vsizip/, "
-                        "/vsicurl/ and other GDAL paths included)")
-    parser.add_argument("expression", help='what to find, e.g. "all storage tanks"')
-    parser.add_argument("-o", "--output", type=Path, required=True, help="GeoPackage to write (a new layer per run)")
-    parser.add_argument(
-        "--mode", choices=MODES, default="all", help="all: every instance (default); one: the single best match"
-    )
-    grid = parser.add_argument_group("tiles")
-    grid.add_argument("--gsd", type=float, help="ground resolution of the tiles in metres (default: the raster's)")
-    grid.add_argument("--tile", type=int, default=DEFAULT_TILE,
-                      help="tile size in pixels (default: %(default)s, a multiple of 28: the model sees it unresized)")
-    grid.add_argument("--overlap", type=int, default=64, help="overlap of tiles in pixels (default: %(default)s)")
-    grid.add_argument("--bands", help="band numbers for R,G,B (default: the RGB bands, else the first three)")
-    grid.add_argument("--bbox", help="xmin,ymin,xmax,ymax in the raster's CRS (default: the whole raster)")
-    out = parser.add_argument_group("output")
-    out.add_argument("--layer", help="layer name (default: from the expression and the run id)")
-    out.add_argument("--dst-crs", help="write polygons in this CRS, e.g. EPSG:4326 (default: the raster's)")
-    out.add_argument("--resume", action="store_true", help="continue the interrupted run with these parameters")
-    out.add_argument("--no-progress", action="store_true", help="no progress bar")
-    eng = parser.add_argument_group("engine (a running one, or one started for this run)")
-    eng.add_argument("--engine", metavar="URL", help=f"URL of a running engine (default: {DEFAULT_URL})")
-    eng.add_argument("--token-file", type=Path, help="the engine's token file (default: the engine's default)")
-    eng.add_argument("--model", help="start an engine with this model for the run (HF id or directory)")
-    eng.add_argument("--processor", help="processor id/directory for --model")
-    eng.add_argument("--adapter", action="append", metavar="[NAME=]PATH", help="LoRA adapter for --model")
-    eng.add_argument("--device", default="auto", help="device for --model: auto, cpu, cuda, cuda:N, mps")
-    eng.add_argument("--dtype", default="auto", help="dtype for --model: auto, float32, bfloat16, float16")
-    eng.add_argument("--serve-timeout", type=float, default=300.0, help="seconds to wait for --model to load")
-    req = parser.add_argument_group("requests and search")
-    hide_aliases(req.add_argument("--batch-size", "--batch", dest="batch", type=int, default=8,
-                                  help="tiles per /ground request (default: %(default)s)"), ("--batch",))
-    req.add_argument("--max-new-tokens", type=int, default=None,
-                     help="generation limit per tile (default: Geo-R1's, 256 for mode one, 1024 for mode all)")
-    req.add_argument("--no-reasoning", action="store_true", help="the SFT-baseline prompt without <think>")
-    req.add_argument("--no-coarse-to-fine", action="store_true", help="mode one: always tile at full resolution")
-    req.add_argument("--top-k", type=int, default=3, help="mode one: candidates refined at full resolution")
-    req.add_argument("--min-score", type=float, default=0.0, help="drop boxes whose score is below this")
+    """The ``geo-r1 ground`` options, one per :class:`GroundConfig` field."""
+    add_config_arguments(parser, GroundConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> GroundConfig:
-    return GroundConfig(
-        raster=args.raster,
-        expression=args.expression,
-        output=args.output,
-        mode=args.mode,
-        gsd=args.gsd,
-        tile=args.tile,
-        overlap=args.overlap,
-        bands=parse_bands(args.bands),
-        bbox=_parse_floats(args.bbox, 4, "--bbox", "--bbox 630000,4249000,631000,4250000"),
-        layer=args.layer,
-        dst_crs=args.dst_crs,
-        resume=args.resume,
-        engine=args.engine,
-        token_file=args.token_file,
-        model=args.model,
-        processor=args.processor,
-        adapters=tuple(args.adapter or ()),
-        device=args.device,
-        dtype=args.dtype,
-        serve_timeout_s=args.serve_timeout,
-        batch=args.batch,
-        max_new_tokens=args.max_new_tokens,
-        reasoning=not args.no_reasoning,
-        coarse_to_fine=not args.no_coarse_to_fine,
-        top_k=args.top_k,
-        min_score=args.min_score,
-        progress=not args.no_progress,
-    )
+    return options.config_from_args(GroundConfig, args)
 
 
 # -- the engine ------------------------------------------------------------------------------------

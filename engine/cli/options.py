@@ -99,20 +99,26 @@ def add_config_arguments(
             target = groups[md["group"]]
         default = (defaults or {}).get(f.name, _default(f))
         kind = _kind(f.type)
-        kwargs: dict[str, Any] = {"help": _help(md.get("help"), default, show_defaults)}
+        action = md.get("action") or _action(kind, default)
+        shown = show_defaults and action not in ("store_true", "store_false", "boolean")
+        kwargs: dict[str, Any] = {"help": _help(md.get("help"), default, shown)}
         for key in ("metavar", "choices"):
             if key in md:
                 kwargs[key] = md[key]
-        action = md.get("action") or _action(kind, default)
         if md.get("positional"):
             target.add_argument(f.name, type=md.get("type", _TYPES.get(kind, str)), **kwargs)
             continue
         flags = tuple(md.get("flags", (f"--{f.name.replace('_', '-')}",)))
         aliases = tuple(md.get("aliases", ()))
         kwargs["dest"] = f.name
+        long = next((s for s in flags if s.startswith("--")), flags[0])
+        if "choices" not in kwargs:  # argparse lists the choices instead
+            kwargs.setdefault("metavar", long.lstrip("-").replace("-", "_").upper())
         if action in ("store_true", "store_false"):
+            kwargs.pop("metavar", None)
             kwargs.update(action=action, default=default)
         elif action == "boolean":
+            kwargs.pop("metavar", None)
             kwargs.update(action=argparse.BooleanOptionalAction, default=default)
         elif action == "append":
             kwargs.update(action="append", type=md.get("type", str), default=None)

@@ -75,8 +75,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from engine import __version__ as ENGINE_VERSION
-from geo_r1_qgis.core.rules.coords import BOX_FRAMES
-from geo_r1_qgis.core.rules.prompts import MAX_EXPRESSION_CHARS, MAX_NEW_TOKENS, PROMPT_VERSION, default_max_new_tokens
+from engine.cli.options import add_config_arguments, config_from_args
 from engine.runtime.backend import Backend, GenerationSettings, GroundItem, is_out_of_memory
 from engine.runtime.loading import parse_adapters
 from engine.server.api_models import (
@@ -117,6 +116,8 @@ from geo_r1_qgis.core.errors import (
     ModelNotFoundError,
     RasterError,
 )
+from geo_r1_qgis.core.rules.coords import BOX_FRAMES
+from geo_r1_qgis.core.rules.prompts import MAX_EXPRESSION_CHARS, MAX_NEW_TOKENS, PROMPT_VERSION, default_max_new_tokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -129,84 +130,105 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------
 
 
+#: the help sections of ``geo-r1 serve``
+_LOCAL = {"group": "model (--backend local)"}
+_NET = {"group": "network"}
+_REMOTE = {"group": "remote backend (--backend openai)"}
+_LIMITS = {"group": "limits"}
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Everything ``geo-r1 serve`` needs; checks itself and names the fix for a bad value."""
 
     # Model (--backend local)
-    model: str | None = field(default=None, metadata={"help": "model id or directory (Qwen2.5-VL)"})
-    processor: str | None = field(default=None, metadata={"help": "processor id or directory (default: the model's)"})
+    model: str | None = field(default=None, metadata={**_LOCAL, "help": "model id or directory (Qwen2.5-VL)"})
+    processor: str | None = field(
+        default=None, metadata={**_LOCAL, "help": "processor id or directory (default: the model's)"}
+    )
     adapters: tuple[tuple[str, str], ...] = field(
-        default=(), metadata={"help": "LoRA adapters to load at start, [NAME=]PATH (repeatable)"}
-    )
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
-    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
-    batch_size: int = field(default=8, metadata={"help": "most items generated in one batch"})
-    box_frame: str = field(
-        default="model",
-        metadata={"help": "which pixels the model's boxes are in: model (Qwen2.5-VL's frame after smart_resize; "
-                  "the engine scales them back) or image (the tile's own pixels, as Geo-R1's evaluation scores "
-                  "them); tiles whose sides are multiples of 28 make both the same"},
-    )
+        default=(),
+        metadata={**_LOCAL, "help": "LoRA adapters to load at start, [NAME=]PATH (repeatable)", "flags": ("--adapter",),
+                  "metavar": "[NAME=]PATH", "parse": lambda items: tuple(parse_adapters(items).items())},
+    )  # fmt: skip
+    device: str = field(default="auto", metadata={**_LOCAL, "help": "auto, cpu, cuda, cuda:N or mps"})
+    dtype: str = field(default="auto", metadata={**_LOCAL, "help": "auto, float32, bfloat16 or float16"})
+    batch_size: int = field(default=8, metadata={**_LOCAL, "help": "most items generated in one batch"})
     threads: int | None = field(
         default=None,
-        metadata={"help": "CPU threads for torch (default: cores - 1, at least 1, with passive OpenMP waits, so "
-                          "a shared CPU does not collapse; see BENCHMARKS.md)"},
-    )
+        metadata={**_LOCAL, "help": "CPU threads for torch (default: cores - 1, at least 1, with passive OpenMP "
+                                    "waits, so a shared CPU does not collapse; see BENCHMARKS.md)"},
+    )  # fmt: skip
+    box_frame: str = field(
+        default="model",
+        metadata={**_LOCAL, "choices": BOX_FRAMES,
+                  "help": "which pixels the model's boxes are in: model (Qwen2.5-VL's frame after smart_resize; "
+                  "the engine scales them back) or image (the tile's own pixels, as Geo-R1's evaluation scores "
+                  "them); tiles whose sides are multiples of 28 make both the same"},
+    )  # fmt: skip
     # Network
     host: str = field(
-        default="127.0.0.1", metadata={"help": "address to bind; anything but loopback is reachable by others"}
+        default="127.0.0.1",
+        metadata={**_NET, "help": "address to bind; anything but loopback is reachable by others"},
     )
-    port: int = field(default=DEFAULT_PORT, metadata={"help": "TCP port"})
+    port: int = field(default=DEFAULT_PORT, metadata={**_NET, "help": "TCP port"})
     parent_pid: int | None = field(
         default=None,
-        metadata={"help": "stop when this process ends (what starts an engine for itself passes its own PID)"},
+        metadata={**_NET, "help": "stop when this process ends (what starts an engine for itself passes its own PID)"},
     )
     token_file: Path | None = field(
         default=None,
-        metadata={"help": "bearer token file, created (0600) on first start (default: %(default)s)"},
+        metadata={**_NET, "help": "bearer token file, created (0600) on first start (default: %(default)s)"},
     )
     # Remote backend (--backend openai)
     backend: str = field(
         default="local",
-        metadata={"help": "local: run the model here; openai: forward to an OpenAI-compatible server"},
-    )
+        metadata={**_REMOTE, "choices": ("local", "openai"),
+                  "help": "local: run the model here; openai: forward to an OpenAI-compatible server"},
+    )  # fmt: skip
     base_url: str | None = field(
-        default=None, metadata={"help": "with --backend openai: the server's URL, e.g. http://127.0.0.1:8000/v1"}
+        default=None,
+        metadata={**_REMOTE, "help": "with --backend openai: the server's URL, e.g. http://127.0.0.1:8000/v1"},
     )
     api_key_env: str | None = field(
-        default=None, metadata={"help": "with --backend openai: environment variable holding its API key"}
-    )
-    remote_model: str | None = field(
-        default=None, metadata={"help": "with --backend openai: model name (default: its first model)"}
-    )
-    concurrency: int = field(default=8, metadata={"help": "requests handed to the backend at once"})
-    # Limits
-    max_body_mb: float = field(default=64.0, metadata={"help": "largest request body, in MiB"})
-    max_image_pixels: int = field(default=16_777_216, metadata={"help": "largest image, width × height"})
-    max_items: int = field(default=64, metadata={"help": "most items (or images) in one request"})
-    max_expression_chars: int = field(default=500, metadata={"help": "longest referring expression"})
-    header_timeout_s: float = field(
-        default=5.0, metadata={"help": "seconds a connection may take to send a request's headers"}
-    )
-    max_connections: int | None = field(
         default=None,
-        metadata={"help": "most open connections (default: the descriptor limit less 64); at the cap, the oldest "
-                          "connection still sending its headers is dropped"},
+        metadata={**_REMOTE, "metavar": "VAR",
+                  "help": "with --backend openai: environment variable holding its API key"},
+    )  # fmt: skip
+    remote_model: str | None = field(
+        default=None,
+        metadata={**_REMOTE, "metavar": "NAME", "help": "with --backend openai: model name (default: its first model)"},
+    )
+    concurrency: int = field(default=8, metadata={**_REMOTE, "help": "requests handed to the backend at once"})
+    # Limits
+    max_body_mb: float = field(default=64.0, metadata={**_LIMITS, "help": "largest request body, in MiB"})
+    max_image_pixels: int = field(default=16_777_216, metadata={**_LIMITS, "help": "largest image, width × height"})
+    max_items: int = field(default=64, metadata={**_LIMITS, "help": "most items (or images) in one request"})
+    max_expression_chars: int = field(default=500, metadata={**_LIMITS, "help": "longest referring expression"})
+    max_prompt_tokens: int | None = field(
+        default=None,
+        metadata={**_LIMITS, "help": "longest /v1/chat/completions prompt, in tokens (default: the model's context)"},
     )
     max_new_tokens: int = field(
-        default=4096, metadata={"help": "largest generation limit a request may ask for (max_new_tokens, max_tokens)"}
+        default=4096,
+        metadata={**_LIMITS, "help": "largest generation limit a request may ask for (max_new_tokens, max_tokens)"},
     )
-    max_prompt_tokens: int | None = field(
-        default=None, metadata={"help": "longest /v1/chat/completions prompt, in tokens (default: the model's context)"}
-    )
+    header_timeout_s: float = field(
+        default=5.0,
+        metadata={**_LIMITS, "flags": ("--header-timeout",),
+                  "help": "seconds a connection may take to send a request's headers"},
+    )  # fmt: skip
+    max_connections: int | None = field(
+        default=None,
+        metadata={**_LIMITS, "help": "most open connections (default: the descriptor limit less 64); at the cap, the "
+                                     "oldest connection still sending its headers is dropped"},
+    )  # fmt: skip
     memory_headroom_gb: float | None = field(
         default=None,
-        metadata={
-            "help": "CPU only: memory a request may use beyond the loaded model, in GB; a request that needs more "
-            "gets 503 instead of pushing the desktop into swap (Linux/macOS address-space limit)"
-        },
-    )
+        metadata={**_LIMITS,
+                  "help": "CPU only: memory a request may use beyond the loaded model, in GB; a request that needs "
+                  "more gets 503 instead of pushing the desktop into swap (Linux/macOS address-space limit)"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.backend not in ("local", "openai"):
@@ -286,52 +308,12 @@ class ServeConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeConfig:
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-        values["adapters"] = tuple(parse_adapters(args.adapter).items())
-        return cls(**values)
-
-
-def _help(name: str) -> str:
-    spec = next(f for f in dataclasses.fields(ServeConfig) if f.name == name)
-    text = spec.metadata.get("help", "")
-    return text if spec.default in (None, ()) else text + " (default: %(default)s)"
+        return config_from_args(cls, args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``geo-r1 serve`` options (see :class:`ServeConfig` for their meaning)."""
-    model = parser.add_argument_group("model (--backend local)")
-    model.add_argument("--model", help=_help("model"))
-    model.add_argument("--processor", help=_help("processor"))
-    model.add_argument("--adapter", action="append", metavar="[NAME=]PATH", help=_help("adapters"))
-    model.add_argument("--device", default="auto", help=_help("device"))
-    model.add_argument("--dtype", default="auto", help=_help("dtype"))
-    model.add_argument("--batch-size", type=int, default=8, help=_help("batch_size"))
-    model.add_argument("--threads", type=int, default=None, help=_help("threads"))
-    model.add_argument("--box-frame", choices=BOX_FRAMES, default="model", help=_help("box_frame"))
-    net = parser.add_argument_group("network")
-    net.add_argument("--host", default="127.0.0.1", help=_help("host"))
-    net.add_argument("--port", type=int, default=DEFAULT_PORT, help=_help("port"))
-    net.add_argument("--parent-pid", type=int, default=None, help=_help("parent_pid"))
-    net.add_argument(
-        "--token-file", type=Path, default=None, help=_help("token_file") % {"default": default_token_path()}
-    )
-    remote = parser.add_argument_group("remote backend (--backend openai)")
-    remote.add_argument("--backend", choices=("local", "openai"), default="local", help=_help("backend"))
-    remote.add_argument("--base-url", help=_help("base_url"))
-    remote.add_argument("--api-key-env", metavar="VAR", help=_help("api_key_env"))
-    remote.add_argument("--remote-model", metavar="NAME", help=_help("remote_model"))
-    remote.add_argument("--concurrency", type=int, default=8, help=_help("concurrency"))
-    limits = parser.add_argument_group("limits")
-    limits.add_argument("--max-body-mb", type=float, default=64.0, help=_help("max_body_mb"))
-    limits.add_argument("--max-image-pixels", type=int, default=16_777_216, help=_help("max_image_pixels"))
-    limits.add_argument("--max-items", type=int, default=64, help=_help("max_items"))
-    limits.add_argument("--max-expression-chars", type=int, default=500, help=_help("max_expression_chars"))
-    limits.add_argument("--max-prompt-tokens", type=int, default=None, help=_help("max_prompt_tokens"))
-    limits.add_argument("--max-new-tokens", type=int, default=4096, help=_help("max_new_tokens"))
-    limits.add_argument("--header-timeout", dest="header_timeout_s", type=float, default=5.0,
-                        help=_help("header_timeout_s"))
-    limits.add_argument("--max-connections", type=int, default=None, help=_help("max_connections"))
-    limits.add_argument("--memory-headroom-gb", type=float, help=_help("memory_headroom_gb"))
+    """The ``geo-r1 serve`` options, one per :class:`ServeConfig` field."""
+    add_config_arguments(parser, ServeConfig, defaults={"token_file": default_token_path()})
 
 
 # --------------------------------------------------------------------------------------------------
