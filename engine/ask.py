@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.cli.options import add_config_arguments, config_from_args
 from engine.runtime.loading import parse_adapters
 from geo_r1_qgis.core.errors import ConfigError, RasterError
 
@@ -21,17 +22,30 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AskConfig:
-    image: Path
-    expression: str
-    model: str
-    processor: str | None = None
-    adapters: dict[str, str] = field(default_factory=dict)
-    task: str = "multi"
-    reasoning: bool = True
-    max_new_tokens: int | None = None  # None: Geo-R1's for the task (rec 256, multi 1024)
-    device: str = "auto"
-    dtype: str = "auto"
-    as_json: bool = False
+    image: Path = field(metadata={"positional": True, "help": "a plain image (PNG, JPEG, TIFF)"})
+    expression: str = field(metadata={"positional": True, "help": 'what to find, e.g. "the largest storage tank"'})
+    model: str = field(metadata={"help": "Hugging Face id or local directory (Geo-R1, Qwen2.5-VL)"})
+    processor: str | None = field(
+        default=None, metadata={"help": "load the processor from another id/directory (Geo-R1 checkpoints)"}
+    )
+    adapters: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"flags": ("--adapter",), "action": "append", "metavar": "[NAME=]PATH", "parse": parse_adapters,
+                  "help": "peft LoRA adapter (repeatable)"},
+    )  # fmt: skip
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
+    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
+    task: str = field(default="multi", metadata={"choices": ("rec", "multi"), "help": "one box (rec) or all (multi)"})
+    reasoning: bool = field(
+        default=True,
+        metadata={"flags": ("--no-reasoning",), "action": "store_false",
+                  "help": "use the SFT-baseline prompt without <think>"},
+    )  # fmt: skip
+    # None: Geo-R1's for the task (rec 256, multi 1024)
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": "generation limit (default: Geo-R1's, 256 for rec, 1024 for multi)"}
+    )
+    as_json: bool = field(default=False, metadata={"flags": ("--json",), "help": "print the full result as JSON"})
 
     def __post_init__(self) -> None:
         if not self.image.is_file():
@@ -42,46 +56,19 @@ class AskConfig:
             raise ConfigError(f"--task must be 'rec' or 'multi', got {self.task!r}")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model-loading options shared by ``ask``, ``serve`` and ``ground``."""
-    parser.add_argument("--model", required=True, help="Hugging Face id or local directory (Geo-R1, Qwen2.5-VL)")
-    parser.add_argument("--processor", help="load the processor from another id/directory (Geo-R1 checkpoints)")
-    parser.add_argument("--adapter", action="append", metavar="[NAME=]PATH", help="peft LoRA adapter (repeatable)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("image", type=Path, help="a plain image (PNG, JPEG, TIFF)")
-    parser.add_argument("expression", help='what to find, e.g. "the largest storage tank"')
-    add_model_arguments(parser)
-    parser.add_argument("--task", choices=("rec", "multi"), default="multi", help="one box (rec) or all (multi)")
-    parser.add_argument("--no-reasoning", action="store_true", help="use the SFT-baseline prompt without <think>")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="generation limit (default: Geo-R1's, 256 for rec, 1024 for multi)")
-    parser.add_argument("--json", action="store_true", help="print the full result as JSON")
+    """The ``geo-r1 ask`` options, one per :class:`AskConfig` field."""
+    add_config_arguments(parser, AskConfig)
 
 
 def main(args: argparse.Namespace) -> int:
-    config = AskConfig(
-        image=args.image,
-        expression=args.expression,
-        model=args.model,
-        processor=args.processor,
-        adapters=parse_adapters(args.adapter),
-        task=args.task,
-        reasoning=not args.no_reasoning,
-        max_new_tokens=args.max_new_tokens,
-        device=args.device,
-        dtype=args.dtype,
-        as_json=args.json,
-    )
+    config = config_from_args(AskConfig, args)
     from PIL import Image, UnidentifiedImageError
 
-    from geo_r1_qgis.core.rules.prompts import default_max_new_tokens
     from engine.runtime.backend import GenerationSettings, GroundItem
     from engine.runtime.loading import LoadConfig
     from engine.runtime.local import LocalBackend
+    from geo_r1_qgis.core.rules.prompts import default_max_new_tokens
 
     try:
         with Image.open(config.image) as im:

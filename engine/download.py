@@ -13,9 +13,10 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.cli.options import add_config_arguments, config_from_args
 from geo_r1_qgis.core.errors import ConfigError, EngineUnavailableError, GeoR1Error, ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -30,10 +31,14 @@ OFFLINE_HINT = (
 
 @dataclass(frozen=True)
 class DownloadConfig:
-    model: str
-    revision: str | None = None
-    cache_dir: Path | None = None
-    local_dir: Path | None = None
+    model: str = field(
+        metadata={"positional": True, "help": "a Hugging Face id, e.g. Geo-R1/Geo-R1-3B-GRPO-REC-10shot"}
+    )
+    revision: str | None = field(default=None, metadata={"help": "a branch, tag or commit (default: main)"})
+    cache_dir: Path | None = field(default=None, metadata={"help": "the Hub cache (default: HF_HOME's)"})
+    local_dir: Path | None = field(
+        default=None, metadata={"help": "copy the files into this directory instead of the cache"}
+    )
 
     def __post_init__(self) -> None:
         model = self.model.strip()
@@ -115,15 +120,12 @@ def download(config: DownloadConfig) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a Hugging Face id, e.g. Geo-R1/Geo-R1-3B-GRPO-REC-10shot")
-    parser.add_argument("--revision", help="a branch, tag or commit (default: main)")
-    parser.add_argument("--cache-dir", type=Path, help="the Hub cache (default: HF_HOME's)")
-    parser.add_argument("--local-dir", type=Path, help="copy the files into this directory instead of the cache")
+    """The download options, one per :class:`DownloadConfig` field."""
+    add_config_arguments(parser, DownloadConfig)
 
 
 def main(args: argparse.Namespace) -> int:
-    download(DownloadConfig(model=args.model, revision=args.revision, cache_dir=args.cache_dir,
-                            local_dir=args.local_dir))  # fmt: skip
+    download(config_from_args(DownloadConfig, args))
     return 0
 
 

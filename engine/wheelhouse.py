@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engine import __version__
+from engine.cli.options import add_config_arguments, config_from_args
 from geo_r1_qgis.core.errors import ConfigError, GeoR1Error
 
 log = logging.getLogger(__name__)
@@ -43,15 +44,34 @@ class WheelhouseError(GeoR1Error, RuntimeError):
     """``pip download`` failed; the message carries the end of pip's output."""
 
 
+def _split_extras(text: str | tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(e.strip() for e in (text or "").split(",") if e.strip()) if isinstance(text, str) else text
+
+
 @dataclass(frozen=True)
 class WheelhouseConfig:
-    out_dir: Path
-    torch: str = "cpu"
-    torch_index_url: str = ""
-    extras: tuple[str, ...] = ()
-    wheel: Path | None = None
-    constraints: Path = CONSTRAINTS
-    pip_args: tuple[str, ...] = field(default_factory=tuple)
+    out_dir: Path = field(
+        metadata={"positional": True, "metavar": "DIR", "help": "the folder to fill with wheels (created)"}
+    )
+    torch: str = field(
+        default="cpu",
+        metadata={"choices": ("cpu", "cuda"), "help": "the torch build to download (recorded in the manifest)"},
+    )
+    torch_index_url: str = field(
+        default="", metadata={"help": "the index torch comes from (PyTorch's CPU or CUDA wheel index)"}
+    )
+    extras: tuple[str, ...] = field(
+        default=(),
+        metadata={"action": "store", "parse": _split_extras,
+                  "help": "comma-separated extras to include, e.g. train"},
+    )  # fmt: skip
+    wheel: Path | None = field(
+        default=None, metadata={"help": "the geo-r1 wheel file (make wheel); default geo-r1 from the package index"}
+    )
+    constraints: Path = field(default=CONSTRAINTS, metadata={"help": "pins applied to every download"})
+    pip_args: tuple[str, ...] = field(
+        default_factory=tuple, metadata={"flags": ("--pip-arg",), "help": "an extra option for pip download"}
+    )
 
     def __post_init__(self) -> None:
         if self.torch not in ("cpu", "cuda"):
@@ -122,28 +142,12 @@ def build_wheelhouse(cfg: WheelhouseConfig) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out_dir", type=Path, metavar="DIR", help="the folder to fill with wheels (created)")
-    parser.add_argument("--torch", choices=("cpu", "cuda"), default="cpu",
-                        help="the torch build to download (recorded in the manifest; default cpu)")  # fmt: skip
-    parser.add_argument("--torch-index-url", default="",
-                        help="the index torch comes from (PyTorch's CPU or CUDA wheel index)")  # fmt: skip
-    parser.add_argument("--extras", default="", help="comma-separated extras to include, e.g. train")
-    parser.add_argument("--wheel", type=Path, default=None,
-                        help="the geo-r1 wheel file (make wheel); default geo-r1 from the package index")  # fmt: skip
-    parser.add_argument("--constraints", type=Path, default=CONSTRAINTS, help="pins applied to every download")
-    parser.add_argument("--pip-arg", action="append", default=[], help="an extra option for pip download")
+    """The ``geo-r1 wheelhouse`` options, one per :class:`WheelhouseConfig` field."""
+    add_config_arguments(parser, WheelhouseConfig)
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = WheelhouseConfig(
-        out_dir=args.out_dir,
-        torch=args.torch,
-        torch_index_url=args.torch_index_url,
-        extras=tuple(e.strip() for e in args.extras.split(",") if e.strip()),
-        wheel=args.wheel,
-        constraints=args.constraints,
-        pip_args=tuple(args.pip_arg),
-    )
+    cfg = config_from_args(WheelhouseConfig, args)
     manifest = build_wheelhouse(cfg)
     n = len(json.loads(manifest.read_text())["files"])
     sys.stdout.write(f"{n} files in {cfg.out_dir}; manifest {manifest.name}. Carry the folder to the offline"

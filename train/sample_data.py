@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.cli.options import add_config_arguments, config_from_args
 from geo_r1_qgis.core.errors import ConfigError, OutputError
 from geo_r1_qgis.core.geometry import Affine, PixelBox, box_to_polygon, raster_bounds
 
@@ -68,7 +69,9 @@ QUERIES = (
 class SampleDataConfig:
     """Where and how to write the sample rasters."""
 
-    out_dir: Path = field(metadata={"help": "folder to write into (created if missing)"})
+    out_dir: Path = field(
+        metadata={"positional": True, "metavar": "OUT_DIR", "help": "folder to write into (created if missing)"}
+    )
     seed: int = field(default=0, metadata={"help": "random seed; the same seed gives identical pixels"})
     size: int = field(default=1024, metadata={"help": f"raster width and height in pixels ({MIN_SIZE}..{MAX_SIZE})"})
 
@@ -397,15 +400,12 @@ def write_samples(config: SampleDataConfig) -> list[Path]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="folder to write into (created if missing)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical pixels")
-    parser.add_argument(
-        "--size", type=int, default=1024, help=f"raster width and height in pixels, {MIN_SIZE}..{MAX_SIZE}"
-    )
+    """The ``geo-r1 sample-data`` options, one per :class:`SampleDataConfig` field."""
+    add_config_arguments(parser, SampleDataConfig)
 
 
 def main(args: argparse.Namespace) -> int:
-    config = SampleDataConfig(out_dir=args.out_dir, seed=args.seed, size=args.size)
+    config = config_from_args(SampleDataConfig, args)
     paths = write_samples(config)
     rasters = [p.name for p in paths if p.suffix == ".tif"]
     log.info(

@@ -59,7 +59,7 @@ def _action(kind: str, default: Any) -> str | None:
 
 def _help(text: str | None, default: Any, show: bool) -> str | None:
     """``text`` plus `` (default: %(default)s)`` where the default is a value and the text does not name it."""
-    hidden = default is None or default is False or default is dataclasses.MISSING or default == ()
+    hidden = default is None or default is False or default is dataclasses.MISSING or default in ((), "")
     if not show or text is None or "(default" in text or hidden:
         return text
     return text + " (default: %(default)s)"
@@ -80,16 +80,19 @@ def add_config_arguments(
     parser: argparse.ArgumentParser,
     cls: type,
     *,
+    include: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     defaults: dict[str, Any] | None = None,
     show_defaults: bool = True,
 ) -> None:
-    """One argument per field of ``cls`` (except ``exclude`` and ``cli: False`` ones); ``defaults`` overrides the
-    dataclass's default for this command only; ``show_defaults`` adds each value default to its help."""
+    """One argument per field of ``cls`` (only ``include`` if given; not ``exclude`` and ``cli: False`` ones);
+    ``defaults`` overrides the dataclass's default for this command only; ``show_defaults`` adds each value
+    default to its help."""
     skip = set(exclude)
+    keep = None if include is None else set(include)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in cli_fields(cls):
-        if f.name in skip:
+        if f.name in skip or (keep is not None and f.name not in keep):
             continue
         md = f.metadata
         target: Any = parser
@@ -100,7 +103,7 @@ def add_config_arguments(
         default = (defaults or {}).get(f.name, _default(f))
         kind = _kind(f.type)
         action = md.get("action") or _action(kind, default)
-        shown = show_defaults and action not in ("store_true", "store_false", "boolean")
+        shown = show_defaults and action not in ("store_true", "store_false", "boolean", "append")
         kwargs: dict[str, Any] = {"help": _help(md.get("help"), default, shown)}
         for key in ("metavar", "choices"):
             if key in md:

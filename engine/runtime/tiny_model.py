@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from engine.cli.options import add_config_arguments, config_from_args
 from geo_r1_qgis.core.errors import ConfigError, OutputError
 
 log = logging.getLogger(__name__)
@@ -189,12 +190,17 @@ _WORDS = (
 class TinyModelConfig:
     """What :func:`build_tiny_model` builds. Every field has a working default."""
 
-    out_dir: Path = dataclasses.field(metadata={"help": "directory to write the checkpoint into"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the random weights"})
-    force: bool = dataclasses.field(default=False, metadata={"help": "overwrite a non-empty out_dir"})
-    learn_format_steps: int = dataclasses.field(
-        default=0, metadata={"help": "CPU training steps on Geo-R1's answer format (0: purely random)"}
+    out_dir: Path = dataclasses.field(
+        metadata={"positional": True, "metavar": "OUT_DIR", "help": "directory to write the checkpoint into"}
     )
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the random weights"})
+    force: bool = dataclasses.field(default=False, metadata={"help": "overwrite OUT_DIR if it is not empty"})
+    learn_format_steps: int = dataclasses.field(
+        default=0,
+        metadata={"flags": ("--learn-format",), "metavar": "STEPS",
+                  "help": "briefly train on CPU so greedy decoding follows Geo-R1's answer format (0: purely random; "
+                  "300 takes well under a minute)"},
+    )  # fmt: skip
     # Tokenizer
     bpe_vocab_size: int = dataclasses.field(default=2048, metadata={"help": "BPE vocabulary, no added tokens"})
     padding_side: str = dataclasses.field(
@@ -206,7 +212,7 @@ class TinyModelConfig:
                           "so a box [x1, y1, x2, y2] costs 9 tokens instead of about 19"},
     )
     # Language model
-    hidden_size: int = 64
+    hidden_size: int = dataclasses.field(default=64, metadata={"help": "text hidden size"})
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
@@ -634,27 +640,16 @@ def learn_format(model: Any, processor: Any, steps: int, seed: int = 0, batch_si
 # --------------------------------------------------------------------------------------------------
 
 
+#: the fields ``geo-r1 tiny-model`` offers as flags (the rest keep their defaults)
+CLI_FIELDS = ("out_dir", "seed", "force", "learn_format_steps", "rope_theta", "hidden_size")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="directory to write the checkpoint into")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
-    parser.add_argument("--force", action="store_true", help="overwrite OUT_DIR if it is not empty")
-    parser.add_argument(
-        "--learn-format",
-        type=int,
-        default=0,
-        metavar="STEPS",
-        help="briefly train on CPU so greedy decoding follows Geo-R1's answer format (0: purely random; "
-        "300 takes well under a minute)",
-    )
-    parser.add_argument("--rope-theta", type=float, default=1000000.0,
-                        help="text rotary base (default 1e6 as Qwen2.5-VL; 10 for a tiny model that must localise)")
-    parser.add_argument("--hidden-size", type=int, default=64, help="text hidden size (default 64)")
+    """The ``geo-r1 tiny-model`` options, one per field of :data:`CLI_FIELDS`."""
+    add_config_arguments(parser, TinyModelConfig, include=CLI_FIELDS)
 
 
 def main(args: argparse.Namespace) -> int:
-    config = TinyModelConfig(
-        out_dir=args.out_dir, seed=args.seed, force=args.force, learn_format_steps=args.learn_format,
-        rope_theta=args.rope_theta, hidden_size=args.hidden_size,
-    )
+    config = config_from_args(TinyModelConfig, args)
     build_tiny_model(config)
     return 0
