@@ -55,7 +55,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from engine.cli.options import hide_aliases
+from engine.cli import options
+from engine.cli.options import add_config_arguments
 from geo_r1_qgis.core.errors import ConfigError, OutputError
 from geo_r1_qgis.core.rules.coords import model_input_size
 from geo_r1_qgis.core.rules.parsing import format_ok
@@ -95,39 +96,74 @@ _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 # --------------------------------------------------------------------------------------------------
 
 
+def _parse_adapters(items: list[str] | None) -> dict[str, str]:
+    from engine.runtime.loading import parse_adapters
+
+    return parse_adapters(items)
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """One evaluation. Validated when built; every message names the fix."""
 
-    out_dir: Path = dataclasses.field(metadata={"help": "report directory (created; files in it are replaced)"})
-    data: Path | None = dataclasses.field(default=None, metadata={"help": "dataset directory (geo-r1 dataset …)"})
-    model: str | None = dataclasses.field(default=None, metadata={"help": "base model: Hugging Face id or directory"})
-    processor: str | None = dataclasses.field(default=None, metadata={"help": "processor source if not the model's"})
-    adapters: Mapping[str, str] = dataclasses.field(
-        default_factory=dict, metadata={"help": "LoRA adapters to evaluate: name -> directory"}
+    out_dir: Path = dataclasses.field(
+        metadata={"flags": ("-o", "--output"), "aliases": ("--out",), "metavar": "REPORT_DIR",
+                  "help": "report directory (created; files in it are replaced)"},
+    )  # fmt: skip
+    data: Path | None = dataclasses.field(
+        default=None, metadata={"help": "dataset directory (what 'geo-r1 dataset' writes)"}
     )
-    split: str = dataclasses.field(default="test", metadata={"help": "split to score: test or val"})
-    task: str = dataclasses.field(default="rec", metadata={"help": "rec (one box) or multi (OVD style)"})
+    model: str | None = dataclasses.field(
+        default=None, metadata={"help": "base model: Hugging Face id or local directory"}
+    )
+    processor: str | None = dataclasses.field(
+        default=None, metadata={"help": "processor source if it differs (Geo-R1 checkpoints: the base Qwen)"}
+    )
+    adapters: Mapping[str, str] = dataclasses.field(
+        default_factory=dict,
+        metadata={"flags": ("--adapter",), "action": "append", "metavar": "NAME=PATH", "parse": _parse_adapters,
+                  "help": "a LoRA adapter to evaluate beside the base model (repeatable)"},
+    )  # fmt: skip
+    split: str = dataclasses.field(
+        default="test", metadata={"choices": ("test", "val", "train"), "help": "split to score"}
+    )
+    task: str = dataclasses.field(
+        default="rec", metadata={"choices": TASKS, "help": "rec: one box; multi: all boxes (OVD)"}
+    )
     mode: str | None = dataclasses.field(
         default=None,
-        metadata={"help": "geo-r1 (reasoning) or sft (baseline); None: geo-r1 for models, a results file's own"},
-    )
+        metadata={"choices": MODES,
+                  "help": "prompt and parse: geo-r1 (reasoning, the default) or sft (baseline); an adapter's "
+                  f"{ADAPTER_MANIFEST} overrides it for that adapter; for --predictions, the mode of a file "
+                  "without a 'mode' key (default: sft when no output holds <answer>, else geo-r1)"},
+    )  # fmt: skip
     batch_size: int = dataclasses.field(default=8, metadata={"help": "queries per generate call"})
-    max_new_tokens: int | None = dataclasses.field(default=None, metadata={"help": "None: 256 rec, 1024 multi"})
+    max_new_tokens: int | None = dataclasses.field(
+        default=None, metadata={"help": "default: 256 for rec, 1024 for multi (Geo-R1's)"}
+    )
     limit: int | None = dataclasses.field(default=None, metadata={"help": "score only the first N queries"})
     predictions: Mapping[str, Path] = dataclasses.field(
-        default_factory=dict, metadata={"help": "results files to re-score: name -> file"}
-    )
+        default_factory=dict,
+        metadata={"action": "append", "metavar": "[NAME=]FILE",
+                  "parse": lambda items: _named_paths(items, "--predictions", _results_name),
+                  "help": "re-score a results file without running a model (repeatable)"},
+    )  # fmt: skip
     logs: Mapping[str, Path] = dataclasses.field(
-        default_factory=dict, metadata={"help": "training logs to plot: name -> train_log.jsonl"}
-    )
+        default_factory=dict,
+        metadata={"action": "append", "metavar": "NAME=TRAIN_LOG.jsonl",
+                  "parse": lambda items: _named_paths(items, "--logs", lambda p: p.parent.name or p.stem),
+                  "help": "a training log to plot (adapters' own train_log.jsonl are found)"},
+    )  # fmt: skip
     with_unique: Path | None = dataclasses.field(
-        default=None, metadata={"help": "Geo-R1 …_with_unique.json to join --predictions with (default: --data's)"}
+        default=None,
+        metadata={"metavar": "FILE", "help": "Geo-R1 …_with_unique.json to join --predictions on (default: --data's)"},
     )
     device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     dtype: str = dataclasses.field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
-    examples: int = dataclasses.field(default=8, metadata={"help": "chips in the example grid"})
-    include_base: bool = dataclasses.field(default=True, metadata={"help": "also score the base model"})
+    examples: int = dataclasses.field(default=8, metadata={"help": "chips in the example grid (0: none)"})
+    include_base: bool = dataclasses.field(
+        default=True, metadata={"flags": ("--no-base",), "action": "store_false", "help": "score only the adapters"}
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
@@ -863,57 +899,12 @@ def _results_name(path: Path) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, help="dataset directory (what 'geo-r1 dataset' writes)")
-    parser.add_argument("--model", help="base model: Hugging Face id or local directory")
-    parser.add_argument("--processor", help="processor source if it differs (Geo-R1 checkpoints: the base Qwen)")
-    parser.add_argument("--adapter", action="append", metavar="NAME=PATH",
-                        help="a LoRA adapter to evaluate beside the base model (repeatable)")  # fmt: skip
-    parser.add_argument("--split", default="test", choices=("test", "val", "train"))
-    parser.add_argument("--task", default="rec", choices=TASKS, help="rec: one box; multi: all boxes (OVD)")
-    parser.add_argument("--mode", choices=MODES,
-                        help="prompt and parse: geo-r1 (reasoning, the default) or sft (baseline); an adapter's "
-                        f"{ADAPTER_MANIFEST} overrides it for that adapter; for --predictions, the mode of a file "
-                        "without a 'mode' key (default: sft when no output holds <answer>, else geo-r1)")  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, help="default: 256 for rec, 1024 for multi (Geo-R1's)")
-    parser.add_argument("--limit", type=int, help="score only the first N queries")
-    hide_aliases(parser.add_argument("-o", "--output", "--out", dest="out", type=Path, required=True,
-                                     metavar="REPORT_DIR", help="report directory"), ("--out",))
-    parser.add_argument("--predictions", action="append", metavar="[NAME=]FILE",
-                        help="re-score a results file without running a model (repeatable)")  # fmt: skip
-    parser.add_argument("--logs", action="append", metavar="NAME=TRAIN_LOG.jsonl",
-                        help="a training log to plot (adapters' own train_log.jsonl are found)")  # fmt: skip
-    parser.add_argument("--with-unique", type=Path, metavar="FILE",
-                        help="Geo-R1 …_with_unique.json to join --predictions on (default: --data's)")  # fmt: skip
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--examples", type=int, default=8, help="chips in the example grid (0: none)")
-    parser.add_argument("--no-base", dest="include_base", action="store_false", help="score only the adapters")
+    """The ``geo-r1 eval`` options, one per :class:`EvalConfig` field."""
+    add_config_arguments(parser, EvalConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    from engine.runtime.loading import parse_adapters
-
-    return EvalConfig(
-        out_dir=args.out,
-        data=args.data,
-        model=args.model,
-        processor=args.processor,
-        adapters=parse_adapters(args.adapter),
-        split=args.split,
-        task=args.task,
-        mode=args.mode,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        limit=args.limit,
-        predictions=_named_paths(args.predictions, "--predictions", _results_name),
-        logs=_named_paths(args.logs, "--logs", lambda p: p.parent.name or p.stem),
-        with_unique=args.with_unique,
-        device=args.device,
-        dtype=args.dtype,
-        examples=args.examples,
-        include_base=args.include_base,
-    )
+    return options.config_from_args(EvalConfig, args)
 
 
 def main(args: argparse.Namespace) -> int:
