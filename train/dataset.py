@@ -52,7 +52,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from engine.cli.options import hide_aliases
+from engine.cli.options import add_config_arguments, config_from_args
 from geo_r1_qgis.core.annotations import FIELDS, GEOMETRY_TYPE, LAYER_NAME, SPLITS, Annotation
 from geo_r1_qgis.core.errors import ConfigError, NotGeoreferencedError, OutputError, RasterError
 from train import chips as cm
@@ -356,14 +356,29 @@ def _resolve_raster(text: str, annotation_file: Path) -> Path:
 class ImportConfig:
     """``geo-r1 dataset import``: a polygon layer to annotations of one raster."""
 
-    layer: Path = field(metadata={"help": "polygon layer: .gpkg, .geojson, .shp, anything OGR reads"})
+    layer: Path = field(
+        metadata={"positional": True, "metavar": "LAYER", "help": "polygon layer (.gpkg, .geojson, .shp...)"}
+    )
     raster: Path = field(metadata={"help": "the raster the polygons outline objects on"})
-    output: Path = field(metadata={"help": "annotation GeoPackage (appended to when it exists)"})
-    expression: str | None = field(default=None, metadata={"help": "one expression for every polygon"})
-    expression_field: str | None = field(default=None, metadata={"help": "the field that holds each expression"})
-    category: str | None = field(default=None, metadata={"help": "category (default: the expression)"})
-    split_field: str | None = field(default=None, metadata={"help": "field with train/val/test per polygon"})
-    source_layer: str | None = field(default=None, metadata={"help": "layer name in LAYER (default: the first)"})
+    output: Path = field(
+        metadata={"flags": ("-o", "--output"), "help": "annotation GeoPackage (appended to if it exists)"}
+    )
+    expression: str | None = field(
+        default=None,
+        metadata={"one_of": ("expression", True), "help": 'one expression for every polygon, e.g. "storage tank"'},
+    )
+    expression_field: str | None = field(
+        default=None,
+        metadata={"one_of": ("expression", True), "metavar": "NAME",
+                  "help": "the layer field that holds each expression"},
+    )  # fmt: skip
+    category: str | None = field(default=None, metadata={"help": "category of the objects (default: the expression)"})
+    split_field: str | None = field(
+        default=None, metadata={"metavar": "F", "help": "layer field with train/val/test (default: all train)"}
+    )
+    source_layer: str | None = field(
+        default=None, metadata={"flags": ("--layer-name",), "help": "which layer of LAYER (default: the first)"}
+    )
 
     def __post_init__(self) -> None:
         for name in ("layer", "raster", "output"):
@@ -486,25 +501,46 @@ def run_import(config: ImportConfig) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
+def _parse_bands(text: str | None) -> tuple[int, ...] | None:
+    from geo_r1_qgis.core.results import parse_bands
+
+    return parse_bands(text)
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """``geo-r1 dataset build``: chips, records and manifest from annotation files."""
 
-    annotations: tuple[Path, ...] = field(metadata={"help": "annotation GeoPackages"})
-    out_dir: Path = field(metadata={"help": "dataset folder to create"})
-    gsd: float | None = field(default=None, metadata={"help": "working ground resolution in metres"})
+    annotations: tuple[Path, ...] = field(
+        metadata={"positional": True, "nargs": "+", "type": Path, "metavar": "ANN.gpkg", "parse": tuple,
+                  "help": "annotation GeoPackage(s)"},
+    )  # fmt: skip
+    out_dir: Path = field(
+        metadata={"flags": ("-o", "--output"), "aliases": ("--out-dir",), "help": "dataset folder to create"}
+    )
+    gsd: float | None = field(
+        default=None, metadata={"help": "working ground resolution in metres (default: each raster's own)"}
+    )
     chip: int = field(default=504, metadata={"help": "chip side in pixels, a multiple of 28"})
     chips_per_box: int = field(default=4, metadata={"help": "chips per annotation, each at a random offset"})
-    negatives: int = field(default=2, metadata={"help": "negative chips per expression per split"})
+    negatives: int = field(default=2, metadata={"help": "negative chips per expression and split"})
     seed: int = field(default=0, metadata={"help": "random seed; the same seed gives the same dataset"})
     val_fraction: float | None = field(
-        default=None, metadata={"help": "share of train annotations moved to val by grid cell (default 0.2)"}
+        default=None,
+        metadata={"help": "share of train annotations moved to val by whole cells (default: 0.2, or 0 when some "
+                          "annotation is already val)"},
+    )  # fmt: skip
+    cell_chips: int = field(default=3, metadata={"help": "split cell side in chips"})
+    tries: int = field(default=25, metadata={"help": "random offsets tried per chip", "cli": False})
+    bands: tuple[int, ...] | None = field(
+        default=None,
+        metadata={"action": "store", "parse": _parse_bands,
+                  "help": "band numbers for R,G,B (default: the RGB bands, else the first three)"},
+    )  # fmt: skip
+    shots: int | None = field(
+        default=None, metadata={"help": "at most this many train targets per expression", "cli": False}
     )
-    cell_chips: int = field(default=3, metadata={"help": "side of a split cell, in chips"})
-    tries: int = field(default=25, metadata={"help": "random offsets tried per chip"})
-    bands: tuple[int, ...] | None = field(default=None, metadata={"help": "raster bands for R, G, B"})
-    shots: int | None = field(default=None, metadata={"help": "at most this many train targets per expression"})
-    overwrite: bool = field(default=False, metadata={"help": "replace DIR if it exists"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the dataset folder if it exists"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "annotations", tuple(Path(p) for p in self.annotations))
@@ -1036,14 +1072,16 @@ def build_dataset(config: BuildConfig) -> dict[str, Any]:
 class SyntheticConfig:
     """``geo-r1 dataset synthetic``: a learnable few-shot set from the sample scenes."""
 
-    out_dir: Path = field(metadata={"help": "dataset folder to create"})
-    shots: int = field(metadata={"help": "train annotations per expression (1, 5, 10...)"})
+    out_dir: Path = field(
+        metadata={"flags": ("-o", "--output"), "aliases": ("--out-dir",), "help": "dataset folder to create"}
+    )
+    shots: int = field(metadata={"help": "train annotations per expression, e.g. 1, 5 or 10"})
     chip: int = field(default=112, metadata={"help": "chip side in pixels, a multiple of 28"})
     seed: int = field(default=0, metadata={"help": "random seed of the scenes and the chips"})
     chips_per_box: int = field(default=4, metadata={"help": "chips per annotation"})
-    negatives: int = field(default=4, metadata={"help": "negative chips per expression per split"})
-    scene_size: int = field(default=512, metadata={"help": "side of each sample scene in pixels"})
-    overwrite: bool = field(default=False, metadata={"help": "replace DIR if it exists"})
+    negatives: int = field(default=4, metadata={"help": "negative chips per expression and split"})
+    scene_size: int = field(default=512, metadata={"help": "side of each sample scene in pixels", "cli": False})
+    overwrite: bool = field(default=False, metadata={"help": "replace the dataset folder if it exists"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
@@ -1134,12 +1172,19 @@ def _make_scene(tmp: Path, index: int, config: SyntheticConfig, split: str, crea
 class FromJsonConfig:
     """``geo-r1 dataset from-json``: a VRSBench / DIOR-RSVG evaluation JSON and its images."""
 
-    eval_json: Path = field(metadata={"help": "list of {image, problem, solution: [x1, y1, x2, y2]}"})
+    eval_json: Path = field(
+        metadata={"positional": True, "metavar": "EVAL.json",
+                  "help": "list of {image, problem, solution: [x1, y1, x2, y2]}"},
+    )  # fmt: skip
     images: Path = field(metadata={"help": "folder the JSON's image paths are relative to"})
-    out_dir: Path = field(metadata={"help": "dataset folder to create"})
-    split: str = field(default="test", metadata={"help": "train, val or test"})
-    unique: Path | None = field(default=None, metadata={"help": "the ..._with_unique.json file"})
-    overwrite: bool = field(default=False, metadata={"help": "replace DIR if it exists"})
+    out_dir: Path = field(
+        metadata={"flags": ("-o", "--output"), "aliases": ("--out-dir",), "help": "dataset folder to create"}
+    )
+    split: str = field(default="test", metadata={"choices": SPLITS, "help": "split of the records"})
+    unique: Path | None = field(
+        default=None, metadata={"metavar": "FILE", "help": "the ..._with_unique.json file (is_unique per query)"}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "replace the dataset folder if it exists"})
 
     def __post_init__(self) -> None:
         for name in ("eval_json", "images", "out_dir"):
@@ -1280,59 +1325,20 @@ def _plain_box(box: Sequence[float], w: int, h: int) -> cm.IntBox | None:
 # --------------------------------------------------------------------------------------------------
 
 
+#: ``geo-r1 dataset ACTION`` -> its config and one-line help
+ACTIONS: dict[str, tuple[type, str]] = {
+    "import": (ImportConfig, "turn a polygon layer into annotations of a raster"),
+    "build": (BuildConfig, "chips, records and manifest from annotation GeoPackages"),
+    "synthetic": (SyntheticConfig, "a small learnable few-shot set from the sample scenes"),
+    "from-json": (FromJsonConfig, "a dataset folder from a VRSBench / DIOR-RSVG evaluation JSON"),
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-    p = sub.add_parser("import", help="turn a polygon layer into annotations of a raster")
-    p.add_argument("layer", type=Path, metavar="LAYER", help="polygon layer (.gpkg, .geojson, .shp...)")
-    p.add_argument("--raster", type=Path, required=True, help="the raster the polygons outline objects on")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--expression", help='one expression for every polygon, e.g. "storage tank"')
-    g.add_argument("--expression-field", metavar="NAME", help="the layer field that holds each expression")
-    p.add_argument("--category", help="category of the objects (default: the expression)")
-    p.add_argument("--split-field", metavar="F", help="layer field with train/val/test (default: all train)")
-    p.add_argument("--layer-name", help="which layer of LAYER (default: the first)")
-    p.add_argument("-o", "--output", type=Path, required=True, help="annotation GeoPackage (appended to if it exists)")
-
-    p = sub.add_parser("build", help="chips, records and manifest from annotation GeoPackages")
-    p.add_argument("annotations", type=Path, nargs="+", metavar="ANN.gpkg", help="annotation GeoPackage(s)")
-    hide_aliases(p.add_argument("-o", "--output", "--out-dir", dest="out_dir", type=Path, required=True,
-                              help="dataset folder to create"), ("--out-dir",))
-    p.add_argument("--gsd", type=float, help="working ground resolution in metres (default: each raster's own)")
-    p.add_argument("--chip", type=int, default=504, help="chip side in pixels, a multiple of 28 (default: %(default)s)")
-    p.add_argument("--chips-per-box", type=int, default=4, help="chips per annotation (default: %(default)s)")
-    p.add_argument(
-        "--negatives", type=int, default=2, help="negative chips per expression and split (default: %(default)s)"
-    )
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument(
-        "--val-fraction", type=float, help="share of train annotations moved to val by whole cells (default: 0.2, "
-        "or 0 when some annotation is already val)"
-    )  # fmt: skip
-    p.add_argument("--cell-chips", type=int, default=3, help="split cell side in chips (default: %(default)s)")
-    p.add_argument("--bands", help="band numbers for R,G,B (default: the RGB bands, else the first three)")
-    p.add_argument("--overwrite", action="store_true", help="replace the dataset folder if it exists")
-
-    p = sub.add_parser("synthetic", help="a small learnable few-shot set from the sample scenes")
-    hide_aliases(p.add_argument("-o", "--output", "--out-dir", dest="out_dir", type=Path, required=True,
-                              help="dataset folder to create"), ("--out-dir",))
-    p.add_argument("--shots", type=int, required=True, help="train annotations per expression, e.g. 1, 5 or 10")
-    p.add_argument("--chip", type=int, default=112, help="chip side in pixels, a multiple of 28 (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--chips-per-box", type=int, default=4, help="chips per annotation (default: %(default)s)")
-    p.add_argument(
-        "--negatives", type=int, default=4, help="negative chips per expression and split (default: %(default)s)"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace the dataset folder if it exists")
-
-    p = sub.add_parser("from-json", help="a dataset folder from a VRSBench / DIOR-RSVG evaluation JSON")
-    p.add_argument("eval_json", type=Path, metavar="EVAL.json", help="list of {image, problem, solution}")
-    p.add_argument("--images", type=Path, required=True, help="folder the JSON's image paths are relative to")
-    hide_aliases(p.add_argument("-o", "--output", "--out-dir", dest="out_dir", type=Path, required=True,
-                              help="dataset folder to create"), ("--out-dir",))
-    p.add_argument("--split", default="test", choices=SPLITS, help="split of the records (default: %(default)s)")
-    p.add_argument("--unique", type=Path, metavar="FILE", help="the ..._with_unique.json file (is_unique per query)")
-    p.add_argument("--overwrite", action="store_true", help="replace the dataset folder if it exists")
+    for action, (cls, help_) in ACTIONS.items():
+        add_config_arguments(sub.add_parser(action, help=help_), cls)
 
 
 def _summary(out_dir: Path, manifest: dict[str, Any]) -> None:
@@ -1344,62 +1350,21 @@ def _summary(out_dir: Path, manifest: dict[str, Any]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from geo_r1_qgis.core.results import parse_bands
-
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("pyogrio").setLevel(logging.WARNING)  # "Created N records" on every write
 
-    if args.action == "import":
-        config = ImportConfig(
-            layer=args.layer,
-            raster=args.raster,
-            output=args.output,
-            expression=args.expression,
-            expression_field=args.expression_field,
-            category=args.category,
-            split_field=args.split_field,
-            source_layer=args.layer_name,
-        )
+    config = config_from_args(ACTIONS[args.action][0], args)
+    if isinstance(config, ImportConfig):
         n = run_import(config)
         sys.stdout.write(f"{n} annotation(s) written to {config.output} (layer {LAYER_NAME})\n")
         return 0
-    if args.action == "build":
-        config = BuildConfig(
-            annotations=tuple(args.annotations),
-            out_dir=args.out_dir,
-            gsd=args.gsd,
-            chip=args.chip,
-            chips_per_box=args.chips_per_box,
-            negatives=args.negatives,
-            seed=args.seed,
-            val_fraction=args.val_fraction,
-            cell_chips=args.cell_chips,
-            bands=parse_bands(args.bands),
-            overwrite=args.overwrite,
-        )
+    if isinstance(config, BuildConfig):
         _summary(config.out_dir, build_dataset(config))
         return 0
-    if args.action == "synthetic":
-        config = SyntheticConfig(
-            out_dir=args.out_dir,
-            shots=args.shots,
-            chip=args.chip,
-            seed=args.seed,
-            chips_per_box=args.chips_per_box,
-            negatives=args.negatives,
-            overwrite=args.overwrite,
-        )
+    if isinstance(config, SyntheticConfig):
         _summary(config.out_dir, build_synthetic(config))
         return 0
-    if args.action == "from-json":
-        config = FromJsonConfig(
-            eval_json=args.eval_json,
-            images=args.images,
-            out_dir=args.out_dir,
-            split=args.split,
-            unique=args.unique,
-            overwrite=args.overwrite,
-        )
+    if isinstance(config, FromJsonConfig):
         _summary(config.out_dir, run_from_json(config))
         return 0
     raise ConfigError(f"unknown action {args.action!r}")  # argparse prevents this

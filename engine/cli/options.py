@@ -28,6 +28,8 @@ KEYS = {
     "metavar": "argparse metavar",
     "choices": "allowed values",
     "action": "store_true, store_false (for --no-NAME flags), append (repeatable), boolean (--NAME/--no-NAME)",
+    "nargs": "argparse nargs (a positional list: +)",
+    "one_of": "(name, required): the fields sharing a name are mutually exclusive flags",
     "type": "a callable that converts the flag's text (default: from the annotation)",
     "parse": "a callable applied to the parsed value before the dataclass gets it",
     "cli": "False: not a flag (set by the program, not by the user)",
@@ -90,7 +92,7 @@ def add_config_arguments(
     default to its help."""
     skip = set(exclude)
     keep = None if include is None else set(include)
-    groups: dict[str, argparse._ArgumentGroup] = {}
+    groups: dict[str, Any] = {}
     for f in cli_fields(cls):
         if f.name in skip or (keep is not None and f.name not in keep):
             continue
@@ -100,12 +102,17 @@ def add_config_arguments(
             if md["group"] not in groups:
                 groups[md["group"]] = parser.add_argument_group(md["group"])
             target = groups[md["group"]]
+        if md.get("one_of"):
+            name, required = md["one_of"]
+            if ("one_of", name) not in groups:
+                groups["one_of", name] = target.add_mutually_exclusive_group(required=required)
+            target = groups["one_of", name]
         default = (defaults or {}).get(f.name, _default(f))
         kind = _kind(f.type)
         action = md.get("action") or _action(kind, default)
         shown = show_defaults and action not in ("store_true", "store_false", "boolean", "append")
         kwargs: dict[str, Any] = {"help": _help(md.get("help"), default, shown)}
-        for key in ("metavar", "choices"):
+        for key in ("metavar", "choices", "nargs"):
             if key in md:
                 kwargs[key] = md[key]
         if md.get("positional"):
