@@ -34,15 +34,22 @@ class TrainConfig:
     """Everything one ``geo-r1 train`` run needs. Paths are kept as given; ``__post_init__`` checks values."""
 
     # What
-    method: str = field(metadata={"help": "sft (supervised baseline), grpo or dapo (reasoning-first RL)"})
+    method: str = field(
+        metadata={"positional": True, "choices": METHODS,
+                  "help": "sft (supervised baseline), grpo or dapo (reasoning-first RL)"},
+    )  # fmt: skip
     data: Path = field(metadata={"help": "dataset directory from 'geo-r1 dataset build|synthetic'"})
     model: str = field(metadata={"help": "base model: a Hugging Face id or a local directory"})
-    output_dir: Path = field(metadata={"help": "where the adapter (safetensors) and its manifest go"})
+    output_dir: Path = field(
+        metadata={"flags": ("-o", "--output"), "aliases": ("--output-dir",),
+                  "help": "where the adapter (safetensors) and its manifest go"},
+    )  # fmt: skip
     processor: str | None = field(default=None, metadata={"help": "processor source (default: the model)"})
     task: str = field(default="rec", metadata={"help": "rec (one box) or multi (all boxes, 'None' when none)"})
     reasoning: bool | None = field(
         default=None,
-        metadata={"help": "think-then-answer prompt and targets; default False for sft (the paper's SFT "
+        metadata={"action": "boolean",
+                  "help": "think-then-answer prompt and targets; default False for sft (the paper's SFT "
                           "baseline), True for grpo/dapo"},
     )
     init_adapter: Path | None = field(

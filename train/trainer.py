@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.cli.options import hide_aliases
+from engine.cli.options import add_config_arguments, config_values
 from geo_r1_qgis.core.errors import ConfigError, OutputError
 from geo_r1_qgis.core.rules.prompts import PROMPT_VERSION, PromptSpec
-from train.config import FIELD_NAMES, METHODS, TrainConfig, build_config
+from train.config import FIELD_NAMES, TrainConfig, build_config
 from train.data_format import MANIFEST, SPLITS, TASKS, ChipRecord, jsonl_name, read_manifest, read_records, target_text
 
 log = logging.getLogger(__name__)
@@ -453,27 +453,13 @@ _CLI_FIELDS = ("task", "processor", "init_adapter", "learning_rate", "max_steps"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("method", choices=METHODS, help="sft (the paper's baseline), grpo or dapo")
-    parser.add_argument("--data", type=Path, required=True, help="dataset directory (geo-r1 dataset build|synthetic)")
-    parser.add_argument("--model", required=True, help="base model: Hugging Face id or local directory")
-    hide_aliases(parser.add_argument("-o", "--output", "--output-dir", dest="output_dir", type=Path, required=True,
-                                     help="adapter directory to write"), ("--output-dir",))
+    """``geo-r1 train``'s flags from :class:`TrainConfig`'s fields; each defaults to None so that the method's
+    preset, then ``--config``, then the flags apply, in that order (:func:`train.config.build_config`)."""
+    optional = ("resume", "force", "reasoning", *_CLI_FIELDS)
+    add_config_arguments(parser, TrainConfig, include=("method", "data", "model", "output_dir", *optional),
+                         defaults=dict.fromkeys(optional), show_defaults=False)  # fmt: skip
     parser.add_argument("--config", help="a YAML recipe (path, or a built-in name: sft, grpo, dapo, cpu-smoke, "
                                          "tiny-learn), applied over the method's preset")  # fmt: skip
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in -o")
-    parser.add_argument("--force", action="store_true", help="overwrite a non-empty -o")
-    reasoning = parser.add_mutually_exclusive_group()
-    reasoning.add_argument("--reasoning", dest="reasoning", action="store_true", default=None,
-                           help="think-then-answer prompt/targets (default for grpo/dapo)")  # fmt: skip
-    reasoning.add_argument("--no-reasoning", dest="reasoning", action="store_false",
-                           help="the SFT-baseline prompt (default for sft)")  # fmt: skip
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    for name in _CLI_FIELDS:
-        f = fields[name]
-        kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-        if name == "init_adapter":
-            kind = Path
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f.metadata.get("help"))
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="any other option of the recipe (YAML value), e.g. --set epsilon_high=0.28")  # fmt: skip
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -496,11 +482,9 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
-    overrides: dict[str, Any] = {name: getattr(args, name) for name in _CLI_FIELDS}
-    overrides.update(data=args.data, model=args.model, output_dir=args.output_dir, reasoning=args.reasoning,
-                     resume=args.resume or None, force=args.force or None)  # fmt: skip
+    overrides = config_values(TrainConfig, args)
     overrides.update(_parse_set(args.set))
-    config = build_config(args.method, overrides, args.config)
+    config = build_config(overrides.pop("method"), overrides, args.config)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = run(config)
     manifest_file = out / "geo_r1_adapter.json"
