@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tiny-model": ("engine.runtime.tiny_model", "build a tiny randomly initialised Qwen2.5-VL checkpoint"),
     "sample-model": ("train.sample_model", "train the project's small Qwen2.5-VL on the sample scenes (build)"),
     "serve": ("engine.server.app", "run the local grounding engine (HTTP on 127.0.0.1, token protected)"),
-    "ask": ("engine.ask", "print the reasoning and boxes for one plain image"),
+    "ask": ("engine.cli.ask", "print the reasoning and boxes for one plain image"),
     "ground": ("engine.ground", "ground an expression over a whole raster and write a GeoPackage"),
     "eval": ("train.evaluate", "score a model and adapters on a dataset, Geo-R1's way, and write a report"),
     "train": ("train.trainer", "fine-tune a LoRA adapter: sft, grpo or dapo"),

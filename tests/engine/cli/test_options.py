@@ -69,7 +69,7 @@ def test_required_fields_and_exclusive_ones_are_enforced(capsys):
 COMMANDS = {
     "serve": ("engine.server.app:ServeConfig", None, []),
     "ground": ("engine.ground:GroundConfig", None, ["r.tif", "tanks", "-o", "o.gpkg"]),
-    "ask": ("engine.ask:AskConfig", None, ["i.png", "tanks", "--model", "m"]),
+    "ask": ("engine.cli.ask:AskConfig", None, ["i.png", "tanks", "--model", "m"]),
     "wheelhouse": ("engine.wheelhouse:WheelhouseConfig", None, ["dir"]),
     "sample-data": ("train.sample_data:SampleDataConfig", None, ["dir"]),
     "eval": ("train.evaluate:EvalConfig", None, ["-o", "rep"]),

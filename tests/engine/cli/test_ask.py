@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.ask import AskConfig
+from engine.cli.ask import AskConfig
 from engine.runtime.loading import parse_adapters
 from geo_r1_qgis.core.errors import ConfigError
 
