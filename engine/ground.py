@@ -17,7 +17,6 @@ Exit status: 0 done, 1 error (one clear line), 130 interrupted (resumable).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -32,8 +31,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.cli import options
-from engine.cli.options import add_config_arguments
 from geo_r1_qgis.core.client import DEFAULT_URL, EngineClient, read_token
 from geo_r1_qgis.core.errors import (
     ConfigError,
@@ -227,15 +224,6 @@ class GroundConfig:
         )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``geo-r1 ground`` options, one per :class:`GroundConfig` field."""
-    add_config_arguments(parser, GroundConfig)
-
-
-def config_from_args(args: argparse.Namespace) -> GroundConfig:
-    return options.config_from_args(GroundConfig, args)
-
-
 # -- the engine ------------------------------------------------------------------------------------
 
 
@@ -365,10 +353,6 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def main(args: argparse.Namespace) -> int:
-    return run(config_from_args(args))
 
 
 def run(config: GroundConfig) -> int:

@@ -17,7 +17,6 @@ example ``--pip-arg=--python-version=3.12 --pip-arg=--only-binary=:all:`` for an
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -30,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engine import __version__
-from engine.cli.options import add_config_arguments, config_from_args
 from geo_r1_qgis.core.errors import ConfigError, GeoR1Error
 
 log = logging.getLogger(__name__)
@@ -141,15 +139,3 @@ def build_wheelhouse(cfg: WheelhouseConfig) -> Path:
     return out
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``geo-r1 wheelhouse`` options, one per :class:`WheelhouseConfig` field."""
-    add_config_arguments(parser, WheelhouseConfig)
-
-
-def main(args: argparse.Namespace) -> int:
-    cfg = config_from_args(WheelhouseConfig, args)
-    manifest = build_wheelhouse(cfg)
-    n = len(json.loads(manifest.read_text())["files"])
-    sys.stdout.write(f"{n} files in {cfg.out_dir}; manifest {manifest.name}. Carry the folder to the offline"
-                     " machine and choose it as the wheelhouse in the plugin's setup dialog.\n")  # fmt: skip
-    return 0

@@ -34,7 +34,6 @@ rasters are taken to show different ground; ``chips.jsonl`` lists every chip's r
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -42,7 +41,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
@@ -52,7 +50,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from engine.cli.options import add_config_arguments, config_from_args
 from geo_r1_qgis.core.annotations import FIELDS, GEOMETRY_TYPE, LAYER_NAME, SPLITS, Annotation
 from geo_r1_qgis.core.errors import ConfigError, NotGeoreferencedError, OutputError, RasterError
 from train import chips as cm
@@ -1318,56 +1315,6 @@ def _plain_box(box: Sequence[float], w: int, h: int) -> cm.IntBox | None:
     x1, y1 = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
     x2, y2 = min(w, math.ceil(box[2])), min(h, math.ceil(box[3]))
     return (x1, y1, x2, y2) if x1 < x2 and y1 < y2 else None
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------
-
-
-#: ``geo-r1 dataset ACTION`` -> its config and one-line help
-ACTIONS: dict[str, tuple[type, str]] = {
-    "import": (ImportConfig, "turn a polygon layer into annotations of a raster"),
-    "build": (BuildConfig, "chips, records and manifest from annotation GeoPackages"),
-    "synthetic": (SyntheticConfig, "a small learnable few-shot set from the sample scenes"),
-    "from-json": (FromJsonConfig, "a dataset folder from a VRSBench / DIOR-RSVG evaluation JSON"),
-}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-
-    for action, (cls, help_) in ACTIONS.items():
-        add_config_arguments(sub.add_parser(action, help=help_), cls)
-
-
-def _summary(out_dir: Path, manifest: dict[str, Any]) -> None:
-    lines = [f"dataset written to {out_dir}"]
-    for split, tasks in manifest["counts"].items():
-        n = {t: sum(v.values()) for t, v in tasks.items()}
-        lines.append(f"  {split:<5} rec {n['rec']:>5}  multi {n['multi']:>5}")
-    sys.stdout.write("\n".join(lines) + "\n")
-
-
-def main(args: argparse.Namespace) -> int:
-    if logging.getLogger().level > logging.DEBUG:
-        logging.getLogger("pyogrio").setLevel(logging.WARNING)  # "Created N records" on every write
-
-    config = config_from_args(ACTIONS[args.action][0], args)
-    if isinstance(config, ImportConfig):
-        n = run_import(config)
-        sys.stdout.write(f"{n} annotation(s) written to {config.output} (layer {LAYER_NAME})\n")
-        return 0
-    if isinstance(config, BuildConfig):
-        _summary(config.out_dir, build_dataset(config))
-        return 0
-    if isinstance(config, SyntheticConfig):
-        _summary(config.out_dir, build_synthetic(config))
-        return 0
-    if isinstance(config, FromJsonConfig):
-        _summary(config.out_dir, run_from_json(config))
-        return 0
-    raise ConfigError(f"unknown action {args.action!r}")  # argparse prevents this
 
 
 __all__ = [

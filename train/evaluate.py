@@ -43,20 +43,16 @@ model's ``smart_resize`` frame, ``geo_r1_qgis.core.rules.coords.model_to_image_b
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime as _dt
 import json
 import logging
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from engine.cli import options
-from engine.cli.options import add_config_arguments
 from geo_r1_qgis.core.errors import ConfigError, OutputError
 from geo_r1_qgis.core.rules.coords import model_input_size
 from geo_r1_qgis.core.rules.parsing import format_ok
@@ -874,7 +870,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Command line
+# Command-line values (engine/cli/eval.py)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -898,19 +894,9 @@ def _results_name(path: Path) -> str:
     return stem[: -len("_results")] if stem.endswith("_results") and len(stem) > len("_results") else stem
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``geo-r1 eval`` options, one per :class:`EvalConfig` field."""
-    add_config_arguments(parser, EvalConfig)
-
-
-def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    return options.config_from_args(EvalConfig, args)
-
-
-def main(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    metrics = run(cfg)
-    out = sys.stdout
+def summary_lines(metrics: dict[str, Any]) -> list[str]:
+    """One console line per scored model of :func:`run`'s metrics."""
+    lines: list[str] = []
     for name, m in metrics["models"].items():
         s = m["scores"]
         if m["task"] == "rec":
@@ -922,11 +908,10 @@ def main(args: argparse.Namespace) -> int:
                 for a in [s[f"acc@{t}"]]
             ]
             why = unique_why(s)
-            out.write(f"{name} ({m['mode']}): {', '.join(parts)}, mean IoU {s['mean_iou']:.3f}"
-                      + (f"; unique/non-unique –: {why}" if why else "") + "\n")  # fmt: skip
+            lines.append(f"{name} ({m['mode']}): {', '.join(parts)}, mean IoU {s['mean_iou']:.3f}"
+                         + (f"; unique/non-unique –: {why}" if why else ""))  # fmt: skip
         else:
             gone = s.get("missing_from_results")
-            out.write(f"{name} ({m['mode']}): mAP {s['mAP']:.2f}, AP50 {s['AP50']:.2f}"
-                      + (f" ({gone['queries']} missing queries counted as misses)" if gone else "") + "\n")  # fmt: skip
-    out.write(f"report: {cfg.out_dir / 'report.md'}\n")
-    return 0
+            lines.append(f"{name} ({m['mode']}): mAP {s['mAP']:.2f}, AP50 {s['AP50']:.2f}"
+                         + (f" ({gone['queries']} missing queries counted as misses)" if gone else ""))  # fmt: skip
+    return lines

@@ -26,7 +26,6 @@ order (longitude, latitude for EPSG:4326), as GDAL's GeoJSON driver reads an EPS
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -37,7 +36,6 @@ from typing import Any
 
 import numpy as np
 
-from engine.cli.options import add_config_arguments, config_from_args
 from geo_r1_qgis.core.errors import ConfigError, OutputError
 from geo_r1_qgis.core.geometry import Affine, PixelBox, box_to_polygon, raster_bounds
 
@@ -394,24 +392,3 @@ def write_samples(config: SampleDataConfig) -> list[Path]:
     return written
 
 
-# --------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``geo-r1 sample-data`` options, one per :class:`SampleDataConfig` field."""
-    add_config_arguments(parser, SampleDataConfig)
-
-
-def main(args: argparse.Namespace) -> int:
-    config = config_from_args(SampleDataConfig, args)
-    paths = write_samples(config)
-    rasters = [p.name for p in paths if p.suffix == ".tif"]
-    log.info(
-        "wrote %d rasters (%s), their truth files and samples.json to %s",
-        len(rasters),
-        ", ".join(rasters),
-        config.out_dir.resolve(),
-    )
-    return 0

@@ -39,7 +39,6 @@ torch and transformers are imported inside functions only, so that ``geo-r1 --he
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import hashlib
@@ -49,7 +48,6 @@ import platform
 import random
 import shlex
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -58,7 +56,6 @@ from typing import Any
 
 import numpy as np
 
-from engine.cli.options import add_config_arguments, config_from_args
 from geo_r1_qgis.core.errors import ConfigError, OutputError
 from geo_r1_qgis.core.rules.coords import geo_r1_iou
 from geo_r1_qgis.core.rules.parsing import geo_r1_eval_box
@@ -438,7 +435,7 @@ def evaluate(model: Any, processor: Any, rec: Sequence[Chip], multi: Sequence[Ch
     return result
 
 
-def _summary(metrics: dict[str, Any]) -> str:
+def metrics_line(metrics: dict[str, Any]) -> str:
     r, m = metrics["largest_tank"], metrics["all_tanks"]
     return (f"largest tank Acc@0.5 {r['acc@0.5']:.3f} (mIoU {r['mean_iou']:.3f}, n {r['queries']}); all tanks "
             f"recall {m['recall@0.5']:.3f} precision {m['precision@0.5']:.3f} (n {m['true_tanks']} tanks in "
@@ -673,7 +670,7 @@ def build(config: SampleModelConfig, command: str | None = None) -> dict[str, An
             entry = {"step": step + 1, "train_seconds": round(time.perf_counter() - t0, 1),
                      "scenes": n_ck, "loss": sum(losses[-50:]) / len(losses[-50:]), **metrics}  # fmt: skip
             manifest["evaluations"].append(entry)
-            log.info("checkpoint at step %d: %s", step + 1, _summary(metrics))
+            log.info("checkpoint at step %d: %s", step + 1, metrics_line(metrics))
             save_checkpoint(model, processor, config.out_dir, dict(manifest, steps=step + 1, final=False,
                             wall_seconds=round(time.perf_counter() - t0, 1)))  # fmt: skip
             last_eval = time.perf_counter()
@@ -684,7 +681,7 @@ def build(config: SampleModelConfig, command: str | None = None) -> dict[str, An
     log.info("training stopped (%s) after %d steps, %.0f s; final held-out evaluation on %d scenes", stop_reason,
              steps_done, train_seconds, config.heldout_scenes)  # fmt: skip
     metrics = evaluate(model, processor, rec_eval, multi_eval, config.multi_max_new_tokens)
-    log.info("final: %s", _summary(metrics))
+    log.info("final: %s", metrics_line(metrics))
     manifest.update(
         steps=steps_done, stop_reason=stop_reason, final=True, train_seconds=round(train_seconds, 1),
         wall_seconds=round(time.perf_counter() - t0, 1),
@@ -697,13 +694,8 @@ def build(config: SampleModelConfig, command: str | None = None) -> dict[str, An
 
 
 # --------------------------------------------------------------------------------------------------
-# Command line: flags derived from the config's fields, as ``geo-r1 train`` derives them from TrainConfig
+# The command that rebuilds a config (engine/cli/sample_model.py derives its flags from the fields)
 # --------------------------------------------------------------------------------------------------
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    build_parser = sub.add_parser("build", help="train the sample model from scratch (or continue one with --init)")
-    add_config_arguments(build_parser, SampleModelConfig)
 
 
 def command_line(config: SampleModelConfig) -> str:
@@ -722,10 +714,3 @@ def command_line(config: SampleModelConfig) -> str:
     return shlex.join(words)
 
 
-def main(args: argparse.Namespace) -> int:
-    config = config_from_args(SampleModelConfig, args)
-    manifest = build(config, command=command_line(config))
-    held = manifest["heldout"]
-    sys.stdout.write(f"sample model: {config.out_dir} ({manifest['steps']} steps, {manifest['train_seconds']} s); "
-                     f"held-out: {_summary(held)}\n")  # fmt: skip
-    return 0

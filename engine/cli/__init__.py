@@ -1,6 +1,6 @@
-"""The ``geo-r1`` command line: one small module per subcommand.
+"""The ``geo-r1`` command line: one small module per subcommand, in this folder (as rasterio's ``rio/``).
 
-Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and
+Each subcommand lives in its own module, ``engine/cli/NAME.py``, which exposes ``add_arguments(parser)`` and
 ``main(args) -> int``. Only the chosen subcommand's module is imported, so ``geo-r1 sample-data``
 never pays for importing torch. Errors of the project's hierarchy are caught here, at the boundary,
 and printed as one clear line with a non-zero exit status.
@@ -17,18 +17,18 @@ from types import ModuleType
 
 from geo_r1_qgis.core.errors import GeoR1Error
 
-#: subcommand -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "sample-data": ("train.sample_data", "write synthetic georeferenced sample rasters with true boxes"),
-    "dataset": ("train.dataset", "build fine-tuning datasets from annotations (import, build, synthetic, from-json)"),
-    "tiny-model": ("engine.runtime.tiny_model", "build a tiny randomly initialised Qwen2.5-VL checkpoint"),
-    "sample-model": ("train.sample_model", "train the project's small Qwen2.5-VL on the sample scenes (build)"),
-    "serve": ("engine.server.app", "run the local grounding engine (HTTP on 127.0.0.1, token protected)"),
-    "ask": ("engine.cli.ask", "print the reasoning and boxes for one plain image"),
-    "ground": ("engine.ground", "ground an expression over a whole raster and write a GeoPackage"),
-    "eval": ("train.evaluate", "score a model and adapters on a dataset, Geo-R1's way, and write a report"),
-    "train": ("train.trainer", "fine-tune a LoRA adapter: sft, grpo or dapo"),
-    "wheelhouse": ("engine.wheelhouse", "download this engine and its dependencies into a folder, for offline setup"),
+#: subcommand -> its one-line help; ``geo-r1 NAME`` runs ``engine/cli/NAME.py`` (dashes as underscores)
+COMMANDS: dict[str, str] = {
+    "sample-data": "write synthetic georeferenced sample rasters with true boxes",
+    "dataset": "build fine-tuning datasets from annotations (import, build, synthetic, from-json)",
+    "tiny-model": "build a tiny randomly initialised Qwen2.5-VL checkpoint",
+    "sample-model": "train the project's small Qwen2.5-VL on the sample scenes (build)",
+    "serve": "run the local grounding engine (HTTP on 127.0.0.1, token protected)",
+    "ask": "print the reasoning and boxes for one plain image",
+    "ground": "ground an expression over a whole raster and write a GeoPackage",
+    "eval": "score a model and adapters on a dataset, Geo-R1's way, and write a report",
+    "train": "fine-tune a LoRA adapter: sft, grpo or dapo",
+    "wheelhouse": "download this engine and its dependencies into a folder, for offline setup",
 }
 
 #: commands that need the ``[train]`` extra -> the modules it brings that they import
@@ -61,7 +61,7 @@ def _top_parser() -> argparse.ArgumentParser:
         prog="geo-r1",
         description="Geo-R1 reasoning-first grounding for georeferenced imagery.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="commands:\n" + "\n".join(f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()),
+        epilog="commands:\n" + "\n".join(f"  {name:<12} {help_}" for name, help_ in COMMANDS.items()),
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     parser.add_argument("--version", action="version", version=f"geo-r1 {_version()}")
@@ -71,8 +71,8 @@ def _top_parser() -> argparse.ArgumentParser:
 
 def command_parser(name: str) -> tuple[argparse.ArgumentParser, ModuleType]:
     """The parser of ``geo-r1 NAME`` and the module that runs it (imported only now)."""
-    module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"geo-r1 {name}", description=COMMANDS[name][1])
+    module = importlib.import_module(f"engine.cli.{name.replace('-', '_')}")
+    parser = argparse.ArgumentParser(prog=f"geo-r1 {name}", description=COMMANDS[name])
     module.add_arguments(parser)
     return parser, module
 

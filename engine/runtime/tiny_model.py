@@ -29,7 +29,6 @@ torch and transformers are imported inside functions only, so that ``geo-r1 --he
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -39,7 +38,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from engine.cli.options import add_config_arguments, config_from_args
 from geo_r1_qgis.core.errors import ConfigError, OutputError
 
 log = logging.getLogger(__name__)
@@ -635,21 +633,3 @@ def learn_format(model: Any, processor: Any, steps: int, seed: int = 0, batch_si
     return loss_value
 
 
-# --------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------
-
-
-#: the fields ``geo-r1 tiny-model`` offers as flags (the rest keep their defaults)
-CLI_FIELDS = ("out_dir", "seed", "force", "learn_format_steps", "rope_theta", "hidden_size")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``geo-r1 tiny-model`` options, one per field of :data:`CLI_FIELDS`."""
-    add_config_arguments(parser, TinyModelConfig, include=CLI_FIELDS)
-
-
-def main(args: argparse.Namespace) -> int:
-    config = config_from_args(TinyModelConfig, args)
-    build_tiny_model(config)
-    return 0

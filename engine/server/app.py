@@ -49,7 +49,6 @@ of errors to statuses, the app and ``main``. The rest lives beside it:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import json
@@ -75,7 +74,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from engine import __version__ as ENGINE_VERSION
-from engine.cli.options import add_config_arguments, config_from_args
 from engine.runtime.backend import Backend, GenerationSettings, GroundItem, is_out_of_memory
 from engine.runtime.loading import parse_adapters
 from engine.server.api_models import (
@@ -305,16 +303,6 @@ class ServeConfig:
             "max_prompt_tokens": self.max_prompt_tokens,
             "max_new_tokens": self.max_new_tokens,
         }
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ServeConfig:
-        return config_from_args(cls, args)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``geo-r1 serve`` options, one per :class:`ServeConfig` field."""
-    add_config_arguments(parser, ServeConfig, defaults={"token_file": default_token_path()})
-
 
 # --------------------------------------------------------------------------------------------------
 # Error mapping
@@ -759,12 +747,11 @@ def build_backend(config: ServeConfig) -> Backend:
     return remote
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run the engine until interrupted."""
+def serve(config: ServeConfig) -> int:
+    """Run the engine until interrupted (``geo-r1 serve``, :mod:`engine.cli.serve`)."""
     import uvicorn
     from PIL import Image
 
-    config = ServeConfig.from_args(args)
     assert config.token_file is not None
     token = ensure_token(config.token_file)  # before loading anything: a bad token file fails fast
     if config.parent_pid is not None:  # watched from the start: a parent that dies while the model loads counts

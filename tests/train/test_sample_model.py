@@ -60,7 +60,9 @@ def test_flags_come_from_the_config_fields(tmp_path):
     import argparse
     import dataclasses
 
-    from train.sample_model import add_arguments, command_line, config_from_args
+    from engine.cli.options import config_from_args
+    from engine.cli.sample_model import add_arguments
+    from train.sample_model import command_line
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -14,8 +14,10 @@ import argparse
 
 import pytest
 
+from engine.cli.options import config_from_args
+from engine.cli.serve import add_arguments
 from engine.runtime.backend import ChatResult, ItemResult
-from engine.server.app import ServeConfig, add_arguments, create_app, status_for
+from engine.server.app import ServeConfig, create_app, status_for
 from geo_r1_qgis.core.errors import (
     ConfigError,
     EngineOverloadedError,
@@ -47,7 +49,7 @@ def test_default_token_file_follows_xdg_config_home(tmp_path, monkeypatch):
 def _parse(*argv):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    return ServeConfig.from_args(parser.parse_args(list(argv)))
+    return config_from_args(ServeConfig, parser.parse_args(list(argv)))
 
 
 def test_arguments_map_onto_the_config():
