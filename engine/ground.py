@@ -40,75 +40,30 @@ from geo_r1_qgis.core.errors import (
     OutputError,
     RasterError,
 )
-from geo_r1_qgis.core.geometry import DEFAULT_TILE, tile_size_advice
-from geo_r1_qgis.core.merge import MODES
-from geo_r1_qgis.core.results import parse_bands
+from geo_r1_qgis.core.geometry import tile_size_advice
+from geo_r1_qgis.core.run_spec import RunSpec
 
 log = logging.getLogger(__name__)
 
 
-def _parse_floats(text: str | None, n: int, what: str, example: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(f"{what} takes {n} comma-separated numbers, got {text!r}; e.g. {example}") from None
-    if len(values) != n:
-        raise ConfigError(f"{what} takes {n} comma-separated numbers, got {len(values)} in {text!r}; e.g. {example}")
-    return values
-
-
-def _parse_bbox(text: str | None) -> tuple[float, ...] | None:
-    return _parse_floats(text, 4, "--bbox", "--bbox 630000,4249000,631000,4250000")
-
-
-#: the help sections of ``geo-r1 ground``
-_TILES = {"group": "tiles"}
+#: the help sections of ``geo-r1 ground`` (the run's own options: RunSpec's)
 _OUT = {"group": "output"}
 _ENGINE = {"group": "engine (a running one, or one started for this run)"}
-_REQUESTS = {"group": "requests and search"}
 
 
-@dataclass(frozen=True)
-class GroundConfig:
-    """Everything ``geo-r1 ground`` needs. Checks itself; each message names the bad value and the fix."""
+@dataclass(frozen=True, kw_only=True)
+class GroundConfig(RunSpec):
+    """Everything ``geo-r1 ground`` needs: the run (:class:`RunSpec`'s fields) and the command's own options.
+    Checks itself; each message names the bad value and the fix."""
 
     # a str for GDAL paths (/vsizip/..., URLs), which a Path would mangle
     raster: Path | str = field(metadata={
-        "positional": True, "type": str,
+        "positional": True, "position": 0, "type": str,
         "help": "a georeferenced raster (GeoTIFF, COG, anything GDAL reads, /vsizip/, /vsicurl/ and other GDAL "
                 "paths included)"})  # fmt: skip
-    expression: str = field(metadata={"positional": True, "help": 'what to find, e.g. "all storage tanks"'})
     output: Path = field(metadata={"flags": ("-o", "--output"), "help": "GeoPackage to write (a new layer per run)"})
-    mode: str = field(
-        default="all",
-        metadata={"choices": MODES, "help": "all: every instance (default); one: the single best match"},
-    )
-    gsd: float | None = field(
-        default=None, metadata={**_TILES, "help": "ground resolution of the tiles in metres (default: the raster's)"}
-    )
-    tile: int = field(
-        default=DEFAULT_TILE,
-        metadata={**_TILES,
-                  "help": "tile size in pixels (default: %(default)s, a multiple of 28: the model sees it unresized)"},
-    )  # fmt: skip
-    overlap: int = field(default=64, metadata={**_TILES, "help": "overlap of tiles in pixels"})
-    bands: tuple[int, ...] | None = field(
-        default=None,
-        metadata={**_TILES, "action": "store", "parse": parse_bands,
-                  "help": "band numbers for R,G,B (default: the RGB bands, else the first three)"},
-    )  # fmt: skip
-    bbox: tuple[float, ...] | None = field(
-        default=None,
-        metadata={**_TILES, "action": "store", "parse": _parse_bbox,
-                  "help": "xmin,ymin,xmax,ymax in the raster's CRS (default: the whole raster)"},
-    )  # fmt: skip
     layer: str | None = field(
         default=None, metadata={**_OUT, "help": "layer name (default: from the expression and the run id)"}
-    )
-    dst_crs: str | None = field(
-        default=None, metadata={**_OUT, "help": "write polygons in this CRS, e.g. EPSG:4326 (default: the raster's)"}
     )
     resume: bool = field(
         default=False, metadata={**_OUT, "help": "continue the interrupted run with these parameters"}
@@ -142,86 +97,18 @@ class GroundConfig:
         default=300.0,
         metadata={**_ENGINE, "flags": ("--serve-timeout",), "help": "seconds to wait for --model to load"},
     )
-    # -- requests and search
-    batch: int = field(
-        default=8,
-        metadata={**_REQUESTS, "flags": ("--batch-size",), "aliases": ("--batch",),
-                  "help": "tiles per /ground request"},
-    )  # fmt: skip
-    # None: the engine's default for the task (Geo-R1: rec 256, multi 1024)
-    max_new_tokens: int | None = field(
-        default=None,
-        metadata={**_REQUESTS,
-                  "help": "generation limit per tile (default: Geo-R1's, 256 for mode one, 1024 for mode all)"},
-    )  # fmt: skip
-    reasoning: bool = field(
-        default=True,
-        metadata={**_REQUESTS, "flags": ("--no-reasoning",), "action": "store_false",
-                  "help": "the SFT-baseline prompt without <think>"},
-    )  # fmt: skip
-    coarse_to_fine: bool = field(
-        default=True,
-        metadata={**_REQUESTS, "flags": ("--no-coarse-to-fine",), "action": "store_false",
-                  "help": "mode one: always tile at full resolution"},
-    )  # fmt: skip
-    top_k: int = field(
-        default=3, metadata={**_REQUESTS, "help": "mode one: candidates refined at full resolution"}
-    )
-    min_score: float = field(
-        default=0.0, metadata={**_REQUESTS, "help": "drop boxes whose score is below this"}
-    )
     extra: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
 
     def __post_init__(self) -> None:
-        if not self.expression.strip():
-            raise ConfigError('the expression is empty: describe what to find, e.g. "all storage tanks"')
-        if self.mode not in MODES:
-            raise ConfigError(f"--mode must be 'one' or 'all', got {self.mode!r}")
-        if self.gsd is not None and not self.gsd > 0:
-            raise ConfigError(f"--gsd must be a ground resolution in metres > 0, got {self.gsd!r}; e.g. --gsd 0.5")
-        if self.tile < 28:
-            raise ConfigError(f"--tile must be at least 28 pixels (one model patch), got {self.tile}; e.g. --tile 504")
-        if not 0 <= self.overlap < self.tile:
-            raise ConfigError(f"--overlap must be in [0, --tile), got {self.overlap} with --tile {self.tile}")
+        super().__post_init__()  # the run's values (RunSpec)
         if self.output.suffix.lower() != ".gpkg":
             raise ConfigError(f"-o {self.output} must end in .gpkg (a GeoPackage); e.g. -o results.gpkg")
         if self.engine and self.model:
             raise ConfigError("give either --engine URL (a running engine) or --model M (start one), not both")
-        if not 1 <= self.batch <= 64:
-            raise ConfigError(f"--batch-size must be within 1..64 tiles per request, got {self.batch}")
-        if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= 4096:
-            raise ConfigError(f"--max-new-tokens must be within 1..4096, got {self.max_new_tokens}")
-        if self.top_k < 1:
-            raise ConfigError(f"--top-k must be >= 1, got {self.top_k}")
-        if not 0.0 <= self.min_score <= 1.0:
-            raise ConfigError(f"--min-score must be in [0, 1], got {self.min_score}")
 
     @property
     def engine_url(self) -> str:
         return self.engine or DEFAULT_URL
-
-    def run_parameters(self, raster_path: str, bands: tuple[int, ...], scale: float = 1.0) -> dict[str, Any]:
-        """The parameters that define a run's results (a resumed run must match them exactly); built by
-        :func:`geo_r1_qgis.core.gpkg_schema.run_parameters`, as the plugin builds them."""
-        from geo_r1_qgis.core.gpkg_schema import run_parameters
-
-        return run_parameters(
-            raster=raster_path,
-            expression=self.expression,
-            mode=self.mode,
-            gsd=self.gsd,
-            tile=self.tile,
-            overlap=self.overlap,
-            bands=bands,
-            bbox=self.bbox,
-            dst_crs=self.dst_crs,
-            max_new_tokens=self.max_new_tokens,
-            reasoning=self.reasoning,
-            coarse_to_fine=self.coarse_to_fine,
-            top_k=self.top_k,
-            min_score=self.min_score,
-            scale=scale,
-        )
 
 
 # -- the engine ------------------------------------------------------------------------------------
@@ -287,7 +174,7 @@ def engine_for(config: GroundConfig) -> Iterator[tuple[EngineClient, dict[str, A
         token_file = Path(tmp) / "engine.token"
         log_path = Path(tmp) / "serve.log"
         cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", config.model, "--port", str(port)]
-        cmd += ["--token-file", str(token_file), "--batch-size", str(config.batch), "--device", config.device]
+        cmd += ["--token-file", str(token_file), "--batch-size", str(config.batch_size), "--device", config.device]
         cmd += ["--dtype", config.dtype, "--parent-pid", str(os.getpid())]
         if config.processor:
             cmd += ["--processor", config.processor]
@@ -359,10 +246,10 @@ def run(config: GroundConfig) -> int:
     from engine.gpkg import CrsTransform, GeoPackageSink, check_layer_name, list_layers
     from engine.rasters import RasterioSource
     from geo_r1_qgis.core.geometry import PixelBox, gsd_to_scale, window_from_map_bbox
-    from geo_r1_qgis.core.pipeline import GroundingJob, run_grounding
+    from geo_r1_qgis.core.pipeline import run_grounding
 
     logging.getLogger("pyogrio").setLevel(logging.WARNING)  # one INFO line per write otherwise
-    advice = tile_size_advice(config.tile)
+    advice = tile_size_advice(config.tile_size)
     if advice:
         log.warning(advice)
     # 1. Everything that can be checked before the output is touched.
@@ -376,20 +263,7 @@ def run(config: GroundConfig) -> int:
         scale = 1.0
         if config.gsd:
             scale = gsd_to_scale(config.gsd, source.transform, source.crs_units_per_metre())
-        job = GroundingJob(
-            expression=config.expression,
-            mode=config.mode,
-            reasoning=config.reasoning,
-            max_new_tokens=config.max_new_tokens,
-            tile_size=config.tile,
-            overlap=config.overlap,
-            scale=scale,
-            window=window,
-            batch_size=config.batch,
-            coarse_to_fine=config.coarse_to_fine,
-            top_k=config.top_k,
-            min_score=config.min_score,
-        )
+        job = config.job(scale=scale, window=window)
         area = window or PixelBox(0.0, 0.0, float(source.width), float(source.height))
         if window is not None and not source.has_valid(area):
             raise EmptyRasterError(

@@ -24,6 +24,7 @@ KEYS = {
     "flags": "option strings, canonical first (default: --name-with-dashes)",
     "aliases": "old spellings that still parse but are not shown in --help",
     "positional": "a positional argument (True) instead of a flag",
+    "position": "where a positional argument goes among them (default: field order)",
     "group": "the help section the flag is listed under",
     "metavar": "argparse metavar",
     "choices": "allowed values",
@@ -93,7 +94,11 @@ def add_config_arguments(
     skip = set(exclude)
     keep = None if include is None else set(include)
     groups: dict[str, Any] = {}
-    for f in cli_fields(cls):
+    chosen = cli_fields(cls)
+    positional = sorted(
+        (f for f in chosen if f.metadata.get("positional")), key=lambda f: f.metadata.get("position", 0)
+    )
+    for f in [*positional, *(f for f in chosen if not f.metadata.get("positional"))]:
         if f.name in skip or (keep is not None and f.name not in keep):
             continue
         md = f.metadata

@@ -69,7 +69,8 @@ from .area import AreaPolygon, area_bounds, box_in_area, check_area, tiles_touch
 from .client import GroundResult, TileImage
 from .errors import ConfigError, EmptyRasterError, ExtentError
 from .geometry import Affine, PixelBox, Ring, Tile, TileGridSpec, box_to_polygon, make_tile_grid
-from .merge import MODES, Detection, flag_truncated, merge_detections, refinement_windows, select_mode
+from .merge import Detection, flag_truncated, merge_detections, refinement_windows, select_mode
+from .run_spec import check_run_values
 
 __all__ = [
     "GroundingClient",
@@ -133,20 +134,16 @@ class GroundingJob:
     top_k: int = 3
 
     def __post_init__(self) -> None:
-        if not isinstance(self.expression, str) or not self.expression.strip():
-            raise ConfigError("the expression is empty: describe what to find, e.g. 'all storage tanks'")
-        if self.mode not in MODES:
-            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}: 'one' (best match) or 'all'")
-        # TileGridSpec checks tile_size, overlap and scale and explains them.
+        # the run's own values are checked where every run description checks them
+        check_run_values(expression=self.expression, mode=self.mode, tile_size=self.tile_size, overlap=self.overlap,
+                         batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, top_k=self.top_k,
+                         min_score=self.min_score)  # fmt: skip
+        # TileGridSpec checks the scale and explains it.
         TileGridSpec(tile_size=self.tile_size, overlap=self.overlap, scale=self.scale)
-        for name in ("batch_size", "max_new_tokens", "coarse_min_tiles", "coarse_grid", "top_k"):
+        for name in ("coarse_min_tiles", "coarse_grid"):
             value = getattr(self, name)
-            if name == "max_new_tokens" and value is None:
-                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        if not 0.0 <= self.min_score <= 1.0:
-            raise ConfigError(f"min_score must be in [0, 1], got {self.min_score!r}; 0 keeps every box")
         if self.window is not None and not isinstance(self.window, PixelBox):
             raise ConfigError(f"window must be a PixelBox in raster pixels or None, got {self.window!r}")
         if self.area_polygons is not None:

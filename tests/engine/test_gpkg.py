@@ -183,8 +183,8 @@ def test_the_plugin_builds_the_same_run_parameters_as_the_command_line(tmp_path,
         pytest.skip(f"{raster} is missing (the shared rasters live in <repo>/../shared/data)")
     monkeypatch.chdir(tmp_path)
     relative = os.path.relpath(raster)
-    cfg = GroundConfig(raster=relative, expression="all farmsteads", output=tmp_path / "o.gpkg", tile=112,
-                       overlap=16, max_new_tokens=96, batch=1)  # fmt: skip
+    cfg = GroundConfig(raster=relative, expression="all farmsteads", output=tmp_path / "o.gpkg",
+                       tile_size=112, overlap=16, max_new_tokens=96, batch_size=1)  # fmt: skip
     job = GroundingJob(expression="all farmsteads", tile_size=112, overlap=16, max_new_tokens=96, batch_size=1)
     with RasterioSource(relative) as src:
         described = src.describe()["path"]

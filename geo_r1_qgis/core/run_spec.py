@@ -1,0 +1,201 @@
+"""One run, as the user describes it: what to find and how to tile, ask and filter.
+
+:class:`RunSpec` is filled by ``geo-r1 ground`` (:class:`engine.ground.GroundConfig` adds the command's own
+options), by the panel (:class:`geo_r1_qgis.run_task.RunRequest` adds its own) and by the Processing
+algorithm; its values are checked here once (:func:`check_run_values`, which the pipeline's
+:class:`~geo_r1_qgis.core.pipeline.GroundingJob` also calls). A field's ``metadata`` says how the command line
+spells it (``engine/cli/options.py`` reads it), so adding a run option is one field and its uses.
+
+Pure: the standard library only (it runs under QGIS's own Python).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError
+from .geometry import DEFAULT_TILE
+from .merge import MODES
+from .results import parse_bands
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .area import AreaPolygon
+    from .geometry import PixelBox
+    from .pipeline import GroundingJob
+
+#: the most tiles one ``/ground`` request may carry, and the longest generation a tile may ask for
+MAX_BATCH_SIZE = 64
+MAX_NEW_TOKENS = 4096
+
+
+def parse_floats(text: str | None, n: int, what: str, example: str) -> tuple[float, ...] | None:
+    """``n`` comma-separated numbers, e.g. a bbox; None for None."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{what} takes {n} comma-separated numbers, got {text!r}; e.g. {example}") from None
+    if len(values) != n:
+        raise ConfigError(f"{what} takes {n} comma-separated numbers, got {len(values)} in {text!r}; e.g. {example}")
+    return values
+
+
+def parse_bbox(text: str | tuple[float, ...] | None) -> tuple[float, ...] | None:
+    if text is None or isinstance(text, tuple):
+        return text
+    return parse_floats(text, 4, "--bbox", "--bbox 630000,4249000,631000,4250000")
+
+
+def check_run_values(
+    *,
+    expression: str,
+    mode: str,
+    tile_size: int,
+    overlap: int,
+    batch_size: int,
+    max_new_tokens: int | None,
+    top_k: int,
+    min_score: float,
+    gsd: float | None = None,
+) -> None:
+    """The checks of a run's values, for every way a run is described; each message names the value and the fix."""
+    if not isinstance(expression, str) or not expression.strip():
+        raise ConfigError('the expression is empty: describe what to find, e.g. "all storage tanks"')
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {MODES}, got {mode!r}: 'one' (best match) or 'all'")
+    if gsd is not None and not gsd > 0:
+        raise ConfigError(f"the ground resolution (gsd) must be in metres > 0, got {gsd!r}; e.g. 0.5")
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 28:
+        raise ConfigError(f"tile_size must be at least 28 pixels (one model patch), got {tile_size!r}; e.g. 504")
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < tile_size:
+        raise ConfigError(f"overlap must be in [0, tile_size), got {overlap!r} with tile_size {tile_size}; e.g. 64")
+    for name, value, most in (("batch_size", batch_size, MAX_BATCH_SIZE), ("max_new_tokens", max_new_tokens,
+                                                                          MAX_NEW_TOKENS), ("top_k", top_k, None)):
+        if name == "max_new_tokens" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (most and value > most):
+            limit = f"within 1..{most}" if most else "an integer >= 1"
+            raise ConfigError(f"{name} must be {limit}, got {value!r}")
+    if not 0.0 <= min_score <= 1.0:
+        raise ConfigError(f"min_score must be in [0, 1], got {min_score!r}; 0 keeps every box")
+
+
+_TILES = {"group": "tiles"}
+_OUT = {"group": "output"}
+_REQUESTS = {"group": "requests and search"}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What to ground and how: the values that define a run's results (and ``batch_size``, which does not)."""
+
+    expression: str = field(
+        metadata={"positional": True, "position": 1, "help": 'what to find, e.g. "all storage tanks"'}
+    )
+    mode: str = field(
+        default="all",
+        metadata={"choices": MODES, "help": "all: every instance (default); one: the single best match"},
+    )
+    gsd: float | None = field(
+        default=None, metadata={**_TILES, "help": "ground resolution of the tiles in metres (default: the raster's)"}
+    )
+    tile_size: int = field(
+        default=DEFAULT_TILE,
+        metadata={**_TILES, "flags": ("--tile",),
+                  "help": "tile size in pixels (default: %(default)s, a multiple of 28: the model sees it unresized)"},
+    )  # fmt: skip
+    overlap: int = field(default=64, metadata={**_TILES, "help": "overlap of tiles in pixels"})
+    bands: tuple[int, ...] | None = field(
+        default=None,
+        metadata={**_TILES, "action": "store", "parse": parse_bands,
+                  "help": "band numbers for R,G,B (default: the RGB bands, else the first three)"},
+    )  # fmt: skip
+    bbox: tuple[float, ...] | None = field(
+        default=None,
+        metadata={**_TILES, "action": "store", "parse": parse_bbox,
+                  "help": "xmin,ymin,xmax,ymax in the raster's CRS (default: the whole raster)"},
+    )  # fmt: skip
+    dst_crs: str | None = field(
+        default=None, metadata={**_OUT, "help": "write polygons in this CRS, e.g. EPSG:4326 (default: the raster's)"}
+    )
+    batch_size: int = field(
+        default=8,
+        metadata={**_REQUESTS, "aliases": ("--batch",), "help": "tiles per /ground request"},
+    )
+    # None: the engine's default for the task (Geo-R1: rec 256, multi 1024)
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={**_REQUESTS,
+                  "help": "generation limit per tile (default: Geo-R1's, 256 for mode one, 1024 for mode all)"},
+    )  # fmt: skip
+    reasoning: bool = field(
+        default=True,
+        metadata={**_REQUESTS, "flags": ("--no-reasoning",), "action": "store_false",
+                  "help": "the SFT-baseline prompt without <think>"},
+    )  # fmt: skip
+    coarse_to_fine: bool = field(
+        default=True,
+        metadata={**_REQUESTS, "flags": ("--no-coarse-to-fine",), "action": "store_false",
+                  "help": "mode one: always tile at full resolution"},
+    )  # fmt: skip
+    top_k: int = field(default=3, metadata={**_REQUESTS, "help": "mode one: candidates refined at full resolution"})
+    min_score: float = field(default=0.0, metadata={**_REQUESTS, "help": "drop boxes whose score is below this"})
+
+    def __post_init__(self) -> None:
+        check_run_values(expression=self.expression, mode=self.mode, tile_size=self.tile_size, overlap=self.overlap,
+                         batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, top_k=self.top_k,
+                         min_score=self.min_score, gsd=self.gsd)  # fmt: skip
+        object.__setattr__(self, "expression", self.expression.strip())
+        if self.bands is not None:
+            object.__setattr__(self, "bands", tuple(int(b) for b in self.bands))
+        if self.bbox is not None:
+            object.__setattr__(self, "bbox", tuple(float(v) for v in self.bbox))
+
+    def job(
+        self,
+        *,
+        scale: float = 1.0,
+        window: PixelBox | None = None,
+        area_polygons: tuple[AreaPolygon, ...] | None = None,
+    ) -> GroundingJob:
+        """The pipeline's job for this run over a prepared raster: its scale, window and polygon area."""
+        from .pipeline import GroundingJob
+
+        extra: dict[str, Any] = {} if area_polygons is None else {"area_polygons": area_polygons}
+        return GroundingJob(expression=self.expression, mode=self.mode, reasoning=self.reasoning,
+                            max_new_tokens=self.max_new_tokens, tile_size=self.tile_size, overlap=self.overlap,
+                            scale=scale, window=window, batch_size=self.batch_size,
+                            coarse_to_fine=self.coarse_to_fine, top_k=self.top_k, min_score=self.min_score,
+                            **extra)  # fmt: skip
+
+    def run_parameters(self, raster: str, bands: Sequence[int], scale: float = 1.0) -> dict[str, Any]:
+        """The parameters that define this run's results (a resumed run must match them exactly), as the
+        GeoPackage records them (:func:`~geo_r1_qgis.core.gpkg_schema.run_parameters`)."""
+        from .gpkg_schema import run_parameters
+
+        return run_parameters(raster=raster, expression=self.expression, mode=self.mode, gsd=self.gsd,
+                              tile=self.tile_size, overlap=self.overlap, bands=bands, bbox=self.bbox,
+                              dst_crs=self.dst_crs, max_new_tokens=self.max_new_tokens, reasoning=self.reasoning,
+                              coarse_to_fine=self.coarse_to_fine, top_k=self.top_k, min_score=self.min_score,
+                              scale=scale)  # fmt: skip
+
+
+#: a recorded run parameter's key -> the RunSpec field it fills (where the names differ)
+_RECORDED_AS = {"tile": "tile_size"}
+
+
+def spec_values(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`RunSpec` keyword values of a run's recorded parameters (a GeoPackage's run record, old
+    files included): what a resumed run is rebuilt from."""
+    names = {f.name for f in fields(RunSpec)}
+    values = {_RECORDED_AS.get(k, k): v for k, v in parameters.items() if _RECORDED_AS.get(k, k) in names}
+    for key in ("tile_size", "overlap", "top_k"):
+        if values.get(key) is not None:
+            values[key] = int(values[key])
+    for key in ("bands", "bbox"):
+        if values.get(key) is not None:
+            values[key] = tuple(values[key]) or None
+    return values
