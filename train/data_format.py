@@ -29,12 +29,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from geo_r1_qgis.core.rules.prompts import OVD_TEMPLATE, REC_QUESTION_PREFIX
 from geo_r1_qgis.core.errors import ConfigError
+from geo_r1_qgis.core.rules.prompts import OVD_TEMPLATE, REC_QUESTION_PREFIX, TASKS
 
 MANIFEST = "dataset.json"
 SPLITS = ("train", "val", "test")
-TASKS = ("rec", "multi")
 IMAGES_DIR = "images"
 
 Box = tuple[int, int, int, int]

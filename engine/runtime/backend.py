@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from geo_r1_qgis.core.client import Box
 from geo_r1_qgis.core.errors import ConfigError
+from geo_r1_qgis.core.rules.prompts import TASKS
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
 Task = Literal["rec", "multi"]
-TASKS: tuple[str, ...] = ("rec", "multi")
 
 
 @dataclass(frozen=True)

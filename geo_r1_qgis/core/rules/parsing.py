@@ -81,7 +81,6 @@ _BOX_RE = re.compile(r"\[\s*" + r"\s*,\s*".join([_NUM] * 4) + r"\s*\]")
 _LABEL_RE = re.compile(r'"label"\s*:\s*"((?:[^"\\]|\\.)*)"', re.DOTALL)
 _FENCE_RE = re.compile(r"^```[A-Za-z]*\s*|\s*```$")
 _NONE_WORDS = frozenset({"none", "null", "[]"})
-_TASKS = ("rec", "multi")
 
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 _ANSWER_OPEN, _ANSWER_CLOSE = "<answer>", "</answer>"

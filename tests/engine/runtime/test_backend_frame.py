@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from geo_r1_qgis.core.rules.parsing import parse_output
 from engine.runtime.backend import item_result
+from geo_r1_qgis.core.rules.parsing import parse_output
 
 TEXT = '<think> t </think> <answer>[{"bbox_2d": [252, 252, 504, 504], "label": "x"}]</answer>'
 
@@ -36,3 +36,17 @@ def test_serve_rejects_an_unknown_frame():
 
     with pytest.raises(ConfigError, match="--box-frame"):
         ServeConfig(model="m", box_frame="pixels")
+
+
+def test_the_backend_task_type_names_the_prompts_tasks():
+    """The tasks are named once (rules/prompts.TASKS); the backend's Literal type and the API model's mirror it."""
+    import typing
+
+    from engine.runtime import backend
+    from engine.server.api_models import _QueryIn
+    from geo_r1_qgis.core.rules.prompts import TASKS
+    from train import data_format
+
+    assert backend.TASKS is TASKS and data_format.TASKS is TASKS
+    assert typing.get_args(backend.Task) == TASKS
+    assert typing.get_args(_QueryIn.model_fields["task"].annotation) == TASKS
