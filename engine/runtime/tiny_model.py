@@ -39,6 +39,13 @@ from pathlib import Path
 from typing import Any
 
 from geo_r1_qgis.core.errors import ConfigError, OutputError
+from geo_r1_qgis.core.rules.prompts import (
+    OVD_TEMPLATE,
+    REASONING_INSTRUCTION,
+    REASONING_SEPARATOR,
+    REC_QUESTION_PREFIX,
+    REC_TEMPLATE,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,25 +123,12 @@ CHAT_TEMPLATE = (
     "{% endif %}"
 )
 
-# Geo-R1 prompts, byte-exact (see GEO-R1.md). Kept here too so that the builder has no dependency on
-# the engine's prompt module; they only feed the tokenizer corpus and --learn-format.
-REC_QUESTION = "Please provide the bounding box coordinate of the region this sentence describes: {expression}"
-REC_SUFFIX = (
-    " First output the thinking process in <think> </think> tags and then output the final answer in "
-    "<answer> </answer> tags. Output the final answer in JSON format."
-)
-REASONING_PREFIX = (
-    "First thinks about the reasoning process in the mind and then provides the user with the answer. "
-    "The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
-    "respectively, i.e., <think> reasoning process here </think><answer> answer here </answer>\n"
-)
-OVD_PROMPT = (
-    "Please carefully check the image and detect the following objects: {category}. Output each detected "
-    "target's bbox coordinates in JSON format. The format of the bbox coordinates is:\n```json\n[\n"
-    '    {{"bbox_2d": [x1, y1, x2, y2], "label": "target name"}},\n'
-    '    {{"bbox_2d": [x1, y1, x2, y2], "label": "target name"}}\n]\n```\n'
-    "If there are no such targets in the image, simply respond with None."
-)
+# Geo-R1's prompts, from their one home (geo_r1_qgis.core.rules.prompts); here only in the pieces the tokenizer
+# corpus and --learn-format use (the REC question, its suffix, the reasoning prefix and the OVD template).
+REC_QUESTION = REC_QUESTION_PREFIX + "{expression}"
+REC_SUFFIX = REC_TEMPLATE.format(Question="")
+REASONING_PREFIX = REASONING_INSTRUCTION + REASONING_SEPARATOR
+OVD_PROMPT = OVD_TEMPLATE
 
 _CATEGORIES = (
     "airplane", "ship", "storage tank", "vehicle", "bridge", "harbor", "tennis court", "basketball court",

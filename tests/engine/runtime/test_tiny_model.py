@@ -183,3 +183,12 @@ def test_learn_format_answers_in_geo_r1_format(tiny_format_model_dir):
     x1, y1, x2, y2 = boxes[0]["bbox_2d"]
     assert 0 <= x1 < x2 <= 504 and 0 <= y1 < y2 <= 504, rec
     assert texts[1].startswith("<think>") and '"bbox_2d": [' in texts[1], texts[1]
+
+
+def test_the_tiny_models_prompts_are_the_rules_prompts():
+    """Its corpus and --learn-format prompts come from rules/prompts, byte for byte (no copy of the text)."""
+    from engine.runtime import tiny_model as t
+    from geo_r1_qgis.core.rules.prompts import build_prompt
+
+    assert t.REC_QUESTION.format(expression="a tank") + t.REC_SUFFIX == build_prompt("a tank", "rec")
+    assert t.REASONING_PREFIX + t.OVD_PROMPT.format(category="car") == build_prompt("car", "multi")
