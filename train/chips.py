@@ -23,11 +23,13 @@ import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from geo_r1_qgis.core.errors import ConfigError
+from geo_r1_qgis.core.rules.coords import QWEN25_MAX_PIXELS, QWEN25_MIN_PIXELS, QWEN_FACTOR
 
-CHIP_MULTIPLE = 28
-#: Qwen2.5-VL's pixel bounds: a chip outside them would be resized by ``smart_resize``.
-MIN_PIXELS = 3136
-MAX_PIXELS = 12845056
+#: Qwen2.5-VL's frame (patch 14 x merge 2) and pixel bounds, from their one home (rules/coords): a chip outside
+#: them would be resized by ``smart_resize``.
+CHIP_MULTIPLE = QWEN_FACTOR
+MIN_PIXELS = QWEN25_MIN_PIXELS
+MAX_PIXELS = QWEN25_MAX_PIXELS
 #: An object belongs to a chip's answer when more than this fraction of its box is inside.
 INSIDE_THRESHOLD = 0.5
 #: Float noise absorbed when boxes are snapped to whole pixels (a box on pixel edges stays put).
