@@ -30,11 +30,11 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from geo_r1_qgis.core.rules.prompts import build_messages
     from engine.runtime.backend import GenerationSettings, GroundItem
     from engine.runtime.loading import LoadConfig, has_torchvision, load_processor
     from engine.runtime.local import LocalBackend
     from engine.runtime.preprocess import fast_inputs, normalised_planes, patch_pixels
+    from geo_r1_qgis.core.rules.prompts import build_messages
 
     rng = np.random.default_rng(0)
     tiles = [Image.fromarray(rng.integers(0, 256, (504, 504, 3), dtype=np.uint8)) for _ in range(args.tiles)]

@@ -106,9 +106,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from geo_r1_qgis.core.errors import ConfigError
 from geo_r1_qgis.core.rules.coords import geo_r1_iou, model_input_size, model_to_image_box
 from geo_r1_qgis.core.rules.parsing import geo_r1_eval_box
-from geo_r1_qgis.core.errors import ConfigError
 
 __all__ = [
     "MODES",

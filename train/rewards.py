@@ -9,7 +9,8 @@ are those the trainer builds from the dataset (``train/data_format.py``):
 - ``image_size``: ``[width, height]`` of the original image.
 
 The rules themselves live once, in the engine: the format regex (``geo_r1_qgis.core.rules.parsing.format_ok``), the box
-the reward reads (``geo_r1_qgis.core.rules.parsing.vlm_r1_reward_box``), Geo-R1's IoU (``geo_r1_qgis.core.rules.coords.geo_r1_iou``) and
+the reward reads (``geo_r1_qgis.core.rules.parsing.vlm_r1_reward_box``), Geo-R1's IoU
+(``geo_r1_qgis.core.rules.coords.geo_r1_iou``) and
 Qwen's ``smart_resize`` (``geo_r1_qgis.core.rules.coords.model_input_size``, which equals ``image_grid_thw[1:] * 14``).
 
 Total reward = format + metric, unweighted (maximum 2), as in GEO-R1.md.

@@ -2,7 +2,8 @@
 
 No real Geo-R1 weights can be had here, so the project trains a model of the same architecture from scratch
 (``Qwen2_5_VLForConditionalGeneration`` built from a config by :mod:`engine.runtime.tiny_model`) on chips of
-:mod:`train.sample_data` scenes, answering Geo-R1's byte-exact prompts (:mod:`geo_r1_qgis.core.rules.prompts`) in Geo-R1's
+:mod:`train.sample_data` scenes, answering Geo-R1's byte-exact prompts
+(:mod:`geo_r1_qgis.core.rules.prompts`) in Geo-R1's
 format. The result is an ordinary checkpoint directory (fp16 ``model.safetensors``, the processor files and a
 ``geo_r1_sample_model.json`` manifest) that the engine loads through its normal path (``geo-r1 serve --model DIR``).
 
@@ -30,7 +31,8 @@ Choices, and why (the measurements behind them are in the feasibility notes, SAM
 - **Optimisation:** full training from scratch, AdamW (β 0.9 / 0.98), linear warm-up, then linear decay to 0 over
   the run (measured on steps or on the time budget, whichever is further along), gradient clip 1, batch 16.
 - **Data seeds:** training scenes 0..N-1, held-out scenes 9000 onwards (never trained on; the config refuses an
-  overlap). Scores use the project's rules: :func:`geo_r1_qgis.core.rules.parsing.geo_r1_eval_box` (Geo-R1's REC parse) and
+  overlap). Scores use the project's rules:
+  :func:`geo_r1_qgis.core.rules.parsing.geo_r1_eval_box` (Geo-R1's REC parse) and
   :func:`train.metrics.ovd_eval_boxes` (Geo-R1's OVD parse), :func:`geo_r1_qgis.core.rules.coords.geo_r1_iou`, strict
   ``> 0.5``.
 

@@ -4,7 +4,8 @@ A backend turns (image, expression) items into reasoning plus boxes. Two impleme
 :class:`engine.runtime.local.LocalBackend` (a transformers model in this process) and
 :class:`engine.runtime.remote.RemoteBackend` (a remote OpenAI-compatible server such as vLLM or SGLang, or a
 second engine's ``/v1`` route). Both use the same prompts (:mod:`geo_r1_qgis.core.rules.prompts`), the same parser
-(:mod:`geo_r1_qgis.core.rules.parsing`), the same coordinate handling (:mod:`geo_r1_qgis.core.rules.coords`) and the same confidence
+(:mod:`geo_r1_qgis.core.rules.parsing`), the same coordinate handling
+(:mod:`geo_r1_qgis.core.rules.coords`) and the same confidence
 definitions (:mod:`geo_r1_qgis.core.rules.confidence`), so their results are interchangeable.
 """
 

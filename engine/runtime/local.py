@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine import __version__ as ENGINE_VERSION
-from geo_r1_qgis.core.rules.confidence import confidence_from_tokens, is_none_piece
-from geo_r1_qgis.core.rules.parsing import parse_output
-from geo_r1_qgis.core.rules.prompts import PROMPT_VERSION, build_messages
 from engine.runtime.backend import ChatResult, GenerationSettings, GroundItem, ItemResult, is_out_of_memory, item_result
 from engine.runtime.loading import LoadConfig, load_model
 from engine.runtime.preprocess import fast_inputs
 from geo_r1_qgis.core.errors import ConfigError, EngineOverloadedError
+from geo_r1_qgis.core.rules.confidence import confidence_from_tokens, is_none_piece
+from geo_r1_qgis.core.rules.parsing import parse_output
+from geo_r1_qgis.core.rules.prompts import PROMPT_VERSION, build_messages
 
 log = logging.getLogger(__name__)
 

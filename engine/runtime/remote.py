@@ -4,7 +4,8 @@
 text; everything Geo-R1-specific happens here, with the same code as the local backend: the prompt
 (:func:`geo_r1_qgis.core.rules.prompts.build_messages`, sent as OpenAI content parts, the image first as a PNG
 ``data:`` URI), the parse (:func:`geo_r1_qgis.core.rules.parsing.parse_output`), the coordinate rescaling
-(:mod:`geo_r1_qgis.core.rules.coords`) and the confidences (:func:`geo_r1_qgis.core.rules.confidence.confidence_from_tokens`).
+(:mod:`geo_r1_qgis.core.rules.coords`) and the confidences
+(:func:`geo_r1_qgis.core.rules.confidence.confidence_from_tokens`).
 
 Assumptions (documented because the remote server does not report them)
 -----------------------------------------------------------------------
@@ -36,10 +37,6 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from geo_r1_qgis.core.rules.confidence import confidence_from_tokens, is_none_piece
-from geo_r1_qgis.core.rules.coords import QWEN25_MAX_PIXELS, QWEN25_MIN_PIXELS, model_input_size
-from geo_r1_qgis.core.rules.parsing import parse_output
-from geo_r1_qgis.core.rules.prompts import build_messages
 from engine.runtime.backend import ChatResult, GenerationSettings, GroundItem, ItemResult, item_result
 from geo_r1_qgis.core.errors import (
     ConfigError,
@@ -47,6 +44,10 @@ from geo_r1_qgis.core.errors import (
     EngineRequestError,
     EngineUnavailableError,
 )
+from geo_r1_qgis.core.rules.confidence import confidence_from_tokens, is_none_piece
+from geo_r1_qgis.core.rules.coords import QWEN25_MAX_PIXELS, QWEN25_MIN_PIXELS, model_input_size
+from geo_r1_qgis.core.rules.parsing import parse_output
+from geo_r1_qgis.core.rules.prompts import build_messages
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image

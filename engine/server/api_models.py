@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from geo_r1_qgis.core.rules.coords import MAX_ASPECT_RATIO
 from engine.server.security import ApiError
 from geo_r1_qgis.core.client import TILES_MEDIA_TYPE
+from geo_r1_qgis.core.rules.coords import MAX_ASPECT_RATIO
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image

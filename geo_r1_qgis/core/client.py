@@ -272,7 +272,8 @@ class EngineClient:
         return [GroundResult.from_json(r) for r in results]
 
 
-#: the longest expression any engine accepts (the prompt builder's limit, ``geo_r1_qgis.core.rules.prompts`` imports it from here;
+#: the longest expression any engine accepts (the prompt builder's limit,
+#: ``geo_r1_qgis.core.rules.prompts`` imports it from here;
 #: ``--max-expression-chars`` can only lower it): the plugin's history never keeps a longer one
 MAX_EXPRESSION_CHARS = 2000
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geo_r1_qgis.core.rules.coords import model_to_image_box, smart_resize
-from geo_r1_qgis.core.rules.parsing import parse_output
 from engine.runtime.backend import GenerationSettings, GroundItem
 from engine.runtime.loading import LoadConfig
 from engine.runtime.local import LocalBackend, MicroBatcher
+from geo_r1_qgis.core.rules.coords import model_to_image_box, smart_resize
+from geo_r1_qgis.core.rules.parsing import parse_output
 
 pytestmark = pytest.mark.slow
 
@@ -141,9 +141,9 @@ MULTIBYTE = [
 
 @pytest.mark.parametrize("text", MULTIBYTE)
 def test_decode_keeps_multibyte_characters_that_tokens_split(tiny_model_dir, text):
-    from geo_r1_qgis.core.rules.confidence import token_offsets
     from engine.runtime.loading import load_processor
     from engine.runtime.local import decode_with_pieces
+    from geo_r1_qgis.core.rules.confidence import token_offsets
 
     tok = load_processor(str(tiny_model_dir)).tokenizer
     ids = tok.encode(text, add_special_tokens=False)

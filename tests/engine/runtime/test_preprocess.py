@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geo_r1_qgis.core.rules.prompts import build_messages
 from engine.runtime.loading import load_processor
 from engine.runtime.preprocess import fast_inputs, fast_pixel_values
+from geo_r1_qgis.core.rules.prompts import build_messages
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from geo_r1_qgis.core.rules.coords import model_input_size
 from engine.runtime.backend import GenerationSettings, GroundItem
 from engine.runtime.remote import RemoteBackend, to_openai_messages, token_logprobs
 from geo_r1_qgis.core.errors import ConfigError, EngineRequestError, EngineUnavailableError
+from geo_r1_qgis.core.rules.coords import model_input_size
 
 # The shared process helpers live beside this file (pytest runs with --import-mode=importlib).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from geo_r1_qgis.core.rules.coords import MAX_ASPECT_RATIO
 from engine.server.api_models import (
     GroundItemIn,
     decode_ground_item,
@@ -19,6 +18,7 @@ from engine.server.api_models import (
     split_tiles_body,
 )
 from engine.server.security import ApiError
+from geo_r1_qgis.core.rules.coords import MAX_ASPECT_RATIO
 
 
 def _png(width=3, height=2, mode="RGB"):

@@ -8,6 +8,7 @@ import pathlib
 
 import pytest
 
+from geo_r1_qgis.core.errors import ConfigError
 from geo_r1_qgis.core.rules import coords, parsing, prompts
 from geo_r1_qgis.core.rules.coords import (
     geo_r1_iou,
@@ -17,7 +18,6 @@ from geo_r1_qgis.core.rules.coords import (
     smart_resize,
 )
 from geo_r1_qgis.core.rules.parsing import ParsedBox
-from geo_r1_qgis.core.errors import ConfigError
 
 MIN, MAX = 3136, 12845056
 

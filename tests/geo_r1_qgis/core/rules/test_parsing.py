@@ -9,7 +9,14 @@ import time
 import pytest
 
 from geo_r1_qgis.core.rules import parsing
-from geo_r1_qgis.core.rules.parsing import ParsedBox, ParsedOutput, ParseStatus, format_ok, geo_r1_eval_box, parse_output
+from geo_r1_qgis.core.rules.parsing import (
+    ParsedBox,
+    ParsedOutput,
+    ParseStatus,
+    format_ok,
+    geo_r1_eval_box,
+    parse_output,
+)
 
 S = ParseStatus
 

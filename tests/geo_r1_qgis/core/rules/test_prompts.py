@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from geo_r1_qgis.core.errors import ConfigError
 from geo_r1_qgis.core.rules import prompts
 from geo_r1_qgis.core.rules.prompts import PromptSpec, build_messages, build_prompt
-from geo_r1_qgis.core.errors import ConfigError
 
 # ---- expected prompts, written out by hand (do NOT build these from the module's constants) ----------
 
