@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from qgis.core import Qgis, QgsApplication, QgsSettings
+from qgis.PyQt import sip
 from qgis.PyQt.QtCore import (
     PYQT_VERSION_STR,
     QT_VERSION_STR,
@@ -86,6 +87,13 @@ def process_environment(extra: dict[str, str] | None = None) -> QProcessEnvironm
                                                **(extra or {})}).items():  # fmt: skip
         env.insert(key, value)
     return env
+
+
+def _owner_deleted(callback: Callable[..., Any]) -> bool:
+    """Whether ``callback`` is a method of a Qt object whose C++ side is gone (a closed panel's widget): calling
+    it would raise inside a Qt slot, which PyQt turns into an abort of QGIS."""
+    owner = getattr(callback, "__self__", None)
+    return isinstance(owner, QObject) and sip.isdeleted(owner)
 
 
 @dataclass(frozen=True)
@@ -230,6 +238,9 @@ class EngineHttp(QObject):
                 error = f"the engine {words} (HTTP {int(status)}): {detail}"
             self._inflight.pop(id(reply), None)
             reply.deleteLater()
+            if _owner_deleted(callback):  # the widget that asked was closed before the answer came
+                log.debug("engine %s %s answered after its caller was deleted: dropped", method, path)
+                return
             callback(int(status) if status is not None else None, payload, error)
 
         self._inflight[id(reply)] = (reply, timer, on_finished, on_timeout, callback)

@@ -261,6 +261,35 @@ def test_an_external_engine_is_reported_and_never_stopped(ep, qsettings, externa
     assert proc.poll() is None, "the plugin stopped an engine it did not start"
 
 
+def test_an_answer_for_a_widget_closed_meanwhile_is_dropped_not_an_abort(ep, qsettings, external):
+    """A panel closed while its GET /adapters was in flight: the answer used to call the deleted widget's
+    method inside Qt's slot, which PyQt turns into an abort of QGIS (seen in the panel tests)."""
+    from qgis.PyQt import sip
+    from qgis.PyQt.QtCore import QObject
+
+    calls: list = []
+
+    class Widget(QObject):
+        def answer(self, *result) -> None:
+            calls.append(result)
+
+    _, url, token_file = external
+    from geo_r1_qgis.settings import PluginSettings
+
+    PluginSettings().with_values(engine_url=url, token_file=str(token_file)).save(qsettings)
+    manager = ep.EngineManager(settings=qsettings)
+    found: list[bool] = []
+    manager.probe_external(found.append)
+    spin(lambda: bool(found), 60, "the probe")
+    gone, alive = Widget(), Widget()
+    manager.adapters(gone.answer)
+    sip.delete(gone)  # closed before the answer
+    manager.adapters(alive.answer)
+    spin(lambda: bool(calls), 60, "the living widget's answer")
+    spin(lambda: not manager.http._inflight, 60, "both answers")
+    assert len(calls) == 1 and calls[0][2] is None  # only the living one was called
+
+
 def test_a_started_engine_leaves_the_users_settings_so_a_restart_finds_the_readme_engine(ep, qsettings, tiny_model,
                                                                                           external, tmp_path):
     """Issue 16, 3.3: Start in the panel rewrote the engine URL and token file to the started engine's random port;
