@@ -249,9 +249,6 @@ def run(config: GroundConfig) -> int:
     from geo_r1_qgis.core.pipeline import run_grounding
 
     logging.getLogger("pyogrio").setLevel(logging.WARNING)  # one INFO line per write otherwise
-    advice = tile_size_advice(config.tile_size)
-    if advice:
-        log.warning(advice)
     # 1. Everything that can be checked before the output is touched.
     check_writable(config.output)
     if config.layer:
@@ -263,7 +260,6 @@ def run(config: GroundConfig) -> int:
         scale = 1.0
         if config.gsd:
             scale = gsd_to_scale(config.gsd, source.transform, source.crs_units_per_metre())
-        job = config.job(scale=scale, window=window)
         area = window or PixelBox(0.0, 0.0, float(source.width), float(source.height))
         if window is not None and not source.has_valid(area):
             raise EmptyRasterError(
@@ -278,9 +274,14 @@ def run(config: GroundConfig) -> int:
                 "choose another --layer, or add --resume to continue that run"
             )
         raster_info = source.describe()
-        params = config.run_parameters(raster_info["path"], source.bands, scale)
         created_file = not config.output.exists()
         with engine_for(config) as (client, engine_info):
+            config = config.with_engine_tile(engine_info)  # type: ignore[assignment]  # no --tile: the model's
+            advice = tile_size_advice(config.tile)
+            if advice:
+                log.warning(advice)
+            job = config.job(scale=scale, window=window)
+            params = config.run_parameters(raster_info["path"], source.bands, scale)
             _preflight(config, engine_info, source, job, area)
             # 2. The run: from here on the GeoPackage exists and stays valid and resumable.
             sink = GeoPackageSink.open_run(

@@ -60,10 +60,19 @@ from .compat import GEOMETRY_POLYGON, LAYER_FILTER_POLYGON, LAYER_FILTER_RASTER
 from .core.checkpoints import default_mode_for
 from .core.errors import ConfigError, GeoR1Error, OutputError
 from .core.geometry import tile_size_advice, window_from_map_bbox
+from .core.rules.coords import QWEN_FACTOR
+from .core.run_spec import spec_values
 from .qgis_io import QgisRasterSource, make_fields, result_feature, utc_now
 from .results_style import first_line, style_result_layer
 from .run_task import GroundingTask, LiveBatch, RunOutcome, RunRequest, run_display_name
-from .settings import EXAMPLE_EXPRESSIONS, PluginSettings, elided, expression_history, remember_expression
+from .settings import (
+    EXAMPLE_EXPRESSIONS,
+    MODEL_TILE_TEXT,
+    PluginSettings,
+    elided,
+    expression_history,
+    remember_expression,
+)
 
 log = logging.getLogger(__name__)
 
@@ -320,12 +329,14 @@ class GeoR1Dock(QgsDockWidget):
         adv = QFormLayout(advanced)
         adv.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
         self.tile_spin = QSpinBox(advanced)
-        self.tile_spin.setRange(56, 4096)
-        self.tile_spin.setSingleStep(28)
+        self.tile_spin.setRange(0, 4096)
+        self.tile_spin.setSingleStep(QWEN_FACTOR)
+        self.tile_spin.setSpecialValueText(MODEL_TILE_TEXT)  # shown at 0
         self.tile_spin.setValue(self.settings.tile_size)
         self.tile_spin.setSuffix(" px")
-        self.tile_spin.setToolTip("Side of the square tiles the raster is cut into (a multiple of 28 is read "
-                                  "unresized by the model)")  # fmt: skip
+        self.tile_spin.setToolTip(f"Side of the square tiles the raster is cut into (a multiple of {QWEN_FACTOR} "
+                                  "is read unresized by the model); at the bottom of the range, the tile the "
+                                  "engine's model was trained to serve")  # fmt: skip
         self.overlap_spin = QSpinBox(advanced)
         self.overlap_spin.setRange(0, 2048)
         self.overlap_spin.setValue(self.settings.overlap)
@@ -610,7 +621,7 @@ class GeoR1Dock(QgsDockWidget):
         output = Path(self.output_widget.filePath().strip() or str(self._default_output()))
         if output.suffix.lower() != ".gpkg":
             output = output.with_suffix(".gpkg")
-        advice = tile_size_advice(self.tile_spin.value())
+        advice = tile_size_advice(self.tile_spin.value()) if self.tile_spin.value() else None
         if advice:
             self.set_status(advice)
         from .qgis_io import prepare_input
@@ -629,7 +640,7 @@ class GeoR1Dock(QgsDockWidget):
             window=prepared.window,
             area_polygons=prepared.area_polygons,
             scale=prepared.scale,
-            tile_size=self.tile_spin.value(),
+            tile_size=self.tile_spin.value() or None,  # None: the tile the engine's model serves
             overlap=self.overlap_spin.value(),
             max_new_tokens=self.settings.max_new_tokens or None,
             raster_name=layer.name(),
@@ -718,6 +729,7 @@ class GeoR1Dock(QgsDockWidget):
             info = manager.info
         else:
             info = engine_info(url, token_file)
+        req = req.with_engine_tile(info)  # type: ignore[assignment]
         job = req.job()
         from .core.client import check_limits
         from .core.geometry import make_tile_grid
@@ -786,12 +798,11 @@ class GeoR1Dock(QgsDockWidget):
         if list(p.get("bands") or []) != list(source.bands):
             raise ConfigError(f"the run used bands {p.get('bands')}, the raster's default now is {list(source.bands)};"
                               " resume it with geo-r1 ground --resume --bands")
-        req = RunRequest(expression=p["expression"], mode=p["mode"], output=entry.output,
+        req = RunRequest(**spec_values(p), output=entry.output,  # the run as recorded (RunSpec's fields)
                          engine_url=self.settings.engine_url, token_file=self.settings.token_file or None,
-                         window=window, scale=float(p.get("scale", 1.0)), tile_size=int(p["tile"]),
-                         overlap=int(p["overlap"]), max_new_tokens=p.get("max_new_tokens"),
+                         window=window, scale=float(p.get("scale", 1.0)),
                          resume_run_id=entry.run_id, resume_layer=entry.layer, raster_name=layer.name(),
-                         raster_path=raster_path, gsd=p.get("gsd"), bbox=tuple(p["bbox"]) if p.get("bbox") else None)
+                         raster_path=raster_path)  # fmt: skip
         entry.request = req
         return req, source, layer
 

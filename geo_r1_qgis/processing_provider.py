@@ -1,6 +1,7 @@
 """The Processing provider: ``geor1:ground``, grounding an expression on a raster from the toolbox.
 
-The algorithm builds one :class:`~geo_r1_qgis.core.pipeline.GroundingJob`, reads the raster with
+The algorithm fills one :class:`~geo_r1_qgis.core.run_spec.RunSpec` and runs its
+:class:`~geo_r1_qgis.core.pipeline.GroundingJob`, reads the raster with
 :class:`~geo_r1_qgis.qgis_io.QgisRasterSource`, asks the engine through
 :class:`~geo_r1_qgis.core.client.EngineClient` and writes the merged polygons with
 :class:`~geo_r1_qgis.qgis_io.FeatureSinkResultSink`. ``processAlgorithm`` is the boundary: every
@@ -38,9 +39,10 @@ from .core.client import DEFAULT_URL, EngineClient, default_token_path, read_tok
 from .core.errors import EngineRequestError, EngineUnavailableError, GeoR1Error
 from .core.geometry import PixelBox, tile_size_advice
 from .core.merge import Detection, merge_detections
-from .core.pipeline import GroundingJob, run_grounding
+from .core.pipeline import run_grounding
 from .core.progress import ProgressTracker
 from .core.results import run_meta
+from .core.run_spec import RunSpec
 from .engine_process import shared_endpoint
 from .qgis_io import FeatureSinkResultSink, features_area, make_fields, parse_bands, prepare_input
 from .run_task import run_display_name
@@ -168,10 +170,10 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(
             QgsProcessingParameterNumber(
                 self.TILE_SIZE,
-                _tr("Tile size (pixels)"),
+                _tr("Tile size (pixels; 0: the tile the model serves)"),
                 NUMBER_INTEGER,
                 defaults.tile_size,
-                minValue=28,
+                minValue=0,
                 maxValue=4096,
             )
         )
@@ -250,9 +252,6 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
         expression = self.parameterAsString(parameters, self.EXPRESSION, context)
         mode = MODES[self.parameterAsEnum(parameters, self.MODE, context)]
         bands = parse_bands(self.parameterAsString(parameters, self.BANDS, context))
-        advice = tile_size_advice(self.parameterAsInt(parameters, self.TILE_SIZE, context))
-        if advice:
-            feedback.pushWarning(advice)
         settings = PluginSettings.load()
         # left empty: the engine the plugin started while it runs (the panel's), else the settings' engine
         shared_url, shared_token = shared_endpoint(settings)
@@ -277,15 +276,12 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
             context=context.transformContext(),
         )
         source = inputs.source
-        job = GroundingJob(
+        spec = RunSpec(
             expression=expression,
             mode=mode,
             max_new_tokens=self.parameterAsInt(parameters, self.MAX_NEW_TOKENS, context) or None,
-            tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context),
+            tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context) or None,
             overlap=self.parameterAsInt(parameters, self.OVERLAP, context),
-            scale=inputs.scale,
-            window=inputs.window,
-            area_polygons=inputs.area_polygons,
         )
 
         client = EngineClient(url, read_token(token_file))
@@ -306,6 +302,11 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
                 else "check ENGINE_URL"
             )
             raise QgsProcessingException(f"the Geo-R1 engine at {url} refused the request: {exc}; {hint}") from None
+        spec = spec.with_engine_tile(info)  # no tile chosen (0): the one the model serves
+        advice = tile_size_advice(spec.tile)
+        if advice:
+            feedback.pushWarning(advice)
+        job = spec.job(scale=inputs.scale, window=inputs.window, area_polygons=inputs.area_polygons)
         feedback.pushInfo(
             f"engine {info.get('engine_version', '?')} at {url}: model {info.get('model')}, adapter "
             f"{info.get('adapter') or 'none'}, prompts {info.get('prompt_version')}"

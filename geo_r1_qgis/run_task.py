@@ -30,6 +30,7 @@ from .core.errors import ConfigError, EngineUnavailableError, GeoR1Error
 from .core.geometry import PixelBox, Tile, box_to_polygon
 from .core.pipeline import GroundingJob, MapDetection, RunSummary, run_grounding
 from .core.progress import ProgressTracker
+from .core.run_spec import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,11 @@ log = logging.getLogger(__name__)
 ENGINE_READY_TIMEOUT_S = 20.0
 
 
-@dataclass(frozen=True)
-class RunRequest:
-    """Everything a panel run needs, checked before the task starts (every message names the fix)."""
+@dataclass(frozen=True, kw_only=True)
+class RunRequest(RunSpec):
+    """Everything a panel run needs: the run (:class:`RunSpec`'s fields, checked there) and the panel's own
+    values, checked before the task starts (every message names the fix)."""
 
-    expression: str
-    mode: str
     output: Path
     engine_url: str
     token_file: str | None = None
@@ -50,9 +50,6 @@ class RunRequest:
     #: the selected polygons, in raster pixels (``qgis_io.prepare_input``); None: no polygon area
     area_polygons: Any = None
     scale: float = 1.0
-    tile_size: int = 504
-    overlap: int = 64
-    max_new_tokens: int | None = None
     #: continue this run of ``output`` instead of starting a new one
     resume_run_id: str | None = None
     #: the answer layer of the run to resume (pins it when several unfinished runs share the parameters)
@@ -60,30 +57,19 @@ class RunRequest:
     raster_name: str = ""
     #: the raster's source (a file path or a provider URI), recorded in the run's parameters
     raster_path: str = ""
-    #: the ground resolution the user chose (metres per pixel), recorded in the run's parameters
-    gsd: float | None = None
-    #: the area as recorded in the parameters (raster CRS); None: the window's own bounds
-    bbox: tuple[float, float, float, float] | None = None
+    # (gsd: the ground resolution the user chose; bbox: the area as recorded in the parameters, raster CRS,
+    # None: the window's own bounds; both RunSpec fields)
 
     def __post_init__(self) -> None:
+        if self.max_new_tokens == 0:  # the settings' 0: Geo-R1's default for the task
+            object.__setattr__(self, "max_new_tokens", None)
+        super().__post_init__()
         if self.output.suffix.lower() != ".gpkg":
             raise ConfigError(f"the output {self.output} must be a GeoPackage file ending in .gpkg; choose another")
-        self.job()  # GroundingJob checks the rest
+        self.job()  # GroundingJob checks the scale, the window and the area
 
-    def job(self) -> GroundingJob:
-        extra: dict[str, Any] = {}
-        if self.area_polygons is not None:
-            extra["area_polygons"] = self.area_polygons
-        return GroundingJob(
-            expression=self.expression.strip(),
-            mode=self.mode,
-            max_new_tokens=self.max_new_tokens or None,
-            tile_size=self.tile_size,
-            overlap=self.overlap,
-            scale=self.scale,
-            window=self.window,
-            **extra,
-        )
+    def job(self) -> GroundingJob:  # type: ignore[override]
+        return RunSpec.job(self, scale=self.scale, window=self.window, area_polygons=self.area_polygons)
 
 
 @dataclass
@@ -179,12 +165,13 @@ class GroundingTask(QgsTask):
 
     def _run(self) -> bool:
         req = self.request
-        job = req.job()
         client = EngineClient(req.engine_url, read_token(req.token_file))
         info = client.wait_until_ready(total_timeout_s=ENGINE_READY_TIMEOUT_S)
         if self.isCanceled():
             self.outcome.status = "canceled"
             return False
+        req = self.request = req.with_engine_tile(info)  # type: ignore[assignment]  # no tile chosen: the model's
+        job = req.job()
         self.outcome.engine_info = dict(info)
         sink, run_id, layer, meta = open_panel_run(req, job, self.source, info)
         self.outcome.run_id, self.outcome.layer, self.outcome.meta = run_id, layer, dict(meta)

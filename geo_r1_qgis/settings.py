@@ -15,6 +15,10 @@ from qgis.core import QgsApplication, QgsSettings
 from .core.client import DEFAULT_URL, MAX_EXPRESSION_CHARS, default_token_path
 from .core.errors import ConfigError
 from .core.geometry import DEFAULT_TILE
+from .core.rules.coords import QWEN_FACTOR
+
+#: what the tile spin boxes show at 0: the tile the engine's model serves (GET /info's "tile")
+MODEL_TILE_TEXT = "the model's"
 
 PREFIX = "geo_r1/"
 HISTORY_KEY = PREFIX + "expression_history"
@@ -45,7 +49,8 @@ class PluginSettings:
     token_file: str = ""
     #: empty: ``<project dir>/geo_r1_results.gpkg``, else ``<home>/geo_r1_results.gpkg``
     output_gpkg: str = ""
-    tile_size: int = DEFAULT_TILE
+    #: 0: the tile the engine's model serves (its manifest's "tile", GET /info), else DEFAULT_TILE
+    tile_size: int = 0
     overlap: int = 64
     #: 0: the engine's default for the task (Geo-R1: 256 for one object, 1024 for all)
     max_new_tokens: int = 0
@@ -63,9 +68,10 @@ class PluginSettings:
     def __post_init__(self) -> None:
         if not self.engine_url.startswith(("http://", "https://")):
             raise ConfigError(f"the engine URL must start with http:// or https://, got {self.engine_url!r}")
-        if self.tile_size < 56 or self.tile_size > 4096:
-            raise ConfigError(f"tile size must be between 56 and 4096 pixels, got {self.tile_size}")
-        if not 0 <= self.overlap < self.tile_size // 2:
+        if self.tile_size != 0 and not QWEN_FACTOR <= self.tile_size <= 4096:
+            raise ConfigError(f"tile size must be between {QWEN_FACTOR} and 4096 pixels (0: the model's), got "
+                              f"{self.tile_size}")  # fmt: skip
+        if not 0 <= self.overlap < (self.tile_size or DEFAULT_TILE) // 2:
             raise ConfigError(f"overlap must be between 0 and half the tile size, got {self.overlap}")
         if self.max_new_tokens < 0:
             raise ConfigError(f"max new tokens must be >= 0 (0 = the engine's default), got {self.max_new_tokens}")

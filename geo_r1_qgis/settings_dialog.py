@@ -24,7 +24,8 @@ from qgis.PyQt.QtWidgets import (
 
 from .core.client import default_token_path
 from .core.errors import ConfigError
-from .settings import PluginSettings, plugin_settings_dir
+from .core.rules.coords import QWEN_FACTOR
+from .settings import MODEL_TILE_TEXT, PluginSettings, plugin_settings_dir
 
 
 class SettingsDialog(QDialog):
@@ -58,8 +59,9 @@ class SettingsDialog(QDialog):
         self.output_widget.lineEdit().setPlaceholderText("geo_r1_results.gpkg beside the project (or in your home)")
         form.addRow("Default output", self.output_widget)
         self.tile_spin = QSpinBox(self)
-        self.tile_spin.setRange(56, 4096)
-        self.tile_spin.setSingleStep(28)
+        self.tile_spin.setRange(0, 4096)
+        self.tile_spin.setSingleStep(QWEN_FACTOR)
+        self.tile_spin.setSpecialValueText(MODEL_TILE_TEXT)  # shown at 0
         self.tile_spin.setSuffix(" px")
         self.tile_spin.setValue(s.tile_size)
         form.addRow("Tile size", self.tile_spin)

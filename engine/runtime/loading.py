@@ -45,6 +45,7 @@ from types import MappingProxyType
 from typing import Any
 
 from geo_r1_qgis.core.errors import ConfigError, ModelNotFoundError
+from geo_r1_qgis.core.rules.coords import QWEN_FACTOR
 
 log = logging.getLogger(__name__)
 
@@ -366,6 +367,7 @@ def load_model(config: LoadConfig) -> LoadedModel:
         model_name=config.model,
         processor_name=config.processor_source,
         has_torchvision=has_torchvision(),
+        tile=served_tile(config.model),
     )
     for name, path in config.adapters.items():
         loaded.adapters.register(name, path)
@@ -390,6 +392,7 @@ class LoadedModel:
         model_name: str,
         processor_name: str,
         has_torchvision: bool,
+        tile: int | None = None,
     ) -> None:
         self._base_model = base_model
         self.processor = processor
@@ -399,6 +402,8 @@ class LoadedModel:
         self.model_name = model_name
         self.processor_name = processor_name
         self.has_torchvision = has_torchvision
+        #: the tile side the model was trained to serve (its manifest's ``"tile"``); None: not stated
+        self.tile = tile
         self.adapters = AdapterManager(base_model, model_name)
 
     @property
@@ -414,6 +419,29 @@ class LoadedModel:
             f"LoadedModel(model={self.model_name!r}, processor={self.processor_name!r}, device={self.device!r}, "
             f"dtype={self.dtype!r}, adapters={self.adapters.list()!r}, active={self.adapters.active!r})"
         )
+
+
+#: The manifest the project writes beside a model it trains (``train/sample_model.py``); its ``"tile"`` is the
+#: tile side the model serves, which ``GET /info`` reports and runs default to.
+MODEL_MANIFEST = "geo_r1_sample_model.json"
+
+
+def served_tile(source: str) -> int | None:
+    """The tile side a model's manifest (:data:`MODEL_MANIFEST`) says it serves; None without one. A manifest
+    that cannot be read, or a tile that is not a multiple of 28, is logged and ignored (the run's default holds)."""
+    directory = model_directory(source)
+    manifest = directory / MODEL_MANIFEST if directory is not None else None
+    if manifest is None or not manifest.is_file():
+        return None
+    try:
+        tile = json.loads(manifest.read_text(encoding="utf-8")).get("tile")
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning("%s could not be read (%s): the model's serving tile is not known", manifest, exc)
+        return None
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < QWEN_FACTOR or tile % QWEN_FACTOR:
+        log.warning("%s gives tile %r, not a multiple of %d: ignored", manifest, tile, QWEN_FACTOR)
+        return None
+    return tile
 
 
 #: The manifest a Geo-R1 trainer writes beside its adapter (``train/trainer.py``).

@@ -249,6 +249,7 @@ class LocalBackend:
             "engine_version": ENGINE_VERSION,
             "batch_size": self.batch_size,
             "box_frame": self.box_frame,
+            "tile": self.loaded.tile,
         }
 
     def ground(self, items: list[GroundItem], settings: GenerationSettings) -> list[ItemResult]:

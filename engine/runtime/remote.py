@@ -186,6 +186,7 @@ class RemoteBackend:
             "concurrency": self.concurrency,
             "smart_resize": {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels},
             "box_frame": self.box_frame,
+            "tile": None,  # the served model's tile is not known behind an OpenAI-compatible server
         }
 
     def ground(self, items: list[GroundItem], settings: GenerationSettings) -> list[ItemResult]:

@@ -12,13 +12,14 @@ Pure: the standard library only (it runs under QGIS's own Python).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 from .geometry import DEFAULT_TILE
 from .merge import MODES
 from .results import parse_bands
+from .rules.coords import QWEN_FACTOR
 
 if TYPE_CHECKING:  # pragma: no cover
     from .area import AreaPolygon
@@ -53,7 +54,7 @@ def check_run_values(
     *,
     expression: str,
     mode: str,
-    tile_size: int,
+    tile_size: int | None,
     overlap: int,
     batch_size: int,
     max_new_tokens: int | None,
@@ -68,9 +69,11 @@ def check_run_values(
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}: 'one' (best match) or 'all'")
     if gsd is not None and not gsd > 0:
         raise ConfigError(f"the ground resolution (gsd) must be in metres > 0, got {gsd!r}; e.g. 0.5")
-    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 28:
-        raise ConfigError(f"tile_size must be at least 28 pixels (one model patch), got {tile_size!r}; e.g. 504")
-    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < tile_size:
+    if tile_size is not None and (isinstance(tile_size, bool) or not isinstance(tile_size, int)
+                                  or tile_size < QWEN_FACTOR):  # fmt: skip
+        raise ConfigError(f"tile_size must be at least {QWEN_FACTOR} pixels (one model patch), got {tile_size!r}; "
+                          "e.g. 504")  # fmt: skip
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < (tile_size or DEFAULT_TILE):
         raise ConfigError(f"overlap must be in [0, tile_size), got {overlap!r} with tile_size {tile_size}; e.g. 64")
     for name, value, most in (("batch_size", batch_size, MAX_BATCH_SIZE), ("max_new_tokens", max_new_tokens,
                                                                           MAX_NEW_TOKENS), ("top_k", top_k, None)):
@@ -78,7 +81,9 @@ def check_run_values(
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (most and value > most):
             limit = f"within 1..{most}" if most else "an integer >= 1"
-            raise ConfigError(f"{name} must be {limit}, got {value!r}")
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{name} must be {limit}, got {value!r}: change it ({flag} on the command line, "
+                              "Raster > Geo-R1 > Settings in QGIS)")  # fmt: skip
     if not 0.0 <= min_score <= 1.0:
         raise ConfigError(f"min_score must be in [0, 1], got {min_score!r}; 0 keeps every box")
 
@@ -102,10 +107,13 @@ class RunSpec:
     gsd: float | None = field(
         default=None, metadata={**_TILES, "help": "ground resolution of the tiles in metres (default: the raster's)"}
     )
-    tile_size: int = field(
-        default=DEFAULT_TILE,
+    #: None: the tile the model serves (its manifest's ``"tile"``, reported by ``GET /info``), else DEFAULT_TILE;
+    #: :meth:`with_engine_tile` resolves it once the engine answers
+    tile_size: int | None = field(
+        default=None,
         metadata={**_TILES, "flags": ("--tile",),
-                  "help": "tile size in pixels (default: %(default)s, a multiple of 28: the model sees it unresized)"},
+                  "help": f"tile size in pixels, a multiple of {QWEN_FACTOR} (the model sees it unresized); default: "
+                          f"the tile the model serves (its manifest, GET /info), else {DEFAULT_TILE}"},
     )  # fmt: skip
     overlap: int = field(default=64, metadata={**_TILES, "help": "overlap of tiles in pixels"})
     bands: tuple[int, ...] | None = field(
@@ -154,6 +162,20 @@ class RunSpec:
         if self.bbox is not None:
             object.__setattr__(self, "bbox", tuple(float(v) for v in self.bbox))
 
+    @property
+    def tile(self) -> int:
+        """The tile side this run uses: ``tile_size``, or DEFAULT_TILE while the engine's is not known."""
+        return self.tile_size or DEFAULT_TILE
+
+    def with_engine_tile(self, info: Mapping[str, Any] | None) -> RunSpec:
+        """This run with its tile size settled: the one given, else the one the engine's model serves
+        (``GET /info``'s ``"tile"``), else DEFAULT_TILE."""
+        if self.tile_size is not None:
+            return self
+        served = (info or {}).get("tile")
+        ok = isinstance(served, int) and not isinstance(served, bool) and served >= QWEN_FACTOR
+        return replace(self, tile_size=served if ok else DEFAULT_TILE)
+
     def job(
         self,
         *,
@@ -166,7 +188,7 @@ class RunSpec:
 
         extra: dict[str, Any] = {} if area_polygons is None else {"area_polygons": area_polygons}
         return GroundingJob(expression=self.expression, mode=self.mode, reasoning=self.reasoning,
-                            max_new_tokens=self.max_new_tokens, tile_size=self.tile_size, overlap=self.overlap,
+                            max_new_tokens=self.max_new_tokens, tile_size=self.tile, overlap=self.overlap,
                             scale=scale, window=window, batch_size=self.batch_size,
                             coarse_to_fine=self.coarse_to_fine, top_k=self.top_k, min_score=self.min_score,
                             **extra)  # fmt: skip
@@ -177,7 +199,7 @@ class RunSpec:
         from .gpkg_schema import run_parameters
 
         return run_parameters(raster=raster, expression=self.expression, mode=self.mode, gsd=self.gsd,
-                              tile=self.tile_size, overlap=self.overlap, bands=bands, bbox=self.bbox,
+                              tile=self.tile, overlap=self.overlap, bands=bands, bbox=self.bbox,
                               dst_crs=self.dst_crs, max_new_tokens=self.max_new_tokens, reasoning=self.reasoning,
                               coarse_to_fine=self.coarse_to_fine, top_k=self.top_k, min_score=self.min_score,
                               scale=scale)  # fmt: skip

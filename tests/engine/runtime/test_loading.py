@@ -194,3 +194,18 @@ def test_adapter_errors(tiny_model_dir, two_adapters, tmp_path):
     manager.register("one", two_adapters[0])
     with pytest.raises(ConfigError, match="already registered"):
         manager.register("one", two_adapters[1])
+
+
+def test_the_served_tile_comes_from_the_models_manifest(tmp_path, caplog):
+    from engine.runtime.loading import MODEL_MANIFEST, served_tile
+
+    assert served_tile(str(tmp_path)) is None  # no manifest: not stated
+    (tmp_path / MODEL_MANIFEST).write_text(json.dumps({"tile": 224}), encoding="utf-8")
+    assert served_tile(str(tmp_path)) == 224
+    for bad in ({"tile": 230}, {"tile": "224"}, {"tile": True}, [224]):
+        (tmp_path / MODEL_MANIFEST).write_text(json.dumps(bad), encoding="utf-8")
+        assert served_tile(str(tmp_path)) is None, bad
+    (tmp_path / MODEL_MANIFEST).write_text("{not json", encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        assert served_tile(str(tmp_path)) is None
+    assert MODEL_MANIFEST in caplog.text and "could not be read" in caplog.text

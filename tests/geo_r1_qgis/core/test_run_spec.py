@@ -51,4 +51,19 @@ def test_recorded_parameters_rebuild_the_spec_old_files_included():
     # a record written before batch_size/bands were options, with lists as JSON gives them back
     old = {"raster": "/r.tif", "expression": "x", "mode": "all", "gsd": None, "tile": 504, "overlap": 64,
            "bbox": [0, 0, 10, 10], "dst_crs": None, "max_new_tokens": None, "scale": 1.0}  # fmt: skip
-    assert RunSpec(**spec_values(old)) == RunSpec(expression="x", bbox=(0.0, 0.0, 10.0, 10.0))
+    assert RunSpec(**spec_values(old)) == RunSpec(expression="x", tile_size=504, bbox=(0.0, 0.0, 10.0, 10.0))
+
+
+def test_no_tile_size_means_the_tile_the_engines_model_serves():
+    from geo_r1_qgis.core.geometry import DEFAULT_TILE
+
+    spec = RunSpec(expression="all storage tanks")
+    assert spec.tile_size is None and spec.tile == DEFAULT_TILE  # before the engine answers
+    assert spec.with_engine_tile({"tile": 224}).tile_size == 224
+    assert spec.with_engine_tile({"tile": 224}).job().tile_size == 224
+    assert spec.with_engine_tile({"tile": 224}).run_parameters("/r.tif", (1, 2, 3))["tile"] == 224
+    # a model without a manifest, a remote engine (None), or nonsense: the default
+    for info in ({}, {"tile": None}, {"tile": True}, {"tile": "224"}, {"tile": 10}, None):
+        assert spec.with_engine_tile(info).tile_size == DEFAULT_TILE, info
+    # a tile the user chose is kept
+    assert RunSpec(expression="x", tile_size=448).with_engine_tile({"tile": 224}).tile_size == 448
