@@ -20,7 +20,8 @@ Choices, and why (the measurements behind them are in the feasibility notes, SAM
   every task in every phase: a focused phase erased the other tasks in the feasibility run).
 - **Serving tile size.** Chips are ``tile`` pixels (default 224, the manifest's ``"tile"``; a multiple of 28 so
   the model sees them unresized). Most chips are read at the raster's own resolution (what ``geo-r1 ground``
-  tiles at by default); a quarter are read from a window up to 2× larger and downsampled (coarser ``--gsd``).
+  tiles at by default); a quarter (``--downsampled-fraction``) are read from a window up to 2×
+  (``--max-downsample``) larger and downsampled (coarser ``--gsd``, and the coarse pass of mode ``one``).
   Objects cut by a chip edge follow :mod:`train.chips` (the dataset builder's rule): an object with more than
   half of its box inside counts, with its box clipped to the chip (the piece the tile sees; the pipeline's merge
   joins pieces and prefers whole boxes), and a chip that cuts an object with half or less inside is redrawn.
@@ -58,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.runtime.loading import MODEL_MANIFEST
 from geo_r1_qgis.core.errors import ConfigError, OutputError
 from geo_r1_qgis.core.rules.coords import geo_r1_iou
 from geo_r1_qgis.core.rules.parsing import geo_r1_eval_box
@@ -67,7 +69,7 @@ from train.data_format import answer_json, place_words
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "geo_r1_sample_model.json"
+MANIFEST = MODEL_MANIFEST  # the engine reads its "tile" (GET /info)
 #: Held-out scenes start here; training seeds must stay below.
 HELDOUT_SEED0 = 9000
 REC_EXPRESSION = "the largest storage tank"
@@ -99,6 +101,12 @@ class SampleModelConfig:
     warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
     rec_fraction: float = field(default=0.4, metadata={"help": "share of steps on the REC task (the rest: multi)"})
     negative_fraction: float = field(default=0.2, metadata={"help": "share of multi chips without any tank"})
+    downsampled_fraction: float = field(
+        default=0.25, metadata={"help": "share of chips read from a larger window and downsampled (a coarser --gsd)"}
+    )
+    max_downsample: float = field(
+        default=2.0, metadata={"help": "the largest such window, in tiles (2: up to twice the native ground size)"}
+    )
     train_scenes: int = field(default=200, metadata={"help": "training scenes: seeds 0..N-1"})
     heldout_scenes: int = field(default=30, metadata={"help": "held-out scenes for the final evaluation: 9000.."})
     checkpoint_heldout_scenes: int = field(
@@ -149,7 +157,9 @@ class SampleModelConfig:
             )
         if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < 1):
             raise ConfigError(f"--learning-rate must be in (0, 1), got {self.learning_rate!r}; e.g. 3e-3")
-        for name in ("rec_fraction", "negative_fraction"):
+        if not (isinstance(self.max_downsample, (int, float)) and self.max_downsample >= 1):
+            raise ConfigError(f"--max-downsample must be >= 1 (1: native resolution only), got {self.max_downsample!r}")
+        for name in ("rec_fraction", "negative_fraction", "downsampled_fraction"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value <= 1):
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {value!r}")
@@ -234,13 +244,15 @@ def _tank_area(tanks: Sequence[Sequence[float]]) -> tuple[float, float, float, f
     return (min(b[0] for b in tanks), min(b[1] for b in tanks), max(b[2] for b in tanks), max(b[3] for b in tanks))
 
 
-def sample_chip(bank: SceneBank, rng: random.Random, task: str, tile: int, negative_fraction: float) -> Chip:
+def sample_chip(bank: SceneBank, rng: random.Random, task: str, tile: int, negative_fraction: float,
+                downsampled_fraction: float = 0.25, max_downsample: float = 2.0) -> Chip:  # fmt: skip
     """One training chip of ``task`` from a random scene of ``bank`` (see the module docstring for the rules)."""
     size = bank.size
     for _ in range(100):
         seed = rng.choice(bank.seeds)
         image, tanks, largest = bank.scene(seed)
-        side = tile if rng.random() < 0.75 else min(size, round(tile * rng.uniform(1.0, 2.0)))
+        native = rng.random() < 1.0 - downsampled_fraction
+        side = tile if native else min(size, round(tile * rng.uniform(1.0, max_downsample)))
         negative = task == "multi" and rng.random() < negative_fraction
         if task == "rec":
             window = chips.random_window_around(tanks[largest], side, size, size, rng)
@@ -396,7 +408,7 @@ def match_boxes(pred: Sequence[Sequence[int]], truth: Sequence[Sequence[int]],
 
 
 def evaluate(model: Any, processor: Any, rec: Sequence[Chip], multi: Sequence[Chip],
-             multi_max_new_tokens: int = 384) -> dict[str, Any]:  # fmt: skip
+             multi_max_new_tokens: int = 384, keep_outputs: bool = False) -> dict[str, Any]:  # fmt: skip
     """Held-out scores with the project's rules: "the largest storage tank" Acc@0.5 (Geo-R1's REC parse, strict
     ``> 0.5``) and "all storage tanks" recall / precision at IoU 0.5 (Geo-R1's OVD parse of the answer)."""
     from train.metrics import ovd_answer_region, ovd_eval_boxes
@@ -434,7 +446,69 @@ def evaluate(model: Any, processor: Any, rec: Sequence[Chip], multi: Sequence[Ch
         "seconds": round(time.perf_counter() - t0, 1),
         "examples": {"rec": rec_out[:2], "multi": multi_out[:2]},
     }
+    if keep_outputs:
+        result["outputs"] = {"rec": rec_out, "multi": multi_out}
     return result
+
+
+def rec_results_file(rec: Sequence[Chip], outputs: Sequence[str]) -> dict[str, Any]:
+    """The held-out REC answers as a Geo-R1 results file (``{"accuracy", "results"}``, the records
+    :class:`train.metrics.RecResult` writes), which ``geo-r1 eval --predictions`` re-scores."""
+    from train.metrics import RecResult, rec_scores, recal_iou
+
+    results, pairs = [], []
+    for c, text in zip(rec, outputs, strict=True):
+        box, gt = geo_r1_eval_box(text), c.boxes[0]
+        iou = recal_iou(list(box), list(gt))
+        window = "_".join(str(v) for v in c.window)
+        results.append(RecResult(image=f"sample-scene-{c.seed}/{window}.png", question=c.expression,
+                                 ground_truth=tuple(gt), model_output=text, extracted_answer=tuple(box), iou=iou,
+                                 image_size=(c.image.width, c.image.height),
+                                 extra={"seed": c.seed, "window": list(c.window)}).to_json())  # fmt: skip
+        pairs.append((iou, None))
+    scores = rec_scores(pairs).to_json()
+    return {"accuracy": scores.get("overall", {}).get("acc@0.5"), "mode": "geo-r1", "scores": scores,
+            "results": results}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SampleEvalConfig:
+    """``geo-r1 sample-model eval``: a built model on the held-out scenes its manifest names."""
+
+    model: Path = field(
+        metadata={"positional": True, "metavar": "MODEL_DIR",
+                  "help": "a directory 'sample-model build' wrote (e.g. resources/sample_model)"})  # fmt: skip
+    out_dir: Path = field(
+        metadata={"flags": ("-o", "--output"), "help": "folder for heldout.json and rec_results.json"}
+    )
+    scenes: int | None = field(default=None, metadata={"help": "held-out scenes (default: the manifest's)"})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", Path(self.model))
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if not (self.model / MANIFEST).is_file():
+            raise ConfigError(f"{self.model} has no {MANIFEST}: pass a folder 'geo-r1 sample-model build' wrote")
+        if self.scenes is not None and self.scenes < 1:
+            raise ConfigError(f"--scenes must be >= 1, got {self.scenes}")
+
+
+def evaluate_model(config: SampleEvalConfig) -> dict[str, Any]:
+    """Score ``config.model`` on the held-out scenes of its manifest, at its tile; write ``heldout.json`` (the
+    numbers) and ``rec_results.json`` (Geo-R1's results file for ``geo-r1 eval --predictions``)."""
+    manifest = json.loads((config.model / MANIFEST).read_text(encoding="utf-8"))
+    built = manifest["config"]
+    first = manifest["data"]["heldout_seeds"][0]
+    n = config.scenes or built["heldout_scenes"]
+    rec, multi = heldout_chips(range(first, first + n), manifest["tile"], built["scene_size"])
+    model, processor = load_checkpoint(config.model)
+    metrics = evaluate(model, processor, rec, multi, built["multi_max_new_tokens"], keep_outputs=True)
+    outputs = metrics.pop("outputs")
+    metrics["scenes"] = n
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    (config.out_dir / "heldout.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    results = rec_results_file(rec, outputs["rec"])
+    (config.out_dir / "rec_results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    return metrics
 
 
 def metrics_line(metrics: dict[str, Any]) -> str:
@@ -509,8 +583,9 @@ class Batcher:
         return int(self.processor(text=[head], images=[blank], return_tensors="pt")["input_ids"].shape[1])
 
     def chips(self, task: str, n: int) -> list[Chip]:
-        return [sample_chip(self.bank, self.rng, task, self.config.tile, self.config.negative_fraction)
-                for _ in range(n)]  # fmt: skip
+        c = self.config
+        return [sample_chip(self.bank, self.rng, task, c.tile, c.negative_fraction, c.downsampled_fraction,
+                            c.max_downsample) for _ in range(n)]  # fmt: skip
 
     def batch(self, step: int) -> tuple[str, dict[str, Any], Any]:
         task = "rec" if self.rng.random() < self.config.rec_fraction else "multi"
@@ -591,6 +666,22 @@ def lr_factor(step: int, steps: int, warmup: int, elapsed: float, budget: float 
     return min(1.0, (step + 1) / max(1, warmup)) * max(0.0, 1.0 - progress)
 
 
+def lineage(init: Path | None) -> list[dict[str, Any]]:
+    """The runs a model continues, oldest first: each one's command, steps, seconds and held-out scores, from the
+    manifest of ``--init`` (and the lineage it records). Empty for a model trained from scratch."""
+    manifest_file = Path(init) / MANIFEST if init else None
+    if manifest_file is None or not manifest_file.is_file():
+        return []
+    try:
+        before = json.loads(manifest_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{manifest_file} cannot be read ({exc}); pass an --init the builder wrote") from None
+    held = before.get("heldout") or {}
+    run = {key: before.get(key) for key in ("command", "steps", "train_seconds", "hardware", "sha256")}
+    run["heldout"] = {k: held.get(k) for k in ("scenes", "largest_tank", "all_tanks")}
+    return [*before.get("lineage", []), run]
+
+
 def build(config: SampleModelConfig, command: str | None = None) -> dict[str, Any]:
     """Train (or continue) the sample model and write it into ``config.out_dir``; return the manifest."""
     import torch
@@ -618,6 +709,7 @@ def build(config: SampleModelConfig, command: str | None = None) -> dict[str, An
         "command": command or command_line(config),
         "config": config.to_dict(),
         "init": str(config.init) if config.init else None,
+        "lineage": lineage(config.init),
         "tile": config.tile,
         "tasks": [{"expression": REC_EXPRESSION, "task": "rec", "mode": "one"},
                   {"expression": MULTI_EXPRESSION, "task": "multi", "mode": "all"}],

@@ -22,12 +22,13 @@ COMMANDS: dict[str, str] = {
     "sample-data": "write synthetic georeferenced sample rasters with true boxes",
     "dataset": "build fine-tuning datasets from annotations (import, build, synthetic, from-json)",
     "tiny-model": "build a tiny randomly initialised Qwen2.5-VL checkpoint",
-    "sample-model": "train the project's small Qwen2.5-VL on the sample scenes (build)",
+    "sample-model": "train the project's small Qwen2.5-VL on the sample scenes (build), or score it (eval)",
     "serve": "run the local grounding engine (HTTP on 127.0.0.1, token protected)",
     "ask": "print the reasoning and boxes for one plain image",
     "ground": "ground an expression over a whole raster and write a GeoPackage",
     "eval": "score a model and adapters on a dataset, Geo-R1's way, and write a report",
     "train": "fine-tune a LoRA adapter: sft, grpo or dapo",
+    "match": "count the true objects a run found (polygon IoU on the map against a *.objects.geojson)",
     "wheelhouse": "download this engine and its dependencies into a folder, for offline setup",
 }
 

@@ -235,3 +235,24 @@ def test_the_engine_loads_the_built_checkpoint(built):
         assert len(results) == 1
     finally:
         backend.close()
+
+
+def test_a_continued_run_records_the_runs_it_continues(tmp_path):
+    import json
+
+    from geo_r1_qgis.core.errors import ConfigError
+    from train.sample_model import MANIFEST, lineage
+
+    assert lineage(None) == [] and lineage(tmp_path) == []  # from scratch
+    held = {"scenes": 3, "largest_tank": {"acc@0.5": 0.5}, "all_tanks": {"recall@0.5": 0.1}, "seconds": 1}
+    first = {"command": "geo-r1 sample-model build -o a", "steps": 10, "train_seconds": 5.0, "hardware": "cpu",
+             "sha256": {"model.safetensors": "ab"}, "heldout": held}  # fmt: skip
+    (tmp_path / MANIFEST).write_text(json.dumps(first), encoding="utf-8")
+    (run,) = lineage(tmp_path)
+    assert run["command"] == first["command"] and run["steps"] == 10 and "seconds" not in run["heldout"]
+    second = {**first, "command": "geo-r1 sample-model build -o b --init a", "lineage": [run]}
+    (tmp_path / MANIFEST).write_text(json.dumps(second), encoding="utf-8")
+    assert [r["command"] for r in lineage(tmp_path)] == [first["command"], second["command"]]
+    (tmp_path / MANIFEST).write_text("{", encoding="utf-8")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        lineage(tmp_path)
