@@ -30,11 +30,14 @@ import re
 from collections.abc import Sequence
 from typing import Protocol
 
-NONE_WORDS: tuple[str, ...] = ("None", "none", "null", "NONE", "Null")
+from .parsing import NONE_WORDS
+
+#: parsing's None words in the casings models write them: lower, capitalised, upper
+NONE_CASINGS: tuple[str, ...] = tuple(dict.fromkeys(c for w in NONE_WORDS for c in (w.capitalize(), w, w.upper())))
 
 _ANSWER_OPEN = re.compile(r"<answer>", re.IGNORECASE)
 _FENCE = re.compile(r"```[a-zA-Z]*")
-_NONE_WORD = re.compile(r"\b(None|none|null|NONE|Null)\b")
+_NONE_WORD = re.compile(r"\b(" + "|".join(NONE_CASINGS) + r")\b")
 
 
 class _Span(Protocol):
@@ -49,7 +52,7 @@ class _Parsed(Protocol):
 def is_none_piece(piece: str) -> bool:
     """True if a token's text (leading whitespace ignored) starts one of the None words."""
     p = piece.strip()
-    return bool(p) and any(word.startswith(p) or p.startswith(word) for word in NONE_WORDS)
+    return bool(p) and any(word.startswith(p) or p.startswith(word) for word in NONE_CASINGS)
 
 
 def token_offsets(pieces: Sequence[str]) -> list[tuple[int, int]]:

@@ -52,6 +52,7 @@ __all__ = [
     "EVAL_ANSWER_PATTERN",
     "EVAL_BBOX_PATTERN",
     "GENERIC_FORMAT_PATTERN",
+    "NONE_WORDS",
     "REC_FORMAT_PATTERN",
     "ParseStatus",
     "ParsedBox",
@@ -80,7 +81,10 @@ _NUM = r"(-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))"
 _BOX_RE = re.compile(r"\[\s*" + r"\s*,\s*".join([_NUM] * 4) + r"\s*\]")
 _LABEL_RE = re.compile(r'"label"\s*:\s*"((?:[^"\\]|\\.)*)"', re.DOTALL)
 _FENCE_RE = re.compile(r"^```[A-Za-z]*\s*|\s*```$")
-_NONE_WORDS = frozenset({"none", "null", "[]"})
+#: The words by which a model answers that there is no target, compared lower-cased (an empty list ``[]`` too);
+#: confidence.py finds them in the answer's tokens in the casings models write (``None``, ``null``, ``NONE`` …).
+NONE_WORDS: tuple[str, ...] = ("none", "null")
+_NONE_ANSWERS = frozenset({*NONE_WORDS, "[]"})
 
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 _ANSWER_OPEN, _ANSWER_CLOSE = "<answer>", "</answer>"
@@ -388,7 +392,7 @@ def _is_none(answer: str) -> bool:
     core = _FENCE_RE.sub("", answer.strip()).strip()
     core = core.strip("\"'`").rstrip(".").strip()
     core = re.sub(r"\s+", "", core).lower()
-    return core in _NONE_WORDS
+    return core in _NONE_ANSWERS
 
 
 def _ends_open(region: str) -> bool:

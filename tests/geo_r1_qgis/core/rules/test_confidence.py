@@ -90,3 +90,13 @@ def test_span_score_ignores_empty_special_token_pieces():
     offsets = token_offsets(pieces)
     assert span_score(offsets, [-9.0, -0.5, -9.0], (0, 12)) == pytest.approx(math.exp(-0.5))
     assert span_score(offsets, [-9.0, -0.5, -9.0], (50, 60)) == 0.0
+
+
+def test_the_none_words_are_parsings_in_the_casings_models_write():
+    from geo_r1_qgis.core.rules.confidence import NONE_CASINGS
+    from geo_r1_qgis.core.rules.parsing import NONE_WORDS, ParseStatus, parse_output
+
+    assert {w.lower() for w in NONE_CASINGS} == set(NONE_WORDS)
+    for word in NONE_CASINGS:  # each one the confidence finds is one the parser reads as "no target"
+        assert is_none_piece(word)
+        assert parse_output(f"<think>x</think> <answer>{word}</answer>", "multi").status is ParseStatus.NONE
