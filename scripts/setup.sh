@@ -2,11 +2,16 @@
 # Set up both environments, idempotently. Rerunning it when nothing changed takes seconds.
 #   1. QGIS's Python: Debian's python3-qgis + qgis-providers (+ python3-pytest for the plugin tests).
 #   2. The engine/train venv (.venv): the ML stack, torch pinned to the local CPU wheel by constraints.txt.
+#   --venv: the venv only (what `make demo` and `make demo-train` use): of the Debian packages, only python3-venv.
+#   The QGIS 3.40 chroot is built by `make test-plugin-340` (scripts/setup_qgis340.sh), the only target using it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+VENV_ONLY=0
+[[ "${1:-}" == "--venv" ]] && VENV_ONLY=1
 
 SYSTEM_PKGS=(python3-qgis qgis-providers python3-pytest python3-venv gdal-bin
              qgis xvfb xdotool)  # the last three: the desktop test (tests/geo_r1_qgis/test_desktop.py)
+((VENV_ONLY)) && SYSTEM_PKGS=(python3-venv)
 VENV=.venv
 SYS_PY=/usr/bin/python3
 
@@ -65,8 +70,8 @@ for mod in ("transformers", "peft", "trl", "rasterio", "pyogrio", "fastapi", "uv
 PY
   echo "$stamp_want" > "$stamp_file"
 fi
-say "ready: QGIS Python $($SYS_PY -c 'import qgis.core; print(qgis.core.Qgis.QGIS_VERSION)' 2>/dev/null | cut -d- -f1), venv $VENV"
-# QGIS 3.40 for the plugin's second test run (Debian 13 chroot, once; a rerun takes well under a second).
-if ! scripts/setup_qgis340.sh; then
-  say "the QGIS 3.40 chroot is not built: 'make test' will report its run as NOT RUN"
+if ((VENV_ONLY)); then
+  say "ready: venv $VENV"
+else
+  say "ready: QGIS Python $($SYS_PY -c 'import qgis.core; print(qgis.core.Qgis.QGIS_VERSION)' 2>/dev/null | cut -d- -f1), venv $VENV"
 fi
