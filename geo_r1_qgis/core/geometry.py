@@ -502,21 +502,20 @@ def degrees_per_metre(latitude_deg: float) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------------------
 
 
-#: Qwen2.5-VL's patch grid: an image whose sides are multiples of this is seen unresized (GEO-R1.md).
-MODEL_FACTOR = 28
 #: The default tile: a multiple of 28, so the model's frame and the tile's frame agree.
 DEFAULT_TILE = 504
 
 
 def tile_size_advice(tile_size: int) -> str | None:
     """A one-line warning when ``tile_size`` is not a multiple of 28, naming the nearest multiples; else None."""
-    if tile_size % MODEL_FACTOR == 0:
+    from .rules.coords import QWEN_FACTOR  # here, not at the top: rules.coords imports this module
+    if tile_size % QWEN_FACTOR == 0:
         return None
-    lower = tile_size // MODEL_FACTOR * MODEL_FACTOR
-    upper = lower + MODEL_FACTOR
+    lower = tile_size // QWEN_FACTOR * QWEN_FACTOR
+    upper = lower + QWEN_FACTOR
     sizes = f"{lower} or {upper}" if lower else f"{upper}"
     return (
-        f"tile size {tile_size} is not a multiple of 28: the model sees the tile resized and its boxes are "
+        f"tile size {tile_size} is not a multiple of {QWEN_FACTOR}: the model sees the tile resized and its boxes are "
         f"scaled back from that frame; use {sizes} so the model sees the tile as it is"
     )
 
