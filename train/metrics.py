@@ -108,7 +108,7 @@ from typing import Any
 
 from geo_r1_qgis.core.errors import ConfigError
 from geo_r1_qgis.core.rules.coords import geo_r1_iou, model_input_size, model_to_image_box
-from geo_r1_qgis.core.rules.parsing import geo_r1_eval_box
+from geo_r1_qgis.core.rules.parsing import EVAL_ANSWER_PATTERN, geo_r1_eval_box
 
 __all__ = [
     "MODES",
@@ -152,7 +152,7 @@ OVD_LIST_PATTERN = r"(\[[\s\S]*\])"
 _SFT_BBOX_RE = re.compile(SFT_BBOX_PATTERN)
 _OVD_FENCE_RE = re.compile(OVD_FENCE_PATTERN)
 _OVD_LIST_RE = re.compile(OVD_LIST_PATTERN)
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_ANSWER_RE = re.compile(EVAL_ANSWER_PATTERN, re.DOTALL)  # the one <answer> region (rules/parsing)
 
 Box = Sequence[float]
 

@@ -25,11 +25,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from geo_r1_qgis.core.rules.coords import geo_r1_iou, model_input_size
-from geo_r1_qgis.core.rules.parsing import format_ok, vlm_r1_reward_box
+from geo_r1_qgis.core.rules.parsing import EVAL_ANSWER_PATTERN, format_ok, vlm_r1_reward_box
 
 RewardFn = Callable[..., list[float]]
 
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_ANSWER_RE = re.compile(EVAL_ANSWER_PATTERN, re.DOTALL)  # the one <answer> region (rules/parsing)
 _FENCED_JSON_RE = re.compile(r"```json(.*?)```", re.DOTALL)
 
 
