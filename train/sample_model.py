@@ -391,19 +391,10 @@ def match_boxes(pred: Sequence[Sequence[int]], truth: Sequence[Sequence[int]],
                 ignore: Sequence[Sequence[int]] = ()) -> tuple[int, int]:  # fmt: skip
     """(true positives, false positives): greedy one-to-one matching by IoU, strict ``> 0.5``
     (:func:`geo_r1_iou`); a prediction matching an ``ignore`` box (an object cut by the tile edge) is neither."""
-    pairs = sorted(((geo_r1_iou(p, t), i, j) for i, p in enumerate(pred) for j, t in enumerate(truth)), reverse=True)
-    used_p: set[int] = set()
-    used_t: set[int] = set()
-    for iou, i, j in pairs:
-        if iou > 0.5 and i not in used_p and j not in used_t:
-            used_p.add(i)
-            used_t.add(j)
-    fp = 0
-    for i, p in enumerate(pred):
-        if i in used_p:
-            continue
-        if not any(geo_r1_iou(p, g) > 0.5 for g in ignore):
-            fp += 1
+    from geo_r1_qgis.core.truth import greedy_match
+
+    used_p = {i for i, _, _ in greedy_match(pred, truth, geo_r1_iou, 0.5).pairs}
+    fp = sum(1 for i, p in enumerate(pred) if i not in used_p and not any(geo_r1_iou(p, g) > 0.5 for g in ignore))
     return len(used_p), fp
 
 

@@ -6,7 +6,6 @@ The matching is :mod:`geo_r1_qgis.core.truth` (one to one, IoU on the map strict
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +14,6 @@ from engine.cli.options import add_config_arguments, config_from_args
 from geo_r1_qgis.core.errors import ConfigError
 from geo_r1_qgis.core.gpkg_schema import find_runs
 from geo_r1_qgis.core.truth import match_objects, read_result_rings, read_truth
-
-log = logging.getLogger(__name__)
 
 #: the truth files' category names, as a sentence says them
 PLURALS = {"tank": "storage tanks", "building": "buildings", "field": "fields", "road": "roads", "river": "rivers"}

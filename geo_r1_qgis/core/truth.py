@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import ConfigError
 from .geometry import Point, Ring, ring_signed_area
 from .gpkg_schema import connect, ident
 
-__all__ = ["Match", "TruthObject", "convex_polygon_iou", "match_objects", "read_result_rings", "read_truth"]
+__all__ = ["Match", "TruthObject", "convex_polygon_iou", "greedy_match", "match_objects", "read_result_rings",
+           "read_truth"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -108,25 +112,32 @@ def convex_polygon_iou(a: Sequence[Point], b: Sequence[Point]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def match_objects(predicted: Sequence[Sequence[Point]], truth: Sequence[Sequence[Point]],
-                  threshold: float = 0.5) -> Match:  # fmt: skip
-    """Greedy one-to-one matching, highest IoU first; a pair counts when its IoU is strictly above ``threshold``."""
+def greedy_match(predicted: Sequence[T], truth: Sequence[T], iou: Callable[[T, T], float],
+                 threshold: float = 0.5) -> Match:  # fmt: skip
+    """Greedy one-to-one matching by ``iou``, highest first (ties: lower indices first); a pair counts when its
+    IoU is strictly above ``threshold``. The one matcher of the project's counts on the map and on chips."""
     candidates = sorted(
-        ((convex_polygon_iou(p, t), i, j) for i, p in enumerate(predicted) for j, t in enumerate(truth)),
+        ((iou(p, t), i, j) for i, p in enumerate(predicted) for j, t in enumerate(truth)),
         key=lambda c: (-c[0], c[1], c[2]),
     )
     used_p: set[int] = set()
     used_t: set[int] = set()
     pairs = []
-    for iou, i, j in candidates:
-        if iou <= threshold:
+    for value, i, j in candidates:
+        if value <= threshold:
             break
         if i in used_p or j in used_t:
             continue
         used_p.add(i)
         used_t.add(j)
-        pairs.append((i, j, iou))
+        pairs.append((i, j, value))
     return Match(tuple(sorted(pairs)), len(predicted), len(truth))
+
+
+def match_objects(predicted: Sequence[Sequence[Point]], truth: Sequence[Sequence[Point]],
+                  threshold: float = 0.5) -> Match:  # fmt: skip
+    """Polygons on the map matched one to one (:func:`greedy_match` by :func:`convex_polygon_iou`)."""
+    return greedy_match(predicted, truth, convex_polygon_iou, threshold)
 
 
 def read_truth(path: str | Path, category: str | None = None) -> list[TruthObject]:
