@@ -242,15 +242,22 @@ def external(tiny_model, tmp_path):
     log.close()
 
 
-def test_an_external_engine_is_reported_and_never_stopped(ep, qsettings, external):
+def _probed_manager(ep, qsettings, external) -> tuple[object, list[bool]]:
+    """A manager whose settings point at the ``external`` engine, after its probe answered: (manager, found)."""
     from geo_r1_qgis.settings import PluginSettings
 
-    proc, url, token_file = external
+    _, url, token_file = external
     PluginSettings().with_values(engine_url=url, token_file=str(token_file)).save(qsettings)
     manager = ep.EngineManager(settings=qsettings)
     found: list[bool] = []
     manager.probe_external(found.append)
     spin(lambda: bool(found), 60, "the probe")
+    return manager, found
+
+
+def test_an_external_engine_is_reported_and_never_stopped(ep, qsettings, external):
+    proc = external[0]
+    manager, found = _probed_manager(ep, qsettings, external)
     assert found == [True] and manager.state == ep.EXTERNAL
     assert "the plugin never stops it" in manager.message and manager.info["model"]
     assert manager.stop() is False
@@ -273,14 +280,8 @@ def test_an_answer_for_a_widget_closed_meanwhile_is_dropped_not_an_abort(ep, qse
         def answer(self, *result) -> None:
             calls.append(result)
 
-    _, url, token_file = external
-    from geo_r1_qgis.settings import PluginSettings
-
-    PluginSettings().with_values(engine_url=url, token_file=str(token_file)).save(qsettings)
-    manager = ep.EngineManager(settings=qsettings)
-    found: list[bool] = []
-    manager.probe_external(found.append)
-    spin(lambda: bool(found), 60, "the probe")
+    manager, found = _probed_manager(ep, qsettings, external)
+    assert found == [True]
     gone, alive = Widget(), Widget()
     manager.adapters(gone.answer)
     sip.delete(gone)  # closed before the answer

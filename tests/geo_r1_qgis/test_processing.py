@@ -198,9 +198,13 @@ def engine(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sample_dir(tmp_path_factory) -> Path:
+    return _sample_data(tmp_path_factory.mktemp("qgis-samples"))
+
+
+def _sample_data(out: Path, *args: str) -> Path:
+    """``geo-r1 sample-data OUT ARGS`` in the engine venv; returns ``out``."""
     _need_venv()
-    out = tmp_path_factory.mktemp("qgis-samples")
-    proc = host_exec.run([str(GEO_R1), "sample-data", str(out)], timeout=120, env=_venv_env())
+    proc = host_exec.run([str(GEO_R1), "sample-data", str(out), *args], timeout=120, env=_venv_env())
     assert proc.returncode == 0, f"geo-r1 sample-data failed:\n{proc.stdout}\n{proc.stderr}"
     return out
 
@@ -615,12 +619,7 @@ def sample_engine(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def unseen_scene(tmp_path_factory) -> Path:
-    _need_venv()
-    out = tmp_path_factory.mktemp("unseen-scene")
-    proc = host_exec.run([str(GEO_R1), "sample-data", str(out), "--seed", str(UNSEEN_SEED)], timeout=120,
-                         env=_venv_env())  # fmt: skip
-    assert proc.returncode == 0, f"geo-r1 sample-data failed:\n{proc.stdout}\n{proc.stderr}"
-    return out
+    return _sample_data(tmp_path_factory.mktemp("unseen-scene"), "--seed", str(UNSEEN_SEED))
 
 
 def feature_rings(layer) -> list[list[tuple[float, float]]]:
