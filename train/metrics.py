@@ -38,13 +38,13 @@ records scored in this process are counted (their flag comes from our dataset re
 ``ChipRecord.is_unique``, None when unknown). ``tests/train/test_metrics.py`` checks every number
 against a literal transcription of the upstream counting on a fixed results file.
 
-Parses (which box a model output gives):
+Parses (which box a model output gives), all in ``geo_r1_qgis.core.rules.parsing``:
 
-- Geo-R1 mode: ``geo_r1_qgis.core.rules.parsing.geo_r1_eval_box`` (the first ``<answer>``, then the greedy
+- Geo-R1 mode: ``geo_r1_eval_box`` (the first ``<answer>``, then the greedy
   ``\\{.*\\[a, b, c, d]\\s*.*\\}``, i.e. the LAST box of the answer, as ints; else ``[0, 0, 0, 0]``).
-- SFT-baseline mode: :func:`sft_baseline_box`, ``test_rec_baseline_eval.py``'s ``extract_bbox_answer``:
+- SFT-baseline mode: ``sft_baseline_box``, ``test_rec_baseline_eval.py``'s ``extract_bbox_answer``:
   the FIRST ``[a, b, c, d]`` anywhere (signed decimals, spaces allowed inside the brackets) as floats;
-  else ``[0, 0, 0, 0]``. (engine/parsing.py has no such function; this is its only definition.)
+  else ``[0, 0, 0, 0]``.
 
 No rescaling, reordering or clipping in either mode: the prediction is compared in the pixels the model
 wrote. Our extension, reported beside it, is :func:`rescaled_iou`: the prediction scaled from the model's
@@ -54,12 +54,8 @@ images whose sides are not multiples of 28. :func:`mean_iou` is our extension to
 OVD: what Geo-R1's ``run_scripts/test_ovd_nwpu_eval.py`` does
 ------------------------------------------------------------
 One query per (image, category present in the image), the OVD prompt without reasoning, greedy, 1024
-new tokens. :func:`ovd_eval_boxes` is its (second, effective) ``extract_bboxes_from_response``: the first
-fenced ```` ```json … ``` ```` block, else the greedy ``(\\[[\\s\\S]*\\])`` over the whole response, else no
-boxes; the block, stripped, equal to ``none`` (any case) gives no boxes; ``json.loads`` failing or not
-giving a list gives no boxes; each item with a ``bbox_2d`` list of 4 values becomes ``[int(v) …]``
-(an item whose values ``int()`` rejects is skipped). Deviation, only where upstream would crash: items
-that are not JSON objects are skipped, and so are coordinates ``int()`` cannot convert (``Infinity``).
+new tokens. ``geo_r1_qgis.core.rules.parsing.ovd_eval_boxes`` is its (second, effective)
+``extract_bboxes_from_response``, exactly (its docstring says how it reads a response).
 Detections get score 1.0 and ``[x, y, w, h]`` with ``w = x2 - x1`` (no reordering), and COCOeval
 ("bbox") scores them against every true box. mAP is ``stats[0]`` (AP@[.5:.95]), AP50 ``stats[1]``;
 per class, the mean of ``precision[t, :, k, 0, -1]`` over entries > -1 (0.0 when none), as upstream.
@@ -78,7 +74,7 @@ misses (its truth is the whole annotation file); ``geo-r1 eval --data`` adds the
 
 **The reasoning-mode rule (ours, reported separately).** Upstream's OVD prompt has no reasoning and its
 parse reads the whole response; ``geo-r1 eval`` follows it in both modes. With the reasoning prompt,
-brackets in ``<think>`` can then be taken for the answer: :func:`ovd_answer_region` reads only the first
+brackets in ``<think>`` can then be taken for the answer: ``parsing.ovd_answer_region`` reads only the first
 ``<answer>`` region, and the evaluator scores those boxes beside upstream's numbers, never instead.
 
 Odd REC records score as upstream scores them: anything but a 4-item list is IoU 0, and a box holding a
@@ -90,7 +86,7 @@ is not an object is refused with the record's number.
 ``calculate_map`` (``score_type=0``) computes it for its ``odLength`` reward; the reward decides what
 empty lists score, and this function returns 0.0 when either list is empty.
 
-This module imports the project's pure engine modules (coords, parsing) and the standard library.
+This module imports the project's pure rules (coords, parsing) and the standard library.
 """
 
 from __future__ import annotations
@@ -100,7 +96,6 @@ import io
 import json
 import math
 import numbers
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +103,12 @@ from typing import Any
 
 from geo_r1_qgis.core.errors import ConfigError
 from geo_r1_qgis.core.rules.coords import geo_r1_iou, model_input_size, model_to_image_box
-from geo_r1_qgis.core.rules.parsing import EVAL_ANSWER_PATTERN, geo_r1_eval_box
+from geo_r1_qgis.core.rules.parsing import (  # the parses live in the rules; evaluate.py reads them here too
+    geo_r1_eval_box,
+    ovd_answer_region,
+    ovd_eval_boxes,
+    sft_baseline_box,
+)
 
 __all__ = [
     "MODES",
@@ -141,19 +141,6 @@ REC_THRESHOLDS: tuple[float, ...] = (0.5, 0.7)
 #: Evaluation modes: Geo-R1's reasoning prompt and parse, or the SFT baseline's.
 MODES: tuple[str, ...] = ("geo-r1", "sft")
 
-#: Geo-R1 ``test_rec_baseline_eval.py`` ``extract_bbox_answer``: the first box anywhere, floats.
-SFT_BBOX_PATTERN = (
-    r"\[(\s*-?\d*\.?\d+\s*),\s*(\s*-?\d*\.?\d+\s*),\s*(\s*-?\d*\.?\d+\s*),\s*(\s*-?\d*\.?\d+\s*)\]"
-)
-#: Geo-R1 ``test_ovd_nwpu_eval.py``: the first fenced json block, else the greedy list.
-OVD_FENCE_PATTERN = r"```json\s*([\s\S]*?)\s*```"
-OVD_LIST_PATTERN = r"(\[[\s\S]*\])"
-
-_SFT_BBOX_RE = re.compile(SFT_BBOX_PATTERN)
-_OVD_FENCE_RE = re.compile(OVD_FENCE_PATTERN)
-_OVD_LIST_RE = re.compile(OVD_LIST_PATTERN)
-_ANSWER_RE = re.compile(EVAL_ANSWER_PATTERN, re.DOTALL)  # the one <answer> region (rules/parsing)
-
 Box = Sequence[float]
 
 
@@ -169,21 +156,6 @@ def finite_box(box: Any) -> tuple[float, ...] | None:
     if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in box):
         return None
     return tuple(box)
-
-
-def sft_baseline_box(text: str) -> tuple[float, float, float, float] | tuple[int, int, int, int]:
-    """Geo-R1's SFT-baseline REC parse, exactly: the FIRST ``[a, b, c, d]`` anywhere in ``text``, as
-    floats (signed decimals allowed); ``(0, 0, 0, 0)`` when there is none (or ``text`` is not a str)."""
-    if not isinstance(text, str):
-        return (0, 0, 0, 0)
-    m = _SFT_BBOX_RE.search(text)
-    if not m:
-        return (0, 0, 0, 0)
-    try:
-        x1, y1, x2, y2 = (float(m.group(i)) for i in range(1, 5))
-    except ValueError:  # unreachable for this pattern, kept so the parse never raises
-        return (0, 0, 0, 0)
-    return (x1, y1, x2, y2)
 
 
 def extract_rec_box(text: str, mode: str = "geo-r1") -> tuple[float, float, float, float]:
@@ -440,50 +412,6 @@ def score_results(
 # --------------------------------------------------------------------------------------------------
 # OVD
 # --------------------------------------------------------------------------------------------------
-
-
-def ovd_answer_region(text: str, reasoning: bool) -> str:
-    """The reasoning-mode rule (ours): what an OVD parse reads of a response to the reasoning prompt.
-    Upstream's evaluation prompt has no reasoning, and its parse reads the whole response (the headline
-    numbers do too). With ``reasoning``: the first ``<answer>`` content when there is one, so brackets in
-    the reasoning are not taken for the answer; else the whole response."""
-    if not isinstance(text, str):
-        return ""
-    if reasoning:
-        m = _ANSWER_RE.search(text)
-        if m:
-            return m.group(1)
-    return text
-
-
-def ovd_eval_boxes(text: str) -> list[list[int]]:
-    """Geo-R1 ``test_ovd_nwpu_eval.py`` ``extract_bboxes_from_response``: boxes ``[x1, y1, x2, y2]`` as
-    ints (see the module docstring; never raises)."""
-    if not isinstance(text, str):
-        return []
-    match = _OVD_FENCE_RE.search(text) or _OVD_LIST_RE.search(text)
-    if not match:
-        return []
-    json_str = match.group(1).strip()
-    if json_str.lower() == "none":
-        return []
-    try:
-        data = json.loads(json_str)
-    except (ValueError, RecursionError):
-        return []
-    if not isinstance(data, list):
-        return []
-    boxes = []
-    for item in data:
-        if not isinstance(item, dict):
-            continue  # upstream: `'bbox_2d' in item` on a non-object raises or misreads; we skip it
-        bbox = item.get("bbox_2d")
-        if "bbox_2d" in item and isinstance(bbox, list) and len(bbox) == 4:
-            try:
-                boxes.append([int(v) for v in bbox])
-            except (ValueError, TypeError, OverflowError):
-                continue
-    return boxes
 
 
 @dataclass(frozen=True)

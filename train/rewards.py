@@ -8,29 +8,24 @@ are those the trainer builds from the dataset (``train/data_format.py``):
 - ``solution``: the true boxes, a list of ``[x1, y1, x2, y2]`` in original-image (chip) pixels;
 - ``image_size``: ``[width, height]`` of the original image.
 
-The rules themselves live once, in the engine: the format regex (``geo_r1_qgis.core.rules.parsing.format_ok``), the box
-the reward reads (``geo_r1_qgis.core.rules.parsing.vlm_r1_reward_box``), Geo-R1's IoU
-(``geo_r1_qgis.core.rules.coords.geo_r1_iou``) and
-Qwen's ``smart_resize`` (``geo_r1_qgis.core.rules.coords.model_input_size``, which equals ``image_grid_thw[1:] * 14``).
+The rules themselves live once, in ``geo_r1_qgis.core.rules``: the format regex (``parsing.format_ok``), what
+the rewards read (``parsing.vlm_r1_reward_box``; ``parsing.vlm_r1_od_answer`` and ``vlm_r1_fenced_boxes``),
+Geo-R1's IoU (``coords.geo_r1_iou``) and Qwen's ``smart_resize`` (``coords.model_input_size``, which equals
+``image_grid_thw[1:] * 14``).
 
 Total reward = format + metric, unweighted (maximum 2), as in GEO-R1.md.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from geo_r1_qgis.core.rules.coords import geo_r1_iou, model_input_size
-from geo_r1_qgis.core.rules.parsing import EVAL_ANSWER_PATTERN, format_ok, vlm_r1_reward_box
+from geo_r1_qgis.core.rules.parsing import format_ok, vlm_r1_fenced_boxes, vlm_r1_od_answer, vlm_r1_reward_box
 
 RewardFn = Callable[..., list[float]]
-
-_ANSWER_RE = re.compile(EVAL_ANSWER_PATTERN, re.DOTALL)  # the one <answer> region (rules/parsing)
-_FENCED_JSON_RE = re.compile(r"```json(.*?)```", re.DOTALL)
 
 
 def completion_text(completion: Any) -> str:
@@ -112,27 +107,6 @@ def ovd_format_reward(completions: Sequence[Any], **_: Any) -> list[float]:
     return [1.0 if format_ok(completion_text(c), "multi") else 0.0 for c in completions]
 
 
-def _last_fenced_boxes(text: str) -> list[list[int]] | None:
-    """Boxes of the last fenced json block: a list of ``{"bbox_2d": [4 numbers]}``; None when unparseable."""
-    blocks = _FENCED_JSON_RE.findall(text)
-    if not blocks:
-        return None
-    try:
-        items = json.loads(blocks[-1].strip())
-    except ValueError:
-        return None
-    if isinstance(items, dict):
-        items = [items]
-    if not isinstance(items, list):
-        return None
-    boxes = []
-    for item in items:
-        bbox = item.get("bbox_2d") if isinstance(item, dict) else None
-        if isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox):
-            boxes.append([int(v) for v in bbox])
-    return boxes
-
-
 def length_penalty(n_gt: int, n_pred: int, sqrt: bool = False) -> float:
     """VLM-R1's ``odLength`` penalty, ``1 if n_gt >= n_pred else n_gt / n_pred``; with ``sqrt``, the
     paper's Eq. 6, ``min(1, sqrt(n_gt / n_pred))``."""
@@ -152,14 +126,13 @@ def od_reward_one(text: str, gt_boxes: Sequence[Sequence[int]], image_size: Sequ
     Where GEO-R1.md is silent, our choice: a prediction that is neither "None" nor a parseable fenced
     json list scores 0.
     """
-    answers = _ANSWER_RE.findall(text)
-    if not answers:
+    answer = vlm_r1_od_answer(text)
+    if answer is None:
         return 0.0
-    answer = answers[-1].strip()
     gt = [list(b) for b in gt_boxes]
     if answer == "None":
         return 1.0 if not gt else 0.0
-    pred = _last_fenced_boxes(answer)
+    pred = vlm_r1_fenced_boxes(answer)
     if pred is None:
         return 0.0
     if image_size is not None:

@@ -16,8 +16,6 @@ from train.metrics import (
     coco_map_single,
     coco_scores,
     extract_rec_box,
-    ovd_answer_region,
-    ovd_eval_boxes,
     ovd_image_ids,
     read_results,
     rec_scores,
@@ -25,7 +23,6 @@ from train.metrics import (
     rescaled_iou,
     score_rec,
     score_results,
-    sft_baseline_box,
     uniqueness_map,
 )
 
@@ -106,9 +103,9 @@ def test_geo_r1_mode_parse(text, box):
     ],
 )
 def test_sft_mode_parse(text, box):
-    got = sft_baseline_box(text)
+    # the parse itself (sft_baseline_box, floats included) is tested in tests/geo_r1_qgis/core/rules/test_parsing.py
+    got = extract_rec_box(text, "sft")
     assert got == box
-    assert extract_rec_box(text, "sft") == box
     if box != (0, 0, 0, 0):
         assert all(isinstance(v, float) for v in got)
 
@@ -341,45 +338,6 @@ def test_read_results_errors(tmp_path):
 # OVD
 # --------------------------------------------------------------------------------------------------
 
-FENCED = (
-    '```json\n[\n    {"bbox_2d": [10, 20, 30, 40], "label": "ship"},\n'
-    '    {"bbox_2d": [50, 60, 70, 80], "label": "ship"}\n]\n```'
-)
-LATER = '```json\n[{"bbox_2d": [1, 2, 3, 4]}]\n```'
-
-
-@pytest.mark.parametrize(
-    ("text", "boxes"),
-    [
-        (FENCED, [[10, 20, 30, 40], [50, 60, 70, 80]]),
-        ("Here: " + FENCED + " and again " + LATER, [[10, 20, 30, 40], [50, 60, 70, 80]]),  # the first block
-        ('[{"bbox_2d": [1, 2, 3, 4], "label": "ship"}]', [[1, 2, 3, 4]]),  # no fence: the greedy list
-        ('I see [{"bbox_2d": [1, 2, 3, 4]}] and [5]', []),  # the greedy list spans both: invalid JSON
-        ("None", []),
-        ("```json\nNone\n```", []),
-        ("```json\nnone\n```", []),
-        ('```json\n{"bbox_2d": [1, 2, 3, 4]}\n```', []),  # not a list
-        ('```json\n[{"bbox_2d": [1.7, 2.2, "30", 40]}]\n```', [[1, 2, 30, 40]]),  # int() of each value
-        ('```json\n[{"bbox_2d": [1, 2, 3]}, {"box": [1, 2, 3, 4]}, {"bbox_2d": [5, 6, 7, 8]}]\n```', [[5, 6, 7, 8]]),
-        ('```json\n[{"bbox_2d": [1, 2, "x", 4]}, {"bbox_2d": [null, 2, 3, 4]}]\n```', []),  # int() rejects
-        ('```json\n["bbox_2d", 3, {"bbox_2d": [1, 2, 3, 4]}]\n```', [[1, 2, 3, 4]]),  # non-objects skipped
-        ('```json\n[{"bbox_2d": [Infinity, 2, 3, 4]}]\n```', []),
-        ("", []),
-        (None, []),
-    ],
-)
-def test_ovd_eval_boxes(text, boxes):
-    assert ovd_eval_boxes(text) == boxes
-
-
-def test_ovd_answer_region():
-    text = "<think>the list [a, b] is not JSON</think> <answer>" + FENCED + "</answer>"
-    assert ovd_answer_region(text, reasoning=True) == FENCED
-    assert ovd_answer_region(text, reasoning=False) == text
-    assert ovd_answer_region("<think>x</think> None", reasoning=True) == "<think>x</think> None"
-    assert ovd_eval_boxes(ovd_answer_region(text, True)) == [[10, 20, 30, 40], [50, 60, 70, 80]]
-
-
 def test_coco_map_single_hand_computed():
     box = [0, 0, 10, 10]
     assert coco_map_single([box], [box]) == pytest.approx(1.0)
@@ -544,13 +502,3 @@ def test_score_results_names_the_record_it_refuses():
                        {"image": "b.png", "ground_truth": GT, "extracted_answer": [0, None, 1, 1]}])  # fmt: skip
     with pytest.raises(ConfigError, match="record 1 is not a JSON object"):
         score_results([5])
-
-
-def test_ovd_whole_response_parse_with_brackets_in_the_reasoning():
-    """Geo-R1's OVD parse reads the whole response: with a fenced block in the answer, brackets in the
-    reasoning do not matter; without one, the greedy list starts at the reasoning's first bracket."""
-    fenced = "<think> I see [two] ships. </think> <answer>" + FENCED + "</answer>"
-    assert ovd_eval_boxes(fenced) == [[10, 20, 30, 40], [50, 60, 70, 80]]
-    bare = '<think> the ship at [5, 5] is small </think> <answer>[{"bbox_2d": [1, 2, 3, 4]}]</answer>'
-    assert ovd_eval_boxes(bare) == []  # Geo-R1's rule: '[5, 5] … [{…}]' is not JSON
-    assert ovd_eval_boxes(ovd_answer_region(bare, reasoning=True)) == [[1, 2, 3, 4]]  # the reasoning-mode rule

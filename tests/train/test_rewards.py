@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from geo_r1_qgis.core.rules.parsing import vlm_r1_reward_box
 from train.rewards import (
     REWARDS,
     TASK_REWARDS,
@@ -44,14 +43,6 @@ def msg(text: str) -> list[dict[str, str]]:
 def test_format_reward(text: str, want: float) -> None:
     assert format_reward([msg(text)]) == [want]
     assert format_reward([text]) == [want]  # plain strings too
-
-
-def test_reward_box_is_the_first_box_of_the_first_answer() -> None:
-    text = "<think>[9, 9, 9, 9]</think><answer>[1, 2, 3, 4] then [5, 6, 7, 8]</answer><answer>[0, 0, 1, 1]</answer>"
-    assert vlm_r1_reward_box(text) == (1, 2, 3, 4)
-    assert vlm_r1_reward_box("<answer>none</answer>") is None
-    assert vlm_r1_reward_box("[1, 2, 3, 4]") is None  # outside any answer
-    assert vlm_r1_reward_box("<answer>[1, 2, 3, 4]") is None  # unterminated
 
 
 def test_iou_reward_values() -> None:

@@ -30,13 +30,13 @@ import re
 from collections.abc import Sequence
 from typing import Protocol
 
-from .parsing import NONE_WORDS
+from .parsing import FENCE_OPEN_PATTERN, NONE_WORDS
 
 #: parsing's None words in the casings models write them: lower, capitalised, upper
 NONE_CASINGS: tuple[str, ...] = tuple(dict.fromkeys(c for w in NONE_WORDS for c in (w.capitalize(), w, w.upper())))
 
 _ANSWER_OPEN = re.compile(r"<answer>", re.IGNORECASE)
-_FENCE = re.compile(r"```[a-zA-Z]*")
+_FENCE = re.compile(FENCE_OPEN_PATTERN)
 _NONE_WORD = re.compile(r"\b(" + "|".join(NONE_CASINGS) + r")\b")
 
 

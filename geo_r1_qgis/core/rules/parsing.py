@@ -7,7 +7,11 @@ truncation). It reports how it got there in :class:`ParseStatus` and whether Geo
 would have accepted the text in ``format_ok``.
 
 :func:`geo_r1_eval_box` is strict: it reproduces Geo-R1's REC evaluation parse exactly, for evaluation
-fidelity only.
+fidelity only. So are the other upstream parses kept here, each byte-for-byte: the SFT baseline's
+(:func:`sft_baseline_box`), the OVD evaluation's (:func:`ovd_eval_boxes`, with our reasoning-mode rule
+:func:`ovd_answer_region` beside it) and VLM-R1's rewards' (:func:`vlm_r1_reward_box`; for ``odLength``
+:func:`vlm_r1_od_answer` and :func:`vlm_r1_fenced_boxes`). ``train/metrics.py`` and ``train/rewards.py``
+import them.
 
 Coordinates are returned as the model wrote them (pixels of the smart-resized image);
 :mod:`geo_r1_qgis.core.rules.coords` rescales them to the original image and clips them.
@@ -51,15 +55,25 @@ from dataclasses import dataclass
 __all__ = [
     "EVAL_ANSWER_PATTERN",
     "EVAL_BBOX_PATTERN",
+    "FENCED_JSON_PATTERN",
+    "FENCE_OPEN_PATTERN",
     "GENERIC_FORMAT_PATTERN",
     "NONE_WORDS",
+    "OVD_LIST_PATTERN",
     "REC_FORMAT_PATTERN",
+    "SFT_BBOX_PATTERN",
     "ParseStatus",
     "ParsedBox",
     "ParsedOutput",
     "format_ok",
     "geo_r1_eval_box",
+    "ovd_answer_region",
+    "ovd_eval_boxes",
     "parse_output",
+    "sft_baseline_box",
+    "vlm_r1_fenced_boxes",
+    "vlm_r1_od_answer",
+    "vlm_r1_reward_box",
 ]
 
 #: VLM-R1 ``Qwen2VLModule.format_reward_rec`` (used by Geo-R1 for REC): ``re.search``, DOTALL.
@@ -73,14 +87,28 @@ EVAL_BBOX_PATTERN = r"\{.*\[(\d+),\s*(\d+),\s*(\d+),\s*(\d+)]\s*.*\}"
 
 # The four upstream patterns above are the definitions. They backtrack polynomially on long inputs
 # (a string of 50,000 "<answer>" takes minutes), so they are evaluated below by linear scans that
-# return exactly what ``re`` would; tests/engine/test_parsing.py checks this against ``re`` itself.
+# return exactly what ``re`` would; tests/geo_r1_qgis/core/rules/test_parsing.py checks this against ``re`` itself.
 _QUAD_RE = re.compile(r"\[(\d+),\s*(\d+),\s*(\d+),\s*(\d+)]")  # their common box, unicode \d as upstream
 _WS_ANSWER_RE = re.compile(r"\s*<answer>")
+
+#: Geo-R1 ``test_rec_baseline_eval.py`` ``extract_bbox_answer``: the first box anywhere, floats.
+SFT_BBOX_PATTERN = r"\[(\s*-?\d*\.?\d+\s*),\s*(\s*-?\d*\.?\d+\s*),\s*(\s*-?\d*\.?\d+\s*),\s*(\s*-?\d*\.?\d+\s*)\]"
+#: A fenced json block (DOTALL), its content read stripped: VLM-R1's ``odLength`` reward reads the last one
+#: (``re.findall``), Geo-R1's ``test_ovd_nwpu_eval.py`` the first (``re.search``). Upstream writes the latter
+#: with ``\s*`` around a lazy group, which captures exactly this group stripped (the tests compare both).
+FENCED_JSON_PATTERN = r"```json(.*?)```"
+#: Geo-R1 ``test_ovd_nwpu_eval.py`` without a fenced block: the greedy list over the whole response.
+OVD_LIST_PATTERN = r"(\[[\s\S]*\])"
+#: The opening of a code fence in any language (three backticks, then ``json`` or another tag, or none).
+FENCE_OPEN_PATTERN = r"```[A-Za-z]*"
 
 _NUM = r"(-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))"
 _BOX_RE = re.compile(r"\[\s*" + r"\s*,\s*".join([_NUM] * 4) + r"\s*\]")
 _LABEL_RE = re.compile(r'"label"\s*:\s*"((?:[^"\\]|\\.)*)"', re.DOTALL)
-_FENCE_RE = re.compile(r"^```[A-Za-z]*\s*|\s*```$")
+_FENCE_RE = re.compile(r"^" + FENCE_OPEN_PATTERN + r"\s*|\s*```$")
+_SFT_BBOX_RE = re.compile(SFT_BBOX_PATTERN)
+_FENCED_JSON_RE = re.compile(FENCED_JSON_PATTERN, re.DOTALL)
+_OVD_LIST_RE = re.compile(OVD_LIST_PATTERN)
 #: The words by which a model answers that there is no target, compared lower-cased (an empty list ``[]`` too);
 #: confidence.py finds them in the answer's tokens in the casings models write (``None``, ``null``, ``NONE`` …).
 NONE_WORDS: tuple[str, ...] = ("none", "null")
@@ -274,6 +302,114 @@ def vlm_r1_reward_box(text: str) -> tuple[int, int, int, int] | None:
     except (AttributeError, TypeError, ValueError):
         pass
     return None
+
+
+def sft_baseline_box(text: str) -> tuple[float, float, float, float] | tuple[int, int, int, int]:
+    """Geo-R1's SFT-baseline REC parse, exactly: the FIRST ``[a, b, c, d]`` anywhere in ``text``
+    (:data:`SFT_BBOX_PATTERN`), as floats (signed decimals allowed); ``(0, 0, 0, 0)`` when there is none
+    (or ``text`` is not a str)."""
+    if not isinstance(text, str):
+        return (0, 0, 0, 0)
+    m = _SFT_BBOX_RE.search(text)
+    if not m:
+        return (0, 0, 0, 0)
+    try:
+        x1, y1, x2, y2 = (float(m.group(i)) for i in range(1, 5))
+    except ValueError:  # unreachable for this pattern, kept so the parse never raises
+        return (0, 0, 0, 0)
+    return (x1, y1, x2, y2)
+
+
+def ovd_answer_region(text: str, reasoning: bool) -> str:
+    """The reasoning-mode rule (ours): what an OVD parse reads of a response to the reasoning prompt.
+    Upstream's evaluation prompt has no reasoning, and its parse reads the whole response (the headline
+    numbers do too). With ``reasoning``: the first ``<answer>`` content when there is one, so brackets in
+    the reasoning are not taken for the answer; else the whole response."""
+    if not isinstance(text, str):
+        return ""
+    if reasoning:
+        answer = _first_answer(text)
+        if answer is not None:
+            return answer
+    return text
+
+
+def ovd_eval_boxes(text: str) -> list[list[int]]:
+    """Geo-R1 ``test_ovd_nwpu_eval.py`` ``extract_bboxes_from_response``: boxes ``[x1, y1, x2, y2]`` as
+    ints. Never raises.
+
+    The first fenced json block (:data:`FENCED_JSON_PATTERN`), else the greedy :data:`OVD_LIST_PATTERN`
+    over the whole response, else no boxes; the block, stripped, equal to ``none`` (any case) gives no
+    boxes; ``json.loads`` failing or not giving a list gives no boxes; each item with a ``bbox_2d`` list of
+    4 values becomes ``[int(v) …]`` (an item whose values ``int()`` rejects is skipped). Deviation, only
+    where upstream would crash: items that are not JSON objects are skipped, and so are coordinates
+    ``int()`` cannot convert (``Infinity``).
+    """
+    if not isinstance(text, str):
+        return []
+    match = _FENCED_JSON_RE.search(text) or _OVD_LIST_RE.search(text)
+    if not match:
+        return []
+    json_str = match.group(1).strip()
+    if json_str.lower() == "none":
+        return []
+    try:
+        data = json.loads(json_str)
+    except (ValueError, RecursionError):
+        return []
+    if not isinstance(data, list):
+        return []
+    boxes = []
+    for item in data:
+        if not isinstance(item, dict):
+            continue  # upstream: `'bbox_2d' in item` on a non-object raises or misreads; we skip it
+        bbox = item.get("bbox_2d")
+        if "bbox_2d" in item and isinstance(bbox, list) and len(bbox) == 4:
+            try:
+                boxes.append([int(v) for v in bbox])
+            except (ValueError, TypeError, OverflowError):
+                continue
+    return boxes
+
+
+def vlm_r1_od_answer(text: str) -> str | None:
+    """The answer VLM-R1's ``odLength`` reward reads: the LAST ``<answer>(.*?)</answer>`` (``re.findall``,
+    DOTALL), stripped; None when there is none (or ``text`` is not a str)."""
+    if not isinstance(text, str):
+        return None
+    last, pos = None, 0
+    while True:  # re.findall's non-overlapping matches, in linear time
+        i = text.find(_ANSWER_OPEN, pos)
+        if i < 0:
+            break
+        j = text.find(_ANSWER_CLOSE, i + len(_ANSWER_OPEN))
+        if j < 0:
+            break
+        last, pos = text[i + len(_ANSWER_OPEN) : j], j + len(_ANSWER_CLOSE)
+    return None if last is None else last.strip()
+
+
+def vlm_r1_fenced_boxes(answer: str) -> list[list[int]] | None:
+    """The boxes of the LAST fenced json block of ``answer``, as VLM-R1's ``odLength`` reward reads them:
+    a list of ``{"bbox_2d": [4 numbers]}`` (one object counts as a list of one), each box as ints; items
+    without such a box are skipped. None when there is no block or it is not a JSON list or object."""
+    blocks = _FENCED_JSON_RE.findall(answer) if isinstance(answer, str) else []
+    if not blocks:
+        return None
+    try:
+        items = json.loads(blocks[-1].strip())
+    except ValueError:
+        return None
+    if isinstance(items, dict):
+        items = [items]
+    if not isinstance(items, list):
+        return None
+    boxes = []
+    for item in items:
+        bbox = item.get("bbox_2d") if isinstance(item, dict) else None
+        if isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox):
+            boxes.append([int(v) for v in bbox])
+    return boxes
 
 
 def parse_output(text: str, task: str = "rec", reasoning: bool = True) -> ParsedOutput:

@@ -1,4 +1,4 @@
-"""engine/parsing.py on literal model outputs (GEO-R1.md's sample, realistic Qwen2.5-VL text, junk)."""
+"""geo_r1_qgis/core/rules/parsing.py on literal model outputs (GEO-R1.md's sample, realistic Qwen2.5-VL text, junk)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,13 @@ from geo_r1_qgis.core.rules.parsing import (
     ParseStatus,
     format_ok,
     geo_r1_eval_box,
+    ovd_answer_region,
+    ovd_eval_boxes,
     parse_output,
+    sft_baseline_box,
+    vlm_r1_fenced_boxes,
+    vlm_r1_od_answer,
+    vlm_r1_reward_box,
 )
 
 S = ParseStatus
@@ -518,6 +524,137 @@ def test_linear_scans_equal_the_upstream_regexes() -> None:
 @pytest.mark.parametrize("text", [None, 5, b"<answer>{[1, 2, 3, 4]}</answer>"])
 def test_geo_r1_eval_box_non_string(text: object) -> None:
     assert geo_r1_eval_box(text) == (0, 0, 0, 0)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The evaluations' and the rewards' parses (Geo-R1's and VLM-R1's, exactly)
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "box"),
+    [
+        ('```json\n[\n\t{"bbox_2d": [12, 34, 56, 78]}\n]\n```', (12.0, 34.0, 56.0, 78.0)),
+        ("[ -1.5, 2, .3 , 4] and then [1, 2, 3, 4]", (-1.5, 2.0, 0.3, 4.0)),  # the first, signed decimals
+        ("<think>x</think><answer>[1,2,3,4]</answer>", (1.0, 2.0, 3.0, 4.0)),  # anywhere, no braces needed
+        ("None", (0, 0, 0, 0)),
+        ("[1, 2, 3]", (0, 0, 0, 0)),
+        ("[1, 2, 3, 4, 5]", (0, 0, 0, 0)),
+        (None, (0, 0, 0, 0)),
+    ],
+)
+def test_sft_baseline_box(text: object, box: tuple[float, ...]) -> None:
+    got = sft_baseline_box(text)  # type: ignore[arg-type]
+    assert got == box
+    if box != (0, 0, 0, 0):
+        assert all(isinstance(v, float) for v in got)
+
+
+OVD_FENCED = (
+    '```json\n[\n    {"bbox_2d": [10, 20, 30, 40], "label": "ship"},\n'
+    '    {"bbox_2d": [50, 60, 70, 80], "label": "ship"}\n]\n```'
+)
+OVD_LATER = '```json\n[{"bbox_2d": [1, 2, 3, 4]}]\n```'
+
+
+@pytest.mark.parametrize(
+    ("text", "boxes"),
+    [
+        (OVD_FENCED, [[10, 20, 30, 40], [50, 60, 70, 80]]),
+        ("Here: " + OVD_FENCED + " and again " + OVD_LATER, [[10, 20, 30, 40], [50, 60, 70, 80]]),  # the first block
+        ('[{"bbox_2d": [1, 2, 3, 4], "label": "ship"}]', [[1, 2, 3, 4]]),  # no fence: the greedy list
+        ('I see [{"bbox_2d": [1, 2, 3, 4]}] and [5]', []),  # the greedy list spans both: invalid JSON
+        ("None", []),
+        ("```json\nNone\n```", []),
+        ("```json\nnone\n```", []),
+        ('```json\n{"bbox_2d": [1, 2, 3, 4]}\n```', []),  # not a list
+        ('```json\n[{"bbox_2d": [1.7, 2.2, "30", 40]}]\n```', [[1, 2, 30, 40]]),  # int() of each value
+        ('```json\n[{"bbox_2d": [1, 2, 3]}, {"box": [1, 2, 3, 4]}, {"bbox_2d": [5, 6, 7, 8]}]\n```', [[5, 6, 7, 8]]),
+        ('```json\n[{"bbox_2d": [1, 2, "x", 4]}, {"bbox_2d": [null, 2, 3, 4]}]\n```', []),  # int() rejects
+        ('```json\n["bbox_2d", 3, {"bbox_2d": [1, 2, 3, 4]}]\n```', [[1, 2, 3, 4]]),  # non-objects skipped
+        ('```json\n[{"bbox_2d": [Infinity, 2, 3, 4]}]\n```', []),
+        ("", []),
+        (None, []),
+    ],
+)
+def test_ovd_eval_boxes(text: object, boxes: list[list[int]]) -> None:
+    assert ovd_eval_boxes(text) == boxes
+
+
+def test_ovd_answer_region() -> None:
+    text = "<think>the list [a, b] is not JSON</think> <answer>" + OVD_FENCED + "</answer>"
+    assert ovd_answer_region(text, reasoning=True) == OVD_FENCED
+    assert ovd_answer_region(text, reasoning=False) == text
+    assert ovd_answer_region("<think>x</think> None", reasoning=True) == "<think>x</think> None"
+    assert ovd_eval_boxes(ovd_answer_region(text, True)) == [[10, 20, 30, 40], [50, 60, 70, 80]]
+
+
+def test_ovd_whole_response_parse_with_brackets_in_the_reasoning() -> None:
+    """Geo-R1's OVD parse reads the whole response: with a fenced block in the answer, brackets in the
+    reasoning do not matter; without one, the greedy list starts at the reasoning's first bracket."""
+    fenced = "<think> I see [two] ships. </think> <answer>" + OVD_FENCED + "</answer>"
+    assert ovd_eval_boxes(fenced) == [[10, 20, 30, 40], [50, 60, 70, 80]]
+    bare = '<think> the ship at [5, 5] is small </think> <answer>[{"bbox_2d": [1, 2, 3, 4]}]</answer>'
+    assert ovd_eval_boxes(bare) == []  # Geo-R1's rule: '[5, 5] … [{…}]' is not JSON
+    assert ovd_eval_boxes(ovd_answer_region(bare, reasoning=True)) == [[1, 2, 3, 4]]  # the reasoning-mode rule
+
+
+def test_reward_box_is_the_first_box_of_the_first_answer() -> None:
+    text = "<think>[9, 9, 9, 9]</think><answer>[1, 2, 3, 4] then [5, 6, 7, 8]</answer><answer>[0, 0, 1, 1]</answer>"
+    assert vlm_r1_reward_box(text) == (1, 2, 3, 4)
+    assert vlm_r1_reward_box("<answer>none</answer>") is None
+    assert vlm_r1_reward_box("[1, 2, 3, 4]") is None  # outside any answer
+    assert vlm_r1_reward_box("<answer>[1, 2, 3, 4]") is None  # unterminated
+
+
+def test_od_answer_is_the_last_answer_stripped() -> None:
+    assert vlm_r1_od_answer("<answer> None </answer> x <answer>\n[1]\n</answer>") == "[1]"
+    assert vlm_r1_od_answer("<answer>a</answer><answer>b") == "a"  # the unterminated one is no answer
+    assert vlm_r1_od_answer("<answer><answer>a</answer>") == "<answer>a"  # findall's first match starts early
+    assert vlm_r1_od_answer("<answer></answer>") == ""
+    assert vlm_r1_od_answer("no answer") is None
+    assert vlm_r1_od_answer(None) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("answer", "boxes"),
+    [
+        ('```json\n[{"bbox_2d": [1, 2, 3, 4]}]\n``` then ```json\n[{"bbox_2d": [5, 6, 7, 8]}]\n```', [[5, 6, 7, 8]]),
+        ('```json\n{"bbox_2d": [1.9, 2, 3, 4]}\n```', [[1, 2, 3, 4]]),  # one object: a list of one, int()
+        ('```json\n[{"bbox_2d": [1, 2, "3", 4]}, {"bbox_2d": [1, 2, 3]}, 7, {"bbox_2d": [0, 0, 9, 9]}]```',
+         [[0, 0, 9, 9]]),  # items without 4 numbers are skipped
+        ("```json\n[]\n```", []),
+        ("```json\nNone\n```", None),  # not JSON
+        ('```json\n"x"\n```', None),  # neither a list nor an object
+        ('[{"bbox_2d": [1, 2, 3, 4]}]', None),  # no fence
+        ("```\n[]\n```", None),  # a fence that is not json
+    ],
+)
+def test_od_fenced_boxes_read_the_last_block(answer: str, boxes: list[list[int]] | None) -> None:
+    assert vlm_r1_fenced_boxes(answer) == boxes
+
+
+def test_fenced_json_pattern_is_upstreams_for_both_readers() -> None:
+    """One fenced-json pattern serves both upstream readers: Geo-R1's OVD evaluation, which writes it
+    ``\\s*`` around a lazy group (its group is ours stripped), and VLM-R1's reward, which writes ours;
+    the answer scans equal ``re.findall`` of the answer pattern."""
+    eval_fence = re.compile(r"```json\s*([\s\S]*?)\s*```")  # test_ovd_nwpu_eval.py, literally
+    ours = re.compile(parsing.FENCED_JSON_PATTERN, re.DOTALL)
+    answers = re.compile(parsing.EVAL_ANSWER_PATTERN, re.DOTALL)
+    alphabet = ["`", "```", "```json", "json", " ", "\n", "\t", "\u3000", "\x1c", "[", "]", "{", "}", "a",
+                "<answer>", "</answer>", "None"]  # fmt: skip
+    rng = random.Random(7)
+    hits = 0
+    for _ in range(20000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14)))
+        a, b = eval_fence.search(text), ours.search(text)
+        assert (a is None) == (b is None), text
+        if a is not None and b is not None:
+            assert a.group(1).strip() == b.group(1).strip(), text
+            hits += 1
+        found = answers.findall(text)
+        assert vlm_r1_od_answer(text) == (found[-1].strip() if found else None), text
+    assert hits >= 1000  # the corpus has fenced blocks
 
 
 # ---------------------------------------------------------------------------------------------------
