@@ -206,6 +206,8 @@ class EngineHttp(QObject):
             req.setRawHeader(b"Authorization", ("Bearer " + token).encode("ascii"))
         if method == "GET":
             reply = self.nam.get(req)
+        elif method == "DELETE":
+            reply = self.nam.deleteResource(req)
         else:
             req.setHeader(QNetworkRequest.KnownHeaders.ContentTypeHeader, "application/json")
             reply = self.nam.post(req, QByteArray(json.dumps(body if body is not None else {}).encode("utf-8")))

@@ -29,6 +29,7 @@ from qgis.PyQt.QtWidgets import (
 
 from .core.checkpoints import KNOWN_MODELS, processor_for
 from .core.errors import GeoR1Error
+from .core.finetune import adapter_summary, read_adapter_manifest
 from .engine_process import (
     CRASHED,
     EXTERNAL,
@@ -321,8 +322,10 @@ class EngineWidget(QWidget):
         self.adapter_combo.clear()
         self.adapter_combo.addItem(BASE_MODEL_ITEM, None)
         for name, path in sorted((payload.get("available") or {}).items()):
-            self.adapter_combo.addItem(name, name)
-            self.adapter_combo.setItemData(self.adapter_combo.count() - 1, str(path), Qt.ItemDataRole.ToolTipRole)
+            summary = adapter_summary(read_adapter_manifest(path))  # its metrics, from its geo_r1_adapter.json
+            self.adapter_combo.addItem(f"{name}: {summary}" if summary else name, name)
+            self.adapter_combo.setItemData(self.adapter_combo.count() - 1, f"{path}\n{summary}".strip(),
+                                           Qt.ItemDataRole.ToolTipRole)  # fmt: skip
         active = payload.get("active")
         index = self.adapter_combo.findData(active) if active else 0
         self.adapter_combo.setCurrentIndex(max(0, index))

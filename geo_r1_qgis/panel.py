@@ -2,7 +2,8 @@
 
 View › Panels › Geo-R1, or the toolbar button. Inputs (raster, expression with history, mode, area,
 ground resolution, tile size and overlap, the output GeoPackage), the engine line, Run / Cancel / Resume
-with one progress bar, and the list of every run since QGIS started. A run is a
+with one progress bar, the list of every run since QGIS started, and the Fine-tune section
+(:class:`~geo_r1_qgis.finetune_widget.FinetuneWidget`: train an adapter on annotations, watch it, use it). A run is a
 :class:`~geo_r1_qgis.run_task.GroundingTask`; its detections are drawn as each engine request is
 committed to the GeoPackage, and the final, merged layer replaces them when the run is done. A cancelled
 or failed run keeps what it found (its per-tile layer from the GeoPackage) and can be resumed.
@@ -394,6 +395,7 @@ class GeoR1Dock(QgsDockWidget):
         self.results.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.results.customContextMenuRequested.connect(self._results_context_menu)
         outer.addWidget(self.results, 1)
+        self._finetune_section(body, outer)
         # the contents scroll inside the dock: however long a message or small the screen, the dock asks for no
         # more room than a scroll area does, so Run, Resume and the results stay reachable
         scroll = QScrollArea(self)
@@ -404,6 +406,25 @@ class GeoR1Dock(QgsDockWidget):
         self.scroll_area = scroll
         self.setWidget(scroll)
         self._area_changed()
+
+    def _finetune_section(self, body: QWidget, outer: QVBoxLayout) -> None:
+        """The Fine-tune section (folded): train an adapter on an annotation GeoPackage, watch it, use it."""
+        from .finetune_widget import FinetuneWidget
+
+        group = QgsCollapsibleGroupBox("Fine-tune", body)
+        group_layout = QVBoxLayout(group)
+        manager = getattr(self.engine_box, "manager", None)
+        engine_widget = self.engine_box if hasattr(self.engine_box, "fill_adapters") else None
+        self.finetune = FinetuneWidget(manager, engine_widget=engine_widget, parent=group)
+        group_layout.addWidget(self.finetune)
+        group.setCollapsed(not self.finetune.record and self.finetune.watcher is None)
+        outer.addWidget(group)
+        self.finetune_group = group
+
+    def set_annotation_file(self, path: str | Path) -> None:
+        """Fine-tune on the annotation GeoPackage ``path`` (the annotation dock calls it): the section unfolds."""
+        self.finetune.set_annotation_file(path)
+        self.finetune_group.setCollapsed(False)
 
     def _engine_line(self, parent: QWidget) -> QWidget:
         """The engine widget (start/stop/model/adapters) when available, else a status line."""

@@ -64,6 +64,14 @@ class PluginSettings:
     keep_engine_running: bool = False
     #: the interpreter the setup dialog builds the engine venv with (empty: search for one)
     setup_python: str = ""
+    # -- fine-tuning from the panel
+    #: the id of the engine's fine-tune job the panel watches (kept across closing the panel and QGIS)
+    finetune_job: str = ""
+    #: the annotation GeoPackage last fine-tuned on
+    finetune_annotations: str = ""
+    #: the annotation GeoPackage the annotation dock writes (empty: ``<project dir>/geo_r1_annotations.gpkg``,
+    #: else ``<home>/geo_r1_annotations.gpkg``); chosen once in the dock, remembered here
+    annotation_gpkg: str = ""
 
     def __post_init__(self) -> None:
         if not self.engine_url.startswith(("http://", "https://")):
@@ -88,6 +96,13 @@ class PluginSettings:
             return Path(self.output_gpkg)
         base = Path(project_dir) if project_dir else Path.home()
         return base / "geo_r1_results.gpkg"
+
+    def default_annotations(self, project_dir: str | None = None) -> Path:
+        """The annotation GeoPackage: the one chosen, else beside the project, else in the home folder."""
+        if self.annotation_gpkg:
+            return Path(self.annotation_gpkg)
+        base = Path(project_dir) if project_dir else Path.home()
+        return base / "geo_r1_annotations.gpkg"
 
     # -- persistence ---------------------------------------------------------------------------
     @classmethod

@@ -21,9 +21,10 @@ Layout of one file (it may hold many runs)
     window in raster pixels, written time. **This table is the record of progress.**
 ``geo_r1_runs`` (no geometry; :data:`RUNS_FIELDS`)
     One row per run: run_id, layer, status (``running``, ``done``, ``canceled``, ``interrupted``,
-    ``failed``), expression, mode, the parameters as JSON (:func:`run_parameters`; a resumed run must
-    match them exactly), the raster (path, CRS WKT, size, transform), the output CRS, the engine's
-    ``/info`` as JSON, started / finished times (ISO 8601 text, UTC, milliseconds) and the summary as JSON.
+    ``failed``), expression, mode, the parameters as JSON (:func:`run_parameters`, with the engine's active
+    adapter added by :func:`with_adapter`; a resumed run must match them exactly), the raster (path, CRS WKT,
+    size, transform), the output CRS, the engine's ``/info`` as JSON, started / finished times (ISO 8601 text,
+    UTC, milliseconds) and the summary as JSON.
 
 Field types are OGR's (``String``, ``Real``, ``Integer`` (32-bit), ``Integer64``, ``DateTime``);
 both writers create them so, and GDAL stores them as SQLite ``TEXT``, ``REAL``, ``MEDIUMINT``,
@@ -122,6 +123,7 @@ __all__ = [
     "read_raw_detections",
     "run_parameters",
     "tile_outline",
+    "with_adapter",
 ]
 
 log = logging.getLogger(__name__)
@@ -310,6 +312,18 @@ def canonical_raster_path(text: str | Path) -> str:
     """How a run records its raster: a local file as its absolute, resolved path; a GDAL path unchanged."""
     text = str(text)
     return text if is_gdal_path(text) else str(Path(text).resolve())
+
+
+def with_adapter(parameters: Mapping[str, Any], engine: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters with ``"adapter"``: the LoRA adapter the engine answered with (its ``/info``'s active
+    adapter's name), so every results layer says which adapter produced it, and a run is resumed only with the
+    same adapter. The base model adds no key: a run on it keeps the parameters older files recorded (and resumes
+    from them)."""
+    params = dict(parameters)
+    adapter = engine.get("adapter") if isinstance(engine, Mapping) else None
+    if adapter:
+        params["adapter"] = str(adapter)
+    return params
 
 
 def parameters_json(parameters: Mapping[str, Any]) -> str:
@@ -738,7 +752,7 @@ class GeoPackageRun:
         if not path.parent.exists():
             raise OutputError(f"the folder of {path} does not exist; create it first")
         layers = list_tables(path)
-        params_json = parameters_json(parameters)
+        params_json = parameters_json(with_adapter(parameters, engine))
         meta = run_meta(expression, mode, engine)
         if resume:
             runs = [r for r in find_runs(path) if r.parameters == params_json and (layer is None or r.layer == layer)]

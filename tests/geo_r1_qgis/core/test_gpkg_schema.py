@@ -43,6 +43,7 @@ from geo_r1_qgis.core.gpkg_schema import (
     now_utc,
     parameters_json,
     run_parameters,
+    with_adapter,
 )
 from geo_r1_qgis.core.merge import Detection
 from geo_r1_qgis.core.pipeline import GroundingJob, MapDetection, RunSummary
@@ -314,6 +315,27 @@ def test_resume_finds_the_run_with_the_same_parameters_only(tmp_path, caplog):
     with pytest.raises(OutputError, match="already complete"):
         open_run(out, resume=True, parameters={"p": 1})
     assert [r.status for r in find_runs(out)] == ["done", "running"]
+
+
+def test_the_engines_adapter_is_a_run_parameter_and_resume_needs_the_same_one(tmp_path, caplog):
+    out = tmp_path / "o.gpkg"
+
+    def opened(adapter, resume=False):
+        return GeoPackageRun.open_run(out, writer=SqlWriter(), expression="all tanks", mode="all", parameters={"p": 1},
+                                      raster={"path": "/x.tif", "width": 10, "height": 10},
+                                      engine={"model": "tiny", "adapter": adapter}, crs=SameCrs(WKT),
+                                      resume=resume)  # fmt: skip
+
+    tuned = opened("tanks_grpo")
+    base = opened(None)
+    recorded = {r.run_id: json.loads(r.parameters) for r in find_runs(out)}
+    assert recorded[tuned.run_id] == {"p": 1, "adapter": "tanks_grpo"}
+    assert recorded[base.run_id] == {"p": 1}, "the base model adds no key: older files' runs still resume"
+    assert opened("tanks_grpo", resume=True).run_id == tuned.run_id
+    assert opened(None, resume=True).run_id == base.run_id
+    other = opened("other", resume=True)
+    assert other.run_id not in (tuned.run_id, base.run_id) and "nothing to resume" in caplog.text
+    assert with_adapter({"p": 1}, {"adapter": ""}) == {"p": 1}
 
 
 def test_an_answer_layer_already_written_is_not_written_twice(tmp_path):
