@@ -23,6 +23,7 @@ import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from geo_r1_qgis.core.errors import ConfigError
+from geo_r1_qgis.core.geometry import box_area, intersection_area  # continuous areas, defined once
 from geo_r1_qgis.core.rules.coords import QWEN25_MAX_PIXELS, QWEN25_MIN_PIXELS, QWEN_FACTOR
 
 #: Qwen2.5-VL's frame (patch 14 x merge 2) and pixel bounds, from their one home (rules/coords): a chip outside
@@ -57,16 +58,6 @@ def check_chip_size(size: object, option: str = "--chip") -> int:
     if size * size > MAX_PIXELS:
         raise ConfigError(f"{option} {size} gives more than {MAX_PIXELS} pixels, which the model resizes; use <= 3584")
     return size
-
-
-def box_area(box: Sequence[float]) -> float:
-    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
-
-
-def intersection_area(a: Sequence[float], b: Sequence[float]) -> float:
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    return w * h if w > 0 and h > 0 else 0.0
 
 
 def overlaps(a: Sequence[float], b: Sequence[float]) -> bool:

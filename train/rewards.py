@@ -10,8 +10,8 @@ are those the trainer builds from the dataset (``train/data_format.py``):
 
 The rules themselves live once, in ``geo_r1_qgis.core.rules``: the format regex (``parsing.format_ok``), what
 the rewards read (``parsing.vlm_r1_reward_box``; ``parsing.vlm_r1_od_answer`` and ``vlm_r1_fenced_boxes``),
-Geo-R1's IoU (``coords.geo_r1_iou``) and Qwen's ``smart_resize`` (``coords.model_input_size``, which equals
-``image_grid_thw[1:] * 14``).
+Geo-R1's IoU (``coords.geo_r1_iou``) and VLM-R1's ``resize_bbox`` out of Qwen's ``smart_resize`` frame
+(``coords.rescale_to_image``; that frame, ``coords.model_input_size``, equals ``image_grid_thw[1:] * 14``).
 
 Total reward = format + metric, unweighted (maximum 2), as in GEO-R1.md.
 """
@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from geo_r1_qgis.core.rules.coords import geo_r1_iou, model_input_size
+from geo_r1_qgis.core.rules.coords import geo_r1_iou, rescale_to_image
 from geo_r1_qgis.core.rules.parsing import format_ok, vlm_r1_fenced_boxes, vlm_r1_od_answer, vlm_r1_reward_box
 
 RewardFn = Callable[..., list[float]]
@@ -39,16 +39,6 @@ def completion_text(completion: Any) -> str:
     if isinstance(content, list):  # content parts
         return "".join(p.get("text", "") for p in content if isinstance(p, dict))
     return content if isinstance(content, str) else ""
-
-
-def rescale_to_image(box: Sequence[float], image_size: Sequence[int]) -> tuple[float, float, float, float]:
-    """VLM-R1's ``resize_bbox``: from the model's frame (after ``smart_resize``) to original pixels.
-
-    The identity when the image's sides are multiples of 28 (our chips); no clipping, no rounding.
-    """
-    iw, ih = int(image_size[0]), int(image_size[1])
-    mw, mh = model_input_size((iw, ih))
-    return (box[0] / mw * iw, box[1] / mh * ih, box[2] / mw * iw, box[3] / mh * ih)
 
 
 # --------------------------------------------------------------------------------------------------

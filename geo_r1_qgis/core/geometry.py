@@ -17,6 +17,9 @@ Conventions
   last) and oriented **counter-clockwise** in map coordinates (``x`` east, ``y`` north), as OGC
   Simple Features and GeoJSON (RFC 7946) want for exterior rings, whatever the sign of the
   raster's determinant.
+* Box areas, intersections and IoU here are **continuous** (:func:`continuous_iou`: areas of the boxes
+  as drawn, no +1 pixel). Geo-R1's own inclusive-pixel IoU, for numbers that must match the paper's, is
+  :func:`geo_r1_qgis.core.rules.coords.geo_r1_iou`; each is defined once.
 """
 
 from __future__ import annotations
@@ -36,8 +39,11 @@ __all__ = [
     "Ring",
     "Tile",
     "TileGridSpec",
+    "box_area",
     "box_to_polygon",
+    "continuous_iou",
     "gsd_to_scale",
+    "intersection_area",
     "make_tile_grid",
     "polygon_to_wkb",
     "polygon_to_wkt",
@@ -198,6 +204,31 @@ class Affine:
 
 
 # --------------------------------------------------------------------------------------------------
+# Continuous box measures (on any (x1, y1, x2, y2) sequence; PixelBox uses them)
+# --------------------------------------------------------------------------------------------------
+
+
+def box_area(box: Sequence[float]) -> float:
+    """The area of ``(x1, y1, x2, y2)``; 0 for an empty or inverted box."""
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
+
+def intersection_area(a: Sequence[float], b: Sequence[float]) -> float:
+    """The area two ``(x1, y1, x2, y2)`` boxes share (touching edges share none)."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def continuous_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of the boxes' continuous areas (no +1 pixel convention), in ``[0, 1]``;
+    0.0 when the union is empty. Geo-R1's inclusive-pixel IoU is ``rules.coords.geo_r1_iou``."""
+    inter = intersection_area(a, b)
+    union = box_area(a) + box_area(b) - inter
+    return inter / union if union > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------------
 # PixelBox
 # --------------------------------------------------------------------------------------------------
 
@@ -268,15 +299,12 @@ class PixelBox:
         return None
 
     def intersection_area(self, other: PixelBox) -> float:
-        w = min(self.x2, other.x2) - max(self.x1, other.x1)
-        h = min(self.y2, other.y2) - max(self.y1, other.y1)
-        return w * h if w > 0 and h > 0 else 0.0
+        """:func:`intersection_area` of the two boxes."""
+        return intersection_area(self.as_tuple(), other.as_tuple())
 
     def iou(self, other: PixelBox) -> float:
-        """Intersection over union, continuous (no +1 pixel convention), in ``[0, 1]``."""
-        inter = self.intersection_area(other)
-        union = self.area + other.area - inter
-        return inter / union if union > 0 else 0.0
+        """:func:`continuous_iou` of the two boxes (no +1 pixel convention), in ``[0, 1]``."""
+        return continuous_iou(self.as_tuple(), other.as_tuple())
 
     def union(self, other: PixelBox) -> PixelBox:
         """The smallest box holding both."""

@@ -137,7 +137,7 @@ def _same_object(
 ) -> bool:
     inter = p.box.intersection_area(q.box)
     if inter > 0.0:
-        if p.box.iou(q.box) >= iou_threshold:  # the continuous IoU, defined once (PixelBox.iou)
+        if p.box.iou(q.box) >= iou_threshold:  # the continuous IoU, defined once (geometry.continuous_iou)
             return True
         if inter / min(p.box.area, q.box.area) >= containment_threshold:
             return True

@@ -14,7 +14,10 @@ Conventions
 * Boxes are ``(x1, y1, x2, y2)`` in continuous pixel coordinates: (0, 0) is the top-left corner of the
   top-left pixel and (W, H) the bottom-right corner of the image, so clipping is to [0, W] x [0, H].
 * :func:`geo_r1_iou` is the inclusive-pixel IoU of VLM-R1's reward and Geo-R1's evaluation, kept exactly
-  (it is not the continuous-area IoU; use it where numbers must match the paper's).
+  (it is not the continuous-area IoU, ``geometry.continuous_iou``; use it where numbers must match the paper's).
+* Every rescale between frames is ``x / from_width * to_width`` (VLM-R1's ``resize_bbox`` arithmetic), written
+  once in :func:`_scale`: :func:`rescale_to_image` (the reward's, unclipped), :func:`model_to_image_box`
+  (clipped, for the map) and :func:`image_to_model_box` (the inverse).
 
 Differences from upstream (deliberate)
 --------------------------------------
@@ -47,6 +50,7 @@ __all__ = [
     "image_to_model_box",
     "model_input_size",
     "model_to_image_box",
+    "rescale_to_image",
     "smart_resize",
 ]
 
@@ -114,6 +118,15 @@ def _corners(box: Any) -> tuple[float, float, float, float]:
     return (float(x1), float(y1), float(x2), float(y2))
 
 
+def _scale(
+    corners: tuple[float, float, float, float], from_size: Sequence[float], to_size: Sequence[float]
+) -> tuple[float, float, float, float]:
+    """The one rescale: each x divided by the ``from`` width and multiplied by the ``to`` width (y alike)."""
+    x1, y1, x2, y2 = corners
+    (fw, fh), (tw, th) = from_size, to_size
+    return (x1 / fw * tw, y1 / fh * th, x2 / fw * tw, y2 / fh * th)
+
+
 def _check_size(name: str, size: Sequence[float]) -> tuple[float, float]:
     try:
         w, h = size
@@ -150,9 +163,9 @@ def model_to_image_box(
     x1, y1, x2, y2 = _corners(box)
     if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
         return None
-    sx, sy = iw / mw, ih / mh
-    xa, xb = sorted((x1 * sx, x2 * sx))
-    ya, yb = sorted((y1 * sy, y2 * sy))
+    x1, y1, x2, y2 = _scale((x1, y1, x2, y2), (mw, mh), (iw, ih))
+    xa, xb = sorted((x1, x2))
+    ya, yb = sorted((y1, y2))
     xa, xb = max(0.0, xa), min(iw, xb)
     ya, yb = max(0.0, ya), min(ih, yb)
     if xb <= xa or yb <= ya:
@@ -171,9 +184,16 @@ def image_to_model_box(
     """
     iw, ih = _check_size("image_size", image_size)
     mw, mh = _check_size("model_size", model_size)
-    x1, y1, x2, y2 = _corners(box)
-    sx, sy = mw / iw, mh / ih
-    return (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
+    return _scale(_corners(box), (iw, ih), (mw, mh))
+
+
+def rescale_to_image(box: Sequence[float], image_size: Sequence[int]) -> tuple[float, float, float, float]:
+    """VLM-R1's ``resize_bbox``: a box the model wrote for an image of ``image_size`` (``(width, height)``),
+    from the model's frame (:func:`model_input_size`) to the image's pixels. No clipping, rounding or
+    reordering; the identity when the image's sides are multiples of 28. The corners are used as given
+    (ints stay ints until the division, as upstream)."""
+    iw, ih = int(image_size[0]), int(image_size[1])
+    return _scale((box[0], box[1], box[2], box[3]), model_input_size((iw, ih)), (iw, ih))
 
 
 def geo_r1_iou(a: Sequence[int], b: Sequence[int]) -> float:

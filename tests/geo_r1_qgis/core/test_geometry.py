@@ -14,9 +14,12 @@ from geo_r1_qgis.core.geometry import (
     Affine,
     PixelBox,
     TileGridSpec,
+    box_area,
     box_to_polygon,
+    continuous_iou,
     degrees_per_metre,
     gsd_to_scale,
+    intersection_area,
     make_tile_grid,
     polygon_to_wkb,
     polygon_to_wkt,
@@ -198,6 +201,19 @@ def test_pixelbox_rejects_empty_or_inverted(coords):
 def test_iou_table(a, b, iou):
     assert math.isclose(PixelBox(*a).iou(PixelBox(*b)), iou, abs_tol=1e-15)
     assert math.isclose(PixelBox(*b).iou(PixelBox(*a)), iou, abs_tol=1e-15)
+    # the one continuous IoU: PixelBox's is the tuple function's, exactly
+    assert continuous_iou(a, b) == PixelBox(*a).iou(PixelBox(*b))
+    assert intersection_area(a, b) == PixelBox(*a).intersection_area(PixelBox(*b))
+
+
+def test_tuple_measures_take_empty_and_inverted_boxes():
+    assert box_area((0, 0, 4, 3)) == 12.0
+    assert box_area((4, 0, 0, 3)) == 0.0  # inverted: no area (PixelBox refuses such a box)
+    assert box_area((1, 1, 1, 5)) == 0.0
+    assert intersection_area((0, 0, 4, 4), (4, 0, 8, 4)) == 0.0  # touching edges share none
+    assert intersection_area((0, 0, 4, 4), (3.5, 1, 8, 2)) == 0.5
+    assert continuous_iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0  # empty union
+    assert continuous_iou((0, 0, 10, 10), (9, 0, 20, 10)) == 10 / 200  # Geo-R1's inclusive IoU says 0 here
 
 
 def test_intersection_union_contains():

@@ -1,4 +1,4 @@
-"""engine/coords.py: smart_resize against transformers' own, box rescaling round trips, Geo-R1's IoU."""
+"""geo_r1_qgis/core/rules/coords.py: smart_resize against transformers' own, box rescaling round trips, Geo-R1's IoU."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import pathlib
 import pytest
 
 from geo_r1_qgis.core.errors import ConfigError
+from geo_r1_qgis.core.geometry import continuous_iou
 from geo_r1_qgis.core.rules import coords, parsing, prompts
 from geo_r1_qgis.core.rules.coords import (
     geo_r1_iou,
     image_to_model_box,
     model_input_size,
     model_to_image_box,
+    rescale_to_image,
     smart_resize,
 )
 from geo_r1_qgis.core.rules.parsing import ParsedBox
@@ -195,6 +197,33 @@ def test_round_trip_image_model_image(width: int, height: int, fractions) -> Non
     assert (back.x1, back.y1, back.x2, back.y2) == pytest.approx(box, rel=1e-9, abs=1e-9)
 
 
+def _vlm_r1_resize_bbox(bbox: list, input_height: int, input_width: int, image_height: int, image_width: int) -> list:
+    """VLM-R1's ``resize_bbox`` (``src/open-r1-multimodal/src/open_r1/grpo_jsonl.py``), transcribed."""
+    bbox[0] = bbox[0] / input_width * image_width
+    bbox[1] = bbox[1] / input_height * image_height
+    bbox[2] = bbox[2] / input_width * image_width
+    bbox[3] = bbox[3] / input_height * image_height
+    return bbox
+
+
+@pytest.mark.parametrize(("width", "height"), TILES)
+def test_rescale_to_image_is_vlm_r1_resize_bbox(width: int, height: int) -> None:
+    mw, mh = model_input_size((width, height))
+    for x1, y1, x2, y2 in [(0, 0, mw, mh), (1, 2, 3, 4), (mw // 3, mh // 7, mw - 1, mh - 5), (-4, 5, mw + 9, 2)]:
+        want = _vlm_r1_resize_bbox([x1, y1, x2, y2], mh, mw, height, width)
+        assert rescale_to_image((x1, y1, x2, y2), (width, height)) == tuple(want)  # exactly, not approx
+
+
+@pytest.mark.parametrize(("width", "height"), TILES)
+def test_the_map_and_the_reward_rescale_alike(width: int, height: int) -> None:
+    """One rescale: where nothing is clipped, the map's box is the reward's, to the last bit."""
+    model = model_input_size((width, height))
+    for f in FRACTIONS:
+        box = (f[0] * model[0], f[1] * model[1], f[2] * model[0], f[3] * model[1])
+        got = model_to_image_box(box, model, (width, height))
+        assert got is not None and got.as_tuple() == rescale_to_image(box, (width, height))
+
+
 @pytest.mark.parametrize(("width", "height"), [(512, 512), (800, 800)])
 def test_not_rescaling_drifts_by_one_to_two_percent(width: int, height: int) -> None:
     """Why we rescale: Geo-R1's raw model pixels are off by |W'/W - 1| (GEO-R1.md: 1-2 %)."""
@@ -241,6 +270,7 @@ def test_geo_r1_iou_differs_from_continuous_iou_on_thin_overlaps() -> None:
     # continuous IoU: overlap 1x10 = 10 pixels, union 200, IoU 0.05; Geo-R1: ix1 = ix2 = 9 is not "<"
     a, b = (0, 0, 10, 10), (9, 0, 20, 10)
     assert geo_r1_iou(a, b) == 0.0
+    assert continuous_iou(a, b) == 10 / 200
     # two columns of overlap: both conventions agree on integer boxes
     assert geo_r1_iou((0, 0, 10, 10), (8, 0, 20, 10)) == 20 / 200
 
