@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from geo_r1_qgis.core.errors import ConfigError
+from geo_r1_qgis.core.rules.prompts import TASKS
 
 METHODS = ("sft", "grpo", "dapo")
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
@@ -45,7 +46,9 @@ class TrainConfig:
                   "help": "where the adapter (safetensors) and its manifest go"},
     )  # fmt: skip
     processor: str | None = field(default=None, metadata={"help": "processor source (default: the model)"})
-    task: str = field(default="rec", metadata={"help": "rec (one box) or multi (all boxes, 'None' when none)"})
+    task: str = field(
+        default="rec", metadata={"choices": TASKS, "help": "rec (one box) or multi (all boxes, 'None' when none)"}
+    )
     reasoning: bool | None = field(
         default=None,
         metadata={"action": "boolean",
@@ -121,8 +124,8 @@ class TrainConfig:
         object.__setattr__(self, "reward_funcs", tuple(self.reward_funcs))
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.task not in ("rec", "multi"):
-            raise ConfigError(f"task must be 'rec' or 'multi', got {self.task!r}")
+        if self.task not in TASKS:
+            raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}: 'rec' (one box) or 'multi' (all boxes)")
         if not str(self.model).strip():
             raise ConfigError("model is empty: pass --model with a Hugging Face id or a local directory")
         positive = ("lora_r", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps",

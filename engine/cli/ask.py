@@ -16,6 +16,7 @@ from pathlib import Path
 from engine.cli.options import add_config_arguments, config_from_args
 from engine.runtime.loading import parse_adapters
 from geo_r1_qgis.core.errors import ConfigError, RasterError
+from geo_r1_qgis.core.rules.prompts import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class AskConfig:
     )  # fmt: skip
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
-    task: str = field(default="multi", metadata={"choices": ("rec", "multi"), "help": "one box (rec) or all (multi)"})
+    task: str = field(default="multi", metadata={"choices": TASKS, "help": "one box (rec) or all (multi)"})
     reasoning: bool = field(
         default=True,
         metadata={"flags": ("--no-reasoning",), "action": "store_false",
@@ -52,8 +53,8 @@ class AskConfig:
             raise ConfigError(f"image {self.image} does not exist: pass the path of a PNG/JPEG/TIFF file")
         if not self.expression.strip():
             raise ConfigError("the expression is empty: describe what to find, e.g. 'the largest storage tank'")
-        if self.task not in ("rec", "multi"):
-            raise ConfigError(f"--task must be 'rec' or 'multi', got {self.task!r}")
+        if self.task not in TASKS:
+            raise ConfigError(f"--task must be one of {TASKS}, got {self.task!r}: rec (one box) or multi (all boxes)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
