@@ -71,8 +71,13 @@ FRAME_NOTE = (
     "chip sides are multiples of 28 within Qwen2.5-VL's pixel bounds, so smart_resize leaves them unchanged: "
     "the model's frame is the image frame and boxes are in chip pixels"
 )
-#: The categories of the sample scenes used by ``dataset synthetic`` and their expressions.
-SYNTHETIC_EXPRESSIONS = {"tank": "storage tank", "building": "building"}
+#: The categories of the sample scenes used by ``dataset synthetic`` and their expressions, in two styles:
+#: ``short`` (the category's name, as Geo-R1's OVD classes) and ``all`` (the sample model's own "all storage
+#: tanks", so a dataset speaks the expressions the shipped model was trained on).
+SYNTHETIC_STYLES = {
+    "short": {"tank": "storage tank", "building": "building"},
+    "all": {"tank": "all storage tanks", "building": "all buildings"},
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1077,30 +1082,61 @@ class SyntheticConfig:
     seed: int = field(default=0, metadata={"help": "random seed of the scenes and the chips"})
     chips_per_box: int = field(default=4, metadata={"help": "chips per annotation"})
     negatives: int = field(default=4, metadata={"help": "negative chips per expression and split"})
-    scene_size: int = field(default=512, metadata={"help": "side of each sample scene in pixels", "cli": False})
+    scene_size: int = field(
+        default=512, metadata={"help": "side of each sample scene in pixels (the sample model's: 1024)"}
+    )
+    categories: tuple[str, ...] = field(
+        default=("tank", "building"),
+        metadata={"help": "the scenes' categories to annotate, comma-separated (tank, building)"},
+    )
+    style: str = field(
+        default="short",
+        metadata={"choices": tuple(SYNTHETIC_STYLES),
+                  "help": "expressions: short ('storage tank', 'building') or all ('all storage tanks', ...)"},
+    )  # fmt: skip
+    test_scenes: int = field(default=1, metadata={"help": "held-out scenes of the test split"})
+    gsd: float | None = field(
+        default=None, metadata={"help": "working ground resolution in metres (default: the scenes' own)"}
+    )
     overwrite: bool = field(default=False, metadata={"help": "replace the dataset folder if it exists"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         _check_int("--shots", self.shots, 1)
         _check_int("--seed", self.seed, 0)
+        _check_int("--test-scenes", self.test_scenes, 1)
         cm.check_chip_size(self.chip)
         from train.sample_data import MAX_SIZE, MIN_SIZE
 
         if not MIN_SIZE <= self.scene_size <= MAX_SIZE:
             raise ConfigError(f"--scene-size must be {MIN_SIZE}..{MAX_SIZE}, got {self.scene_size}")
+        if isinstance(self.categories, str):
+            object.__setattr__(self, "categories", tuple(c.strip() for c in self.categories.split(",") if c.strip()))
+        unknown = [c for c in self.categories if c not in SYNTHETIC_STYLES["short"]]
+        if unknown or not self.categories:
+            raise ConfigError(
+                f"--categories must name some of {', '.join(SYNTHETIC_STYLES['short'])}, got "
+                f"{','.join(self.categories) or 'nothing'}"
+            )
+        if self.style not in SYNTHETIC_STYLES:
+            raise ConfigError(f"--style must be one of {', '.join(SYNTHETIC_STYLES)}, got {self.style!r}")
+        if self.gsd is not None and not (math.isfinite(self.gsd) and self.gsd > 0):
+            raise ConfigError(f"--gsd must be a positive number of metres, got {self.gsd}")
 
 
-def _synthetic_features(scene_dir: Path, raster_rel: str, split: str, created: str) -> list[tuple[Annotation, Any]]:
+def _synthetic_features(
+    scene_dir: Path, raster_rel: str, split: str, created: str, config: SyntheticConfig
+) -> list[tuple[Annotation, Any]]:
     import shapely
 
     truth = json.loads((scene_dir / "utm.objects.geojson").read_text(encoding="utf-8"))
+    expressions = SYNTHETIC_STYLES[config.style]
     items = []
     for feat in truth["features"]:
         category = feat["properties"]["category"]
-        expression = SYNTHETIC_EXPRESSIONS.get(category)
-        if expression is None:
+        if category not in config.categories:
             continue
+        expression = expressions[category]
         ann = Annotation(expression=expression, category=expression, raster=raster_rel, split=split, created=created)
         items.append((ann, shapely.Polygon(feat["geometry"]["coordinates"][0])))
     return items
@@ -1128,7 +1164,7 @@ def build_synthetic(config: SyntheticConfig) -> dict[str, Any]:
             per_scene.update(a.expression for a, _ in scene_items)
             items += scene_items
             scene += 1
-        for split in ("val", "test"):
+        for split in ("val",) + ("test",) * config.test_scenes:
             items += _make_scene(tmp, scene, config, split, created, write_samples, SampleDataConfig)
             scene += 1
         crs = "EPSG:32614"
@@ -1143,6 +1179,7 @@ def build_synthetic(config: SyntheticConfig) -> dict[str, Any]:
             seed=config.seed,
             val_fraction=0.0,
             shots=config.shots,
+            gsd=config.gsd,
         )
         manifest = build_into(tmp, build, kind="synthetic", extra={"synthetic": asdict(config)})
     log.info("synthetic dataset written to %s in %.1f s", config.out_dir, time.perf_counter() - t0)
@@ -1157,7 +1194,7 @@ def _make_scene(tmp: Path, index: int, config: SyntheticConfig, split: str, crea
         for suffix in (".tif", ".objects.geojson"):
             (scene_dir / f"{name}{suffix}").unlink(missing_ok=True)
     (scene_dir / "samples.json").unlink(missing_ok=True)  # it would list the removed rasters
-    return _synthetic_features(scene_dir, f"{rel}/utm.tif", split, created)
+    return _synthetic_features(scene_dir, f"{rel}/utm.tif", split, created, config)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Geo-R1's few-shot claim in miniature, with a model that has a prior (issue 18 §4; BENCHMARKS.md, "Few-shot
+# from the sample model"). The shipped sample model was pretrained on storage tanks only; buildings are the
+# held-out category. For each seed and K, a K-shot "all buildings" set from unseen sample scenes, then three
+# arms from the same start (resources/sample_model) and the same wall-clock budget:
+#   sft   the paper's SFT baseline prompt (no reasoning), the whole budget;
+#   grpo  a short reasoning warm start (SFT), then GRPO for the rest;
+#   dapo  the same warm start, then DAPO for the rest.
+# Each adapter (and the base) is scored by `geo-r1 eval` (COCO mAP / AP50, Geo-R1's OVD metric) on:
+#   new     held-out test scenes of the K-shot set (buildings);
+#   forget  held-out tank scenes ("all storage tanks", what the base model knew);
+#   cross   held-out building scenes read at 0.75 m instead of 0.5 m (a ground resolution training never saw).
+# Then scripts/fewshot_table.py writes OUT/table.md (mean and spread over the seeds).
+# Usage: scripts/bench_fewshot_sample.sh OUT_DIR ["SEEDS"] ["KS"]; knobs: SFT_S, WARM_S, LIMIT, PARALLEL.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-bench-fewshot-sample}
+SEEDS=${2:-"1 2 3"}
+KS=${3:-"1 5 10"}
+export SFT_S=${SFT_S:-150} WARM_S=${WARM_S:-60} LIMIT=${LIMIT:-48} OUT
+PARALLEL=${PARALLEL:-2}
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
+export GEO=$PWD/.venv/bin/geo-r1 MODEL=$PWD/resources/sample_model
+mkdir -p "$OUT"
+COMMON_DATA=(--scene-size 1024 --chip 224 --style all --test-scenes 2 --overwrite)
+# The fixed test sets: seeds 4 and 5 draw scenes 4000+ and 5000+, which neither pretraining (0-199) nor any
+# K-shot set (1000+, 2000+, 3000+) uses.
+[[ -f "$OUT/forget/dataset.json" ]] || $GEO dataset synthetic -o "$OUT/forget" --shots 1 --seed 4 --categories tank "${COMMON_DATA[@]}"
+[[ -f "$OUT/cross/dataset.json" ]] || $GEO dataset synthetic -o "$OUT/cross" --shots 1 --seed 5 --categories building --gsd 0.75 "${COMMON_DATA[@]}"
+
+one() {  # one (seed, K): its data, three arms, three evaluations
+  local seed=$1 k=$2 d="$OUT/s$1-k$2"
+  mkdir -p "$d"
+  {
+    $GEO dataset synthetic -o "$d/data" --shots "$k" --seed "$seed" --categories building \
+      --scene-size 1024 --chip 224 --style all --test-scenes 2 --overwrite
+    local train=(--data "$d/data" --model "$MODEL" --config tiny-learn --task multi --force --threads 1
+                 --max-steps 100000 --eval-limit 0 --seed "$seed" --max-completion-length 160)
+    $GEO train sft "${train[@]}" -o "$d/sft" --learning-rate 5e-3 --max-seconds "$SFT_S"
+    $GEO train sft "${train[@]}" -o "$d/warm" --reasoning --learning-rate 5e-3 --max-seconds "$WARM_S"
+    for rl in grpo dapo; do
+      $GEO train "$rl" "${train[@]}" -o "$d/$rl" --init-adapter "$d/warm" --learning-rate 5e-4 \
+        --per-device-train-batch-size 32 --max-seconds "$(( SFT_S - WARM_S ))"
+    done
+    local arms=(--adapter sft="$d/sft" --adapter grpo="$d/grpo" --adapter dapo="$d/dapo")
+    for set in new forget cross; do
+      local data="$d/data"; [[ $set == new ]] || data="$OUT/$set"
+      $GEO eval --data "$data" --model "$MODEL" --task multi --split test --max-new-tokens 200 \
+        --limit "$LIMIT" --examples 8 -o "$d/eval-$set" "${arms[@]}"
+    done
+  } > "$d/log.txt" 2>&1 && echo "done s$seed k$k" || echo "FAILED s$seed k$k (see $d/log.txt)"
+}
+export -f one
+for s in $SEEDS; do for k in $KS; do echo "$s $k"; done; done | xargs -P "$PARALLEL" -L 1 bash -c 'one $0 $1'
+.venv/bin/python scripts/fewshot_table.py "$OUT" > "$OUT/table.md"
+cat "$OUT/table.md"
