@@ -60,6 +60,8 @@ class GeoR1Plugin:
         self.provider = None
         self.dock = None
         self.toolbar_action: QAction | None = None
+        self.annotation_dock = None
+        self.annotate_action: QAction | None = None
         self.log_handler: MessageLogHandler | None = None
 
     def initProcessing(self) -> None:
@@ -83,12 +85,35 @@ class GeoR1Plugin:
         self.toolbar_action.setToolTip("Geo-R1: find objects by describing them")
         self.iface.addToolBarIcon(self.toolbar_action)
         self.iface.addPluginToRasterMenu(PLUGIN_NAME, self.toolbar_action)
+        self.annotate_action = QAction(_icon(), "Annotate", self.iface.mainWindow())
+        self.annotate_action.setToolTip("Geo-R1: draw boxes on a raster to fine-tune the model")
+        self.annotate_action.triggered.connect(self.annotate)
+        self.iface.addToolBarIcon(self.annotate_action)
+        self.iface.addPluginToRasterMenu(PLUGIN_NAME, self.annotate_action)
         for text, slot in (("Settings…", self.open_settings), ("Set up the engine…", self.open_engine_setup),
                            ("Check the Geo-R1 engine", self.check_engine)):
             action = QAction(_icon(), text, self.iface.mainWindow())
             action.triggered.connect(slot)
             self.iface.addPluginToRasterMenu(PLUGIN_NAME, action)
             self.actions.append(action)
+
+    def annotate(self, raster=None):
+        """Show the annotation dock with its box tool on (over ``raster`` when given); returns the dock."""
+        if self.annotation_dock is None:
+            from .annotation_dock import AnnotationDock
+            from .compat import RIGHT_DOCK
+
+            self.annotation_dock = AnnotationDock(self.iface, parent=self.iface.mainWindow())
+            self.iface.addDockWidget(RIGHT_DOCK, self.annotation_dock)
+        self.annotation_dock.show()
+        self.annotation_dock.raise_()
+        if raster is None:
+            from qgis.core import QgsRasterLayer
+
+            active = self.iface.activeLayer()
+            raster = active if isinstance(active, QgsRasterLayer) else None
+        self.annotation_dock.start_annotating(raster)
+        return self.annotation_dock
 
     def open_settings(self) -> None:
         from .settings_dialog import SettingsDialog
@@ -103,6 +128,15 @@ class GeoR1Plugin:
             self.iface.removeToolBarIcon(self.toolbar_action)
             self.iface.removePluginRasterMenu(PLUGIN_NAME, self.toolbar_action)
             self.toolbar_action = None
+        if self.annotate_action is not None:
+            self.iface.removeToolBarIcon(self.annotate_action)
+            self.iface.removePluginRasterMenu(PLUGIN_NAME, self.annotate_action)
+            self.annotate_action = None
+        if self.annotation_dock is not None:
+            self.annotation_dock.stop_annotating()
+            self.iface.removeDockWidget(self.annotation_dock)
+            self.annotation_dock.deleteLater()
+            self.annotation_dock = None
         if self.dock is not None:
             if self.dock.task is not None:
                 self.dock.task.cancel()
