@@ -43,8 +43,8 @@ from geo_r1_qgis.core.rules.prompts import (
     OVD_TEMPLATE,
     REASONING_INSTRUCTION,
     REASONING_SEPARATOR,
-    REC_QUESTION_PREFIX,
     REC_TEMPLATE,
+    build_prompt,
 )
 
 log = logging.getLogger(__name__)
@@ -123,12 +123,9 @@ CHAT_TEMPLATE = (
     "{% endif %}"
 )
 
-# Geo-R1's prompts, from their one home (geo_r1_qgis.core.rules.prompts); here only in the pieces the tokenizer
-# corpus and --learn-format use (the REC question, its suffix, the reasoning prefix and the OVD template).
-REC_QUESTION = REC_QUESTION_PREFIX + "{expression}"
-REC_SUFFIX = REC_TEMPLATE.format(Question="")
-REASONING_PREFIX = REASONING_INSTRUCTION + REASONING_SEPARATOR
-OVD_PROMPT = OVD_TEMPLATE
+# Geo-R1's prompts come from their one home (geo_r1_qgis.core.rules.prompts): the tokenizer corpus and
+# --learn-format use build_prompt's very text, and the corpus also holds the templates' fixed pieces.
+_PROMPT_PIECES = (REC_TEMPLATE.format(Question=""), REASONING_INSTRUCTION + REASONING_SEPARATOR, OVD_TEMPLATE)
 
 _CATEGORIES = (
     "airplane", "ship", "storage tank", "vehicle", "bridge", "harbor", "tennis court", "basketball court",
@@ -295,13 +292,13 @@ def _box_json(box: list[int], label: str) -> str:
 def _corpus() -> list[str]:
     """The tokenizer's built-in training corpus. Fixed (seed-independent), so every tiny model shares it."""
     rng = random.Random(1234)
-    lines = [REC_SUFFIX, REASONING_PREFIX, OVD_PROMPT, _WORDS, "You are a helpful assistant."]
+    lines = [*_PROMPT_PIECES, _WORDS, "You are a helpful assistant."]
     lines += [" ".join(_WORDS.split()[i : i + 12]) for i in range(0, len(_WORDS.split()), 6)]
     for _ in range(400):
         cat = rng.choice(_CATEGORIES)
         expr = f"the {rng.choice(_ADJECTIVES)} {cat} {rng.choice(_PLACES)}"
-        lines.append(REC_QUESTION.format(expression=expr) + REC_SUFFIX)
-        lines.append(REASONING_PREFIX + OVD_PROMPT.format(category=cat))
+        lines.append(build_prompt(expr, "rec"))
+        lines.append(build_prompt(cat, "multi"))
         lines.append(_answer_text(rng, [(_random_box(rng), cat)], cat, multi=rng.random() < 0.5))
         lines.append(" ".join(str(rng.randint(0, 1000)) for _ in range(8)))
     return lines
@@ -572,10 +569,9 @@ def synthetic_examples(seed: int, sides: tuple[int, ...] = (56, 84, 112)) -> Ite
             draw.rectangle([round(v * scale) for v in box], fill=fill)
         place = _place(*boxes[0][0][:2])
         if multi:
-            prompt = REASONING_PREFIX + OVD_PROMPT.format(category=cat)
+            prompt = build_prompt(cat, "multi")
         else:
-            expr = f"the {rng.choice(_ADJECTIVES)} {cat} {place}"
-            prompt = REC_QUESTION.format(expression=expr) + REC_SUFFIX
+            prompt = build_prompt(f"the {rng.choice(_ADJECTIVES)} {cat} {place}", "rec")
         yield image, prompt, _answer_text(rng, boxes, cat, multi, place)
 
 

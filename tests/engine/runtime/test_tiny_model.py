@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
 from PIL import Image
 
 from engine.runtime.loading import has_torchvision, load_processor
-from engine.runtime.tiny_model import (
-    ADDED_TOKENS,
-    OVD_PROMPT,
-    REASONING_PREFIX,
-    REC_QUESTION,
-    REC_SUFFIX,
-    TinyModelConfig,
-    build_tiny_model,
-)
+from engine.runtime.tiny_model import ADDED_TOKENS, TinyModelConfig, build_tiny_model
 from geo_r1_qgis.core.errors import ConfigError
-
-REC_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?\{.*\[\d+,\s*\d+,\s*\d+,\s*\d+\].*\}.*?</answer>", re.S)
+from geo_r1_qgis.core.rules.parsing import format_ok, parse_output
+from geo_r1_qgis.core.rules.prompts import build_prompt
 
 
 @pytest.fixture(autouse=True)
@@ -169,8 +160,8 @@ def test_learn_format_answers_in_geo_r1_format(tiny_format_model_dir):
     processor = load_processor(str(tiny_format_model_dir))
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_format_model_dir, local_files_only=True).eval()
     prompts = [
-        REC_QUESTION.format(expression="the white storage tank in the top left corner") + REC_SUFFIX,
-        REASONING_PREFIX + OVD_PROMPT.format(category="airplane"),
+        build_prompt("the white storage tank in the top left corner", "rec"),
+        build_prompt("airplane", "multi"),
     ]
     images = [Image.new("RGB", (512, 512), (30, 60, 90)), Image.new("RGB", (512, 512), (60, 30, 20))]
     inputs = processor(text=[_chat(processor, p) for p in prompts], images=images, return_tensors="pt", padding=True)
@@ -178,17 +169,29 @@ def test_learn_format_answers_in_geo_r1_format(tiny_format_model_dir):
         out = model.generate(**inputs, max_new_tokens=120)
     texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     rec = texts[0]
-    assert REC_FORMAT.search(rec), rec
-    boxes = json.loads(re.search(r"<answer>(.*?)</answer>", rec, re.S).group(1))
+    assert format_ok(rec, "rec"), rec  # Geo-R1's REC format reward's regex
+    boxes = json.loads(parse_output(rec, "rec").answer)  # the first <answer>'s content
     x1, y1, x2, y2 = boxes[0]["bbox_2d"]
     assert 0 <= x1 < x2 <= 504 and 0 <= y1 < y2 <= 504, rec
     assert texts[1].startswith("<think>") and '"bbox_2d": [' in texts[1], texts[1]
 
 
 def test_the_tiny_models_prompts_are_the_rules_prompts():
-    """Its corpus and --learn-format prompts come from rules/prompts, byte for byte (no copy of the text)."""
-    from engine.runtime import tiny_model as t
-    from geo_r1_qgis.core.rules.prompts import build_prompt
+    """Its --learn-format prompts are build_prompt's text, byte for byte: neither the text nor how its pieces
+    join is copied."""
+    import itertools
 
-    assert t.REC_QUESTION.format(expression="a tank") + t.REC_SUFFIX == build_prompt("a tank", "rec")
-    assert t.REASONING_PREFIX + t.OVD_PROMPT.format(category="car") == build_prompt("car", "multi")
+    from engine.runtime import tiny_model as t
+
+    head, tail = build_prompt("\x00", "rec").split("\x00")
+    multi = {build_prompt(c, "multi") for c in t._CATEGORIES}
+    seen = set()
+    for _, prompt, _ in itertools.islice(t.synthetic_examples(0), 40):
+        if prompt in multi:
+            seen.add("multi")
+        else:
+            assert prompt.startswith(head) and prompt.endswith(tail), prompt
+            assert build_prompt(prompt[len(head) : -len(tail)], "rec") == prompt
+            seen.add("rec")
+    assert seen == {"rec", "multi"}
+    assert all(piece in t._corpus() for piece in t._PROMPT_PIECES)  # the tokenizer learns the templates' text
