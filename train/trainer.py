@@ -22,6 +22,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -344,8 +345,46 @@ def _prepare_output(config: TrainConfig) -> Path:
     return out
 
 
-def run(config: TrainConfig) -> Path:
-    """Train as ``config`` says; return the adapter directory."""
+def job_callback(cancel_file: Path, progress_file: Path) -> Any:
+    """What a training job of the engine (:mod:`engine.jobs.runner`) hands to :func:`run`: the trainer stops at the
+    end of the step in which ``cancel_file`` appears, saving a checkpoint there first (so the job can resume), and
+    after every step ``progress_file`` says ``{"step", "first_step", "max_steps", "seconds"}`` (written atomically;
+    ``seconds`` since this run's training began, ``first_step`` the step it began at, >0 after a resume)."""
+    import os
+
+    from transformers import TrainerCallback
+
+    class JobControl(TrainerCallback):
+        t0 = 0.0
+        first_step = 0
+
+        def _progress(self, state: Any) -> None:
+            tmp = progress_file.with_name(progress_file.name + ".tmp")
+            tmp.write_text(json.dumps({"step": state.global_step, "first_step": self.first_step,
+                                       "max_steps": state.max_steps,
+                                       "seconds": round(time.monotonic() - self.t0, 3)}), encoding="utf-8")  # fmt: skip
+            os.replace(tmp, progress_file)
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            self.t0 = time.monotonic()
+            self.first_step = state.global_step
+            if state.is_world_process_zero:
+                self._progress(state)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            if state.is_world_process_zero:
+                self._progress(state)
+            if cancel_file.exists():
+                log.warning("cancelled (%s appeared): stopping after step %d", cancel_file.name, state.global_step)
+                control.should_training_stop = True
+                control.should_save = True  # a checkpoint at this step, for a resume
+
+    return JobControl()
+
+
+def run(config: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
+    """Train as ``config`` says; return the adapter directory. ``callbacks``: more transformers
+    ``TrainerCallback``s (an engine job's :func:`job_callback`)."""
     import torch
     from transformers import set_seed
 
@@ -360,11 +399,11 @@ def run(config: TrainConfig) -> Path:
     log.info("%s on %s: %d training records, task %s, reasoning %s", config.method, device, len(dataset),
              config.task, config.uses_reasoning)  # fmt: skip
 
-    callbacks = [_jsonl_callback(out / TRAIN_LOG)]
+    all_callbacks = [_jsonl_callback(out / TRAIN_LOG), *callbacks]
     if config.max_seconds:
-        callbacks.append(_budget_callback(config.max_seconds))
+        all_callbacks.append(_budget_callback(config.max_seconds))
     build = _sft_trainer if config.method == "sft" else _grpo_trainer
-    trainer = build(config, model, processor, dataset, device, out, callbacks)
+    trainer = build(config, model, processor, dataset, device, out, all_callbacks)
     distributed = trainer.accelerator.num_processes > 1
     main_process = trainer.accelerator.is_main_process
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import time
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -140,6 +140,97 @@ class ActiveAdapterIn(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str | None
+
+
+class JobIn(BaseModel):
+    """``POST /jobs``: fine-tune the engine's model on an annotation GeoPackage (a job of its own process)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    annotations: str = Field(
+        min_length=1, description="absolute path of an annotation GeoPackage (layer geo_r1_annotations)"
+    )
+    recipe: Literal["sft", "grpo", "dapo"] = Field(default="grpo", description="train/recipes/<recipe>.yaml")
+    max_steps: int | None = Field(default=None, ge=1, description="optimiser steps (default: the recipe's)")
+    max_seconds: float | None = Field(default=None, gt=0, description="a wall-clock budget for training")
+    gsd: float | None = Field(default=None, gt=0, description="working ground resolution in metres (default: native)")
+    chip: int | None = Field(
+        default=None, description="chip side in pixels, a multiple of 28 (default: the model's tile, else 504)"
+    )
+    name: str | None = Field(default=None, min_length=1, max_length=64, description="default: <file>-<recipe>")
+    init_adapter: str | None = Field(default=None, description="an adapter directory to continue training")
+    eval_limit: int | None = Field(default=None, ge=1, description="score at most this many held-out queries")
+    eval_max_new_tokens: int | None = Field(
+        default=None, ge=1, le=4096, description="generation limit of the evaluation (default: Geo-R1's 256 for rec)"
+    )
+    options: dict[str, Any] | None = Field(
+        default=None, description="more training options, as in a recipe (e.g. {\"learning_rate\": 5e-4})"
+    )
+
+
+class ResumeIn(BaseModel):
+    """``POST /jobs/{id}/resume``: optionally a new budget (steps counted from the start of the job)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    max_steps: int | None = Field(default=None, ge=1)
+    max_seconds: float | None = Field(default=None, gt=0)
+
+
+class JobCurves(BaseModel):
+    """Learning curves from train_log.jsonl, aligned on step; a missing value is null."""
+
+    step: list[int]
+    reward: list[float | None]
+    format: list[float | None]
+    iou: list[float | None]
+    loss: list[float | None]
+
+
+class JobSummary(BaseModel):
+    """A job as ``GET /jobs`` lists it."""
+
+    id: str
+    name: str | None
+    state: Literal["queued", "building", "training", "evaluating", "done", "failed", "cancelled"]
+    recipe: str | None
+    created: str | None
+    started: str | None
+    ended: str | None
+    step: int
+    max_steps: int | None
+    max_seconds: float | None = None
+    elapsed_s: float | None
+    eta_s: float | None = Field(description="seconds of training left; null if unknown")
+    error: str | None = Field(description="why it failed, in words a user reads")
+    adapter: str | None = Field(description="absolute path of the adapter directory, once it exists")
+    report: str | None = Field(description="absolute path of report.md, once written")
+    metrics: dict[str, Any] | None = Field(
+        description='{"base": {...}, "adapter": {...}}: train/evaluate.py\'s scores on the held-out split'
+    )
+    annotations: str | None = None
+    annotations_sha256: str | None = Field(description="sha256 of the job's copy of the annotation file")
+    dataset: str
+    chip: int | None = None
+    gsd: float | None = None
+    eval_split: str | None = None
+    device_note: str | None
+    pid: int | None = None
+    cancel_requested: bool = False
+    resumable: bool = False
+    job_dir: str | None = None
+    log: str | None = None
+
+
+class JobOut(JobSummary):
+    """One job: its record, learning curves and the last lines of its log."""
+
+    curves: JobCurves
+    log_tail: list[str]
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary]
 
 
 class TextPart(BaseModel):
@@ -305,12 +396,14 @@ class ErrorOut(BaseModel):
 ERROR_STATUSES: dict[int, str] = {
     400: "a Host header that is not loopback (DNS rebinding), a body that is not valid JSON, or a corrupt image",
     401: "no bearer token, or not the engine's",
-    404: "an unknown adapter, model or route",
+    404: "an unknown adapter, model, job or route",
+    409: "a job clashes: one of that name is running, or it has already ended",
     413: "over a limit: body size, image pixels, items per request",
     422: "invalid values (the message names them)",
     500: "a bug; the engine logs it and goes on serving",
     502: "the OpenAI-compatible server behind --backend openai failed",
-    503: "out of memory for this request (the engine goes on serving), or a /shutdown it cannot do here",
+    503: "out of memory for this request (the engine goes on serving), a /shutdown it cannot do here, or no "
+    "training extras for /jobs (pip install 'geo-r1[train]')",
 }
 
 

@@ -14,6 +14,8 @@ POST /ground           Geo-R1 grounding of base64 images (PNG/JPEG/TIFF/WebP or 
 GET  /adapters         ``{"active", "available"}``
 POST /adapters         ``{"name", "path"}``: load a LoRA adapter
 POST /adapters/active  ``{"name": str | null}``: switch adapters (null: the base model)
+POST /jobs             start a fine-tuning job (its own process); GET /jobs, GET/DELETE /jobs/{id},
+                       POST /jobs/{id}/resume: :mod:`engine.server.jobs`
 GET  /v1/models        OpenAI-compatible model list (one model)
 POST /v1/chat/completions  OpenAI-compatible chat (inline ``data:`` images only, no streaming)
 GET  /openapi.json     the OpenAPI schema
@@ -74,6 +76,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from engine import __version__ as ENGINE_VERSION
+from engine.jobs.manager import JobManager
 from engine.runtime.backend import Backend, GenerationSettings, GroundItem, is_out_of_memory
 from engine.runtime.loading import parse_adapters
 from engine.server.api_models import (
@@ -86,6 +89,7 @@ from engine.server.api_models import (
     error_responses,
     split_tiles_body,
 )
+from engine.server.jobs import add_job_routes
 from engine.server.openai_compat import (
     chat_completion,
     chat_settings,
@@ -133,6 +137,7 @@ _LOCAL = {"group": "model (--backend local)"}
 _NET = {"group": "network"}
 _REMOTE = {"group": "remote backend (--backend openai)"}
 _LIMITS = {"group": "limits"}
+_JOBS = {"group": "fine-tuning jobs"}
 
 
 @dataclass(frozen=True)
@@ -227,6 +232,13 @@ class ServeConfig:
                   "help": "CPU only: memory a request may use beyond the loaded model, in GB; a request that needs "
                   "more gets 503 instead of pushing the desktop into swap (Linux/macOS address-space limit)"},
     )  # fmt: skip
+    # Fine-tuning jobs
+    jobs_dir: Path | None = field(
+        default=None,
+        metadata={**_JOBS, "metavar": "DIR",
+                  "help": "where fine-tuning jobs (POST /jobs) keep their folders, listed again after a restart "
+                          "(default: $XDG_DATA_HOME/geo-r1/jobs, i.e. ~/.local/share/geo-r1/jobs)"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.backend not in ("local", "openai"):
@@ -283,6 +295,9 @@ class ServeConfig:
             )
         token_file = Path(self.token_file).expanduser() if self.token_file else default_token_path()
         object.__setattr__(self, "token_file", token_file)
+        from engine.jobs.manager import default_jobs_dir
+
+        object.__setattr__(self, "jobs_dir", Path(self.jobs_dir).expanduser() if self.jobs_dir else default_jobs_dir())
         object.__setattr__(self, "adapters", tuple((str(n), str(p)) for n, p in self.adapters))
 
     @property
@@ -433,9 +448,14 @@ output was read: ok, none (the model said there is nothing), no_answer_tag, trun
 """
 
 
-def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
-    """The engine's ASGI app around an already loaded ``backend``."""
+def create_app(backend: Backend, config: ServeConfig, token: str, jobs: JobManager | None = None) -> FastAPI:
+    """The engine's ASGI app around an already loaded ``backend``; ``jobs``: its fine-tuning jobs (default: a
+    manager of ``config.jobs_dir`` for the backend's model)."""
     started = int(time.time())
+    if jobs is None:
+        jobs = make_job_manager(config)
+        jobs.start_probe()
+    jobs.device = str(backend.info().get("device") or "cpu")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
@@ -502,7 +522,12 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
             "threads": _torch_threads(),
             "concurrency": config.concurrency,
             "max_new_tokens_default": dict(MAX_NEW_TOKENS),
+            **(await training_info()),
         }
+
+    async def training_info() -> dict[str, Any]:
+        why = await anyio.to_thread.run_sync(jobs.training_error, 60.0)
+        return {"training": why is None, "training_error": why}
 
     @app.post("/ground", tags=["engine"], summary="Geo-R1 grounding of images", description=GROUND_DESCRIPTION,
               responses=error_responses(*common, 502, 503))  # fmt: skip
@@ -625,6 +650,8 @@ def create_app(backend: Backend, config: ServeConfig, token: str) -> FastAPI:
         log.info("active adapter: %s", body.name or "none (base model)")
         return backend.adapters()
 
+    add_job_routes(app, jobs, lambda: int(backend.info().get("tile") or 504), common)
+
     @app.get("/v1/models", tags=["openai"], responses=error_responses(*common))
     async def list_models() -> dict[str, Any]:
         return {
@@ -708,6 +735,13 @@ def _torch_threads() -> int | None:
     return int(torch.get_num_threads()) if torch is not None else None
 
 
+def make_job_manager(config: ServeConfig) -> JobManager:
+    """The fine-tuning jobs of ``config.jobs_dir``, training the engine's own model (none for --backend openai)."""
+    assert config.jobs_dir is not None
+    local = config.backend == "local"
+    return JobManager(config.jobs_dir, config.model if local else None, config.processor if local else None)
+
+
 def build_backend(config: ServeConfig) -> Backend:
     """Load the backend ``config`` asks for (imports torch only for the local one)."""
     if config.backend == "local":
@@ -758,12 +792,14 @@ def serve(config: ServeConfig) -> int:
         watch_parent(config.parent_pid)
     # Pillow's own decompression-bomb guard, as a second line behind the header check.
     Image.MAX_IMAGE_PIXELS = config.max_image_pixels
+    jobs = make_job_manager(config)
+    jobs.start_probe()  # whether the training extras import, checked while the model loads
     log.info("loading the %s backend ...", config.backend)
     backend = build_backend(config)
     if config.memory_headroom_gb is not None:
         limit_memory(config.memory_headroom_gb, backend.info().get("device", "cpu"))
     try:
-        app = create_app(backend, config, token)
+        app = create_app(backend, config, token, jobs)
         sock = bind_socket(config.host, config.port)
         if not is_loopback(config.host):
             log.warning("!" * 78)
