@@ -7,24 +7,16 @@ happens in the engine process, reached through :mod:`geo_r1_qgis.core.client`.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from qgis.core import QgsApplication, QgsMessageLog
-from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction
 
 from .compat import MSG_INFO, MSG_SUCCESS, MSG_WARNING
+from .icon import plugin_icon as _icon
 
 log = logging.getLogger(__name__)
 
 PLUGIN_NAME = "Geo-R1"
-ICON_PATH = Path(__file__).resolve().parent / "icon.png"
-
-
-def _icon() -> QIcon:
-    # Installed plugins carry icon.png beside this file; in the source tree it lives in resources/.
-    path = ICON_PATH if ICON_PATH.exists() else Path(__file__).resolve().parents[1] / "resources" / "icon.png"
-    return QIcon(str(path))
 
 
 class MessageLogHandler(logging.Handler):

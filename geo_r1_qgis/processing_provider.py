@@ -44,6 +44,7 @@ from .core.progress import ProgressTracker
 from .core.results import run_meta
 from .core.run_spec import RunSpec
 from .engine_process import shared_endpoint
+from .icon import plugin_icon
 from .qgis_io import FeatureSinkResultSink, features_area, make_fields, parse_bands, prepare_input
 from .run_task import run_display_name
 from .settings import PluginSettings
@@ -119,9 +120,7 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
         return [_tr(t) for t in TAGS]
 
     def icon(self):
-        from .plugin import _icon
-
-        return _icon()
+        return plugin_icon()
 
     def shortHelpString(self) -> str:
         return _tr(
@@ -371,9 +370,7 @@ class FilterDetectionsAlgorithm(QgsProcessingAlgorithm):
         return [_tr(t) for t in (*TAGS, "filter", "merge", "threshold", "score")]
 
     def icon(self):
-        from .plugin import _icon
-
-        return _icon()
+        return plugin_icon()
 
     def createInstance(self) -> FilterDetectionsAlgorithm:
         return FilterDetectionsAlgorithm()
@@ -462,9 +459,7 @@ class GeoR1Provider(QgsProcessingProvider):
         return "Geo-R1 reasoning-first grounding"
 
     def icon(self):
-        from .plugin import _icon
-
-        return _icon()
+        return plugin_icon()
 
     def loadAlgorithms(self) -> None:
         self.addAlgorithm(GroundExpressionAlgorithm())
