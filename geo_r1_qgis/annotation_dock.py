@@ -260,6 +260,8 @@ class AnnotationDock(QgsDockWidget):
         project = QgsProject.instance()
         project.layersRemoved.connect(self._layers_removed)
         project.layersAdded.connect(self._changed)
+        for signal in (project.homePathChanged, project.fileNameChanged, project.readProject, project.cleared):
+            signal.connect(self._project_changed)  # the default file follows the project (beside it)
 
     # -- layout ------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -339,7 +341,8 @@ class AnnotationDock(QgsDockWidget):
         self.setWidget(body)
 
     def keyPressEvent(self, event: Any) -> None:
-        if event.key() == Qt.Key.Key_Delete and self.tree.hasFocus():
+        """Delete, pressed in the list (which passes it on), removes the selected annotations."""
+        if event.key() == Qt.Key.Key_Delete and self.tree.selectedItems():
             self._guard(self.delete_selected)
             event.accept()
             return
@@ -350,6 +353,19 @@ class AnnotationDock(QgsDockWidget):
         project = QgsProject.instance()
         home = project.absolutePath() or (project.homePath() if project.fileName() else "")
         return self.settings.default_annotations(home or None)
+
+    def _project_changed(self, *_: Any) -> None:
+        """A project opened, saved elsewhere or closed: the default file follows it, unless a file was chosen (the
+        settings' key) or there are unsaved edits."""
+        self.settings = PluginSettings.load()
+        if self.settings.annotation_gpkg or (self.store is not None and self.store.has_unsaved()):
+            return
+        path = str(self._default_path())
+        if path != self.file_widget.filePath():
+            self.file_widget.blockSignals(True)
+            self.file_widget.setFilePath(path)
+            self.file_widget.blockSignals(False)
+            self._open_store(path, quiet=True)
 
     def annotation_path(self) -> Path:
         """The annotation GeoPackage this dock writes (what ``geo-r1 dataset build`` is to read; :meth:`save`

@@ -669,3 +669,55 @@ def test_the_layer_removed_from_the_map_stays_off_until_the_next_box(dock, raste
     dock.box_drawn(QgsRectangle(c.x(), c.y(), c.x() + 6000, c.y() + 6000), raster.crs(), AnnotationChoice("ship"))
     assert dock.store.loaded_layer() is mine and mine.isEditable() and mine.featureCount() == 2
     assert len([lyr for lyr in QgsProject.instance().mapLayers().values() if isinstance(lyr, QgsVectorLayer)]) == 1
+
+
+def test_the_import_dialog_and_the_delete_key(dock, raster):
+    from qgis.PyQt.QtGui import QKeyEvent
+
+    dock.raster_combo.setLayer(raster)
+    layer = _memory_polygons("EPSG:4326", [(_square_4326(raster, 100 + 40 * i, 200, 12), (name, split))
+                                           for i, (name, split) in enumerate([("tank", "train"), ("ship", "val")])],
+                             fields=("label", "split"))  # fmt: skip
+
+    def fill():
+        d = dock.dialog
+        d.layer_combo.setLayer(layer)
+        d.field_radio.setChecked(True)
+        d.field_combo.setField("label")
+        d.split_field_combo.setField("split")
+        d.accept()
+
+    QTimer.singleShot(0, fill)
+    dock.import_button.click()
+    assert [(f.annotation.expression, f.annotation.split) for f in dock.features()] == [("tank", "train"),
+                                                                                         ("ship", "val")]
+    assert "Imported 2 annotation(s) from labels" in dock.status_label.text()
+    fid = dock.features()[0].fid
+    dock.item_of(fid).setSelected(True)
+    QCoreApplication.sendEvent(dock.tree, QKeyEvent(QEvent.Type.KeyPress, Qt.Key.Key_Delete,
+                                                    Qt.KeyboardModifier.NoModifier))  # fmt: skip
+    assert [f.annotation.expression for f in dock.features()] == ["ship"]
+
+
+def test_the_default_file_is_beside_the_project_and_a_chosen_one_is_remembered(qgis_app, isolated_settings, canvas,
+                                                                               tmp_path):  # fmt: skip
+    from geo_r1_qgis.annotation_dock import AnnotationDock
+    from geo_r1_qgis.settings import PluginSettings
+
+    PluginSettings().save()  # nothing chosen yet
+    project = QgsProject.instance()
+    d = AnnotationDock(None, canvas=canvas)
+    try:
+        assert d.annotation_path() == Path.home() / "geo_r1_annotations.gpkg"  # no project: the home folder
+        project.setFileName(str(tmp_path / "site.qgz"))
+        assert d.annotation_path() == tmp_path / "geo_r1_annotations.gpkg"  # beside the project
+        chosen = tmp_path / "chosen" / "mine.gpkg"
+        d.file_widget.setFilePath(str(chosen))  # as the file dialog sets it
+        assert d.annotation_path() == chosen and PluginSettings.load().annotation_gpkg == str(chosen)
+        project.setFileName(str(tmp_path / "elsewhere" / "other.qgz"))
+        assert d.annotation_path() == chosen  # a chosen file stays chosen
+    finally:
+        project.setFileName("")
+        d.deleteLater()
+        QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+        PluginSettings().save()
