@@ -689,8 +689,8 @@ def test_the_import_dialog_and_the_delete_key(dock, raster):
 
     QTimer.singleShot(0, fill)
     dock.import_button.click()
-    assert [(f.annotation.expression, f.annotation.split) for f in dock.features()] == [("tank", "train"),
-                                                                                         ("ship", "val")]
+    got = [(f.annotation.expression, f.annotation.split) for f in dock.features()]
+    assert got == [("tank", "train"), ("ship", "val")]
     assert "Imported 2 annotation(s) from labels" in dock.status_label.text()
     fid = dock.features()[0].fid
     dock.item_of(fid).setSelected(True)
@@ -721,3 +721,17 @@ def test_the_default_file_is_beside_the_project_and_a_chosen_one_is_remembered(q
         d.deleteLater()
         QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
         PluginSettings().save()
+
+
+def test_a_box_edited_by_hand_into_a_bad_split_is_an_error_in_check(dock, raster):
+    from geo_r1_qgis.annotation_dock import INVALID, AnnotationChoice
+
+    dock.raster_combo.setLayer(raster)
+    c = raster.extent().center()
+    (fid,) = dock.box_drawn(QgsRectangle(c.x(), c.y(), c.x() + 9000, c.y() + 9000), raster.crs(),
+                            AnnotationChoice("tank"))  # fmt: skip
+    layer = dock.store.loaded_layer()
+    assert layer.changeAttributeValue(fid, layer.fields().indexOf("split"), "holdout")  # the attribute table's way
+    first = dock.check()[0]
+    assert first.code == INVALID and first.level == "error" and first.fids == (fid,)
+    assert "split 'holdout'; use one of train, val, test" in first.message and "attribute table" in first.message
