@@ -194,6 +194,7 @@ def test_cancel_stops_within_a_step_and_resume_continues(api, done_job, annotati
     assert record["state"] == "cancelled", (record["error"], record["log_tail"])
     assert 1 <= record["step"] < 400 and record["resumable"] is True
     assert any("cancelled" in line for line in record["log_tail"])
+    assert "cancelled (cancel appeared): stopping after step" in Path(record["log"]).read_text()  # the trainer's stop
     assert_error(api.delete(f"/jobs/{job_id}"), 409, "already ended", "cancelled")
     stopped_at = record["step"]
     resumed = api.post(f"/jobs/{job_id}/resume", json={"max_steps": stopped_at + 1})
