@@ -40,7 +40,10 @@ demo-train: setup-venv
 	@scripts/demo_train.sh "$(DEMO_DIR)-train"
 
 # The engine as a wheel, dist/geo_r1-<version>-py3-none-any.whl (offline: the venv's setuptools builds it).
+# build/lib is emptied first: setuptools packs whatever an earlier build left there (modules since moved or
+# no longer shipped, such as the plugin's GUI ones).
 wheel: setup
+	rm -rf build/lib
 	$(VENV)/bin/pip wheel --no-deps --no-build-isolation --quiet -w dist .
 
 plugin-zip:

@@ -59,6 +59,30 @@ def test_wheel_holds_engine_train_recipes_and_core(wheel):
     assert not [n for n in names if n.startswith(("tests/", "geo_r1_qgis/engine_setup/", "scripts/"))]
 
 
+def test_wheel_ships_the_plugins_core_only(wheel, tmp_path):
+    """Of geo_r1_qgis the wheel holds core/ alone: no QGIS module (panel, plugin, processing_provider, ...) and
+    no plugin __init__, so geo_r1_qgis is a namespace there; installed, the core imports and the GUI does not."""
+    names, _ = _metadata(wheel)
+    plugin = sorted(n for n in names if n.startswith("geo_r1_qgis/") and not n.startswith("geo_r1_qgis/core/"))
+    assert plugin == [], f"the wheel ships plugin modules: {plugin}"
+    gui = [p.name for p in (REPO / "geo_r1_qgis").glob("*.py") if p.name != "__init__.py"]
+    assert {"panel.py", "plugin.py", "processing_provider.py"} <= set(gui)  # what the check above keeps out
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", "--target",
+                    str(target), str(wheel)], check=True, timeout=300)  # fmt: skip
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import geo_r1_qgis.core.rules.parsing as p, geo_r1_qgis.core.geometry, engine, train\n"
+        "assert p.__file__.startswith(sys.argv[1]), p.__file__\n"
+        "import importlib.util as u; assert u.find_spec('geo_r1_qgis.panel') is None\n"
+        "print('ok')\n"
+    )
+    # -S: neither the venv's site-packages nor its editable install of the repository can answer instead
+    out = subprocess.run([sys.executable, "-S", "-c", code, str(target)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, check=False)  # fmt: skip
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 def test_wheel_metadata_base_and_extras(wheel):
     _, meta = _metadata(wheel)
     msg = Parser().parsestr(meta["metadata"])
