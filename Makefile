@@ -6,7 +6,7 @@ QGIS_PY := /usr/bin/python3
 DEMO_DIR ?= demo-out
 export QT_QPA_PLATFORM ?= offscreen
 
-.PHONY: setup setup-venv test test-engine test-plugin test-plugin-340 lint demo demo-train plugin-zip plugin-install panel-screenshot wheel clean
+.PHONY: setup setup-venv test test-fast test-engine test-plugin test-plugin-340 lint demo demo-train plugin-zip plugin-install panel-screenshot wheel clean
 
 setup:
 	@scripts/setup.sh
@@ -18,6 +18,13 @@ setup-venv:
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/bandit -q -r geo_r1_qgis --severity-level medium
+
+# The pure tests, in under a minute: the core's rules and the training maths (no engine process, no model, no
+# QGIS; the venv only).
+FAST_TESTS := tests/geo_r1_qgis/core tests/train/test_metrics.py tests/train/test_rewards.py tests/train/test_chips.py \
+	tests/train/test_data_format.py
+test-fast: setup-venv
+	$(PY) -m pytest -q $(FAST_TESTS)
 
 test-engine: setup
 	$(PY) -m pytest tests/engine tests/train tests/geo_r1_qgis/core
