@@ -36,9 +36,15 @@ class AnnotationSummary:
 def probe_training(python: str = sys.executable, timeout_s: float = 300.0) -> str | None:
     """None when ``python`` imports the training extras, else the refusal (it names the fix).
 
-    Imported in a child process, so the serving process neither pays for trl nor keeps a broken import.
+    Checked in a child process, so the serving process keeps no broken import: ``trl`` is imported (lazy: a
+    fraction of a second), the others only found (importing peft loads torch and transformers: seconds of CPU at
+    every engine start; a job whose peft is broken fails with the ImportError in its record instead).
     """
-    code = "import " + ", ".join(TRAINING_MODULES)
+    first, *rest = TRAINING_MODULES
+    code = (f"import importlib.util, {first}\n"
+            f"for name in {tuple(rest)!r}:\n"
+            f"    if importlib.util.find_spec(name) is None:\n"
+            f"        raise SystemExit('ModuleNotFoundError: No module named ' + repr(name))\n")  # fmt: skip
     try:
         done = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -27,8 +28,10 @@ from geo_r1_qgis.core.errors import GeoR1Error
 
 log = logging.getLogger(__name__)
 
-#: seconds a cancelled job gets to stop at its next step end before SIGTERM, then SIGKILL, to its process group
+#: seconds a cancelled job gets to stop at its next step end (at least; twice its step time when longer, up to
+#: the maximum) before SIGTERM to its process group, then before SIGKILL
 CANCEL_GRACE_S = 5.0
+MAX_CANCEL_GRACE_S = 120.0
 KILL_GRACE_S = 10.0
 
 
@@ -48,6 +51,12 @@ def default_jobs_dir() -> Path:
     """``$XDG_DATA_HOME/geo-r1/jobs`` (default ``~/.local/share/geo-r1/jobs``)."""
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base).expanduser() / "geo-r1" / "jobs"
+
+
+def default_name(annotations: str, recipe: str) -> str:
+    """``<file stem>-<recipe>``, in the characters a job name allows."""
+    stem = re.sub(r"[^A-Za-z0-9 _.-]+", "_", Path(annotations).stem).strip(" _.-")[:48] or "job"
+    return f"{stem}-{recipe}"
 
 
 def job_threads(cores: int | None = None) -> int:
@@ -253,7 +262,7 @@ class JobManager:
         assert self.model is not None  # the probe says so otherwise
         annotations = str(request["annotations"])
         recipe = request.get("recipe") or "grpo"
-        name = request.get("name") or f"{Path(annotations).stem}-{recipe}"
+        name = request.get("name") or default_name(annotations, recipe)
         job_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
         spec = JobSpec(
             id=job_id, name=name, annotations=annotations, model=self.model, recipe=recipe,
@@ -314,7 +323,13 @@ class JobManager:
         return self.record(job_id)
 
     def _enforce_cancel(self, paths: JobPaths) -> None:
-        for sig, wait_s in ((signal.SIGTERM, CANCEL_GRACE_S), (signal.SIGKILL, KILL_GRACE_S)):
+        # the trainer stops at the end of the step under way: wait for that (twice the step time so far, at most
+        # MAX_CANCEL_GRACE_S) before signals; a slow model's step may take minutes
+        prog = read_json(paths.progress) or {}
+        done = (prog.get("step") or 0) - (prog.get("first_step") or 0)
+        step_s = float(prog.get("seconds") or 0.0) / done if done > 0 else 0.0
+        grace = min(MAX_CANCEL_GRACE_S, max(CANCEL_GRACE_S, 2.0 * step_s))
+        for sig, wait_s in ((signal.SIGTERM, grace), (signal.SIGKILL, KILL_GRACE_S)):
             deadline = time.monotonic() + wait_s
             while time.monotonic() < deadline:
                 if not self._alive(paths)[0]:

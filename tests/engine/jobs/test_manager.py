@@ -10,7 +10,14 @@ import sys
 import pytest
 
 from engine.jobs.files import JobPaths, write_json
-from engine.jobs.manager import JobConflictError, JobManager, JobNotFoundError, device_note, job_threads
+from engine.jobs.manager import (
+    JobConflictError,
+    JobManager,
+    JobNotFoundError,
+    default_name,
+    device_note,
+    job_threads,
+)
 from engine.jobs.runner import copy_geopackage, describe_error
 from engine.jobs.spec import JobSpec
 from geo_r1_qgis.core.errors import ConfigError
@@ -68,7 +75,15 @@ def test_the_remote_backend_cannot_train(tmp_path):
     assert "--backend local" in manager.training_error()
 
 
-def test_the_job_shares_the_machine(monkeypatch):
+def test_default_names_are_valid_names():
+    assert default_name("/data/tanks.gpkg", "grpo") == "tanks-grpo"
+    assert default_name("/data/Réservoirs (2024).gpkg", "sft") == "R_servoirs _2024-sft"
+    assert default_name("/data/(((.gpkg", "dapo") == "job-dapo"
+    for name in (default_name("/d/Réservoirs (2024).gpkg", "sft"), default_name("/d/" + "x" * 90 + ".gpkg", "grpo")):
+        JobSpec(id="j", name=name, annotations="/a.gpkg", model="m")  # a valid name: no ConfigError
+
+
+def test_the_job_shares_the_machine():
     assert job_threads(2) == 1 and job_threads(16) == 8 and job_threads(1) == 1
     assert device_note("cpu", 1, 2) == ("training shares the CPU with grounding: it uses 1 of 2 cores, so grounding "
                                         "keeps answering, more slowly")  # fmt: skip
