@@ -39,7 +39,7 @@ import pytest
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 pytest.importorskip("qgis.core", reason="PyQGIS is not importable; run under /usr/bin/python3")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import test_processing as tp
+import _real_engine as real
 
 pytestmark = [pytest.mark.qgis, pytest.mark.slow]
 
@@ -58,7 +58,7 @@ OLD_LONG_ENTRY = ("every small white building with a flat roof near the harbour 
 
 
 def _need_desktop() -> None:
-    if tp.host_exec.remote():
+    if real.host_exec.remote():
         pytest.skip("the desktop test runs on the host's QGIS only (no X server in the QGIS 3.40 chroot)")
     missing = [exe for exe in ("qgis", "Xvfb", "xdotool") if shutil.which(exe) is None]
     if missing:
@@ -129,8 +129,8 @@ def _profile(root: Path, zip_path: Path, engine, output_gpkg: Path) -> Path:
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     _need_desktop()
-    tp._need_venv()
-    eng = tp._Engine(tmp_path_factory.mktemp("desktop-engine"), tp.SAMPLE_MODEL, extra=("--threads", "1"))
+    real.need_venv()
+    eng = real.Engine(tmp_path_factory.mktemp("desktop-engine"), real.SAMPLE_MODEL, extra=("--threads", "1"))
     yield eng
     eng.stop()
 
@@ -225,8 +225,8 @@ def test_the_panel_in_the_qgis_desktop(engine, tmp_path):
     assert make.returncode == 0, make.stdout + make.stderr
     zip_path = REPO / "dist" / "geo_r1_qgis.zip"
     samples = tmp_path / "samples"
-    proc = tp.host_exec.run([str(tp.GEO_R1), "sample-data", str(samples), "--seed", str(UNSEEN_SEED)], timeout=120,
-                            env=tp._venv_env())  # fmt: skip
+    proc = real.host_exec.run([str(real.GEO_R1), "sample-data", str(samples), "--seed", str(UNSEEN_SEED)], timeout=120,
+                            env=real.venv_env())  # fmt: skip
     assert proc.returncode == 0, f"geo-r1 sample-data failed:\n{proc.stdout}\n{proc.stderr}"
     output_gpkg = tmp_path / "results.gpkg"
     profile = _profile(tmp_path / "qgis", zip_path, engine, output_gpkg)

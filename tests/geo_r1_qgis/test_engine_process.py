@@ -350,7 +350,7 @@ def test_processing_left_without_an_engine_url_uses_the_engine_the_panel_started
     from geo_r1_qgis.settings import PluginSettings
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import test_processing as tp
+    import _real_engine as real
 
     samples = tmp_path / "samples"
     proc = host_exec.run([str(GEO_R1), "sample-data", str(samples)], timeout=120, env=_venv_env())
@@ -362,7 +362,7 @@ def test_processing_left_without_an_engine_url_uses_the_engine_the_panel_started
     down.save(qsettings)  # the manager's settings (QGIS's own in the plugin; a private file here)
     manager = ep.EngineManager(settings=qsettings)
     monkeypatch.setattr(ep, "_shared", manager)
-    session = tp._Qgis()
+    session = real.ProcessingSession()
     try:
         manager.start(_config(ep, tmp_path / "own", tiny_model))
         spin(lambda: manager.state != ep.STARTING, what="the started engine")

@@ -457,10 +457,10 @@ def test_from_the_installed_venv_to_objects_on_the_map_through_the_gui(installed
 
     cfg, _, _ = installed
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import test_processing as tp
+    import _real_engine as real
 
-    model, samples = tp._tiny_format_model(), tmp_path / "samples"
-    proc = host_exec.run([str(VENV_GEO_R1), "sample-data", str(samples)], timeout=120, env=tp._venv_env())
+    model, samples = real.tiny_format_model(), tmp_path / "samples"
+    proc = host_exec.run([str(VENV_GEO_R1), "sample-data", str(samples)], timeout=120, env=real.venv_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     old_app = QCoreApplication.applicationName()
     QCoreApplication.setApplicationName(f"geo-r1-journey-{os.getpid()}")  # never the user's QGIS settings

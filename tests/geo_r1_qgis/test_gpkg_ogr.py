@@ -26,8 +26,8 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 qgis_core = pytest.importorskip("qgis.core", reason="PyQGIS is not importable; run under /usr/bin/python3")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _real_engine as real  # noqa: E402  (the real-engine helpers the plugin tests share)
 import host_exec  # noqa: E402
-import test_processing as tp  # noqa: E402  (its real-engine helpers)
 
 from geo_r1_qgis.core.client import EngineClient  # noqa: E402
 from geo_r1_qgis.core.geometry import Affine, PixelBox, Tile, box_to_polygon, make_tile_grid  # noqa: E402
@@ -50,7 +50,7 @@ from geo_r1_qgis.gpkg_ogr import (  # noqa: E402
 
 pytestmark = pytest.mark.qgis
 
-RASTER = tp.SHARED / "naip_m_4709963_se_14_20200831.tif"
+RASTER = real.SHARED / "naip_m_4709963_se_14_20200831.tif"
 EXPRESSION = "all farmsteads"
 #: small tiles and short answers: many tiles, each quick with the tiny model
 TILE, OVERLAP, MAX_NEW_TOKENS, BATCH = 112, 16, 96, 1
@@ -64,8 +64,8 @@ CANCEL_AFTER = 3
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    tp._need_venv()
-    eng = tp._Engine(tmp_path_factory.mktemp("gpkg-engine"), tp._tiny_format_model())
+    real.need_venv()
+    eng = real.Engine(tmp_path_factory.mktemp("gpkg-engine"), real.tiny_format_model())
     yield eng
     eng.stop()
 
@@ -265,15 +265,15 @@ def _ddl(path: Path, layer: str) -> dict[str, str]:
 
 
 def test_both_writers_create_the_same_schema(qgis_app, tmp_path):
-    tp._need_venv()
+    real.need_venv()
     from osgeo import osr
 
     srs = osr.SpatialReference()
     srs.ImportFromEPSG(32633)
     wkt = srs.ExportToWkt()
     cli = tmp_path / "cli.gpkg"
-    proc = host_exec.run([str(tp.VENV_BIN / "python"), "-c", _VENV_WRITE, str(cli), wkt], cwd=tp.REPO,
-                         timeout=120, env=tp._venv_env())  # fmt: skip
+    proc = host_exec.run([str(real.VENV_BIN / "python"), "-c", _VENV_WRITE, str(cli), wkt], cwd=real.REPO,
+                         timeout=120, env=real.venv_env())  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours = tmp_path / "plugin.gpkg"
     d = Detection(PixelBox(10, 10, 20, 20), score=0.5, presence=0.9, label="tank", reasoning="round", tile_id="r0c0")
@@ -312,7 +312,7 @@ def test_both_writers_create_the_same_schema(qgis_app, tmp_path):
 
 def _cli(engine, out: Path, *extra: str) -> list[str]:
     return [
-        str(tp.GEO_R1), "ground", str(RASTER), EXPRESSION, "-o", str(out), "--engine", engine.url,
+        str(real.GEO_R1), "ground", str(RASTER), EXPRESSION, "-o", str(out), "--engine", engine.url,
         "--token-file", str(engine.token_file), "--tile", str(TILE), "--overlap", str(OVERLAP),
         "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch", str(BATCH), "--no-progress", *extra,
     ]  # fmt: skip
@@ -323,7 +323,7 @@ def test_the_command_line_resumes_a_run_the_plugin_cancelled(raster, engine, tmp
     first, s1 = _run(raster, engine, out, resume=False, cancel_after=CANCEL_AFTER)
     assert s1.status == "canceled"
     done_before = {t for _, t, _ in _tiles_rows(out)}
-    proc = host_exec.run(_cli(engine, out, "--resume"), cwd=tp.REPO, timeout=900, env=tp._venv_env())
+    proc = host_exec.run(_cli(engine, out, "--resume"), cwd=real.REPO, timeout=900, env=real.venv_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{len(done_before)} resumed" in proc.stderr, proc.stderr[-2000:]
     assert f"run {first.run_id}" in proc.stderr
@@ -362,7 +362,7 @@ print(json.dumps({"runs": runs, "tiles": tiles, "raw": raw, "rings": rings}))
 def test_the_plugin_reads_and_resumes_a_run_the_command_line_interrupted(raster, engine, plugin_run, tmp_path):
     out = tmp_path / "from-cli.gpkg"
     log_path = tmp_path / "cli.log"
-    proc = host_exec.spawn(_cli(engine, out), log_path=log_path, env=tp._venv_env())
+    proc = host_exec.spawn(_cli(engine, out), log_path=log_path, env=real.venv_env())
 
     def done_tiles() -> int:
         if not out.exists():
@@ -386,8 +386,8 @@ def test_the_plugin_reads_and_resumes_a_run_the_command_line_interrupted(raster,
     # Read back by the plugin, and by pyogrio in the engine venv: the same runs, tiles and detections.
     (run,) = list_runs(out)
     assert run.status == "interrupted" and run.resumable and run.expression == EXPRESSION
-    ref = host_exec.run([str(tp.VENV_BIN / "python"), "-c", _PYOGRIO_READ, str(out), run.layer], cwd=tp.REPO,
-                        timeout=120, env=tp._venv_env())  # fmt: skip
+    ref = host_exec.run([str(real.VENV_BIN / "python"), "-c", _PYOGRIO_READ, str(out), run.layer], cwd=real.REPO,
+                        timeout=120, env=real.venv_env())  # fmt: skip
     assert ref.returncode == 0, ref.stderr[-3000:]
     ref = json.loads(ref.stdout)
     assert ref["runs"] == [[run.run_id, run.layer, run.status, run.expression, run.mode, run.started]]
@@ -496,7 +496,7 @@ def test_qgis_reads_a_file_while_the_command_line_writes_it(qgis_app, engine, tm
     from geo_r1_qgis import gpkg_ogr
 
     out = tmp_path / "shared.gpkg"
-    first = host_exec.run(_cli(engine, out, "--tile", "504", "--overlap", "0"), timeout=300, env=tp._venv_env())
+    first = host_exec.run(_cli(engine, out, "--tile", "504", "--overlap", "0"), timeout=300, env=real.venv_env())
     assert first.returncode == 0, first.stderr[-2000:]
     (done_run,) = list_runs(out)
     log_messages: list[tuple[str, str]] = []
@@ -526,7 +526,7 @@ def test_qgis_reads_a_file_while_the_command_line_writes_it(qgis_app, engine, tm
     n_shown = shown.featureCount()
     reader = threading.Thread(target=ogrinfo) if shutil.which("ogrinfo") else None
     proc = host_exec.spawn(_cli(engine, out, "--tile", "56", "--overlap", "0"), log_path=tmp_path / "cli.log",
-                           env=tp._venv_env())  # fmt: skip
+                           env=real.venv_env())  # fmt: skip
     reads = 0
     try:
         if reader is not None:
