@@ -138,13 +138,18 @@ class JobManager:
             return []
         return [p.name for p in self.jobs_dir.iterdir() if (p / "spec.json").is_file()]
 
-    def _alive(self, paths: JobPaths) -> tuple[bool, int | None]:
-        """Whether the job's process runs, and its exit status when this engine holds it and it ended."""
-        proc = self._procs.get(paths.id)
+    def _process(self, paths: JobPaths) -> tuple[int | None, subprocess.Popen | None]:
+        """The job's current process: its pid, and its handle when this engine started it."""
+        return paths.read_pid(), self._procs.get(paths.id)
+
+    def _alive(self, paths: JobPaths, which: tuple[int | None, subprocess.Popen | None] | None = None,
+               ) -> tuple[bool, int | None]:  # fmt: skip
+        """Whether the job's process (``which``, default the current one) runs, and its exit status when this
+        engine holds it and it ended."""
+        pid, proc = which or self._process(paths)
         if proc is not None:
             rc = proc.poll()
             return rc is None, rc
-        pid = paths.read_pid()
         if pid is None:
             return False, None
         try:
@@ -318,11 +323,12 @@ class JobManager:
             raise JobConflictError(f"job {job_id} has already ended ({state['state']}); there is nothing to cancel")
         paths.cancel.touch()
         log.info("job %s: cancel requested", job_id)
-        threading.Thread(target=self._enforce_cancel, args=(paths,), name=f"geo-r1-cancel-{job_id}",
-                         daemon=True).start()  # fmt: skip
+        # bound to this process: a resume's new process is never signalled by an earlier cancel
+        threading.Thread(target=self._enforce_cancel, args=(paths, self._process(paths)),
+                         name=f"geo-r1-cancel-{job_id}", daemon=True).start()  # fmt: skip
         return self.record(job_id)
 
-    def _enforce_cancel(self, paths: JobPaths) -> None:
+    def _enforce_cancel(self, paths: JobPaths, which: tuple[int | None, subprocess.Popen | None]) -> None:
         # the trainer stops at the end of the step under way: wait for that (twice the step time so far, at most
         # MAX_CANCEL_GRACE_S) before signals; a slow model's step may take minutes
         prog = read_json(paths.progress) or {}
@@ -332,11 +338,11 @@ class JobManager:
         for sig, wait_s in ((signal.SIGTERM, grace), (signal.SIGKILL, KILL_GRACE_S)):
             deadline = time.monotonic() + wait_s
             while time.monotonic() < deadline:
-                if not self._alive(paths)[0]:
+                if not self._alive(paths, which)[0]:
                     self._reconcile(paths, paths.read_state())
                     return
                 time.sleep(0.2)
-            pid = paths.read_pid()
+            pid = which[0]
             if pid is None:
                 return
             log.warning("job %s did not stop within %.0f s: %s to its process group", paths.id, wait_s, sig.name)

@@ -159,9 +159,9 @@ class Runner:
     def run(self) -> int:
         if self.resume:
             self.phase("training", started=self.paths.read_state().get("started") or now_iso(), ended=None,
-                       error=None, resumed_at=now_iso())  # fmt: skip
+                       error=None, resumed_at=now_iso(), pid=os.getpid())  # fmt: skip
         else:
-            self.phase("building", started=now_iso())
+            self.phase("building", started=now_iso(), pid=os.getpid())
         try:
             if not self.resume:
                 self.build()

@@ -262,9 +262,14 @@ def test_a_restarted_engine_lists_the_jobs_and_without_trl_refuses_with_the_fix(
                                                                              tiny_format_model_dir, annotations,
                                                                              tmp_path):  # fmt: skip
     with engine.client() as api:
+        r = _post(api, annotations, max_steps=400, name="outlives its engine")
+        assert r.status_code == 201, r.text
+        running = _wait(api, r.json()["id"], _training)
+        assert running["state"] == "training", (running["error"], running["log_tail"])
         ids = [j["id"] for j in api.get("/jobs").json()["jobs"]]
-    assert done_job["id"] in ids
+    assert done_job["id"] in ids and ids[0] == running["id"]  # newest first
     assert engine.stop() in CLEAN_EXIT, engine.log_tail()
+    assert _alive(running["pid"])  # the job goes on without the engine that started it
     hidden = tmp_path / "hide-trl" / "trl"  # an environment without the training extras: trl does not import
     hidden.mkdir(parents=True)
     (hidden / "__init__.py").write_text("raise ImportError('No module named trl (hidden by the test)')\n")
@@ -279,5 +284,12 @@ def test_a_restarted_engine_lists_the_jobs_and_without_trl_refuses_with_the_fix(
             assert info["training"] is False and "pip install 'geo-r1[train]'" in info["training_error"]
             refused = _post(api, annotations, max_steps=2)
             assert_error(refused, 503, "pip install 'geo-r1[train]'", "trl")
+            # the new engine follows the job the old one started, and cancels it
+            step = api.get(f"/jobs/{running['id']}").json()["step"]
+            record = _wait(api, running["id"], lambda j: j["step"] > step or _ended(j))
+            assert record["state"] == "training", (record["error"], record["log_tail"])
+            assert api.delete(f"/jobs/{running['id']}").status_code == 200
+            record = _wait(api, running["id"], lambda j: _ended(j) and not _alive(j["pid"]))
+            assert record["state"] == "cancelled", (record["error"], record["log_tail"])
     finally:
         assert again.stop() in CLEAN_EXIT, again.log_tail()
