@@ -1087,8 +1087,9 @@ class SyntheticConfig:
     )
     categories: tuple[str, ...] = field(
         default=("tank", "building"),
-        metadata={"help": "the scenes' categories to annotate, comma-separated (tank, building)"},
-    )
+        metadata={"help": "the scenes' categories to annotate, comma-separated (tank, building)",
+                  "action": "store", "parse": lambda v: _comma_list(v) if isinstance(v, str) else tuple(v)},
+    )  # fmt: skip
     style: str = field(
         default="short",
         metadata={"choices": tuple(SYNTHETIC_STYLES),
@@ -1111,7 +1112,7 @@ class SyntheticConfig:
         if not MIN_SIZE <= self.scene_size <= MAX_SIZE:
             raise ConfigError(f"--scene-size must be {MIN_SIZE}..{MAX_SIZE}, got {self.scene_size}")
         if isinstance(self.categories, str):
-            object.__setattr__(self, "categories", tuple(c.strip() for c in self.categories.split(",") if c.strip()))
+            object.__setattr__(self, "categories", _comma_list(self.categories))
         unknown = [c for c in self.categories if c not in SYNTHETIC_STYLES["short"]]
         if unknown or not self.categories:
             raise ConfigError(
@@ -1122,6 +1123,10 @@ class SyntheticConfig:
             raise ConfigError(f"--style must be one of {', '.join(SYNTHETIC_STYLES)}, got {self.style!r}")
         if self.gsd is not None and not (math.isfinite(self.gsd) and self.gsd > 0):
             raise ConfigError(f"--gsd must be a positive number of metres, got {self.gsd}")
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _synthetic_features(
