@@ -176,6 +176,9 @@ class JobManager:
             alive, rc = self._alive(paths)
             if alive:
                 return state
+            state = paths.read_state()  # its end state may have come just before it exited
+            if state.get("state") not in RUNNING:
+                return state
             if paths.cancel.exists():
                 return paths.update_state(state="cancelled", ended=now_iso())
             if rc is not None and rc < 0:
