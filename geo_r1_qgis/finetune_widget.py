@@ -96,6 +96,10 @@ class FinetuneWidget(QWidget):
         self.watcher: JobWatcher | None = None
         self.record: dict[str, Any] = {}
         self._starting = False
+        #: training options sent with every job beyond the recipe's (none by default; the engine's names)
+        self.training_options: dict[str, Any] = {}
+        #: tokens the evaluation generates at most (None: the engine's default)
+        self.eval_max_new_tokens: int | None = None
         s = PluginSettings.load(self.manager.qsettings)
 
         # the request
@@ -137,6 +141,9 @@ class FinetuneWidget(QWidget):
         self.finetune_button.setToolTip("Train a LoRA adapter on the annotations, on the engine")
         self.cancel_button = QPushButton("Cancel", self)
         self.cancel_button.setEnabled(False)
+        self.resume_button = QPushButton("Resume", self)
+        self.resume_button.setToolTip("Continue the cancelled or failed job from its last checkpoint")
+        self.resume_button.setEnabled(False)
         self.setup_button = QPushButton("Set up the training tools…", self)
         self.setup_button.setVisible(False)
 
@@ -189,6 +196,7 @@ class FinetuneWidget(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.finetune_button)
         buttons.addWidget(self.cancel_button)
+        buttons.addWidget(self.resume_button)
         jobs_row = QHBoxLayout()
         jobs_row.addWidget(self.jobs_combo, 1)
         jobs_row.addWidget(self.refresh_jobs_button)
@@ -215,6 +223,7 @@ class FinetuneWidget(QWidget):
         # wiring
         self.finetune_button.clicked.connect(self.start_finetune)
         self.cancel_button.clicked.connect(self.cancel_job)
+        self.resume_button.clicked.connect(self.resume_job)
         self.setup_button.clicked.connect(self.open_setup)
         self.refresh_jobs_button.clicked.connect(self.refresh_jobs)
         self.jobs_combo.activated.connect(self._job_chosen)
@@ -247,6 +256,8 @@ class FinetuneWidget(QWidget):
             gsd=self.gsd_spin.value() or None,
             chip=self.chip_spin.value() or None,
             name=self.name_edit.text().strip() or None,
+            options=dict(self.training_options) or None,
+            eval_max_new_tokens=self.eval_max_new_tokens,
         )
 
     def show_message(self, text: str) -> None:
@@ -280,6 +291,11 @@ class FinetuneWidget(QWidget):
                 self._refused(sentence or "The engine's /info was not readable.")
                 return
             if not payload.get("training"):
+                why = str(payload.get("training_error") or "").strip().rstrip(".")
+                if why and "geo-r1[train]" not in why and "import" not in why and "install" not in why:
+                    self._refused(f"This engine cannot fine-tune: {why}.")  # e.g. a remote backend
+                    return
+                log.info("the engine cannot train: %s", why)
                 self.setup_button.setVisible(True)
                 self._refused(TRAIN_EXTRA_HINT + ".")
                 return
@@ -328,6 +344,7 @@ class FinetuneWidget(QWidget):
         self.metrics_table.setVisible(False)
         self.report_button.setEnabled(False)
         self.use_button.setEnabled(False)
+        self.resume_button.setEnabled(False)
         self.log_view.clear()
         self.plot.set_curves(None)
         self.progress.setValue(0)
@@ -346,7 +363,8 @@ class FinetuneWidget(QWidget):
         """Show what a ``GET /jobs/{id}`` record says: state, progress, curves, log tail (and the end, if ended)."""
         self.record = dict(record)
         name = record.get("name") or record.get("id")
-        self.state_label.setText(f"{name}: {progress_text(record)}")
+        note = record.get("device_note") if record.get("state") == "training" else None
+        self.state_label.setText(f"{name}: {progress_text(record)}" + (f"\n{note}" if note else ""))
         self.progress.setValue(progress_percent(record))
         if "curves" in record:
             self.plot.set_curves(record.get("curves"))
@@ -374,14 +392,17 @@ class FinetuneWidget(QWidget):
         self.report_button.setEnabled(bool(record.get("report")))
         self.use_button.setEnabled(record.get("state") == "done" and bool(record.get("adapter")))
         state = record.get("state")
+        resumable = bool(record.get("resumable")) and state in ("failed", "cancelled")
+        self.resume_button.setEnabled(resumable)
+        again = " Resume continues it from its last checkpoint." if resumable else ""
         if state == "failed":
             self.show_message(f"The fine-tune failed: {str(record.get('error') or 'no reason given').rstrip('.')}. "
-                              "Its log is below.")  # fmt: skip
+                              f"Its log is below.{again}")  # fmt: skip
         elif state == "cancelled":
-            self.show_message("The fine-tune was cancelled; nothing was kept as an adapter.")
+            self.show_message(f"The fine-tune was cancelled at step {record.get('step') or 0}; no adapter was "
+                              f"written.{again}")  # fmt: skip
         elif state == "done":
-            note = f" ({record['device_note']})" if record.get("device_note") else ""
-            self.show_message(f"The fine-tune is done{note}: compare the metrics, then click 'Use this adapter'.")
+            self.show_message("The fine-tune is done: compare the metrics, then click 'Use this adapter'.")
 
     def _ended(self, record: dict[str, Any]) -> None:
         self.jobEnded.emit(record)
@@ -408,6 +429,27 @@ class FinetuneWidget(QWidget):
                 self.show_record(payload)
 
         self.client.cancel(str(job_id), done)
+
+    def resume_job(self) -> None:
+        """A cancelled or failed job continues from its last checkpoint, and is watched again."""
+        job_id = self.record.get("id")
+        if not job_id or self._busy():
+            return
+        self.resume_button.setEnabled(False)
+        self._starting = True
+        self.show_message("Resuming the fine-tune …")
+
+        def done(payload: Any, sentence: str | None, status: int | None = None) -> None:
+            self._starting = False
+            if sentence is not None or not isinstance(payload, dict):
+                self.resume_button.setEnabled(True)
+                self.show_message(sentence or "The engine did not answer with the job.")
+                return
+            self.show_message(f"Fine-tune {payload.get('name') or job_id} resumed.")
+            self._remember(finetune_job=str(job_id))
+            self.watch(str(job_id), payload)
+
+        self.client.resume(str(job_id), done)
 
     # -- earlier jobs ---------------------------------------------------------------------------------
     def refresh_jobs(self) -> None:

@@ -7,7 +7,8 @@ uses (:meth:`~geo_r1_qgis.engine_process.EngineManager.endpoint`). Answers come 
 went wrong (the engine's own detail, never an HTTP dump; :func:`~geo_r1_qgis.core.finetune.error_sentence`),
 and the HTTP status (None when nothing answered).
 
-- :class:`JobsClient`: ``GET /info``, ``POST /jobs``, ``GET /jobs``, ``GET /jobs/{id}``, ``DELETE /jobs/{id}``.
+- :class:`JobsClient`: ``GET /info``, ``POST /jobs``, ``GET /jobs``, ``GET /jobs/{id}``, ``DELETE /jobs/{id}``,
+  ``POST /jobs/{id}/resume``.
 - :class:`JobWatcher`: polls one job about every second until it ends; ``updated`` / ``ended`` / ``problem``.
 """
 
@@ -59,7 +60,8 @@ class JobsClient(QObject):
         self.manager.http.authed(method, url, path, token_file, done, body, timeout_ms)
 
     def info(self, callback: Answer) -> None:
-        self._ask("GET", "/info", "Asking the engine what it can do", callback, timeout_ms=5000)
+        # an engine just started may still be checking its training extras (up to a minute) before it answers
+        self._ask("GET", "/info", "Asking the engine what it can do", callback, timeout_ms=70_000)
 
     def submit(self, request: FinetuneRequest, callback: Answer) -> None:
         self._ask("POST", "/jobs", "Starting the fine-tune", callback, request.body(), timeout_ms=30_000)
@@ -69,6 +71,11 @@ class JobsClient(QObject):
 
     def job(self, job_id: str, callback: Answer) -> None:
         self._ask("GET", f"/jobs/{urllib.parse.quote(job_id, safe='')}", "Reading the fine-tune job", callback)
+
+    def resume(self, job_id: str, callback: Answer) -> None:
+        """``POST /jobs/{id}/resume``: a failed or cancelled job continues from its last checkpoint."""
+        self._ask("POST", f"/jobs/{urllib.parse.quote(job_id, safe='')}/resume", "Resuming the fine-tune", callback,
+                  {}, timeout_ms=30_000)  # fmt: skip
 
     def cancel(self, job_id: str, callback: Answer) -> None:
         self._ask("DELETE", f"/jobs/{urllib.parse.quote(job_id, safe='')}", "Cancelling the fine-tune", callback)

@@ -85,6 +85,10 @@ class FinetuneRequest:
     chip: int | None = None
     name: str | None = None
     init_adapter: str | None = None
+    #: training options beyond the recipe's (``geo-r1 train grpo --help`` names them), e.g. {"lora_r": 8}
+    options: Mapping[str, Any] | None = None
+    #: tokens the base-vs-adapter evaluation generates at most (None: the engine's default)
+    eval_max_new_tokens: int | None = None
 
     def __post_init__(self) -> None:
         text = str(self.annotations).strip()
@@ -112,6 +116,11 @@ class FinetuneRequest:
             raise ConfigError(f"the ground resolution must be > 0 m/px (or the raster's own), got {self.gsd}")
         if self.chip is not None and not 28 <= int(self.chip) <= 4096:
             raise ConfigError(f"the chip must be between 28 and 4096 pixels (or the model's tile), got {self.chip}")
+        if self.options is not None and not isinstance(self.options, Mapping):
+            raise ConfigError(f"training options must be a mapping of option names to values, got {self.options!r}")
+        if self.eval_max_new_tokens is not None and int(self.eval_max_new_tokens) < 1:
+            raise ConfigError(f"eval_max_new_tokens must be >= 1 (or the engine's default), got "
+                              f"{self.eval_max_new_tokens}")  # fmt: skip
 
     def body(self) -> dict[str, Any]:
         """The JSON body of ``POST /jobs``."""
@@ -124,6 +133,8 @@ class FinetuneRequest:
             "chip": int(self.chip) if self.chip is not None else None,
             "name": (self.name or "").strip() or None,
             "init_adapter": (self.init_adapter or "").strip() or None,
+            **({"options": dict(self.options)} if self.options else {}),
+            **({"eval_max_new_tokens": int(self.eval_max_new_tokens)} if self.eval_max_new_tokens else {}),
         }
 
 

@@ -5,8 +5,9 @@ sentence and before anything starts, a missing or wrong annotation file and an e
 Against the engine (the tiny format-trained model, with its jobs API): a short GRPO job started from the panel
 on an annotation GeoPackage of the sample scene is watched to its end (the plot gains points, the state reaches
 done, the metrics table fills), "Use this adapter" makes it the engine's active adapter and the next grounding
-run's GeoPackage records it; a second job is cancelled from the panel while it trains; a new panel takes the
-watched job up again and lists the engine's jobs. QGIS's Python only; the engine is the project's venv.
+run's GeoPackage records it; a second job is cancelled from the panel while it trains, resumed and cancelled
+again; a new panel takes the watched job up again and lists the engine's jobs; an engine's refusal is shown as
+its detail. QGIS's Python only; the engine is the project's venv.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pytest
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 qgis_core = pytest.importorskip("qgis.core", reason="PyQGIS is not importable; run under /usr/bin/python3")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import test_processing as tp  # noqa: E402  (its real-engine helpers)
+import _real_engine as rx  # noqa: E402  (the real-engine helpers the plugin tests share)
 
 pytestmark = pytest.mark.qgis
 
@@ -67,9 +68,10 @@ def isolated_settings(qgis_app):
 
 
 def _settings(**values):
+    """Change these settings, keep the others (the watched job among them, as a user's QGIS does)."""
     from geo_r1_qgis.settings import PluginSettings
 
-    PluginSettings().with_values(**values).save()
+    PluginSettings.load().with_values(**values).save()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,7 +134,7 @@ def widget(qgis_app, isolated_settings, tmp_path):
 def test_no_annotation_file_or_a_wrong_one_is_refused_before_anything_starts(widget, tmp_path):
     from geo_r1_qgis.settings import PluginSettings
 
-    _settings(engine_url=f"http://127.0.0.1:{tp._free_port()}", token_file=str(tmp_path / "none.token"))
+    _settings(engine_url=f"http://127.0.0.1:{rx.free_port()}", token_file=str(tmp_path / "none.token"))
     widget.set_annotation_file("")
     widget.start_finetune()
     assert widget.message_label.text().startswith("Choose the annotation GeoPackage")
@@ -149,7 +151,7 @@ def test_no_annotation_file_or_a_wrong_one_is_refused_before_anything_starts(wid
 
 
 def test_no_engine_is_refused_with_where_the_panel_looked(widget, tmp_path):
-    port = tp._free_port()
+    port = rx.free_port()
     token = tmp_path / "engine.token"
     token.write_text("x" * 32)
     _settings(engine_url=f"http://127.0.0.1:{port}", token_file=str(token))
@@ -182,8 +184,9 @@ def _request(eng, method: str, path: str, body=None):
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    tp._need_venv()
-    eng = tp._Engine(tmp_path_factory.mktemp("finetune-engine"), tp._tiny_format_model())
+    rx.need_venv()
+    work = tmp_path_factory.mktemp("finetune-engine")
+    eng = rx.Engine(work, rx.tiny_format_model(), extra=("--jobs-dir", str(work / "jobs")))
     status, _ = _request(eng, "GET", "/jobs")
     if status == 404:
         eng.stop()
@@ -193,9 +196,12 @@ def engine(tmp_path_factory):
         eng.stop()
         pytest.skip("the engine venv lacks the training extras (/info training false): pip install 'geo-r1[train]'")
     yield eng
-    with contextlib.suppress(OSError):
-        os.kill(eng.proc.pid, signal.SIGCONT)
     eng.stop()
+    for pid_file in (work / "jobs").glob("*/pid"):  # a job's process outlives its engine: end what these started
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pid_file.read_text())
+            if str(pid_file.parent).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.killpg(pid, signal.SIGKILL)
 
 
 _ANNOTATIONS_SCRIPT = textwrap.dedent("""
@@ -204,39 +210,40 @@ _ANNOTATIONS_SCRIPT = textwrap.dedent("""
     import shapely
     from geo_r1_qgis.core.annotations import Annotation
     from train.dataset import write_annotations
+    from train.sample_data import SampleDataConfig, write_samples
 
-    samples, out = Path(sys.argv[1]), Path(sys.argv[2])
-    truth = json.loads((samples / "utm.objects.geojson").read_text())
-    tanks = [f for f in truth["features"] if f["properties"]["category"] == "tank"]
+    root, out = Path(sys.argv[1]), Path(sys.argv[2])
     items = []
-    for i, f in enumerate(tanks):
-        split = "val" if i % 3 == 2 else "train"
-        ann = Annotation(expression="tank", raster=str(samples / "utm.tif"), split=split,
-                         created="2025-01-01T00:00:00+00:00")
-        items.append((ann, shapely.Polygon(f["geometry"]["coordinates"][0])))
+    for seed, split in ((3, "train"), (4, "val")):  # the tanks of one scene to train on, of another to evaluate
+        scene = root / f"scene{seed}"
+        write_samples(SampleDataConfig(out_dir=scene, seed=seed, size=256))
+        truth = json.loads((scene / "utm.objects.geojson").read_text())
+        for f in truth["features"]:
+            if f["properties"]["category"] == "tank":
+                ann = Annotation(expression="storage tank", raster=str(scene / "utm.tif"), split=split,
+                                 created="2025-01-01T00:00:00+00:00")
+                items.append((ann, shapely.Polygon(f["geometry"]["coordinates"][0])))
     write_annotations(out, items, "EPSG:32614")
     print(len(items))
 """)
+#: a few tiny GRPO steps (1 prompt x 4 completions of at most 32 tokens, a small LoRA), as tests/engine's jobs use
+FAST = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "num_generations": 4,
+        "max_completion_length": 32, "lora_r": 8, "lora_alpha": 16, "save_steps": 1}  # fmt: skip
+CHIP = 112
 
 
 @pytest.fixture(scope="module")
-def samples(tmp_path_factory) -> Path:
-    tp._need_venv()
-    out = tmp_path_factory.mktemp("finetune-samples")
-    proc = tp.host_exec.run([str(tp.GEO_R1), "sample-data", str(out)], timeout=120, env=tp._venv_env())
-    assert proc.returncode == 0, f"geo-r1 sample-data failed:\n{proc.stdout}\n{proc.stderr}"
-    return out
-
-
-@pytest.fixture(scope="module")
-def annotations(samples, tmp_path_factory) -> Path:
-    """The sample scene's tanks as an annotation GeoPackage (train/dataset.py's writer, in the venv)."""
-    out = tmp_path_factory.mktemp("finetune-annotations") / "tanks.gpkg"
-    script = out.parent / "write.py"
+def annotations(tmp_path_factory) -> Path:
+    """Two sample scenes' tanks as an annotation GeoPackage (train/dataset.py's writer, in the venv): one scene's
+    to train on, the other's held out; its rasters lie beside it (scene3/utm.tif, scene4/utm.tif)."""
+    rx.need_venv()
+    root = tmp_path_factory.mktemp("finetune-annotations")
+    out = root / "tanks.gpkg"
+    script = root / "write.py"
     script.write_text(_ANNOTATIONS_SCRIPT, encoding="utf-8")
-    proc = tp.host_exec.run([str(tp.VENV_BIN / "python"), str(script), str(samples), str(out)], timeout=120,
-                            env={**tp._venv_env(), "PYTHONPATH": str(tp.REPO)})  # fmt: skip
-    assert proc.returncode == 0 and int(proc.stdout.split()[-1]) >= 3, proc.stderr
+    proc = rx.host_exec.run([str(rx.VENV_BIN / "python"), str(script), str(root), str(out)], timeout=120,
+                            env={**rx.venv_env(), "PYTHONPATH": str(rx.REPO)})  # fmt: skip
+    assert proc.returncode == 0 and int(proc.stdout.split()[-1]) >= 2, proc.stderr
     return out
 
 
@@ -281,6 +288,9 @@ def _start(dock, annotations, steps: int, name: str) -> dict:
     ft.budget_unit.setCurrentIndex(ft.budget_unit.findData("steps"))
     ft.budget_spin.setValue(steps)
     ft.name_edit.setText(name)
+    ft.chip_spin.setValue(CHIP)
+    ft.training_options = dict(FAST)
+    ft.eval_max_new_tokens = 32
     started: list[dict] = []
     ft.jobStarted.connect(started.append)
     ft.finetune_button.click()
@@ -289,8 +299,7 @@ def _start(dock, annotations, steps: int, name: str) -> dict:
     return started[0]
 
 
-def test_a_short_grpo_job_is_watched_to_its_end_and_its_adapter_used_by_the_next_run(dock, engine, annotations,
-                                                                                      samples):  # fmt: skip
+def test_a_short_grpo_job_is_watched_to_its_end_and_its_adapter_used_by_the_next_run(dock, engine, annotations):
     from geo_r1_qgis.settings import PluginSettings
 
     ft = dock.finetune
@@ -331,13 +340,13 @@ def test_a_short_grpo_job_is_watched_to_its_end_and_its_adapter_used_by_the_next
     if (Path(ft.record["adapter"]) / "geo_r1_adapter.json").is_file():  # its metrics, from its manifest
         assert combo.currentText().startswith(f"{name}: "), combo.currentText()
     # a grounding run after it records the adapter: in its parameters and on every feature
-    raster = qgis_core.QgsRasterLayer(str(samples / "utm.tif"), "utm")
+    raster = qgis_core.QgsRasterLayer(str(annotations.parent / "scene4" / "utm.tif"), "utm")
     assert raster.isValid()
     QgsProject.instance().addMapLayer(raster)
     dock.raster_combo.setLayer(raster)
     dock.expression_combo.setEditText("all storage tanks")
     dock.area_combo.setCurrentIndex(1)  # the whole raster layer
-    dock.tile_spin.setValue(224)
+    dock.tile_spin.setValue(CHIP)
     dock.overlap_spin.setValue(16)
     entry = dock.start_run()
     assert entry is not None, dock.status_label.toolTip()
@@ -364,6 +373,22 @@ def test_a_job_is_cancelled_from_the_panel_while_it_trains(dock, engine, annotat
     assert (ft.record.get("step") or 0) < 500
     assert not ft.use_button.isEnabled() and ft.finetune_button.isEnabled() and not ft.cancel_button.isEnabled()
     assert "cancelled" in ft.message_label.text()
+    # Resume: it goes on from its checkpoint, watched again; then it is cancelled once more
+    stopped_at = ft.record["step"]
+    assert ft.resume_button.isEnabled() == bool(ft.record.get("resumable")) and ft.resume_button.isEnabled()
+    ft.resume_button.click()
+    def going_on() -> bool:
+        resumed = ft.record.get("state") == "training" and (ft.record.get("step") or 0) > stopped_at
+        gave_up = not ft._starting and (ft.record.get("state") in ("failed", "done") or not ft.watcher.active)
+        return resumed or gave_up
+
+    assert spin(going_on, 600), ft.state_label.text()
+    assert ft.record["state"] == "training", (ft.message_label.text(), ft.record.get("error"),
+                                              ft.record.get("log_tail"))  # fmt: skip
+    assert ft.cancel_button.isEnabled() and not ft.resume_button.isEnabled()
+    ft.cancel_button.click()
+    assert spin(lambda: ft.record.get("state") in ("cancelled", "done", "failed"), 300), ft.state_label.text()
+    assert ft.record["state"] == "cancelled" and ft.record["step"] > stopped_at
 
 
 def test_a_new_panel_takes_the_job_up_again_and_lists_earlier_jobs(dock, engine, canvas):

@@ -41,6 +41,8 @@ def test_a_request_gives_the_jobs_body_with_an_absolute_path(gpkg, monkeypatch):
     assert req.body() == {"annotations": str(gpkg.resolve()), "recipe": "sft", "max_steps": 20, "max_seconds": None,
                           "gsd": 0.5, "chip": 336, "name": "tanks", "init_adapter": None}  # fmt: skip
     assert FinetuneRequest(annotations=gpkg, max_seconds=600).body()["recipe"] == "grpo"
+    tuned = FinetuneRequest(annotations=gpkg, max_steps=2, options={"lora_r": 8}, eval_max_new_tokens=32).body()
+    assert tuned["options"] == {"lora_r": 8} and tuned["eval_max_new_tokens"] == 32
 
 
 @pytest.mark.parametrize(
@@ -54,6 +56,8 @@ def test_a_request_gives_the_jobs_body_with_an_absolute_path(gpkg, monkeypatch):
         ({"max_steps": 0}, "steps must be between 1"),
         ({"gsd": -1.0}, "ground resolution must be > 0"),
         ({"chip": 10}, "chip must be between 28"),
+        ({"options": ["lora_r"]}, "must be a mapping"),
+        ({"eval_max_new_tokens": 0}, "eval_max_new_tokens must be >= 1"),
     ],
 )
 def test_a_bad_request_says_what_to_fix(gpkg, changes, words):
