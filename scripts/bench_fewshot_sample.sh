@@ -11,13 +11,13 @@
 #   forget  held-out tank scenes ("all storage tanks", what the base model knew);
 #   cross   held-out building scenes read at 0.75 m instead of 0.5 m (a ground resolution training never saw).
 # Then scripts/fewshot_table.py writes OUT/table.md (mean and spread over the seeds).
-# Usage: scripts/bench_fewshot_sample.sh OUT_DIR ["SEEDS"] ["KS"]; knobs: SFT_S, WARM_S, LIMIT, PARALLEL.
+# Usage: scripts/bench_fewshot_sample.sh OUT_DIR ["SEEDS"] ["KS"]; knobs: SFT_S, WARM_S, SFT_LR, RL_LR, LIMIT, PARALLEL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench-fewshot-sample}
 SEEDS=${2:-"1 2 3"}
 KS=${3:-"1 5 10"}
-export SFT_S=${SFT_S:-150} WARM_S=${WARM_S:-60} LIMIT=${LIMIT:-48} OUT
+export SFT_S=${SFT_S:-150} WARM_S=${WARM_S:-60} SFT_LR=${SFT_LR:-5e-3} RL_LR=${RL_LR:-5e-4} LIMIT=${LIMIT:-48} OUT
 PARALLEL=${PARALLEL:-2}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
 export GEO=$PWD/.venv/bin/geo-r1 MODEL=$PWD/resources/sample_model
@@ -36,10 +36,10 @@ one() {  # one (seed, K): its data, three arms, three evaluations
       --scene-size 1024 --chip 224 --style all --test-scenes 2 --overwrite
     local train=(--data "$d/data" --model "$MODEL" --config tiny-learn --task multi --force --threads 1
                  --max-steps 100000 --eval-limit 0 --seed "$seed" --max-completion-length 160)
-    $GEO train sft "${train[@]}" -o "$d/sft" --learning-rate 5e-3 --max-seconds "$SFT_S"
-    $GEO train sft "${train[@]}" -o "$d/warm" --reasoning --learning-rate 5e-3 --max-seconds "$WARM_S"
+    $GEO train sft "${train[@]}" -o "$d/sft" --learning-rate "$SFT_LR" --max-seconds "$SFT_S"
+    $GEO train sft "${train[@]}" -o "$d/warm" --reasoning --learning-rate "$SFT_LR" --max-seconds "$WARM_S"
     for rl in grpo dapo; do
-      $GEO train "$rl" "${train[@]}" -o "$d/$rl" --init-adapter "$d/warm" --learning-rate 5e-4 \
+      $GEO train "$rl" "${train[@]}" -o "$d/$rl" --init-adapter "$d/warm" --learning-rate "$RL_LR" \
         --per-device-train-batch-size 32 --max-seconds "$(( SFT_S - WARM_S ))"
     done
     local arms=(--adapter sft="$d/sft" --adapter grpo="$d/grpo" --adapter dapo="$d/dapo")
