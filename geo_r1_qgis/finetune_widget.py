@@ -225,13 +225,16 @@ class FinetuneWidget(QWidget):
         self.cancel_button.clicked.connect(self.cancel_job)
         self.resume_button.clicked.connect(self.resume_job)
         self.setup_button.clicked.connect(self.open_setup)
-        self.refresh_jobs_button.clicked.connect(self.refresh_jobs)
+        self.refresh_jobs_button.clicked.connect(lambda: self.refresh_jobs())
         self.jobs_combo.activated.connect(self._job_chosen)
         self.report_button.clicked.connect(self.open_report)
         self.use_button.clicked.connect(self.use_adapter)
         self.budget_unit.currentIndexChanged.connect(self._unit_changed)
+        self.jobStarted.connect(lambda _record: self.refresh_jobs(quiet=True))
+        self.jobEnded.connect(lambda _record: self.refresh_jobs(quiet=True))
         if s.finetune_job:  # a job started earlier (before the panel was closed, or QGIS quit): taken up again
             self.watch(s.finetune_job)
+        self.refresh_jobs(quiet=True)
 
     # -- the request ----------------------------------------------------------------------------------
     def set_annotation_file(self, path: str | Path) -> None:
@@ -452,10 +455,14 @@ class FinetuneWidget(QWidget):
         self.client.resume(str(job_id), done)
 
     # -- earlier jobs ---------------------------------------------------------------------------------
-    def refresh_jobs(self) -> None:
+    def refresh_jobs(self, quiet: bool = False) -> None:
+        """``GET /jobs`` into Earlier jobs (asked when the section is built and when a job starts or ends, quietly:
+        a failure then says nothing; Refresh says why)."""
+
         def done(payload: Any, sentence: str | None, status: int | None = None) -> None:
             if sentence is not None or not isinstance(payload, dict):
-                self.show_message(sentence or "The engine's job list was not readable.")
+                if not quiet:
+                    self.show_message(sentence or "The engine's job list was not readable.")
                 return
             self.fill_jobs(payload.get("jobs") or [])
 

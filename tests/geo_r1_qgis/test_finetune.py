@@ -403,7 +403,9 @@ def test_a_new_panel_takes_the_job_up_again_and_lists_earlier_jobs(dock, engine,
         assert ft.watcher is not None and ft.watcher.job_id == job_id
         assert not again.finetune_group.isCollapsed()
         assert spin(lambda: ft.record.get("id") == job_id, 30), ft.message_label.text()
-        ft.refresh_jobs()
+        assert spin(lambda: ft.jobs_combo.count() >= 2, 30), "the section lists the engine's jobs when it is built"
+        ft.jobs_combo.clear()
+        ft.refresh_jobs_button.click()
         assert spin(lambda: ft.jobs_combo.count() >= 2, 30), ft.message_label.text()
         ids = [ft.jobs_combo.itemData(i) for i in range(ft.jobs_combo.count())]
         assert job_id in ids and ft.jobs_combo.currentData() == job_id
@@ -436,3 +438,40 @@ def test_the_engines_refusal_is_shown_as_its_detail(dock, engine, tmp_path):
     assert text.startswith("Starting the fine-tune failed: ") and "HTTP" not in text and "{" not in text, text
     assert PluginSettings.load().finetune_job == watched, "nothing was started"
     assert ft.watcher is None or not ft.watcher.active
+
+
+def test_an_engine_without_the_training_tools_is_refused_with_the_fix(qgis_app, isolated_settings, annotations,
+                                                                      tmp_path, monkeypatch):  # fmt: skip
+    from geo_r1_qgis.engine_process import EngineManager
+    from geo_r1_qgis.finetune_widget import FinetuneWidget
+
+    hidden = tmp_path / "hide-trl" / "trl"  # an engine venv without the training extras: trl does not import
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('No module named trl (hidden by the test)')\n")
+    plain_env = rx.venv_env
+    monkeypatch.setattr(rx, "venv_env", lambda: {**plain_env(), "PYTHONPATH": str(hidden.parent)})
+    eng = rx.Engine(tmp_path, rx.tiny_format_model(), extra=("--jobs-dir", str(tmp_path / "jobs")))
+    manager = widget = None
+    try:
+        assert eng.info.get("training") is False, eng.info
+        _settings(engine_url=eng.url, token_file=str(eng.token_file), finetune_job="")
+        manager = EngineManager()
+        widget = FinetuneWidget(manager)
+        widget.set_annotation_file(annotations)
+        widget.budget_spin.setValue(2)
+        widget.finetune_button.click()
+        assert spin(lambda: widget.finetune_button.isEnabled() and "training tools" in widget.message_label.text(),
+                    90), widget.message_label.text()  # fmt: skip
+        text = widget.message_label.text()
+        assert "geo-r1[train]" in text and "Set up the training tools" in text and "HTTP" not in text, text
+        assert not widget.setup_button.isHidden(), "the installer is offered"
+        assert widget.watcher is None
+        status, listed = _request(eng, "GET", "/jobs")
+        assert status == 200 and listed["jobs"] == [], "nothing was started"
+    finally:
+        if widget is not None:
+            widget.deleteLater()
+        if manager is not None:
+            manager.deleteLater()
+        eng.stop()
+        gc.collect()
