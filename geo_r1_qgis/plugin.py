@@ -105,6 +105,8 @@ class GeoR1Plugin:
             active = self.iface.activeLayer()
             raster = active if isinstance(active, QgsRasterLayer) else None
         self.annotation_dock.start_annotating(raster)
+        if self.dock is not None:  # the panel's Fine-tune section trains on the file being annotated
+            self.dock.set_annotation_file(self.annotation_dock.annotation_path())
         return self.annotation_dock
 
     def open_settings(self) -> None:

@@ -638,6 +638,18 @@ def test_the_annotate_action_opens_the_dock_with_the_tool_on(qgis_app, isolated_
         assert dock.raster_combo.currentLayer() is raster and canvas.mapTool() is dock.tool
         assert dock.annotation_path() == tmp_path / "a.gpkg"
         assert plugin.annotate() is dock  # one dock
+
+        class PanelRecorder:  # the wiring only; the panel's set_annotation_file is test_finetune's
+            def __init__(self) -> None:
+                self.files: list = []
+
+            def set_annotation_file(self, path) -> None:
+                self.files.append(path)
+
+        plugin.dock = PanelRecorder()
+        plugin.annotate()
+        assert plugin.dock.files == [tmp_path / "a.gpkg"]  # the Fine-tune section trains on this file
+        plugin.dock = None
     finally:
         dock = plugin.annotation_dock
         dock.stop_annotating()
