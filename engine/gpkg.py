@@ -1,7 +1,7 @@
 """The GeoPackage sink of ``geo-r1 ground``: GDAL's GPKG driver through pyogrio.
 
 The file's layout, the run row, transactions, resuming and every plain-SQLite step live in
-:mod:`geo_r1_qgis.core.gpkg_schema`, shared with the QGIS plugin's writer (:mod:`geo_r1_qgis.gpkg_ogr`,
+:mod:`geo_r1_qgis.core.gpkg_schema`, shared with the QGIS plugin's writer (:mod:`geo_r1_qgis.qgis_io.gpkg_ogr`,
 ``osgeo.ogr``), so either resumes and reads the other's files. This module adds the pyogrio
 :class:`PyogrioWriter` (one ``pyogrio.raw.write`` = one GDAL transaction) and the reprojection.
 

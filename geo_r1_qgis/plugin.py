@@ -66,7 +66,7 @@ class GeoR1Plugin:
         self.log_handler = install_message_log()
         self.initProcessing()
         from .compat import RIGHT_DOCK
-        from .panel import GeoR1Dock
+        from .gui.panel import GeoR1Dock
 
         self.dock = GeoR1Dock(self.iface, parent=self.iface.mainWindow())
         self.iface.addDockWidget(RIGHT_DOCK, self.dock)  # also listed in View > Panels
@@ -92,8 +92,8 @@ class GeoR1Plugin:
     def annotate(self, raster=None):
         """Show the annotation dock with its box tool on (over ``raster`` when given); returns the dock."""
         if self.annotation_dock is None:
-            from .annotation_dock import AnnotationDock
             from .compat import RIGHT_DOCK
+            from .gui.annotation_dock import AnnotationDock
 
             self.annotation_dock = AnnotationDock(self.iface, parent=self.iface.mainWindow())
             self.iface.addDockWidget(RIGHT_DOCK, self.annotation_dock)
@@ -110,7 +110,7 @@ class GeoR1Plugin:
         return self.annotation_dock
 
     def open_settings(self) -> None:
-        from .settings_dialog import SettingsDialog
+        from .gui.settings_dialog import SettingsDialog
 
         SettingsDialog(self.iface.mainWindow()).exec()
 
@@ -140,7 +140,7 @@ class GeoR1Plugin:
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None
-        from .engine_process import release_shared_manager
+        from .engine_control.engine_process import release_shared_manager
 
         release_shared_manager()  # stops the engine the plugin started, unless it was started to keep running
         if self.log_handler is not None:
@@ -148,13 +148,13 @@ class GeoR1Plugin:
             self.log_handler = None
 
     def open_engine_setup(self) -> None:
-        from .engine_setup.dialog import SetupDialog
+        from .engine_control.setup.dialog import SetupDialog
 
         SetupDialog(self.iface.mainWindow()).exec()
 
     def check_engine(self) -> None:
         """Asks the engine in the background (a few seconds at most); QGIS never waits for it."""
-        from .engine_process import message_bar_text, shared_manager
+        from .engine_control.engine_process import message_bar_text, shared_manager
 
         def done(ok: bool, text: str, _info: dict) -> None:
             level = MSG_SUCCESS if ok else MSG_WARNING

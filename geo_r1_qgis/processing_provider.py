@@ -2,9 +2,9 @@
 
 The algorithm fills one :class:`~geo_r1_qgis.core.run_spec.RunSpec` and runs its
 :class:`~geo_r1_qgis.core.pipeline.GroundingJob`, reads the raster with
-:class:`~geo_r1_qgis.qgis_io.QgisRasterSource`, asks the engine through
+:class:`~geo_r1_qgis.qgis_io.rasters.QgisRasterSource`, asks the engine through
 :class:`~geo_r1_qgis.core.client.EngineClient` and writes the merged polygons with
-:class:`~geo_r1_qgis.qgis_io.FeatureSinkResultSink`. ``processAlgorithm`` is the boundary: every
+:class:`~geo_r1_qgis.qgis_io.rasters.FeatureSinkResultSink`. ``processAlgorithm`` is the boundary: every
 :class:`~geo_r1_qgis.core.errors.GeoR1Error` becomes a ``QgsProcessingException`` there, and nowhere
 else.
 """
@@ -43,10 +43,10 @@ from .core.pipeline import run_grounding
 from .core.progress import ProgressTracker
 from .core.results import run_meta
 from .core.run_spec import RunSpec
-from .engine_process import shared_endpoint
+from .engine_control.engine_process import shared_endpoint
+from .engine_control.run_task import run_display_name
 from .icon import plugin_icon
-from .qgis_io import FeatureSinkResultSink, features_area, make_fields, parse_bands, prepare_input
-from .run_task import run_display_name
+from .qgis_io.rasters import FeatureSinkResultSink, features_area, make_fields, parse_bands, prepare_input
 from .settings import PluginSettings
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class _ResultStyler(QgsProcessingLayerPostProcessorInterface):
 
     def postProcessLayer(self, layer, context, feedback) -> None:
         if isinstance(layer, QgsVectorLayer):
-            from .results_style import style_result_layer
+            from .qgis_io.results_style import style_result_layer
 
             style_result_layer(layer)
 

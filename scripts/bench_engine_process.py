@@ -51,7 +51,7 @@ def main() -> int:
     app.initQgis()
     from qgis.core import QgsSettings
 
-    from geo_r1_qgis import engine_process as ep
+    from geo_r1_qgis.engine_control import engine_process as ep
 
     starts, detections = [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -111,7 +111,7 @@ def main() -> int:
     app = QgsApplication([], True)
     app.initQgis()
     QCoreApplication.setApplicationName(f"geo-r1-bench-{os.getpid()}")  # never the user's settings
-    from geo_r1_qgis.panel import RUNS, GeoR1Dock
+    from geo_r1_qgis.gui.panel import RUNS, GeoR1Dock
     from geo_r1_qgis.settings import PluginSettings
 
     loads, firsts, cancels, runs = [], [], [], []

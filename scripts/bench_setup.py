@@ -3,7 +3,7 @@
     QT_QPA_PLATFORM=offscreen /usr/bin/python3 scripts/bench_setup.py [--work DIR] [--wheel dist/geo_r1-*.whl]
 
 Runs under QGIS's Python (the installer is the plugin's). ``geo-r1 wheelhouse`` runs in the repository's venv;
-then :class:`geo_r1_qgis.engine_setup.installer.Installer` builds a venv from the wheelhouse with pip's
+then :class:`geo_r1_qgis.engine_control.setup.installer.Installer` builds a venv from the wheelhouse with pip's
 ``--no-index --find-links DIR`` (no index at all), each step timed. Prints one JSON object.
 """
 
@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> int:
-    from geo_r1_qgis.engine_setup.installer import Installer, SetupConfig, find_interpreters
-    from geo_r1_qgis.engine_setup.venv import check_venv, plugin_version
+    from geo_r1_qgis.engine_control.setup.installer import Installer, SetupConfig, find_interpreters
+    from geo_r1_qgis.engine_control.setup.venv import check_venv, plugin_version
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=None, help="a scratch folder (default: a temporary one)")

@@ -29,7 +29,7 @@ def main() -> int:
     args = ap.parse_args()
     app = QgsApplication([], True)
     app.initQgis()
-    from geo_r1_qgis.engine_setup.dialog import SetupDialog
+    from geo_r1_qgis.engine_control.setup.dialog import SetupDialog
 
     dialog = SetupDialog(None)
     dialog._select(dialog.source_combo, args.source)

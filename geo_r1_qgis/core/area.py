@@ -2,7 +2,7 @@
 
 The user may restrict a run to polygons (the selected features of a polygon layer). The polygons
 arrive here already in **raster pixel coordinates** (pixel-edge convention, ``y`` down; the QGIS
-adapter :func:`geo_r1_qgis.qgis_io.area_from_selection` reprojects and converts them), as
+adapter :func:`geo_r1_qgis.qgis_io.rasters.area_from_selection` reprojects and converts them), as
 :class:`AreaPolygon` values: one exterior ring and its holes. A multipolygon is several
 :class:`AreaPolygon` values. The area is the **union** of the polygons; a point inside a hole is
 outside its polygon (it may still be inside another polygon of the area).

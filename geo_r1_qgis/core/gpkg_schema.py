@@ -2,7 +2,7 @@
 
 Pure: the standard library and numpy only, no GDAL and no QGIS. ``geo-r1 ground`` writes the file
 through pyogrio (:mod:`engine.gpkg`), the QGIS plugin through GDAL's own Python bindings
-(:mod:`geo_r1_qgis.gpkg_ogr`). Both pass a small :class:`FeatureWriter` (append rows to a table in
+(:mod:`geo_r1_qgis.qgis_io.gpkg_ogr`). Both pass a small :class:`FeatureWriter` (append rows to a table in
 one transaction, creating the file or the table when missing) to :class:`GeoPackageRun`, which holds
 everything else: the table names and fields below, the run row, resuming, and the bookkeeping that
 is plain SQLite (``sqlite3``). So a file written by either is read, resumed and finished by the other.
@@ -658,7 +658,7 @@ def mark_run(path: str | Path, run_id: str, status: str, summary: Mapping[str, A
 
 class FeatureWriter(Protocol):
     """Appending rows to one table of a GeoPackage; :mod:`engine.gpkg` (pyogrio) and
-    :mod:`geo_r1_qgis.gpkg_ogr` (``osgeo.ogr``) implement it. A writer whose GDAL runs the same SQLite library
+    :mod:`geo_r1_qgis.qgis_io.gpkg_ogr` (``osgeo.ogr``) implement it. A writer whose GDAL runs the same SQLite library
     as Python's ``sqlite3`` says so with a true ``shares_sqlite`` attribute (:class:`WalHold`'s ``separate``)."""
 
     def append(

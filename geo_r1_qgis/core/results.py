@@ -2,7 +2,7 @@
 writers and both readers.
 
 Pure (standard library and numpy). The command line's GeoPackage (``engine/gpkg.py``, ``engine/rasters.py``)
-and the plugin's Processing output (``geo_r1_qgis/qgis_io.py``) both use these, so a layer made by either
+and the plugin's Processing output (``geo_r1_qgis/qgis_io/rasters.py``) both use these, so a layer made by either
 has the same fields, and a raster is stretched the same way by either reader.
 """
 

@@ -1,7 +1,7 @@
 """One run, as the user describes it: what to find and how to tile, ask and filter.
 
 :class:`RunSpec` is filled by ``geo-r1 ground`` (:class:`engine.ground.GroundConfig` adds the command's own
-options), by the panel (:class:`geo_r1_qgis.run_task.RunRequest` adds its own) and by the Processing
+options), by the panel (:class:`geo_r1_qgis.engine_control.run_task.RunRequest` adds its own) and by the Processing
 algorithm; its values are checked here once (:func:`check_run_values`, which the pipeline's
 :class:`~geo_r1_qgis.core.pipeline.GroundingJob` also calls). A field's ``metadata`` says how the command line
 spells it (``engine/cli/options.py`` reads it), so adding a run option is one field and its uses.

@@ -56,7 +56,7 @@ def test_wheel_holds_engine_train_recipes_and_core(wheel):
     with zipfile.ZipFile(wheel) as zf:
         assert zf.read("engine/constraints.txt").decode() == (REPO / "constraints.txt").read_text()
     # the plugin's QGIS-only parts and the tests stay out; the plugin ships as its own zip
-    assert not [n for n in names if n.startswith(("tests/", "geo_r1_qgis/engine_setup/", "scripts/"))]
+    assert not [n for n in names if n.startswith(("tests/", "geo_r1_qgis/engine_control/setup/", "scripts/"))]
 
 
 def test_wheel_ships_the_plugins_core_only(wheel, tmp_path):
@@ -65,7 +65,8 @@ def test_wheel_ships_the_plugins_core_only(wheel, tmp_path):
     names, _ = _metadata(wheel)
     plugin = sorted(n for n in names if n.startswith("geo_r1_qgis/") and not n.startswith("geo_r1_qgis/core/"))
     assert plugin == [], f"the wheel ships plugin modules: {plugin}"
-    gui = [p.name for p in (REPO / "geo_r1_qgis").glob("*.py") if p.name != "__init__.py"]
+    pkg = REPO / "geo_r1_qgis"
+    gui = [p.name for p in pkg.rglob("*.py") if "core" not in p.relative_to(pkg).parts]
     assert {"panel.py", "plugin.py", "processing_provider.py"} <= set(gui)  # what the check above keeps out
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", "--target",
@@ -74,7 +75,7 @@ def test_wheel_ships_the_plugins_core_only(wheel, tmp_path):
         "import sys; sys.path.insert(0, sys.argv[1])\n"
         "import geo_r1_qgis.core.rules.parsing as p, geo_r1_qgis.core.geometry, engine, train\n"
         "assert p.__file__.startswith(sys.argv[1]), p.__file__\n"
-        "import importlib.util as u; assert u.find_spec('geo_r1_qgis.panel') is None\n"
+        "import importlib.util as u; assert u.find_spec('geo_r1_qgis.gui.panel') is None\n"
         "print('ok')\n"
     )
     # -S: neither the venv's site-packages nor its editable install of the repository can answer instead

@@ -166,7 +166,7 @@ class Driver:
 
         # the panel's load time (after the real panel opened, so that one finds the engine itself): a second
         # panel built and shown on its own, then thrown away
-        from geo_r1_qgis.panel import GeoR1Dock
+        from geo_r1_qgis.gui.panel import GeoR1Dock
 
         t0 = time.perf_counter()
         probe = GeoR1Dock(iface)
@@ -364,7 +364,7 @@ class Driver:
 
     def refused_run(self, dock, what: str):
         """Click Run and wait for the panel's answer; what it says and whether anything started."""
-        from geo_r1_qgis.panel import RUNS
+        from geo_r1_qgis.gui.panel import RUNS
 
         manager = QgsApplication.taskManager()
         label = dock.status_label
@@ -398,7 +398,7 @@ class Driver:
 
     def run_on_second_raster(self, dock, lower):
         """A second raster on top of the first, a run on it: each run's boxes drawn above its own raster."""
-        from geo_r1_qgis.panel import AREA_LAYER, RUNS
+        from geo_r1_qgis.gui.panel import AREA_LAYER, RUNS
 
         upper = iface.addRasterLayer(self.cfg["second_raster"], Path(self.cfg["second_raster"]).stem)
         if upper is None or not upper.isValid():
@@ -523,7 +523,7 @@ class Driver:
 
     def _central_result(self, top, extent):
         """The best-scored result away from the raster's edges (the first one when none is), for the picture."""
-        from geo_r1_qgis.panel import ROLE_FEATURE
+        from geo_r1_qgis.gui.panel import ROLE_FEATURE
 
         middle = extent.buffered(-0.2 * min(extent.width(), extent.height()))
         for i in range(top.childCount()):

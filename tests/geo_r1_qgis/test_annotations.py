@@ -109,7 +109,7 @@ def raster(qgis_app, canvas):
 
 @pytest.fixture
 def dock(qgis_app, isolated_settings, canvas, tmp_path):
-    from geo_r1_qgis.annotation_dock import AnnotationDock
+    from geo_r1_qgis.gui.annotation_dock import AnnotationDock
     from geo_r1_qgis.settings import PluginSettings
 
     PluginSettings().with_values(annotation_gpkg=str(tmp_path / "ann.gpkg")).save()
@@ -402,7 +402,7 @@ def test_undo_removes_the_last_box_and_the_dock_deletes_and_edits(dock, canvas, 
 
 
 def test_counts_and_warnings_in_the_dock(dock, canvas, raster, tmp_path):
-    from geo_r1_qgis.annotation_dock import AnnotationChoice
+    from geo_r1_qgis.gui.annotation_dock import AnnotationChoice
 
     copy = tmp_path / "copy.tif"  # a raster that will go away
     shutil.copy(RASTER, copy)
@@ -456,7 +456,7 @@ def test_counts_and_warnings_in_the_dock(dock, canvas, raster, tmp_path):
 
 
 def test_one_crs_per_file_and_a_web_layer_is_refused(dock, raster):
-    from geo_r1_qgis.annotation_dock import AnnotationChoice
+    from geo_r1_qgis.gui.annotation_dock import AnnotationChoice
 
     if not OTHER_CRS_RASTER.is_file():
         pytest.skip(f"{OTHER_CRS_RASTER} is missing")
@@ -556,8 +556,8 @@ def _sha(path: Path) -> str:
 def test_a_file_of_another_layout_is_refused_and_left_alone(dock, raster, tmp_path):
     from osgeo import ogr, osr
 
-    from geo_r1_qgis.annotation_dock import AnnotationChoice
-    from geo_r1_qgis.annotation_layer import AnnotationStore
+    from geo_r1_qgis.gui.annotation_dock import AnnotationChoice
+    from geo_r1_qgis.qgis_io.annotation_layer import AnnotationStore
 
     foreign = tmp_path / "foreign.gpkg"
     ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(foreign))
@@ -663,7 +663,7 @@ def test_the_annotate_action_opens_the_dock_with_the_tool_on(qgis_app, isolated_
 
 
 def test_the_layer_removed_from_the_map_stays_off_until_the_next_box(dock, raster):
-    from geo_r1_qgis.annotation_dock import AnnotationChoice
+    from geo_r1_qgis.gui.annotation_dock import AnnotationChoice
 
     dock.raster_combo.setLayer(raster)
     c = raster.extent().center()
@@ -713,7 +713,7 @@ def test_the_import_dialog_and_the_delete_key(dock, raster):
 
 def test_the_default_file_is_beside_the_project_and_a_chosen_one_is_remembered(qgis_app, isolated_settings, canvas,
                                                                                tmp_path):  # fmt: skip
-    from geo_r1_qgis.annotation_dock import AnnotationDock
+    from geo_r1_qgis.gui.annotation_dock import AnnotationDock
     from geo_r1_qgis.settings import PluginSettings
 
     PluginSettings().save()  # nothing chosen yet
@@ -736,7 +736,7 @@ def test_the_default_file_is_beside_the_project_and_a_chosen_one_is_remembered(q
 
 
 def test_a_box_edited_by_hand_into_a_bad_split_is_an_error_in_check(dock, raster):
-    from geo_r1_qgis.annotation_dock import INVALID, AnnotationChoice
+    from geo_r1_qgis.gui.annotation_dock import INVALID, AnnotationChoice
 
     dock.raster_combo.setLayer(raster)
     c = raster.extent().center()

@@ -1,4 +1,5 @@
-"""The engine from inside QGIS (``geo_r1_qgis/engine_process.py``) on a real QgsApplication and real engines.
+"""The engine from inside QGIS (``geo_r1_qgis/engine_control/engine_process.py``) on a real QgsApplication and
+real engines.
 
 Runs under QGIS's Python (``QT_QPA_PLATFORM=offscreen /usr/bin/python3 -m pytest``). The engine venv is the
 repository's ``.venv``; the model is the format-trained tiny model (``tests/tiny_models.py``); the LoRA adapter is
@@ -78,7 +79,7 @@ def lora_dir(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ep(qgis_app):
-    from geo_r1_qgis import engine_process
+    from geo_r1_qgis.engine_control import engine_process
 
     return engine_process
 
@@ -216,7 +217,7 @@ def test_a_start_that_never_answers_gives_up_after_its_timeout(ep, qsettings, tm
 
 @pytest.fixture()
 def external(tiny_model, tmp_path):
-    from geo_r1_qgis.engine_process import free_port
+    from geo_r1_qgis.engine_control.engine_process import free_port
 
     port = free_port()
     token_file = tmp_path / "ext" / "engine.token"
@@ -298,8 +299,8 @@ def test_a_started_engine_leaves_the_users_settings_so_a_restart_finds_the_readm
     Settings left the panel saying "stopped"."""
     from qgis.PyQt import sip
 
+    from geo_r1_qgis.gui.settings_dialog import SettingsDialog
     from geo_r1_qgis.settings import PluginSettings
-    from geo_r1_qgis.settings_dialog import SettingsDialog
 
     _proc, url, token_file = external
     PluginSettings().with_values(engine_url=url, token_file=str(token_file)).save(qsettings)

@@ -1,4 +1,4 @@
-"""The plugin's engine setup (geo_r1_qgis/engine_setup/) under QGIS's own Python.
+"""The plugin's engine setup (geo_r1_qgis/engine_control/setup/) under QGIS's own Python.
 
 Real programs throughout: the host's python3 builds real venvs, pip installs from pip's configured index, the
 wheel is the one ``make wheel`` builds, and the installed ``geo-r1 serve`` answers /health with the tiny model.
@@ -26,8 +26,8 @@ import host_exec  # noqa: E402
 from tiny_models import cached_build  # noqa: E402
 
 from geo_r1_qgis.core.errors import ConfigError  # noqa: E402
-from geo_r1_qgis.engine_setup import installer as inst  # noqa: E402
-from geo_r1_qgis.engine_setup.venv import (  # noqa: E402
+from geo_r1_qgis.engine_control.setup import installer as inst  # noqa: E402
+from geo_r1_qgis.engine_control.setup.venv import (  # noqa: E402
     RECORD_NAME,
     check_venv,
     engine_executable,
@@ -383,8 +383,8 @@ def _wait(app, predicate, timeout: float = 60) -> None:
 
 
 def test_dialog_shows_the_python_found_and_cancels_an_install(qgis_app, tmp_path):
-    from geo_r1_qgis.engine_setup.dialog import SetupDialog
-    from geo_r1_qgis.engine_setup.installer import GpuInfo
+    from geo_r1_qgis.engine_control.setup.dialog import SetupDialog
+    from geo_r1_qgis.engine_control.setup.installer import GpuInfo
     from geo_r1_qgis.settings import PluginSettings
 
     old = tmp_path / "engine-venv"
@@ -451,8 +451,8 @@ def test_from_the_installed_venv_to_objects_on_the_map_through_the_gui(installed
     from qgis.gui import QgsMapCanvas
     from qgis.PyQt.QtCore import QCoreApplication
 
-    from geo_r1_qgis import engine_process as ep
-    from geo_r1_qgis.panel import RUNS, GeoR1Dock
+    from geo_r1_qgis.engine_control import engine_process as ep
+    from geo_r1_qgis.gui.panel import RUNS, GeoR1Dock
     from geo_r1_qgis.settings import PluginSettings
 
     cfg, _, _ = installed

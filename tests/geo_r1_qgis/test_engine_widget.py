@@ -1,4 +1,4 @@
-"""The engine widget of the panel (``geo_r1_qgis/engine_widget.py``) on a real QgsApplication.
+"""The engine widget of the panel (``geo_r1_qgis/gui/engine_widget.py``) on a real QgsApplication.
 
 Its engine is driven by ``EngineManager`` (tested with real engines in test_engine_process.py); here the widget's
 own behaviour: known checkpoints fill the processor, states colour the line, the log view, the adapters combo,
@@ -22,8 +22,8 @@ pytestmark = pytest.mark.qgis
 def widget(qgis_app, tmp_path):
     from qgis.PyQt.QtCore import QSettings
 
-    from geo_r1_qgis.engine_process import EngineManager
-    from geo_r1_qgis.engine_widget import EngineWidget
+    from geo_r1_qgis.engine_control.engine_process import EngineManager
+    from geo_r1_qgis.gui.engine_widget import EngineWidget
     from geo_r1_qgis.settings import PluginSettings
 
     qs = qgis_core.QgsSettings(str(tmp_path / "qgis.ini"), QSettings.Format.IniFormat)
@@ -102,9 +102,9 @@ def test_copy_diagnostics_from_the_widget(widget):
 
 
 def test_the_setup_button_opens_the_setup_dialog_when_present(widget, monkeypatch):
-    if not (Path(__file__).resolve().parents[2] / "geo_r1_qgis" / "engine_setup" / "dialog.py").is_file():
-        pytest.skip("geo_r1_qgis/engine_setup/dialog.py is not in this tree")
-    from geo_r1_qgis.engine_setup import dialog
+    if not (Path(__file__).resolve().parents[2] / "geo_r1_qgis" / "engine_control" / "setup" / "dialog.py").is_file():
+        pytest.skip("geo_r1_qgis/engine_control/setup/dialog.py is not in this tree")
+    from geo_r1_qgis.engine_control.setup import dialog
 
     opened: list = []
     monkeypatch.setattr(dialog.SetupDialog, "exec", lambda self: opened.append(self) or 0)
@@ -128,8 +128,8 @@ def test_messages_name_only_settings_that_exist(widget, qgis_app):
     from qgis.PyQt import sip
     from qgis.PyQt.QtWidgets import QFormLayout, QLabel
 
+    from geo_r1_qgis.gui.settings_dialog import SettingsDialog
     from geo_r1_qgis.settings import PluginSettings
-    from geo_r1_qgis.settings_dialog import SettingsDialog
 
     widget.model_combo.setEditText("Geo-R1/Geo-R1-3B-GRPO-REC-10shot")
     widget.start()  # no engine venv: the message names where to choose one

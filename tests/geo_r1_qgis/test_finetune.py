@@ -92,7 +92,7 @@ def _colour_pixels(image, rgb, tolerance=40) -> int:
 
 def test_the_plot_draws_each_curve_in_its_colour_with_axes_and_its_last_value(qgis_app):
     from geo_r1_qgis.core.finetune import CURVES
-    from geo_r1_qgis.curve_plot import CurvePlot
+    from geo_r1_qgis.gui.curve_plot import CurvePlot
 
     plot = CurvePlot()
     colours = {key: rgb for key, _label, rgb in CURVES}
@@ -118,8 +118,8 @@ def test_the_plot_draws_each_curve_in_its_colour_with_axes_and_its_last_value(qg
 
 @pytest.fixture
 def widget(qgis_app, isolated_settings, tmp_path):
-    from geo_r1_qgis.engine_process import EngineManager
-    from geo_r1_qgis.finetune_widget import FinetuneWidget
+    from geo_r1_qgis.engine_control.engine_process import EngineManager
+    from geo_r1_qgis.gui.finetune_widget import FinetuneWidget
 
     manager = EngineManager()
     w = FinetuneWidget(manager)
@@ -260,7 +260,7 @@ def canvas(qgis_app):
 
 @pytest.fixture
 def dock(qgis_app, isolated_settings, canvas, engine, tmp_path):
-    from geo_r1_qgis.panel import RUNS, GeoR1Dock
+    from geo_r1_qgis.gui.panel import RUNS, GeoR1Dock
 
     _settings(engine_url=engine.url, token_file=str(engine.token_file), output_gpkg=str(tmp_path / "results.gpkg"))
     d = GeoR1Dock(None, canvas=canvas)
@@ -392,7 +392,7 @@ def test_a_job_is_cancelled_from_the_panel_while_it_trains(dock, engine, annotat
 
 
 def test_a_new_panel_takes_the_job_up_again_and_lists_earlier_jobs(dock, engine, canvas):
-    from geo_r1_qgis.panel import GeoR1Dock
+    from geo_r1_qgis.gui.panel import GeoR1Dock
     from geo_r1_qgis.settings import PluginSettings
 
     job_id = PluginSettings.load().finetune_job
@@ -442,8 +442,8 @@ def test_the_engines_refusal_is_shown_as_its_detail(dock, engine, tmp_path):
 
 def test_an_engine_without_the_training_tools_is_refused_with_the_fix(qgis_app, isolated_settings, annotations,
                                                                       tmp_path, monkeypatch):  # fmt: skip
-    from geo_r1_qgis.engine_process import EngineManager
-    from geo_r1_qgis.finetune_widget import FinetuneWidget
+    from geo_r1_qgis.engine_control.engine_process import EngineManager
+    from geo_r1_qgis.gui.finetune_widget import FinetuneWidget
 
     hidden = tmp_path / "hide-trl" / "trl"  # an engine venv without the training extras: trl does not import
     hidden.mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""The plugin's GeoPackage writer (geo_r1_qgis/gpkg_ogr.py, ``osgeo.ogr``) against the command line's (pyogrio).
+"""The plugin's GeoPackage writer (geo_r1_qgis/qgis_io/gpkg_ogr.py, ``osgeo.ogr``) against the command line's (pyogrio).
 
 Runs under QGIS's Python. A run is written through the real pipeline (``core/pipeline.run_grounding``), a real
 raster from ``../shared/data`` read by ``qgis_io.QgisRasterSource`` and a real engine process (the tiny
@@ -39,7 +39,7 @@ from geo_r1_qgis.core.gpkg_schema import (  # noqa: E402
 )
 from geo_r1_qgis.core.merge import Detection  # noqa: E402
 from geo_r1_qgis.core.pipeline import GroundingJob, MapDetection, RunSummary, run_grounding  # noqa: E402
-from geo_r1_qgis.gpkg_ogr import (  # noqa: E402
+from geo_r1_qgis.qgis_io.gpkg_ogr import (  # noqa: E402
     OgrGeoPackageSink,
     describe_schema,
     list_runs,
@@ -74,7 +74,7 @@ class _Raster:
     """The NAIP raster as a QGIS layer and its reader (layers die before the session ends)."""
 
     def __init__(self) -> None:
-        from geo_r1_qgis.qgis_io import QgisRasterSource
+        from geo_r1_qgis.qgis_io.rasters import QgisRasterSource
 
         if not RASTER.is_file():
             pytest.skip(f"{RASTER} is missing (the shared rasters live in <repo>/../shared/data)")
@@ -442,7 +442,7 @@ def test_the_writer_works_in_either_gdal_exception_mode_and_off_the_main_thread(
 
     from geo_r1_qgis.core.errors import OutputError
     from geo_r1_qgis.core.gpkg_schema import TILES_FIELDS, Field, now_utc
-    from geo_r1_qgis.gpkg_ogr import OgrWriter
+    from geo_r1_qgis.qgis_io.gpkg_ogr import OgrWriter
 
     srs = osr.SpatialReference()
     srs.ImportFromEPSG(32633)
@@ -493,7 +493,7 @@ def test_qgis_reads_a_file_while_the_command_line_writes_it(qgis_app, engine, tm
 
     from osgeo import gdal
 
-    from geo_r1_qgis import gpkg_ogr
+    from geo_r1_qgis.qgis_io.rasters import gpkg_ogr
 
     out = tmp_path / "shared.gpkg"
     first = host_exec.run(_cli(engine, out, "--tile", "504", "--overlap", "0"), timeout=300, env=real.venv_env())
@@ -584,8 +584,8 @@ def test_a_held_file_stays_in_wal_while_qgis_opens_and_closes_it(qgis_app, tmp_p
 
     from osgeo import ogr
 
-    from geo_r1_qgis import gpkg_ogr
     from geo_r1_qgis.core.gpkg_schema import WalHold, hold_in_child
+    from geo_r1_qgis.qgis_io.rasters import gpkg_ogr
 
     out = tmp_path / "held.gpkg"
     ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(out))

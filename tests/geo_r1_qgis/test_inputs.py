@@ -1,4 +1,4 @@
-"""The inputs the panel and Processing share (geo_r1_qgis/qgis_io.py): ground resolution, an area from
+"""The inputs the panel and Processing share (geo_r1_qgis/qgis_io/rasters.py): ground resolution, an area from
 selected polygons, and web layers (a local XYZ tile directory), down to a real grounding through
 ``geor1:ground`` against a real engine with the tiny format-trained model.
 
@@ -75,7 +75,7 @@ def _utm_raster(path: Path, array: np.ndarray, pixel: float) -> Path:
 
 
 def test_a_coarser_resolution_reads_box_averaged_pixels_and_a_finer_one_repeats_them(qgis, tmp_path):
-    from geo_r1_qgis.qgis_io import prepare_input, scale_for_resolution
+    from geo_r1_qgis.qgis_io.rasters import prepare_input, scale_for_resolution
 
     rng = np.random.default_rng(0)
     array = rng.integers(1, 255, size=(300, 300), dtype=np.uint8)  # 0.1 m pixels; no 0 (no nodata)
@@ -102,7 +102,7 @@ def test_a_coarser_resolution_reads_box_averaged_pixels_and_a_finer_one_repeats_
 
 
 def test_a_geographic_raster_converts_metres_at_its_latitude(qgis):
-    from geo_r1_qgis.qgis_io import scale_for_resolution
+    from geo_r1_qgis.qgis_io.rasters import scale_for_resolution
 
     layer = qgis.raster(_need(COG))
     assert layer.crs().isGeographic()
@@ -158,7 +158,7 @@ def _naip_polygons(raster):
 
 
 def test_area_from_selected_polygons_in_another_crs(qgis):
-    from geo_r1_qgis.qgis_io import QgisRasterSource, area_from_selection
+    from geo_r1_qgis.qgis_io.rasters import QgisRasterSource, area_from_selection
 
     raster = qgis.raster(_need(NAIP))
     layer = _naip_polygons(raster)
@@ -179,7 +179,7 @@ def test_area_from_selected_polygons_in_another_crs(qgis):
 
 
 def test_area_errors_say_what_to_do(qgis):
-    from geo_r1_qgis.qgis_io import area_from_selection
+    from geo_r1_qgis.qgis_io.rasters import area_from_selection
 
     raster = qgis.raster(_need(NAIP))
     layer = _naip_polygons(raster)
@@ -198,7 +198,7 @@ def test_processing_with_a_ground_resolution_and_selected_polygons(qgis, engine)
     import processing
 
     from geo_r1_qgis.core.area import tiles_touching
-    from geo_r1_qgis.qgis_io import area_from_selection, prepare_input
+    from geo_r1_qgis.qgis_io.rasters import area_from_selection, prepare_input
 
     raster = qgis.raster(_need(NAIP))
     polygons = _naip_polygons(raster)
@@ -299,7 +299,7 @@ def _read_all(source) -> tuple[np.ndarray, float]:
 
 
 def test_an_xyz_layer_is_read_at_a_ground_resolution(qgis, xyz_dir):
-    from geo_r1_qgis.qgis_io import QgisRasterSource, is_web_layer, prepare_input, scale_for_resolution
+    from geo_r1_qgis.qgis_io.rasters import QgisRasterSource, is_web_layer, prepare_input, scale_for_resolution
 
     layer = _xyz_layer(qgis, xyz_dir)
     assert is_web_layer(layer) and layer.width() == 0
@@ -343,7 +343,7 @@ def test_an_xyz_layer_is_read_at_a_ground_resolution(qgis, xyz_dir):
 
 
 def test_an_xyz_layer_with_nothing_over_the_area_says_so(qgis, tmp_path):
-    from geo_r1_qgis.qgis_io import prepare_input
+    from geo_r1_qgis.qgis_io.rasters import prepare_input
 
     empty = tmp_path / "no-tiles"
     empty.mkdir()

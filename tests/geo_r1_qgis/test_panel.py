@@ -89,7 +89,7 @@ def canvas(qgis_app):
 
 @pytest.fixture
 def dock(qgis_app, isolated_settings, canvas, engine, tmp_path):
-    from geo_r1_qgis.panel import RUNS, GeoR1Dock
+    from geo_r1_qgis.gui.panel import RUNS, GeoR1Dock
     from geo_r1_qgis.settings import PluginSettings
 
     PluginSettings().with_values(engine_url=engine.url, token_file=str(engine.token_file),
@@ -185,7 +185,7 @@ def test_run_shows_features_before_it_ends_and_the_final_layer_after(dock, sampl
     assert not band.isEmpty() and band.contains(feat.geometry().centroid())
     assert band.area() > feat.geometry().area()
     from geo_r1_qgis.core.geometry import TileGridSpec, make_tile_grid
-    from geo_r1_qgis.qgis_io import QgisRasterSource
+    from geo_r1_qgis.qgis_io.rasters import QgisRasterSource
 
     src = QgisRasterSource(raster)
     grid = {t.id: t for t in make_tile_grid(src.transform, src.width, src.height, TileGridSpec(112, 16))}
@@ -201,8 +201,8 @@ def test_run_shows_features_before_it_ends_and_the_final_layer_after(dock, sampl
 
 
 def test_style_and_map_tip(qgis_app):
-    from geo_r1_qgis.qgis_io import make_fields
-    from geo_r1_qgis.results_style import MAP_TIP_TEMPLATE, style_result_layer
+    from geo_r1_qgis.qgis_io.rasters import make_fields
+    from geo_r1_qgis.qgis_io.results_style import MAP_TIP_TEMPLATE, style_result_layer
 
     layer = qgis_core.QgsVectorLayer("Polygon?crs=EPSG:32633", "t", "memory")
     layer.dataProvider().addAttributes(list(make_fields()))
@@ -304,8 +304,8 @@ def test_bad_input_is_reported_in_the_panel(dock, samples, canvas):
 
 
 def test_settings_dialog_round_trip(qgis_app, isolated_settings):
+    from geo_r1_qgis.gui.settings_dialog import SettingsDialog
     from geo_r1_qgis.settings import PluginSettings
-    from geo_r1_qgis.settings_dialog import SettingsDialog
 
     d = SettingsDialog()
     d.url_edit.setText("http://127.0.0.1:9999")
@@ -563,7 +563,7 @@ def test_a_long_history_entry_never_widens_the_panel(qgis_app, isolated_settings
     the QGIS window) wider: the long one is dropped on load, the other shown elided, its full text kept."""
     from qgis.core import QgsSettings
 
-    from geo_r1_qgis.panel import GeoR1Dock
+    from geo_r1_qgis.gui.panel import GeoR1Dock
     from geo_r1_qgis.settings import HISTORY_KEY, PluginSettings, expression_history
 
     PluginSettings().with_values(engine_url=engine.url, token_file=str(engine.token_file),
@@ -638,7 +638,7 @@ def test_a_read_only_output_folder_is_refused_before_the_run_without_resume_advi
 
 
 def test_no_engine_is_found_before_the_run_and_the_message_says_where_it_looked(dock, samples, canvas, tmp_path):
-    from geo_r1_qgis.engine_process import free_port
+    from geo_r1_qgis.engine_control.engine_process import free_port
     from geo_r1_qgis.settings import PluginSettings
 
     raster = _load_raster(samples / "utm.tif", canvas)
@@ -654,7 +654,7 @@ def test_no_engine_is_found_before_the_run_and_the_message_says_where_it_looked(
 
 def test_save_to_defaults_beside_the_open_project(qgis_app, isolated_settings, canvas, tmp_path):
     """The panel exists from QGIS's start, before a project is opened: its default follows the project."""
-    from geo_r1_qgis.panel import GeoR1Dock
+    from geo_r1_qgis.gui.panel import GeoR1Dock
     from geo_r1_qgis.settings import PluginSettings
 
     PluginSettings().save()  # no default output set: beside the project, else in the home folder
@@ -681,8 +681,8 @@ def test_the_engine_section_never_folds_after_the_panel_shows_and_tile_and_overl
         qgis_app, isolated_settings, canvas, engine, tmp_path):  # fmt: skip
     """Issue 16, 3.7: an engine found after the panel opened folded the Engine section and moved Run under the
     cursor; Tile size and Overlap were squashed."""
-    from geo_r1_qgis.engine_process import EXTERNAL, STOPPED
-    from geo_r1_qgis.panel import GeoR1Dock
+    from geo_r1_qgis.engine_control.engine_process import EXTERNAL, STOPPED
+    from geo_r1_qgis.gui.panel import GeoR1Dock
     from geo_r1_qgis.settings import PluginSettings
 
     PluginSettings().with_values(engine_url=engine.url, token_file=str(engine.token_file),
@@ -715,7 +715,7 @@ def test_the_engine_section_never_folds_after_the_panel_shows_and_tile_and_overl
 def test_choosing_a_known_checkpoint_sets_its_mode(qgis_app, isolated_settings, canvas):
     """The engine's model field drives the panel's mode: an OVD (or GRES) checkpoint picks all matching
     objects, a REC one the one best match, and any other model leaves the user's choice alone."""
-    from geo_r1_qgis.panel import GeoR1Dock
+    from geo_r1_qgis.gui.panel import GeoR1Dock
     from geo_r1_qgis.settings import PluginSettings
 
     PluginSettings().with_values(engine_model="Geo-R1/Geo-R1-3B-GRPO-REC-5shot").save()
@@ -741,7 +741,7 @@ def test_choosing_a_known_checkpoint_sets_its_mode(qgis_app, isolated_settings, 
 
 
 def test_resume_is_advised_only_where_it_can_help(qgis_app):
-    from geo_r1_qgis.panel import resume_advice
+    from geo_r1_qgis.gui.panel import resume_advice
 
     assert "click Run again" in resume_advice("the engine refused a value (HTTP 422): bad", opened=False)
     refused = resume_advice("the engine refused a value (HTTP 422): bad", opened=True)
@@ -797,7 +797,7 @@ def test_results_are_drawn_above_the_raster_they_were_found_on(dock, samples, ca
         < _render_order(lower.id())
     # the GeoPackage the panel shows layers of is held in WAL mode (QGIS reads it with locks while a later run or
     # geo-r1 ground writes it; test_gpkg_ogr.py), and let go once no layer of it is on the map
-    from geo_r1_qgis.gpkg_ogr import held_files
+    from geo_r1_qgis.qgis_io.gpkg_ogr import held_files
 
     assert held_files() == [str(first.output.resolve())]
     with sqlite3.connect(str(first.output)) as con:
@@ -909,7 +909,7 @@ class _Iface:
 def test_a_runs_layer_becomes_the_active_layer_so_its_map_tips_show(qgis_app, isolated_settings, canvas, engine,
                                                                     samples, tmp_path):  # fmt: skip
     """QGIS shows map tips for the active layer only: the live layer, then the final layer, is made active."""
-    from geo_r1_qgis.panel import RUNS, GeoR1Dock
+    from geo_r1_qgis.gui.panel import RUNS, GeoR1Dock
     from geo_r1_qgis.settings import PluginSettings
 
     PluginSettings().with_values(engine_url=engine.url, token_file=str(engine.token_file),
@@ -947,8 +947,8 @@ def test_score_and_presence_show_in_the_feature_form_at_its_default_size(qgis_ap
     from qgis.PyQt.QtCore import QPoint, QRect, Qt
     from qgis.PyQt.QtWidgets import QLineEdit
 
-    from geo_r1_qgis.qgis_io import make_fields
-    from geo_r1_qgis.results_style import style_result_layer
+    from geo_r1_qgis.qgis_io.rasters import make_fields
+    from geo_r1_qgis.qgis_io.results_style import style_result_layer
 
     QgsGui.editorWidgetRegistry().initEditors()
     layer = qgis_core.QgsVectorLayer("Polygon?crs=EPSG:32633", "t", "memory")
@@ -1006,7 +1006,7 @@ def test_removing_the_raster_mid_run_empties_the_raster_box_and_the_run_ends(doc
 
 
 def test_a_drawn_rectangle_is_shown_on_the_map_until_the_area_changes(dock, samples, canvas):
-    from geo_r1_qgis.panel import AREA_CHOICES, AREA_DRAWN, AREA_LAYER
+    from geo_r1_qgis.gui.panel import AREA_CHOICES, AREA_DRAWN, AREA_LAYER
 
     raster = _load_raster(samples / "utm.tif", canvas)
     ext = raster.extent()
@@ -1039,7 +1039,7 @@ def test_the_results_list_context_menu_actions(dock, samples, canvas, tmp_path):
     from qgis.PyQt.QtCore import QObject, QUrl, pyqtSlot
     from qgis.PyQt.QtGui import QDesktopServices
 
-    from geo_r1_qgis.panel import RUNS
+    from geo_r1_qgis.gui.panel import RUNS
 
     raster = _load_raster(samples / "utm.tif", canvas)
     _configure(dock, raster, "all bright squares")
@@ -1146,7 +1146,7 @@ def test_the_band_choice_reads_a_4_band_naip_tile_with_bands_4_3_2(dock, canvas,
     assert spin(lambda: dock.task is None, 300), dock.status_label.text()
     record = next(r for r in find_runs(entry.output) if r.run_id == entry.run_id)
     assert json.loads(record.parameters)["bands"] == [4, 3, 2]
-    from geo_r1_qgis.panel import RunEntry
+    from geo_r1_qgis.gui.panel import RunEntry
 
     for combo in combos:  # the panel's choice back to band 1: the file's bands still win
         combo.setCurrentIndex(combo.findData(1))
@@ -1175,7 +1175,7 @@ def test_the_panel_finds_the_storage_tanks_of_a_scene_the_model_never_saw(
     largest tank."""
     from geo_r1_qgis.core.geometry import ring_signed_area
     from geo_r1_qgis.core.truth import match_objects, read_truth
-    from geo_r1_qgis.panel import RUNS, GeoR1Dock
+    from geo_r1_qgis.gui.panel import RUNS, GeoR1Dock
     from geo_r1_qgis.settings import PluginSettings
 
     PluginSettings().with_values(engine_url=sample_engine.url, token_file=str(sample_engine.token_file),

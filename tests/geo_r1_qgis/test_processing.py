@@ -162,7 +162,7 @@ EXPECTED_BANDS = {"naip": (1, 2, 3), "single_band": (1, 1, 1), "cog": (1, 2, 3),
 
 @pytest.mark.parametrize("name", READABLE)
 def test_raster_source_reads_what_the_command_line_reads(qgis, sample_dir, reference, name):
-    from geo_r1_qgis.qgis_io import QgisRasterSource
+    from geo_r1_qgis.qgis_io.rasters import QgisRasterSource
 
     layer = qgis.raster(_path(sample_dir, name))
     src = QgisRasterSource(layer)
@@ -204,7 +204,7 @@ def test_raster_source_reads_what_the_command_line_reads(qgis, sample_dir, refer
 
 
 def test_raster_source_errors(qgis, sample_dir, reference):
-    from geo_r1_qgis.qgis_io import QgisRasterSource
+    from geo_r1_qgis.qgis_io.rasters import QgisRasterSource
 
     assert str(reference["all_nodata|error"]) == "EmptyRasterError"
     with pytest.raises(EmptyRasterError, match="nodata"):
@@ -219,7 +219,7 @@ def test_raster_source_errors(qgis, sample_dir, reference):
 
 
 def test_raster_source_band_choice(qgis, sample_dir):
-    from geo_r1_qgis.qgis_io import QgisRasterSource, parse_bands
+    from geo_r1_qgis.qgis_io.rasters import QgisRasterSource, parse_bands
 
     naip = qgis.raster(_path(sample_dir, "naip"))
     assert QgisRasterSource(naip, bands=parse_bands("4, 3, 2")).bands == (4, 3, 2)
@@ -233,7 +233,7 @@ def test_raster_source_expands_a_colour_table(qgis, tmp_path):
     """Issue 8.4: a paletted raster reached the model as its indices 0..3, a nearly black image."""
     from osgeo import gdal
 
-    from geo_r1_qgis.qgis_io import QgisRasterSource
+    from geo_r1_qgis.qgis_io.rasters import QgisRasterSource
 
     path = str(tmp_path / "palette.tif")
     ds = gdal.GetDriverByName("GTiff").Create(path, 64, 64, 1, gdal.GDT_Byte)
@@ -275,7 +275,7 @@ class _NoBoxes:
 
 def test_nodata_border_tiles_are_skipped_not_sent(qgis, sample_dir):
     from geo_r1_qgis.core.pipeline import GroundingJob, run_grounding
-    from geo_r1_qgis.qgis_io import FeatureSinkResultSink, QgisRasterSource
+    from geo_r1_qgis.qgis_io.rasters import FeatureSinkResultSink, QgisRasterSource
 
     src = QgisRasterSource(qgis.raster(_path(sample_dir, "rgb_byte")))
     layer = qgis_core.QgsVectorLayer("Polygon?crs=EPSG:32618", "out", "memory")
@@ -297,7 +297,7 @@ def test_nodata_border_tiles_are_skipped_not_sent(qgis, sample_dir):
 
 def test_feature_sink_writes_one_feature_per_final_detection(qgis):
     from geo_r1_qgis.core.geometry import Affine
-    from geo_r1_qgis.qgis_io import FIELD_NAMES, FeatureSinkResultSink, make_fields
+    from geo_r1_qgis.qgis_io.rasters import FIELD_NAMES, FeatureSinkResultSink, make_fields
 
     layer = qgis_core.QgsVectorLayer("Polygon?crs=EPSG:32614", "out", "memory")
     qgis.layers.append(layer)
@@ -404,7 +404,7 @@ def test_filter_keeps_strong_detections_and_merges_duplicates(qgis):
 
 
 def test_ground_all_on_utm(qgis, sample_dir, engine):
-    from geo_r1_qgis.qgis_io import FIELD_NAMES
+    from geo_r1_qgis.qgis_io.rasters import FIELD_NAMES
 
     raster = qgis.raster(sample_dir / "utm.tif")
     out = qgis.run(_params(sample_dir, engine))

@@ -24,8 +24,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .core.errors import OutputError
-from .core.gpkg_schema import (
+from ..core.errors import OutputError
+from ..core.gpkg_schema import (
     DATETIME,
     GPKG_VERSION,
     INTEGER,
@@ -43,7 +43,7 @@ from .core.gpkg_schema import (
     hold_in_child,
     read_raw_detections,
 )
-from .core.merge import Detection
+from ..core.merge import Detection
 
 __all__ = [
     "OgrGeoPackageSink",

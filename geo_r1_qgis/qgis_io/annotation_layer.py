@@ -36,9 +36,9 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QVariant
 
-from .compat import GEOMETRY_POLYGON, WKT_PREFERRED
-from .core.annotations import FIELDS, LAYER_NAME, Annotation, RasterFrame
-from .core.errors import ConfigError, ExtentError, OutputError, RasterError
+from ..compat import GEOMETRY_POLYGON, WKT_PREFERRED
+from ..core.annotations import FIELDS, LAYER_NAME, Annotation, RasterFrame
+from ..core.errors import ConfigError, ExtentError, OutputError, RasterError
 
 __all__ = [
     "LAYER_TITLE",
@@ -417,7 +417,7 @@ class AnnotationStore:
 
 def check_annotatable(raster: Any) -> QgsRasterLayer:
     """The raster to annotate: a valid raster file layer with a CRS (the dataset build reads files)."""
-    from .qgis_io import is_web_layer, layer_kind
+    from .rasters import is_web_layer, layer_kind
 
     if not isinstance(raster, QgsRasterLayer) or not raster.isValid():
         raise ConfigError("choose the raster to annotate (a raster layer of the project) in the Raster box")
@@ -489,7 +489,7 @@ def raster_frame(source: str, annotation_file: Path, metres_per_pixel: float | N
                  project: QgsProject | None = None) -> RasterFrame | None:  # fmt: skip
     """The :class:`RasterFrame` of an annotation's raster at ``metres_per_pixel`` (None: native): the loaded
     layer, else the file (relative to the annotation file, as the build resolves it); None when it is gone."""
-    from .qgis_io import is_web_layer, scale_for_resolution
+    from .rasters import is_web_layer, scale_for_resolution
 
     layer = find_raster(source, project)
     loaded = layer is not None

@@ -14,7 +14,7 @@ from qgis.PyQt.QtCore import QPointF, QRectF, QSize, Qt
 from qgis.PyQt.QtGui import QColor, QImage, QPainter, QPainterPath, QPen
 from qgis.PyQt.QtWidgets import QSizePolicy, QWidget
 
-from .core.finetune import PlotFrame, curve_series, nice_ticks, tick_text
+from ..core.finetune import PlotFrame, curve_series, nice_ticks, tick_text
 
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 34, 8, 8, 34
 

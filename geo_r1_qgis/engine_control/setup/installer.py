@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..core.errors import ConfigError, GeoR1Error
+from ...core.errors import ConfigError, GeoR1Error
 from .venv import (
     RECORD_NAME,
     InstallRecord,

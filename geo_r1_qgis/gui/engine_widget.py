@@ -27,10 +27,10 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from .core.checkpoints import KNOWN_MODELS, processor_for
-from .core.errors import GeoR1Error
-from .core.finetune import adapter_summary, read_adapter_manifest
-from .engine_process import (
+from ..core.checkpoints import KNOWN_MODELS, processor_for
+from ..core.errors import GeoR1Error
+from ..core.finetune import adapter_summary, read_adapter_manifest
+from ..engine_control.engine_process import (
     CRASHED,
     EXTERNAL,
     HEALTHY,
@@ -43,8 +43,8 @@ from .engine_process import (
     ModelDownload,
     shared_manager,
 )
-from .engine_setup.venv import venv_python
-from .settings import PluginSettings
+from ..engine_control.setup.venv import venv_python
+from ..settings import PluginSettings
 
 #: state -> (label, colour)
 STATE_STYLE = {
@@ -210,7 +210,7 @@ class EngineWidget(QWidget):
 
     def open_setup(self) -> None:
         try:
-            from .engine_setup.dialog import SetupDialog
+            from ..engine_control.setup.dialog import SetupDialog
         except ImportError:
             text = ("The engine setup is not part of this plugin version. Install the engine by hand (see the README) "
                     "and choose its venv as Engine venv in Raster > Geo-R1 > Settings.")

@@ -1,7 +1,7 @@
 """The map tool that draws annotation boxes: press, drag (a rubber band follows), release.
 
 Each finished rectangle is emitted in the canvas's CRS (:attr:`BoxMapTool.boxDrawn`); the annotation dock
-(:mod:`geo_r1_qgis.annotation_dock`) asks what it shows and stores it in the raster's CRS. A click without
+(:mod:`geo_r1_qgis.gui.annotation_dock`) asks what it shows and stores it in the raster's CRS. A click without
 a drag, the right button or Escape draws nothing. The tool stays active for the next box.
 
 QGIS's Python only (PyQGIS).
@@ -16,7 +16,7 @@ from qgis.gui import QgsMapTool, QgsRubberBand
 from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtGui import QColor
 
-from .compat import GEOMETRY_POLYGON
+from ..compat import GEOMETRY_POLYGON
 
 __all__ = ["BoxMapTool"]
 

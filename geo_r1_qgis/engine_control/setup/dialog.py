@@ -28,8 +28,8 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from ..core.errors import ConfigError
-from ..settings import PluginSettings, plugin_settings_dir
+from ...core.errors import ConfigError
+from ...settings import PluginSettings, plugin_settings_dir
 from .installer import GpuInfo, Interpreter, SetupConfig, detect_gpu, find_interpreters, probe_interpreter
 from .task import CheckTask, SetupTask
 from .venv import installed_state, plugin_version

@@ -3,9 +3,9 @@
 View › Panels › Geo-R1, or the toolbar button. Inputs (raster, expression with history, mode, area,
 ground resolution, tile size and overlap, the output GeoPackage), the engine line, Run / Cancel / Resume
 with one progress bar, the list of every run since QGIS started, and the Fine-tune section
-(:class:`~geo_r1_qgis.finetune_widget.FinetuneWidget`: train an adapter on annotations, watch it, use it). A run is a
-:class:`~geo_r1_qgis.run_task.GroundingTask`; its detections are drawn as each engine request is
-committed to the GeoPackage, and the final, merged layer replaces them when the run is done. A cancelled
+(:class:`~geo_r1_qgis.gui.finetune_widget.FinetuneWidget`: train an adapter on annotations, watch it, use it).
+A run is a :class:`~geo_r1_qgis.engine_control.run_task.GroundingTask`; its detections are drawn as each engine
+request is committed to the GeoPackage, and the final, merged layer replaces them when the run is done. A cancelled
 or failed run keeps what it found (its per-tile layer from the GeoPackage) and can be resumed.
 
 Every text the panel shows that comes from the model or the user is plain text or escaped HTML.
@@ -57,16 +57,16 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from .compat import GEOMETRY_POLYGON, LAYER_FILTER_POLYGON, LAYER_FILTER_RASTER
-from .core.checkpoints import default_mode_for
-from .core.errors import ConfigError, GeoR1Error, OutputError
-from .core.geometry import tile_size_advice, window_from_map_bbox
-from .core.rules.coords import QWEN_FACTOR
-from .core.run_spec import spec_values
-from .qgis_io import QgisRasterSource, make_fields, result_feature, utc_now
-from .results_style import first_line, style_result_layer
-from .run_task import GroundingTask, LiveBatch, RunOutcome, RunRequest, run_display_name
-from .settings import (
+from ..compat import GEOMETRY_POLYGON, LAYER_FILTER_POLYGON, LAYER_FILTER_RASTER
+from ..core.checkpoints import default_mode_for
+from ..core.errors import ConfigError, GeoR1Error, OutputError
+from ..core.geometry import tile_size_advice, window_from_map_bbox
+from ..core.rules.coords import QWEN_FACTOR
+from ..core.run_spec import spec_values
+from ..engine_control.run_task import GroundingTask, LiveBatch, RunOutcome, RunRequest, run_display_name
+from ..qgis_io.rasters import QgisRasterSource, make_fields, result_feature, utc_now
+from ..qgis_io.results_style import first_line, style_result_layer
+from ..settings import (
     EXAMPLE_EXPRESSIONS,
     MODEL_TILE_TEXT,
     PluginSettings,
@@ -186,8 +186,8 @@ def resume_advice(error: str, opened: bool) -> str:
 
 def engine_info(url: str, token_file: Path | str) -> dict[str, Any]:
     """The engine's ``/info`` at ``url``, asked before a run starts (a few seconds at most on loopback)."""
-    from .core.client import EngineClient, read_token
-    from .core.errors import EngineUnavailableError
+    from ..core.client import EngineClient, read_token
+    from ..core.errors import EngineUnavailableError
 
     where = (f"No Geo-R1 engine answers at {url}. Start one in the Engine section above (Start), or run "
              "geo-r1 serve --model <model> in a terminal, or correct the engine URL in Raster > Geo-R1 > Settings; "
@@ -445,7 +445,7 @@ class GeoR1Dock(QgsDockWidget):
             self.mode_combo.setCurrentIndex(index)
 
     def _engine_state(self, state: str, message: str) -> None:
-        from .engine_process import EXTERNAL, HEALTHY
+        from ..engine_control.engine_process import EXTERNAL, HEALTHY
 
         self.engine_group.setTitle(f"Engine: {state}")
         manager = getattr(self.engine_box, "manager", None)
@@ -462,7 +462,7 @@ class GeoR1Dock(QgsDockWidget):
         self._project_changed()
         manager = getattr(self.engine_box, "manager", None)
         if manager is not None:
-            from .engine_process import STOPPED
+            from ..engine_control.engine_process import STOPPED
 
             if manager.state == STOPPED:
                 manager.probe_external()
@@ -530,7 +530,7 @@ class GeoR1Dock(QgsDockWidget):
     def _raster_chosen(self, layer: Any) -> None:
         """The band choice of the raster picked: its bands, set to its renderer's red, green and blue (else the
         reader's rule); disabled where the bands are fixed (a web layer, packed colour, no raster)."""
-        from .qgis_io import choosable_bands
+        from ..qgis_io.rasters import choosable_bands
 
         choice = choosable_bands(layer) if isinstance(layer, QgsRasterLayer) else None
         for i, combo in enumerate(self.band_combos):
@@ -645,7 +645,7 @@ class GeoR1Dock(QgsDockWidget):
         advice = tile_size_advice(self.tile_spin.value()) if self.tile_spin.value() else None
         if advice:
             self.set_status(advice)
-        from .qgis_io import prepare_input
+        from ..qgis_io.rasters import prepare_input
 
         extent, extent_crs, area = self._area()
         gsd = self.gsd_spin.value() or None
@@ -687,7 +687,7 @@ class GeoR1Dock(QgsDockWidget):
         polygons_layer = self.polygon_combo.currentLayer()
         if not isinstance(polygons_layer, QgsVectorLayer):
             raise ConfigError("choose the polygon layer whose selected features bound the search")
-        from .qgis_io import selected_area
+        from ..qgis_io.rasters import selected_area
 
         return None, None, selected_area(polygons_layer)
 
@@ -742,7 +742,7 @@ class GeoR1Dock(QgsDockWidget):
         else:
             url, token_file = self.settings.engine_url.rstrip("/"), self.settings.token_path()
         req = replace(req, engine_url=url, token_file=str(token_file))
-        from .engine_process import EXTERNAL, HEALTHY, STARTING
+        from ..engine_control.engine_process import EXTERNAL, HEALTHY, STARTING
 
         if manager is not None and manager.state == STARTING and manager.owns_engine():
             return req  # the run waits for the engine it is starting (its limits are checked by the engine)
@@ -752,8 +752,8 @@ class GeoR1Dock(QgsDockWidget):
             info = engine_info(url, token_file)
         req = req.with_engine_tile(info)  # type: ignore[assignment]
         job = req.job()
-        from .core.client import check_limits
-        from .core.geometry import make_tile_grid
+        from ..core.client import check_limits
+        from ..core.geometry import make_tile_grid
 
         tiles = make_tile_grid(source.transform, source.width, source.height, job.spec, window=job.window)
         largest = (max((t.size[0] for t in tiles), default=0), max((t.size[1] for t in tiles), default=0))
@@ -768,7 +768,7 @@ class GeoR1Dock(QgsDockWidget):
 
     def load_file_runs(self, path: str | Path | None = None) -> list[RunEntry]:
         """Add the unfinished runs recorded in a GeoPackage to the list (resumable from the panel)."""
-        from .core.gpkg_schema import find_runs
+        from ..core.gpkg_schema import find_runs
 
         output = Path(path or self.output_widget.filePath().strip() or self._default_output())
         if not output.exists():
@@ -799,7 +799,7 @@ class GeoR1Dock(QgsDockWidget):
         """The request of a run recorded in a GeoPackage, from its parameters (as ``geo-r1 ground`` wrote them)."""
         import json
 
-        from .core.gpkg_schema import canonical_raster_path
+        from ..core.gpkg_schema import canonical_raster_path
 
         p = json.loads(entry.file_parameters)
         raster_path = p["raster"]
@@ -937,7 +937,7 @@ class GeoR1Dock(QgsDockWidget):
         entry.map_layer_id = layer.id()
 
     def _show_final(self, entry: RunEntry) -> None:
-        from .gpkg_ogr import RunLayers, hold_wal
+        from ..qgis_io.gpkg_ogr import RunLayers, hold_wal
 
         hold_wal(entry.output)  # before QGIS opens it: read with locks while later runs write the file
         layer = QgsVectorLayer(RunLayers(entry.output, entry.run_id, entry.layer).answer_uri, entry.display_name, "ogr")
@@ -950,7 +950,7 @@ class GeoR1Dock(QgsDockWidget):
         """After a cancel or failure: the run's per-tile detections from the GeoPackage (unmerged)."""
         if not entry.layer:
             return
-        from .gpkg_ogr import RunLayers, hold_wal
+        from ..qgis_io.gpkg_ogr import RunLayers, hold_wal
 
         hold_wal(entry.output)
         uri = RunLayers(entry.output, entry.run_id, entry.layer).raw_uri
@@ -993,7 +993,7 @@ class GeoR1Dock(QgsDockWidget):
     @staticmethod
     def _release_unused_files(*_: Any) -> None:
         """GeoPackages no layer on the map reads any more are no longer held in WAL mode (gpkg_ogr.hold_wal)."""
-        from .gpkg_ogr import release_wal
+        from ..qgis_io.gpkg_ogr import release_wal
 
         sources = [lyr.source().split("|", 1)[0] for lyr in QgsProject.instance().mapLayers().values()]
         release_wal(keep=[s for s in sources if s.lower().endswith(".gpkg")])
@@ -1003,7 +1003,7 @@ class GeoR1Dock(QgsDockWidget):
             return
         import html
 
-        from .compat import MSG_SUCCESS, MSG_WARNING
+        from ..compat import MSG_SUCCESS, MSG_WARNING
 
         # the message bar renders HTML: expressions and engine errors are shown as typed (escaped)
         self.iface.messageBar().pushMessage("Geo-R1", html.escape(text), level=MSG_WARNING if warning else MSG_SUCCESS,
@@ -1177,7 +1177,7 @@ class GeoR1Dock(QgsDockWidget):
         """The run's layer read from its GeoPackage (not added to the map): the answer, else the per-tile rows."""
         if not entry.layer or not entry.output.exists():
             return None
-        from .gpkg_ogr import RunLayers
+        from ..qgis_io.gpkg_ogr import RunLayers
 
         layers = RunLayers(entry.output, entry.run_id, entry.layer)
         if entry.status == "done":
@@ -1236,7 +1236,7 @@ class GeoR1Dock(QgsDockWidget):
         """A tile's outline in the raster's CRS, from the GeoPackage (``geo_r1_tiles`` and the run's transform)."""
         if not entry.run_id or not entry.output.exists():
             return None
-        from .core.gpkg_schema import tile_outline
+        from ..core.gpkg_schema import tile_outline
 
         try:
             return tile_outline(entry.output, entry.run_id, tile_id)

@@ -47,10 +47,10 @@ from qgis.PyQt.QtCore import (
 )
 from qgis.PyQt.QtNetwork import QNetworkAccessManager, QNetworkProxy, QNetworkReply, QNetworkRequest
 
-from .core.client import STATUS_WORDS, health_proof
-from .core.errors import ConfigError, EngineUnavailableError, GeoR1Error
-from .engine_setup.venv import engine_executable
-from .settings import PluginSettings, clean_environment, plugin_settings_dir
+from ..core.client import STATUS_WORDS, health_proof
+from ..core.errors import ConfigError, EngineUnavailableError, GeoR1Error
+from ..settings import PluginSettings, clean_environment, plugin_settings_dir
+from .setup.venv import engine_executable
 
 log = logging.getLogger(__name__)
 
@@ -663,7 +663,7 @@ class EngineManager(QObject):
         if self.process is None:  # detached: started with "keep running"
             log.info("the engine (PID %s) keeps running at %s", self.detached_pid, self.url)
             return
-        from .core.client import EngineClient
+        from ..core.client import EngineClient
 
         self._stop_requested = True
         token = _read_token(self.token_file)
@@ -772,13 +772,9 @@ class EngineManager(QObject):
         """Versions, the engine's /info, the settings and the last log lines, with the token removed."""
         import dataclasses
 
-        plugin_version = "?"
-        for meta in (Path(__file__).with_name("metadata.txt"), Path(__file__).resolve().parents[1] / "metadata.txt"):
-            if meta.is_file():
-                for line in meta.read_text(encoding="utf-8").splitlines():
-                    if line.startswith("version="):
-                        plugin_version = line.split("=", 1)[1].strip()
-                break
+        from .setup.venv import plugin_version as _plugin_version
+
+        plugin_version = _plugin_version()
         settings = dataclasses.asdict(self.settings())
         lines = [
             "Geo-R1 diagnostics",

@@ -1,9 +1,9 @@
 """The Geo-R1 annotation dock: draw boxes on a raster to fine-tune Geo-R1, see them counted, fix what is off.
 
 Raster > Geo-R1 > Annotate (or the toolbar's Annotate button) shows it with the box tool on. Each box drawn
-(:class:`~geo_r1_qgis.annotation_tool.BoxMapTool`), each selected polygon of a vector layer ("Add selected
+(:class:`~geo_r1_qgis.gui.annotation_tool.BoxMapTool`), each selected polygon of a vector layer ("Add selected
 polygons") and each polygon of an imported layer ("Import labels…") becomes one feature of the annotation
-GeoPackage (:mod:`geo_r1_qgis.annotation_layer`), in the raster's CRS, after a small dialog asks what it
+GeoPackage (:mod:`geo_r1_qgis.qgis_io.annotation_layer`), in the raster's CRS, after a small dialog asks what it
 shows (:class:`AnnotationDialog`: the expression, the category, the split, "nothing of this here").
 
 The list shows the annotations per expression and split with counts (expression > split > features):
@@ -52,18 +52,8 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from .annotation_layer import (
-    AnnotationFeature,
-    AnnotationStore,
-    check_annotatable,
-    plain_value,
-    polygons_to_raster,
-    raster_frame,
-    rect_to_raster,
-)
-from .annotation_tool import BoxMapTool
-from .compat import LAYER_FILTER_POLYGON, LAYER_FILTER_RASTER
-from .core.annotations import (
+from ..compat import LAYER_FILTER_POLYGON, LAYER_FILTER_RASTER
+from ..core.annotations import (
     DEFAULT_SPLIT,
     ERROR,
     MIN_BOX_PIXELS,
@@ -76,8 +66,18 @@ from .core.annotations import (
     check_boxes,
     count_boxes,
 )
-from .core.errors import ConfigError, GeoR1Error
-from .settings import PluginSettings
+from ..core.errors import ConfigError, GeoR1Error
+from ..qgis_io.annotation_layer import (
+    AnnotationFeature,
+    AnnotationStore,
+    check_annotatable,
+    plain_value,
+    polygons_to_raster,
+    raster_frame,
+    rect_to_raster,
+)
+from ..settings import PluginSettings
+from .annotation_tool import BoxMapTool
 
 __all__ = ["AnnotationChoice", "AnnotationDialog", "AnnotationDock", "ImportDialog"]
 

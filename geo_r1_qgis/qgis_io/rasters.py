@@ -86,7 +86,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QDateTime
 
-from .compat import (
+from ..compat import (
     COLOR_ALPHA,
     COLOR_BLUE,
     COLOR_GREEN,
@@ -98,12 +98,12 @@ from .compat import (
     _first,
     field_type,
 )
-from .core.area import AreaPolygon
-from .core.errors import ConfigError, EmptyRasterError, ExtentError, NotGeoreferencedError, OutputError, RasterError
-from .core.geometry import Affine, PixelBox, Tile, degrees_per_metre, gsd_to_scale, window_from_map_bbox
-from .core.merge import Detection
-from .core.pipeline import MapDetection, RunSummary
-from .core.results import (
+from ..core.area import AreaPolygon
+from ..core.errors import ConfigError, EmptyRasterError, ExtentError, NotGeoreferencedError, OutputError, RasterError
+from ..core.geometry import Affine, PixelBox, Tile, degrees_per_metre, gsd_to_scale, window_from_map_bbox
+from ..core.merge import Detection
+from ..core.pipeline import MapDetection, RunSummary
+from ..core.results import (
     OUTPUT_FIELDS,
     apply_palette,
     choose_bands,
@@ -113,7 +113,7 @@ from .core.results import (
     stretch_limits,
     to_uint8,
 )
-from .core.results import parse_bands as _parse_bands
+from ..core.results import parse_bands as _parse_bands
 
 __all__ = [
     "FIELD_NAMES",
@@ -656,7 +656,7 @@ def _polygon_geometries(features: Any, name: str) -> tuple[QgsGeometry, ...]:
 
 def selected_area(layer: QgsVectorLayer) -> MapArea:
     """The selected features of a polygon layer, in its CRS. Errors: not a polygon layer, nothing selected."""
-    from .compat import GEOMETRY_POLYGON
+    from ..compat import GEOMETRY_POLYGON
 
     if not isinstance(layer, QgsVectorLayer) or not layer.isValid():
         name = layer.name() if isinstance(layer, QgsMapLayer) else repr(layer)

@@ -1,8 +1,8 @@
 """The engine's fine-tune jobs from QGIS's GUI thread, without blocking it.
 
-Every request goes through the engine manager's :class:`~geo_r1_qgis.engine_process.EngineHttp`
+Every request goes through the engine manager's :class:`~geo_r1_qgis.engine_control.engine_process.EngineHttp`
 (QNetworkAccessManager, the token proven first, replies held until they finish), at the address the panel
-uses (:meth:`~geo_r1_qgis.engine_process.EngineManager.endpoint`). Answers come back as
+uses (:meth:`~geo_r1_qgis.engine_control.engine_process.EngineManager.endpoint`). Answers come back as
 ``callback(payload, sentence, status)``: the JSON on success, else ``None`` and one plain sentence saying what
 went wrong (the engine's own detail, never an HTTP dump; :func:`~geo_r1_qgis.core.finetune.error_sentence`),
 and the HTTP status (None when nothing answered).
@@ -22,7 +22,7 @@ from typing import Any
 from qgis.PyQt import sip
 from qgis.PyQt.QtCore import QObject, QTimer, pyqtSignal
 
-from .core.finetune import FINAL_STATES, FinetuneRequest, error_sentence
+from ..core.finetune import FINAL_STATES, FinetuneRequest, error_sentence
 from .engine_process import START_HINT, EngineManager, _owner_deleted
 
 log = logging.getLogger(__name__)

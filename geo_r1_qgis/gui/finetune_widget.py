@@ -7,7 +7,7 @@ refuses, with a plain sentence, what would fail: no engine, an engine without th
 annotation file, and whatever the engine refuses (its detail, as a sentence).
 
 While a job runs: its state, a progress bar (step of max_steps, the time left), the learning curves
-(:class:`~geo_r1_qgis.curve_plot.CurvePlot`), the log tail and Cancel. The job id is kept in the settings, so
+(:class:`~geo_r1_qgis.gui.curve_plot.CurvePlot`), the log tail and Cancel. The job id is kept in the settings, so
 closing the panel (or QGIS) loses nothing: the widget takes the job up again, and "Earlier jobs" lists the
 engine's jobs to reopen one. When it ends: the base model against the adapter (Geo-R1's metric names), Open
 report, and Use this adapter (loaded and made active on the engine through the engine manager, as the engine
@@ -43,8 +43,8 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from .core.errors import GeoR1Error
-from .core.finetune import (
+from ..core.errors import GeoR1Error
+from ..core.finetune import (
     DEFAULT_RECIPE,
     FINAL_STATES,
     RECIPES,
@@ -54,11 +54,11 @@ from .core.finetune import (
     progress_percent,
     progress_text,
 )
-from .core.rules.coords import QWEN_FACTOR
+from ..core.rules.coords import QWEN_FACTOR
+from ..engine_control.engine_process import EngineManager, shared_manager
+from ..engine_control.jobs_client import JobsClient, JobWatcher
+from ..settings import MODEL_TILE_TEXT, PluginSettings
 from .curve_plot import CurvePlot
-from .engine_process import EngineManager, shared_manager
-from .jobs_client import JobsClient, JobWatcher
-from .settings import MODEL_TILE_TEXT, PluginSettings
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,7 @@ class FinetuneWidget(QWidget):
     def open_setup(self) -> None:
         """The engine installer with "Also install the training tools" ticked."""
         try:
-            from .engine_setup.dialog import SetupDialog
+            from ..engine_control.setup.dialog import SetupDialog
         except ImportError:
             self.show_message(TRAIN_EXTRA_HINT + ".")
             return

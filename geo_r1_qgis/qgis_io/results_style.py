@@ -24,7 +24,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtGui import QColor
 
-from .compat import LABEL_PLACEMENT_PERIMETER
+from ..compat import LABEL_PLACEMENT_PERIMETER
 
 #: (lower, upper, colour, legend label): red for weak, amber, yellow-green, green for strong
 SCORE_CLASSES = (

@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import ConfigError
+from ...core.errors import ConfigError
 
 #: the install record, written into the venv by the setup once everything is installed
 RECORD_NAME = "geo-r1-install.json"
 RECORD_FORMAT = 1
-PLUGIN_DIR = Path(__file__).resolve().parents[1]
+PLUGIN_DIR = Path(__file__).resolve().parents[2]  # geo_r1_qgis/ (this file: geo_r1_qgis/engine_control/setup/)
 
 
 def bin_dir(venv: Path) -> Path:
@@ -127,7 +127,7 @@ def installed_state(venv: Any) -> InstallState | None:
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The plugin's cleaned environment (no PYTHON*, GDAL_*, PROJ_*, QT_*) for a program outside QGIS's Python."""
-    from ..settings import clean_environment
+    from ...settings import clean_environment
 
     return clean_environment(extra={"PIP_DISABLE_PIP_VERSION_CHECK": "1", **(extra or {})})
 

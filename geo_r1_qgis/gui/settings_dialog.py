@@ -22,10 +22,10 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from .core.client import default_token_path
-from .core.errors import ConfigError
-from .core.rules.coords import QWEN_FACTOR
-from .settings import MODEL_TILE_TEXT, PluginSettings, plugin_settings_dir
+from ..core.client import default_token_path
+from ..core.errors import ConfigError
+from ..core.rules.coords import QWEN_FACTOR
+from ..settings import MODEL_TILE_TEXT, PluginSettings, plugin_settings_dir
 
 
 class SettingsDialog(QDialog):
@@ -111,7 +111,7 @@ class SettingsDialog(QDialog):
             self.error_label.setText(str(exc))
             return
         super().accept()
-        from .engine_process import recheck_shared
+        from ..engine_control.engine_process import recheck_shared
 
         if self.manager is not None:  # the engine line looks again where the settings now point
             self.manager.recheck()
@@ -120,7 +120,7 @@ class SettingsDialog(QDialog):
 
     def _open_setup(self) -> None:
         try:
-            from .engine_setup.dialog import SetupDialog
+            from ..engine_control.setup.dialog import SetupDialog
         except ImportError:
             self.error_label.setText("The engine set-up is not part of this build; see the README to set it up.")
             return

@@ -1,7 +1,7 @@
 """One grounding run from the panel, as a QgsTask: the map stays usable, Cancel ends it within a second.
 
 The task runs :func:`geo_r1_qgis.core.pipeline.run_grounding` in QGIS's task thread with the same
-GeoPackage layout as ``geo-r1 ground`` (written through ``osgeo.ogr``, :mod:`geo_r1_qgis.gpkg_ogr`), so a
+GeoPackage layout as ``geo-r1 ground`` (written through ``osgeo.ogr``, :mod:`geo_r1_qgis.qgis_io.gpkg_ogr`), so a
 cancelled or failed run keeps every finished tile on disk and can be resumed, by the panel or by the
 command line. After each engine request the tiles' detections are committed to the file and then handed
 to the GUI thread (:attr:`GroundingTask.batchCommitted`), which draws them at once: results appear on the
@@ -25,12 +25,12 @@ from typing import Any
 from qgis.core import QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
 
-from .core.client import EngineClient, read_token
-from .core.errors import ConfigError, EngineUnavailableError, GeoR1Error
-from .core.geometry import PixelBox, Tile, box_to_polygon
-from .core.pipeline import GroundingJob, MapDetection, RunSummary, run_grounding
-from .core.progress import ProgressTracker
-from .core.run_spec import RunSpec
+from ..core.client import EngineClient, read_token
+from ..core.errors import ConfigError, EngineUnavailableError, GeoR1Error
+from ..core.geometry import PixelBox, Tile, box_to_polygon
+from ..core.pipeline import GroundingJob, MapDetection, RunSummary, run_grounding
+from ..core.progress import ProgressTracker
+from ..core.run_spec import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -230,9 +230,9 @@ def open_panel_run(req: RunRequest, job: GroundingJob, source: Any, info: dict[s
     The parameters are :func:`~geo_r1_qgis.core.gpkg_schema.job_parameters`, as ``geo-r1 ground`` records
     them, so the command line's ``--resume`` finds a run the panel started and the other way round.
     """
-    from .core.gpkg_schema import canonical_raster_path, job_parameters
-    from .core.results import run_meta
-    from .gpkg_ogr import OgrGeoPackageSink
+    from ..core.gpkg_schema import canonical_raster_path, job_parameters
+    from ..core.results import run_meta
+    from ..qgis_io.gpkg_ogr import OgrGeoPackageSink
 
     bbox = req.bbox
     if bbox is None and req.window is not None:

@@ -11,7 +11,7 @@ import logging
 from qgis.core import QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
 
-from ..core.errors import GeoR1Error
+from ...core.errors import GeoR1Error
 from .installer import Installer, SetupConfig, SetupResult
 from .venv import CheckResult, check_venv
 
