@@ -1,4 +1,5 @@
-"""Geo-R1's evaluation metrics, reproduced exactly: REC Acc@0.5 / Acc@0.7 and OVD COCO mAP / AP50.
+"""Geo-R1's evaluation metrics, reproduced exactly: REC Acc@0.5 / Acc@0.7, OVD COCO mAP / AP50, and GRES
+gIoU / cIoU over masks as LISA and EarthReason count them (the GRES section at the end says how).
 
 Pure functions over strings, boxes and results records; tested on literal strings and fixed files.
 pycocotools is imported only by the OVD functions.
@@ -111,9 +112,11 @@ from geo_r1_qgis.core.rules.parsing import (  # the parses live in the rules; ev
 )
 
 __all__ = [
+    "GRES_THRESHOLDS",
     "MODES",
     "REC_THRESHOLDS",
     "Accuracy",
+    "GresScores",
     "OvdQuery",
     "OvdScores",
     "RecResult",
@@ -122,6 +125,9 @@ __all__ = [
     "coco_scores",
     "extract_rec_box",
     "finite_box",
+    "gres_scores",
+    "lisa_iou",
+    "mask_counts",
     "mean_iou",
     "ovd_answer_region",
     "ovd_eval_boxes",
@@ -589,3 +595,109 @@ def coco_map_single(pred_boxes: Sequence[Box], gt_boxes: Sequence[Box]) -> float
     }
     dets = [{"image_id": 1, "category_id": 1, "bbox": _xywh(b), "score": 1.0} for b in pred_boxes]
     return max(float(_coco_eval(gt, dets).stats[0]), 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# GRES: gIoU and cIoU over masks
+# --------------------------------------------------------------------------------------------------
+#
+# How LISA and EarthReason count (read in their code, not copied):
+#
+# - LISA (dvlab-research/LISA, ``train_ds.py`` ``validate`` and ``utils/utils.py``
+#   ``intersectionAndUnionGPU``): each predicted mask (logits > 0) against its true mask gives the pixel
+#   counts ``I`` and ``U`` of the foreground class; the per-mask IoU is ``I / (U + 1e-5)``, and a mask whose
+#   ``U`` is 0 (empty truth and empty prediction, "no-object target") gets ``+ 1.0``, i.e. scores 1.
+#   gIoU is the mean of the per-mask IoUs over every mask of the set (an ``AverageMeter`` weighted by the
+#   number of masks per image); cIoU is ``sum(I) / (sum(U) + 1e-10)`` over the whole set.
+# - EarthReason (earth-insights/SegEarth-R1, ``segearth_r1/eval_and_test/eval.py`` ``compute_metric``):
+#   the same ``intersectionAndUnionGPU``, the same ``I / (U + 1e-5)`` with ``U == 0`` set to 1.0, one mask
+#   per query (the best-scoring prediction, where the model gives several), gIoU the mean over queries,
+#   cIoU ``sum(I) / (sum(U) + 1e-10)``; it also reports Pr@t (t in 0.5 ... 0.9): the share of queries whose
+#   IoU is strictly above t.
+#
+# So an empty truth with an empty prediction scores 1 in gIoU and adds nothing to cIoU; an empty truth
+# with a predicted mask scores 0 (I = 0, U > 0) and adds its false pixels to cIoU's union; a true mask with
+# no prediction scores 0 and adds the whole truth to the union. Ours, one query = one (chip, expression),
+# its truth the union of every object of the expression: :func:`mask_counts` gives ``(I, U)``,
+# :func:`lisa_iou` the per-query IoU, :func:`gres_scores` gIoU, cIoU and Pr@t from the counts (so a
+# results file is re-scored from its counts without SAM). An answer that does not parse is our rule: it
+# scores 0 in gIoU even on an empty truth (a failed parse never scores; upstream has masks, no parse),
+# and adds ``(0, |truth|)`` to cIoU.
+
+#: LISA's and EarthReason's epsilons: per-mask ``I / (U + 1e-5)``, cumulative ``sum I / (sum U + 1e-10)``.
+LISA_IOU_EPS = 1e-5
+CIOU_EPS = 1e-10
+#: EarthReason's Pr@t thresholds (strict ``>``).
+GRES_THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def mask_counts(pred: Any, gt: Any) -> tuple[int, int]:
+    """``(intersection, union)`` pixel counts of two boolean masks of the same shape (anything numpy
+    reads as an array; non-zero is foreground)."""
+    import numpy as np
+
+    p, g = np.asarray(pred).astype(bool), np.asarray(gt).astype(bool)
+    if p.shape != g.shape:
+        raise ConfigError(f"a predicted mask of shape {p.shape} cannot be scored against a true mask of shape "
+                          f"{g.shape}; both must be the chip's height x width")  # fmt: skip
+    return int(np.count_nonzero(p & g)), int(np.count_nonzero(p | g))
+
+
+def lisa_iou(intersection: int, union: int) -> float:
+    """One query's IoU as LISA and EarthReason count it: ``I / (U + 1e-5)``, and 1.0 when ``U`` is 0 (both
+    masks empty)."""
+    if union < 0 or intersection < 0 or intersection > union:
+        raise ConfigError(f"mask counts must have 0 <= intersection <= union, got {intersection}, {union}")
+    return 1.0 if union == 0 else intersection / (union + LISA_IOU_EPS)
+
+
+@dataclass(frozen=True)
+class GresScores:
+    """gIoU (mean per-query IoU), cIoU (cumulative I over cumulative U) and Pr@t, as fractions in [0, 1]."""
+
+    giou: float
+    ciou: float
+    precision: Mapping[float, float]
+    n: int
+    n_empty_truth: int
+    failed_parses: int
+    intersection: int
+    union: int
+
+    def to_json(self) -> dict[str, Any]:
+        """Percentages, as LISA and EarthReason print them (×100)."""
+        return {
+            "gIoU": self.giou * 100,
+            "cIoU": self.ciou * 100,
+            **{f"Pr@{t}": v * 100 for t, v in self.precision.items()},
+            "counts": {"queries": self.n, "empty_truth": self.n_empty_truth, "failed_parses": self.failed_parses,
+                       "intersection": self.intersection, "union": self.union},
+        }  # fmt: skip
+
+
+def gres_scores(
+    counts: Iterable[tuple[int, int, int, bool]], thresholds: Sequence[float] = GRES_THRESHOLDS
+) -> tuple[GresScores, list[float]]:
+    """gIoU, cIoU and Pr@t of queries given as ``(intersection, union, truth_pixels, parsed)``: ``parsed``
+    False is an answer that did not parse (IoU 0 even where both masks are empty; see the comment above);
+    ``truth_pixels`` only counts the queries with an empty truth for the report. Returns the scores and the
+    per-query IoUs. No queries: every number 0.0."""
+    ious: list[float] = []
+    total_i = total_u = empty = failed = 0
+    for inter, union, truth, parsed in counts:
+        inter, union = int(inter), int(union)
+        if not 0 <= int(truth) <= union:
+            raise ConfigError(f"mask counts must have 0 <= truth pixels <= union, got {truth}, {union}")
+        iou = lisa_iou(inter, union)
+        if not parsed:
+            iou = 0.0
+            failed += 1
+        empty += int(truth) == 0
+        ious.append(iou)
+        total_i += inter
+        total_u += union
+    n = len(ious)
+    giou = sum(ious) / n if n else 0.0
+    ciou = total_i / (total_u + CIOU_EPS) if n else 0.0
+    precision = {t: (sum(1 for v in ious if v > t) / n if n else 0.0) for t in thresholds}
+    return GresScores(giou, ciou, precision, n, empty, failed, total_i, total_u), ious

@@ -489,3 +489,72 @@ def test_score_results_names_the_record_it_refuses():
                        {"image": "b.png", "ground_truth": GT, "extracted_answer": [0, None, 1, 1]}])  # fmt: skip
     with pytest.raises(ConfigError, match="record 1 is not a JSON object"):
         score_results([5])
+
+
+# --------------------------------------------------------------------------------------------------
+# GRES: gIoU and cIoU (LISA / EarthReason), hand-computed
+# --------------------------------------------------------------------------------------------------
+
+
+def _masks(shape, *slices):
+    import numpy as np
+
+    m = np.zeros(shape, dtype=bool)
+    for s in slices:
+        m[s] = True
+    return m
+
+
+def test_mask_counts_and_lisa_iou():
+    from train.metrics import LISA_IOU_EPS, lisa_iou, mask_counts
+
+    gt = _masks((4, 4), (slice(0, 2), slice(0, 4)))  # the top 2 rows: 8 pixels
+    pred = _masks((4, 4), (slice(1, 3), slice(0, 4)))  # rows 1-2: 8 pixels, 4 shared
+    assert mask_counts(pred, gt) == (4, 12)
+    assert lisa_iou(4, 12) == 4 / (12 + LISA_IOU_EPS)
+    assert lisa_iou(0, 0) == 1.0  # empty truth, empty prediction: LISA's "no-object target"
+    assert lisa_iou(0, 5) == 0.0  # empty truth, 5 predicted pixels
+    with pytest.raises(ConfigError, match="shape"):
+        mask_counts(pred, gt[:3])
+    with pytest.raises(ConfigError):
+        lisa_iou(5, 4)
+
+
+def test_giou_and_ciou_by_hand():
+    from train.metrics import gres_scores
+
+    # (I, U, truth pixels, parsed): IoUs 4/12, 1 (both empty), 0 (false pixels on a negative), 0 (missed),
+    # 10/10, and a failed parse on a negative chip (0 by our rule, not LISA's 1)
+    queries = [(4, 12, 8, True), (0, 0, 0, True), (0, 5, 0, True), (0, 6, 6, True), (10, 10, 10, True),
+               (0, 0, 0, False)]  # fmt: skip
+    scores, ious = gres_scores(queries)
+    eps = 1e-5
+    expected = [4 / (12 + eps), 1.0, 0.0, 0.0, 10 / (10 + eps), 0.0]
+    assert ious == pytest.approx(expected, abs=1e-15)
+    assert scores.giou == pytest.approx(sum(expected) / 6, abs=1e-15)
+    assert scores.ciou == pytest.approx((4 + 10) / (12 + 5 + 6 + 10 + 1e-10), abs=1e-15)  # 14 / 33
+    assert scores.precision[0.5] == pytest.approx(2 / 6)  # 1.0 and 0.999999: strictly > 0.5
+    assert scores.precision[0.9] == pytest.approx(2 / 6)
+    assert (scores.n, scores.n_empty_truth, scores.failed_parses) == (6, 3, 1)
+    j = scores.to_json()
+    assert j["gIoU"] == pytest.approx(scores.giou * 100) and j["cIoU"] == pytest.approx(1400 / 33)
+    assert j["counts"]["union"] == 33 and j["counts"]["intersection"] == 14
+
+
+def test_giou_weighs_queries_and_ciou_weighs_pixels():
+    from train.metrics import gres_scores
+
+    # a small object found perfectly and a large one half found: gIoU = (1 + 0.5) / 2, cIoU = 51 / 101
+    scores, _ = gres_scores([(1, 1, 1, True), (50, 100, 100, True)])
+    assert scores.giou == pytest.approx((1 / (1 + 1e-5) + 50 / (100 + 1e-5)) / 2)
+    assert scores.ciou == pytest.approx(51 / 101)
+    assert scores.precision[0.5] == pytest.approx(0.5)  # 0.4999995 is not > 0.5
+
+
+def test_gres_scores_of_nothing_and_bad_counts():
+    from train.metrics import gres_scores
+
+    scores, ious = gres_scores([])
+    assert (scores.giou, scores.ciou, ious) == (0.0, 0.0, [])
+    with pytest.raises(ConfigError):
+        gres_scores([(1, 2, 3, True)])  # more truth pixels than the union
