@@ -1,5 +1,6 @@
 """Geo-R1's evaluation metrics, reproduced exactly: REC Acc@0.5 / Acc@0.7, OVD COCO mAP / AP50, and GRES
-gIoU / cIoU over masks as LISA and EarthReason count them (the GRES section at the end says how).
+gIoU / cIoU over masks as Geo-R1's ``test_gres_eval.py`` counts them, with LISA's and EarthReason's counting
+beside them (the GRES section at the end says how each treats empty masks).
 
 Pure functions over strings, boxes and results records; tested on literal strings and fixed files.
 pycocotools is imported only by the OVD functions.
@@ -125,6 +126,7 @@ __all__ = [
     "coco_scores",
     "extract_rec_box",
     "finite_box",
+    "geo_r1_mask_iou",
     "gres_scores",
     "lisa_iou",
     "mask_counts",
@@ -601,28 +603,29 @@ def coco_map_single(pred_boxes: Sequence[Box], gt_boxes: Sequence[Box]) -> float
 # GRES: gIoU and cIoU over masks
 # --------------------------------------------------------------------------------------------------
 #
-# How LISA and EarthReason count (read in their code, not copied):
+# Three public definitions, read in their code (not copied); all three count the pixels of one query's
+# predicted mask against its true mask, ``I`` (intersection) and ``U`` (union), and differ where ``U`` is 0
+# (an empty truth answered with an empty mask):
 #
-# - LISA (dvlab-research/LISA, ``train_ds.py`` ``validate`` and ``utils/utils.py``
-#   ``intersectionAndUnionGPU``): each predicted mask (logits > 0) against its true mask gives the pixel
-#   counts ``I`` and ``U`` of the foreground class; the per-mask IoU is ``I / (U + 1e-5)``, and a mask whose
-#   ``U`` is 0 (empty truth and empty prediction, "no-object target") gets ``+ 1.0``, i.e. scores 1.
-#   gIoU is the mean of the per-mask IoUs over every mask of the set (an ``AverageMeter`` weighted by the
-#   number of masks per image); cIoU is ``sum(I) / (sum(U) + 1e-10)`` over the whole set.
-# - EarthReason (earth-insights/SegEarth-R1, ``segearth_r1/eval_and_test/eval.py`` ``compute_metric``):
-#   the same ``intersectionAndUnionGPU``, the same ``I / (U + 1e-5)`` with ``U == 0`` set to 1.0, one mask
-#   per query (the best-scoring prediction, where the model gives several), gIoU the mean over queries,
-#   cIoU ``sum(I) / (sum(U) + 1e-10)``; it also reports Pr@t (t in 0.5 ... 0.9): the share of queries whose
-#   IoU is strictly above t.
+# - **Geo-R1** (Geo-R1/geo-r1, ``run_scripts/test_gres_eval.py``, ``run_inference_and_calc_iou`` and
+#   ``run_final_evaluation``): the answer's items (``parse_vlm_predictions_for_sam``) prompt SAM 2.1, each mask
+#   is clipped to its box, the masks are OR-ed; no items (a "None", or nothing readable) is ``I = 0``,
+#   ``U = |truth|``. The per-query IoU is ``I / U if U > 0 else 0``: an empty truth scores **0** whatever the
+#   answer. gIoU is the mean of those over all queries, cIoU ``sum(I) / sum(U)`` (0 when ``sum(U)`` is 0);
+#   both per category too.
+# - **LISA** (dvlab-research/LISA, ``train_ds.py`` ``validate``, ``utils/utils.py`` ``intersectionAndUnionGPU``):
+#   per mask ``I / (U + 1e-5)``, and ``+ 1.0`` where ``U`` is 0 ("no-object target"): an empty truth answered
+#   with an empty mask scores **1**. gIoU is the mean over every mask of the set, cIoU
+#   ``sum(I) / (sum(U) + 1e-10)``.
+# - **EarthReason** (earth-insights/SegEarth-R1, ``segearth_r1/eval_and_test/eval.py`` ``compute_metric``):
+#   LISA's counting, one mask per query (the best-scoring one where the model gives several), and Pr@t for t
+#   in 0.5 ... 0.9: the share of queries whose (LISA) IoU is strictly above t.
 #
-# So an empty truth with an empty prediction scores 1 in gIoU and adds nothing to cIoU; an empty truth
-# with a predicted mask scores 0 (I = 0, U > 0) and adds its false pixels to cIoU's union; a true mask with
-# no prediction scores 0 and adds the whole truth to the union. Ours, one query = one (chip, expression),
-# its truth the union of every object of the expression: :func:`mask_counts` gives ``(I, U)``,
-# :func:`lisa_iou` the per-query IoU, :func:`gres_scores` gIoU, cIoU and Pr@t from the counts (so a
-# results file is re-scored from its counts without SAM). An answer that does not parse is our rule: it
-# scores 0 in gIoU even on an empty truth (a failed parse never scores; upstream has masks, no parse),
-# and adds ``(0, |truth|)`` to cIoU.
+# :func:`gres_scores` reports Geo-R1's gIoU and cIoU as the headline (they are the numbers of the paper's
+# EarthReason-FS table) and LISA's / EarthReason's beside them, all from the same ``(I, U)`` per query, so a
+# results file is re-scored from its counts without SAM. A query whose answer does not parse counts as
+# Geo-R1 counts it (``I = 0``, ``U = |truth|``); in the LISA numbers it scores 0 even on an empty truth (our
+# rule: a broken answer never scores; LISA has masks, not answers).
 
 #: LISA's and EarthReason's epsilons: per-mask ``I / (U + 1e-5)``, cumulative ``sum I / (sum U + 1e-10)``.
 LISA_IOU_EPS = 1e-5
@@ -643,20 +646,32 @@ def mask_counts(pred: Any, gt: Any) -> tuple[int, int]:
     return int(np.count_nonzero(p & g)), int(np.count_nonzero(p | g))
 
 
+def _check_counts(intersection: int, union: int) -> None:
+    if union < 0 or intersection < 0 or intersection > union:
+        raise ConfigError(f"mask counts must have 0 <= intersection <= union, got {intersection}, {union}")
+
+
+def geo_r1_mask_iou(intersection: int, union: int) -> float:
+    """One query's IoU as Geo-R1's ``test_gres_eval.py`` counts it: ``I / U``, and 0.0 when ``U`` is 0."""
+    _check_counts(intersection, union)
+    return intersection / union if union > 0 else 0.0
+
+
 def lisa_iou(intersection: int, union: int) -> float:
     """One query's IoU as LISA and EarthReason count it: ``I / (U + 1e-5)``, and 1.0 when ``U`` is 0 (both
     masks empty)."""
-    if union < 0 or intersection < 0 or intersection > union:
-        raise ConfigError(f"mask counts must have 0 <= intersection <= union, got {intersection}, {union}")
+    _check_counts(intersection, union)
     return 1.0 if union == 0 else intersection / (union + LISA_IOU_EPS)
 
 
 @dataclass(frozen=True)
 class GresScores:
-    """gIoU (mean per-query IoU), cIoU (cumulative I over cumulative U) and Pr@t, as fractions in [0, 1]."""
+    """Geo-R1's gIoU and cIoU (the headline), LISA's gIoU and cIoU, EarthReason's Pr@t; fractions in [0, 1]."""
 
     giou: float
     ciou: float
+    lisa_giou: float
+    lisa_ciou: float
     precision: Mapping[float, float]
     n: int
     n_empty_truth: int
@@ -665,11 +680,12 @@ class GresScores:
     union: int
 
     def to_json(self) -> dict[str, Any]:
-        """Percentages, as LISA and EarthReason print them (×100)."""
+        """Percentages (×100), as the papers print them."""
         return {
             "gIoU": self.giou * 100,
             "cIoU": self.ciou * 100,
-            **{f"Pr@{t}": v * 100 for t, v in self.precision.items()},
+            "lisa": {"gIoU": self.lisa_giou * 100, "cIoU": self.lisa_ciou * 100,
+                     **{f"Pr@{t}": v * 100 for t, v in self.precision.items()}},
             "counts": {"queries": self.n, "empty_truth": self.n_empty_truth, "failed_parses": self.failed_parses,
                        "intersection": self.intersection, "union": self.union},
         }  # fmt: skip
@@ -678,26 +694,34 @@ class GresScores:
 def gres_scores(
     counts: Iterable[tuple[int, int, int, bool]], thresholds: Sequence[float] = GRES_THRESHOLDS
 ) -> tuple[GresScores, list[float]]:
-    """gIoU, cIoU and Pr@t of queries given as ``(intersection, union, truth_pixels, parsed)``: ``parsed``
-    False is an answer that did not parse (IoU 0 even where both masks are empty; see the comment above);
-    ``truth_pixels`` only counts the queries with an empty truth for the report. Returns the scores and the
-    per-query IoUs. No queries: every number 0.0."""
+    """Score queries given as ``(intersection, union, truth_pixels, parsed)`` (see the comment above):
+    Geo-R1's gIoU and cIoU, LISA's, and EarthReason's Pr@t. ``parsed`` False is an answer that did not parse;
+    ``truth_pixels`` counts the queries with an empty truth. Returns the scores and the per-query IoUs
+    (Geo-R1's). No queries: every number 0.0."""
     ious: list[float] = []
+    lisa: list[float] = []
     total_i = total_u = empty = failed = 0
     for inter, union, truth, parsed in counts:
-        inter, union = int(inter), int(union)
-        if not 0 <= int(truth) <= union:
+        inter, union, truth = int(inter), int(union), int(truth)
+        if not 0 <= truth <= union:
             raise ConfigError(f"mask counts must have 0 <= truth pixels <= union, got {truth}, {union}")
-        iou = lisa_iou(inter, union)
-        if not parsed:
-            iou = 0.0
-            failed += 1
-        empty += int(truth) == 0
-        ious.append(iou)
+        ious.append(geo_r1_mask_iou(inter, union))
+        lisa.append(lisa_iou(inter, union) if parsed else 0.0)
+        failed += not parsed
+        empty += truth == 0
         total_i += inter
         total_u += union
     n = len(ious)
-    giou = sum(ious) / n if n else 0.0
-    ciou = total_i / (total_u + CIOU_EPS) if n else 0.0
-    precision = {t: (sum(1 for v in ious if v > t) / n if n else 0.0) for t in thresholds}
-    return GresScores(giou, ciou, precision, n, empty, failed, total_i, total_u), ious
+    scores = GresScores(
+        giou=sum(ious) / n if n else 0.0,
+        ciou=total_i / total_u if total_u > 0 else 0.0,
+        lisa_giou=sum(lisa) / n if n else 0.0,
+        lisa_ciou=total_i / (total_u + CIOU_EPS) if n else 0.0,
+        precision={t: (sum(1 for v in lisa if v > t) / n if n else 0.0) for t in thresholds},
+        n=n,
+        n_empty_truth=empty,
+        failed_parses=failed,
+        intersection=total_i,
+        union=total_u,
+    )
+    return scores, ious

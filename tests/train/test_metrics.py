@@ -506,7 +506,7 @@ def _masks(shape, *slices):
 
 
 def test_mask_counts_and_lisa_iou():
-    from train.metrics import LISA_IOU_EPS, lisa_iou, mask_counts
+    from train.metrics import LISA_IOU_EPS, geo_r1_mask_iou, lisa_iou, mask_counts
 
     gt = _masks((4, 4), (slice(0, 2), slice(0, 4)))  # the top 2 rows: 8 pixels
     pred = _masks((4, 4), (slice(1, 3), slice(0, 4)))  # rows 1-2: 8 pixels, 4 shared
@@ -514,6 +514,7 @@ def test_mask_counts_and_lisa_iou():
     assert lisa_iou(4, 12) == 4 / (12 + LISA_IOU_EPS)
     assert lisa_iou(0, 0) == 1.0  # empty truth, empty prediction: LISA's "no-object target"
     assert lisa_iou(0, 5) == 0.0  # empty truth, 5 predicted pixels
+    assert geo_r1_mask_iou(4, 12) == 4 / 12 and geo_r1_mask_iou(0, 0) == 0.0  # Geo-R1: no epsilon, U = 0 is 0
     with pytest.raises(ConfigError, match="shape"):
         mask_counts(pred, gt[:3])
     with pytest.raises(ConfigError):
@@ -523,21 +524,26 @@ def test_mask_counts_and_lisa_iou():
 def test_giou_and_ciou_by_hand():
     from train.metrics import gres_scores
 
-    # (I, U, truth pixels, parsed): IoUs 4/12, 1 (both empty), 0 (false pixels on a negative), 0 (missed),
-    # 10/10, and a failed parse on a negative chip (0 by our rule, not LISA's 1)
+    # (I, U, truth pixels, parsed): a partial hit 4/12, "None" on an empty truth (U = 0), false pixels on a
+    # negative chip, a missed object (I = 0, U = |truth|), a perfect hit, and a failed parse on a negative
     queries = [(4, 12, 8, True), (0, 0, 0, True), (0, 5, 0, True), (0, 6, 6, True), (10, 10, 10, True),
                (0, 0, 0, False)]  # fmt: skip
     scores, ious = gres_scores(queries)
+    # Geo-R1's test_gres_eval.py: I / U, and 0 where U is 0 (an empty truth never scores)
+    assert ious == [4 / 12, 0.0, 0.0, 0.0, 1.0, 0.0]
+    assert scores.giou == pytest.approx((4 / 12 + 1.0) / 6, abs=1e-15)
+    assert scores.ciou == 14 / 33  # (4 + 10) / (12 + 5 + 6 + 10)
+    # LISA / EarthReason: I / (U + 1e-5), 1.0 where U is 0; our failed parse is 0 even there
     eps = 1e-5
-    expected = [4 / (12 + eps), 1.0, 0.0, 0.0, 10 / (10 + eps), 0.0]
-    assert ious == pytest.approx(expected, abs=1e-15)
-    assert scores.giou == pytest.approx(sum(expected) / 6, abs=1e-15)
-    assert scores.ciou == pytest.approx((4 + 10) / (12 + 5 + 6 + 10 + 1e-10), abs=1e-15)  # 14 / 33
+    lisa = [4 / (12 + eps), 1.0, 0.0, 0.0, 10 / (10 + eps), 0.0]
+    assert scores.lisa_giou == pytest.approx(sum(lisa) / 6, abs=1e-15)
+    assert scores.lisa_ciou == pytest.approx(14 / (33 + 1e-10), abs=1e-15)
     assert scores.precision[0.5] == pytest.approx(2 / 6)  # 1.0 and 0.999999: strictly > 0.5
     assert scores.precision[0.9] == pytest.approx(2 / 6)
     assert (scores.n, scores.n_empty_truth, scores.failed_parses) == (6, 3, 1)
     j = scores.to_json()
     assert j["gIoU"] == pytest.approx(scores.giou * 100) and j["cIoU"] == pytest.approx(1400 / 33)
+    assert j["lisa"]["gIoU"] == pytest.approx(scores.lisa_giou * 100) and "Pr@0.7" in j["lisa"]
     assert j["counts"]["union"] == 33 and j["counts"]["intersection"] == 14
 
 
@@ -546,9 +552,17 @@ def test_giou_weighs_queries_and_ciou_weighs_pixels():
 
     # a small object found perfectly and a large one half found: gIoU = (1 + 0.5) / 2, cIoU = 51 / 101
     scores, _ = gres_scores([(1, 1, 1, True), (50, 100, 100, True)])
-    assert scores.giou == pytest.approx((1 / (1 + 1e-5) + 50 / (100 + 1e-5)) / 2)
-    assert scores.ciou == pytest.approx(51 / 101)
-    assert scores.precision[0.5] == pytest.approx(0.5)  # 0.4999995 is not > 0.5
+    assert scores.giou == 0.75 and scores.ciou == 51 / 101
+    assert scores.lisa_giou == pytest.approx((1 / (1 + 1e-5) + 50 / (100 + 1e-5)) / 2)
+    assert scores.precision[0.5] == pytest.approx(0.5)  # LISA's 0.4999995 is not > 0.5
+
+
+def test_only_empty_truths_answered_none():
+    from train.metrics import gres_scores
+
+    scores, _ = gres_scores([(0, 0, 0, True), (0, 0, 0, True)])
+    assert (scores.giou, scores.ciou) == (0.0, 0.0)  # Geo-R1: U = 0 scores 0, and sum(U) = 0 gives cIoU 0
+    assert (scores.lisa_giou, scores.lisa_ciou) == (1.0, 0.0)  # LISA: both "no-object targets" score 1
 
 
 def test_gres_scores_of_nothing_and_bad_counts():
