@@ -30,13 +30,19 @@ from pathlib import Path
 from typing import Any
 
 from geo_r1_qgis.core.errors import ConfigError
-from geo_r1_qgis.core.rules.prompts import OVD_TEMPLATE, REC_QUESTION_PREFIX, TASKS
+from geo_r1_qgis.core.rules.prompts import GRES_TEMPLATE, OVD_TEMPLATE, REC_QUESTION_PREFIX, TASKS
 
 MANIFEST = "dataset.json"
 SPLITS = ("train", "val", "test")
 IMAGES_DIR = "images"
 
 Box = tuple[int, int, int, int]
+#: One object's outline: its polygons, each an exterior ring then its holes, each ring ``(x, y)`` points in chip
+#: pixels (``geo_r1_qgis.core.rules.gres_truth``'s convention).
+Outline = tuple[tuple[tuple[tuple[float, float], ...], ...], ...]
+Point = tuple[int, int]
+#: Decimals kept of an outline's chip-pixel coordinates in the records.
+OUTLINE_DECIMALS = 2
 
 
 def jsonl_name(split: str, task: str) -> str:
@@ -61,9 +67,33 @@ def _check(split: str, task: str) -> None:
 def answer_json(boxes: Iterable[Box], label: str) -> str:
     """The multi-target answer as Qwen2.5-VL grounding writes it: a fenced JSON list, or ``None``."""
     items = [f'{{"bbox_2d": [{b[0]}, {b[1]}, {b[2]}, {b[3]}], "label": {json.dumps(label)}}}' for b in boxes]
+    return _fenced(items)
+
+
+def _fenced(items: Sequence[str]) -> str:
     if not items:
         return "None"
     return "```json\n[\n    " + ",\n    ".join(items) + "\n]\n```"
+
+
+def gres_answer_json(boxes: Iterable[Box], keypoints: Iterable[tuple[Point, Point]]) -> str:
+    """The GRES answer in the GRES prompt's own format: a fenced JSON list of ``{"bbox_2d", "keypoint1",
+    "keypoint2"}`` items (four-space indent, as the prompt shows it), or ``None``."""
+    items = [
+        f'{{"bbox_2d": [{b[0]}, {b[1]}, {b[2]}, {b[3]}], "keypoint1": [{k1[0]}, {k1[1]}], '
+        f'"keypoint2": [{k2[0]}, {k2[1]}]}}'
+        for b, (k1, k2) in zip(boxes, keypoints, strict=True)
+    ]
+    return _fenced(items)
+
+
+def _outline(value: Any) -> Outline:
+    """An outline as nested tuples of floats rounded to :data:`OUTLINE_DECIMALS`."""
+    return tuple(
+        tuple(tuple((round(float(p[0]), OUTLINE_DECIMALS), round(float(p[1]), OUTLINE_DECIMALS)) for p in ring)
+              for ring in polygon)
+        for polygon in value
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -82,6 +112,11 @@ class ChipRecord:
     negative: bool = False
     #: the image's COCO id (None: not given; :func:`assign_image_ids` gives one)
     image_id: int | None = None
+    #: gres: each object's outline in chip pixels (:data:`Outline`), in the order of ``boxes``
+    outlines: tuple[Outline, ...] | None = None
+    #: gres: each object's two keypoints ``((col, row), (col, row))``, in the order of ``boxes``
+    #: (``geo_r1_qgis.core.rules.gres_truth.keypoints`` of the object's mask)
+    keypoints: tuple[tuple[Point, Point], ...] | None = None
 
     def __post_init__(self) -> None:
         _check(self.split, self.task)
@@ -95,6 +130,26 @@ class ChipRecord:
             raise ConfigError(f"record {self.id}: a rec record has exactly one box, got {len(self.boxes)}")
         if self.negative and self.boxes:
             raise ConfigError(f"record {self.id}: a negative record has no boxes")
+        if self.outlines is not None:
+            from geo_r1_qgis.core.rules.gres_truth import check_polygons
+
+            for n, o in enumerate(self.outlines):
+                check_polygons(o, f"record {self.id}, object {n + 1}")
+            object.__setattr__(self, "outlines", tuple(_outline(o) for o in self.outlines))
+        if self.keypoints is not None:
+            try:
+                kps = tuple(tuple((int(p[0]), int(p[1])) for p in pair) for pair in self.keypoints)
+            except (TypeError, ValueError, IndexError):
+                raise ConfigError(f"record {self.id}: keypoints must be [[x, y], [x, y]] per object") from None
+            if any(len(pair) != 2 for pair in kps):
+                raise ConfigError(f"record {self.id}: each object has exactly two keypoints")
+            object.__setattr__(self, "keypoints", kps)
+        if self.task == "gres":
+            if self.outlines is None or self.keypoints is None:
+                raise ConfigError(f"record {self.id}: a gres record needs each object's outline and keypoints")
+            if not len(self.outlines) == len(self.keypoints) == len(self.boxes):
+                raise ConfigError(f"record {self.id}: {len(self.boxes)} boxes, {len(self.outlines)} outlines and "
+                                  f"{len(self.keypoints)} keypoint pairs; each object has one of each")  # fmt: skip
         w, h = self.image_size
         for b in self.boxes:
             if len(b) != 4 or not (0 <= b[0] < b[2] <= w and 0 <= b[1] < b[3] <= h):
@@ -105,14 +160,19 @@ class ChipRecord:
         """The human turn's text without ``<image>``: the REC question or the OVD problem."""
         if self.task == "rec":
             return REC_QUESTION_PREFIX + self.expression
+        if self.task == "gres":  # Geo-R1's GRES prompt (it always holds the reasoning instruction)
+            return GRES_TEMPLATE.format(Question=self.expression)
         return OVD_TEMPLATE.format(category=self.expression)
 
     @property
     def solution_text(self) -> str:
-        """The ``gpt`` turn: ``[x1, y1, x2, y2]`` for rec (VLM-R1's REC JSONL), the JSON answer for multi."""
+        """The ``gpt`` turn: ``[x1, y1, x2, y2]`` for rec (VLM-R1's REC JSONL), the JSON answer for multi, the
+        boxes with their keypoints for gres (:func:`gres_answer_json`)."""
         if self.task == "rec":
             b = self.boxes[0]
             return f"[{b[0]}, {b[1]}, {b[2]}, {b[3]}]"
+        if self.task == "gres":
+            return gres_answer_json(self.boxes, self.keypoints or ())
         return answer_json(self.boxes, self.expression)
 
     def to_json(self) -> dict[str, Any]:
@@ -133,6 +193,8 @@ class ChipRecord:
             "image_size": list(self.image_size),
             "is_unique": self.is_unique,
             "negative": self.negative,
+            **({} if self.outlines is None else {"outlines": _lists(self.outlines)}),
+            **({} if self.keypoints is None else {"keypoints": _lists(self.keypoints)}),
         }
 
     @classmethod
@@ -150,9 +212,16 @@ class ChipRecord:
                 is_unique=d.get("is_unique"),
                 negative=bool(d.get("negative", False)),
                 image_id=d.get("image_id"),
+                outlines=d.get("outlines"),
+                keypoints=d.get("keypoints"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"a dataset record is malformed ({type(exc).__name__}: {exc}): {str(d)[:200]}") from exc
+
+
+def _lists(value: Any) -> Any:
+    """Nested tuples as nested lists (JSON)."""
+    return [_lists(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def assign_image_ids(records: Sequence[ChipRecord]) -> list[ChipRecord]:
@@ -246,7 +315,7 @@ def target_text(record: ChipRecord, reasoning: bool) -> str:
     both parses accept it) or the fenced list / ``None`` for multi.
     """
     if not reasoning:
-        return answer_json(record.boxes, record.expression)
+        return answer_json(record.boxes, record.expression) if record.task != "gres" else record.solution_text
     if not record.boxes:
         think = f"I look for the {record.expression}. There is none in the image."
         return f"<think> {think} </think> <answer>None</answer>"
@@ -255,6 +324,6 @@ def target_text(record: ChipRecord, reasoning: bool) -> str:
     if record.task == "rec":
         b = record.boxes[0]
         answer = f'[{{"bbox_2d": [{b[0]}, {b[1]}, {b[2]}, {b[3]}], "label": {json.dumps(record.expression)}}}]'
-    else:
-        answer = answer_json(record.boxes, record.expression)
+    else:  # multi: the fenced list; gres: the fenced list of boxes and keypoints
+        answer = record.solution_text
     return f"<think> {think} </think> <answer>{answer}</answer>"

@@ -56,6 +56,7 @@ from train import chips as cm
 from train.data_format import (
     IMAGES_DIR,
     MANIFEST,
+    OUTLINE_DECIMALS,
     TASKS,
     ChipRecord,
     eval_json_name,
@@ -570,6 +571,8 @@ class _Obj:
     feature: AnnotationFeature
     ann: Annotation
     box: cm.Box  # raster pixels, clipped to the raster
+    #: the polygon(s) in raster pixels: each an exterior ring then its holes, as (n, 2) arrays (col, row)
+    rings: list[list[Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -584,6 +587,36 @@ class _Raster:
 
     def positives(self, expression: str) -> list[_Obj]:
         return [o for o in self.objs if not o.ann.negative and o.ann.expression == expression]
+
+
+def _pixel_rings(geom: Any, inv: Any) -> list[list[Any]]:
+    """A (Multi)Polygon's rings in raster pixels through the inverse affine ``inv``: one list of (n, 2) arrays
+    (exterior, then holes) per polygon."""
+    import numpy as np
+    import shapely
+
+    out = []
+    for polygon in getattr(geom, "geoms", [geom]):
+        rings = []
+        for ring in (polygon.exterior, *polygon.interiors):
+            xy = shapely.get_coordinates(ring)
+            rings.append(np.column_stack([inv.a * xy[:, 0] + inv.b * xy[:, 1] + inv.c,
+                                          inv.d * xy[:, 0] + inv.e * xy[:, 1] + inv.f]))  # fmt: skip
+        out.append(rings)
+    return out
+
+
+def chip_outline(rings: Sequence[Sequence[Any]], window: Sequence[float], chip: int) -> list[list[list[list[float]]]]:
+    """An object's polygon rings (raster pixels) in the pixels of the ``chip`` x ``chip`` image of ``window``
+    (not clipped: the mask's rasterising clips to the chip)."""
+    sx = chip / (window[2] - window[0])
+    sy = chip / (window[3] - window[1])
+    d = OUTLINE_DECIMALS  # as the records keep them, so the keypoints are those of the recorded outline
+    return [
+        [[[round((float(c) - window[0]) * sx, d), round((float(r) - window[1]) * sy, d)] for c, r in ring]
+         for ring in polygon]
+        for polygon in rings
+    ]  # fmt: skip
 
 
 def _fits(box: cm.Box, side: int) -> bool:
@@ -670,7 +703,7 @@ class _Builder:
                 continue
             if clipped != box:
                 log.warning("%s is partly outside the raster %s; its box is clipped", f.name, raster.path.name)
-            raster.objs.append(_Obj(f, f.annotation, clipped))
+            raster.objs.append(_Obj(f, f.annotation, clipped, _pixel_rings(geom, inv)))
         if outside:
             log.warning(
                 "%d annotation(s) of %s lie outside the raster %s and are skipped (features %s)",
@@ -805,7 +838,10 @@ class _Builder:
             if written is None:
                 continue
             chip_id, image = written
-            chip_boxes = sorted(b for b in (cm.chip_box(boxes[i], window, cfg.chip) for i in inside) if b)
+            placed_objs = sorted(
+                (b, i) for i in inside for b in [cm.chip_box(boxes[i], window, cfg.chip)] if b is not None
+            )
+            chip_boxes = [b for b, _ in placed_objs]
             n_category = sum(
                 1
                 for o in raster.objs
@@ -821,24 +857,31 @@ class _Builder:
                 "is_unique": unique,
             }
             self.records.append(ChipRecord(id=f"{chip_id}-multi", task="multi", boxes=tuple(chip_boxes), **common))
+            if "gres" in TASKS:
+                outlines = [chip_outline(same[i].rings, window, cfg.chip) for _, i in placed_objs]
+                self.records.append(ChipRecord(id=f"{chip_id}-gres", task="gres", boxes=tuple(chip_boxes),
+                                               outlines=tuple(outlines), keypoints=_keypoints(outlines, cfg.chip),
+                                               **common))  # fmt: skip
             if len(inside) == 1:
                 box = cm.chip_box(boxes[target], window, cfg.chip)
                 self.records.append(ChipRecord(id=f"{chip_id}-rec", task="rec", boxes=(box,), **common))
 
     def _negative_record(self, chip_id: str, image: str, split: str, ann: Annotation) -> None:
-        self.records.append(
-            ChipRecord(
-                id=f"{chip_id}-multi",
-                image=image,
-                split=split,
-                task="multi",
-                expression=ann.expression,
-                category=ann.category,
-                boxes=(),
-                image_size=(self.config.chip, self.config.chip),
-                negative=True,
+        for task in ("multi", "gres") if "gres" in TASKS else ("multi",):  # gres: an empty mask, answered None
+            self.records.append(
+                ChipRecord(
+                    id=f"{chip_id}-{task}",
+                    image=image,
+                    split=split,
+                    task=task,
+                    expression=ann.expression,
+                    category=ann.category,
+                    boxes=(),
+                    image_size=(self.config.chip, self.config.chip),
+                    negative=True,
+                    **({"outlines": (), "keypoints": ()} if task == "gres" else {}),
+                )
             )
-        )
 
     def drawn_negative_chips(self, raster: _Raster, obj: _Obj, split: str) -> None:
         """Chips in an area the user marked as holding no object of the expression."""
@@ -935,6 +978,13 @@ class _Builder:
     def close(self) -> None:
         for r in reversed(list(self.rasters.values())):  # each source holds a GDAL environment: last in, first out
             r.src.close()
+
+
+def _keypoints(outlines: Sequence[Any], chip: int) -> tuple[tuple[tuple[int, int], tuple[int, int]], ...]:
+    """Each object's two keypoints from its mask in the chip (``core/rules/gres_truth``'s rule)."""
+    from geo_r1_qgis.core.rules.gres_truth import keypoints, object_mask
+
+    return tuple(keypoints(object_mask(o, (chip, chip))) for o in outlines)
 
 
 def counts_of(records: Sequence[ChipRecord]) -> dict[str, dict[str, dict[str, int]]]:

@@ -11,7 +11,7 @@ the true mask and a target answer (for SFT and for checking the reward) come fro
 - **Rasterising** (:func:`rasterize`): a pixel is in the mask when its centre ``(col + 0.5, row + 0.5)`` is
   inside the polygon by the even-odd rule over all its rings, which is GDAL's ``RasterizeLayer`` default
   (not "all touched"). An object so thin that no pixel centre falls inside keeps one pixel: the one holding
-  the centre of its box (:func:`object_mask`), so every true object has a mask.
+  the centre of its box's part inside the chip (:func:`object_mask`), so every true object has a mask.
 - **Keypoints** (:func:`keypoints`): two pixels inside the object's mask, chosen to sit well inside it, where
   a positive point prompt helps SAM most. ``keypoint1`` is the mask pixel deepest inside the mask (largest
   number of 4-neighbour erosions it survives; ties: nearest the mask's centroid, then first in row-major
@@ -113,13 +113,14 @@ def rasterize(polygons: Any, size: Sequence[int]) -> Any:
 
 def object_mask(polygons: Any, size: Sequence[int]) -> Any:
     """:func:`rasterize`, and where no pixel centre is inside (a sliver), the one pixel holding the centre
-    of the object's box (when that lies in the chip): every object keeps a mask."""
+    of the part of the object's box inside the chip: every object that reaches into the chip keeps a mask."""
     mask = rasterize(polygons, size)
     if not mask.any():
         x1, y1, x2, y2 = polygons_bbox(polygons)
-        col, row = math.floor((x1 + x2) / 2), math.floor((y1 + y2) / 2)
-        if 0 <= col < mask.shape[1] and 0 <= row < mask.shape[0]:
-            mask[row, col] = True
+        x1, y1, x2, y2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(size[0])), min(y2, float(size[1]))
+        if x1 < x2 and y1 < y2:  # the centre of the box's part inside the chip
+            col, row = math.floor((x1 + x2) / 2), math.floor((y1 + y2) / 2)
+            mask[min(row, mask.shape[0] - 1), min(col, mask.shape[1] - 1)] = True
     return mask
 
 
