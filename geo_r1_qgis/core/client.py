@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, EngineOverloadedError, EngineRequestError, EngineUnavailableError
+from .retry import TRANSIENT_STATUSES, RetryPolicy, Transient, parse_retry_after
 
 log = logging.getLogger(__name__)
 
@@ -134,15 +135,40 @@ def health_proof(token: str, challenge: str) -> str:
     return hmac.new(token.encode("utf-8"), ("geo-r1-health:" + challenge).encode("utf-8"), hashlib.sha256).hexdigest()
 
 
-class EngineClient:
-    """Talks to one engine over HTTP. Thread-safe: it holds no connection state."""
+def transient_error(exc: BaseException) -> Transient | None:
+    """Whether an error of :meth:`EngineClient._request` is worth another try (:mod:`.retry`): a connection
+    refused, reset or closed without an answer, or HTTP 429, 502 or 503; not a timeout, not any other status."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int):
+        return Transient(exc, getattr(exc, "retry_after", None)) if status in TRANSIENT_STATUSES else None
+    return Transient(exc) if getattr(exc, "transient", False) else None
 
-    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout_s: float = 600.0) -> None:
+
+def engine_capacity(info: dict[str, Any] | None) -> int:
+    """How many tiles an engine can work on at once, from its ``/info``: the remote backend's concurrency
+    (requests it has in flight at the server behind it), else the local backend's batch size."""
+    info = info or {}
+    key = "concurrency" if info.get("backend") == "openai" else "batch_size"
+    value = info.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 8
+
+
+class EngineClient:
+    """Talks to one engine over HTTP. Thread-safe: it holds no connection state.
+
+    ``retry`` says how a grounding request is tried again after a transient fault (:mod:`.retry`): a
+    dropped connection, HTTP 429, 502 or 503."""
+
+    def __init__(
+        self, url: str = DEFAULT_URL, token: str | None = None, timeout_s: float = 600.0,
+        retry: RetryPolicy | None = None,
+    ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"engine URL must start with http:// or https://, got {url!r}")
         self.url = url.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s
+        self.retry = retry or RetryPolicy()
         self._proven_for: str | None = None  # the token the server has proven it holds
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -174,18 +200,26 @@ class EngineClient:
             message = _error_message(exc)
             # the technical line goes to the log (the plugin's is QGIS's message log); the error reads as words
             log.warning("engine %s %s%s -> %s: %s", method, self.url, path.split("?")[0], exc.code, message)
+            error: EngineRequestError | EngineOverloadedError
             if exc.code == 503:
-                raise EngineOverloadedError(
+                error = EngineOverloadedError(
                     f"the engine at {self.url} has no memory (or capacity) left for this request: {message}. Try "
                     "again when it is less busy, or choose a smaller tile size"
-                ) from None
-            raise EngineRequestError(f"the engine {STATUS_WORDS.get(exc.code, 'refused the request')} "
-                                     f"(HTTP {exc.code}): {message}", exc.code) from None  # fmt: skip
+                )
+                error.status = 503  # type: ignore[attr-defined]
+            else:
+                error = EngineRequestError(f"the engine {STATUS_WORDS.get(exc.code, 'refused the request')} "
+                                           f"(HTTP {exc.code}): {message}", exc.code)  # fmt: skip
+            error.retry_after = parse_retry_after(exc.headers.get("Retry-After") if exc.headers else None)  # type: ignore[union-attr]
+            raise error from None
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise EngineUnavailableError(
+            unavailable = EngineUnavailableError(
                 f"cannot reach the engine at {self.url} ({reason}); is it running? {SERVE_HINT}"
-            ) from None
+            )
+            # refused, reset or closed before an answer: worth another try; a timeout is not
+            unavailable.transient = not isinstance(reason, TimeoutError)  # type: ignore[attr-defined]
+            raise unavailable from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise EngineRequestError(f"engine {method} {path} returned invalid JSON: {exc}") from None
 
@@ -265,7 +299,11 @@ class EngineClient:
             header["max_new_tokens"] = max_new_tokens
         head = json.dumps(header).encode("utf-8")
         body = b"".join([len(head).to_bytes(4, "big"), head, *(t.rgb for t in tiles)])
-        answer = self._request("POST", "/ground/tiles", raw=(body, TILES_MEDIA_TYPE))
+        answer = self.retry.call(
+            lambda: self._request("POST", "/ground/tiles", raw=(body, TILES_MEDIA_TYPE)),
+            transient_error,
+            what=f"POST {self.url}/ground/tiles ({len(tiles)} tile(s))",
+        )
         results = answer.get("items")
         if not isinstance(results, list) or len(results) != len(tiles):
             raise EngineRequestError(f"engine returned {len(results or [])} results for {len(tiles)} tiles")

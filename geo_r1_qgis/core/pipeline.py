@@ -59,20 +59,30 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .area import AreaPolygon, area_bounds, box_in_area, check_area, tiles_touching
 from .client import GroundResult, TileImage
-from .errors import ConfigError, EmptyRasterError, ExtentError
+from .errors import (
+    ConfigError,
+    EmptyRasterError,
+    EngineOverloadedError,
+    EngineRequestError,
+    EngineUnavailableError,
+    ExtentError,
+)
 from .geometry import Affine, PixelBox, Ring, Tile, TileGridSpec, box_to_polygon, make_tile_grid
 from .merge import Detection, flag_truncated, merge_detections, refinement_windows, select_mode
 from .run_spec import check_run_values
 
 __all__ = [
+    "EnginePool",
+    "EngineSlot",
     "GroundingClient",
     "GroundingJob",
     "MapDetection",
@@ -87,6 +97,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: the most tiles a run asks at once (a bound on its worker threads and on what it holds in memory)
+MAX_IN_FLIGHT = 1024
 
 #: The engine task each pass uses (see the module docstring).
 TASK_ALL = "multi"
@@ -119,6 +132,8 @@ class GroundingJob:
     area_polygons: tuple[AreaPolygon, ...] | None = None
     # -- requests
     batch_size: int = 8
+    #: tiles asked at once over all engines (None: what the engines take, their ``/info``)
+    in_flight: int | None = None
     # -- merging
     iou_threshold: float = 0.5
     containment_threshold: float = 0.7
@@ -140,6 +155,10 @@ class GroundingJob:
                          min_score=self.min_score)  # fmt: skip
         # TileGridSpec checks the scale and explains it.
         TileGridSpec(tile_size=self.tile_size, overlap=self.overlap, scale=self.scale)
+        if self.in_flight is not None and (isinstance(self.in_flight, bool) or not isinstance(self.in_flight, int)
+                                           or not 1 <= self.in_flight <= MAX_IN_FLIGHT):  # fmt: skip
+            raise ConfigError(f"in_flight must be within 1..{MAX_IN_FLIGHT} tiles, got {self.in_flight!r} (--in-flight "
+                              "on the command line, Raster > Geo-R1 > Settings in QGIS)")  # fmt: skip
         for name in ("coarse_min_tiles", "coarse_grid"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -247,6 +266,10 @@ class RunSummary:
     engine_generate_s: float = 0.0
     write_s: float = 0.0
     merge_s: float = 0.0
+    #: tiles answered by each engine (its name: the URL)
+    engines: dict[str, int] = field(default_factory=dict)
+    #: engines given up during the run, with the error that ended them
+    engines_failed: dict[str, str] = field(default_factory=dict)
     final: list[MapDetection] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -398,17 +421,258 @@ def place(dets: Sequence[Detection], transform: Affine) -> list[MapDetection]:
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class EngineSlot:
+    """One engine of a run: its client, how many tiles it works on at once, and how the run finds it."""
+
+    client: GroundingClient
+    #: tiles this engine is asked at once (its ``/info``: :func:`~geo_r1_qgis.core.client.engine_capacity`)
+    capacity: int
+    #: what the run records as the engine that answered a tile (the URL)
+    name: str
+    busy: int = 0
+    #: why the engine was given up in this run (None while it answers)
+    failed: str | None = None
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.busy
+
+
+class EnginePool:
+    """The engines of a run, one or several. A request goes to the live engine with the most free slots; an
+    engine whose request fails after its own retries (unreachable, 5xx, 429) is given up for the rest of the
+    run and its tiles are asked of the others; when none is left the error stops the run."""
+
+    def __init__(self, engines: Sequence[EngineSlot]) -> None:
+        if not engines:
+            raise ConfigError("a run needs at least one engine")
+        names = [e.name for e in engines]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"an engine is given twice: {names}; give each --engine once")
+        for e in engines:
+            if isinstance(e.capacity, bool) or not isinstance(e.capacity, int) or e.capacity < 1:
+                raise ConfigError(f"engine {e.name}: capacity must be an integer >= 1, got {e.capacity!r}")
+        self.engines = list(engines)
+
+    @classmethod
+    def of(cls, client: GroundingClient | EnginePool, capacity: int) -> EnginePool:
+        """``client`` as a pool: itself if it is one, else a pool of that one engine taking ``capacity`` tiles."""
+        if isinstance(client, EnginePool):
+            return client
+        return cls([EngineSlot(client, capacity, str(getattr(client, "url", "engine")))])
+
+    @property
+    def live(self) -> list[EngineSlot]:
+        return [e for e in self.engines if e.failed is None]
+
+    @property
+    def capacity(self) -> int:
+        return sum(e.capacity for e in self.live)
+
+    def pick(self, tiles: int) -> EngineSlot | None:
+        """The live engine with the most free slots that can take ``tiles`` now (an idle one always can)."""
+        best = max(self.live, key=lambda e: e.free, default=None)
+        if best is None or (best.free < tiles and best.busy > 0):
+            return None
+        return best
+
+
+def engine_failure(exc: BaseException) -> bool:
+    """Whether an error says the engine, not the request, failed: another engine may answer the same request."""
+    if isinstance(exc, EngineUnavailableError | EngineOverloadedError):
+        return True
+    status = getattr(exc, "status", None)
+    return isinstance(exc, EngineRequestError) and (status is None or status >= 500 or status == 429)
+
+
+@dataclass
+class _Batch:
+    """One request's tiles, in tile order; sent (``future``) or waiting to be (again), then answered."""
+
+    items: list[tuple[str, Tile, Any]]
+    future: Future | None = None
+    engine: EngineSlot | None = None
+    results: list[GroundResult] | None = None
+
+
+class _Flight:
+    """The tiles of one pass in flight: requests to the engines, up to ``in_flight`` tiles at once, answers
+    written in tile order (the head of the queue first). See :meth:`_Runner.run_pass`."""
+
+    def __init__(self, runner: _Runner, plan: PassPlan, dets: list[Detection]) -> None:
+        self.runner, self.plan, self.dets = runner, plan, dets
+        self.pool = runner.pool
+        self.limit = runner.in_flight
+        self.size = max(1, min(runner.job.batch_size, self.limit))
+        #: answered tiles that wait for an earlier request before they are written, at most this many
+        self.backlog = 4 * self.limit + self.size
+        self.pending: list[tuple[str, Tile, Any]] = []
+        self.order: deque[_Batch] = deque()
+        self.busy = 0  # tiles in requests not answered yet
+        self.busy_since = 0.0
+        self.executor = ThreadPoolExecutor(max_workers=self.limit, thread_name_prefix="geo-r1-request")
+
+    # -- filling -----------------------------------------------------------------------------------
+    def add(self, tile_id: str, tile: Tile, image: Any) -> None:
+        self.pending.append((tile_id, tile, image))
+        if len(self.pending) >= self.size:
+            self.order.append(_Batch(self.pending))
+            self.pending = []
+        self.pump()
+
+    def add_skipped(self, tile_id: str, tile: Tile) -> None:
+        r, summary = self.runner, self.runner.summary
+        t1 = time.perf_counter()
+        r.sink.write_tile(tile_id, tile, [], "skipped")
+        summary.write_s += time.perf_counter() - t1
+        summary.tiles_skipped += 1
+        r.done += 1
+        r.progress(r.done, summary.tiles_total, self.plan.phase)
+
+    def make_room(self) -> bool:
+        """Wait until one more tile may be read: at most one request's worth read ahead of what can be sent, and
+        the answers waiting to be written within the backlog. False on a cancel."""
+        while True:
+            self.pump()
+            unsent = len(self.pending) + sum(len(b.items) for b in self.order if b.future is None)
+            waiting = sum(len(b.items) for b in self.order)
+            if unsent < self.size and waiting < self.backlog:
+                return True
+            if not self.wait():
+                return False
+
+    def finish(self) -> bool:
+        """Send the last tiles and write every answer; False on a cancel."""
+        if self.pending:
+            self.order.append(_Batch(self.pending))
+            self.pending = []
+        while True:
+            self.pump()
+            if not self.order:
+                return True
+            if not self.wait():
+                return False
+
+    def close(self) -> None:
+        # Normally nothing is left in flight here; after a cancel or an error, don't wait for it.
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- the engines -------------------------------------------------------------------------------
+    def wait(self) -> bool:
+        """Wait for a request to end, polling ``is_canceled`` every CANCEL_POLL_S; False on a cancel (the
+        requests in flight are abandoned: the engines may finish them, their answers are ignored)."""
+        futures = [b.future for b in self.order if b.future is not None and b.results is None]
+        if futures:
+            wait_futures(futures, timeout=CANCEL_POLL_S, return_when=FIRST_COMPLETED)
+        return not self.runner.is_canceled()
+
+    def pump(self) -> None:
+        """Take the answers that came, write the ones due in tile order, send what the engines have room for."""
+        self.collect()
+        self.write_due()
+        self.send()
+
+    def collect(self) -> None:
+        for b in self.order:
+            if b.future is None or b.results is not None or not b.future.done():
+                continue
+            engine = b.engine
+            assert engine is not None
+            engine.busy -= len(b.items)
+            self._busy(-len(b.items))
+            exc = b.future.exception()
+            if exc is None:
+                b.results = b.future.result()
+                self.runner.summary.requests += 1
+                continue
+            if not engine_failure(exc):
+                raise exc  # the request itself is refused: every engine would refuse it
+            if engine.failed is None:
+                if not [e for e in self.pool.live if e is not engine]:
+                    raise exc  # no engine left: the run stops (resumable)
+                engine.failed = str(exc)
+                self.runner.summary.engines_failed[engine.name] = str(exc)
+                log.warning("engine %s failed (%s): its tiles go to the other engines", engine.name, exc)
+            b.future, b.engine = None, None  # sent again by send(), to another engine
+
+    def write_due(self) -> None:
+        while self.order and self.order[0].results is not None:
+            self.write(self.order.popleft())
+
+    def send(self) -> None:
+        job = self.runner.job
+        for b in self.order:
+            if b.future is not None:
+                continue
+            n = len(b.items)
+            if self.busy and self.busy + n > self.limit:
+                return
+            engine = self.pool.pick(n)
+            if engine is None:
+                return
+            tiles = [TileImage.from_array(img) for _, _, img in b.items]
+            b.engine = engine
+            b.future = self.executor.submit(engine.client.ground, tiles, job.expression, task=self.plan.task,
+                                            reasoning=job.reasoning, max_new_tokens=job.max_new_tokens)  # fmt: skip
+            engine.busy += n
+            self._busy(n)
+
+    def _busy(self, change: int) -> None:
+        """Count tiles in flight; ``engine_s`` is the time during which any was (not the sum over requests)."""
+        now = time.perf_counter()
+        if self.busy == 0 and change > 0:
+            self.busy_since = now
+        self.busy += change
+        if self.busy == 0 and change < 0:
+            self.runner.summary.engine_s += now - self.busy_since
+
+    # -- writing -----------------------------------------------------------------------------------
+    def write(self, b: _Batch) -> None:
+        """Write one answered request's tiles (one transaction)."""
+        r, job, src, summary, plan = self.runner, self.runner.job, self.runner.source, self.runner.summary, self.plan
+        assert b.results is not None and b.engine is not None
+        if len(b.results) != len(b.items):
+            raise EngineRequestError(f"engine {b.engine.name} returned {len(b.results)} results for "
+                                     f"{len(b.items)} tiles")  # fmt: skip
+        extra = {"engine": b.engine.name} if getattr(r.sink, "records_engine", False) else {}
+        for (tile_id, tile, _), result in zip(b.items, b.results, strict=True):
+            summary.engine_generate_s += float(result.timings_ms.get("generate", 0.0)) / 1000.0
+            if result.parse_status not in ("", "ok"):
+                summary.parse_failures += 1
+            tile_dets = [
+                d
+                for d in result_to_detections(result, tile_id, tile, src.width, src.height, plan.area)
+                if job.keeps(d)
+            ]
+            t1 = time.perf_counter()
+            r.sink.write_tile(tile_id, tile, place(tile_dets, src.transform), "done", **extra)
+            summary.write_s += time.perf_counter() - t1
+            self.dets.extend(tile_dets)
+            summary.detections_raw += len(tile_dets)
+            summary.tiles_processed += 1
+            summary.engines[b.engine.name] = summary.engines.get(b.engine.name, 0) + 1
+            r.done += 1
+            r.progress(r.done, summary.tiles_total, plan.phase)
+        t1 = time.perf_counter()
+        r.sink.commit()
+        summary.write_s += time.perf_counter() - t1
+
+
 class _Runner:
     def __init__(
         self,
         job: GroundingJob,
         source: RasterSource,
         sink: ResultSink,
-        client: GroundingClient,
+        client: GroundingClient | EnginePool,
         progress: ProgressFn | None,
         is_canceled: Callable[[], bool] | None,
     ) -> None:
-        self.job, self.source, self.sink, self.client = job, source, sink, client
+        self.job, self.source, self.sink = job, source, sink
+        self.pool = EnginePool.of(client, job.in_flight or job.batch_size)
+        #: tiles asked at once, over all engines: the job's in_flight, else what the engines take
+        self.in_flight = job.in_flight or self.pool.capacity
         self.progress = progress or (lambda done, total, phase: None)
         self.is_canceled = is_canceled or (lambda: False)
         self.summary = RunSummary()
@@ -425,76 +689,13 @@ class _Runner:
     def run_pass(self, plan: PassPlan) -> list[Detection] | None:
         """All detections of one pass (resumed ones included); ``None`` when canceled.
 
-        One engine request is in flight while the next batch of tiles is read (a single worker
-        thread sends it), so reading overlaps the engine's work; results are written in tile order.
+        Tiles are read here (this thread), sent in requests of up to ``batch_size`` tiles to the engines with
+        free slots (:class:`_Flight`, worker threads), and written here in tile order as their answers come;
+        up to ``in_flight`` tiles are asked at once, so reading, requesting and writing overlap.
         """
-        job, src, summary = self.job, self.source, self.summary
+        src, summary = self.source, self.summary
         dets: list[Detection] = []
-        pending: list[tuple[str, Tile, Any]] = []
-        inflight: list[tuple[list[tuple[str, Tile, Any]], Future, float]] = []
-
-        def send(batch: list[tuple[str, Tile, Any]]) -> Future:
-            tiles = [TileImage.from_array(img) for _, _, img in batch]
-            return executor.submit(
-                self.client.ground,
-                tiles,
-                job.expression,
-                task=plan.task,
-                reasoning=job.reasoning,
-                max_new_tokens=job.max_new_tokens,
-            )
-
-        def collect() -> bool:
-            """Wait for the request in flight and write its tiles (one transaction).
-
-            The wait polls ``is_canceled`` every CANCEL_POLL_S: a cancel abandons the request (the
-            engine may finish it; its answer is ignored, its tiles not marked done) and returns False.
-            """
-            if not inflight:
-                return True
-            batch, future, t0 = inflight[-1]
-            while True:
-                try:
-                    results = future.result(timeout=CANCEL_POLL_S)
-                    break
-                except FutureTimeout:
-                    if self.is_canceled():
-                        return False
-            inflight.pop()
-            summary.engine_s += time.perf_counter() - t0
-            summary.requests += 1
-            for (tile_id, tile, _), result in zip(batch, results, strict=True):
-                summary.engine_generate_s += float(result.timings_ms.get("generate", 0.0)) / 1000.0
-                if result.parse_status not in ("", "ok"):
-                    summary.parse_failures += 1
-                tile_dets = [
-                    d
-                    for d in result_to_detections(result, tile_id, tile, src.width, src.height, plan.area)
-                    if job.keeps(d)
-                ]
-                t1 = time.perf_counter()
-                self.sink.write_tile(tile_id, tile, place(tile_dets, src.transform), "done")
-                summary.write_s += time.perf_counter() - t1
-                dets.extend(tile_dets)
-                summary.detections_raw += len(tile_dets)
-                summary.tiles_processed += 1
-                self.done += 1
-                self.progress(self.done, summary.tiles_total, plan.phase)
-            t1 = time.perf_counter()
-            self.sink.commit()
-            summary.write_s += time.perf_counter() - t1
-            return True
-
-        def flush() -> bool:
-            if not pending:
-                return True
-            if not collect():
-                return False
-            inflight.append((list(pending), send(pending), time.perf_counter()))
-            pending.clear()
-            return True
-
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geo-r1-request")
+        flight = _Flight(self, plan, dets)
         try:
             for tile_id, tile in plan.tiles:
                 if tile_id in self.resumed:
@@ -504,32 +705,23 @@ class _Runner:
                     self.done += 1
                     self.progress(self.done, summary.tiles_total, plan.phase)
                     continue
-                if self.is_canceled():
-                    # Stop now: the request in flight is abandoned, not awaited (a GPU batch can take
-                    # seconds); its tiles are not marked done, so a resumed run asks them again.
+                if self.is_canceled() or not flight.make_room():
+                    # Stop now: the requests in flight are abandoned, not awaited (a GPU batch can take
+                    # seconds); their tiles are not marked done, so a resumed run asks them again.
                     self.canceled()
                     return None
                 t0 = time.perf_counter()
                 image, valid = src.read(tile)
                 summary.read_s += time.perf_counter() - t0
                 if valid <= 0.0:
-                    t1 = time.perf_counter()
-                    self.sink.write_tile(tile_id, tile, [], "skipped")
-                    summary.write_s += time.perf_counter() - t1
-                    summary.tiles_skipped += 1
-                    self.done += 1
-                    self.progress(self.done, summary.tiles_total, plan.phase)
-                    continue
-                pending.append((tile_id, tile, image))
-                if len(pending) >= job.batch_size and not flush():
-                    self.canceled()
-                    return None
-            if (pending and self.is_canceled()) or not flush() or not collect():
+                    flight.add_skipped(tile_id, tile)
+                else:
+                    flight.add(tile_id, tile, image)
+            if not flight.finish():
                 self.canceled()
                 return None
         finally:
-            # Normally nothing is left in flight here; after a cancel or an error, don't wait for it.
-            executor.shutdown(wait=False, cancel_futures=True)
+            flight.close()
         self.sink.commit()  # skipped tiles after the last request
         return dets
 
@@ -600,7 +792,7 @@ def run_grounding(
     job: GroundingJob,
     source: RasterSource,
     sink: ResultSink,
-    client: GroundingClient,
+    client: GroundingClient | EnginePool,
     progress: ProgressFn | None = None,
     is_canceled: Callable[[], bool] | None = None,
 ) -> RunSummary:
