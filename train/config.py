@@ -47,7 +47,9 @@ class TrainConfig:
     )  # fmt: skip
     processor: str | None = field(default=None, metadata={"help": "processor source (default: the model)"})
     task: str = field(
-        default="rec", metadata={"choices": TASKS, "help": "rec (one box) or multi (all boxes, 'None' when none)"}
+        default="rec", metadata={"choices": TASKS,
+                           "help": "rec (one box), multi (all boxes, 'None' when none) or gres (boxes and keypoints, "
+                                   "scored as masks through --sam)"}
     )
     reasoning: bool | None = field(
         default=None,
@@ -97,6 +99,12 @@ class TrainConfig:
     reward_funcs: tuple[str, ...] = field(
         default=(), metadata={"help": "reward names from train/rewards.py (default: the task's format + metric)"}
     )
+    sam: str | None = field(
+        default=None,
+        metadata={"metavar": "MODEL",
+                  "help": "the frozen SAM (Hugging Face id or local directory, offline) that turns GRES answers into "
+                          "masks for the gres reward; needed by --task gres"},
+    )  # fmt: skip
     # Runtime
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     bf16: bool | None = field(default=None, metadata={"help": "bfloat16 training (default: on CUDA only)"})
@@ -125,7 +133,8 @@ class TrainConfig:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.task not in TASKS:
-            raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}: 'rec' (one box) or 'multi' (all boxes)")
+            raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}: 'rec' (one box) or 'multi' (all boxes)"
+                              + (" or 'gres' (masks)" if "gres" in TASKS else ""))  # fmt: skip
         if not str(self.model).strip():
             raise ConfigError("model is empty: pass --model with a Hugging Face id or a local directory")
         positive = ("lora_r", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -165,11 +174,16 @@ class TrainConfig:
             raise ConfigError(f"eval_limit must be >= 0, got {self.eval_limit}")
         if self.vllm_mode not in ("colocate", "server"):
             raise ConfigError(f"vllm_mode must be colocate or server, got {self.vllm_mode!r}")
-        from train.rewards import REWARDS
+        from train.rewards import MASK_REWARDS, REWARDS
 
         for name in self.reward_funcs:
-            if name not in REWARDS:
-                raise ConfigError(f"unknown reward {name!r}; known: {', '.join(REWARDS)}")
+            if name not in REWARDS and name not in MASK_REWARDS:
+                raise ConfigError(f"unknown reward {name!r}; known: {', '.join([*REWARDS, *MASK_REWARDS])}")
+        if self.method != "sft" and self.sam is None and any(n in MASK_REWARDS for n in self.rewards):
+            raise ConfigError(
+                f"the {self.task} rewards {', '.join(n for n in self.rewards if n in MASK_REWARDS)} turn answers into "
+                "masks with a frozen SAM: pass --sam MODEL (a SAM 2 directory or Hugging Face id)"
+            )
 
     @property
     def uses_reasoning(self) -> bool:

@@ -6,14 +6,16 @@ dataset column arrives as a keyword argument (a list, one value per completion).
 are those the trainer builds from the dataset (``train/data_format.py``):
 
 - ``solution``: the true boxes, a list of ``[x1, y1, x2, y2]`` in original-image (chip) pixels;
-- ``image_size``: ``[width, height]`` of the original image.
+- ``image_size``: ``[width, height]`` of the original image;
+- ``image`` and ``outlines`` (gres): the chip, and each object's outline in chip pixels.
 
 The rules themselves live once, in ``geo_r1_qgis.core.rules``: the format regex (``parsing.format_ok``), what
 the rewards read (``parsing.vlm_r1_reward_box``; ``parsing.vlm_r1_od_answer`` and ``vlm_r1_fenced_boxes``),
 Geo-R1's IoU (``coords.geo_r1_iou``) and VLM-R1's ``resize_bbox`` out of Qwen's ``smart_resize`` frame
 (``coords.rescale_to_image``; that frame, ``coords.model_input_size``, equals ``image_grid_thw[1:] * 14``).
 
-Total reward = format + metric, unweighted (maximum 2), as in GEO-R1.md.
+Total reward = format + metric, unweighted (maximum 2), as in GEO-R1.md. The GRES metric needs a frozen SAM:
+:class:`GresMaskReward` holds one (``MASK_REWARDS``; the trainer builds it with ``--sam``).
 """
 
 from __future__ import annotations
@@ -155,6 +157,114 @@ def od_sqrt_reward(completions: Sequence[Any], solution: Sequence[Any],
     ]
 
 
+# --------------------------------------------------------------------------------------------------
+# GRES (boxes + keypoints -> masks through a frozen SAM)
+# --------------------------------------------------------------------------------------------------
+
+
+def _point(p: Sequence[float], image_size: Sequence[int] | None) -> tuple[float, float]:
+    if image_size is None:
+        return (float(p[0]), float(p[1]))
+    x, y, _, _ = rescale_to_image((p[0], p[1], p[0], p[1]), image_size)
+    return (x, y)
+
+
+def _rgb(image: Any) -> Any:
+    import numpy as np
+
+    if hasattr(image, "convert"):  # PIL, as trl hands the dataset's image column
+        image = image.convert("RGB")
+    rgb = np.asarray(image)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"the GRES reward needs the chip as an RGB image, got an array of {rgb.dtype} {rgb.shape}")
+    return rgb
+
+
+def gres_pred_mask(items: Sequence[Any], rgb: Any, masker: Any, image_size: Sequence[int] | None = None) -> Any:
+    """The predicted mask of a parsed GRES answer (``parsing.gres_answer``'s items) on the chip ``rgb``: each
+    item's box and keypoints prompt the frozen SAM ``masker`` (which clips each mask to its box, Eq. 7, as
+    Geo-R1's ``clip_mask_to_bbox``), and the masks are OR-ed. A box written with reversed corners gives an empty
+    mask, as upstream's clip gives it. With ``image_size``, boxes and points are first rescaled from the model's
+    frame (VLM-R1's ``resize_bbox``; the identity for chips whose sides are multiples of 28); without it they are
+    used as written (Geo-R1's evaluation)."""
+    import numpy as np
+
+    from engine.runtime.sam import MaskPrompt
+
+    pred = np.zeros(rgb.shape[:2], dtype=bool)
+    prompts = []
+    for it in items:
+        box = rescale_to_image(it.box, image_size) if image_size is not None else tuple(it.box)
+        if box[0] > box[2] or box[1] > box[3]:
+            continue  # upstream's clip of a reversed box keeps nothing
+        prompts.append(MaskPrompt(box, tuple(_point(p, image_size) for p in it.points)))
+    for m in masker.masks(rgb, prompts) if prompts else ():
+        pred |= np.asarray(m, dtype=bool)
+    return pred
+
+
+def gres_mask_iou(text: str, outlines: Sequence[Any], image: Any, masker: Any,
+                  image_size: Sequence[int] | None = None) -> float:  # fmt: skip
+    """The GRES metric of one completion (Eq. 7): :func:`gres_pred_mask` of its answer against the true mask
+    (``outlines`` rasterised by ``geo_r1_qgis.core.rules.gres_truth.truth_mask``), the IoU counted as LISA counts
+    one sample (``train.metrics.lisa_iou``, the per-sample term of Eq. 7's gIoU): "None" (no items) scores 1
+    on a chip with no object and 0 on one with objects; an answer that does not parse scores 0."""
+    from geo_r1_qgis.core.rules.gres_truth import truth_mask
+    from geo_r1_qgis.core.rules.parsing import gres_answer
+    from train.metrics import lisa_iou, mask_counts
+
+    items = gres_answer(text)
+    if items is None:
+        return 0.0
+    rgb = _rgb(image)
+    truth = truth_mask(outlines, (rgb.shape[1], rgb.shape[0]))
+    return lisa_iou(*mask_counts(gres_pred_mask(items, rgb, masker, image_size), truth))
+
+
+class GresMaskReward:
+    """The GRES reward function for trl (``reward(completions, **columns)``), holding the frozen SAM masker
+    (``engine.runtime.sam.SamMasker``) it prompts: one value per completion, :func:`gres_mask_iou`.
+
+    Columns: ``image`` (the chip, PIL), ``outlines`` (each object's outline in chip pixels, as JSON text or
+    lists; ``train/data_format.py``) and ``image_size``.
+
+    How it differs from Geo-R1's Eq. 7 (GEO-R1.md): Eq. 7 is stated over a batch, as the mask gIoU (the mean
+    of per-sample IoUs, LISA's); per completion that mean is the completion's own IoU, which is what this
+    returns, so the group's mean reward is the group's gIoU. Geo-R1 publishes no training code for it; its
+    evaluation (``test_gres_eval.py``) reads the answer as ``parsing.gres_answer`` does, prompts SAM 2.1 with
+    each box and both keypoints, clips each mask to its box and OR-es them, as here. Where they differ: that
+    evaluation scores an empty truth 0 whatever the answer (``I / U if U > 0 else 0``); this reward takes LISA's
+    rule, 1 for "None" on a chip with no object (else GRPO could never learn to answer None), and 0 for a
+    completion that does not parse.
+
+    How it differs from Think2Seg-RS (``src/open-r1-multimodal/src/open_r1/geo_reward_func_ultra.py``,
+    ``sam_reward_func_ultra``, read, not copied): there, each item's box and exactly two
+    ``"positive_points"`` prompt SAM 2.1 (``multimask_output=False``), the masks are OR-ed **without clipping
+    to the box**, and the IoU of the union with the truth is the reward, weighted by 2 (clipped to [0, 2]);
+    items are de-duplicated by box NMS (IoU > 0.5, larger box kept) first, the answer must sit in a fenced
+    ```json block (``json_repair`` mends broken JSON), an empty truth scores 1 only for an empty list, and a
+    non-empty answer whose union is empty scores 0 (``union > 0`` else 0). Here each mask is clipped to its
+    box (Eq. 7), the keys are Geo-R1's ``keypoint1``/``keypoint2``, there is no NMS, no JSON repair and no
+    weight (format + metric, each at most 1, as Geo-R1's other tasks), and the IoU carries LISA's 1e-5 in
+    the denominator, so the reward equals the evaluation's per-query IoU.
+    """
+
+    def __init__(self, masker: Any) -> None:
+        self.masker = masker
+        self.__name__ = "gres_mask_reward"  # trl names the reward's log keys after it
+
+    def __call__(self, completions: Sequence[Any], image: Sequence[Any], outlines: Sequence[Any],
+                 image_size: Sequence[Sequence[int]] | None = None, **_: Any) -> list[float]:  # fmt: skip
+        import json
+
+        out = []
+        for i, c in enumerate(completions):
+            objects = json.loads(outlines[i]) if isinstance(outlines[i], str) else outlines[i]
+            size = image_size[i] if image_size is not None else None
+            out.append(gres_mask_iou(completion_text(c), objects or [], image[i], self.masker, size))
+        return out
+
+
 #: name -> reward function; the trainer's ``reward_funcs`` are names from here.
 REWARDS: dict[str, RewardFn] = {
     "format": format_reward,
@@ -164,8 +274,15 @@ REWARDS: dict[str, RewardFn] = {
     "od_sqrt": od_sqrt_reward,
 }
 
-#: The rewards of each task, as in Geo-R1 (format + metric).
+#: name -> reward class built with the frozen SAM masker (``TrainConfig.sam``): the rewards that need masks.
+MASK_REWARDS: dict[str, Callable[[Any], RewardFn]] = {
+    "gres_mask": GresMaskReward,
+}
+
+#: The rewards of each task, as in Geo-R1 (format + metric). GRES has no published format reward: it takes the
+#: generic think/answer format, as VLM-R1's detection task does.
 TASK_REWARDS: dict[str, tuple[str, ...]] = {
     "rec": ("format", "iou"),
     "multi": ("ovd_format", "od_length"),
+    "gres": ("ovd_format", "gres_mask"),
 }

@@ -47,6 +47,7 @@ LOG_ALIASES = {
     "rewards/ovd_format_reward/mean": "format",
     "rewards/od_length_reward/mean": "od",
     "rewards/od_sqrt_reward/mean": "od",
+    "rewards/gres_mask_reward/mean": "iou",
     "learning_rate": "lr",
 }
 
@@ -83,6 +84,8 @@ def _rows(config: TrainConfig, records: list[ChipRecord]) -> list[dict[str, Any]
             "solution": [list(b) for b in r.boxes],
             "image_size": list(r.image_size),
         }
+        if r.task == "gres":  # the true outlines for the mask reward, as JSON text (ragged nesting, one Arrow type)
+            row["outlines"] = json.dumps(ChipRecord.to_json(r)["outlines"])
         if config.method == "sft":
             text = target_text(r, config.uses_reasoning)
             row["completion"] = [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
@@ -194,11 +197,28 @@ def _sft_trainer(config: TrainConfig, model: Any, processor: Any, dataset: Any, 
     )
 
 
+def reward_functions(config: TrainConfig, device: str) -> list[Any]:
+    """The run's reward functions by name (``train/rewards.py``); the mask rewards get the frozen SAM
+    (``engine.runtime.sam.SamMasker``, loaded once, on the training device)."""
+    from train.rewards import MASK_REWARDS, REWARDS
+
+    masker = None
+    funcs = []
+    for name in config.rewards:
+        if name in MASK_REWARDS:
+            if masker is None:
+                from engine.runtime.sam import SamMasker
+
+                masker = SamMasker.load(config.sam, device)
+            funcs.append(MASK_REWARDS[name](masker))
+        else:
+            funcs.append(REWARDS[name])
+    return funcs
+
+
 def _grpo_trainer(config: TrainConfig, model: Any, processor: Any, dataset: Any, device: str, out: Path,
                   callbacks: list[Any]) -> Any:  # fmt: skip
     from trl import GRPOConfig, GRPOTrainer
-
-    from train.rewards import REWARDS
 
     args = GRPOConfig(
         **_common_args(config, device, out),
@@ -218,7 +238,7 @@ def _grpo_trainer(config: TrainConfig, model: Any, processor: Any, dataset: Any,
     )
     return GRPOTrainer(
         model=model,
-        reward_funcs=[REWARDS[name] for name in config.rewards],
+        reward_funcs=reward_functions(config, device),
         args=args,
         train_dataset=dataset,
         processing_class=processor,

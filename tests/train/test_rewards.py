@@ -121,9 +121,11 @@ def test_ovd_format_reward() -> None:
 
 
 def test_registry() -> None:
-    for task, names in TASK_REWARDS.items():
-        assert task in ("rec", "multi")
+    from train.rewards import MASK_REWARDS
+
+    assert set(TASK_REWARDS) == {"rec", "multi", "gres"}
+    for names in TASK_REWARDS.values():
         for name in names:
-            assert callable(REWARDS[name])
+            assert callable(MASK_REWARDS[name] if name in MASK_REWARDS else REWARDS[name])  # built with a SAM
     assert REWARDS["format"] is format_reward
     assert REWARDS["iou"] is iou_reward
