@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache"
 
 
-def builder_hash() -> str:
-    return hashlib.sha256((REPO / "engine" / "runtime" / "tiny_model.py").read_bytes()).hexdigest()[:12]
+def builder_hash(builder: str = "tiny_model.py") -> str:
+    return hashlib.sha256((REPO / "engine" / "runtime" / builder).read_bytes()).hexdigest()[:12]
 
 
 def cached_build(name: str, build: Callable[[Path], None] | None = None, **config: object) -> Path:
@@ -48,6 +48,34 @@ def cached_build(name: str, build: Callable[[Path], None] | None = None, **confi
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for stale in CACHE.glob(f"{name}-*"):  # builds of older builder versions
+        if stale != target and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    return target
+
+
+def cached_sam_build(name: str, seed: int = 0, build: Callable[[Path], None] | None = None) -> Path:
+    """The random SAM 2 ``engine.runtime.tiny_sam.build_tiny_sam`` builds, under ``.cache/<name>-<builder hash>``
+    (keyed on ``engine/runtime/tiny_sam.py``); ``build(out_dir)`` replaces the in-process build as above."""
+    target = CACHE / f"{name}-{builder_hash('tiny_sam.py')}"
+    if (target / "model.safetensors").is_file():
+        return target
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=CACHE))
+    try:
+        if build is None:
+            from engine.runtime.tiny_sam import build_tiny_sam
+
+            build_tiny_sam(tmp / "m", seed=seed)
+        else:
+            build(tmp / "m")
+        try:
+            os.replace(tmp / "m", target)
+        except OSError:  # another run finished first
+            if not (target / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for stale in CACHE.glob(f"{name}-*"):
         if stale != target and stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
     return target

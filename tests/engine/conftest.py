@@ -11,7 +11,7 @@ import pytest
 # and tiny_models.py by both suites.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny_models import CACHE, REPO, builder_hash, cached_build  # noqa: F401
+from tiny_models import CACHE, REPO, builder_hash, cached_build, cached_sam_build  # noqa: F401
 
 #: Training steps of the format-trained tiny model (about 40 s on one core, once per builder change).
 FORMAT_STEPS = 300
@@ -35,3 +35,9 @@ def tiny_model_dir() -> Path:
 def tiny_format_model_dir() -> Path:
     """The tiny checkpoint after ``--learn-format 300``: greedy decoding follows Geo-R1's format."""
     return _cached_build(f"tiny-format-model-seed0-steps{FORMAT_STEPS}", FORMAT_STEPS)
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_dir() -> Path:
+    """A randomly initialised tiny SAM 2 checkpoint (seed 0; engine/runtime/tiny_sam.py), built once and cached."""
+    return cached_sam_build("tiny-sam-seed0", seed=0)

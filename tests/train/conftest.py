@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny_models import REPO, cached_build
+from tiny_models import REPO, cached_build, cached_sam_build
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -42,3 +42,9 @@ def grid_dataset(tmp_path: Path) -> Path:
     from train.toy import ToyConfig, write_toy_dataset
 
     return write_toy_dataset(ToyConfig(tmp_path / "data", n_train=12, n_val=6, n_test=6))
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_dir() -> Path:
+    """A randomly initialised tiny SAM 2 checkpoint (seed 0; engine/runtime/tiny_sam.py), built once and cached."""
+    return cached_sam_build("tiny-sam-seed0", seed=0)

@@ -37,6 +37,10 @@ Rules (deliberate choices, documented here because sources differ)
   :data:`REC_FORMAT_PATTERN` (VLM-R1 ``format_reward_rec``); multi, ``re.fullmatch`` with DOTALL of
   :data:`GENERIC_FORMAT_PATTERN` (VLM-R1 ``grpo_jsonl.format_reward``, the "format" reward used with
   the ``odLength`` OVD task). Both demand ``<think>``, so SFT-baseline output is never ``format_ok``.
+* GRES (:func:`gres_answer`) reads what Geo-R1's ``test_gres_eval.py`` (``parse_vlm_predictions_for_sam``)
+  hands to SAM: the first fenced json block, else the greedy ``[...]`` inside the first ``<answer>``, else the
+  whole answer; a JSON list of ``{"bbox_2d": [4], "keypoint1": [2], "keypoint2": [2]}`` items. Upstream
+  turns every failure into "no prompts"; we tell "None" (an empty tuple) from unreadable text (None).
 * The upstream regexes are kept as the definitions (``*_PATTERN``) but evaluated by linear scans that give
   exactly ``re``'s result (the regexes take minutes on some long strings); the tests compare both on
   thousands of strings.
@@ -58,15 +62,18 @@ __all__ = [
     "FENCED_JSON_PATTERN",
     "FENCE_OPEN_PATTERN",
     "GENERIC_FORMAT_PATTERN",
+    "GRES_ARRAY_PATTERN",
     "NONE_WORDS",
     "OVD_LIST_PATTERN",
     "REC_FORMAT_PATTERN",
     "SFT_BBOX_PATTERN",
+    "GresItem",
     "ParseStatus",
     "ParsedBox",
     "ParsedOutput",
     "format_ok",
     "geo_r1_eval_box",
+    "gres_answer",
     "ovd_answer_region",
     "ovd_eval_boxes",
     "parse_output",
@@ -99,6 +106,8 @@ SFT_BBOX_PATTERN = r"\[(\s*-?\d*\.?\d+\s*),\s*(\s*-?\d*\.?\d+\s*),\s*(\s*-?\d*\.
 FENCED_JSON_PATTERN = r"```json(.*?)```"
 #: Geo-R1 ``test_ovd_nwpu_eval.py`` without a fenced block: the greedy list over the whole response.
 OVD_LIST_PATTERN = r"(\[[\s\S]*\])"
+#: Geo-R1 ``test_gres_eval.py`` without a fenced block: the greedy list inside the first ``<answer>`` (DOTALL).
+GRES_ARRAY_PATTERN = r"(\[.*\])"
 #: The opening of a code fence in any language (three backticks, then ``json`` or another tag, or none).
 FENCE_OPEN_PATTERN = r"```[A-Za-z]*"
 
@@ -109,6 +118,7 @@ _FENCE_RE = re.compile(r"^" + FENCE_OPEN_PATTERN + r"\s*|\s*```$")
 _SFT_BBOX_RE = re.compile(SFT_BBOX_PATTERN)
 _FENCED_JSON_RE = re.compile(FENCED_JSON_PATTERN, re.DOTALL)
 _OVD_LIST_RE = re.compile(OVD_LIST_PATTERN)
+_GRES_ARRAY_RE = re.compile(GRES_ARRAY_PATTERN, re.DOTALL)
 #: The words by which a model answers that there is no target, compared lower-cased (an empty list ``[]`` too);
 #: confidence.py finds them in the answer's tokens in the casings models write (``None``, ``null``, ``NONE`` …).
 NONE_WORDS: tuple[str, ...] = ("none", "null")
@@ -410,6 +420,95 @@ def vlm_r1_fenced_boxes(answer: str) -> list[list[int]] | None:
         if isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox):
             boxes.append([int(v) for v in bbox])
     return boxes
+
+
+@dataclass(frozen=True)
+class GresItem:
+    """One GRES target as the model wrote it (model-image pixels): its ``bbox_2d`` and its keypoints.
+
+    ``box`` is ``(x1, y1, x2, y2)`` exactly as written (corners are not reordered: upstream clips the mask to
+    the box as written, so a reversed box gives an empty mask); ``points`` are the positive points that
+    prompt SAM with the box (``keypoint1``, ``keypoint2``; none for a box given alone, as the engine's
+    "refine to outline" does).
+    """
+
+    box: tuple[float, float, float, float]
+    points: tuple[tuple[float, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.box) != 4 or not all(_finite_number(v) for v in self.box):
+            raise ValueError(f"a GRES box must be four finite numbers (x1, y1, x2, y2), got {self.box!r}")
+        if not all(len(p) == 2 and all(_finite_number(v) for v in p) for p in self.points):
+            raise ValueError(f"GRES keypoints must be (x, y) pairs of finite numbers, got {self.points!r}")
+        object.__setattr__(self, "box", tuple(float(v) for v in self.box))
+        object.__setattr__(self, "points", tuple((float(x), float(y)) for x, y in self.points))
+
+
+def _finite_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _gres_json(text: str) -> str | None:
+    """The JSON text Geo-R1's GRES evaluation reads: the first fenced json block (stripped); else, inside the
+    first ``<answer>``, the greedy ``[...]`` (DOTALL) or the whole answer (stripped); else None."""
+    fenced = _FENCED_JSON_RE.search(text)
+    if fenced:
+        return fenced.group(1).strip()
+    answer = _first_answer(text)
+    if answer is None:
+        return None
+    answer = answer.strip()
+    array = _GRES_ARRAY_RE.search(answer)
+    return array.group(1) if array else answer
+
+
+def gres_answer(text: str) -> tuple[GresItem, ...] | None:
+    """The GRES targets of a completion: their boxes and keypoints, as Geo-R1's ``test_gres_eval.py`` reads them
+    for SAM. Never raises.
+
+    The JSON (:func:`_gres_json`: the first fenced json block, else the greedy list inside the first
+    ``<answer>``, else that answer) must be a list; each item with a ``bbox_2d`` of 4 numbers and
+    ``keypoint1``/``keypoint2`` of 2 numbers each becomes a :class:`GresItem`; other items are skipped, as
+    upstream. Returns:
+
+    * an empty tuple when the model answered that there is no target: the JSON text is "None"/"null"/"[]"
+      (any case, fenced, quoted or with a full stop, as :func:`parse_output` reads it), or an empty list;
+    * None when nothing can be read: no block and no ``<answer>``, JSON that does not load, a JSON value that
+      is not a list, or a non-empty list none of whose items is a valid target (upstream scores all of these
+      as "no prompts", like "None"; we keep them apart so callers can report a broken answer).
+
+    Deviations from upstream, where it would crash or misread: items that are not JSON objects are skipped;
+    coordinates must be finite numbers (not ``true``, strings or ``Infinity``).
+    """
+    if not isinstance(text, str):
+        return None
+    try:
+        json_str = _gres_json(text)
+        if json_str is None:  # no block, no answer: only a bare "None" still says something
+            return () if text.strip() and _is_none(text) else None
+        if _is_none(json_str):
+            return ()
+        data = json.loads(json_str)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, list):
+        return None
+    items = []
+    for item in data:
+        if not isinstance(item, dict):
+            continue
+        box, kp1, kp2 = item.get("bbox_2d"), item.get("keypoint1"), item.get("keypoint2")
+        if not (isinstance(box, list) and len(box) == 4 and isinstance(kp1, list) and len(kp1) == 2):
+            continue
+        if not (isinstance(kp2, list) and len(kp2) == 2):
+            continue
+        try:
+            items.append(GresItem(tuple(box), (tuple(kp1), tuple(kp2))))
+        except (ValueError, TypeError):
+            continue
+    if data and not items:
+        return None
+    return tuple(items)
 
 
 def parse_output(text: str, task: str = "rec", reasoning: bool = True) -> ParsedOutput:
