@@ -96,6 +96,7 @@ class GeoR1Plugin:
             from .gui.annotation_dock import AnnotationDock
 
             self.annotation_dock = AnnotationDock(self.iface, parent=self.iface.mainWindow())
+            self.annotation_dock.fileOpened.connect(self._annotation_file_opened)
             self.iface.addDockWidget(RIGHT_DOCK, self.annotation_dock)
         self.annotation_dock.show()
         self.annotation_dock.raise_()
@@ -105,9 +106,14 @@ class GeoR1Plugin:
             active = self.iface.activeLayer()
             raster = active if isinstance(active, QgsRasterLayer) else None
         self.annotation_dock.start_annotating(raster)
-        if self.dock is not None:  # the panel's Fine-tune section trains on the file being annotated
-            self.dock.set_annotation_file(self.annotation_dock.annotation_path())
+        self._annotation_file_opened(self.annotation_dock.annotation_path())
         return self.annotation_dock
+
+    def _annotation_file_opened(self, path) -> None:
+        """The panel's Fine-tune section trains on the file being annotated: when Annotate starts, and whenever
+        another file is chosen in the annotation dock."""
+        if self.dock is not None:
+            self.dock.set_annotation_file(path)
 
     def open_settings(self) -> None:
         from .gui.settings_dialog import SettingsDialog

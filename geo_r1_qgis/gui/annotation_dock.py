@@ -31,14 +31,13 @@ from qgis.core import (
     QgsRectangle,
     QgsVectorLayer,
 )
-from qgis.gui import QgsDockWidget, QgsFieldComboBox, QgsFileWidget, QgsMapLayerComboBox
-from qgis.PyQt.QtCore import Qt, QTimer
+from qgis.gui import QgsDockWidget, QgsFieldComboBox, QgsMapLayerComboBox
+from qgis.PyQt.QtCore import Qt, QTimer, pyqtSignal
 from qgis.PyQt.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDialog,
     QDialogButtonBox,
-    QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -78,6 +77,7 @@ from ..qgis_io.annotation_layer import (
 )
 from ..settings import PluginSettings
 from .annotation_tool import BoxMapTool
+from .widgets import gpkg_file_widget, resolution_spin, wrapping_form
 
 __all__ = ["AnnotationChoice", "AnnotationDialog", "AnnotationDock", "ImportDialog"]
 
@@ -237,6 +237,9 @@ class ImportDialog(QDialog):
 class AnnotationDock(QgsDockWidget):
     """The annotation dock. ``iface`` may be None in tests that drive it with a bare canvas."""
 
+    #: the annotation file the user chose in the dock, once it is open (its Path)
+    fileOpened = pyqtSignal(object)
+
     def __init__(self, iface: Any, canvas: Any = None, parent: QWidget | None = None) -> None:
         super().__init__("Geo-R1 annotations", parent)
         self.setObjectName("GeoR1AnnotationDock")
@@ -267,26 +270,16 @@ class AnnotationDock(QgsDockWidget):
     def _build(self) -> None:
         body = QWidget(self)
         outer = QVBoxLayout(body)
-        form = QFormLayout()
-        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
-        self.file_widget = QgsFileWidget(body)
-        self.file_widget.setStorageMode(QgsFileWidget.StorageMode.SaveFile)
-        self.file_widget.setFilter("GeoPackage (*.gpkg)")
+        form = wrapping_form()
+        self.file_widget = gpkg_file_widget(body, str(self._default_path()))
         self.file_widget.setConfirmOverwrite(False)  # an existing file is appended to, never replaced
-        self.file_widget.setFilePath(str(self._default_path()))
         self.file_widget.fileChanged.connect(self._file_chosen)
         form.addRow("Annotation file", self.file_widget)
         self.raster_combo = QgsMapLayerComboBox(body)
         self.raster_combo.setFilters(LAYER_FILTER_RASTER)
         self.raster_combo.layerChanged.connect(lambda *_: self.refresh())
         form.addRow("Raster", self.raster_combo)
-        self.gsd_spin = QDoubleSpinBox(body)
-        self.gsd_spin.setDecimals(3)
-        self.gsd_spin.setRange(0.0, 10000.0)
-        self.gsd_spin.setSingleStep(0.1)
-        self.gsd_spin.setSpecialValueText("native")
-        self.gsd_spin.setSuffix(" m/px")
-        self.gsd_spin.setToolTip(f"The ground resolution the model will read the boxes at; a box under "
+        self.gsd_spin = resolution_spin(body, f"The ground resolution the model will read the boxes at; a box under "
                                  f"{MIN_BOX_PIXELS:g} pixels on a side there is warned about")  # fmt: skip
         self.gsd_spin.valueChanged.connect(lambda *_: self.refresh())
         form.addRow("Ground resolution", self.gsd_spin)
@@ -376,6 +369,7 @@ class AnnotationDock(QgsDockWidget):
         if self._open_store(path):
             self.settings = PluginSettings.load().with_values(annotation_gpkg=str(self.store.path))
             self.settings.save()
+            self.fileOpened.emit(self.store.path)
 
     def _open_store(self, path: str, quiet: bool = False) -> bool:
         path = path.strip()

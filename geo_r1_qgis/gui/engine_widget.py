@@ -14,7 +14,6 @@ from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtWidgets import (
     QComboBox,
     QFileDialog,
-    QFormLayout,
     QGridLayout,
     QHBoxLayout,
     QLabel,
@@ -45,6 +44,7 @@ from ..engine_control.engine_process import (
 )
 from ..engine_control.setup.venv import venv_python
 from ..settings import PluginSettings
+from .widgets import stretch_row, wrapping_form
 
 #: state -> (label, colour)
 STATE_STYLE = {
@@ -135,15 +135,9 @@ class EngineWidget(QWidget):
         for combo in (self.model_combo, self.adapter_combo):
             combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
             combo.setMinimumContentsLength(8)
-        model_row = QHBoxLayout()
-        model_row.addWidget(self.model_combo, 1)
-        model_row.addWidget(self.browse_model_button)
-        model_row.addWidget(self.download_button)
-        adapters_row = QHBoxLayout()
-        adapters_row.addWidget(self.adapter_combo, 1)
-        adapters_row.addWidget(self.load_adapter_button)
-        form = QFormLayout()
-        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
+        model_row = stretch_row(self.model_combo, self.browse_model_button, self.download_button)
+        adapters_row = stretch_row(self.adapter_combo, self.load_adapter_button)
+        form = wrapping_form()
         form.addRow("Model", model_row)
         form.addRow("Processor", self.processor_edit)
         form.addRow("Adapter at start", self.adapter_edit)

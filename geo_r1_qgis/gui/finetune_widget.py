@@ -20,14 +20,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from qgis.gui import QgsFileWidget
 from qgis.PyQt import sip
 from qgis.PyQt.QtCore import Qt, QUrl, pyqtSignal
 from qgis.PyQt.QtGui import QDesktopServices
 from qgis.PyQt.QtWidgets import (
     QComboBox,
-    QDoubleSpinBox,
-    QFormLayout,
     QHBoxLayout,
     QHeaderView,
     QLabel,
@@ -59,6 +56,7 @@ from ..engine_control.engine_process import EngineManager, shared_manager
 from ..engine_control.jobs_client import JobsClient, JobWatcher
 from ..settings import MODEL_TILE_TEXT, PluginSettings
 from .curve_plot import CurvePlot
+from .widgets import gpkg_file_widget, resolution_spin, stretch_row, wrapping_form
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +101,7 @@ class FinetuneWidget(QWidget):
         s = PluginSettings.load(self.manager.qsettings)
 
         # the request
-        self.annotation_widget = QgsFileWidget(self)
-        self.annotation_widget.setStorageMode(QgsFileWidget.StorageMode.GetFile)
-        self.annotation_widget.setFilter("GeoPackage (*.gpkg)")
-        self.annotation_widget.setFilePath(s.finetune_annotations)
+        self.annotation_widget = gpkg_file_widget(self, s.finetune_annotations, save=False)
         self.annotation_widget.setToolTip("The GeoPackage with your boxes (layer geo_r1_annotations): draw them with "
                                           "Annotate, or pick a file")  # fmt: skip
         self.recipe_combo = QComboBox(self)
@@ -121,13 +116,8 @@ class FinetuneWidget(QWidget):
         self.budget_unit = QComboBox(self)
         self.budget_unit.addItem("steps", "steps")
         self.budget_unit.addItem("minutes", "minutes")
-        self.gsd_spin = QDoubleSpinBox(self)
-        self.gsd_spin.setDecimals(3)
-        self.gsd_spin.setRange(0.0, 10000.0)
-        self.gsd_spin.setSingleStep(0.1)
-        self.gsd_spin.setSpecialValueText("native")
-        self.gsd_spin.setSuffix(" m/px")
-        self.gsd_spin.setToolTip("Ground resolution the training chips are cut at; 'native' uses the raster's own")
+        self.gsd_spin = resolution_spin(self, "Ground resolution the training chips are cut at; 'native' uses the "
+                                              "raster's own")  # fmt: skip
         self.chip_spin = QSpinBox(self)
         self.chip_spin.setRange(0, 4096)
         self.chip_spin.setSingleStep(QWEN_FACTOR)
@@ -182,14 +172,10 @@ class FinetuneWidget(QWidget):
         self.message_label = _plain(QLabel("", self))
 
         # layout
-        form = QFormLayout()
-        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
+        form = wrapping_form()
         form.addRow("Annotations", self.annotation_widget)
         form.addRow("Recipe", self.recipe_combo)
-        budget_row = QHBoxLayout()
-        budget_row.addWidget(self.budget_spin, 1)
-        budget_row.addWidget(self.budget_unit)
-        form.addRow("Budget", budget_row)
+        form.addRow("Budget", stretch_row(self.budget_spin, self.budget_unit))
         form.addRow("Ground resolution", self.gsd_spin)
         form.addRow("Chip", self.chip_spin)
         form.addRow("Name", self.name_edit)
@@ -197,12 +183,8 @@ class FinetuneWidget(QWidget):
         buttons.addWidget(self.finetune_button)
         buttons.addWidget(self.cancel_button)
         buttons.addWidget(self.resume_button)
-        jobs_row = QHBoxLayout()
-        jobs_row.addWidget(self.jobs_combo, 1)
-        jobs_row.addWidget(self.refresh_jobs_button)
-        form_jobs = QFormLayout()
-        form_jobs.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
-        form_jobs.addRow("Earlier jobs", jobs_row)
+        form_jobs = wrapping_form()
+        form_jobs.addRow("Earlier jobs", stretch_row(self.jobs_combo, self.refresh_jobs_button))
         end_row = QHBoxLayout()
         end_row.addWidget(self.report_button)
         end_row.addWidget(self.use_button)

@@ -35,12 +35,11 @@ from qgis.core import (
     QgsRectangle,
     QgsVectorLayer,
 )
-from qgis.gui import QgsCollapsibleGroupBox, QgsDockWidget, QgsFileWidget, QgsMapLayerComboBox, QgsRubberBand
+from qgis.gui import QgsCollapsibleGroupBox, QgsDockWidget, QgsMapLayerComboBox, QgsRubberBand
 from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtGui import QColor
 from qgis.PyQt.QtWidgets import (
     QComboBox,
-    QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
     QHeaderView,
@@ -74,6 +73,7 @@ from ..settings import (
     expression_history,
     remember_expression,
 )
+from .widgets import gpkg_file_widget, resolution_spin, stretch_row
 
 log = logging.getLogger(__name__)
 
@@ -293,29 +293,17 @@ class GeoR1Dock(QgsDockWidget):
         self.draw_button.clicked.connect(self.start_drawing)
         self.area_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.area_combo.setMinimumContentsLength(12)
-        area_row = QHBoxLayout()
-        area_row.addWidget(self.area_combo, 1)
-        area_row.addWidget(self.draw_button)
-        form.addRow("Area", area_row)
+        form.addRow("Area", stretch_row(self.area_combo, self.draw_button))
         self.polygon_combo = QgsMapLayerComboBox(body)
         self.polygon_combo.setFilters(LAYER_FILTER_POLYGON)
         self.polygon_combo.setAllowEmptyLayer(True)
         form.addRow("Polygons", self.polygon_combo)
         self.area_combo.currentIndexChanged.connect(self._area_changed)
 
-        self.gsd_spin = QDoubleSpinBox(body)
-        self.gsd_spin.setDecimals(3)
-        self.gsd_spin.setRange(0.0, 10000.0)
-        self.gsd_spin.setSingleStep(0.1)
-        self.gsd_spin.setSpecialValueText("native")
-        self.gsd_spin.setSuffix(" m/px")
-        self.gsd_spin.setToolTip("Ground resolution the raster is read at; 'native' reads its own pixels")
+        self.gsd_spin = resolution_spin(body, "Ground resolution the raster is read at; 'native' reads its own pixels")
         form.addRow("Ground resolution", self.gsd_spin)
 
-        self.output_widget = QgsFileWidget(body)
-        self.output_widget.setStorageMode(QgsFileWidget.StorageMode.SaveFile)
-        self.output_widget.setFilter("GeoPackage (*.gpkg)")
-        self.output_widget.setFilePath(str(self._default_output()))
+        self.output_widget = gpkg_file_widget(body, str(self._default_output()))
         form.addRow("Save to", self.output_widget)
         self._output_default = self.output_widget.filePath()
         project = QgsProject.instance()  # "Save to" follows the project (beside it) until the user picks a file

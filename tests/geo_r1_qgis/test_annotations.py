@@ -70,18 +70,6 @@ def _need_venv() -> None:
 
 
 @pytest.fixture(scope="module")
-def isolated_settings(qgis_app):
-    """QgsSettings of a throw-away application name, so the tests never touch a user's QGIS settings."""
-    old = QCoreApplication.applicationName()
-    QCoreApplication.setApplicationName(f"geo-r1-annotation-tests-{os.getpid()}")
-    yield
-    from qgis.core import QgsSettings
-
-    QgsSettings().clear()
-    QCoreApplication.setApplicationName(old)
-
-
-@pytest.fixture(scope="module")
 def canvas(qgis_app):
     from qgis.gui import QgsMapCanvas
 
@@ -649,6 +637,8 @@ def test_the_annotate_action_opens_the_dock_with_the_tool_on(qgis_app, isolated_
         plugin.dock = PanelRecorder()
         plugin.annotate()
         assert plugin.dock.files == [tmp_path / "a.gpkg"]  # the Fine-tune section trains on this file
+        dock.file_widget.setFilePath(str(tmp_path / "b.gpkg"))  # another file, chosen later in the dock
+        assert plugin.dock.files == [tmp_path / "a.gpkg", tmp_path / "b.gpkg"]
         plugin.dock = None
     finally:
         dock = plugin.annotation_dock
