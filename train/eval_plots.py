@@ -57,6 +57,12 @@ def accuracy_bars(runs: Sequence[Any], png: Path) -> Path | None:
         counts = [r.scores["counts"] for r in runs]
         labels = [g[0] for g in groups]
         ylabel = "% of queries (IoU > t)"
+    elif runs[0].task == "gres":
+        labels = ["gIoU", "cIoU", "LISA\ngIoU", "LISA\ncIoU"]
+        values = [[r.scores["gIoU"], r.scores["cIoU"], r.scores["lisa"]["gIoU"], r.scores["lisa"]["cIoU"]]
+                  for r in runs]  # fmt: skip
+        counts = None
+        ylabel = "mask IoU (%)"
     else:
         labels = ["mAP\nAP@[.5:.95]", "AP50", "mAP with\nnegatives"]
         values = [[r.scores["mAP"], r.scores["AP50"], r.scores["with_negatives"]["mAP"]] for r in runs]
@@ -80,6 +86,8 @@ def accuracy_bars(runs: Sequence[Any], png: Path) -> Path | None:
     ax.legend(fontsize=8, loc="upper right")
     if counts is not None:
         title = "REC accuracy (Geo-R1 counting)"
+    elif runs[0].task == "gres":
+        title = f"GRES masks through SAM: {runs[0].scores['counts']['queries']} queries"
     else:
         title = f"OVD COCO AP: {runs[0].scores['counts']['queries']} positive queries"
     if counts is not None:
@@ -111,7 +119,8 @@ def value_histograms(runs: Sequence[Any], png: Path) -> Path | None:
         mean = sum(run.values) / len(run.values)
         ax.set_title(f"{run.name} ({run.mode}): mean {mean:.3f}", fontsize=9)
         ax.set_xlim(0, 1)
-        ax.set_xlabel("IoU with the true box" if rec else "AP@[.5:.95] per query", fontsize=8)
+        label = {"rec": "IoU with the true box", "gres": "mask IoU (Geo-R1's)"}.get(run.task, "AP@[.5:.95] per query")
+        ax.set_xlabel(label, fontsize=8)
         ax.set_ylabel("queries", fontsize=8)
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
@@ -125,6 +134,7 @@ def _boxes(value: Any, task: str) -> list[list[float]]:
     if not isinstance(value, list) or not value:
         return []
     items = [value] if task == "rec" else value
+    items = [b.get("bbox_2d") if isinstance(b, dict) else b for b in items]  # gres: {"bbox_2d", "keypoint1", ...}
     return [list(map(float, b)) for b in items if isinstance(b, list) and len(b) == 4]
 
 
@@ -178,7 +188,10 @@ def example_grid(runs: Sequence[Any], data_dir: Path | None, png: Path, count: i
                         continue  # the failed-parse placeholder
                     ax.add_patch(Rectangle((b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False,
                                            edgecolor=colour, lw=lw, ls=ls))  # fmt: skip
-            if task == "rec":
+            if task == "gres":
+                iou = res.get("iou")
+                ax.set_title(f"mask IoU {iou:.2f}" if isinstance(iou, (int, float)) else "", fontsize=7)
+            elif task == "rec":
                 iou = res.get("iou")
                 no_box = _boxes(res.get("extracted_answer"), task) in ([], [[0.0] * 4])
                 ax.set_title("no box" if no_box else f"IoU {iou:.2f}" if iou is not None else "", fontsize=7)

@@ -66,6 +66,7 @@ from train.metrics import (
     coco_scores,
     extract_rec_box,
     finite_box,
+    gres_scores,
     mean_iou,
     ovd_answer_region,
     ovd_eval_boxes,
@@ -83,7 +84,7 @@ ADAPTER_MANIFEST = "geo_r1_adapter.json"
 #: One JSON object per logged step, in each adapter directory (train/trainer.py).
 TRAIN_LOG = "train_log.jsonl"
 BASE_NAME = "base"
-DEFAULT_MAX_NEW_TOKENS = {"rec": 256, "multi": 1024}
+DEFAULT_MAX_NEW_TOKENS = {"rec": 256, "multi": 1024, "gres": 1024}
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -124,8 +125,11 @@ class EvalConfig:
         default="test", metadata={"choices": ("test", "val", "train"), "help": "split to score"}
     )
     task: str = dataclasses.field(
-        default="rec", metadata={"choices": TASKS, "help": "rec: one box; multi: all boxes (OVD)"}
-    )
+        default="rec",
+        metadata={"choices": TASKS,
+                  "help": "rec: one box; multi: all boxes (OVD); gres: boxes and keypoints, masks through --sam "
+                          "(gIoU / cIoU)"},
+    )  # fmt: skip
     mode: str | None = dataclasses.field(
         default=None,
         metadata={"choices": MODES,
@@ -154,6 +158,12 @@ class EvalConfig:
         default=None,
         metadata={"metavar": "FILE", "help": "Geo-R1 …_with_unique.json to join --predictions on (default: --data's)"},
     )
+    sam: str | None = dataclasses.field(
+        default=None,
+        metadata={"metavar": "MODEL",
+                  "help": "the frozen SAM 2 (directory or Hugging Face id, offline) that turns GRES answers into "
+                          "masks; needed by --task gres with --model"},
+    )  # fmt: skip
     device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     dtype: str = dataclasses.field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
     examples: int = dataclasses.field(default=8, metadata={"help": "chips in the example grid (0: none)"})
@@ -173,7 +183,10 @@ class EvalConfig:
         if self.split not in SPLITS:
             raise ConfigError(f"split must be one of {SPLITS}, got {self.split!r}; use --split test or --split val")
         if self.task not in TASKS:
-            raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}; use --task rec or --task multi")
+            raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}; use --task {' or --task '.join(TASKS)}")
+        if self.task == "gres" and self.model is not None and not self.sam:
+            raise ConfigError("--task gres scores masks: pass --sam MODEL, the SAM 2 that turns the model's boxes and "
+                              "keypoints into masks (e.g. a directory from 'geo-r1 tiny-sam')")  # fmt: skip
         if self.mode is not None and self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}; use --mode geo-r1 or --mode sft")
         if self.batch_size < 1:
@@ -449,6 +462,93 @@ def score_multi_run(records: Sequence[ChipRecord], outputs: Sequence[str], mode:
     return results, scores, values
 
 
+def _gres_item_json(item: Any) -> dict[str, Any]:
+    return {"bbox_2d": list(item.box), **{f"keypoint{k + 1}": list(p) for k, p in enumerate(item.points)}}
+
+
+def score_gres_run(records: Sequence[ChipRecord], outputs: Sequence[str], mode: str, masker: Any,
+                   data: Path) -> tuple[list[dict], dict, list]:  # fmt: skip
+    """Score GRES outputs as Geo-R1's ``test_gres_eval.py`` does: each answer (``parsing.gres_answer``) prompts
+    the frozen SAM ``masker`` box by box with its keypoints, each mask clipped to its box, OR-ed
+    (``train.rewards.gres_pred_mask``, as written: never rescaled), against the true mask of the record's
+    outlines (``core/rules/gres_truth.truth_mask``); no items is ``I = 0, U = |truth|``. Results records carry
+    ``intersection``, ``union`` and ``truth_pixels``, so :func:`rescore_gres_results` re-scores them without
+    SAM."""
+    import numpy as np
+    from PIL import Image
+
+    from geo_r1_qgis.core.rules.gres_truth import truth_mask
+    from geo_r1_qgis.core.rules.parsing import gres_answer
+    from train.metrics import mask_counts
+    from train.rewards import gres_pred_mask
+
+    results = []
+    for r, text in zip(assign_image_ids(records), outputs, strict=True):
+        if r.outlines is None:
+            raise ConfigError(f"record {r.id} has no outlines; rebuild the dataset (gres records carry each "
+                              "object's outline)")  # fmt: skip
+        truth = truth_mask(r.outlines, r.image_size)
+        items = gres_answer(text)
+        pred = np.zeros(truth.shape, dtype=bool)
+        if items:
+            with Image.open(Path(data) / r.image) as im:
+                rgb = np.asarray(im.convert("RGB"))
+            pred = gres_pred_mask(items, rgb, masker)
+        inter, union = mask_counts(pred, truth)
+        results.append({
+            "image": r.image, "image_id": r.image_id, "question": r.question,
+            "ground_truth": [list(b) for b in r.boxes], "model_output": text,
+            "extracted_answer": [_gres_item_json(it) for it in items or ()],
+            "parsed": items is not None, "intersection": inter, "union": union, "truth_pixels": int(truth.sum()),
+            "iou": inter / union if union > 0 else 0.0,
+            "category": r.category, "negative": r.negative, "id": r.id, "expression": r.expression,
+            "image_size": list(r.image_size),
+        })  # fmt: skip
+    scores, values = _gres_scores(results, mode)
+    return results, scores, values
+
+
+def _gres_count(r: Mapping[str, Any], n: int) -> tuple[int, int, int, bool]:
+    def whole(key: str, default: Any = None) -> int:
+        v = r.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < 0:
+            raise ConfigError(f"record {n} ({r.get('image')}): {key} must be a whole number of pixels >= 0, got "
+                              f"{v!r}; GRES results need each query's intersection and union (geo-r1 eval writes "
+                              "them)")  # fmt: skip
+        return int(v)
+
+    inter, union = whole("intersection"), whole("union")
+    truth = whole("truth_pixels", union - inter) if "truth_pixels" in r else union - inter
+    if inter > union or truth > union:
+        raise ConfigError(f"record {n} ({r.get('image')}): intersection {inter} and truth pixels {truth} cannot "
+                          f"exceed the union {union}; fix the results file")  # fmt: skip
+    return inter, union, truth, bool(r.get("parsed", True))
+
+
+def _gres_scores(results: Sequence[Any], mode: str = "geo-r1") -> tuple[dict, list]:
+    counts = []
+    for n, r in enumerate(results, 1):
+        if not isinstance(r, Mapping):
+            raise ConfigError(f"record {n} is not a JSON object ({str(r)[:80]}); fix the results file")
+        counts.append(_gres_count(r, n))
+    scores_obj, values = gres_scores(counts)
+    scores = scores_obj.to_json()
+    by_class: dict[str, list[tuple[int, int, int, bool]]] = {}
+    for r, c in zip(results, counts, strict=True):
+        by_class.setdefault(str(r.get("category") or r.get("expression") or r.get("question")), []).append(c)
+    scores["per_class"] = {
+        k: {"gIoU": s.giou * 100, "cIoU": s.ciou * 100, "queries": s.n}
+        for k, (s, _) in sorted((k, gres_scores(v)) for k, v in by_class.items())
+    }
+    scores["format_ok"] = _format_rate([r.get("model_output") for r in results], "multi", mode)
+    return scores, values
+
+
+def rescore_gres_results(results: Sequence[Any], mode: str = "geo-r1") -> tuple[dict, list]:
+    """Re-score GRES results records from their ``intersection`` / ``union`` counts (no SAM, no model)."""
+    return _gres_scores(results, mode)
+
+
 def _nested_boxes(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(b, list) for b in value)
 
@@ -459,6 +559,9 @@ def infer_task(data: Mapping[str, Any]) -> str:
     an odd record, e.g. a nested truth first, stays REC and that record scores 0, as upstream scores it)."""
     if data.get("task") in TASKS:
         return data["task"]
+    rows = data.get("results", [])
+    if rows and all(isinstance(r, Mapping) and "intersection" in r and "union" in r for r in rows):
+        return "gres"
     rows = data.get("results", [])
     gts = [r.get("ground_truth") if isinstance(r, Mapping) else None for r in rows]
     if gts and all(_nested_boxes(g) for g in gts) and any(g for g in gts):
@@ -496,6 +599,7 @@ def _model_runs(cfg: EvalConfig, records: Sequence[ChipRecord]) -> list[ModelRun
     plan: list[tuple[str, str | None]] = [(BASE_NAME, None)] if cfg.include_base else []
     plan += [(name, name) for name in cfg.adapters]
     runs = []
+    masker = None  # the frozen SAM of --task gres, loaded once
     for name, adapter in plan:
         manifest = manifests.get(adapter, {}) if adapter else {}
         mode = mode_for_adapter(manifest, cfg.model_mode)
@@ -507,8 +611,15 @@ def _model_runs(cfg: EvalConfig, records: Sequence[ChipRecord]) -> list[ModelRun
             log.warning("adapter %s was trained for task %s, scored on %s", name, manifest["task"], cfg.task)
         loaded.adapters.activate(adapter)
         outputs = _generate(loaded, cfg.data, records, cfg, mode, name)
-        score = score_rec_run if cfg.task == "rec" else score_multi_run
-        results, scores, values = score(records, outputs, mode)
+        if cfg.task == "gres":
+            if masker is None:
+                from engine.runtime.sam import SamMasker
+
+                masker = SamMasker.load(cfg.sam, loaded.device)
+            results, scores, values = score_gres_run(records, outputs, mode, masker, cfg.data)
+        else:
+            score = score_rec_run if cfg.task == "rec" else score_multi_run
+            results, scores, values = score(records, outputs, mode)
         source = f"adapter {cfg.adapters[adapter]}" if adapter else f"base model {cfg.model}"
         runs.append(ModelRun(name, mode, source, cfg.task, results, scores, values, manifest.get("method"), notes))
     return runs
@@ -538,6 +649,8 @@ def _prediction_runs(cfg: EvalConfig) -> list[ModelRun]:
         notes = ["re-scored from the results file; no model was run", mode_note]
         if task == "rec":
             scores, values = rescore_rec_results(results, with_unique, mode)
+        elif task == "gres":
+            scores, values = rescore_gres_results(results, mode)
         else:
             if cfg.data is not None:
                 results, data_notes = _with_missing_queries(cfg, results, mode)
@@ -620,6 +733,9 @@ def write_results(run: ModelRun, out_dir: Path, cfg: EvalConfig) -> Path:
     path = out_dir / f"{safe_name(run.name)}_results.json"
     if run.task == "rec":
         head: dict[str, Any] = {"accuracy": run.scores["acc@0.5"]["overall"], "accuracy_metric": "Acc@0.5 (%)"}
+    elif run.task == "gres":
+        head = {"accuracy": run.scores["gIoU"], "accuracy_metric": "gIoU (%)", "overall_gIoU": run.scores["gIoU"] / 100,
+                "overall_cIoU": run.scores["cIoU"] / 100}  # fmt: skip (Geo-R1's key names, as fractions)
     else:
         head = {"accuracy": run.scores["mAP"], "accuracy_metric": "COCO mAP (%)", "AP50": run.scores["AP50"]}
     payload = {**head, "task": run.task, "mode": run.mode, "name": run.name, "source": run.source,
@@ -688,6 +804,39 @@ def _multi_table(runs: Sequence[ModelRun]) -> list[str]:
     return lines
 
 
+def _gres_table(runs: Sequence[ModelRun]) -> list[str]:
+    lines = [
+        "| model | mode | method | queries | gIoU | cIoU | LISA gIoU | LISA cIoU | Pr@0.5 | Pr@0.7 | Pr@0.9 "
+        "| empty truth | failed parses | format ok % |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in runs:
+        s, lisa, c = r.scores, r.scores["lisa"], r.scores["counts"]
+        lines.append(
+            f"| {r.name} | {r.mode} | {r.method or '–'} | {c['queries']} | {_pct(s['gIoU'])} | {_pct(s['cIoU'])} "
+            f"| {_pct(lisa['gIoU'])} | {_pct(lisa['cIoU'])} | {_pct(lisa['Pr@0.5'])} | {_pct(lisa['Pr@0.7'])} "
+            f"| {_pct(lisa['Pr@0.9'])} | {c['empty_truth']} | {c['failed_parses']} "
+            f"| {_pct(s['format_ok']) if r.mode == 'geo-r1' and s.get('format_ok') is not None else '–'} |"
+        )
+    lines += [
+        "",
+        "gIoU is the mean of the per-query mask IoU, cIoU the summed intersection over the summed union, as "
+        "Geo-R1's `test_gres_eval.py` counts them: the answer's boxes and keypoints prompt the frozen SAM, each mask "
+        "clipped to its box, OR-ed, against the union of the query's true outlines; a query whose union is empty "
+        "(no object, answered with no mask) scores 0 there. *LISA gIoU / cIoU* and *Pr@t* (IoU > t) count as LISA "
+        "and EarthReason do: such a query scores 1, and the IoU is I / (U + 1e-5); a failed parse scores 0 in both.",
+    ]
+    classes = sorted({c for r in runs for c in r.scores.get("per_class", {})})
+    if classes:
+        lines += ["", "Per class (gIoU / cIoU):", "", "| model | " + " | ".join(classes) + " |",
+                  "| --- |" + " ---: |" * len(classes)]  # fmt: skip
+        for r in runs:
+            pc = r.scores.get("per_class", {})
+            cells = [f"{pc[c]['gIoU']:.1f} / {pc[c]['cIoU']:.1f}" if c in pc else "–" for c in classes]
+            lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(cfg: EvalConfig, runs: Sequence[ModelRun], plots: Mapping[str, Path | None], logs: Mapping[str, Path],
                  n_records: int | None) -> Path:  # fmt: skip
     """``report.md``: what was scored, how, the numbers and the plots."""
@@ -742,6 +891,8 @@ def write_report(cfg: EvalConfig, runs: Sequence[ModelRun], plots: Mapping[str, 
                 "rescaled mean IoU equals the mean IoU."
             ),
         ]
+    elif task == "gres":
+        lines += _gres_table(runs)
     else:
         lines += _multi_table(runs)
         lines += [
@@ -774,7 +925,7 @@ def write_report(cfg: EvalConfig, runs: Sequence[ModelRun], plots: Mapping[str, 
                 lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
     titles = {
         "accuracy": "Accuracy",
-        "iou_hist": "IoU per query" if task == "rec" else "AP@[.5:.95] per query",
+        "iou_hist": "IoU per query" if task in ("rec", "gres") else "AP@[.5:.95] per query",
         "examples": "Examples (green: truth, red: prediction)",
         "curves": "Learning curves",
     }
@@ -910,6 +1061,9 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
             why = unique_why(s)
             lines.append(f"{name} ({m['mode']}): {', '.join(parts)}, mean IoU {s['mean_iou']:.3f}"
                          + (f"; unique/non-unique –: {why}" if why else ""))  # fmt: skip
+        elif m["task"] == "gres":
+            lines.append(f"{name} ({m['mode']}): gIoU {s['gIoU']:.2f}, cIoU {s['cIoU']:.2f} (LISA's counting: gIoU "
+                         f"{s['lisa']['gIoU']:.2f}, cIoU {s['lisa']['cIoU']:.2f})")  # fmt: skip
         else:
             gone = s.get("missing_from_results")
             lines.append(f"{name} ({m['mode']}): mAP {s['mAP']:.2f}, AP50 {s['AP50']:.2f}"

@@ -534,3 +534,58 @@ def test_an_sft_baseline_file_is_labelled_sft_without_a_format_rate(tmp_path, ca
     # --mode says it outright (a file's own mode key would win over both)
     assert _eval("--predictions", file, "--mode", "geo-r1", "-o", tmp_path / "r2") == 0
     assert json.loads((tmp_path / "r2" / "metrics.json").read_text())["models"]["sft"]["mode"] == "geo-r1"
+
+
+# --------------------------------------------------------------------------------------------------
+# GRES: results re-scored from their counts (the model runs are in test_gres_eval.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def _gres_rows() -> list[dict]:
+    # the hand-computed queries of test_metrics.py::test_giou_and_ciou_by_hand, two categories
+    counts = [(4, 12, 8, True, "tank"), (0, 0, 0, True, "tank"), (0, 5, 0, True, "tank"), (0, 6, 6, True, "roof"),
+              (10, 10, 10, True, "roof"), (0, 0, 0, False, "roof")]  # fmt: skip
+    return [
+        {"image": f"images/test/g{i}.png", "image_id": i + 1, "question": "q", "model_output": "<think> t </think> "
+         "<answer>None</answer>", "extracted_answer": [], "intersection": inter, "union": union,
+         "truth_pixels": truth, "parsed": parsed, "category": cat}
+        for i, (inter, union, truth, parsed, cat) in enumerate(counts)
+    ]  # fmt: skip
+
+
+def test_gres_predictions_are_rescored_from_their_counts(tmp_path, capsys):
+    file = tmp_path / "gres_results.json"
+    file.write_text(json.dumps({"results": _gres_rows()}), encoding="utf-8")  # no task key: told by the counts
+    out = tmp_path / "report"
+    assert _eval("--predictions", f"grpo={file}", "-o", out) == 0
+    assert "grpo (geo-r1): gIoU 22.22, cIoU 42.42" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "gres"
+    s = metrics["models"]["grpo"]["scores"]
+    assert s["gIoU"] == pytest.approx((4 / 12 + 1.0) / 6 * 100) and s["cIoU"] == pytest.approx(1400 / 33)
+    assert s["lisa"]["gIoU"] == pytest.approx((4 / (12 + 1e-5) + 1.0 + 10 / (10 + 1e-5)) / 6 * 100)
+    assert s["counts"] == {"queries": 6, "empty_truth": 3, "failed_parses": 1, "intersection": 14, "union": 33}
+    # per class, Geo-R1's counting: tank (4/12 + 0 + 0) / 3 and 4 / 17; roof (0 + 1 + 0) / 3 and 10 / 16
+    tank, roof = s["per_class"]["tank"], s["per_class"]["roof"]
+    assert tank["gIoU"] == pytest.approx(100 / 9) and tank["cIoU"] == pytest.approx(400 / 17)
+    assert roof["gIoU"] == pytest.approx(100 / 3) and roof["cIoU"] == pytest.approx(62.5)
+    assert s["format_ok"] == pytest.approx(100.0)
+    report = (out / "report.md").read_text()
+    assert "| grpo | geo-r1 |" in report and "22.22" in report and "LISA gIoU" in report and "Per class" in report
+    written = json.loads((out / "grpo_results.json").read_text())
+    assert written["task"] == "gres" and written["overall_gIoU"] == pytest.approx((4 / 12 + 1.0) / 6)
+    assert (out / "accuracy.png").is_file() and (out / "iou_hist.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [({"union": None}, "union must be a whole number"), ({"intersection": 20}, "cannot exceed the union")],
+)
+def test_gres_records_that_cannot_be_scored_are_refused(tmp_path, capsys, bad, named):
+    rows = _gres_rows()
+    rows[2].update(bad)
+    file = tmp_path / "gres_results.json"
+    file.write_text(json.dumps({"results": rows}), encoding="utf-8")
+    assert _eval("--predictions", file, "-o", tmp_path / "r") != 0
+    err = capsys.readouterr().err
+    assert "record 3" in err and named in err
