@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.ray_ground import RayOptions
 from geo_r1_qgis.core.client import DEFAULT_URL, EngineClient, read_token
 from geo_r1_qgis.core.errors import (
     ConfigError,
@@ -52,15 +53,16 @@ _ENGINE = {"group": "engine (a running one, or one started for this run)"}
 
 
 @dataclass(frozen=True, kw_only=True)
-class GroundConfig(RunSpec):
-    """Everything ``geo-r1 ground`` needs: the run (:class:`RunSpec`'s fields) and the command's own options.
+class GroundConfig(RayOptions, RunSpec):
+    """Everything ``geo-r1 ground`` needs: the run (:class:`RunSpec`'s fields), the Ray options
+    (:class:`~engine.ray_ground.RayOptions`) and the command's own options.
     Checks itself; each message names the bad value and the fix."""
 
     # a str for GDAL paths (/vsizip/..., URLs), which a Path would mangle
     raster: Path | str = field(metadata={
         "positional": True, "position": 0, "type": str,
         "help": "a georeferenced raster (GeoTIFF, COG, anything GDAL reads, /vsizip/, /vsicurl/ and other GDAL "
-                "paths included)"})  # fmt: skip
+                "paths included); with --ray also a quoted glob ('tiles/*.tif') or @FILE (a list)"})  # fmt: skip
     output: Path = field(metadata={"flags": ("-o", "--output"), "help": "GeoPackage to write (a new layer per run)"})
     layer: str | None = field(
         default=None, metadata={**_OUT, "help": "layer name (default: from the expression and the run id)"}
@@ -105,6 +107,7 @@ class GroundConfig(RunSpec):
             raise ConfigError(f"-o {self.output} must end in .gpkg (a GeoPackage); e.g. -o results.gpkg")
         if self.engine and self.model:
             raise ConfigError("give either --engine URL (a running engine) or --model M (start one), not both")
+        self.check_ray()
 
     @property
     def engine_url(self) -> str:
@@ -242,10 +245,33 @@ class _Progress:
             self.bar.close()
 
 
+def raster_area(config: RunSpec, source: Any, raster: Path | str) -> tuple[Any, float, Any]:
+    """``(window, scale, area)`` of a run over an open raster: the ``--bbox`` window in raster pixels (None: the
+    whole raster), the ``--gsd`` scale and the processed area; an extent over nodata only is an error."""
+    from geo_r1_qgis.core.geometry import PixelBox, gsd_to_scale, window_from_map_bbox
+
+    window = None
+    if config.bbox:
+        window = window_from_map_bbox(*config.bbox, source.transform, source.width, source.height)
+    scale = 1.0
+    if config.gsd:
+        scale = gsd_to_scale(config.gsd, source.transform, source.crs_units_per_metre())
+    area = window or PixelBox(0.0, 0.0, float(source.width), float(source.height))
+    if window is not None and not source.has_valid(area):
+        raise EmptyRasterError(
+            f"the --bbox {','.join(f'{v:g}' for v in config.bbox or ())} covers only nodata pixels of "
+            f"{raster}; choose an extent over valid data"
+        )
+    return window, scale, area
+
+
 def run(config: GroundConfig) -> int:
+    if config.ray is not None:  # the tiles on a Ray cluster (engine/ray_ground.py)
+        from engine.ray_ground import run_ray
+
+        return run_ray(config)
     from engine.gpkg import CrsTransform, GeoPackageSink, check_layer_name, list_layers
     from engine.rasters import RasterioSource
-    from geo_r1_qgis.core.geometry import PixelBox, gsd_to_scale, window_from_map_bbox
     from geo_r1_qgis.core.pipeline import run_grounding
 
     logging.getLogger("pyogrio").setLevel(logging.WARNING)  # one INFO line per write otherwise
@@ -254,18 +280,7 @@ def run(config: GroundConfig) -> int:
     if config.layer:
         check_layer_name(config.layer)
     with RasterioSource(config.raster, bands=config.bands) as source:
-        window = None
-        if config.bbox:
-            window = window_from_map_bbox(*config.bbox, source.transform, source.width, source.height)
-        scale = 1.0
-        if config.gsd:
-            scale = gsd_to_scale(config.gsd, source.transform, source.crs_units_per_metre())
-        area = window or PixelBox(0.0, 0.0, float(source.width), float(source.height))
-        if window is not None and not source.has_valid(area):
-            raise EmptyRasterError(
-                f"the --bbox {','.join(f'{v:g}' for v in config.bbox or ())} covers only nodata pixels of "
-                f"{config.raster}; choose an extent over valid data"
-            )
+        window, scale, area = raster_area(config, source, config.raster)
         crs = CrsTransform(source.crs_wkt, config.dst_crs)
         layers = list_layers(config.output)  # raises if the file exists and is not a GeoPackage
         if config.layer and config.layer in layers and not config.resume:

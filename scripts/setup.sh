@@ -64,7 +64,7 @@ import importlib.util, sys
 import torch
 assert torch.__version__.startswith("2.13.0"), torch.__version__
 assert not torch.version.cuda, "a CUDA torch build was installed; check constraints.txt"
-for mod in ("transformers", "peft", "trl", "rasterio", "pyogrio", "fastapi", "uvicorn"):
+for mod in ("transformers", "peft", "trl", "rasterio", "pyogrio", "fastapi", "uvicorn", "ray"):
     if importlib.util.find_spec(mod) is None:
         sys.exit(f"[setup] ERROR: {mod} did not install")
 PY

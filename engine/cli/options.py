@@ -29,7 +29,8 @@ KEYS = {
     "metavar": "argparse metavar",
     "choices": "allowed values",
     "action": "store_true, store_false (for --no-NAME flags), append (repeatable), boolean (--NAME/--no-NAME)",
-    "nargs": "argparse nargs (a positional list: +)",
+    "nargs": "argparse nargs (a positional list: +; a flag whose value may be left out: ?, with const)",
+    "const": "the value of a flag given without one (with nargs ?)",
     "one_of": "(name, required): the fields sharing a name are mutually exclusive flags",
     "type": "a callable that converts the flag's text (default: from the annotation)",
     "parse": "a callable applied to the parsed value before the dataclass gets it",
@@ -117,7 +118,7 @@ def add_config_arguments(
         action = md.get("action") or _action(kind, default)
         shown = show_defaults and action not in ("store_true", "store_false", "boolean", "append")
         kwargs: dict[str, Any] = {"help": _help(md.get("help"), default, shown)}
-        for key in ("metavar", "choices", "nargs"):
+        for key in ("metavar", "choices", "nargs", "const"):
             if key in md:
                 kwargs[key] = md[key]
         if md.get("positional"):
