@@ -6,7 +6,7 @@ QGIS_PY := /usr/bin/python3
 DEMO_DIR ?= demo-out
 export QT_QPA_PLATFORM ?= offscreen
 
-.PHONY: setup setup-venv test test-fast test-engine test-plugin test-plugin-340 lint demo demo-train plugin-zip plugin-install panel-screenshot wheel clean
+.PHONY: setup setup-venv test test-fast test-engine test-plugin test-plugin-340 test-plugin-344 lint demo demo-train plugin-zip plugin-install panel-screenshot wheel clean
 
 setup:
 	@scripts/setup.sh
@@ -32,12 +32,17 @@ test-engine: setup
 test-plugin: setup
 	$(QGIS_PY) -m pytest tests/geo_r1_qgis --ignore=tests/geo_r1_qgis/core
 
-# The same plugin suite under QGIS 3.40 (Debian 13 chroot; scripts/test_plugin_qgis340.sh). NOT RUN fails.
+# The same plugin suite under QGIS 3.40 LTR (Debian 13 chroot) and 3.44 LTR (Debian 13 + trixie-backports
+# chroot), each built once by scripts/setup_qgis_chroot.sh (root). NOT RUN fails.
 test-plugin-340: setup
-	@scripts/setup_qgis340.sh || echo "[setup] the QGIS 3.40 chroot could not be built: its run is NOT RUN"
-	scripts/test_plugin_qgis340.sh
+	scripts/test_plugin_chroot.sh 3.40
 
-test: setup lint test-engine test-plugin test-plugin-340
+test-plugin-344: setup
+	scripts/test_plugin_chroot.sh 3.44
+
+# The four suites side by side (scripts/test_suites.sh; GEO_R1_TEST_JOBS=1 for one at a time).
+test: setup lint
+	@scripts/test_suites.sh
 
 demo: setup-venv
 	@scripts/demo.sh "$(DEMO_DIR)"
@@ -49,9 +54,13 @@ demo-train: setup-venv
 # The engine as a wheel, dist/geo_r1-<version>-py3-none-any.whl (offline: the venv's setuptools builds it).
 # build/lib is emptied first: setuptools packs whatever an earlier build left there (modules since moved or
 # no longer shipped, such as the plugin's GUI ones).
+# One build at a time (flock: the venv and plugin suites both run make wheel, side by side), written beside
+# dist/ and renamed in, so that a test reading the wheel never sees it half written.
 wheel: setup
-	rm -rf build/lib
-	$(VENV)/bin/pip wheel --no-deps --no-build-isolation --quiet -w dist .
+	@mkdir -p build dist
+	flock build/.wheel.lock bash -c 'rm -rf build/lib build/wheel-tmp && \
+	  $(VENV)/bin/pip wheel --no-deps --no-build-isolation --quiet -w build/wheel-tmp . && \
+	  mv -f build/wheel-tmp/*.whl dist/'
 
 plugin-zip:
 	$(QGIS_PY) scripts/package_plugin.py --output dist/geo_r1_qgis.zip
