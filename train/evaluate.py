@@ -826,14 +826,20 @@ def _gres_table(runs: Sequence[ModelRun]) -> list[str]:
         "(no object, answered with no mask) scores 0 there. *LISA gIoU / cIoU* and *Pr@t* (IoU > t) count as LISA "
         "and EarthReason do: such a query scores 1, and the IoU is I / (U + 1e-5); a failed parse scores 0 in both.",
     ]
+    return lines + _per_class_table(runs, "gIoU", "cIoU")
+
+
+def _per_class_table(runs: Sequence[ModelRun], first: str, second: str) -> list[str]:
+    """The per-class table of the runs' ``per_class`` scores: ``first / second`` per class (none: no lines)."""
     classes = sorted({c for r in runs for c in r.scores.get("per_class", {})})
-    if classes:
-        lines += ["", "Per class (gIoU / cIoU):", "", "| model | " + " | ".join(classes) + " |",
-                  "| --- |" + " ---: |" * len(classes)]  # fmt: skip
-        for r in runs:
-            pc = r.scores.get("per_class", {})
-            cells = [f"{pc[c]['gIoU']:.1f} / {pc[c]['cIoU']:.1f}" if c in pc else "–" for c in classes]
-            lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    if not classes:
+        return []
+    lines = ["", f"Per class ({first} / {second}):", "", "| model | " + " | ".join(classes) + " |",
+             "| --- |" + " ---: |" * len(classes)]  # fmt: skip
+    for r in runs:
+        pc = r.scores.get("per_class", {})
+        cells = [f"{pc[c][first]:.1f} / {pc[c][second]:.1f}" if c in pc else "–" for c in classes]
+        lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -915,14 +921,7 @@ def write_report(cfg: EvalConfig, runs: Sequence[ModelRun], plots: Mapping[str, 
             if gone:
                 lines += ["", f"{r.name}: {gone['queries']} queries of the dataset ({gone['gt_boxes']} true boxes) "
                           "are missing from the results and count as misses."]  # fmt: skip
-        classes = sorted({c for r in runs for c in r.scores.get("per_class", {})})
-        if classes:
-            lines += ["", "Per class (AP50 / mAP):", "", "| model | " + " | ".join(classes) + " |",
-                      "| --- |" + " ---: |" * len(classes)]  # fmt: skip
-            for r in runs:
-                pc = r.scores.get("per_class", {})
-                cells = [f"{pc[c]['AP50']:.1f} / {pc[c]['mAP']:.1f}" if c in pc else "–" for c in classes]
-                lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+        lines += _per_class_table(runs, "AP50", "mAP")
     titles = {
         "accuracy": "Accuracy",
         "iou_hist": "IoU per query" if task in ("rec", "gres") else "AP@[.5:.95] per query",
