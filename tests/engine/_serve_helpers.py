@@ -91,6 +91,14 @@ def start_engine(workdir: Path, args: list[str], env: dict[str, str] | None = No
     return engine
 
 
+def serving(workdir: Path, args: list[str]):
+    """A module fixture's body: ``yield from serving(dir, args)`` starts the engine, yields it, and at the end
+    asserts that it stopped cleanly (the log's tail when not)."""
+    engine = start_engine(workdir, args)
+    yield engine
+    assert engine.stop() in CLEAN_EXIT, engine.log_tail()
+
+
 def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))

@@ -25,7 +25,7 @@ from train.dataset import write_annotations
 from train.sample_data import SampleDataConfig, write_samples
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _serve_helpers import CLEAN_EXIT, assert_error, start_engine
+from _serve_helpers import CLEAN_EXIT, assert_error, serving, start_engine
 
 pytestmark = pytest.mark.slow
 
@@ -82,9 +82,7 @@ def jobs_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(tiny_format_model_dir, jobs_dir, tmp_path_factory):
     args = ["--model", str(tiny_format_model_dir), "--threads", "1", "--jobs-dir", str(jobs_dir)]
-    eng = start_engine(tmp_path_factory.mktemp("engine"), args)
-    yield eng
-    assert eng.stop() in CLEAN_EXIT, eng.log_tail()
+    yield from serving(tmp_path_factory.mktemp("engine"), args)
 
 
 @pytest.fixture

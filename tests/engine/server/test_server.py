@@ -20,7 +20,7 @@ from geo_r1_qgis.core.rules.coords import model_input_size
 
 # The shared process helpers live beside this file (pytest runs with --import-mode=importlib).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _serve_helpers import CLEAN_EXIT, assert_error, b64, data_uri, encoded, noise_image, start_engine
+from _serve_helpers import CLEAN_EXIT, assert_error, b64, data_uri, encoded, noise_image, serving, start_engine
 
 pytestmark = pytest.mark.slow
 
@@ -34,9 +34,7 @@ def engine(tiny_format_model_dir, tmp_path_factory):
     args += ["--max-items", str(LIMITS["max_items"]), "--max-body-mb", str(LIMITS["max_body_mb"])]
     args += ["--max-image-pixels", str(LIMITS["max_image_pixels"])]
     args += ["--max-expression-chars", str(LIMITS["max_expression_chars"])]
-    eng = start_engine(tmp_path_factory.mktemp("engine"), args)
-    yield eng
-    assert eng.stop() in CLEAN_EXIT, eng.log_tail()
+    yield from serving(tmp_path_factory.mktemp("engine"), args)
 
 
 @pytest.fixture
