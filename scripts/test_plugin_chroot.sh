@@ -52,7 +52,8 @@ for _ in $(seq 50); do [[ -s "$portfile" ]] && break; sleep 0.1; done
 read -r port token < "$portfile"
 rm -f "$portfile"
 echo "QGIS $(cat "$ROOT/.qgis-version") ($DEBIAN chroot $ROOT): the plugin's test suite"
-args=$(printf ' %q' "$@")  # pytest options, quoted for the shell inside the chroot
+args=""  # pytest options, quoted for the shell inside the chroot; none is no argument (pytest 9 reads '' as '.')
+(( $# )) && args=$(printf ' %q' "$@")
 chroot "$ROOT" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/root LANG=C.UTF-8 QT_QPA_PLATFORM=offscreen \
   GEO_R1_HOST_EXEC="127.0.0.1:$port" GEO_R1_HOST_EXEC_TOKEN="$token" \
   /bin/sh -c "cd '$REPO' && python3 -m pytest tests/geo_r1_qgis --ignore=tests/geo_r1_qgis/core -p no:cacheprovider$args"
