@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.ray_ground import RayOptions
-from geo_r1_qgis.core.client import DEFAULT_URL, EngineClient, read_token
+from geo_r1_qgis.core.client import DEFAULT_URL, EngineClient, engine_capacity, read_token
 from geo_r1_qgis.core.errors import (
     ConfigError,
     EmptyRasterError,
@@ -42,6 +42,7 @@ from geo_r1_qgis.core.errors import (
     RasterError,
 )
 from geo_r1_qgis.core.geometry import tile_size_advice
+from geo_r1_qgis.core.pipeline import EnginePool, connect_engines
 from geo_r1_qgis.core.run_spec import RunSpec
 
 log = logging.getLogger(__name__)
@@ -74,13 +75,17 @@ class GroundConfig(RayOptions, RunSpec):
         default=True, metadata={**_OUT, "flags": ("--no-progress",), "action": "store_false", "help": "no progress bar"}
     )
     # -- engine
-    engine: str | None = field(
-        default=None,
-        metadata={**_ENGINE, "metavar": "URL", "help": f"URL of a running engine (default: {DEFAULT_URL})"},
-    )
+    engine: tuple[str, ...] = field(
+        default=(),
+        metadata={**_ENGINE, "flags": ("--engine",), "metavar": "URL",
+                  "help": f"URL of a running engine (default: {DEFAULT_URL}); repeat it to spread the tiles over "
+                          "several engines (same model; one token file)"},
+    )  # fmt: skip
     token_file: Path | None = field(
-        default=None, metadata={**_ENGINE, "help": "the engine's token file (default: the engine's default)"}
-    )
+        default=None,
+        metadata={**_ENGINE, "help": "the engine's token file (default: the engine's default); with several "
+                                     "--engine, the one token they were all started with (serve --token-file)"},
+    )  # fmt: skip
     model: str | None = field(
         default=None, metadata={**_ENGINE, "help": "start an engine with this model for the run (HF id or directory)"}
     )
@@ -111,7 +116,12 @@ class GroundConfig(RayOptions, RunSpec):
 
     @property
     def engine_url(self) -> str:
-        return self.engine or DEFAULT_URL
+        """The first engine's URL (the default engine's without --engine)."""
+        return self.engine_urls[0]
+
+    @property
+    def engine_urls(self) -> tuple[str, ...]:
+        return self.engine or (DEFAULT_URL,)
 
 
 # -- the engine ------------------------------------------------------------------------------------
@@ -163,12 +173,12 @@ def remove_stale_engine_dirs(root: Path | None = None) -> list[Path]:
 
 
 @contextlib.contextmanager
-def engine_for(config: GroundConfig) -> Iterator[tuple[EngineClient, dict[str, Any]]]:
-    """A ready client and the engine's ``/info``: the given engine, or one started with ``--model``."""
+def engine_for(config: GroundConfig) -> Iterator[tuple[EnginePool, dict[str, Any]]]:
+    """The run's engines, ready, and the ``/info`` the run records: the given engines (each proves it holds the
+    token before the token is sent to it, and all must serve the same model), or one started with ``--model``.
+    Each takes as many tiles at once as its ``/info`` says (:func:`~geo_r1_qgis.core.client.engine_capacity`)."""
     if not config.model:
-        client = EngineClient(config.engine_url, token=read_token(config.token_file))
-        info = client.wait_until_ready(total_timeout_s=10.0)
-        yield client, info
+        yield connect_engines(config.engine_urls, read_token(config.token_file))
         return
     remove_stale_engine_dirs()
     with tempfile.TemporaryDirectory(prefix=ENGINE_DIR_PREFIX) as tmp:
@@ -211,7 +221,8 @@ def engine_for(config: GroundConfig) -> Iterator[tuple[EngineClient, dict[str, A
                         "raise --serve-timeout or check the model"
                     )
                 time.sleep(0.25)
-            yield client, client.info()
+            info = client.info()
+            yield EnginePool.of(client, engine_capacity(info)), info
         finally:
             proc.terminate()
             try:
@@ -394,8 +405,12 @@ def _report(config: GroundConfig, sink: Any, summary: Any, seconds: float, creat
         f"{s.tiles_processed} processed, {s.tiles_resumed} resumed, {s.tiles_skipped} skipped (no valid pixels); "
         f"{s.requests} request(s), {s.detections_raw} raw box(es)",
         f"  {seconds:.1f} s: engine {s.engine_s:.1f} s (generate {s.engine_generate_s:.1f} s), read {s.read_s:.2f} s, "
-        f"write {s.write_s:.2f} s, merge {s.merge_s:.3f} s",
+        f"write {s.write_s:.2f} s, merge {s.merge_s:.3f} s; this process's CPU {s.cpu_s:.2f} s",
     ]
+    if len(s.engines) > 1 or s.engines_failed:
+        lines.append("  engines: " + ", ".join(f"{url} {n} tile(s)" for url, n in s.engines.items()))
+    for url, why in s.engines_failed.items():
+        lines.append(f"  engine {url} failed during the run and was given up ({why}); the others took its tiles")
     if s.strategy != "full":
         lines.append(f"  coarse to fine: {s.tiles_total} tile(s) instead of {s.full_tiling_tiles} for a full tiling")
     for m in s.final[:5]:

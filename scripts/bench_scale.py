@@ -139,11 +139,13 @@ def ground_once(tmp: Path, raster: Path, url: str, token_file: Path, engine_pid:
     served = stats(stand_in)
     m = re.search(r"\n\s+([\d.]+) s: engine", stderr)
     tiles = re.search(r"(\d+) processed", stderr)
+    run_cpu = re.search(r"this process's CPU ([\d.]+) s", stderr)
     n = int(tiles.group(1)) if tiles else 0
     return {"run": flags, "status": proc.returncode, "wall_s": round(wall, 2),
             "run_s": float(m.group(1)) if m else None, "tiles": n, "peak_in_flight": served["peak_in_flight"],
             "completions": served["answered"], "faults": served["faults"],
-            "ground_cpu_ms_per_tile": round(1000 * ground_cpu / n, 1) if n else None,
+            "ground_process_cpu_ms_per_tile": round(1000 * ground_cpu / n, 1) if n else None,
+            "ground_cpu_ms_per_tile": round(1000 * float(run_cpu.group(1)) / n, 1) if n and run_cpu else None,
             "engine_cpu_ms_per_tile": round(1000 * engine_cpu / n, 1) if n else None,
             "error": None if proc.returncode == 0 else stderr.strip().splitlines()[-1:]}  # fmt: skip
 

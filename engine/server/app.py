@@ -203,6 +203,16 @@ class ServeConfig:
         metadata={**_REMOTE, "metavar": "NAME", "help": "with --backend openai: model name (default: its first model)"},
     )
     concurrency: int = field(default=8, metadata={**_REMOTE, "help": "requests handed to the backend at once"})
+    png_level: int = field(
+        default=0,
+        metadata={**_REMOTE, "help": "with --backend openai: zlib level of the tiles' PNG, 0 (stored: fastest, the "
+                                     "most bytes) to 9; raise it on a slow link"},
+    )  # fmt: skip
+    remote_retries: int = field(
+        default=3,
+        metadata={**_REMOTE, "help": "with --backend openai: retries of a completion after a dropped connection, "
+                                     "502, 503 or 429 (Retry-After honoured), with bounded backoff; 0: none"},
+    )  # fmt: skip
     # Limits
     max_body_mb: float = field(default=64.0, metadata={**_LIMITS, "help": "largest request body, in MiB"})
     max_image_pixels: int = field(default=16_777_216, metadata={**_LIMITS, "help": "largest image, width × height"})
@@ -274,6 +284,10 @@ class ServeConfig:
             if value < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
+        if not 0 <= self.png_level <= 9:
+            raise ConfigError(f"--png-level must be a zlib level within 0..9 (0: fastest), got {self.png_level}")
+        if self.remote_retries < 0:
+            raise ConfigError(f"--remote-retries must be >= 0 (0: never retry), got {self.remote_retries}")
         if self.box_frame not in BOX_FRAMES:
             raise ConfigError(f"--box-frame must be one of {', '.join(BOX_FRAMES)}, got {self.box_frame!r}")
         if not self.header_timeout_s > 0:
@@ -776,7 +790,8 @@ def build_backend(config: ServeConfig) -> Backend:
                 f"export {config.api_key_env}=<key> before starting"
             )
     assert config.base_url is not None  # checked by ServeConfig
-    remote = RemoteBackend(config.base_url, api_key=api_key, model=config.remote_model, concurrency=config.concurrency)
+    remote = RemoteBackend(config.base_url, api_key=api_key, model=config.remote_model, concurrency=config.concurrency,
+                           png_level=config.png_level, retries=config.remote_retries)  # fmt: skip
     remote.box_frame = config.box_frame
     return remote
 

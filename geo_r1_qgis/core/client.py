@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, EngineOverloadedError, EngineRequestError, EngineUnavailableError
-from .retry import TRANSIENT_STATUSES, RetryPolicy, Transient, parse_retry_after
+from .retry import RetryPolicy, parse_retry_after, transient_error
 
 log = logging.getLogger(__name__)
 
@@ -135,15 +135,6 @@ def health_proof(token: str, challenge: str) -> str:
     return hmac.new(token.encode("utf-8"), ("geo-r1-health:" + challenge).encode("utf-8"), hashlib.sha256).hexdigest()
 
 
-def transient_error(exc: BaseException) -> Transient | None:
-    """Whether an error of :meth:`EngineClient._request` is worth another try (:mod:`.retry`): a connection
-    refused, reset or closed without an answer, or HTTP 429, 502 or 503; not a timeout, not any other status."""
-    status = getattr(exc, "status", None)
-    if isinstance(status, int):
-        return Transient(exc, getattr(exc, "retry_after", None)) if status in TRANSIENT_STATUSES else None
-    return Transient(exc) if getattr(exc, "transient", False) else None
-
-
 def engine_capacity(info: dict[str, Any] | None) -> int:
     """How many tiles an engine can work on at once, from its ``/info``: the remote backend's concurrency
     (requests it has in flight at the server behind it), else the local backend's batch size."""
@@ -151,6 +142,27 @@ def engine_capacity(info: dict[str, Any] | None) -> int:
     key = "concurrency" if info.get("backend") == "openai" else "batch_size"
     value = info.get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 8
+
+
+#: what must agree between the engines of one run (their /info), or the tiles would be answered differently
+SAME_ON_EVERY_ENGINE = ("model", "adapter", "prompt_version", "box_frame", "tile")
+
+
+def engines_info(answers: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The ``/info`` a run records for its engines ``[(url, info), ...]``: the first engine's, with
+    ``"engines"`` (each URL and what it takes at once) when there are several. Engines that would answer
+    differently (another model, adapter, prompt version, box frame or tile) are refused, naming both."""
+    first_url, first = answers[0]
+    for url, info in answers[1:]:
+        for key in SAME_ON_EVERY_ENGINE:
+            if info.get(key) != first.get(key):
+                raise ConfigError(
+                    f"the engines of one run must answer alike, but {key} is {first.get(key)!r} at {first_url} and "
+                    f"{info.get(key)!r} at {url}; start every --engine with the same model and adapter"
+                )
+    if len(answers) == 1:
+        return first
+    return {**first, "engines": [{"url": u, "capacity": engine_capacity(i)} for u, i in answers]}
 
 
 class EngineClient:

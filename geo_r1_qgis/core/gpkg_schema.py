@@ -18,7 +18,9 @@ Layout of one file (it may hold many runs)
     It is created, empty, when the run starts, so a viewer can open it at once and reload it as tiles finish.
 ``geo_r1_tiles`` (no geometry; :data:`TILES_FIELDS`)
     One row per finished tile: run_id, tile_id, status (``done`` / ``skipped``), n_boxes, the
-    window in raster pixels, written time. **This table is the record of progress.**
+    window in raster pixels, written time, and the engine that answered it (its URL; empty for a skipped
+    tile, and in files written before the column existed, to which it is added on opening:
+    :func:`add_missing_tile_columns`). **This table is the record of progress.**
 ``geo_r1_runs`` (no geometry; :data:`RUNS_FIELDS`)
     One row per run: run_id, layer, status (``running``, ``done``, ``canceled``, ``interrupted``,
     ``failed``), expression, mode, the parameters as JSON (:func:`run_parameters`, with the engine's active
@@ -170,6 +172,7 @@ TILES_FIELDS: tuple[Field, ...] = (
     Field("n_boxes", INTEGER),
     Field("window", STRING),
     Field("written", DATETIME),
+    Field("engine", STRING),  # the engine that answered the tile (issue 20: a run may use several)
 )
 #: ``geo_r1_runs``: one row per run
 RUNS_FIELDS: tuple[Field, ...] = (
@@ -623,6 +626,22 @@ def count_rows(path: str | Path, table: str) -> int:
         return int(con.execute(f"SELECT count(*) FROM {ident(table)}").fetchone()[0])  # nosec B608
 
 
+def add_missing_tile_columns(path: str | Path) -> list[str]:
+    """Add the columns of :data:`TILES_FIELDS` that an older file's ``geo_r1_tiles`` lacks (at the end, as a new
+    file has them; ``TEXT`` for String, as GDAL makes them), so both writers append to it; the names added."""
+    if TILES_TABLE not in list_tables(path):
+        return []
+    sql_types = {STRING: "TEXT", REAL: "REAL", INTEGER: "MEDIUMINT", INTEGER64: "INTEGER", DATETIME: "DATETIME"}
+    with connect(path) as con:
+        have = {str(r[1]) for r in con.execute(f"PRAGMA table_info({ident(TILES_TABLE)})")}
+        added = [f for f in TILES_FIELDS if f.name not in have]
+        for f in added:
+            con.execute(f"ALTER TABLE {ident(TILES_TABLE)} ADD COLUMN {ident(f.name)} {sql_types[f.type]}")
+    if added:
+        log.info("%s: added %s to %s (a file from an earlier version)", path, [f.name for f in added], TILES_TABLE)
+    return [f.name for f in added]
+
+
 def delete_orphaned_raw(path: str | Path, raw_layer: str, run_id: str) -> int:
     """Delete the raw rows of ``run_id`` whose tile is not marked done (one transaction); how many."""
     tables = list_tables(path)
@@ -723,7 +742,7 @@ class GeoPackageRun:
         self.crs = crs
         self.resume = resume
         self._pending_raw: list[tuple[MapDetection, datetime]] = []
-        self._pending_tiles: list[tuple[str, Tile, int, str, datetime]] = []
+        self._pending_tiles: list[tuple[str, Tile, int, str, datetime, str]] = []
         self._done: dict[str, list[Detection]] = {}
         self.final_exists = False
         #: the file held in WAL mode from opening to :meth:`mark` (module doc, "Readers while a run writes")
@@ -752,6 +771,7 @@ class GeoPackageRun:
         if not path.parent.exists():
             raise OutputError(f"the folder of {path} does not exist; create it first")
         layers = list_tables(path)
+        add_missing_tile_columns(path)  # an older file: its tiles table gains the engine column
         params_json = parameters_json(with_adapter(parameters, engine))
         meta = run_meta(expression, mode, engine)
         if resume:
@@ -824,10 +844,15 @@ class GeoPackageRun:
     def done_tiles(self) -> Mapping[str, Sequence[Detection]]:
         return self._done
 
-    def write_tile(self, tile_id: str, tile: Tile, detections: Sequence[MapDetection], status: str) -> None:
+    #: the pipeline passes ``engine`` to :meth:`write_tile` (a sink without this attribute is not given it)
+    records_engine = True
+
+    def write_tile(
+        self, tile_id: str, tile: Tile, detections: Sequence[MapDetection], status: str, engine: str = ""
+    ) -> None:
         t = now_utc()
         self._pending_raw.extend((m, t) for m in detections)
-        self._pending_tiles.append((tile_id, tile, len(detections), status, t))
+        self._pending_tiles.append((tile_id, tile, len(detections), status, t, engine))
 
     def feature_rows(self, items: Sequence[tuple[MapDetection, datetime]], raw: bool) -> tuple[list[bytes], list[list]]:
         """WKB polygons (in the output CRS) and rows (in the order of the layer's fields)."""
@@ -864,8 +889,8 @@ class GeoPackageRun:
         if raw:
             self._write_features(self.raw_layer, raw, raw=True)
         rows = [
-            [self.run_id, tile_id, status, n, json.dumps(tile.window.as_tuple()), to_ms(t)]
-            for tile_id, tile, n, status, t in tiles
+            [self.run_id, tile_id, status, n, json.dumps(tile.window.as_tuple()), to_ms(t), engine]
+            for tile_id, tile, n, status, t, engine in tiles
         ]
         self.writer.append(self.path, TILES_TABLE, TILES_FIELDS, rows)
         for tile_id, *_ in tiles:

@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .area import AreaPolygon, area_bounds, box_in_area, check_area, tiles_touching
-from .client import GroundResult, TileImage
+from .client import EngineClient, GroundResult, TileImage, engine_capacity, engines_info
 from .errors import (
     ConfigError,
     EmptyRasterError,
@@ -91,15 +91,13 @@ __all__ = [
     "ResultSink",
     "RunSummary",
     "coarse_scale",
+    "connect_engines",
     "plan_full",
     "result_to_detections",
     "run_grounding",
 ]
 
 log = logging.getLogger(__name__)
-
-#: the most tiles a run asks at once (a bound on its worker threads and on what it holds in memory)
-MAX_IN_FLIGHT = 1024
 
 #: The engine task each pass uses (see the module docstring).
 TASK_ALL = "multi"
@@ -152,13 +150,9 @@ class GroundingJob:
         # the run's own values are checked where every run description checks them
         check_run_values(expression=self.expression, mode=self.mode, tile_size=self.tile_size, overlap=self.overlap,
                          batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, top_k=self.top_k,
-                         min_score=self.min_score)  # fmt: skip
+                         min_score=self.min_score, in_flight=self.in_flight)  # fmt: skip
         # TileGridSpec checks the scale and explains it.
         TileGridSpec(tile_size=self.tile_size, overlap=self.overlap, scale=self.scale)
-        if self.in_flight is not None and (isinstance(self.in_flight, bool) or not isinstance(self.in_flight, int)
-                                           or not 1 <= self.in_flight <= MAX_IN_FLIGHT):  # fmt: skip
-            raise ConfigError(f"in_flight must be within 1..{MAX_IN_FLIGHT} tiles, got {self.in_flight!r} (--in-flight "
-                              "on the command line, Raster > Geo-R1 > Settings in QGIS)")  # fmt: skip
         for name in ("coarse_min_tiles", "coarse_grid"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -212,7 +206,10 @@ class ResultSink(Protocol):
         """Tiles already written by an earlier, interrupted run, with their detections."""
 
     def write_tile(self, tile_id: str, tile: Tile, detections: Sequence[MapDetection], status: str) -> None:
-        """Record one finished tile (``status`` is ``"done"`` or ``"skipped"``: no valid pixel)."""
+        """Record one finished tile (``status`` is ``"done"`` or ``"skipped"``: no valid pixel).
+
+        A sink with a true ``records_engine`` attribute is also given ``engine=``: the name (URL) of the engine
+        that answered the tile (:class:`~geo_r1_qgis.core.gpkg_schema.GeoPackageRun` records it)."""
 
     def commit(self) -> None:
         """Make the tiles written since the last commit durable, in one transaction of whole tiles.
@@ -261,6 +258,8 @@ class RunSummary:
     full_tiling_tiles: int = 0
     parse_failures: int = 0
     seconds: float = 0.0
+    #: CPU seconds of this process during the run (all its threads: reading, requests, writing, merging)
+    cpu_s: float = 0.0
     read_s: float = 0.0
     engine_s: float = 0.0
     engine_generate_s: float = 0.0
@@ -478,6 +477,21 @@ class EnginePool:
         return best
 
 
+def connect_engines(
+    urls: Sequence[str], token: str | None, ready_timeout_s: float = 10.0
+) -> tuple[EnginePool, dict[str, Any]]:
+    """The pool of the engines at ``urls`` (one token for all) and the ``/info`` a run records
+    (:func:`~geo_r1_qgis.core.client.engines_info`): each engine answers ``/health``, proves it holds the token
+    before the token is sent to it, and reports in ``/info`` what it takes at once
+    (:func:`~geo_r1_qgis.core.client.engine_capacity`); all must serve the same model."""
+    answers = []
+    for url in urls:
+        client = EngineClient(url, token=token)
+        answers.append((client, client.wait_until_ready(total_timeout_s=ready_timeout_s)))
+    info = engines_info([(c.url, i) for c, i in answers])
+    return EnginePool([EngineSlot(c, engine_capacity(i), c.url) for c, i in answers]), info
+
+
 def engine_failure(exc: BaseException) -> bool:
     """Whether an error says the engine, not the request, failed: another engine may answer the same request."""
     if isinstance(exc, EngineUnavailableError | EngineOverloadedError):
@@ -569,11 +583,16 @@ class _Flight:
 
     def pump(self) -> None:
         """Take the answers that came, write the ones due in tile order, send what the engines have room for."""
-        self.collect()
-        self.write_due()
+        fatal = self.collect()
+        self.write_due()  # what was answered before a fatal error is kept: a resumed run asks only the rest
+        if fatal is not None:
+            raise fatal
         self.send()
 
-    def collect(self) -> None:
+    def collect(self) -> BaseException | None:
+        """Take the finished requests' answers; a failed engine's requests wait to be sent again. The error
+        that ends the run, if one came (a refused request, or no engine left)."""
+        fatal: BaseException | None = None
         for b in self.order:
             if b.future is None or b.results is not None or not b.future.done():
                 continue
@@ -587,14 +606,17 @@ class _Flight:
                 self.runner.summary.requests += 1
                 continue
             if not engine_failure(exc):
-                raise exc  # the request itself is refused: every engine would refuse it
+                fatal = fatal or exc  # the request itself is refused: every engine would refuse it
+                continue
             if engine.failed is None:
                 if not [e for e in self.pool.live if e is not engine]:
-                    raise exc  # no engine left: the run stops (resumable)
+                    fatal = fatal or exc  # no engine left: the run stops (resumable)
+                    continue
                 engine.failed = str(exc)
                 self.runner.summary.engines_failed[engine.name] = str(exc)
                 log.warning("engine %s failed (%s): its tiles go to the other engines", engine.name, exc)
             b.future, b.engine = None, None  # sent again by send(), to another engine
+        return fatal
 
     def write_due(self) -> None:
         while self.order and self.order[0].results is not None:
@@ -737,7 +759,7 @@ class _Runner:
 
     def run(self) -> RunSummary:
         job, summary = self.job, self.summary
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), time.process_time()
         full = plan_full(job, self.source)
         summary.full_tiling_tiles = len(full.tiles)
         final: list[Detection] | None
@@ -747,7 +769,7 @@ class _Runner:
             summary.tiles_total = len(full.tiles)
             dets = self.run_pass(full)
             final = None if dets is None else select_mode(self.merge(dets), job.mode)
-        summary.seconds = time.perf_counter() - start
+        summary.seconds, summary.cpu_s = time.perf_counter() - start, time.process_time() - cpu0
         if final is None:
             return summary
         if summary.tiles_skipped == summary.tiles_total and summary.tiles_total > 0:
@@ -761,7 +783,7 @@ class _Runner:
         t0 = time.perf_counter()
         self.sink.finish(summary.final, summary)
         summary.write_s += time.perf_counter() - t0
-        summary.seconds = time.perf_counter() - start
+        summary.seconds, summary.cpu_s = time.perf_counter() - start, time.process_time() - cpu0
         return summary
 
     def run_coarse_to_fine(self, full: PassPlan) -> list[Detection] | None:

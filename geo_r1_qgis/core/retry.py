@@ -108,5 +108,16 @@ class RetryPolicy:
                 sleep(wait)
 
 
+def transient_error(exc: BaseException) -> Transient | None:
+    """Whether an error of a request is worth another try: it carries a transient HTTP ``status`` (429, 502,
+    503; with the server's ``retry_after``), or ``transient`` true (a connection refused, reset or closed
+    without an answer). A timeout or any other status is not. The client (:mod:`.client`) and the engine's
+    remote backend set these attributes on the errors they raise."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int):
+        return Transient(exc, getattr(exc, "retry_after", None)) if status in TRANSIENT_STATUSES else None
+    return Transient(exc) if getattr(exc, "transient", False) else None
+
+
 #: no retry at all (one try)
 NO_RETRY = RetryPolicy(attempts=1)

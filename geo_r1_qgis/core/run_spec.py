@@ -29,6 +29,8 @@ if TYPE_CHECKING:  # pragma: no cover
 #: the most tiles one ``/ground`` request may carry, and the longest generation a tile may ask for
 MAX_BATCH_SIZE = 64
 MAX_NEW_TOKENS = 4096
+#: the most tiles a run asks at once (a bound on its worker threads and on what it holds in memory)
+MAX_IN_FLIGHT = 1024
 
 
 def parse_floats(text: str | None, n: int, what: str, example: str) -> tuple[float, ...] | None:
@@ -61,6 +63,7 @@ def check_run_values(
     top_k: int,
     min_score: float,
     gsd: float | None = None,
+    in_flight: int | None = None,
 ) -> None:
     """The checks of a run's values, for every way a run is described; each message names the value and the fix."""
     if not isinstance(expression, str) or not expression.strip():
@@ -86,6 +89,11 @@ def check_run_values(
                               "Raster > Geo-R1 > Settings in QGIS)")  # fmt: skip
     if not 0.0 <= min_score <= 1.0:
         raise ConfigError(f"min_score must be in [0, 1], got {min_score!r}; 0 keeps every box")
+    if in_flight is not None and (isinstance(in_flight, bool) or not isinstance(in_flight, int)
+                                  or not 1 <= in_flight <= MAX_IN_FLIGHT):  # fmt: skip
+        raise ConfigError(f"in_flight must be within 1..{MAX_IN_FLIGHT} tiles, got {in_flight!r}: change it "
+                          "(--in-flight on the command line, Raster > Geo-R1 > Settings in QGIS; 0 there: the "
+                          "engine's)")  # fmt: skip
 
 
 _TILES = {"group": "tiles"}
@@ -133,6 +141,13 @@ class RunSpec:
         default=8,
         metadata={**_REQUESTS, "aliases": ("--batch",), "help": "tiles per /ground request"},
     )
+    #: None: what the engines report in ``GET /info`` (core/client.engine_capacity), summed over the engines
+    in_flight: int | None = field(
+        default=None,
+        metadata={**_REQUESTS,
+                  "help": "tiles asked at once, over concurrent requests and engines (default: what each engine "
+                          "reports: its batch size, or the remote backend's --concurrency)"},
+    )  # fmt: skip
     # None: the engine's default for the task (Geo-R1: rec 256, multi 1024)
     max_new_tokens: int | None = field(
         default=None,
@@ -155,7 +170,7 @@ class RunSpec:
     def __post_init__(self) -> None:
         check_run_values(expression=self.expression, mode=self.mode, tile_size=self.tile_size, overlap=self.overlap,
                          batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, top_k=self.top_k,
-                         min_score=self.min_score, gsd=self.gsd)  # fmt: skip
+                         min_score=self.min_score, gsd=self.gsd, in_flight=self.in_flight)  # fmt: skip
         object.__setattr__(self, "expression", self.expression.strip())
         if self.bands is not None:
             object.__setattr__(self, "bands", tuple(int(b) for b in self.bands))
@@ -189,7 +204,7 @@ class RunSpec:
         extra: dict[str, Any] = {} if area_polygons is None else {"area_polygons": area_polygons}
         return GroundingJob(expression=self.expression, mode=self.mode, reasoning=self.reasoning,
                             max_new_tokens=self.max_new_tokens, tile_size=self.tile, overlap=self.overlap,
-                            scale=scale, window=window, batch_size=self.batch_size,
+                            scale=scale, window=window, batch_size=self.batch_size, in_flight=self.in_flight,
                             coarse_to_fine=self.coarse_to_fine, top_k=self.top_k, min_score=self.min_score,
                             **extra)  # fmt: skip
 

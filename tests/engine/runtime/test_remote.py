@@ -8,20 +8,34 @@ text, and both must put the boxes in the pixels of the image the client sent.
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from engine.runtime.backend import GenerationSettings, GroundItem
-from engine.runtime.remote import RemoteBackend, to_openai_messages, token_logprobs
+from engine.runtime.remote import (
+    RemoteBackend,
+    image_data_uri,
+    png_data_uri,
+    to_openai_messages,
+    token_logprobs,
+)
 from geo_r1_qgis.core.errors import ConfigError, EngineRequestError, EngineUnavailableError
 from geo_r1_qgis.core.rules.coords import model_input_size
 
 # The shared process helpers live beside this file (pytest runs with --import-mode=importlib).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _serve_helpers import CLEAN_EXIT, assert_error, b64, free_port, noise_image, start_engine
+from _stand_in import start_stand_in
+
+NAIP = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "naip_m_4709963_se_14_20200831.tif"
 
 KEY_VAR = "GEO_R1_TEST_REMOTE_KEY"
 SETTINGS = {"max_new_tokens": 96}
@@ -201,3 +215,89 @@ def test_remote_backend_checks_its_arguments():
         RemoteBackend("localhost:8000/v1", model="m")
     with pytest.raises(ConfigError, match="concurrency"):
         RemoteBackend("http://127.0.0.1:1/v1", model="m", concurrency=0)
+
+
+# -- the per-tile encoding and the retries (issue 20 §1) ----------------------------------------------
+
+
+def _naip_tile(size: int = 504) -> np.ndarray:
+    import rasterio
+
+    with rasterio.open(NAIP) as ds:
+        return np.ascontiguousarray(ds.read((1, 2, 3), window=((0, size), (0, size))).transpose(1, 2, 0))
+
+
+@pytest.mark.parametrize("level", [0, 1, 6])
+@pytest.mark.parametrize("kind", ["naip", "noise", "odd", "rgba"])
+def test_the_png_of_a_tile_holds_exactly_its_pixels(kind, level):
+    rng = np.random.default_rng(level)
+    arrays = {"naip": lambda: _naip_tile(), "noise": lambda: rng.integers(0, 256, (504, 504, 3), dtype=np.uint8),
+              "odd": lambda: rng.integers(0, 256, (37, 501, 3), dtype=np.uint8),
+              "rgba": lambda: rng.integers(0, 256, (30, 20, 4), dtype=np.uint8)}  # fmt: skip
+    array = arrays[kind]()
+    image = Image.fromarray(array)
+    uri = image_data_uri(image, level)
+    assert uri.startswith(b"data:image/png;base64,")
+    decoded = Image.open(io.BytesIO(base64.b64decode(uri.split(b",", 1)[1])))
+    decoded.load()  # checks the CRCs and the zlib stream
+    assert decoded.mode == "RGB" and decoded.size == image.size
+    assert np.array_equal(np.asarray(decoded), array[..., :3])
+    assert png_data_uri(image, level) == uri.decode("ascii")
+
+
+def test_the_request_body_is_the_payload_with_the_image_spliced_in():
+    backend = RemoteBackend("http://127.0.0.1:1/v1", model="m")
+    try:
+        payload = {"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": backend._placeholder}},
+            {"type": "text", "text": 'find "tanks" – ünïcode'}]}]}  # fmt: skip
+        uri = image_data_uri(noise_image(28, 28))
+        decoded = json.loads(backend._body(payload, uri))
+        assert decoded["messages"][0]["content"][0]["image_url"]["url"] == uri.decode("ascii")
+        assert decoded["messages"][0]["content"][1]["text"] == 'find "tanks" – ünïcode'
+        with pytest.raises(ConfigError, match="placeholder"):
+            backend._body({"no": "image"}, uri)
+    finally:
+        backend.close()
+
+
+def _noise_items(n: int) -> list[GroundItem]:
+    return [GroundItem(noise_image(56, 56, seed=k), "all storage tanks", task="multi") for k in range(n)]
+
+
+def test_transient_faults_of_the_server_are_retried():
+    # Every 2nd completion fails, in turn: a dropped connection, 502, 503, 429 with Retry-After 0.
+    stand_in = start_stand_in("--delay", "0", "--fault", "drop,502,503,429", "--fault-every", "2", "--retry-after", "0")
+    backend = RemoteBackend(stand_in.base_url, concurrency=2, retries=3)
+    try:
+        results = backend.ground(_noise_items(8), GenerationSettings(max_new_tokens=64))
+        faults = stand_in.stats()["faults"]
+        assert len(results) == 8 and all(r.parse_status in ("ok", "none") for r in results)
+        assert set(faults) == {"drop", "502", "503", "429"}, faults
+        # the same items without faults: the same answers (a retry asks again, it changes nothing)
+        stand_in.control(fault_every=0)
+        again = backend.ground(_noise_items(8), GenerationSettings(max_new_tokens=64))
+        assert [r.raw_text for r in again] == [r.raw_text for r in results]
+    finally:
+        backend.close()
+        stand_in.stop()
+
+
+def test_a_persistent_fault_ends_after_the_retries_with_the_servers_error():
+    stand_in = start_stand_in("--delay", "0", "--fault", "502", "--fault-every", "1")
+    backend = RemoteBackend(stand_in.base_url, concurrency=1, retries=2)
+    try:
+        with pytest.raises(EngineRequestError, match="502") as exc_info:
+            backend.ground(_noise_items(1), GenerationSettings(max_new_tokens=64))
+        assert exc_info.value.status == 502
+        assert stand_in.stats()["received"] == 3  # the first try and two retries, then the error
+        stand_in.control(fault="429", retry_after=0)
+        stand_in.reset()
+        with pytest.raises(EngineRequestError, match="429"):
+            backend.ground(_noise_items(1), GenerationSettings(max_new_tokens=64))
+        assert stand_in.stats()["received"] == 3
+        stand_in.control(fault_every=0)
+        assert backend.ground(_noise_items(1), GenerationSettings(max_new_tokens=64))[0].raw_text
+    finally:
+        backend.close()
+        stand_in.stop()

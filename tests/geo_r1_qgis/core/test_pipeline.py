@@ -441,3 +441,122 @@ def test_tile_image_from_array_roundtrip():
     img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
     t = TileImage.from_array(img)
     assert (t.width, t.height) == (3, 2)
+
+
+# -- tiles in flight and several engines (issue 20) ---------------------------------------------------
+
+
+class ConcurrentClient(ColourClient):
+    """Counts the requests it works on at once; each takes ``delay`` seconds; may fail after ``fail_after`` calls."""
+
+    def __init__(self, delay: float = 0.02, fail_after: int | None = None, error: Exception | None = None) -> None:
+        import threading
+
+        super().__init__()
+        self.delay, self.fail_after, self.error = delay, fail_after, error
+        self.lock = threading.Lock()
+        self.now = self.peak = self.tiles = self.started = 0
+
+    def ground(self, tiles, *args, **kwargs):
+        import time
+
+        with self.lock:
+            if self.fail_after is not None and self.started >= self.fail_after:
+                raise self.error
+            self.started += 1
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        try:
+            time.sleep(self.delay)
+            out = super().ground(tiles, *args, **kwargs)
+            with self.lock:
+                self.tiles += len(tiles)
+            return out
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+class EngineSink(RecordingSink):
+    records_engine = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.engine_of: dict[str, str] = {}
+
+    def write_tile(self, tile_id, tile, detections, status, engine=""):
+        super().write_tile(tile_id, tile, detections, status)
+        self.engine_of[tile_id] = engine
+
+
+def _final(sink) -> list:
+    return sorted((m.detection.box.as_tuple(), round(m.detection.score, 9)) for m in sink.final)
+
+
+def test_in_flight_keeps_that_many_tiles_asked_at_once_and_writes_in_tile_order():
+    source = ArraySource(paint(700, 650, OBJECTS), Affine.identity())
+    reference = RecordingSink()
+    run_grounding(GroundingJob("x", tile_size=96, overlap=16, batch_size=2), source, reference, ColourClient())
+    client = ConcurrentClient(delay=0.05)
+    sink = RecordingSink()
+    job = GroundingJob("x", tile_size=96, overlap=16, batch_size=2, in_flight=8)
+    summary = run_grounding(job, source, sink, client)
+    assert summary.status == "done" and summary.tiles_processed == len(plan_full(job, source).tiles)
+    assert client.peak == 4, "8 tiles in flight in requests of 2: four requests at once"
+    assert list(sink.tiles) == [t for t, _ in plan_full(job, source).tiles]  # tile order, whatever came first
+    assert _final(sink) == _final(reference)
+    assert summary.engine_s <= summary.seconds  # the time anything was in flight, not a sum over requests
+
+
+def test_an_engine_that_fails_mid_run_has_its_tiles_taken_by_the_others():
+    from geo_r1_qgis.core.errors import EngineUnavailableError
+    from geo_r1_qgis.core.pipeline import EnginePool, EngineSlot
+
+    source = ArraySource(paint(700, 650, OBJECTS), Affine.identity())
+    reference = RecordingSink()
+    run_grounding(GroundingJob("x", tile_size=96, overlap=16, batch_size=2), source, reference, ColourClient())
+    good_a, good_b = ConcurrentClient(), ConcurrentClient()
+    bad = ConcurrentClient(fail_after=2, error=EngineUnavailableError("cannot reach the engine at b (reset)"))
+    pool = EnginePool([EngineSlot(good_a, 2, "http://a"), EngineSlot(bad, 4, "http://b"),
+                       EngineSlot(good_b, 2, "http://c")])  # fmt: skip
+    sink = EngineSink()
+    summary = run_grounding(GroundingJob("x", tile_size=96, overlap=16, batch_size=2), source, sink, pool)
+    assert summary.status == "done" and list(summary.engines_failed) == ["http://b"]
+    assert _final(sink) == _final(reference)
+    assert set(sink.engine_of.values()) == {"http://a", "http://b", "http://c"}
+    answered = {name: list(sink.engine_of.values()).count(name) for name in ("http://a", "http://b", "http://c")}
+    assert answered == summary.engines and answered["http://b"] == bad.tiles == 4  # its two answered requests
+    assert answered["http://a"] == good_a.tiles and answered["http://c"] == good_b.tiles
+
+
+def test_a_refused_request_or_the_last_engine_failing_stops_the_run():
+    from geo_r1_qgis.core.errors import EngineRequestError, EngineUnavailableError
+    from geo_r1_qgis.core.pipeline import EnginePool, EngineSlot
+
+    source = ArraySource(paint(400, 400, OBJECTS), Affine.identity())
+    job = GroundingJob("x", tile_size=96, overlap=16, batch_size=2)
+    refused = ConcurrentClient(fail_after=1, error=EngineRequestError("422: bad value", 422))
+    pool = EnginePool([EngineSlot(ConcurrentClient(), 2, "http://a"), EngineSlot(refused, 2, "http://b")])
+    with pytest.raises(EngineRequestError, match="422"):  # another engine would refuse it as well
+        run_grounding(job, source, RecordingSink(), pool)
+    gone = EngineUnavailableError("cannot reach the engine")
+    pool = EnginePool([EngineSlot(ConcurrentClient(fail_after=1, error=gone), 2, "http://a"),
+                       EngineSlot(ConcurrentClient(fail_after=2, error=gone), 2, "http://b")])  # fmt: skip
+    sink = RecordingSink()
+    with pytest.raises(EngineUnavailableError):
+        run_grounding(job, source, sink, pool)
+    assert len(sink.tiles) > 0  # what was answered before is kept (a resumed run asks only the rest)
+
+
+def test_engine_pool_and_in_flight_check_themselves():
+    from geo_r1_qgis.core.pipeline import EnginePool, EngineSlot
+
+    with pytest.raises(ConfigError, match="at least one engine"):
+        EnginePool([])
+    with pytest.raises(ConfigError, match="given twice"):
+        EnginePool([EngineSlot(ColourClient(), 2, "http://a"), EngineSlot(ColourClient(), 2, "http://a")])
+    with pytest.raises(ConfigError, match="capacity"):
+        EnginePool([EngineSlot(ColourClient(), 0, "http://a")])
+    for bad in (0, -1, 2000, True, 2.5):
+        with pytest.raises(ConfigError, match="in_flight"):
+            GroundingJob("x", in_flight=bad)
