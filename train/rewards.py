@@ -180,27 +180,38 @@ def _rgb(image: Any) -> Any:
     return rgb
 
 
-def gres_pred_mask(items: Sequence[Any], rgb: Any, masker: Any, image_size: Sequence[int] | None = None) -> Any:
-    """The predicted mask of a parsed GRES answer (``parsing.gres_answer``'s items) on the chip ``rgb``: each
-    item's box and keypoints prompt the frozen SAM ``masker`` (which clips each mask to its box, Eq. 7, as
-    Geo-R1's ``clip_mask_to_bbox``), and the masks are OR-ed. A box written with reversed corners gives an empty
-    mask, as upstream's clip gives it. With ``image_size``, boxes and points are first rescaled from the model's
-    frame (VLM-R1's ``resize_bbox``; the identity for chips whose sides are multiples of 28); without it they are
-    used as written (Geo-R1's evaluation)."""
-    import numpy as np
-
+def gres_prompts(items: Sequence[Any], image_size: Sequence[int] | None = None) -> list[Any]:
+    """The SAM prompts of a parsed GRES answer (``parsing.gres_answer``'s items): each item's box and keypoints
+    (``engine.runtime.sam.MaskPrompt``). A box written with reversed corners is left out: upstream's clip of such
+    a box keeps nothing. With ``image_size``, boxes and points are first rescaled from the model's frame
+    (VLM-R1's ``resize_bbox``; the identity for chips whose sides are multiples of 28); without it they are used
+    as written (Geo-R1's evaluation)."""
     from engine.runtime.sam import MaskPrompt
 
-    pred = np.zeros(rgb.shape[:2], dtype=bool)
     prompts = []
     for it in items:
         box = rescale_to_image(it.box, image_size) if image_size is not None else tuple(it.box)
         if box[0] > box[2] or box[1] > box[3]:
-            continue  # upstream's clip of a reversed box keeps nothing
+            continue
         prompts.append(MaskPrompt(box, tuple(_point(p, image_size) for p in it.points)))
-    for m in masker.masks(rgb, prompts) if prompts else ():
+    return prompts
+
+
+def _union(masks: Sequence[Any], shape: tuple[int, int]) -> Any:
+    import numpy as np
+
+    pred = np.zeros(shape, dtype=bool)
+    for m in masks:
         pred |= np.asarray(m, dtype=bool)
     return pred
+
+
+def gres_pred_mask(items: Sequence[Any], rgb: Any, masker: Any, image_size: Sequence[int] | None = None) -> Any:
+    """The predicted mask of a parsed GRES answer on the chip ``rgb``: its prompts (:func:`gres_prompts`) through
+    the frozen SAM ``masker`` (which clips each mask to its box, Eq. 7, as Geo-R1's ``clip_mask_to_bbox``), the
+    masks OR-ed."""
+    prompts = gres_prompts(items, image_size)
+    return _union(masker.masks(rgb, prompts) if prompts else (), rgb.shape[:2])
 
 
 def gres_mask_iou(text: str, outlines: Sequence[Any], image: Any, masker: Any,
@@ -255,13 +266,35 @@ class GresMaskReward:
 
     def __call__(self, completions: Sequence[Any], image: Sequence[Any], outlines: Sequence[Any],
                  image_size: Sequence[Sequence[int]] | None = None, **_: Any) -> list[float]:  # fmt: skip
+        """:func:`gres_mask_iou` of every completion; the completions of one chip (a GRPO group) share one SAM
+        call, so its image encoder runs once per chip, not once per completion."""
+        import hashlib
         import json
 
-        out = []
+        from geo_r1_qgis.core.rules.gres_truth import truth_mask
+        from geo_r1_qgis.core.rules.parsing import gres_answer
+        from train.metrics import lisa_iou, mask_counts
+
+        out = [0.0] * len(completions)
+        chips: dict[bytes, tuple[Any, list[tuple[int, list[Any]]]]] = {}
         for i, c in enumerate(completions):
-            objects = json.loads(outlines[i]) if isinstance(outlines[i], str) else outlines[i]
+            items = gres_answer(completion_text(c))
+            if items is None:
+                continue  # unreadable: 0
+            rgb = _rgb(image[i])
+            key = hashlib.sha1(rgb.tobytes() + repr(rgb.shape).encode()).digest()
             size = image_size[i] if image_size is not None else None
-            out.append(gres_mask_iou(completion_text(c), objects or [], image[i], self.masker, size))
+            chips.setdefault(key, (rgb, []))[1].append((i, gres_prompts(items, size)))
+        for rgb, members in chips.values():
+            prompts = [p for _, ps in members for p in ps]
+            masks = self.masker.masks(rgb, prompts) if prompts else []
+            start = 0
+            for i, ps in members:
+                objects = json.loads(outlines[i]) if isinstance(outlines[i], str) else outlines[i]
+                truth = truth_mask(objects or [], (rgb.shape[1], rgb.shape[0]))
+                pred = _union(masks[start : start + len(ps)], truth.shape)
+                start += len(ps)
+                out[i] = lisa_iou(*mask_counts(pred, truth))
         return out
 
 

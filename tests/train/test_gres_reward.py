@@ -127,3 +127,34 @@ def _item(box, k1, k2):
     from geo_r1_qgis.core.rules.parsing import GresItem
 
     return GresItem(tuple(box), (tuple(k1), tuple(k2)))
+
+
+def test_a_group_on_one_chip_shares_one_sam_call(tiny_sam_dir, chip):
+    """GRPO's completions of one prompt share its chip: one SAM call (one image encoding) for all of them, and
+    the same rewards as scoring each completion alone."""
+
+    class Counting(SamMasker):
+        calls = 0
+
+        def masks(self, rgb, prompts):
+            Counting.calls += 1
+            return super().masks(rgb, prompts)
+
+    base = SamMasker.load(tiny_sam_dir)
+    counting = Counting(base.model, base.source, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), base.device)
+    texts = [
+        answer(([20, 30, 60, 60], [40, 45], [30, 50])),
+        answer(([18, 28, 62, 62], [35, 40], [50, 55]), ([70, 70, 100, 100], [85, 85], [75, 95])),
+        "<think> t </think> <answer>None</answer>",
+        "not an answer",
+    ]
+    completions = [[{"role": "assistant", "content": t}] for t in texts]
+    other = Image.fromarray(np.asarray(chip)[::-1].copy())  # a second chip: a second call
+    images = [chip, chip, chip, chip, other]
+    completions.append([{"role": "assistant", "content": texts[0]}])
+    outlines = [json.dumps([RECT])] * 5
+    got = GresMaskReward(counting)(completions, image=images, outlines=outlines, image_size=[[SIZE, SIZE]] * 5)
+    assert Counting.calls == 2
+    alone = [gres_mask_iou(t, [RECT], im, base, (SIZE, SIZE)) for t, im in zip([*texts, texts[0]], images, strict=True)]
+    assert got == alone  # the decoder's batch does not change a prompt's mask
+    assert got[2] == got[3] == 0.0 and got[0] > 0 and got[1] > 0
