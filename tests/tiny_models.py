@@ -1,12 +1,15 @@
 """The tiny Qwen2.5-VL checkpoints of the test suites, built once and cached under ``<repo>/.cache``.
 
 The cache key is a hash of ``engine/runtime/tiny_model.py``, so a checkpoint is rebuilt only when the builder
-changes. Builds go to a temporary sibling first and are renamed into place, so parallel runs are safe.
+changes. Builds go to a temporary sibling first and are renamed into place, so parallel runs are safe; a lock
+file per checkpoint makes a second run wait for the first one's build instead of training the same model beside
+it (``make test`` runs its suites side by side, and on a fresh clone each would otherwise build them all).
 Used by ``tests/engine/conftest.py`` and ``tests/train/conftest.py``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -32,6 +35,14 @@ def cached_build(name: str, build: Callable[[Path], None] | None = None, **confi
     if (target / "model.safetensors").is_file():
         return target
     CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if (target / "model.safetensors").is_file():  # another run built it meanwhile
+            return target
+        return _build(name, target, build, config)
+
+
+def _build(name: str, target: Path, build: Callable[[Path], None] | None, config: dict[str, object]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=CACHE))
     try:
         if build is None:
