@@ -22,7 +22,7 @@ from geo_r1_qgis.core.rules.prompts import TASKS
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-Task = Literal["rec", "multi"]
+Task = Literal["rec", "multi", "gres"]
 
 
 @dataclass(frozen=True)

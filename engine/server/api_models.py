@@ -38,8 +38,13 @@ class _QueryIn(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     expression: str
-    task: Literal["rec", "multi"] = "multi"
+    task: Literal["rec", "multi", "gres"] = "multi"
     reasoning: bool = True
+    outline: bool | None = Field(
+        default=None,
+        description="masks from the engine's SAM (serve --sam), traced to polygons: default true for task gres "
+        "(box + keypoints), false otherwise; true with rec/multi prompts SAM with each box alone",
+    )
 
 
 class _DecodingIn(BaseModel):
@@ -53,6 +58,14 @@ class _DecodingIn(BaseModel):
     )
     do_sample: bool = False
     temperature: float = Field(default=1.0, gt=0.0, le=100.0, description="sampling temperature (with do_sample)")
+    outline_tolerance_px: float = Field(
+        default=1.0, ge=0.0, le=100.0,
+        description="outline simplification (Douglas-Peucker), in pixels of the image: one pixel of a tile is "
+        "its ground resolution; 0 keeps the traced pixel edges",
+    )
+    outline_min_area_px: float = Field(
+        default=0.0, ge=0.0, description="outline parts smaller than this many pixels are dropped"
+    )
 
 
 class GroundItemIn(_QueryIn):

@@ -77,6 +77,7 @@ from starlette.requests import Request
 
 from engine import __version__ as ENGINE_VERSION
 from engine.jobs.manager import JobManager
+from engine.outlines import OutlineRequest, outline_result, wants_outline
 from engine.runtime.backend import Backend, GenerationSettings, GroundItem, is_out_of_memory
 from engine.runtime.loading import parse_adapters
 from engine.server.api_models import (
@@ -124,6 +125,8 @@ from geo_r1_qgis.core.rules.prompts import MAX_EXPRESSION_CHARS, MAX_NEW_TOKENS,
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
+    from engine.runtime.sam import SamMasker
+
 log = logging.getLogger(__name__)
 
 
@@ -162,6 +165,16 @@ class ServeConfig:
         metadata={**_LOCAL, "help": "CPU threads for torch (default: cores - 1, at least 1, with passive OpenMP "
                                     "waits, so a shared CPU does not collapse; see BENCHMARKS.md)"},
     )  # fmt: skip
+    sam: str | None = field(
+        default=None,
+        metadata={**_LOCAL, "metavar": "MODEL",
+                  "help": "SAM 2 id or directory for outlines (task gres, or outline: true), loaded offline like "
+                  "--model, e.g. facebook/sam2.1-hiera-tiny in the Hugging Face cache, or `geo-r1 tiny-sam DIR`; "
+                  "default: none (outline requests are refused)"},
+    )  # fmt: skip
+    sam_device: str | None = field(
+        default=None, metadata={**_LOCAL, "help": "device for --sam: cpu, cuda, cuda:N, mps (default: --device's)"}
+    )
     box_frame: str = field(
         default="model",
         metadata={**_LOCAL, "choices": BOX_FRAMES,
@@ -462,7 +475,9 @@ output was read: ok, none (the model said there is nothing), no_answer_tag, trun
 """
 
 
-def create_app(backend: Backend, config: ServeConfig, token: str, jobs: JobManager | None = None) -> FastAPI:
+def create_app(
+    backend: Backend, config: ServeConfig, token: str, jobs: JobManager | None = None, sam: SamMasker | None = None
+) -> FastAPI:
     """The engine's ASGI app around an already loaded ``backend``; ``jobs``: its fine-tuning jobs (default: a
     manager of ``config.jobs_dir`` for the backend's model)."""
     started = int(time.time())
@@ -536,6 +551,7 @@ def create_app(backend: Backend, config: ServeConfig, token: str, jobs: JobManag
             "threads": _torch_threads(),
             "concurrency": config.concurrency,
             "max_new_tokens_default": dict(MAX_NEW_TOKENS),
+            "sam": sam.source if sam is not None else None,
             **(await training_info()),
         }
 
@@ -581,6 +597,14 @@ def create_app(backend: Backend, config: ServeConfig, token: str, jobs: JobManag
                 "(--max-items): split the request",
             )
         for i, item in enumerate(body.items):
+            if sam is None and wants_outline(item.task, item.outline):
+                why = "task 'gres'" if item.task == "gres" else "outline: true"
+                raise ApiError(
+                    422,
+                    f"items[{i}] asks for outlines ({why}), but this engine has no SAM: restart it with "
+                    "`geo-r1 serve --sam MODEL` (a SAM 2 directory, e.g. from `geo-r1 tiny-sam DIR`, or "
+                    "facebook/sam2.1-hiera-tiny in the Hugging Face cache), or send outline: false",
+                )
             n = len(item.expression.strip())
             if n == 0:
                 raise ApiError(422, f"items[{i}].expression is empty: describe what to find, e.g. 'storage tanks'")
@@ -590,6 +614,19 @@ def create_app(backend: Backend, config: ServeConfig, token: str, jobs: JobManag
                     f"items[{i}].expression is {n} characters long; the limit is {config.max_expression_chars} "
                     "(--max-expression-chars): one sentence describing the target",
                 )
+
+    def add_outlines(
+        body: GroundRequest | TilesRequest, decoded: list[tuple[Image.Image, float]], results: list[Any]
+    ) -> list[Any]:
+        """Per item, None or (per-box outline JSON, timings): SAM on the items that ask (engine/outlines.py)."""
+        out: list[Any] = []
+        for it, (image, _), result in zip(body.items, decoded, results, strict=True):
+            if sam is None or not wants_outline(it.task, it.outline):
+                out.append(None)
+                continue
+            request = OutlineRequest(it.task, True, body.outline_tolerance_px, body.outline_min_area_px)
+            out.append(outline_result(sam, image, result, request, config.box_frame))
+        return out
 
     async def run_ground(
         body: GroundRequest | TilesRequest, decoded: list[tuple[Image.Image, float]], t0: float
@@ -607,10 +644,16 @@ def create_app(backend: Backend, config: ServeConfig, token: str, jobs: JobManag
         results = await call_backend(backend.ground, items, settings)
         if len(results) != len(items):
             raise ApiError(500, f"the backend returned {len(results)} results for {len(items)} items")
+        outlines = await call_backend(add_outlines, body, decoded, results)
         out = []
-        for result, (_, decode_ms) in zip(results, decoded, strict=True):
+        for result, (_, decode_ms), extra in zip(results, decoded, outlines, strict=True):
             item_json = result.to_json()
             item_json["timings_ms"] = {**item_json.get("timings_ms", {}), "decode": decode_ms}
+            if extra is not None:
+                boxes, timings = extra
+                for box_json, box_extra in zip(item_json["boxes"], boxes, strict=True):
+                    box_json.update(box_extra)
+                item_json["timings_ms"].update(timings)
             out.append(item_json)
         backend_info = backend.info()
         return JSONResponse(
@@ -811,10 +854,15 @@ def serve(config: ServeConfig) -> int:
     jobs.start_probe()  # whether the training extras import, checked while the model loads
     log.info("loading the %s backend ...", config.backend)
     backend = build_backend(config)
+    sam = None
+    if config.sam:
+        from engine.runtime.sam import SamMasker
+
+        sam = SamMasker.load(config.sam, config.sam_device or config.device)
     if config.memory_headroom_gb is not None:
         limit_memory(config.memory_headroom_gb, backend.info().get("device", "cpu"))
     try:
-        app = create_app(backend, config, token, jobs)
+        app = create_app(backend, config, token, jobs, sam)
         sock = bind_socket(config.host, config.port)
         if not is_loopback(config.host):
             log.warning("!" * 78)

@@ -12,6 +12,10 @@ Tasks
     Zero, one or many boxes, OVD style: the expression fills ``{category}`` of Geo-R1's NWPU OVD prompt
     (``test_ovd_nwpu_eval.py``), which ends "If there are no such targets in the image, simply respond
     with None."
+``"gres"``
+    Geo-R1's GRES task (``test_gres_eval.py``): the expression fills ``{Question}`` of :data:`GRES_TEMPLATE`,
+    which asks for a box and two keypoints per target (or None); a frozen SAM turns them into masks
+    (the engine's ``--sam``). Reasoning only: Geo-R1 has no SFT-baseline GRES prompt.
 
 Variants
 --------
@@ -40,8 +44,9 @@ Choices where the sources disagree or GEO-R1.md elides text (deliberate; see PRO
 3. The reasoning instruction is VLM-R1's ``odLength`` text; it starts with "First thinks" (sic) and its
    line break is the separator ``"\\n"``, not part of :data:`REASONING_INSTRUCTION` (GEO-R1.md shows
    it with the trailing ``\\n`` because it is always followed by the question).
-4. GRES (Geo-R1 ``test_gres_eval.py``) is exported as :data:`GRES_TEMPLATE` for the trainer, but is not a
-   task here: it asks for keypoints for SAM, which the plugin does not use.
+4. GRES (Geo-R1 ``test_gres_eval.py``) is the task ``"gres"``: :data:`GRES_TEMPLATE` with the expression as
+   ``{Question}``, as upstream fills it with the dataset's question. ``reasoning=False`` is refused (no
+   upstream prompt). Adding the task changed no byte of the other prompts, so PROMPT_VERSION stays.
 5. The expression is inserted after ``str.strip()``; nothing else about it is changed (no punctuation is
    added or removed: "storage tanks." gives "...objects: storage tanks.. Output..." as upstream would).
 6. There is no system message: the Qwen chat template supplies its default system line. The image comes
@@ -89,7 +94,7 @@ __all__ = [
 PROMPT_VERSION = "geo-r1-vlmr1-2025.09"
 
 #: Tasks understood by :func:`build_prompt`.
-TASKS: tuple[str, ...] = ("rec", "multi")
+TASKS: tuple[str, ...] = ("rec", "multi", "gres")
 
 #: Longest accepted expression, in characters (a referring expression is a sentence, not a document). Defined in
 #: the pure core, which the plugin ships too, so that its history keeps no longer entry than any engine accepts.
@@ -161,7 +166,7 @@ GRES_TEMPLATE = (
 
 #: Geo-R1's generation limits per task: 256 new tokens for REC, 1024 for OVD and GRES (its evaluation
 #: scripts). A request that names no limit gets its task's; a request mixing tasks, the larger.
-MAX_NEW_TOKENS: dict[str, int] = {"rec": 256, "multi": 1024}
+MAX_NEW_TOKENS: dict[str, int] = {"rec": 256, "multi": 1024, "gres": 1024}
 
 
 def default_max_new_tokens(tasks: Any) -> int:
@@ -202,7 +207,12 @@ class PromptSpec:
         if self.task not in TASKS:
             raise ConfigError(
                 f"task must be one of {TASKS}, got {self.task!r}: use 'rec' for exactly one object, "
-                "'multi' for zero, one or many"
+                "'multi' for zero, one or many, 'gres' for outlines (boxes and keypoints for SAM)"
+            )
+        if self.task == "gres" and self.reasoning is False:
+            raise ConfigError(
+                "task 'gres' has only Geo-R1's reasoning prompt (test_gres_eval.py); use reasoning=True, "
+                "or task 'multi' with reasoning off and the outline option for masks from the boxes alone"
             )
         if not isinstance(self.reasoning, bool):
             raise ConfigError(f"reasoning must be True or False, got {self.reasoning!r}")
@@ -211,6 +221,8 @@ class PromptSpec:
     @property
     def text(self) -> str:
         """The prompt text, byte-exact."""
+        if self.task == "gres":
+            return GRES_TEMPLATE.format(Question=self.expression)
         if self.task == "rec":
             question = REC_QUESTION_PREFIX + self.expression
             template = REC_TEMPLATE if self.reasoning else SFT_REC_TEMPLATE

@@ -138,10 +138,18 @@ def test_too_long_expression_is_a_config_error() -> None:
         build_prompt("a" * (prompts.MAX_EXPRESSION_CHARS + 1), "rec")
 
 
-@pytest.mark.parametrize("task", ["REC", "ovd", "gres", "", None, "multi "])
+@pytest.mark.parametrize("task", ["REC", "ovd", "GRES", "", None, "multi "])
 def test_unknown_task_is_a_config_error(task: object) -> None:
-    with pytest.raises(ConfigError, match=r"task must be one of \('rec', 'multi'\)"):
+    with pytest.raises(ConfigError, match=r"task must be one of \('rec', 'multi', 'gres'\)"):
         build_prompt("tank", task)  # type: ignore[arg-type]
+
+
+def test_gres_task_is_geo_r1s_gres_prompt() -> None:
+    assert build_prompt("Q", "gres") == GRES_FILLED
+    want = GRES_FILLED.replace("answer: Q.", "answer: the tanks next to the road.")
+    assert build_prompt("  the tanks next to the road ", "gres") == want
+    with pytest.raises(ConfigError, match="only Geo-R1's reasoning prompt"):
+        build_prompt("tank", "gres", reasoning=False)
 
 
 @pytest.mark.parametrize("reasoning", [1, 0, "yes", None])
@@ -201,7 +209,7 @@ def test_prompts_module_is_pure() -> None:
 def test_generation_limits_per_task_are_geo_r1s():
     from geo_r1_qgis.core.rules.prompts import MAX_NEW_TOKENS, default_max_new_tokens
 
-    assert MAX_NEW_TOKENS == {"rec": 256, "multi": 1024}
+    assert MAX_NEW_TOKENS == {"rec": 256, "multi": 1024, "gres": 1024}
     assert default_max_new_tokens("rec") == 256
     assert default_max_new_tokens("multi") == 1024
     assert default_max_new_tokens(["rec", "multi", "rec"]) == 1024  # a mixed request gets the larger
