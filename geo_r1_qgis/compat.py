@@ -24,6 +24,11 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QMetaType, Qt, QVariant
 
+try:  # Qt6 (QGIS 4) has QAction in QtGui only; QGIS 3.40+ has it there too, QGIS 3.22 in QtWidgets only
+    from qgis.PyQt.QtGui import QAction
+except ImportError:
+    from qgis.PyQt.QtWidgets import QAction  # noqa: F401  (for plugin.py)
+
 #: QGIS as an integer, e.g. 32216 or 34006
 QGIS_VERSION_INT = int(Qgis.QGIS_VERSION_INT)
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 import logging
 
 from qgis.core import QgsApplication, QgsMessageLog
-from qgis.PyQt.QtWidgets import QAction
 
-from .compat import MSG_INFO, MSG_SUCCESS, MSG_WARNING
+from .compat import MSG_INFO, MSG_SUCCESS, MSG_WARNING, QAction
 from .icon import plugin_icon as _icon
 
 log = logging.getLogger(__name__)
