@@ -626,10 +626,13 @@ def _fits(box: cm.Box, side: int) -> bool:
 class _Builder:
     """Places, reads and writes the chips of one build (one instance per run, top to bottom)."""
 
-    def __init__(self, config: BuildConfig, sets: Sequence[AnnotationSet], out: Path) -> None:
+    def __init__(
+        self, config: BuildConfig, sets: Sequence[AnnotationSet], out: Path, replay: Replay | None = None
+    ) -> None:
         self.config = config
         self.sets = sets
         self.out = out
+        self.replay = replay
         self.rng = random.Random(config.seed)
         self.rasters: dict[Path, _Raster] = {}
         self.records: list[ChipRecord] = []
@@ -658,6 +661,8 @@ class _Builder:
                     units = src.crs_units_per_metre()
                     native = 1.0 / gsd_to_scale(1.0, src.transform, units)
                     scale = gsd_to_scale(self.config.gsd, src.transform, units) if self.config.gsd else 1.0
+                    if self.replay is not None and path in self.replay.rasters:
+                        scale = 1.0  # replayed: read at the raster's own resolution, whatever --gsd says
                     side = max(1, round(self.config.chip * scale))
                     raster = _Raster(path, src, scale, side, native)
                     self.rasters[path] = raster
@@ -738,18 +743,21 @@ class _Builder:
         out.sort(key=lambda ro: (str(ro[0].path), ro[1].feature.source.name, ro[1].feature.fid))
         if split != "train" or self.config.shots is None:
             return out
-        order = random.Random(self.config.seed + 7919)  # independent of --shots: 1-shot ⊂ 5-shot ⊂ 10-shot
-        shuffled = list(out)
-        order.shuffle(shuffled)
+        replay = self.replay.rasters if self.replay is not None else frozenset()
         keep: set[int] = set()
-        per_expr: Counter[str] = Counter()
-        for _, o in shuffled:
-            if o.ann.negative:  # drawn negative areas are not shots: they all stay
-                keep.add(id(o))
-                continue
-            if per_expr[o.ann.expression] < self.config.shots:
-                per_expr[o.ann.expression] += 1
-                keep.add(id(o))
+        # each part shuffled on its own (independent of --shots: 1-shot ⊂ 5-shot ⊂ 10-shot; the few-shot
+        # part is the same with or without --replay)
+        for part, cap, salt in ((False, self.config.shots, 7919), (True, self.replay and self.replay.shots, 7927)):
+            shuffled = [(r, o) for r, o in out if (r.path in replay) == part]
+            random.Random(self.config.seed + salt).shuffle(shuffled)
+            per_expr: Counter[str] = Counter()
+            for _, o in shuffled:
+                if o.ann.negative:  # drawn negative areas are not shots: they all stay
+                    keep.add(id(o))
+                    continue
+                if per_expr[o.ann.expression] < (cap or 0):
+                    per_expr[o.ann.expression] += 1
+                    keep.add(id(o))
         return [(r, o) for r, o in out if id(o) in keep]
 
     # -- placing ------------------------------------------------------------------------------------
@@ -1039,13 +1047,26 @@ def _write_outputs(out: Path, records: list[ChipRecord], manifest: dict[str, Any
     (out / MANIFEST).write_text(json.dumps(_jsonable(manifest), indent=1) + "\n", encoding="utf-8")
 
 
+@dataclass(frozen=True)
+class Replay:
+    """Train annotations of rasters read at their own resolution (not ``--gsd``), ``shots`` per expression
+    counted apart from the others: ``dataset synthetic --replay``."""
+
+    rasters: frozenset[Path]
+    shots: int
+
+
 def build_into(
-    out: Path, config: BuildConfig, kind: str = "build", extra: dict[str, Any] | None = None
+    out: Path,
+    config: BuildConfig,
+    kind: str = "build",
+    extra: dict[str, Any] | None = None,
+    replay: Replay | None = None,
 ) -> dict[str, Any]:
     """Build the dataset into the (existing, empty) folder ``out``; returns the manifest."""
     t0 = time.perf_counter()
     sets = [read_annotations(p) for p in config.annotations]
-    builder = _Builder(config, sets, out)
+    builder = _Builder(config, sets, out, replay)
     try:
         builder.run()
         rasters = [
@@ -1149,11 +1170,17 @@ class SyntheticConfig:
     gsd: float | None = field(
         default=None, metadata={"help": "working ground resolution in metres (default: the scenes' own)"}
     )
+    replay: int = field(
+        default=0,
+        metadata={"help": "train annotations of storage tanks (what the sample model was trained on) at the "
+                          "scenes' own resolution, from extra scenes, mixed into the train split (0: none)"},
+    )  # fmt: skip
     overwrite: bool = field(default=False, metadata={"help": "replace the dataset folder if it exists"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         _check_int("--shots", self.shots, 1)
+        _check_int("--replay", self.replay, 0)
         _check_int("--seed", self.seed, 0)
         _check_int("--test-scenes", self.test_scenes, 1)
         cm.check_chip_size(self.chip)
@@ -1222,6 +1249,9 @@ def build_synthetic(config: SyntheticConfig) -> dict[str, Any]:
         for split in ("val",) + ("test",) * config.test_scenes:
             items += _make_scene(tmp, scene, config, split, created, write_samples, SampleDataConfig)
             scene += 1
+        replay = _replay_scenes(tmp, config, created, write_samples, SampleDataConfig) if config.replay else None
+        if replay is not None:
+            items += replay[0]
         crs = "EPSG:32614"
         ann_path = tmp / "annotations.gpkg"
         write_annotations(ann_path, items, crs)
@@ -1236,13 +1266,35 @@ def build_synthetic(config: SyntheticConfig) -> dict[str, Any]:
             shots=config.shots,
             gsd=config.gsd,
         )
-        manifest = build_into(tmp, build, kind="synthetic", extra={"synthetic": asdict(config)})
+        manifest = build_into(
+            tmp, build, kind="synthetic", extra={"synthetic": asdict(config)}, replay=replay and replay[1]
+        )
     log.info("synthetic dataset written to %s in %.1f s", config.out_dir, time.perf_counter() - t0)
     return manifest
 
 
-def _make_scene(tmp: Path, index: int, config: SyntheticConfig, split: str, created: str, write, cfg_cls) -> list:
-    rel = f"rasters/scene-{index:02d}"
+#: Replay scenes are numbered from here, so that a seed's few-shot scenes stay the same with or without --replay.
+REPLAY_SCENE0 = 500
+
+
+def _replay_scenes(tmp: Path, config: SyntheticConfig, created: str, write, cfg_cls) -> tuple[list, Replay]:
+    """Train scenes of storage tanks, in the sample model's words ('all storage tanks') whatever --style, until
+    they hold ``config.replay`` of them; the build reads them at their own resolution."""
+    tanks = replace(config, categories=("tank",), style="all")
+    items: list = []
+    rasters = set()
+    index = REPLAY_SCENE0
+    while sum(not a.negative for a, _ in items) < config.replay:
+        items += _make_scene(tmp, index, tanks, "train", created, write, cfg_cls, prefix="replay")
+        rasters.add(tmp / f"rasters/replay-{index:02d}/utm.tif")  # as the build resolves it: beside the annotations
+        index += 1
+    return items, Replay(frozenset(rasters), config.replay)
+
+
+def _make_scene(
+    tmp: Path, index: int, config: SyntheticConfig, split: str, created: str, write, cfg_cls, prefix: str = "scene"
+) -> list:
+    rel = f"rasters/{prefix}-{index:02d}"
     scene_dir = tmp / rel
     write(cfg_cls(out_dir=scene_dir, seed=config.seed * 1000 + index, size=config.scene_size))
     for name in ("wgs84", "webmercator", "rotated"):  # only the UTM raster is used

@@ -1,0 +1,51 @@
+"""``geo-r1 dataset synthetic --replay N`` (issue 18 §4, make demo-train): N annotations of storage tanks at the
+scenes' own resolution mixed into a few-shot train split read at another --gsd, counted apart from the shots,
+with the few-shot part the same as without replay."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("rasterio")
+
+from geo_r1_qgis.core.errors import ConfigError  # noqa: E402
+from train.data_format import read_manifest, read_records  # noqa: E402
+from train.dataset import CHIPS_INDEX, SyntheticConfig, build_synthetic  # noqa: E402
+
+
+def _chips(ds: Path) -> list[dict]:
+    return [json.loads(line) for line in (ds / CHIPS_INDEX).read_text(encoding="utf-8").splitlines()]
+
+
+def _targets(ds: Path, prefix: str) -> set[tuple[str, int]]:
+    return {(c["raster"], c["annotation"]["fid"]) for c in _chips(ds)
+            if c["split"] == "train" and c["annotation"] and not c["negative"] and c["raster"].startswith(prefix)}  # fmt: skip
+
+
+def test_replay_mixes_native_tanks_into_the_few_shot_set(tmp_path):
+    plain = SyntheticConfig(out_dir=tmp_path / "plain", shots=2, seed=3, categories="building", style="all",
+                            gsd=0.75)  # fmt: skip
+    build_synthetic(plain)
+    mixed = SyntheticConfig(**{**plain.__dict__, "out_dir": tmp_path / "mixed", "replay": 3})
+    build_synthetic(mixed)
+    # the few-shot part is the same set of buildings, the replay adds exactly 3 tank annotations from its own scenes
+    assert _targets(tmp_path / "mixed", "rasters/scene-") == _targets(tmp_path / "plain", "rasters/scene-")
+    replayed = _targets(tmp_path / "mixed", "rasters/replay-")
+    assert len(replayed) == 3
+    chips = _chips(tmp_path / "mixed")
+    assert {c["expression"] for c in chips if c["raster"].startswith("rasters/replay-")} == {"all storage tanks"}
+    assert all(c["split"] == "train" for c in chips if c["raster"].startswith("rasters/replay-"))
+    sources = {s["path"]: s for s in read_manifest(tmp_path / "mixed")["sources"]}
+    for path, s in sources.items():  # replay scenes at their own 0.5 m, the rest at --gsd 0.75
+        assert s["gsd_m"] == pytest.approx(0.5 if path.startswith("rasters/replay-") else 0.75), path
+    train = read_records(tmp_path / "mixed", "train", "multi")
+    assert {r.expression for r in train} == {"all buildings", "all storage tanks"}
+    assert {r.expression for r in read_records(tmp_path / "mixed", "test", "multi")} == {"all buildings"}
+
+
+def test_replay_refuses_a_negative_count(tmp_path):
+    with pytest.raises(ConfigError, match="--replay"):
+        SyntheticConfig(out_dir=tmp_path / "x", shots=1, replay=-1)
