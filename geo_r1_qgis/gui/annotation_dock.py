@@ -40,6 +40,7 @@ from qgis.PyQt.QtWidgets import (
     QDialogButtonBox,
     QFormLayout,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QLineEdit,
     QPushButton,
@@ -306,6 +307,9 @@ class AnnotationDock(QgsDockWidget):
 
         self.tree = QTreeWidget(body)
         self.tree.setHeaderLabels(["Annotations", "Boxes"])
+        # the expressions are the column a user reads: as wide as they are, the counts take the rest
+        self.tree.header().setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
+        self.tree.header().setStretchLastSection(True)
         self.tree.setSelectionMode(QTreeWidget.SelectionMode.ExtendedSelection)
         self.tree.itemDoubleClicked.connect(self._double_clicked)
         self.tree.setToolTip("Double-click a box to zoom to it; Delete removes the selected ones")
