@@ -493,7 +493,7 @@ def test_qgis_reads_a_file_while_the_command_line_writes_it(qgis_app, engine, tm
 
     from osgeo import gdal
 
-    from geo_r1_qgis.qgis_io.rasters import gpkg_ogr
+    from geo_r1_qgis.qgis_io import gpkg_ogr
 
     out = tmp_path / "shared.gpkg"
     first = host_exec.run(_cli(engine, out, "--tile", "504", "--overlap", "0"), timeout=300, env=real.venv_env())
@@ -585,7 +585,7 @@ def test_a_held_file_stays_in_wal_while_qgis_opens_and_closes_it(qgis_app, tmp_p
     from osgeo import ogr
 
     from geo_r1_qgis.core.gpkg_schema import WalHold, hold_in_child
-    from geo_r1_qgis.qgis_io.rasters import gpkg_ogr
+    from geo_r1_qgis.qgis_io import gpkg_ogr
 
     out = tmp_path / "held.gpkg"
     ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(out))
