@@ -16,6 +16,7 @@ from .core.client import DEFAULT_URL, MAX_EXPRESSION_CHARS, default_token_path
 from .core.errors import ConfigError
 from .core.geometry import DEFAULT_TILE
 from .core.rules.coords import QWEN_FACTOR
+from .core.run_spec import MAX_IN_FLIGHT
 
 #: what the tile spin boxes show at 0: the tile the engine's model serves (GET /info's "tile")
 MODEL_TILE_TEXT = "the model's"
@@ -54,6 +55,12 @@ class PluginSettings:
     overlap: int = 64
     #: 0: the engine's default for the task (Geo-R1: 256 for one object, 1024 for all)
     max_new_tokens: int = 0
+    #: tiles asked at once over all engines; 0: what the engines report (their batch size, or a remote
+    #: backend's concurrency: ``core/client.engine_capacity``)
+    in_flight: int = 0
+    #: more engines a run spreads its tiles over, beside ``engine_url``: their URLs, one a line (started with
+    #: the same token file; each proves it holds the token before it is sent)
+    more_engines: str = ""
     # -- the engine the plugin manages (issue: the engine from inside QGIS)
     #: empty: ``<settings dir>/geo-r1/engine-venv``
     engine_venv: str = ""
@@ -83,8 +90,23 @@ class PluginSettings:
             raise ConfigError(f"overlap must be between 0 and half the tile size, got {self.overlap}")
         if self.max_new_tokens < 0:
             raise ConfigError(f"max new tokens must be >= 0 (0 = the engine's default), got {self.max_new_tokens}")
+        if not 0 <= self.in_flight <= MAX_IN_FLIGHT:
+            raise ConfigError(f"tiles in flight must be within 0..{MAX_IN_FLIGHT} (0: what the engines take), got "
+                              f"{self.in_flight}")  # fmt: skip
+        urls = self.engine_urls()
+        for url in urls[1:]:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"each of the more engines must be an http:// or https:// URL, one a line; got "
+                                  f"{url!r}")  # fmt: skip
+        if len(set(urls)) != len(urls):
+            raise ConfigError("an engine is listed twice (the engine URL and the more engines): list each once")
 
     # -- derived values -------------------------------------------------------------------------
+    def engine_urls(self) -> tuple[str, ...]:
+        """The engines a run uses: ``engine_url``, then ``more_engines`` (one a line; blank lines ignored)."""
+        more = (u.strip().rstrip("/") for u in self.more_engines.replace(",", "\n").splitlines())
+        return (self.engine_url.rstrip("/"), *(u for u in more if u))
+
     def token_path(self) -> Path:
         return Path(self.token_file) if self.token_file else default_token_path()
 

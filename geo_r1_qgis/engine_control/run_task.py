@@ -25,10 +25,10 @@ from typing import Any
 from qgis.core import QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
 
-from ..core.client import EngineClient, read_token
+from ..core.client import read_token
 from ..core.errors import ConfigError, EngineUnavailableError, GeoR1Error
 from ..core.geometry import PixelBox, Tile, box_to_polygon
-from ..core.pipeline import GroundingJob, MapDetection, RunSummary, run_grounding
+from ..core.pipeline import GroundingJob, MapDetection, RunSummary, connect_engines, run_grounding
 from ..core.progress import ProgressTracker
 from ..core.run_spec import RunSpec
 
@@ -45,6 +45,8 @@ class RunRequest(RunSpec):
 
     output: Path
     engine_url: str
+    #: more engines the run spreads its tiles over (the settings' "More engines"; the same token file)
+    more_engines: tuple[str, ...] = ()
     token_file: str | None = None
     window: PixelBox | None = None
     #: the selected polygons, in raster pixels (``qgis_io.prepare_input``); None: no polygon area
@@ -111,8 +113,14 @@ class _ForwardingSink:
     def done_tiles(self) -> Any:
         return self.inner.done_tiles()
 
-    def write_tile(self, tile_id: str, tile: Tile, detections: Sequence[MapDetection], status: str) -> None:
-        self.inner.write_tile(tile_id, tile, detections, status)
+    @property
+    def records_engine(self) -> bool:
+        return bool(getattr(self.inner, "records_engine", False))
+
+    def write_tile(
+        self, tile_id: str, tile: Tile, detections: Sequence[MapDetection], status: str, **engine: str
+    ) -> None:
+        self.inner.write_tile(tile_id, tile, detections, status, **engine)  # engine=: which engine answered
         self._pending.extend(detections)
         self.tiles_written += 1
 
@@ -165,8 +173,8 @@ class GroundingTask(QgsTask):
 
     def _run(self) -> bool:
         req = self.request
-        client = EngineClient(req.engine_url, read_token(req.token_file))
-        info = client.wait_until_ready(total_timeout_s=ENGINE_READY_TIMEOUT_S)
+        urls = (req.engine_url, *(u for u in req.more_engines if u.rstrip("/") != req.engine_url.rstrip("/")))
+        client, info = connect_engines(urls, read_token(req.token_file), ready_timeout_s=ENGINE_READY_TIMEOUT_S)
         if self.isCanceled():
             self.outcome.status = "canceled"
             return False

@@ -620,7 +620,8 @@ class GeoR1Dock(QgsDockWidget):
             from dataclasses import replace
 
             return replace(req, resume_run_id=resume.run_id, resume_layer=resume.layer,
-                           engine_url=self.settings.engine_url,
+                           engine_url=self.settings.engine_url, more_engines=self.settings.engine_urls()[1:],
+                           in_flight=self.settings.in_flight or None,
                            token_file=self.settings.token_file or None), source, layer
         self._project_changed()  # "Save to" still the panel's own default: beside the project as it is now
         layer = self._raster()
@@ -645,6 +646,8 @@ class GeoR1Dock(QgsDockWidget):
             mode=self.mode_combo.currentData(),
             output=output,
             engine_url=self.settings.engine_url,
+            more_engines=self.settings.engine_urls()[1:],
+            in_flight=self.settings.in_flight or None,  # None: what the engines take
             token_file=self.settings.token_file or None,
             window=prepared.window,
             area_polygons=prepared.area_polygons,
@@ -808,7 +811,8 @@ class GeoR1Dock(QgsDockWidget):
             raise ConfigError(f"the run used bands {p.get('bands')}, the raster's default now is {list(source.bands)};"
                               " resume it with geo-r1 ground --resume --bands")
         req = RunRequest(**spec_values(p), output=entry.output,  # the run as recorded (RunSpec's fields)
-                         engine_url=self.settings.engine_url, token_file=self.settings.token_file or None,
+                         engine_url=self.settings.engine_url, more_engines=self.settings.engine_urls()[1:],
+                         in_flight=self.settings.in_flight or None, token_file=self.settings.token_file or None,
                          window=window, scale=float(p.get("scale", 1.0)),
                          resume_run_id=entry.run_id, resume_layer=entry.layer, raster_name=layer.name(),
                          raster_path=raster_path)  # fmt: skip

@@ -16,6 +16,7 @@ from qgis.PyQt.QtWidgets import (
     QFormLayout,
     QLabel,
     QLineEdit,
+    QPlainTextEdit,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
@@ -25,6 +26,7 @@ from qgis.PyQt.QtWidgets import (
 from ..core.client import default_token_path
 from ..core.errors import ConfigError
 from ..core.rules.coords import QWEN_FACTOR
+from ..core.run_spec import MAX_IN_FLIGHT
 from ..settings import MODEL_TILE_TEXT, PluginSettings, plugin_settings_dir
 
 
@@ -42,6 +44,13 @@ class SettingsDialog(QDialog):
         form = QFormLayout()
         self.url_edit = QLineEdit(s.engine_url, self)
         form.addRow("Engine URL", self.url_edit)
+        self.more_engines_edit = QPlainTextEdit(s.more_engines, self)
+        self.more_engines_edit.setObjectName("GeoR1MoreEngines")
+        self.more_engines_edit.setPlaceholderText("none: runs use the engine above only")
+        self.more_engines_edit.setToolTip("More running engines a run spreads its tiles over, one URL a line (same "
+                                          "model, same token file); one that fails mid-run is left to the others")
+        self.more_engines_edit.setMaximumHeight(self.url_edit.sizeHint().height() * 3)
+        form.addRow("More engines", self.more_engines_edit)
         self.token_widget = QgsFileWidget(self)
         self.token_widget.setFilePath(s.token_file)
         self.token_widget.lineEdit().setPlaceholderText(str(default_token_path()))
@@ -75,6 +84,15 @@ class SettingsDialog(QDialog):
         self.tokens_spin.setSpecialValueText("engine default (256 one / 1024 all)")
         self.tokens_spin.setValue(s.max_new_tokens)
         form.addRow("Max new tokens", self.tokens_spin)
+        self.in_flight_spin = QSpinBox(self)
+        self.in_flight_spin.setObjectName("GeoR1InFlight")
+        self.in_flight_spin.setRange(0, MAX_IN_FLIGHT)
+        self.in_flight_spin.setSpecialValueText("what the engines take")  # shown at 0
+        self.in_flight_spin.setSuffix(" tiles")
+        self.in_flight_spin.setToolTip("Tiles asked at once over all engines (0: each engine's batch size, or a "
+                                       "remote backend's --concurrency)")
+        self.in_flight_spin.setValue(s.in_flight)
+        form.addRow("Tiles in flight", self.in_flight_spin)
         self.keep_check = QCheckBox("Keep an engine started by QGIS running when QGIS quits", self)
         self.keep_check.setChecked(s.keep_engine_running)
         form.addRow("", self.keep_check)
@@ -101,6 +119,8 @@ class SettingsDialog(QDialog):
             tile_size=self.tile_spin.value(),
             overlap=self.overlap_spin.value(),
             max_new_tokens=self.tokens_spin.value(),
+            in_flight=self.in_flight_spin.value(),
+            more_engines="\n".join(u.strip() for u in self.more_engines_edit.toPlainText().splitlines() if u.strip()),
             keep_engine_running=self.keep_check.isChecked(),
         )
 

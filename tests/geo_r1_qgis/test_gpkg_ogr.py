@@ -457,10 +457,10 @@ def test_the_writer_works_in_either_gdal_exception_mode_and_off_the_main_thread(
             sink.write_tile("r0c0", Tile(0, 0, 0, PixelBox(0, 0, 10, 10), (10, 10), T), [], "skipped")
             sink.commit()
             with pytest.raises(OutputError, match=r"no field nope .*not a Geo-R1 table"):
-                OgrWriter().append(out, TILES_TABLE, [*TILES_FIELDS, Field("nope", "String")], [[None] * 7])
+                OgrWriter().append(out, TILES_TABLE, [*TILES_FIELDS, Field("nope", "String")], [[None] * 8])
             with pytest.raises(OutputError, match="could not write 1 row"):
                 OgrWriter().append(tmp_path / "missing" / "x.gpkg", TILES_TABLE, TILES_FIELDS,
-                                   [["r", "t", "done", 0, "[]", now_utc()]])  # fmt: skip
+                                   [["r", "t", "done", 0, "[]", now_utc(), ""]])  # fmt: skip
         except BaseException as exc:  # reported on the main thread
             errors.append(exc)
 

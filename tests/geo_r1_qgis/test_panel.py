@@ -314,12 +314,24 @@ def test_settings_dialog_round_trip(qgis_app, isolated_settings):
     d.tile_spin.setValue(448)
     d.overlap_spin.setValue(32)
     d.tokens_spin.setValue(512)
+    d.in_flight_spin.setValue(48)
+    d.more_engines_edit.setPlainText(" http://10.0.0.2:8731 \n\nhttp://10.0.0.3:8731/\n")
     d.accept()
     s = PluginSettings.load()
     assert (s.engine_url, s.token_file, s.output_gpkg, s.tile_size, s.overlap, s.max_new_tokens) == (
         "http://127.0.0.1:9999", "/tmp/some.token", "/tmp/out.gpkg", 448, 32, 512)
+    assert s.in_flight == 48
+    assert s.engine_urls() == ("http://127.0.0.1:9999", "http://10.0.0.2:8731", "http://10.0.0.3:8731")
     d2 = SettingsDialog()
     assert d2.tile_spin.value() == 448 and d2.url_edit.text() == "http://127.0.0.1:9999"
+    assert d2.in_flight_spin.value() == 48 and d2.more_engines_edit.toPlainText().count("http://") == 2
+    d2.more_engines_edit.setPlainText("10.0.0.2:8731")
+    d2.accept()
+    assert "one a line" in d2.error_label.text()
+    d2.more_engines_edit.setPlainText("http://127.0.0.1:9999")
+    d2.accept()
+    assert "listed twice" in d2.error_label.text()
+    d2.more_engines_edit.setPlainText("")
     d2.url_edit.setText("ftp://nowhere")
     d2.accept()
     assert "http://" in d2.error_label.text()
