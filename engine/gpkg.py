@@ -27,6 +27,7 @@ from geo_r1_qgis.core.geometry import Ring, ring_signed_area
 from geo_r1_qgis.core.gpkg_schema import (
     ANSWER_FIELDS,
     DATETIME,
+    GEOMETRY_TYPE,
     GPKG_VERSION,
     INTEGER,
     INTEGER64,
@@ -150,6 +151,7 @@ class PyogrioWriter:
         rows: Sequence[Sequence[Any]],
         geometries: Sequence[bytes] | None = None,
         crs_wkt: str | None = None,
+        geometry_type: str = GEOMETRY_TYPE,
     ) -> None:
         pyogrio = _pyogrio()
         arrays = []
@@ -172,7 +174,7 @@ class PyogrioWriter:
                 layer=table,
                 driver="GPKG",
                 append=exists,
-                **({"geometry_type": "Polygon", "crs": crs_wkt} if geometries is not None else {}),
+                **({"geometry_type": geometry_type, "crs": crs_wkt} if geometries is not None else {}),
                 # A new file is GeoPackage 1.2: QGIS 3.22's GDAL 3.6 warns that 1.4 "may only be partially supported".
                 **({} if exists else {"dataset_options": {"VERSION": GPKG_VERSION}}),
             )

@@ -36,7 +36,10 @@ class AskConfig:
     )  # fmt: skip
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
-    task: str = field(default="multi", metadata={"choices": TASKS, "help": "one box (rec) or all (multi)"})
+    task: str = field(
+        default="multi",
+        metadata={"choices": TASKS, "help": "one box (rec), all (multi), or gres (boxes and keypoints)"},
+    )
     reasoning: bool = field(
         default=True,
         metadata={"flags": ("--no-reasoning",), "action": "store_false",
@@ -54,7 +57,9 @@ class AskConfig:
         if not self.expression.strip():
             raise ConfigError("the expression is empty: describe what to find, e.g. 'the largest storage tank'")
         if self.task not in TASKS:
-            raise ConfigError(f"--task must be one of {TASKS}, got {self.task!r}: rec (one box) or multi (all boxes)")
+            raise ConfigError(
+                f"--task must be one of {TASKS}, got {self.task!r}: rec (one box), multi (all boxes) or gres"
+            )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -97,6 +97,13 @@ class Box:
     y2: float
     score: float
     label: str | None = None
+    #: the box's outline from the engine's SAM (``outline`` requests, task ``gres``): polygons in the same tile
+    #: pixels, each a tuple of closed rings (exterior first); empty when none was asked or SAM found nothing
+    outline: tuple[tuple[tuple[tuple[float, float], ...], ...], ...] = ()
+
+
+def _outline_from_json(value: Any) -> tuple:
+    return tuple(tuple(tuple((float(x), float(y)) for x, y in ring) for ring in poly) for poly in value or ())
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,8 @@ class GroundResult:
     @classmethod
     def from_json(cls, item: dict[str, Any]) -> GroundResult:
         boxes = tuple(
-            Box(*(float(v) for v in b["bbox"]), score=float(b.get("score", 0.0)), label=b.get("label"))
+            Box(*(float(v) for v in b["bbox"]), score=float(b.get("score", 0.0)), label=b.get("label"),
+                outline=_outline_from_json(b.get("outline")))
             for b in item.get("boxes", [])
         )
         return cls(
@@ -296,17 +304,21 @@ class EngineClient:
         task: str = "multi",
         reasoning: bool = True,
         max_new_tokens: int | None = None,
+        outline: bool | None = None,
     ) -> list[GroundResult]:
         """Ground one expression on several tiles in one request (the engine batches them).
+
+        ``outline``: ask the engine's SAM for each box's outline (None: the engine's default, on for ``gres``).
 
         The pixels travel raw (``POST /ground/tiles``): no base64, no JSON-encoded image.
         """
         header = {
             "items": [
-                {"width": t.width, "height": t.height, "expression": expression, "task": task, "reasoning": reasoning}
+                {"width": t.width, "height": t.height, "expression": expression, "task": task, "reasoning": reasoning,
+                 **({} if outline is None else {"outline": outline})}
                 for t in tiles
             ],
-        }
+        }  # fmt: skip
         if max_new_tokens is not None:  # otherwise the engine's default for the task (Geo-R1: rec 256, multi 1024)
             header["max_new_tokens"] = max_new_tokens
         head = json.dumps(header).encode("utf-8")

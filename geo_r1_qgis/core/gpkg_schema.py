@@ -16,6 +16,12 @@ Layout of one file (it may hold many runs)
     Every per-tile detection before merging (the same fields plus the box in raster pixels,
     ``px_x1 .. px_y2``; :data:`RAW_FIELDS`), written as the run goes. It is what a resumed run merges again.
     It is created, empty, when the run starts, so a viewer can open it at once and reload it as tiles finish.
+``<layer>_outline``
+    Runs with outlines only (task ``gres``, or ``outline``: the engine's SAM): one MultiPolygon per merged
+    detection that has an outline, with the answer layer's fields (:data:`ANSWER_FIELDS`), written at the end
+    beside it. Pieces of one object in several tiles are joined (:func:`~geo_r1_qgis.core.outline.union_outlines`).
+    Outlines are not kept per tile: a resumed run's outline layer holds the outlines of the tiles it asked
+    itself (the boxes of every tile, as before).
 ``geo_r1_tiles`` (no geometry; :data:`TILES_FIELDS`)
     One row per finished tile: run_id, tile_id, status (``done`` / ``skipped``), n_boxes, the
     window in raster pixels, written time, and the engine that answered it (its URL; empty for a skipped
@@ -98,6 +104,7 @@ from .area import area_digest
 from .errors import ConfigError, OutputError
 from .geometry import Affine, PixelBox, Ring, Tile, box_to_polygon, polygon_to_wkb
 from .merge import Detection
+from .outline import multipolygon_to_wkb
 from .pipeline import GroundingJob, MapDetection, RunSummary
 from .results import OUTPUT_FIELDS, detection_values, make_run_id, run_meta
 
@@ -133,6 +140,9 @@ log = logging.getLogger(__name__)
 RUNS_TABLE = "geo_r1_runs"
 TILES_TABLE = "geo_r1_tiles"
 RAW_SUFFIX = "_tiles_raw"
+OUTLINE_SUFFIX = "_outline"
+#: the outline layer's geometry (the box layers': :data:`GEOMETRY_TYPE`)
+OUTLINE_GEOMETRY_TYPE = "MultiPolygon"
 #: GeoPackage version of new files (readable without warnings by GDAL >= 2.2, hence QGIS 3.22)
 GPKG_VERSION = "1.2"
 #: the geometry type of the answer and raw layers (OGR's name)
@@ -688,11 +698,13 @@ class FeatureWriter(Protocol):
         rows: Sequence[Sequence[Any]],
         geometries: Sequence[bytes] | None = None,
         crs_wkt: str | None = None,
+        geometry_type: str = GEOMETRY_TYPE,
     ) -> None:
         """Append ``rows`` (values in the order of ``fields``) in one transaction.
 
         Creates the file (GeoPackage :data:`GPKG_VERSION`) when it does not exist, and the table when it
-        does not exist: with exactly ``fields``, and a :data:`GEOMETRY_TYPE` geometry column in ``crs_wkt``
+        does not exist: with exactly ``fields``, and a ``geometry_type`` (:data:`GEOMETRY_TYPE`, or
+        :data:`OUTLINE_GEOMETRY_TYPE` for the outline layer) geometry column in ``crs_wkt``
         when ``geometries`` (little-endian WKB, one per row) is given, else without geometry. Values are
         ``str``, ``float``, ``int``, naive-UTC :class:`datetime` (``DateTime`` fields) or ``None``.
         Raises :class:`OutputError` when the write fails.
@@ -738,6 +750,7 @@ class GeoPackageRun:
         self.run_id = run_id
         self.layer = layer
         self.raw_layer = layer + RAW_SUFFIX
+        self.outline_layer = layer + OUTLINE_SUFFIX
         self.meta = dict(meta)  # expression, mode, model, adapter, prompt_version
         self.crs = crs
         self.resume = resume
@@ -792,7 +805,7 @@ class GeoPackageRun:
             log.warning("nothing to resume in %s for these parameters: starting a new run", path)
         run_id = make_run_id()
         name = check_layer_name(layer) if layer else layer_name_for(expression, run_id)
-        for taken in (name, name + RAW_SUFFIX):
+        for taken in (name, name + RAW_SUFFIX, name + OUTLINE_SUFFIX):
             if taken in layers:
                 raise OutputError(
                     f"the layer {taken!r} already exists in {path} and is never overwritten; choose another layer "
@@ -877,6 +890,18 @@ class GeoPackageRun:
         fields = RAW_FIELDS if raw else ANSWER_FIELDS
         self.writer.append(self.path, layer, fields, rows, geometries=geoms, crs_wkt=self.crs.dst_wkt)
 
+    def _write_outlines(self, items: Sequence[tuple[MapDetection, datetime]]) -> None:
+        """The outline layer (module doc): MultiPolygons in the output CRS, the answer layer's fields."""
+        if not items:
+            return
+        geoms = [
+            multipolygon_to_wkb([tuple(self.crs.ring(ring) for ring in poly) for poly in m.outline]) for m, _ in items
+        ]
+        rows = [[detection_values(m.detection, self.meta, self.run_id, to_ms(t))[f.name] for f in ANSWER_FIELDS]
+                for m, t in items]  # fmt: skip
+        self.writer.append(self.path, self.outline_layer, ANSWER_FIELDS, rows, geometries=geoms,
+                           crs_wkt=self.crs.dst_wkt, geometry_type=OUTLINE_GEOMETRY_TYPE)  # fmt: skip
+
     def commit(self) -> None:
         """Write the pending tiles: their raw detections, then their progress rows (see the module doc)."""
         if not self._pending_tiles:
@@ -904,6 +929,7 @@ class GeoPackageRun:
         else:
             t = now_utc()
             self._write_features(self.layer, [(m, t) for m in final], raw=False)
+            self._write_outlines([(m, t) for m in final if m.outline])
             self.final_exists = True
         self.mark(summary.status, summary.as_dict())
 

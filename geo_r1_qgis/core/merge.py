@@ -48,6 +48,7 @@ from dataclasses import dataclass, replace
 
 from .errors import ConfigError
 from .geometry import PixelBox, Tile
+from .outline import union_outlines
 
 __all__ = [
     "MODES",
@@ -85,6 +86,10 @@ class Detection:
     reasoning: str = ""
     tile_id: str = ""
     truncated: bool = False
+    #: the object's outline (SAM), polygons in full-resolution raster pixels (core/outline.py); () when none
+    outline: tuple = ()
+    #: the size of one pixel of the tile it was traced in, in raster pixels (for merging pieces across tiles)
+    outline_step: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.box, PixelBox):
@@ -212,9 +217,12 @@ def merge_detections(
         for m in members[1:]:
             box = box.union(m.box)
         tile_ids = sorted({m.tile_id for m in members if m.tile_id})
+        pieces = [m.outline for m in members if m.outline]
+        outline = union_outlines(pieces, box, members[0].outline_step) if len(pieces) > 1 else (pieces or [()])[0]
         merged.append(
-            replace(members[0], box=box, score=score, presence=presence, tile_id="+".join(tile_ids), truncated=True)
-        )
+            replace(members[0], box=box, score=score, presence=presence, tile_id="+".join(tile_ids), truncated=True,
+                    outline=outline)
+        )  # fmt: skip
     return sorted(merged, key=_sort_key)
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "polygons_bounds",
     "simplify_polygons",
     "trace_mask",
+    "union_outlines",
 ]
 
 #: A polygon: closed rings ``((x, y), …, first point again)``, the exterior first, then its holes.
@@ -398,6 +399,28 @@ def polygon_to_map(polygon: Polygon, transform: Affine) -> Polygon:
             pts.reverse()
         out.append(tuple(pts))
     return tuple(out)
+
+
+def union_outlines(pieces: Sequence[Sequence[Polygon]], box: Any, step: float = 1.0) -> tuple[Polygon, ...]:
+    """One outline from the outlines of an object's pieces in several tiles (raster pixels): drawn on a grid of
+    ``step`` raster pixels (the tiles' pixel size) over ``box`` (a PixelBox holding them all; pixel centres by
+    the even-odd rule, :func:`~geo_r1_qgis.core.rules.gres_truth.rasterize`), OR-ed, traced and simplified again
+    at :data:`DEFAULT_TOLERANCE_PX` grid pixels. The union is exact up to that grid."""
+    from geo_r1_qgis.core.rules.gres_truth import rasterize
+
+    if not step > 0:
+        raise ConfigError(f"the outline grid step must be > 0 raster pixels, got {step!r}")
+    ox, oy = math.floor(box.x1), math.floor(box.y1)
+    width = math.ceil((box.x2 - ox) / step) + 1
+    height = math.ceil((box.y2 - oy) / step) + 1
+    to_grid = Affine(1.0 / step, 0.0, -ox / step, 0.0, 1.0 / step, -oy / step)
+    mask = np.zeros((height, width), dtype=bool)
+    for piece in pieces:
+        for poly in piece:
+            grid_poly = polygon_to_map(poly, to_grid)
+            mask |= rasterize([[list(map(list, ring)) for ring in grid_poly]], (width, height))
+    back = Affine(step, 0.0, float(ox), 0.0, step, float(oy))
+    return tuple(polygon_to_map(p, back) for p in mask_to_polygons(mask, DEFAULT_TOLERANCE_PX))
 
 
 def polygons_bounds(polygons: Sequence[Polygon]) -> tuple[float, float, float, float]:

@@ -78,6 +78,7 @@ from .errors import (
 )
 from .geometry import Affine, PixelBox, Ring, Tile, TileGridSpec, box_to_polygon, make_tile_grid
 from .merge import Detection, flag_truncated, merge_detections, refinement_windows, select_mode
+from .outline import polygon_to_map
 from .run_spec import check_run_values
 
 __all__ = [
@@ -145,6 +146,11 @@ class GroundingJob:
     coarse_grid: int = 2
     #: candidates refined at full resolution
     top_k: int = 3
+    # -- outlines (the engine's SAM: geo-r1 serve --sam)
+    #: Geo-R1's GRES task for the full-resolution tiles (mode ``all`` only): boxes and keypoints, then SAM
+    gres: bool = False
+    #: "refine to outline": SAM outlines of every box (implied by ``gres``)
+    outline: bool = False
 
     def __post_init__(self) -> None:
         # the run's own values are checked where every run description checks them
@@ -161,6 +167,13 @@ class GroundingJob:
             raise ConfigError(f"window must be a PixelBox in raster pixels or None, got {self.window!r}")
         if self.area_polygons is not None:
             object.__setattr__(self, "area_polygons", check_area(self.area_polygons))
+        if self.gres and self.mode != "all":
+            raise ConfigError("the gres task finds every object (mode all); for one object use mode one with outline")
+
+    @property
+    def outlines(self) -> bool:
+        """Whether the engine is asked for outlines (``gres`` or ``outline``)."""
+        return self.gres or self.outline
 
     def keeps(self, det: Detection) -> bool:
         """Whether a detection passes the job's filters: ``min_score`` and the polygon area (box centre inside)."""
@@ -175,6 +188,8 @@ class GroundingJob:
     @property
     def task(self) -> str:
         """The engine task of the full-resolution tiles: ``multi`` for ``all``, ``rec`` for ``one``."""
+        if self.gres:
+            return "gres"
         return TASK_ALL if self.mode == "all" else TASK_ONE
 
 
@@ -197,6 +212,8 @@ class MapDetection:
 
     detection: Detection
     ring: Ring
+    #: the detection's outline on the map (raster CRS; polygons of closed rings, exteriors counter-clockwise)
+    outline: tuple = ()
 
 
 class ResultSink(Protocol):
@@ -396,6 +413,8 @@ def result_to_detections(
         if in_tile is None:
             continue
         score = min(1.0, max(0.0, float(b.score))) * presence
+        to_raster = tile.to_raster_transform
+        outline = tuple(polygon_to_map(p, to_raster) for p in getattr(b, "outline", ()) or ())
         out.append(
             Detection(
                 box=tile.to_raster(in_tile),
@@ -405,6 +424,8 @@ def result_to_detections(
                 reasoning=result.reasoning or "",
                 tile_id=tile_id,
                 truncated=flag_truncated(in_tile, tile, source_w, source_h, area=area),
+                outline=outline,
+                outline_step=float(tile.pixel_scale[0]),
             )
         )
     return out
@@ -412,7 +433,10 @@ def result_to_detections(
 
 def place(dets: Sequence[Detection], transform: Affine) -> list[MapDetection]:
     """Detections with their map polygons (four box corners through the full affine)."""
-    return [MapDetection(d, box_to_polygon(d.box, transform)) for d in dets]
+    return [
+        MapDetection(d, box_to_polygon(d.box, transform), tuple(polygon_to_map(p, transform) for p in d.outline))
+        for d in dets
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -635,8 +659,10 @@ class _Flight:
                 return
             tiles = [TileImage.from_array(img) for _, _, img in b.items]
             b.engine = engine
+            extra = {"outline": True} if job.outlines and self.plan.phase != "coarse" else {}
             b.future = self.executor.submit(engine.client.ground, tiles, job.expression, task=self.plan.task,
-                                            reasoning=job.reasoning, max_new_tokens=job.max_new_tokens)  # fmt: skip
+                                            reasoning=job.reasoning, max_new_tokens=job.max_new_tokens,
+                                            **extra)  # fmt: skip
             engine.busy += n
             self._busy(n)
 

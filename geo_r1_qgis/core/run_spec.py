@@ -166,12 +166,29 @@ class RunSpec:
     )  # fmt: skip
     top_k: int = field(default=3, metadata={**_REQUESTS, "help": "mode one: candidates refined at full resolution"})
     min_score: float = field(default=0.0, metadata={**_REQUESTS, "help": "drop boxes whose score is below this"})
+    task: str = field(
+        default="auto",
+        metadata={**_REQUESTS, "choices": ("auto", "gres"),
+                  "help": "auto: Geo-R1's REC prompt for mode one, OVD for all; gres: Geo-R1's GRES prompt (boxes and "
+                          "keypoints; mode all), outlined by the engine's SAM (geo-r1 serve --sam) into an outline "
+                          "layer"},
+    )  # fmt: skip
+    outline: bool = field(
+        default=False,
+        metadata={**_REQUESTS,
+                  "help": "refine to outline: the engine's SAM (geo-r1 serve --sam) outlines every box, written to an "
+                          "outline layer beside the boxes"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         check_run_values(expression=self.expression, mode=self.mode, tile_size=self.tile_size, overlap=self.overlap,
                          batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, top_k=self.top_k,
                          min_score=self.min_score, gsd=self.gsd, in_flight=self.in_flight)  # fmt: skip
         object.__setattr__(self, "expression", self.expression.strip())
+        if self.task not in ("auto", "gres"):
+            raise ConfigError(f"task must be 'auto' or 'gres', got {self.task!r}")
+        if self.task == "gres" and self.mode != "all":
+            raise ConfigError("task gres finds every object: use mode all, or mode one with outline for one outline")
         if self.bands is not None:
             object.__setattr__(self, "bands", tuple(int(b) for b in self.bands))
         if self.bbox is not None:
@@ -206,18 +223,24 @@ class RunSpec:
                             max_new_tokens=self.max_new_tokens, tile_size=self.tile, overlap=self.overlap,
                             scale=scale, window=window, batch_size=self.batch_size, in_flight=self.in_flight,
                             coarse_to_fine=self.coarse_to_fine, top_k=self.top_k, min_score=self.min_score,
-                            **extra)  # fmt: skip
+                            gres=self.task == "gres", outline=self.outline, **extra)  # fmt: skip
 
     def run_parameters(self, raster: str, bands: Sequence[int], scale: float = 1.0) -> dict[str, Any]:
         """The parameters that define this run's results (a resumed run must match them exactly), as the
         GeoPackage records them (:func:`~geo_r1_qgis.core.gpkg_schema.run_parameters`)."""
         from .gpkg_schema import run_parameters
 
-        return run_parameters(raster=raster, expression=self.expression, mode=self.mode, gsd=self.gsd,
-                              tile=self.tile, overlap=self.overlap, bands=bands, bbox=self.bbox,
-                              dst_crs=self.dst_crs, max_new_tokens=self.max_new_tokens, reasoning=self.reasoning,
-                              coarse_to_fine=self.coarse_to_fine, top_k=self.top_k, min_score=self.min_score,
-                              scale=scale)  # fmt: skip
+        params = run_parameters(raster=raster, expression=self.expression, mode=self.mode, gsd=self.gsd,
+                                tile=self.tile, overlap=self.overlap, bands=bands, bbox=self.bbox,
+                                dst_crs=self.dst_crs, max_new_tokens=self.max_new_tokens, reasoning=self.reasoning,
+                                coarse_to_fine=self.coarse_to_fine, top_k=self.top_k, min_score=self.min_score,
+                                scale=scale)  # fmt: skip
+        # recorded only when set, so runs without outlines keep the parameters (and resume) they always had
+        if self.task != "auto":
+            params["task"] = self.task
+        if self.outline:
+            params["outline"] = True
+        return params
 
 
 #: a recorded run parameter's key -> the RunSpec field it fills (where the names differ)

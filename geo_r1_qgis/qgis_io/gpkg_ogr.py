@@ -27,9 +27,11 @@ from typing import Any
 from ..core.errors import OutputError
 from ..core.gpkg_schema import (
     DATETIME,
+    GEOMETRY_TYPE,
     GPKG_VERSION,
     INTEGER,
     INTEGER64,
+    OUTLINE_GEOMETRY_TYPE,
     RAW_SUFFIX,
     REAL,
     STRING,
@@ -139,6 +141,7 @@ class OgrWriter:
         rows: Sequence[Sequence[Any]],
         geometries: Sequence[bytes] | None = None,
         crs_wkt: str | None = None,
+        geometry_type: str = GEOMETRY_TYPE,
     ) -> None:
         path = Path(path)
         with _gdal_quiet() as gdal:
@@ -147,7 +150,7 @@ class OgrWriter:
                 ds = self._open(path)
                 _ok(ds.StartTransaction(), "start a transaction")
                 try:
-                    self._append(ds, table, fields, rows, geometries, crs_wkt)
+                    self._append(ds, table, fields, rows, geometries, crs_wkt, geometry_type)
                     _ok(ds.CommitTransaction(), "commit the transaction")
                 except BaseException:
                     with suppress(RuntimeError):
@@ -184,6 +187,7 @@ class OgrWriter:
         rows: Sequence[Sequence[Any]],
         geometries: Sequence[bytes] | None,
         crs_wkt: str | None,
+        geometry_type: str = GEOMETRY_TYPE,
     ) -> None:
         _, ogr, osr = _ogr()
         layer = ds.GetLayerByName(table)
@@ -192,7 +196,8 @@ class OgrWriter:
             if geometries is not None and crs_wkt:
                 srs = osr.SpatialReference()
                 _ok(srs.ImportFromWkt(crs_wkt), "read the output CRS")
-            layer = ds.CreateLayer(table, srs, ogr.wkbPolygon if geometries is not None else ogr.wkbNone)
+            kind = ogr.wkbMultiPolygon if geometry_type == OUTLINE_GEOMETRY_TYPE else ogr.wkbPolygon
+            layer = ds.CreateLayer(table, srs, kind if geometries is not None else ogr.wkbNone)
             _ok(layer, f"create the layer {table!r}")
             for f in fields:
                 _ok(layer.CreateField(ogr.FieldDefn(f.name, _ogr_type(f.type))), f"create the field {f.name!r}")

@@ -74,8 +74,8 @@ def test_ask_config_and_adapter_parsing(tmp_path):
         AskConfig(image=tmp_path / "nope.png", expression="x", model="m")
     with pytest.raises(ConfigError, match="expression is empty"):
         AskConfig(image=img, expression="  ", model="m")
-    with pytest.raises(ConfigError, match=r"--task must be one of \('rec', 'multi'\)"):  # rules/prompts.TASKS
-        AskConfig(image=img, expression="x", model="m", task="gres")
+    with pytest.raises(ConfigError, match=r"--task must be one of \('rec', 'multi', 'gres'\)"):  # prompts.TASKS
+        AskConfig(image=img, expression="x", model="m", task="ovd")
     assert parse_adapters(["a=/p/a", "/q/bee"]) == {"a": "/p/a", "bee": "/q/bee"}
     with pytest.raises(ConfigError, match="NAME=PATH"):
         parse_adapters(["=/p"])
