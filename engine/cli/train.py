@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 #: options offered on the command line (any other field: --set NAME=VALUE or a recipe)
 _CLI_FIELDS = ("task", "processor", "init_adapter", "learning_rate", "max_steps", "max_seconds", "num_train_epochs",
                "per_device_train_batch_size", "gradient_accumulation_steps", "num_generations", "lora_r",
-               "lora_alpha", "beta", "seed", "device", "threads", "max_completion_length", "eval_limit")  # fmt: skip
+               "lora_alpha", "beta", "seed", "device", "threads", "max_completion_length", "eval_limit",
+               "sam")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

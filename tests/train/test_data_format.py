@@ -38,3 +38,39 @@ def test_written_records_carry_their_image_id(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "test_multi.jsonl").read_text().splitlines()]
     assert [(d["id"], d["image_id"]) for d in lines] == [("b", 2), ("a", 1)]
     assert [(r.id, r.image_id) for r in read_records(tmp_path, "test", "multi")] == [("b", 2), ("a", 1)]
+
+
+def _gres(**over):
+    values = dict(id="g", image="images/test/g.png", split="test", task="gres", expression="roof", category="roof",
+                  boxes=((2, 3, 10, 9),), image_size=(112, 112),
+                  outlines=([[[[2.004, 3], [10, 3], [10, 9], [2, 9]]]],), keypoints=(((5, 5), (8, 7)),))  # fmt: skip
+    values.update(over)
+    return ChipRecord(**values)
+
+
+def test_gres_records_round_trip_with_outlines_and_keypoints(tmp_path):
+    r = _gres()
+    assert r.outlines == (((((2.0, 3.0), (10.0, 3.0), (10.0, 9.0), (2.0, 9.0)),),),)  # rounded to 2 decimals
+    assert r.solution_text == (
+        '```json\n[\n    {"bbox_2d": [2, 3, 10, 9], "keypoint1": [5, 5], "keypoint2": [8, 7]}\n]\n```'
+    )
+    assert r.question.endswith("simply respond with None.") and "answer: roof. Based on" in r.question
+    (tmp_path / MANIFEST).write_text(json.dumps({}))
+    write_records(tmp_path, [r, _gres(id="n", boxes=(), outlines=(), keypoints=(), negative=True)])
+    back = read_records(tmp_path, "test", "gres")
+    assert [(b.outlines, b.keypoints) for b in back] == [(r.outlines, r.keypoints), ((), ())]
+    assert back[1].solution_text == "None"
+
+
+@pytest.mark.parametrize(
+    ("over", "needle"),
+    [
+        ({"outlines": None}, "needs each object's outline"),
+        ({"keypoints": ()}, "each object has one of each"),
+        ({"outlines": ([[[[0, 0], [1, 1]]]],)}, "at least 3"),
+        ({"keypoints": (((5, 5),),)}, "exactly two keypoints"),
+    ],
+)
+def test_gres_records_check_themselves(over, needle):
+    with pytest.raises(ConfigError, match=needle):
+        _gres(**over)

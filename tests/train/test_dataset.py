@@ -662,3 +662,88 @@ def test_drawn_negative_areas_become_none_chips(samples, tmp_path):
         x1, y1, x2, y2 = c["window"]
         assert x1 <= 60 and x2 >= 90 and y1 <= 350 and y2 >= 380
         assert expected_chip_boxes(tanks, Affine(*c["transform"]), CHIP) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# gres: outlines in chip pixels, masks and keypoints
+# --------------------------------------------------------------------------------------------------
+
+
+def check_gres_against_truth(ds: Path, feats: list[dict], chip: int) -> tuple[int, dict[str, float]]:
+    """Each gres record's outlines against the map truth mapped independently through the chip's own affine;
+    the keypoints inside their object's mask; the same boxes as the chip's multi record. Returns the number of
+    objects checked and, per expression, the mean share of its box that an object's mask fills."""
+    from geo_r1_qgis.core.rules.gres_truth import object_mask, truth_mask
+    from geo_r1_qgis.core.rules.parsing import gres_answer
+
+    chips = {c["id"]: c for c in jsonl(ds / CHIPS_INDEX)}
+    by_cat: dict[str, list[dict]] = {}
+    for f in feats:
+        by_cat.setdefault(f["properties"]["category"], []).append(f)
+    objects, ratios = 0, {}
+    for split in SPLITS:
+        multi = {r.id.rsplit("-", 1)[0]: r for r in read_records(ds, split, "multi")}
+        gres = read_records(ds, split, "gres")
+        assert len(gres) == len(multi)
+        for r in gres:
+            chip_id = r.id.rsplit("-", 1)[0]
+            assert multi[chip_id].boxes == r.boxes and r.negative == multi[chip_id].negative
+            inv = Affine(*chips[chip_id]["transform"]).inverse()
+            expected = {}
+            for f in by_cat[r.expression]:
+                pts = [inv * tuple(p) for p in f["geometry"]["coordinates"][0]]
+                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+                box = (min(xs), min(ys), max(xs), max(ys))
+                if cm.inside_fraction(box, (0, 0, chip, chip)) > 0.5:
+                    expected[cm.chip_box(box, (0, 0, chip, chip), chip)] = pts
+            assert sorted(expected) == list(r.boxes)
+            for box, outline, (k1, k2) in zip(r.boxes, r.outlines, r.keypoints, strict=True):
+                ring = outline[0][0]  # the sample objects are single polygons without holes
+                assert len(outline) == 1 and len(outline[0]) == 1
+                assert np.allclose(ring, expected[box], atol=0.006), (chip_id, box)
+                mask = object_mask(outline, r.image_size)
+                assert mask[k1[1], k1[0]] and mask[k2[1], k2[0]], (chip_id, box, k1, k2)
+                ys_, xs_ = np.nonzero(mask)
+                assert box[0] <= xs_.min() and xs_.max() < box[2] and box[1] <= ys_.min() and ys_.max() < box[3]
+                ratios.setdefault(r.expression, []).append(mask.sum() / ((box[2] - box[0]) * (box[3] - box[1])))
+                objects += 1
+            # the target answer reads back, through the engine's GRES parse, as these boxes and keypoints
+            items = gres_answer(f"<think> t </think> <answer>{r.solution_text}</answer>")
+            assert [tuple(map(int, it.box)) for it in items] == list(r.boxes)
+            assert [tuple(tuple(map(int, p)) for p in it.points) for it in items] == list(r.keypoints)
+            assert truth_mask(r.outlines, r.image_size).any() == bool(r.boxes)
+    return objects, {k: sum(v) / len(v) for k, v in ratios.items()}
+
+
+def test_gres_outlines_match_the_map_truth(utm_ds, samples):
+    n, fill = check_gres_against_truth(utm_ds, truth(samples, "utm")["features"], CHIP)
+    assert n > 50
+    assert min(fill.values()) > 0.8  # the sample scenes' outlines are rectangles: their masks fill their boxes
+
+
+def test_gres_masks_follow_the_outline_not_the_box(samples, tmp_path):
+    """A disc and a triangle drawn on the UTM raster: their masks fill pi/4 and 1/2 of their boxes."""
+    with rasterio.open(samples / "utm.tif") as src:
+        t, crs = src.transform, src.crs.to_wkt()
+    x0, y0 = t * (200, 200)  # map coordinates of raster pixel (200, 200)
+    px = t.a  # metres per pixel
+    disc = shapely.Point(x0, y0).buffer(20 * px, quad_segs=32)  # 40 pixels across
+    tri = shapely.Polygon([(x0 + 60 * px, y0), (x0 + 100 * px, y0), (x0 + 60 * px, y0 - 40 * px)])
+    items = [(Annotation(expression=e, raster=str(samples / "utm.tif"), split="train"), g)
+             for e, g in (("disc", disc), ("triangle", tri))]  # fmt: skip
+    write_annotations(tmp_path / "a.gpkg", items, crs)
+    build_dataset(BuildConfig(annotations=(tmp_path / "a.gpkg",), out_dir=tmp_path / "ds", chip=CHIP, negatives=0,
+                              val_fraction=0.0, chips_per_box=2))  # fmt: skip
+    feats = [{"properties": {"category": e}, "geometry": shapely.geometry.mapping(g)} for (a, g), e in
+             zip(items, ("disc", "triangle"), strict=True)]  # fmt: skip
+    n, fill = check_gres_against_truth(tmp_path / "ds", feats, CHIP)
+    assert n == 4
+    assert fill["disc"] == pytest.approx(math.pi / 4, abs=0.03)
+    assert fill["triangle"] == pytest.approx(0.5, abs=0.03)
+
+
+def test_gres_negatives_are_answered_none(utm_ds):
+    negatives = [r for s in SPLITS for r in read_records(utm_ds, s, "gres") if r.negative]
+    assert negatives
+    assert all(r.boxes == () and r.outlines == () and r.keypoints == () and r.solution_text == "None"
+               for r in negatives)  # fmt: skip

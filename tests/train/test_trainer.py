@@ -180,7 +180,8 @@ def test_presets_follow_geo_r1():
         ({"loss_type": "x"}, "loss_type"),
         ({"reward_funcs": ("nope",)}, "unknown reward"),
         ({"max_steps": 0}, "max_steps"),
-        ({"task": "gres"}, "task"),
+        ({"task": "ovd"}, "task"),
+        ({"task": "gres"}, "--sam MODEL"),  # the gres reward needs the frozen SAM
     ],
 )
 def test_config_rejects_bad_values(over, needle):
@@ -233,3 +234,28 @@ def test_a_wall_clock_budget_stops_training(grid_dataset, tiny_rope10_dir, tmp_p
     manifest = json.loads((out / "geo_r1_adapter.json").read_text())
     assert 1 <= manifest["steps"] < 10_000
     assert manifest["train_seconds"] < 60
+
+
+@pytest.mark.slow
+def test_grpo_gres_two_steps_with_the_sam_reward(tiny_format_model_dir, tiny_sam_dir, tmp_path):
+    """A real GRPO run on gres records: the mask reward through the tiny SAM 2 is computed and logged, and the
+    LoRA weights move."""
+    from train.dataset import SyntheticConfig, build_synthetic
+
+    data = tmp_path / "data"
+    build_synthetic(SyntheticConfig(out_dir=data, shots=1, negatives=1, chips_per_box=1))
+    with pytest.raises(ConfigError, match="--sam MODEL"):
+        build_config("grpo", dict(data=data, model=str(tiny_format_model_dir), output_dir=tmp_path / "x",
+                                  task="gres"), "cpu-smoke")  # fmt: skip
+    out = _train("grpo", data, tiny_format_model_dir, tmp_path / "gres", task="gres", sam=str(tiny_sam_dir),
+                 learning_rate=1e-2, max_completion_length=160)  # fmt: skip
+    manifest = json.loads((out / "geo_r1_adapter.json").read_text())
+    assert manifest["task"] == "gres" and manifest["recipe"]["sam"] == str(tiny_sam_dir)
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all("rewards/gres_mask_reward/mean" in r and "rewards/ovd_format_reward/mean" in r for r in steps)
+    assert all(0.0 <= r["iou"] <= 1.0 for r in steps)  # the mask reward's alias
+    assert any(r.get("format", 0) > 0 for r in rows), "no completion had the format: the test proves nothing"
+    tensors = _lora_tensors(out)
+    assert any(float(v.abs().max()) > 0 for k, v in tensors.items() if "lora_B" in k), "LoRA B never moved"
