@@ -19,6 +19,7 @@ transformers are imported inside functions only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -77,6 +78,25 @@ def preprocessor_config(image_size: int) -> dict:
         "image_std": [0.229, 0.224, 0.225],
         "do_convert_rgb": True,
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class TinySamConfig:
+    """``geo-r1 tiny-sam``'s options."""
+
+    out_dir: Path = dataclasses.field(
+        metadata={"positional": True, "metavar": "OUT_DIR", "help": "directory to write the checkpoint into"}
+    )
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the random weights"})
+    real_size: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "SAM 2.1-tiny's architecture (39 M parameters, 1024 px input) instead of the tiny one: "
+                          "random weights of the real cost, for benchmarks"},
+    )  # fmt: skip
+    force: bool = dataclasses.field(default=False, metadata={"help": "replace OUT_DIR if it is not empty"})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
 
 
 def build_tiny_sam(out_dir: str | Path, seed: int = 0, *, real_size: bool = False, force: bool = False) -> Path:

@@ -170,3 +170,12 @@ def test_real_size_config_is_sam21_tiny() -> None:
     assert list(backbone.embed_dim_per_stage) == [96, 192, 384, 768]
     assert list(backbone.global_attention_blocks) == [5, 7, 9]
     assert cfg.prompt_encoder_config.image_size == 1024
+
+
+def test_the_command_builds_what_the_masker_loads(tmp_path: Path) -> None:
+    from engine.cli import main as cli
+
+    assert cli(["tiny-sam", str(tmp_path / "sam"), "--seed", "3"]) == 0
+    masker = SamMasker.load(tmp_path / "sam")
+    assert masker.size == TINY_IMAGE_SIZE
+    assert cli(["tiny-sam", str(tmp_path / "sam")]) == 1  # not empty, no --force: refused with the fix

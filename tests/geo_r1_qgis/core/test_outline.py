@@ -142,3 +142,31 @@ def test_wkb_round_trips_through_shapely() -> None:
     shape = shapely_wkb.loads(blob)
     assert shape.geom_type == "MultiPolygon" and len(shape.geoms) == 2
     assert shape.equals(as_shapely(polys))
+
+
+def test_pieces_of_one_object_in_two_tiles_are_joined() -> None:
+    from geo_r1_qgis.core.geometry import PixelBox
+    from geo_r1_qgis.core.outline import union_outlines
+
+    whole = np.zeros((40, 60), bool)
+    whole[10:30, 5:55] = True
+    whole[15:25, 20:40] = False  # a hole across the tile seam
+    left, right = whole[:, :40], whole[:, 24:]  # two tiles overlapping by 16 px
+    pl = mask_to_polygons(left, 0.0)
+    pr = [polygon_to_map(p, Affine(1, 0, 24, 0, 1, 0)) for p in mask_to_polygons(right, 0.0)]
+    joined = union_outlines([pl, pr], PixelBox(5, 10, 55, 30))
+    shape = as_shapely(joined)
+    assert shape.is_valid and len(joined) == 1 and len(joined[0]) == 2
+    assert shape.symmetric_difference(as_shapely(trace_mask(whole))).area <= 2.0
+
+
+def test_pieces_on_a_coarser_grid() -> None:
+    from geo_r1_qgis.core.geometry import PixelBox
+    from geo_r1_qgis.core.outline import union_outlines
+
+    m = np.zeros((10, 10), bool)
+    m[2:8, 2:8] = True
+    a = [polygon_to_map(p, Affine(2, 0, 100, 0, 2, 50)) for p in mask_to_polygons(m, 0.0)]
+    b = [polygon_to_map(p, Affine(2, 0, 108, 0, 2, 50)) for p in mask_to_polygons(m, 0.0)]
+    joined = union_outlines([a, b], PixelBox(104, 54, 124, 66), step=2.0)
+    assert as_shapely(joined).equals(as_shapely(a).union(as_shapely(b)))
