@@ -5,14 +5,17 @@ and ``geo-r1 eval`` read) holds:
 
 - ``dataset.json``: the manifest (sources, CRS, GSD, chip size, counts, seed, annotation hash).
 - ``images/<split>/<id>.png``: the chips, RGB, sides multiples of 28 (the model sees them unresized).
-- ``<split>_<task>.jsonl`` for split in train/val/test and task in rec/multi: VLM-R1's training JSONL
+- ``<split>_<task>.jsonl`` for split in train/val/test and task in rec/multi/gres: VLM-R1's training JSONL
   (``id``, ``image``, ``conversations``), each line with our extra keys (``expression``, ``category``,
   ``solution``, ``image_size``, ``is_unique``, ``negative``, ``split``, ``task``). Boxes are integer
   ``[x1, y1, x2, y2]`` in chip pixels.
 - ``<split>_rec.json`` and ``<split>_rec_with_unique.json`` (val/test): Geo-R1's REC evaluation JSON.
 
 ``rec`` records have exactly one box (the expression names one object in the chip); ``multi`` records
-have zero (a negative chip: the answer is "None") or more boxes.
+have zero (a negative chip: the answer is "None") or more boxes; ``gres`` records have the ``multi`` record's
+boxes plus each object's ``outlines`` (its polygons in chip pixels) and ``keypoints`` (two pixels inside its
+mask), by the rules of ``geo_r1_qgis/core/rules/gres_truth.py``; their answer is Geo-R1's GRES list of
+``{"bbox_2d", "keypoint1", "keypoint2"}`` (:func:`gres_answer_json`).
 
 Each record carries ``image_id``, its image's COCO id: every record of one image has the same id, and the
 OVD evaluation numbers the images by it (COCOeval ranks detections of equal score by image id, so the
