@@ -184,6 +184,8 @@ class EvalConfig:
             raise ConfigError(f"split must be one of {SPLITS}, got {self.split!r}; use --split test or --split val")
         if self.task not in TASKS:
             raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}; use --task {' or --task '.join(TASKS)}")
+        if self.task == "gres" and self.mode == "sft" and self.model is not None:
+            raise ConfigError("--task gres has only Geo-R1's reasoning prompt (test_gres_eval.py); drop --mode sft")
         if self.task == "gres" and self.model is not None and not self.sam:
             raise ConfigError("--task gres scores masks: pass --sam MODEL, the SAM 2 that turns the model's boxes and "
                               "keypoints into masks (e.g. a directory from 'geo-r1 tiny-sam')")  # fmt: skip

@@ -86,3 +86,5 @@ def test_gres_needs_a_sam(tmp_path, gres_data):
 
     with pytest.raises(ConfigError, match="--sam MODEL"):
         EvalConfig(out_dir=tmp_path, data=gres_data, model="m", task="gres")
+    with pytest.raises(ConfigError, match="only Geo-R1's reasoning prompt"):
+        EvalConfig(out_dir=tmp_path, data=gres_data, model="m", task="gres", sam="s", mode="sft")
