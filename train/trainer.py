@@ -305,13 +305,16 @@ def _budget_callback(seconds: float) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
-def quick_scores(model: Any, processor: Any, config: TrainConfig) -> dict[str, Any] | None:
-    """Greedy Acc@0.5 and mean IoU of up to ``eval_limit`` val rec queries, with the run's prompt.
+def quick_scores(model: Any, processor: Any, config: TrainConfig, masker: Any = None) -> dict[str, Any] | None:
+    """Greedy Acc@0.5 and mean IoU of up to ``eval_limit`` val rec queries, with the run's prompt; for gres (with
+    the run's frozen SAM ``masker``), gIoU and cIoU of up to ``eval_limit`` val gres queries.
 
     Scored Geo-R1's way (``train.metrics``); the full evaluation is ``geo-r1 eval``.
     """
-    if config.eval_limit == 0 or config.task != "rec":
+    if config.eval_limit == 0 or config.task not in ("rec", "gres") or (config.task == "gres" and masker is None):
         return None
+    if config.task == "gres":
+        return _quick_gres_scores(model, processor, config, masker)
     records = read_records(config.data, "val", "rec")[: config.eval_limit]
     if not records:
         return None
@@ -324,6 +327,27 @@ def quick_scores(model: Any, processor: Any, config: TrainConfig) -> dict[str, A
     return {"queries": scores["counts"]["overall"], "acc50": scores["acc@0.5"]["overall"] / 100,
             "mean_iou": scores["mean_iou"],
             "format": None if scores["format_ok"] is None else scores["format_ok"] / 100}  # fmt: skip (None: sft)
+
+
+def _quick_gres_scores(model: Any, processor: Any, config: TrainConfig, masker: Any) -> dict[str, Any] | None:
+    records = read_records(config.data, "val", "gres")[: config.eval_limit]
+    if not records:
+        return None
+    from train.evaluate import score_gres_run
+    from train.generation import generate_texts
+
+    texts = generate_texts(model, processor, config.data, records, reasoning=True,
+                           max_new_tokens=min(1024, config.max_completion_length))  # fmt: skip
+    _, scores, _ = score_gres_run(records, texts, "geo-r1", masker, config.data)
+    return {"queries": scores["counts"]["queries"], "giou": scores["gIoU"] / 100, "ciou": scores["cIoU"] / 100,
+            "format": None if scores["format_ok"] is None else scores["format_ok"] / 100}  # fmt: skip
+
+
+def _run_masker(trainer: Any) -> Any:
+    """The frozen SAM of the run's mask reward (None without one: SFT, or a task without masks)."""
+    from train.rewards import GresMaskReward
+
+    return next((f.masker for f in getattr(trainer, "reward_funcs", []) if isinstance(f, GresMaskReward)), None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -430,7 +454,7 @@ def run(config: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
     before = None
     if not distributed and not config.resume:
         processor.tokenizer.padding_side = "left"
-        before = quick_scores(trainer.model, processor, config)
+        before = quick_scores(trainer.model, processor, config, _run_masker(trainer))
         processor.tokenizer.padding_side = padding_side
     t0 = time.monotonic()
     result = trainer.train(resume_from_checkpoint=True if config.resume else None)
@@ -438,7 +462,7 @@ def run(config: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
     after = None
     if not distributed:
         processor.tokenizer.padding_side = "left"
-        after = quick_scores(trainer.model, processor, config)
+        after = quick_scores(trainer.model, processor, config, _run_masker(trainer))
 
     if main_process:
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)

@@ -251,6 +251,9 @@ def test_grpo_gres_two_steps_with_the_sam_reward(tiny_format_model_dir, tiny_sam
                  learning_rate=1e-2, max_completion_length=160)  # fmt: skip
     manifest = json.loads((out / "geo_r1_adapter.json").read_text())
     assert manifest["task"] == "gres" and manifest["recipe"]["sam"] == str(tiny_sam_dir)
+    for when in ("before", "after"):  # the val gres queries through the same frozen SAM
+        m = manifest["metrics"][when]
+        assert m["queries"] == 4 and 0.0 <= m["giou"] <= 1.0 and 0.0 <= m["ciou"] <= 1.0 and m["format"] is not None
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
