@@ -616,3 +616,50 @@ def test_a_held_file_stays_in_wal_while_qgis_opens_and_closes_it(qgis_app, tmp_p
     with sqlite3.connect(str(out)) as con:
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     con.close()
+
+
+def test_a_plugin_run_spreads_its_tiles_over_two_engines(raster, engine, tmp_path):
+    """Issue 20 §2 in QGIS's Python: the core pipeline (stdlib threads, urllib) with two real engines and tiles in
+    flight; the file records which engine answered each tile, and holds what a one-engine run writes."""
+    from geo_r1_qgis.core.pipeline import connect_engines
+
+    second_dir = tmp_path / "second"
+    second_dir.mkdir()
+    (second_dir / "engine.token").write_text(engine.token + "\n")  # the same token: one token file for both
+    (second_dir / "engine.token").chmod(0o600)
+    second = real.Engine(second_dir, real.tiny_format_model())
+    try:
+        outputs = {}
+        # one tile at a time per engine in both runs (an engine batching two tiles rounds a little differently)
+        for name, urls, in_flight in (("one", [engine.url], 1), ("two", [engine.url, second.url], 2)):
+            job = GroundingJob(expression=EXPRESSION, tile_size=TILE, overlap=OVERLAP, max_new_tokens=MAX_NEW_TOKENS,
+                               batch_size=BATCH, window=PixelBox(0, 0, 400, 300), in_flight=in_flight)  # fmt: skip
+            out = tmp_path / f"{name}.gpkg"
+            pool, info = connect_engines(urls, engine.token)
+            sink = OgrGeoPackageSink.open_run(
+                out, expression=EXPRESSION, mode="all", parameters=job_parameters(job, raster=str(RASTER),
+                                                                                  bands=raster.source.bands),
+                raster={**raster.source.describe(), "path": str(RASTER.resolve())}, engine=info,
+                crs_wkt=raster.source.crs_wkt)  # fmt: skip
+            summary = run_grounding(job, raster.source, sink, pool)
+            assert summary.status == "done" and summary.tiles_processed == 12
+            with sqlite3.connect(out) as con:
+                layer = con.execute(f"SELECT layer FROM {RUNS_TABLE}").fetchone()[0]
+                engines = dict(con.execute(f"SELECT engine, count(*) FROM {TILES_TABLE} GROUP BY engine").fetchall())
+                raw = sorted(con.execute(f'SELECT tile_id, px_x1, px_y1, px_x2, px_y2, score '
+                                         f'FROM "{layer}{RAW_SUFFIX}"'))
+                answer = sorted(con.execute(f'SELECT geom, score, tile_id FROM "{layer}"'))
+            outputs[name] = (raw, answer)
+            assert engines == summary.engines and sum(engines.values()) == 12
+            if name == "two":  # in flight 2 over two engines: one each (the most free slots), both answer
+                assert set(engines) == {engine.url, second.url}, engines
+                assert json.loads(_run_engine_info(out))["engines"][1]["url"] == second.url
+        assert outputs["one"][0], "the format-trained tiny model writes boxes: the comparison has content"
+        assert outputs["two"] == outputs["one"]
+    finally:
+        second.stop()
+
+
+def _run_engine_info(out: Path) -> str:
+    with sqlite3.connect(out) as con:
+        return con.execute(f"SELECT engine FROM {RUNS_TABLE}").fetchone()[0]
