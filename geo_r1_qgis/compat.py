@@ -52,6 +52,7 @@ FILE_BEHAVIOR_FILE = _first((Qgis, "ProcessingFileParameterBehavior", "File"),
 SOURCE_VECTOR_POLYGON = _first((Qgis, "ProcessingSourceType", "VectorPolygon"),
                                (QgsProcessing, "SourceType", "TypeVectorPolygon"))  # fmt: skip
 WKB_POLYGON = _first((Qgis, "WkbType", "Polygon"), (QgsWkbTypes, "Type", "Polygon"))
+WKB_MULTIPOLYGON = _first((Qgis, "WkbType", "MultiPolygon"), (QgsWkbTypes, "Type", "MultiPolygon"))
 FAST_INSERT = _first((QgsFeatureSink, "Flag", "FastInsert"), (Qgis, "FeatureSinkFlag", "FastInsert"))
 
 # Messages

@@ -102,6 +102,7 @@ from ..core.area import AreaPolygon
 from ..core.errors import ConfigError, EmptyRasterError, ExtentError, NotGeoreferencedError, OutputError, RasterError
 from ..core.geometry import Affine, PixelBox, Tile, degrees_per_metre, gsd_to_scale, window_from_map_bbox
 from ..core.merge import Detection
+from ..core.outline import multipolygon_to_wkb
 from ..core.pipeline import MapDetection, RunSummary
 from ..core.results import (
     OUTPUT_FIELDS,
@@ -818,6 +819,16 @@ def result_feature(fields: QgsFields, m: MapDetection, meta: Mapping[str, str], 
     return feat
 
 
+def outline_feature(fields: QgsFields, m: MapDetection, meta: Mapping[str, str], run_id: str,
+                    created: QDateTime) -> QgsFeature:  # fmt: skip
+    """The outline feature of a placed detection (a MultiPolygon from core/outline.py's WKB), its box's fields."""
+    feat = result_feature(fields, m, meta, run_id, created)
+    geometry = QgsGeometry()
+    geometry.fromWkb(multipolygon_to_wkb(m.outline))
+    feat.setGeometry(geometry)
+    return feat
+
+
 class FeatureSinkResultSink:
     """A :class:`~geo_r1_qgis.core.pipeline.ResultSink` that writes the final layer to a ``QgsFeatureSink``.
 
@@ -825,10 +836,16 @@ class FeatureSinkResultSink:
     polygons are added at :meth:`finish`, one feature per merged detection, in the raster's CRS.
     """
 
-    def __init__(self, sink: QgsFeatureSink, meta: Mapping[str, str], run_id: str | None = None) -> None:
+    def __init__(
+        self, sink: QgsFeatureSink, meta: Mapping[str, str], run_id: str | None = None,
+        outline_sink: QgsFeatureSink | None = None,
+    ) -> None:  # fmt: skip
         if sink is None:
             raise OutputError("the output feature sink could not be created; choose another OUTPUT")
         self.sink = sink
+        #: where the outlines go (MultiPolygons, the same fields), when the run asks for them
+        self.outline_sink = outline_sink
+        self.outlines_written = 0
         self.meta = dict(meta)
         self.run_id = run_id or make_run_id()
         self.fields = make_fields()
@@ -855,3 +872,8 @@ class FeatureSinkResultSink:
                 f"could not write {len(features)} feature(s) to the output ({error}); choose another OUTPUT"
             )
         self.features_written = len(features)
+        if self.outline_sink is not None:
+            outlines = [outline_feature(self.fields, m, self.meta, self.run_id, created) for m in final if m.outline]
+            if outlines and not self.outline_sink.addFeatures(outlines, FAST_INSERT):
+                raise OutputError(f"could not write {len(outlines)} outline(s) to the output; choose another one")
+            self.outlines_written = len(outlines)
