@@ -34,7 +34,15 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QCoreApplication
 
-from .compat import FAST_INSERT, FILE_BEHAVIOR_FILE, NUMBER_DOUBLE, NUMBER_INTEGER, SOURCE_VECTOR_POLYGON, WKB_POLYGON
+from .compat import (
+    FAST_INSERT,
+    FILE_BEHAVIOR_FILE,
+    NUMBER_DOUBLE,
+    NUMBER_INTEGER,
+    SOURCE_VECTOR_POLYGON,
+    WKB_MULTIPOLYGON,
+    WKB_POLYGON,
+)
 from .core.client import DEFAULT_URL, EngineClient, default_token_path, engine_capacity, read_token
 from .core.errors import EngineRequestError, EngineUnavailableError, GeoR1Error
 from .core.geometry import PixelBox, tile_size_advice
@@ -98,7 +106,11 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
     ENGINE_URL = "ENGINE_URL"
     TOKEN_FILE = "TOKEN_FILE"
     MAX_NEW_TOKENS = "MAX_NEW_TOKENS"
+    OUTLINES = "OUTLINES"
     OUTPUT = "OUTPUT"
+    OUTLINE_OUTPUT = "OUTLINE_OUTPUT"
+    #: the OUTLINES choices: (RunSpec.task, RunSpec.outline)
+    OUTLINE_CHOICES = (("auto", False), ("auto", True), ("gres", False))
 
     # -- identity ---------------------------------------------------------------------------------
     def name(self) -> str:
@@ -234,8 +246,23 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
             )
         )
         self.addParameter(
+            QgsProcessingParameterEnum(
+                self.OUTLINES,
+                _tr("Outlines (the engine's SAM: geo-r1 serve --sam)"),
+                options=[_tr("none: boxes only"), _tr("refine each box to its outline"),
+                         _tr("GRES: boxes and keypoints, then SAM (mode all)")],
+                defaultValue=0,
+            )
+        )  # fmt: skip
+        self.addParameter(
             QgsProcessingParameterFeatureSink(self.OUTPUT, _tr("Grounded objects"), SOURCE_VECTOR_POLYGON)
         )
+        self.addParameter(
+            QgsProcessingParameterFeatureSink(
+                self.OUTLINE_OUTPUT, _tr("Outlines (with an Outlines choice)"), SOURCE_VECTOR_POLYGON,
+                optional=True, createByDefault=False,
+            )
+        )  # fmt: skip
 
     # -- running ----------------------------------------------------------------------------------
     def processAlgorithm(self, parameters, context, feedback) -> dict[str, Any]:
@@ -275,9 +302,12 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
             context=context.transformContext(),
         )
         source = inputs.source
+        task, outline = self.OUTLINE_CHOICES[self.parameterAsEnum(parameters, self.OUTLINES, context)]
         spec = RunSpec(
             expression=expression,
             mode=mode,
+            task=task,
+            outline=outline,
             max_new_tokens=self.parameterAsInt(parameters, self.MAX_NEW_TOKENS, context) or None,
             tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context) or None,
             overlap=self.parameterAsInt(parameters, self.OVERLAP, context),
@@ -321,7 +351,14 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
         sink, dest_id = self.parameterAsSink(parameters, self.OUTPUT, context, fields, WKB_POLYGON, layer.crs())
         if sink is None:
             raise QgsProcessingException(self.invalidSinkError(parameters, self.OUTPUT))
-        result_sink = FeatureSinkResultSink(sink, run_meta(expression, mode, info))
+        outline_sink, outline_id = None, None
+        if job.outlines:
+            outline_sink, outline_id = self.parameterAsSink(
+                parameters, self.OUTLINE_OUTPUT, context, fields, WKB_MULTIPOLYGON, layer.crs()
+            )
+            if outline_sink is None:
+                feedback.pushWarning(_tr("no OUTLINE_OUTPUT was chosen: the outlines are not kept"))
+        result_sink = FeatureSinkResultSink(sink, run_meta(expression, mode, info), outline_sink=outline_sink)
 
         tracker = ProgressTracker(job)  # one 0-100 % over both passes of mode "one", as the panel shows it
 
@@ -344,7 +381,13 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
             details = context.layerToLoadOnCompletionDetails(dest_id)
             details.name = run_display_name(expression, mode, raster=layer.name())
             details.setPostProcessor(_ResultStyler.shared())
-        return {self.OUTPUT: dest_id}
+        if outline_id is not None and context.willLoadLayerOnCompletion(outline_id):
+            details = context.layerToLoadOnCompletionDetails(outline_id)
+            details.name = run_display_name(expression, mode, raster=layer.name()) + " " + _tr("(outlines)")
+        out = {self.OUTPUT: dest_id}
+        if outline_id is not None:
+            out[self.OUTLINE_OUTPUT] = outline_id
+        return out
 
 
 class FilterDetectionsAlgorithm(QgsProcessingAlgorithm):
