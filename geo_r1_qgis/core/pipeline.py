@@ -15,6 +15,9 @@ The run
    centre lies outside every polygon is dropped before it is written (:mod:`~geo_r1_qgis.core.area`).
 2. Tiles are read one by one; a tile with no valid pixel is *skipped* (recorded, never sent).
    Valid tiles are sent ``batch_size`` at a time in one ``/ground`` request; the engine batches them.
+   Up to ``in_flight`` tiles are asked at once, over concurrent requests from worker threads and over the
+   engines of an :class:`EnginePool` (each as many as its ``/info`` says); answers are written in tile order.
+   A request that fails for a reason of its engine goes to another engine; with none left, the run stops.
 3. Each box comes back in tile-image pixels; it is clipped to the tile, taken to full-resolution
    raster pixels (:meth:`Tile.to_raster`), flagged *truncated* when it touches an inner tile edge
    (:func:`~geo_r1_qgis.core.merge.flag_truncated`) and handed to the sink, one transaction per
