@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import socket
 import time
 from dataclasses import dataclass, field
@@ -102,7 +103,9 @@ class RayOptions:
         metadata={**_RAY, "metavar": "VAR", "help": "with --base-url: environment variable holding its API key"},
     )
     concurrency: int = field(
-        default=8, metadata={**_RAY, "help": "with --base-url: requests each actor keeps in flight"}
+        default=8,
+        metadata={**_RAY, "help": "with --base-url: requests each actor keeps in flight (at most --batch: an actor "
+                                  "asks one batch at a time)"},
     )
 
     def check_ray(self) -> None:
@@ -142,6 +145,11 @@ class RayOptions:
             raise ConfigError(f"--ray-cpus must be > 0, got {self.ray_cpus}")
         if self.ray_gpus is not None and not self.ray_gpus >= 0:
             raise ConfigError(f"--ray-gpus must be >= 0, got {self.ray_gpus}")
+        if getattr(cfg, "task", "auto") != "auto" or getattr(cfg, "outline", False):
+            raise ConfigError(
+                "outlines (--task gres, --outline) come from an engine's SAM and are not on Ray yet: run them "
+                "without --ray, on an engine started with `geo-r1 serve --sam`"
+            )
         if cfg.mode == "one" and cfg.coarse_to_fine:
             raise ConfigError(
                 "--ray asks every tile; for --mode one add --no-coarse-to-fine (the best match of the full tiling)"
@@ -249,7 +257,8 @@ def read_tiles(batch: dict[str, np.ndarray], paths: list[str], bands: tuple[int,
     t0 = time.perf_counter()
     images, valid = [], []
     for k, tile in zip(batch["raster"], batch["tile"], strict=True):
-        image, fraction = _source(paths[int(k)], bands).read(tile)
+        # the driver's own pickle of a Tile (Arrow has no type for it)
+        image, fraction = _source(paths[int(k)], bands).read(pickle.loads(tile))  # nosec B301
         images.append(np.ascontiguousarray(image, dtype=np.uint8))
         valid.append(float(fraction))
     if len({im.shape for im in images}) == 1:
@@ -277,7 +286,9 @@ class Grounder:
         self.expression, self.task, self.reasoning = expression, task, reasoning
         limit = min(config.max_new_tokens, max_new_tokens or default_max_new_tokens([task]))
         self.settings = GenerationSettings(max_new_tokens=limit)
-        log.info("grounding actor ready on %s (pid %d)", socket.gethostname(), os.getpid())
+        #: what the run records as the engine that answered a tile (geo_r1_tiles.engine)
+        self.name = f"ray:{socket.gethostname()}/{os.getpid()}"
+        log.info("grounding actor %s ready", self.name)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         from PIL import Image
@@ -293,7 +304,8 @@ class Grounder:
         results = iter(self.backend.ground(items, self.settings) if items else [])
         answers = np.empty(len(valid), dtype=object)
         answers[:] = [json.dumps(next(results).to_json()) if ok else "" for ok in valid]
-        return {"raster": batch["raster"], "tile_id": batch["tile_id"], "answer": answers, "read_ms": batch["read_ms"]}
+        return {"raster": batch["raster"], "tile_id": batch["tile_id"], "answer": answers, "read_ms": batch["read_ms"],
+                "engine": np.full(len(valid), self.name, dtype=object)}  # fmt: skip
 
 
 def serve_options(config: Any) -> dict[str, Any]:
@@ -354,7 +366,7 @@ class _RasterRun:
     summary: Any = None
     tiles: dict[str, Any] = field(default_factory=dict)
 
-    def write(self, tile_id: str, answer: str) -> int:
+    def write(self, tile_id: str, answer: str, engine: str = "") -> int:
         """Write one tile's answer (once: a retried batch's second answer is ignored); 1 if it was new."""
         from geo_r1_qgis.core.client import GroundResult
         from geo_r1_qgis.core.pipeline import place, result_to_detections
@@ -365,7 +377,7 @@ class _RasterRun:
         t0 = time.perf_counter()
         if not answer:
             self.dets[tile_id] = []
-            self.sink.write_tile(tile_id, tile, [], "skipped")
+            self.sink.write_tile(tile_id, tile, [], "skipped")  # never asked, as in the pipeline
             s.tiles_skipped += 1
         else:
             result = GroundResult.from_json(json.loads(answer))
@@ -375,7 +387,7 @@ class _RasterRun:
             found = result_to_detections(result, tile_id, tile, src.width, src.height, self.plan.area)
             kept = [d for d in found if self.job.keeps(d)]
             self.dets[tile_id] = kept
-            self.sink.write_tile(tile_id, tile, place(kept, src.transform), "done")
+            self.sink.write_tile(tile_id, tile, place(kept, src.transform), "done", engine=engine)
             s.detections_raw += len(kept)
             s.tiles_processed += 1
         s.write_s += time.perf_counter() - t0
@@ -444,9 +456,14 @@ def _plan(config: Any, paths: list[str], stack: contextlib.ExitStack) -> list[_R
     return runs
 
 
+def _spread() -> dict[str, Any]:
+    """The actors spread over the nodes (one per node before two on one), like vLLM replicas."""
+    return {"scheduling_strategy": "SPREAD"}
+
+
 def _dataset(ray: Any, config: Any, runs: list[_RasterRun]) -> tuple[Any, int]:
     """The Ray dataset of the tiles still to do: read tasks, then the grounding actors."""
-    rows = [{"raster": k, "tile_id": tile_id, "tile": tile}
+    rows = [{"raster": k, "tile_id": tile_id, "tile": pickle.dumps(tile)}
             for k, run in enumerate(runs) for tile_id, tile in run.plan.tiles if tile_id not in run.resumed]
     if not rows:
         return None, 0
@@ -463,21 +480,41 @@ def _dataset(ray: Any, config: Any, runs: list[_RasterRun]) -> tuple[Any, int]:
         Grounder,
         fn_constructor_kwargs={"serve": serve_options(config), "expression": job.expression, "task": job.task,
                                "reasoning": job.reasoning, "max_new_tokens": job.max_new_tokens},
-        batch_size=batch, batch_format="numpy", concurrency=config.ray_workers, num_cpus=config.ray_cpus,
-        num_gpus=gpus or None, scheduling_strategy="SPREAD",
+        batch_size=batch, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=config.ray_workers),
+        num_cpus=config.ray_cpus, num_gpus=gpus or None, ray_remote_args_fn=_spread,
     )  # fmt: skip
     return ds, len(rows)
 
 
-def _stream(ds: Any, runs: list[_RasterRun], total: int, progress: Any) -> tuple[int, float]:
-    """Write the answers as they come back; returns (tiles written, mean read ms per tile on the workers)."""
+@dataclass
+class _Stream:
+    """What came back: tiles written, the workers' mean read time per tile, and when the first and last answers
+    came (perf_counter seconds)."""
+
+    written: int = 0
+    read_ms: float = 0.0
+    first: float | None = None
+    last: float = 0.0
+
+    def rate(self) -> str:
+        """The steady rate after the first answer (the cluster's start, actors and models, left out)."""
+        if self.first is None or self.written < 2 or self.last <= self.first:
+            return "too few tiles for a rate"
+        return f"then {(self.written - 1) / (self.last - self.first):.2f} tiles/s"
+
+
+def _stream(ds: Any, runs: list[_RasterRun], total: int, progress: Any) -> _Stream:
+    """Write the answers as they come back."""
     done = sum(r.summary.tiles_resumed for r in runs)
     written, read_ms = 0, 0.0
+    got = _Stream()
     for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        got.first = got.first if got.first is not None else time.perf_counter()
         touched = set()
-        for k, tile_id, answer, ms in zip(out["raster"], out["tile_id"], out["answer"], out["read_ms"], strict=True):
+        columns = (out["raster"], out["tile_id"], out["answer"], out["read_ms"], out["engine"])
+        for k, tile_id, answer, ms, engine in zip(*columns, strict=True):
             run = runs[int(k)]
-            new = run.write(str(tile_id), str(answer))
+            new = run.write(str(tile_id), str(answer), str(engine))
             written += new
             read_ms += float(ms) * new
             touched.add(int(k))
@@ -487,7 +524,9 @@ def _stream(ds: Any, runs: list[_RasterRun], total: int, progress: Any) -> tuple
             runs[k].summary.requests += 1
             runs[k].summary.write_s += time.perf_counter() - t0
         progress(done + written, total, "full")
-    return written, read_ms / max(1, written)
+        got.last = time.perf_counter()
+    got.written, got.read_ms = written, read_ms / max(1, written)
+    return got
 
 
 def _ray_error(exc: BaseException) -> GeoR1Error:
@@ -544,7 +583,7 @@ def run_ray(config: Any) -> int:
             ds, todo = _dataset(ray, config, runs)
             log.info("%d raster(s), %d tile(s), %d to ground on Ray (%s)", len(runs), total, todo,
                      ray.cluster_resources())  # fmt: skip
-            read_ms = _stream(ds, runs, total, progress)[1] if ds is not None else 0.0
+            got = _stream(ds, runs, total, progress) if ds is not None else _Stream()
         except KeyboardInterrupt:
             progress.close()
             for run in runs:
@@ -564,7 +603,9 @@ def run_ray(config: Any) -> int:
         collected = _collected_runner()
         for run in runs:
             run.summary.engine_s = seconds
-            run.summary.read_s = read_ms * run.summary.tiles_processed / 1000.0
+            run.summary.read_s = got.read_ms * run.summary.tiles_processed / 1000.0
             summary = collected(run).run()
             _report(config, run.sink, summary, seconds, created_file)
+        first = "no tile asked" if got.first is None else f"first answer after {got.first - t0:.1f} s"
+        sys.stderr.write(f"  ray: {config.ray_workers} worker(s), {got.written} tile(s) asked; {first}, {got.rate()}\n")
     return 0

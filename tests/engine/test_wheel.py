@@ -95,7 +95,10 @@ def test_wheel_metadata_base_and_extras(wheel):
     assert not base & {"trl", "datasets", "matplotlib", "pycocotools", "pytest"}, base
     assert {"trl", "datasets", "matplotlib", "pycocotools", "shapely", "pyyaml"} == train
     assert "geo-r1[train]" in dev and "pytest" in dev
-    assert set(msg.get_all("Provides-Extra")) == {"train", "dev"}
+    # geo-r1 ground --ray: an extra of its own, in the test environment, never in the base install
+    assert {r.split(";")[0].strip() for r in requires if 'extra == "ray"' in r} == {"ray[data]"}
+    assert "geo-r1[ray]" in dev and not any(r.startswith("ray") for r in base), base
+    assert set(msg.get_all("Provides-Extra")) == {"train", "ray", "dev"}
     assert msg["Version"] == __version__
     assert "geo-r1 = engine.cli:main" in meta["entry_points"]
 
