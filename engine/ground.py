@@ -94,6 +94,12 @@ class GroundConfig(RayOptions, RunSpec):
         default=(),
         metadata={**_ENGINE, "flags": ("--adapter",), "metavar": "[NAME=]PATH", "help": "LoRA adapter for --model"},
     )
+    sam: str | None = field(
+        default=None,
+        metadata={**_ENGINE, "metavar": "SAM2",
+                  "help": "with --model: the SAM 2 (id or directory) the started engine outlines with (serve --sam); "
+                          "--task gres and --outline need it"},
+    )  # fmt: skip
     device: str = field(
         default="auto", metadata={**_ENGINE, "help": "device for --model: auto, cpu, cuda, cuda:N, mps"}
     )
@@ -112,6 +118,8 @@ class GroundConfig(RayOptions, RunSpec):
             raise ConfigError(f"-o {self.output} must end in .gpkg (a GeoPackage); e.g. -o results.gpkg")
         if self.engine and self.model:
             raise ConfigError("give either --engine URL (a running engine) or --model M (start one), not both")
+        if self.sam and not self.model:
+            raise ConfigError("--sam is for the engine --model starts; a running engine (--engine) has its own --sam")
         self.check_ray()
 
     @property
@@ -193,6 +201,8 @@ def engine_for(config: GroundConfig) -> Iterator[tuple[EnginePool, dict[str, Any
             cmd += ["--processor", config.processor]
         for a in config.adapters:
             cmd += ["--adapter", a]
+        if config.sam:
+            cmd += ["--sam", config.sam]
         log.info("starting the engine: %s", " ".join(cmd))
         repo = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}

@@ -21,8 +21,8 @@ Choices worth knowing:
   ``preprocessor_config.json`` mean and std (ImageNet's when it has none); coordinates scaled by
   ``size / width`` and ``size / height`` (``Sam2Processor._normalize_coordinates``). Prompts with the same number
   of points go through the decoder together (no padded points).
-- **float32** on every device: the model is small (SAM 2.1-tiny: 39 M parameters), and masks are thresholds
-  of logits, where half precision moves edges.
+- **float32** on every device: the model is small (SAM 2.1-tiny: 31 M parameters as an image model), and masks
+  are thresholds of logits, where half precision moves edges.
 
 torch and transformers are imported inside functions only.
 """

@@ -11,7 +11,8 @@ where torchvision is installed).
   on one CPU core.
 - ``real_size=True`` (the benchmarks): transformers' default ``Sam2Config``, which is SAM 2.1-tiny's
   architecture (Hiera-T: stages 1/2/7/2, 96–768 channels, global attention in blocks 5, 7, 9; 1024 px input;
-  39 M parameters), with random weights. Its masks mean nothing; its cost is the real model's.
+  31.4 M parameters in transformers' image-only Sam2Model), with random weights. Its masks mean nothing; its
+  cost is the real model's.
 
 Random weights do not outline objects: masks of either model are noise shaped by the prompts. torch and
 transformers are imported inside functions only.
@@ -90,7 +91,7 @@ class TinySamConfig:
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of the random weights"})
     real_size: bool = dataclasses.field(
         default=False,
-        metadata={"help": "SAM 2.1-tiny's architecture (39 M parameters, 1024 px input) instead of the tiny one: "
+        metadata={"help": "SAM 2.1-tiny's architecture (31 M parameters, 1024 px input) instead of the tiny one: "
                           "random weights of the real cost, for benchmarks"},
     )  # fmt: skip
     force: bool = dataclasses.field(default=False, metadata={"help": "replace OUT_DIR if it is not empty"})

@@ -101,3 +101,15 @@ def test_the_raster_crs_is_the_outline_crs(engine, tmp_path, capsys):
     assert layers, "no outline layer"
     with rasterio.open(SHARED / name) as ds:
         assert CRS.from_user_input(pyogrio.read_info(out, layer=layers[0])["crs"]).equals(CRS.from_wkt(ds.crs.to_wkt()))
+
+
+def test_an_engine_started_with_model_and_sam(tiny_format_model_dir, tiny_sam_dir, tmp_path, capsys):
+    out = tmp_path / "own.gpkg"
+    argv = ["ground", str(SHARED / "cog.tif"), "all buildings", "-o", str(out), *OPTS, "--outline", "--device", "cpu",
+            "--model", str(tiny_format_model_dir), "--sam", str(tiny_sam_dir)]  # fmt: skip
+    assert cli(argv) == 0, capsys.readouterr().err
+    with sqlite3.connect(out) as con:
+        (engine_json,) = con.execute(f"SELECT engine FROM {RUNS_TABLE}").fetchone()
+    assert '"sam": "' in engine_json  # the started engine's /info names its SAM
+    assert cli(["ground", str(SHARED / "cog.tif"), "x", "-o", str(tmp_path / "b.gpkg"), "--sam", "s"]) == 1
+    assert "--sam is for the engine --model starts" in capsys.readouterr().err
