@@ -1,6 +1,6 @@
 """Benchmark of outlines (issue 22 §4): SAM 2 per tile on the CPU, polygon counts against raster size, peak memory.
 
-Usage:  OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_sam.py [--tmp /tmp/geo-r1-bench-sam] [--parts sam,counts,memory]
+Usage:  OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_sam.py [--tmp DIR] [--parts sam,counts,memory]
 
 1. **SAM per tile** (``engine.runtime.sam.SamMasker``, one torch thread): the image embedding, the mask decoder
    and the tracing (``core/outline.py``) for one 504×504 tile with 1 and 8 prompts (a box and two keypoints each),
@@ -60,7 +60,7 @@ def bench_sam(tmp: Path, repeats: int) -> dict:
         pixel_values = sam.pixel_values(tile)
         with torch.inference_mode():
             sam.model.get_image_embeddings(pixel_values)  # warm up
-            embed = _median_ms(lambda: sam.model.get_image_embeddings(sam.pixel_values(tile)), repeats)
+            embed = _median_ms(lambda s=sam: s.model.get_image_embeddings(s.pixel_values(tile)), repeats)
         row = {"parameters": n_params, "input_px": sam.size, "embedding_ms": embed}
         for n in (1, 8):
             prompts = []
@@ -68,7 +68,7 @@ def bench_sam(tmp: Path, repeats: int) -> dict:
                 x, y = (float(v) for v in rng.uniform(40, 420, 2))
                 w, h = (float(v) for v in rng.uniform(20, 80, 2))
                 prompts.append(MaskPrompt((x, y, x + w, y + h), ((x + w / 2, y + h / 2), (x + w / 3, y + h / 3))))
-            total = _median_ms(lambda p=prompts: sam.masks(tile, p), repeats)
+            total = _median_ms(lambda p=prompts, s=sam: s.masks(tile, p), repeats)
             masks = sam.masks(tile, prompts)
             trace = _median_ms(lambda m=masks: [mask_to_polygons(k, 1.0) for k in m], repeats)
             polys = [mask_to_polygons(k, 1.0) for k in masks]
