@@ -6,9 +6,8 @@ import email.utils
 
 import pytest
 
-from geo_r1_qgis.core.client import transient_error
 from geo_r1_qgis.core.errors import ConfigError, EngineOverloadedError, EngineRequestError, EngineUnavailableError
-from geo_r1_qgis.core.retry import RetryPolicy, Transient, parse_retry_after
+from geo_r1_qgis.core.retry import RetryPolicy, Transient, parse_retry_after, transient_error
 
 
 @pytest.mark.parametrize(
