@@ -88,6 +88,12 @@ AREA_CHOICES = (
     (AREA_POLYGONS, "Selected polygons of a layer"),
 )
 MODE_CHOICES = (("all", "all matching objects"), ("one", "the one best match"))
+#: the Outlines choices: (text, (RunSpec.task, RunSpec.outline))
+OUTLINE_CHOICES = (
+    ("none: boxes", ("auto", False)),
+    ("refine each box to its outline (SAM)", ("auto", True)),
+    ("GRES: boxes and keypoints, then SAM (mode all)", ("gres", False)),
+)
 ROLE_RUN = Qt.ItemDataRole.UserRole
 ROLE_FEATURE = Qt.ItemDataRole.UserRole + 1
 
@@ -280,6 +286,13 @@ class GeoR1Dock(QgsDockWidget):
         for key, text in MODE_CHOICES:
             self.mode_combo.addItem(text, key)
         form.addRow("Mode", self.mode_combo)
+        #: outlines from the engine's SAM (geo-r1 serve --sam): (RunSpec.task, RunSpec.outline) per choice
+        self.outline_combo = QComboBox(body)
+        for text, value in OUTLINE_CHOICES:
+            self.outline_combo.addItem(text, value)
+        self.outline_combo.setToolTip("Outlines need an engine started with --sam (a SAM 2); the run then shows "
+                                      "the objects' outlines instead of their boxes (both are in the GeoPackage)")
+        form.addRow("Outlines", self.outline_combo)
         model_combo = getattr(self.engine_box, "model_combo", None)
         if model_combo is not None:  # a known checkpoint brings its mode (OVD, GRES: all; REC: one)
             model_combo.currentTextChanged.connect(self._model_chosen)
@@ -644,6 +657,8 @@ class GeoR1Dock(QgsDockWidget):
         req = RunRequest(
             expression=expression,
             mode=self.mode_combo.currentData(),
+            task=self.outline_combo.currentData()[0],
+            outline=self.outline_combo.currentData()[1],
             output=output,
             engine_url=self.settings.engine_url,
             more_engines=self.settings.engine_urls()[1:],
@@ -932,7 +947,12 @@ class GeoR1Dock(QgsDockWidget):
         from ..qgis_io.gpkg_ogr import RunLayers, hold_wal
 
         hold_wal(entry.output)  # before QGIS opens it: read with locks while later runs write the file
-        layer = QgsVectorLayer(RunLayers(entry.output, entry.run_id, entry.layer).answer_uri, entry.display_name, "ogr")
+        layers = RunLayers(entry.output, entry.run_id, entry.layer)
+        layer = None
+        if layers.has_outlines():  # the run asked for outlines (task gres, or refine): they are what it shows
+            layer = QgsVectorLayer(layers.outline_uri, entry.display_name + " (outlines)", "ogr")
+        if layer is None or not layer.isValid():
+            layer = QgsVectorLayer(layers.answer_uri, entry.display_name, "ogr")
         if not layer.isValid():
             entry.message = f"the answer layer {entry.layer} could not be opened from {entry.output}"
             return

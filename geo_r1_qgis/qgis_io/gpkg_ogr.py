@@ -32,6 +32,7 @@ from ..core.gpkg_schema import (
     INTEGER,
     INTEGER64,
     OUTLINE_GEOMETRY_TYPE,
+    OUTLINE_SUFFIX,
     RAW_SUFFIX,
     REAL,
     STRING,
@@ -43,6 +44,7 @@ from ..core.gpkg_schema import (
     done_tile_ids,
     find_runs,
     hold_in_child,
+    list_tables,
     read_raw_detections,
 )
 from ..core.merge import Detection
@@ -274,6 +276,14 @@ class RunLayers:
     @property
     def raw_uri(self) -> str:
         return f"{self.path}|layername={self.raw_layer}"
+
+    @property
+    def outline_uri(self) -> str:
+        return f"{self.path}|layername={self.layer}{OUTLINE_SUFFIX}"
+
+    def has_outlines(self) -> bool:
+        """Whether the run wrote an outline layer (task gres or refine to outline, with at least one outline)."""
+        return (self.layer + OUTLINE_SUFFIX) in list_tables(self.path)
 
 
 #: the GeoPackages the panel shows layers of, held in WAL mode (core/gpkg_schema.py, "Readers while a run writes")

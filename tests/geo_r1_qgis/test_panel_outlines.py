@@ -1,0 +1,98 @@
+"""The panel's Outlines choice in a real QgsApplication, against a real ``geo-r1 serve --sam`` (the tiny random SAM 2
+and the format-trained tiny Qwen): a run started from the panel ends showing its outline layer (MultiPolygons,
+valid, the boxes' fields), with the box layer still in the GeoPackage. Random SAM weights outline nothing in
+particular; what the outlines look like is not checked."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+qgis_core = pytest.importorskip("qgis.core", reason="PyQGIS is not importable; run under /usr/bin/python3")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _real_engine as rx  # noqa: E402
+from _real_engine import spin  # noqa: E402
+from test_processing_outlines import tiny_sam  # noqa: E402
+
+pytestmark = pytest.mark.qgis
+
+from qgis.core import QgsProject, QgsVectorLayer, QgsWkbTypes  # noqa: E402
+
+RASTER = rx.SHARED / "cog.tif"
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    rx.need_venv()
+    eng = rx.Engine(tmp_path_factory.mktemp("panel-sam-engine"), rx.tiny_format_model(), ("--sam", str(tiny_sam())))
+    yield eng
+    eng.stop()
+
+
+@pytest.fixture
+def dock(qgis_app, isolated_settings, engine, tmp_path):
+    from qgis.gui import QgsMapCanvas
+
+    from geo_r1_qgis.gui.panel import RUNS, GeoR1Dock
+    from geo_r1_qgis.settings import PluginSettings
+
+    PluginSettings().with_values(engine_url=engine.url, token_file=str(engine.token_file), max_new_tokens=160,
+                                 output_gpkg=str(tmp_path / "results.gpkg")).save()  # fmt: skip
+    canvas = QgsMapCanvas()
+    d = GeoR1Dock(None, canvas=canvas)
+    yield d
+    if d.task is not None:
+        d.task.cancel()
+        spin(lambda: d.task is None, 30)
+    RUNS.clear()
+    QgsProject.instance().removeAllMapLayers()
+    d.deleteLater()
+    canvas.deleteLater()
+    gc.collect()
+
+
+@pytest.mark.skipif(not RASTER.is_file(), reason="../shared/data/cog.tif is not there")
+def test_a_refined_run_shows_its_outlines(dock):
+    from geo_r1_qgis.qgis_io.gpkg_ogr import RunLayers
+
+    raster = qgis_core.QgsRasterLayer(str(RASTER), RASTER.stem)
+    QgsProject.instance().addMapLayer(raster)
+    dock.raster_combo.setLayer(raster)
+    dock.expression_combo.setEditText("all buildings")
+    dock.mode_combo.setCurrentIndex(dock.mode_combo.findData("all"))
+    dock.area_combo.setCurrentIndex(1)  # the whole raster layer
+    dock.tile_spin.setValue(224)
+    dock.overlap_spin.setValue(32)
+    dock.outline_combo.setCurrentIndex(1)  # refine each box to its outline
+    entry = dock.start_run()
+    assert entry is not None, dock.status_label.text()
+    assert spin(lambda: dock.task is None, 600), dock.status_label.text()
+    assert entry.status == "done", entry.message
+    shown = QgsProject.instance().mapLayer(entry.map_layer_id)
+    assert isinstance(shown, QgsVectorLayer) and shown.isValid()
+    layers = RunLayers(entry.output, entry.run_id, entry.layer)
+    assert layers.has_outlines()
+    assert shown.name().endswith("(outlines)")
+    assert QgsWkbTypes.flatType(shown.wkbType()) == QgsWkbTypes.MultiPolygon
+    assert shown.crs() == raster.crs()
+    boxes = QgsVectorLayer(layers.answer_uri, "boxes", "ogr")
+    assert boxes.isValid() and 0 < shown.featureCount() <= boxes.featureCount()
+    assert [f.name() for f in boxes.fields()] == [f.name() for f in shown.fields()]
+    assert all(f.geometry().isGeosValid() for f in shown.getFeatures())
+
+
+def test_gres_needs_mode_all_and_says_so(dock):
+    raster = qgis_core.QgsRasterLayer(str(RASTER), RASTER.stem)
+    QgsProject.instance().addMapLayer(raster)
+    dock.raster_combo.setLayer(raster)
+    dock.expression_combo.setEditText("the largest building")
+    dock.mode_combo.setCurrentIndex(dock.mode_combo.findData("one"))
+    dock.area_combo.setCurrentIndex(1)
+    dock.outline_combo.setCurrentIndex(2)  # GRES
+    assert dock.start_run() is None
+    assert "mode all" in dock.status_label.text(), dock.status_label.text()
