@@ -548,6 +548,10 @@ def test_qgis_reads_a_file_while_the_command_line_writes_it(qgis_app, engine, tm
             reader.join(60)
         gdal.SetErrorHandler(None)
         qgis_core.QgsApplication.messageLog().messageReceived.disconnect(on_message)
+    # the reading stops at its deadline; the run itself may take longer on a loaded machine (a CI run's 3.40
+    # suite, beside the others, once needed more than 400 s): it is let finish, not judged by the clock
+    while proc.poll() is None and time.monotonic() < deadline + 1800:
+        time.sleep(1)
     assert proc.poll() == 0, (tmp_path / "cli.log").read_text()[-2000:]
     assert reads >= 5, reads
     assert not log_messages, log_messages[:5]
