@@ -12,7 +12,8 @@ Usage:  OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_sam.py [--tmp DIR] [--p
 3. **Peak memory** (``VmHWM`` of a fresh process) of a whole ``run_grounding`` over a 4000² and a 40000²
    raster (bench_ground.py's tiled GeoTIFF, 504 px tiles, no overlap) with a client that answers 4 boxes per tile,
    each with a 48-vertex outline (what a simplified SAM outline of a building has), and a sink that keeps the
-   final answer: the cost of carrying outlines through reading, merging and placing.
+   final answer, and the same run without outlines: the cost of carrying outlines through reading, merging and
+   placing.
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ class Client:
     def ground(self, tiles, expression, task="multi", reasoning=True, max_new_tokens=None, outline=None):
         out = []
         for t in tiles:
-            boxes = tuple(Box(cx - 20, cy - 20, cx + 20, cy + 20, 0.8, "b", outline=((ring(cx, cy, 19),),))
+            boxes = tuple(Box(cx - 20, cy - 20, cx + 20, cy + 20, 0.8, "b",
+                              outline=((ring(cx, cy, 19),),) if sys.argv[3] == "1" else ())
                           for cx, cy in ((60, 60), (200, 120), (330, 300), (440, 430)))
             out.append(GroundResult(boxes, 0.9, "", "", "ok"))
         return out
@@ -152,7 +154,7 @@ class Sink:
 
 with RasterioSource(sys.argv[1]) as src:
     sink = Sink()
-    job = GroundingJob("buildings", tile_size=504, overlap=0, outline=True, batch_size=8)
+    job = GroundingJob("buildings", tile_size=504, overlap=0, outline=sys.argv[3] == "1", batch_size=8)
     summary = run_grounding(job, src, sink, Client())
 hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]
 print(summary.tiles_total, len(sink.final), sum(len(m.outline) for m in sink.final), hwm)
@@ -162,18 +164,22 @@ print(summary.tiles_total, len(sink.final), sum(len(m.outline) for m in sink.fin
 def bench_memory(tmp: Path) -> dict:
     from bench_ground import make_raster
 
-    out = {}
-    for size in (4000, 40000):
-        path = tmp / f"mem{size}.tif"
-        make_raster(path, size)
-        t0 = time.perf_counter()
-        res = subprocess.run([sys.executable, "-c", MEM_CHILD, str(path), str(REPO)], capture_output=True, text=True)
-        if res.returncode:
-            raise SystemExit(res.stderr[-2000:])
-        tiles, final, outlines, rss_kb = map(int, res.stdout.split()[-4:])
-        out[size] = {"tiles": tiles, "detections": final, "outlines": outlines, "peak_rss_mb": rss_kb / 1024,
-                     "seconds": time.perf_counter() - t0}  # fmt: skip
-    out["ratio"] = out[40000]["peak_rss_mb"] / out[4000]["peak_rss_mb"]
+    out: dict = {}
+    for with_outlines in ("1", "0"):
+        key = "outlines" if with_outlines == "1" else "boxes only"
+        out[key] = {}
+        for size in (4000, 40000):
+            path = tmp / f"mem{size}.tif"
+            make_raster(path, size)
+            t0 = time.perf_counter()
+            cmd = [sys.executable, "-c", MEM_CHILD, str(path), str(REPO), with_outlines]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode:
+                raise SystemExit(res.stderr[-2000:])
+            tiles, final, outlines, rss_kb = map(int, res.stdout.split()[-4:])
+            out[key][size] = {"tiles": tiles, "detections": final, "outlines": outlines, "peak_rss_mb": rss_kb / 1024,
+                              "seconds": time.perf_counter() - t0}  # fmt: skip
+        out[key]["ratio"] = out[key][40000]["peak_rss_mb"] / out[key][4000]["peak_rss_mb"]
     return out
 
 
