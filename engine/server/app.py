@@ -472,6 +472,13 @@ None (`None`, `none`, `null` and their prefixes). 0 when the output has neither 
 
 Rank boxes by `score × presence`; drop weak ones with a threshold on either. `parse_status` says how the
 output was read: ok, none (the model said there is nothing), no_answer_tag, truncated, no_box or empty.
+**Outlines** (an engine started with `--sam`): `task: "gres"` (Geo-R1's GRES prompt: boxes and two keypoints each)
+or `outline: true` with `rec`/`multi` ("refine to outline": each box alone) prompts SAM 2 per box; the mask is
+clipped to the box (Geo-R1's Eq. 7) and traced. Each box then has `outline`: a list of polygons, each a list of
+closed rings `[[x, y], ...]` (the exterior first, then holes), in the pixels of the image you sent, on pixel
+corners, simplified by Douglas-Peucker at `outline_tolerance_px` (default 1 pixel: one ground pixel of a tile);
+parts under `outline_min_area_px` are dropped. `gres` boxes also have `keypoints` (image pixels). An engine without
+`--sam` answers 422 to such items.
 """
 
 
