@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # `make test`'s four suites side by side: the venv's (engine, training, the pure core) and the plugin's under
-# QGIS 3.22 (host), 3.40 and 3.44 (Debian 13 chroots). Much of a plugin suite's time is spent waiting on engine
-# processes and QGIS, so on two cores running them together takes far less than one after the other
-# (BENCHMARKS.md, "make test"). Each suite writes its own log under $GEO_R1_TEST_LOGS (default .cache/test-logs),
+# QGIS 3.22 (host), 3.40 and 3.44 (Debian 13 chroots). One suite keeps about one core busy (a pytest process
+# waiting on its engine processes in turn: the QGIS 3.22 suite used 6.4 CPU-minutes in 9.0 minutes), so two at
+# a time on two cores should take about half the time of one after the other (BENCHMARKS.md, "make test"). Each suite writes its own log under $GEO_R1_TEST_LOGS (default .cache/test-logs),
 # printed whole as it ends; then a summary line per suite. Any suite failing, or NOT RUN, fails the whole run.
-#   GEO_R1_TEST_JOBS=1   one suite at a time (the order below), e.g. to time each alone.
+#   GEO_R1_TEST_JOBS=N   N suites at a time (default: one per CPU core, at most 4; 1: one after the other, in the
+#                        order below). More suites than cores make the tests with short network timeouts (5 s)
+#                        time out on a loaded machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOGS=${GEO_R1_TEST_LOGS:-.cache/test-logs}
-JOBS=${GEO_R1_TEST_JOBS:-4}
+cores=$(nproc 2>/dev/null || echo 2)
+JOBS=${GEO_R1_TEST_JOBS:-$(( cores < 4 ? cores : 4 ))}
 MAKE_=(make -s --no-print-directory -o setup)
-names=(venv qgis-3.22 qgis-3.40 qgis-3.44)
-targets=(test-engine test-plugin test-plugin-340 test-plugin-344)
+names=(qgis-3.22 venv qgis-3.40 qgis-3.44)  # the longest first
+targets=(test-plugin test-engine test-plugin-340 test-plugin-344)
 mkdir -p "$LOGS"
 rm -f "$LOGS"/*.rc "$LOGS"/*.log
 t0=$(date +%s)
