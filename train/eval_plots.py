@@ -138,6 +138,14 @@ def _boxes(value: Any, task: str) -> list[list[float]]:
     return [list(map(float, b)) for b in items if isinstance(b, list) and len(b) == 4]
 
 
+def _query_key(result: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The same query across models: its image and record id; the question only where there is no id (an
+    SFT-mode model is asked the paper's baseline prompt, so its question differs from the others')."""
+    if result.get("id") is not None:
+        return (result.get("image"), result.get("id"))
+    return (result.get("image"), result.get("question"))
+
+
 def example_grid(runs: Sequence[Any], data_dir: Path | None, png: Path, count: int = 8) -> Path | None:
     """Rows: models; columns: the first ``count`` queries of the first model. Each chip with its true
     boxes (green) and the model's boxes (red, as written: not rescaled)."""
@@ -149,7 +157,7 @@ def example_grid(runs: Sequence[Any], data_dir: Path | None, png: Path, count: i
     if len(pool) > count > 1:  # spread over the whole set, deterministically
         pool = [pool[round(i * (len(pool) - 1) / (count - 1))] for i in range(count)]
     first = pool[:count]
-    keys = [(r.get("image"), r.get("question"), r.get("id")) for r in first]
+    keys = [_query_key(r) for r in first]
     images = []
     for r in first:
         path = Path(data_dir) / str(r.get("image"))
@@ -165,7 +173,7 @@ def example_grid(runs: Sequence[Any], data_dir: Path | None, png: Path, count: i
     cols, rows = len(first), len(runs)
     fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.35 * rows + 0.3), squeeze=False)
     for i, run in enumerate(runs):
-        by_key = {(r.get("image"), r.get("question"), r.get("id")): r for r in run.results}
+        by_key = {_query_key(r): r for r in run.results}
         for j, key in enumerate(keys):
             ax = axes[i][j]
             ax.imshow(images[j], interpolation="nearest")

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -287,6 +288,29 @@ def test_tiny_model_with_adapters(tmp_path, tiny_rope10_dir, tiny_dataset, capsy
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
     assert "## Learning curves" in report and "sft" in report and "not multiples of 28" in report
+
+
+def test_example_grid_shows_an_sft_mode_answer_beside_the_others(tmp_path, monkeypatch):
+    """An SFT-mode model is asked the paper's baseline OVD prompt, so its results' question differs from the
+    reasoning models'; the grid pairs the answers by image and record id (it drew "(not scored)" before)."""
+    import matplotlib.axes
+    from PIL import Image
+
+    from train.eval_plots import example_grid
+
+    Image.new("RGB", (56, 56)).save(tmp_path / "a.png")
+    box = [[1, 1, 9, 9]]
+    row = {"image": "a.png", "id": "test-00000-multi", "ground_truth": box, "extracted_answer": box}
+    runs = [
+        SimpleNamespace(name="base", mode="geo-r1", task="multi", results=[{**row, "question": "reasoning"}]),
+        SimpleNamespace(name="sft", mode="sft", task="multi", results=[{**row, "question": "baseline"}]),
+    ]
+    titles: list[str] = []
+    real = matplotlib.axes.Axes.set_title
+    spy = lambda ax, t, *a, **k: titles.append(t) or real(ax, t, *a, **k)  # noqa: E731
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", spy)
+    assert example_grid(runs, tmp_path, tmp_path / "ex.png", count=1).is_file()
+    assert titles == ["1 pred / 1 true", "1 pred / 1 true"]
 
 
 @pytest.mark.timeout(600)
