@@ -6,6 +6,7 @@ box layer with the same fields, that its MultiPolygons are valid, in the raster'
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from pathlib import Path
 
@@ -113,3 +114,25 @@ def test_an_engine_started_with_model_and_sam(tiny_format_model_dir, tiny_sam_di
     assert '"sam": "' in engine_json  # the started engine's /info names its SAM
     assert cli(["ground", str(SHARED / "cog.tif"), "x", "-o", str(tmp_path / "b.gpkg"), "--sam", "s"]) == 1
     assert "--sam is for the engine --model starts" in capsys.readouterr().err
+
+
+def test_outlines_on_a_rotated_raster_stay_inside_their_rotated_boxes(engine, tmp_path, capsys):
+    from train.sample_data import SampleDataConfig, write_samples
+
+    samples = tmp_path / "samples"
+    write_samples(SampleDataConfig(out_dir=samples, size=448))
+    out = tmp_path / "rot.gpkg"
+    rc = cli(["ground", str(samples / "rotated.tif"), "all storage tanks", "-o", str(out), *OPTS, "--outline", *engine])
+    assert rc == 0, capsys.readouterr().err
+    with sqlite3.connect(out) as con:
+        (layer,) = con.execute(f"SELECT layer FROM {RUNS_TABLE}").fetchone()
+    boxes = features(out, layer)
+    assert boxes
+    pts = list(boxes[0][1].geoms[0].exterior.coords if hasattr(boxes[0][1], "geoms") else boxes[0][1].exterior.coords)
+    slanted = [(b[0] - a[0]) * (b[1] - a[1]) for a, b in itertools.pairwise(pts)]
+    assert all(abs(v) > 1e-9 for v in slanted)  # the boxes are rotated parallelograms on the map, not axis-aligned
+    if layer + OUTLINE_SUFFIX not in pyogrio.list_layers(out)[:, 0]:
+        pytest.fail("no outline on the rotated raster; the format model answered no box SAM could outline")
+    for row, geom in features(out, layer + OUTLINE_SUFFIX):
+        same = [g for r, g in boxes if all(r[k] == row[k] for k in ("tile_id", "score", "label"))]
+        assert geom.is_valid and any(g.buffer(0.5 * 1.01).contains(geom) for g in same)  # 0.5 m pixels
