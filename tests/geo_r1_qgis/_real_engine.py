@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import host_exec  # the engine venv's commands, also from inside the QGIS 3.40 chroot
 from tiny_models import cached_build
 
-__all__ = ["FORMAT_STEPS", "GEO_R1", "REPO", "SAMPLE_MODEL", "SHARED", "VENV_BIN", "Engine", "ProcessingSession",
-           "feature_rings", "free_port", "host_exec", "need_venv", "tiny_format_model", "venv_env"]  # fmt: skip
+__all__ = ["FORMAT_STEPS", "GEO_R1", "REPO", "SAMPLE_MODEL", "SHARED", "UNSEEN_SEED", "VENV_BIN", "Engine",
+           "ProcessingSession", "feature_rings", "free_port", "host_exec", "need_venv", "sample_data", "spin",
+           "tiny_format_model", "venv_env"]  # fmt: skip
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
@@ -32,6 +33,7 @@ SHARED = REPO.parent / "shared" / "data"
 SAMPLE_MODEL = REPO / "resources" / "sample_model"
 FORMAT_STEPS = 300
 QGIS_PLUGINS = "/usr/share/qgis/python/plugins"
+UNSEEN_SEED = 9100  # the sample model trained on seeds 0-199 (tests/engine/test_end_to_end.py uses the same)
 
 
 def venv_env() -> dict[str, str]:
@@ -160,3 +162,24 @@ def feature_rings(layer) -> list[list[tuple[float, float]]]:
         parts = geom.asMultiPolygon() if geom.isMultipart() else [geom.asPolygon()]
         rings += [[(p.x(), p.y()) for p in part[0]] for part in parts]
     return rings
+
+
+def sample_data(out: Path, *args: str) -> Path:
+    """``geo-r1 sample-data OUT ARGS`` in the engine venv; returns ``out``."""
+    need_venv()
+    proc = host_exec.run([str(GEO_R1), "sample-data", str(out), *args], timeout=120, env=venv_env())
+    assert proc.returncode == 0, f"geo-r1 sample-data failed:\n{proc.stdout}\n{proc.stderr}"
+    return out
+
+
+def spin(until, timeout: float = 120.0, step: float = 0.02) -> bool:
+    """Run the Qt event loop until ``until()`` is true (False after ``timeout`` seconds)."""
+    from qgis.core import QgsApplication
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        QgsApplication.processEvents()
+        if until():
+            return True
+        time.sleep(step)
+    return bool(until())

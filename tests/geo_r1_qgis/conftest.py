@@ -48,6 +48,42 @@ def _collect_garbage_in_the_main_thread():
     gc.collect()
 
 
+@pytest.fixture(scope="module")
+def isolated_settings(qgis_app, request):
+    """QgsSettings of a throw-away application name (one per test module), so the tests never touch a user's QGIS
+    settings; it starts from the plugin's defaults and is cleared at the end."""
+    from qgis.core import QgsSettings
+    from qgis.PyQt.QtCore import QCoreApplication
+
+    from geo_r1_qgis.settings import PluginSettings
+
+    old = QCoreApplication.applicationName()
+    QCoreApplication.setApplicationName(f"geo-r1-tests-{request.module.__name__}-{os.getpid()}")
+    PluginSettings().save()
+    yield
+    QgsSettings().clear()
+    QCoreApplication.setApplicationName(old)
+
+
+@pytest.fixture(scope="module")
+def sample_engine(tmp_path_factory):
+    """A real ``geo-r1 serve`` of the shipped sample model (one thread)."""
+    import _real_engine as rx
+
+    rx.need_venv()
+    eng = rx.Engine(tmp_path_factory.mktemp("sample-engine"), rx.SAMPLE_MODEL, ("--threads", "1"))
+    yield eng
+    eng.stop()
+
+
+@pytest.fixture(scope="module")
+def unseen_scene(tmp_path_factory):
+    """The sample rasters of a scene the sample model never saw (seed ``UNSEEN_SEED``)."""
+    import _real_engine as rx
+
+    return rx.sample_data(tmp_path_factory.mktemp("unseen-scene"), "--seed", str(rx.UNSEEN_SEED))
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test name carries the QGIS version it ran under, so a failure on one version says which."""
     try:

@@ -20,7 +20,6 @@ import signal
 import sqlite3
 import sys
 import textwrap
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -31,40 +30,14 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 qgis_core = pytest.importorskip("qgis.core", reason="PyQGIS is not importable; run under /usr/bin/python3")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _real_engine as rx  # noqa: E402  (the real-engine helpers the plugin tests share)
+from _real_engine import spin  # noqa: E402
 
 pytestmark = pytest.mark.qgis
 
-from qgis.core import QgsApplication, QgsProject  # noqa: E402
-from qgis.PyQt.QtCore import QCoreApplication  # noqa: E402
+from qgis.core import QgsProject  # noqa: E402
 
 #: training steps of the short job (the engine's tiny model trains a step in about a second)
 SHORT_STEPS = 3
-
-
-def spin(until, timeout: float = 120.0, step: float = 0.02) -> bool:
-    """Run the Qt event loop until ``until()`` is true (False after ``timeout`` seconds)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        QgsApplication.processEvents()
-        if until():
-            return True
-        time.sleep(step)
-    return bool(until())
-
-
-@pytest.fixture(scope="module")
-def isolated_settings(qgis_app):
-    """QgsSettings of a throw-away application name, so the tests never touch a user's QGIS settings."""
-    old = QCoreApplication.applicationName()
-    QCoreApplication.setApplicationName(f"geo-r1-finetune-tests-{os.getpid()}")
-    from geo_r1_qgis.settings import PluginSettings
-
-    PluginSettings().save()
-    yield
-    from qgis.core import QgsSettings
-
-    QgsSettings().clear()
-    QCoreApplication.setApplicationName(old)
 
 
 def _settings(**values):

@@ -22,45 +22,19 @@ import pytest
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 qgis_core = pytest.importorskip("qgis.core", reason="PyQGIS is not importable; run under /usr/bin/python3")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import test_processing as tp  # noqa: E402  (its real-engine helpers)
+import _real_engine as rx  # noqa: E402  (the real-engine helpers the plugin tests share)
+from _real_engine import spin  # noqa: E402
 from xyz_tiles import make_xyz, xyz_uri, zoom_res  # noqa: E402
 
 pytestmark = pytest.mark.qgis
 
 from qgis.core import QgsApplication, QgsExpression, QgsExpressionContext, QgsProject  # noqa: E402
-from qgis.PyQt.QtCore import QCoreApplication  # noqa: E402
-
-
-def spin(until, timeout: float = 120.0, step: float = 0.02) -> bool:
-    """Run the Qt event loop until ``until()`` is true (False after ``timeout`` seconds)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        QgsApplication.processEvents()
-        if until():
-            return True
-        time.sleep(step)
-    return bool(until())
-
-
-@pytest.fixture(scope="module")
-def isolated_settings(qgis_app):
-    """QgsSettings of a throw-away application name, so the tests never touch a user's QGIS settings."""
-    old = QCoreApplication.applicationName()
-    QCoreApplication.setApplicationName(f"geo-r1-tests-{os.getpid()}")
-    from geo_r1_qgis.settings import PluginSettings
-
-    PluginSettings().save()
-    yield
-    from qgis.core import QgsSettings
-
-    QgsSettings().clear()
-    QCoreApplication.setApplicationName(old)
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    tp._need_venv()
-    eng = tp._Engine(tmp_path_factory.mktemp("panel-engine"), tp._tiny_format_model())
+    rx.need_venv()
+    eng = rx.Engine(tmp_path_factory.mktemp("panel-engine"), rx.tiny_format_model())
     yield eng
     with contextlib.suppress(OSError):
         os.kill(eng.proc.pid, signal.SIGCONT)
@@ -69,11 +43,7 @@ def engine(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory) -> Path:
-    tp._need_venv()
-    out = tmp_path_factory.mktemp("panel-samples")
-    proc = tp.host_exec.run([str(tp.GEO_R1), "sample-data", str(out)], timeout=120, env=tp._venv_env())
-    assert proc.returncode == 0, f"geo-r1 sample-data failed:\n{proc.stdout}\n{proc.stderr}"
-    return out
+    return rx.sample_data(tmp_path_factory.mktemp("panel-samples"))
 
 
 @pytest.fixture(scope="module")
@@ -346,10 +316,10 @@ def test_a_run_the_command_line_interrupted_is_resumed_from_the_panel(dock, samp
     """Ctrl-C on ``geo-r1 ground``, then "Runs in file" and Resume in the panel finish that very run."""
     out = tmp_path / "cli.gpkg"
     raster = samples / "utm.tif"
-    cmd = [str(tp.GEO_R1), "ground", str(raster), "all bright squares", "-o", str(out), "--engine", engine.url,
+    cmd = [str(rx.GEO_R1), "ground", str(raster), "all bright squares", "-o", str(out), "--engine", engine.url,
            "--token-file", str(engine.token_file), "--tile", "84", "--overlap", "0", "--batch", "2",
            "--no-progress"]  # fmt: skip
-    proc = tp.host_exec.spawn(cmd, log_path=tmp_path / "cli.log", env=tp._venv_env())
+    proc = rx.host_exec.spawn(cmd, log_path=tmp_path / "cli.log", env=rx.venv_env())
 
     def done_tiles() -> int:
         if not out.exists():  # (sqlite3 would create an empty file, which is not a GeoPackage)
@@ -394,7 +364,7 @@ def test_an_engine_killed_mid_run_interrupts_it_and_resume_finishes_it(dock, sam
     from geo_r1_qgis.settings import PluginSettings
 
     (tmp_path / "e1").mkdir()
-    own = tp._Engine(tmp_path / "e1", tp._tiny_format_model())
+    own = rx.Engine(tmp_path / "e1", rx.tiny_format_model())
     PluginSettings.load().with_values(engine_url=own.url, token_file=str(own.token_file)).save()
     raster = _load_raster(samples / "utm.tif", canvas)
     _configure(dock, raster, "all bright squares", tile=84, overlap=0)
@@ -417,7 +387,7 @@ def test_an_engine_killed_mid_run_interrupts_it_and_resume_finishes_it(dock, sam
     assert "per tile" in _map_layer(entry).name()  # what was found stays on the map
     own.stop()
     (tmp_path / "e2").mkdir()
-    again = tp._Engine(tmp_path / "e2", tp._tiny_format_model())
+    again = rx.Engine(tmp_path / "e2", rx.tiny_format_model())
     try:
         PluginSettings.load().with_values(engine_url=again.url, token_file=str(again.token_file)).save()
         dock.select_run(entry)
@@ -494,7 +464,7 @@ def test_a_web_layer_from_a_local_xyz_directory(dock, samples, canvas, tmp_path)
 def test_processing_takes_the_engine_from_the_plugin_settings(isolated_settings, engine, samples, qgis_app):
     from geo_r1_qgis.settings import PluginSettings
 
-    session = tp._Qgis()
+    session = rx.ProcessingSession()
     try:
         params = {"INPUT": str(samples / "utm.tif"), "EXPRESSION": "all bright squares", "MODE": 1, "TILE_SIZE": 224,
                   "OVERLAP": 32, "MAX_NEW_TOKENS": 32, "OUTPUT": "TEMPORARY_OUTPUT"}  # fmt: skip
@@ -502,7 +472,7 @@ def test_processing_takes_the_engine_from_the_plugin_settings(isolated_settings,
         out = session.run(params)  # no ENGINE_URL, no TOKEN_FILE: the settings' engine
         assert out is not None and out.isValid()
         assert {f["model"] for f in out.getFeatures()} <= {engine.info["model"]}
-        elsewhere = f"http://127.0.0.1:{tp._free_port()}"
+        elsewhere = f"http://127.0.0.1:{rx.free_port()}"
         PluginSettings().with_values(engine_url=elsewhere, token_file=str(engine.token_file)).save()
         with pytest.raises(qgis_core.QgsProcessingException, match=f"not running at {elsewhere}"):
             session.run(params)
@@ -1113,7 +1083,7 @@ def test_the_results_list_context_menu_actions(dock, samples, canvas, tmp_path):
     assert QgsProject.instance().mapLayer(kept.id()) is not None
 
 
-NAIP = tp.SHARED / "naip_m_4709963_se_14_20200831.tif"
+NAIP = rx.SHARED / "naip_m_4709963_se_14_20200831.tif"
 
 
 def test_the_band_choice_reads_a_4_band_naip_tile_with_bands_4_3_2(dock, canvas, tmp_path):
@@ -1172,8 +1142,7 @@ def test_the_band_choice_reads_a_4_band_naip_tile_with_bands_4_3_2(dock, canvas,
 # With a model that sees: the sample model on a scene it never saw
 # --------------------------------------------------------------------------------------------------
 
-sample_engine = tp.sample_engine  # module fixtures: the sample model's engine, seed 9100's rasters
-unseen_scene = tp.unseen_scene
+# sample_engine and unseen_scene (the sample model's engine, seed 9100's rasters): conftest.py
 
 
 @pytest.mark.parametrize("mode", ["all", pytest.param("one", marks=pytest.mark.xfail(strict=True, reason=(
@@ -1205,7 +1174,7 @@ def test_the_panel_finds_the_storage_tanks_of_a_scene_the_model_never_saw(
         assert entry.request.tile_size == sample_engine.info["tile"] == 224  # the model's tile, recorded
         layer = _map_layer(entry)
         truth = read_truth(unseen_scene / "utm.objects.geojson", "tank")
-        m = match_objects(tp.feature_rings(layer), [t.ring for t in truth])
+        m = match_objects(rx.feature_rings(layer), [t.ring for t in truth])
         if mode == "all":
             assert m.n_truth == 7 and m.found >= 4 and m.precision >= 0.4, m
         else:

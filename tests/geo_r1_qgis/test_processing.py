@@ -21,9 +21,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 qgis_core = pytest.importorskip("qgis.core", reason="PyQGIS is not importable; run under /usr/bin/python3")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _real_engine import (  # noqa: E402  (the real-engine helpers the plugin tests share)
-    GEO_R1,
     REPO,
-    SAMPLE_MODEL,
     SHARED,
     VENV_BIN,
     Engine,
@@ -32,6 +30,7 @@ from _real_engine import (  # noqa: E402  (the real-engine helpers the plugin te
     free_port,
     host_exec,
     need_venv,
+    sample_data,
     tiny_format_model,
     venv_env,
 )
@@ -92,15 +91,7 @@ def engine(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sample_dir(tmp_path_factory) -> Path:
-    return _sample_data(tmp_path_factory.mktemp("qgis-samples"))
-
-
-def _sample_data(out: Path, *args: str) -> Path:
-    """``geo-r1 sample-data OUT ARGS`` in the engine venv; returns ``out``."""
-    need_venv()
-    proc = host_exec.run([str(GEO_R1), "sample-data", str(out), *args], timeout=120, env=venv_env())
-    assert proc.returncode == 0, f"geo-r1 sample-data failed:\n{proc.stdout}\n{proc.stderr}"
-    return out
+    return sample_data(tmp_path_factory.mktemp("qgis-samples"))
 
 
 def _path(sample_dir: Path, name: str) -> Path:
@@ -499,20 +490,7 @@ def test_the_toolbox_run_shows_progress_and_a_styled_layer_named_after_the_raste
 # With a model that sees: the sample model on a scene it never saw, checked against the scene's truth
 # --------------------------------------------------------------------------------------------------
 
-UNSEEN_SEED = 9100  # the sample model trained on seeds 0-199 (tests/engine/test_end_to_end.py uses the same)
-
-
-@pytest.fixture(scope="module")
-def sample_engine(tmp_path_factory):
-    need_venv()
-    eng = Engine(tmp_path_factory.mktemp("sample-engine"), SAMPLE_MODEL, ("--threads", "1"))
-    yield eng
-    eng.stop()
-
-
-@pytest.fixture(scope="module")
-def unseen_scene(tmp_path_factory) -> Path:
-    return _sample_data(tmp_path_factory.mktemp("unseen-scene"), "--seed", str(UNSEEN_SEED))
+# sample_engine and unseen_scene: conftest.py (test_panel.py uses them too)
 
 
 def test_ground_finds_the_storage_tanks_of_a_scene_the_model_never_saw(qgis, unseen_scene, sample_engine):
@@ -530,8 +508,3 @@ def test_ground_finds_the_storage_tanks_of_a_scene_the_model_never_saw(qgis, uns
     assert m.n_truth == 7 and m.found >= 4 and m.precision >= 0.4, m
     assert all("storage tank" in f["reasoning"] for f in out.getFeatures())
 
-
-# The old private names that test_panel.py and test_finetune.py still read as tp.<name>; they, too, should
-# import _real_engine (and take sample_engine and unseen_scene from a shared place) instead of this module.
-_Engine, _Qgis, _free_port, _need_venv = Engine, ProcessingSession, free_port, need_venv
-_tiny_format_model, _venv_env = tiny_format_model, venv_env
