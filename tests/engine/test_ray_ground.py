@@ -4,8 +4,8 @@ The cluster is started by the tests (``ray start --head`` and a worker node, eac
 process group, in a temporary folder, on free ports, with a token of their own) and stopped at the end. The
 actors load the format-trained tiny model (``tiny_format_model_dir``: it answers with boxes, so there are
 features to compare). The reference is the single-process ``geo-r1 ground --model`` run of the same rasters
-(real ones, from ../shared/data): the Ray run must write the same features, tile for tile, also when the
-worker node is killed in the middle of the run.
+(real ones, from ../shared/data): the Ray run must write the same features, tile for tile, also when it is
+interrupted (Ctrl-C) and resumed, and when the worker node is killed in the middle of the run.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -153,14 +154,37 @@ def test_an_unreachable_cluster_is_a_clear_error_and_no_geopackage(tmp_path, tin
 # -- on the cluster ------------------------------------------------------------------------------------
 
 
-def test_ray_run_equals_the_single_process_run(cluster, reference, tiny_format_model_dir, tmp_path):
-    """Two rasters (an @FILE list) on two nodes and two actors: the same tiles, boxes and features."""
+def _first_tiles(out: Path, proc: subprocess.Popen) -> int:
+    """Wait until the run has written its first tiles; how many it has then (0 if it ended first)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists():
+            with contextlib.suppress(sqlite3.Error), sqlite3.connect(f"file:{out}?mode=ro", uri=True) as con:
+                done = con.execute(f"SELECT count(*) FROM {TILES_TABLE}").fetchone()[0]
+                if done:
+                    return int(done)
+        time.sleep(0.1)
+    return 0
+
+
+def test_ray_run_equals_the_single_process_run_also_interrupted_and_resumed(
+    cluster, reference, tiny_format_model_dir, tmp_path
+):
+    """Two rasters (an @FILE list) on two nodes and two actors, Ctrl-C after the first tiles, then --resume:
+    the same tiles, boxes and features as the single-process runs."""
     listing = tmp_path / "rasters.txt"
     listing.write_text("".join(f"{r}\n" for r in RASTERS))
     out = tmp_path / "ray.gpkg"
-    proc = cluster.ground(f"@{listing}", *RUN, "-o", out, "--model", tiny_format_model_dir, "--ray-workers", "2",
-                          "--ray-cpus", "0.5")  # fmt: skip
+    argv = (f"@{listing}", *RUN, "-o", out, "--model", tiny_format_model_dir, "--ray-workers", "2", "--ray-cpus", "0.5")
+    proc = cluster.ground(*argv, wait=False)
+    assert _first_tiles(out, proc), f"the run ended before it wrote a tile: {proc.communicate()[0]}"
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "run the same command with --resume" in output, output
+    proc = cluster.ground(*argv, "--resume")
     assert proc.returncode == 0, proc.output
+    resumed = [int(n) for n in re.findall(r"(\d+) resumed", proc.output)]
+    assert len(resumed) == len(RASTERS) and sum(resumed) > 0, proc.output
     assert sum(assert_same_run(out, reference, r) for r in RASTERS) > 0  # features there were, and they match
 
 
@@ -170,15 +194,7 @@ def test_a_worker_node_killed_mid_run_is_survived(cluster, reference, tiny_forma
     out = tmp_path / "ray.gpkg"
     proc = cluster.ground(RASTERS[0], *RUN, "-o", out, "--model", tiny_format_model_dir, "--ray-workers", "2",
                           "--ray-cpus", "0.5", wait=False)  # fmt: skip
-    deadline = time.monotonic() + 300
-    done_at_kill = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        if out.exists():
-            with contextlib.suppress(sqlite3.Error), sqlite3.connect(out) as con:
-                done_at_kill = con.execute(f"SELECT count(*) FROM {TILES_TABLE}").fetchone()[0]
-            if done_at_kill:
-                break
-        time.sleep(0.1)
+    done_at_kill = _first_tiles(out, proc)
     assert proc.poll() is None, f"the run ended before the kill: {proc.communicate()[0]}"
     cluster.kill("worker")
     output = proc.communicate(timeout=600)[0]
@@ -186,4 +202,3 @@ def test_a_worker_node_killed_mid_run_is_survived(cluster, reference, tiny_forma
     total = len(_tiles(reference, _runs(reference)[str(RASTERS[0])]))
     assert 0 < done_at_kill < total
     assert assert_same_run(out, reference, RASTERS[0]) > 0
-
