@@ -98,12 +98,15 @@ class Box:
     score: float
     label: str | None = None
     #: the box's outline from the engine's SAM (``outline`` requests, task ``gres``): polygons in the same tile
-    #: pixels, each a tuple of closed rings (exterior first); empty when none was asked or SAM found nothing
-    outline: tuple[tuple[tuple[tuple[float, float], ...], ...], ...] = ()
+    #: pixels, each a tuple of closed rings as (n, 2) float arrays (exterior first); empty when none was asked or
+    #: SAM found nothing; not part of the box's equality
+    outline: tuple = field(default=(), compare=False)
 
 
 def _outline_from_json(value: Any) -> tuple:
-    return tuple(tuple(tuple((float(x), float(y)) for x, y in ring) for ring in poly) for poly in value or ())
+    import numpy as np
+
+    return tuple(tuple(np.asarray(ring, dtype=float).reshape(-1, 2) for ring in poly) for poly in value or ())
 
 
 @dataclass(frozen=True)

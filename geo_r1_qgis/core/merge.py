@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from .errors import ConfigError
 from .geometry import PixelBox, Tile
@@ -86,10 +86,11 @@ class Detection:
     reasoning: str = ""
     tile_id: str = ""
     truncated: bool = False
-    #: the object's outline (SAM), polygons in full-resolution raster pixels (core/outline.py); () when none
-    outline: tuple = ()
+    #: the object's outline (SAM), polygons of (n, 2) ring arrays in full-resolution raster pixels
+    #: (core/outline.py); () when none; not part of the detection's equality
+    outline: tuple = field(default=(), compare=False)
     #: the size of one pixel of the tile it was traced in, in raster pixels (for merging pieces across tiles)
-    outline_step: float = 1.0
+    outline_step: float = field(default=1.0, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.box, PixelBox):

@@ -46,6 +46,7 @@ __all__ = [
     "polygon_area",
     "polygon_to_map",
     "polygons_bounds",
+    "ring_area",
     "simplify_polygons",
     "trace_mask",
     "union_outlines",
@@ -220,11 +221,21 @@ def _as_ring(arr: np.ndarray) -> tuple[tuple[float, float], ...]:
     return tuple((float(x), float(y)) for x, y in arr.tolist())
 
 
+def ring_area(ring: Any) -> float:
+    """Signed shoelace area of a closed ring (a sequence of points or an (n, 2) array; first point repeated last),
+    as :func:`~geo_r1_qgis.core.geometry.ring_signed_area` (relative to the first point), vectorised."""
+    a = np.asarray(ring, dtype=float)
+    if a.ndim != 2 or len(a) < 3:
+        return 0.0
+    x, y = a[:, 0] - a[0, 0], a[:, 1] - a[0, 1]
+    return float(0.5 * np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]))
+
+
 def polygon_area(polygon: Polygon) -> float:
     """The area of a polygon (exterior less holes), whatever the rings' orientation."""
-    if not polygon:
+    if len(polygon) == 0:
         return 0.0
-    return abs(ring_signed_area(polygon[0])) - sum(abs(ring_signed_area(h)) for h in polygon[1:])
+    return abs(ring_area(polygon[0])) - sum(abs(ring_area(h)) for h in polygon[1:])
 
 
 def _douglas_peucker(pts: np.ndarray, tol: float) -> np.ndarray:
@@ -388,16 +399,21 @@ def mask_to_polygons(mask: Any, tolerance: float = DEFAULT_TOLERANCE_PX, min_are
     return simplify_polygons(polys, tolerance)
 
 
-def polygon_to_map(polygon: Polygon, transform: Affine) -> Polygon:
-    """A polygon in pixels through ``transform``: exterior counter-clockwise on the map, holes clockwise."""
+def polygon_to_map(polygon: Polygon, transform: Affine) -> tuple[np.ndarray, ...]:
+    """A polygon in pixels through ``transform``: exterior counter-clockwise on the map, holes clockwise.
+
+    The rings come back as (n, 2) float64 arrays: a run holds every object's outline until it ends, and an array
+    takes 16 bytes a vertex where a tuple of two floats takes 104 (BENCHMARKS.md, "Outlines")."""
     out = []
     for k, ring in enumerate(polygon):
-        pts = [transform.apply(x, y) for x, y in ring]
-        area = ring_signed_area(pts)
-        want_positive = k == 0
-        if (area > 0) != want_positive:
-            pts.reverse()
-        out.append(tuple(pts))
+        a = np.asarray(ring, dtype=float)
+        pts = np.column_stack(
+            [transform.a * a[:, 0] + transform.b * a[:, 1] + transform.c,
+             transform.d * a[:, 0] + transform.e * a[:, 1] + transform.f]
+        )  # fmt: skip
+        if (ring_area(pts) > 0) != (k == 0):
+            pts = pts[::-1].copy()
+        out.append(pts)
     return tuple(out)
 
 
@@ -425,11 +441,10 @@ def union_outlines(pieces: Sequence[Sequence[Polygon]], box: Any, step: float = 
 
 def polygons_bounds(polygons: Sequence[Polygon]) -> tuple[float, float, float, float]:
     """(min x, min y, max x, max y) of the polygons' exteriors."""
-    xs = [x for p in polygons for x, _ in p[0]]
-    ys = [y for p in polygons for _, y in p[0]]
-    if not xs:
+    if not polygons:
         raise ConfigError("no polygon to bound")
-    return (min(xs), min(ys), max(xs), max(ys))
+    ext = np.vstack([np.asarray(p[0], dtype=float) for p in polygons])
+    return (float(ext[:, 0].min()), float(ext[:, 1].min()), float(ext[:, 0].max()), float(ext[:, 1].max()))
 
 
 _WKB_MULTIPOLYGON = 6
@@ -441,7 +456,7 @@ def multipolygon_to_wkb(polygons: Sequence[Polygon]) -> bytes:
     for poly in polygons:
         parts.append(struct.pack("<BII", 1, 3, len(poly)))
         for ring in poly:
-            if len(ring) < 4 or tuple(ring[0]) != tuple(ring[-1]):
+            if len(ring) < 4 or tuple(map(float, ring[0])) != tuple(map(float, ring[-1])):
                 raise ConfigError(f"an outline ring must be closed with at least 4 points, got {len(ring)} points")
             parts.append(struct.pack("<I", len(ring)))
             parts.append(np.asarray(ring, dtype="<f8").tobytes())

@@ -215,8 +215,9 @@ class MapDetection:
 
     detection: Detection
     ring: Ring
-    #: the detection's outline on the map (raster CRS; polygons of closed rings, exteriors counter-clockwise)
-    outline: tuple = ()
+    #: the detection's outline on the map (raster CRS; polygons of closed (n, 2) ring arrays, exteriors
+    #: counter-clockwise); not part of the equality
+    outline: tuple = field(default=(), compare=False)
 
 
 class ResultSink(Protocol):
