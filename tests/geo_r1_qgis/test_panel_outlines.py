@@ -56,19 +56,24 @@ def dock(qgis_app, isolated_settings, engine, tmp_path):
     gc.collect()
 
 
+def _configure(dock, expression: str, mode: str, outline_choice: int):
+    raster = qgis_core.QgsRasterLayer(str(RASTER), RASTER.stem)
+    QgsProject.instance().addMapLayer(raster)
+    dock.raster_combo.setLayer(raster)
+    dock.expression_combo.setEditText(expression)
+    dock.mode_combo.setCurrentIndex(dock.mode_combo.findData(mode))
+    dock.area_combo.setCurrentIndex(1)  # the whole raster layer
+    dock.tile_spin.setValue(224)
+    dock.overlap_spin.setValue(32)
+    dock.outline_combo.setCurrentIndex(outline_choice)  # 0 none, 1 refine each box, 2 GRES
+    return raster
+
+
 @pytest.mark.skipif(not RASTER.is_file(), reason="../shared/data/cog.tif is not there")
 def test_a_refined_run_shows_its_outlines(dock):
     from geo_r1_qgis.qgis_io.gpkg_ogr import RunLayers
 
-    raster = qgis_core.QgsRasterLayer(str(RASTER), RASTER.stem)
-    QgsProject.instance().addMapLayer(raster)
-    dock.raster_combo.setLayer(raster)
-    dock.expression_combo.setEditText("all buildings")
-    dock.mode_combo.setCurrentIndex(dock.mode_combo.findData("all"))
-    dock.area_combo.setCurrentIndex(1)  # the whole raster layer
-    dock.tile_spin.setValue(224)
-    dock.overlap_spin.setValue(32)
-    dock.outline_combo.setCurrentIndex(1)  # refine each box to its outline
+    raster = _configure(dock, "all buildings", "all", 1)
     entry = dock.start_run()
     assert entry is not None, dock.status_label.text()
     assert spin(lambda: dock.task is None, 600), dock.status_label.text()
@@ -87,12 +92,6 @@ def test_a_refined_run_shows_its_outlines(dock):
 
 
 def test_gres_needs_mode_all_and_says_so(dock):
-    raster = qgis_core.QgsRasterLayer(str(RASTER), RASTER.stem)
-    QgsProject.instance().addMapLayer(raster)
-    dock.raster_combo.setLayer(raster)
-    dock.expression_combo.setEditText("the largest building")
-    dock.mode_combo.setCurrentIndex(dock.mode_combo.findData("one"))
-    dock.area_combo.setCurrentIndex(1)
-    dock.outline_combo.setCurrentIndex(2)  # GRES
+    _configure(dock, "the largest building", "one", 2)
     assert dock.start_run() is None
     assert "mode all" in dock.status_label.text(), dock.status_label.text()
