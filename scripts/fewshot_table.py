@@ -28,11 +28,24 @@ def collect(out: Path) -> dict[tuple[int, str, str, str], list[float]]:
             path = run / f"eval-{name}" / "metrics.json"
             if not path.is_file():
                 continue
-            models = json.loads(path.read_text(encoding="utf-8"))["models"]
-            for arm, entry in models.items():
+            for arm, scores in arm_scores(path).items():
                 for metric in ("mAP", "AP50"):
-                    values[(k, arm, name, metric)].append(float(entry["scores"][metric]))  # already percent
+                    values[(k, arm, name, metric)].append(scores[metric])
     return values
+
+
+def arm_scores(metrics_json: Path) -> dict[str, dict[str, float]]:
+    """{model name: {"mAP", "AP50" (percent, as ``geo-r1 eval`` writes them), "format_ok" (percent or None),
+    "pred_boxes", "gt_boxes", "queries"}} from one ``metrics.json`` of a ``--task multi`` evaluation."""
+    models = json.loads(metrics_json.read_text(encoding="utf-8"))["models"]
+    out = {}
+    for arm, entry in models.items():
+        scores, counts = entry["scores"], entry["scores"].get("counts", {})
+        fmt = scores.get("format_ok")
+        out[arm] = {"mAP": float(scores["mAP"]), "AP50": float(scores["AP50"]),
+                    "format_ok": None if fmt is None else float(fmt), "pred_boxes": counts.get("pred_boxes"),
+                    "gt_boxes": counts.get("gt_boxes"), "queries": counts.get("queries")}  # fmt: skip
+    return out
 
 
 def cell(xs: list[float]) -> str:
