@@ -137,7 +137,8 @@ def test_info_and_openapi(api, tiny_format_model_dir):
     info = api.get("/info").json()
     assert info["backend"] == "local" and info["model"] == str(tiny_format_model_dir)
     assert info["adapter"] is None and info["batch_size"] == 4
-    assert info["max_new_tokens_default"] == {"rec": 256, "multi": 1024}  # Geo-R1's per-task limits
+    assert info["max_new_tokens_default"] == {"rec": 256, "multi": 1024, "gres": 1024}  # Geo-R1's per-task limits
+    assert info["sam"] is None  # no --sam: outline requests are refused (tests/engine/server/test_outlines.py)
     assert info["threads"] >= 1
     assert info["box_frame"] == "model"
     assert info["engine_version"] and info["prompt_version"]
