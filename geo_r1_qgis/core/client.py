@@ -102,6 +102,13 @@ class Box:
     #: SAM found nothing; not part of the box's equality
     outline: tuple = field(default=(), compare=False)
 
+    @classmethod
+    def from_json(cls, b: dict[str, Any]) -> Box:
+        """One box of the engine's answer (``{"bbox": [x1, y1, x2, y2], "score", "label", "outline"}``)."""
+        x1, y1, x2, y2 = (float(v) for v in b["bbox"])
+        return cls(x1, y1, x2, y2, score=float(b.get("score", 0.0)), label=b.get("label"),
+                   outline=_outline_from_json(b.get("outline")))  # fmt: skip
+
 
 def _outline_from_json(value: Any) -> tuple:
     import numpy as np
@@ -122,11 +129,7 @@ class GroundResult:
 
     @classmethod
     def from_json(cls, item: dict[str, Any]) -> GroundResult:
-        boxes = tuple(
-            Box(*(float(v) for v in b["bbox"]), score=float(b.get("score", 0.0)), label=b.get("label"),
-                outline=_outline_from_json(b.get("outline")))
-            for b in item.get("boxes", [])
-        )
+        boxes = tuple(Box.from_json(b) for b in item.get("boxes", []))
         return cls(
             boxes=boxes,
             presence=float(item.get("presence", 0.0)),
@@ -315,7 +318,7 @@ class EngineClient:
 
         The pixels travel raw (``POST /ground/tiles``): no base64, no JSON-encoded image.
         """
-        header = {
+        header: dict[str, Any] = {
             "items": [
                 {"width": t.width, "height": t.height, "expression": expression, "task": task, "reasoning": reasoning,
                  **({} if outline is None else {"outline": outline})}

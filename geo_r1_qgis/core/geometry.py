@@ -29,6 +29,7 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import overload
 
 from .errors import ConfigError, ExtentError
 
@@ -132,7 +133,11 @@ class Affine:
         return (self.c, self.a, self.b, self.f, self.d, self.e)
 
     # -- algebra ---------------------------------------------------------------------------------
-    def __mul__(self, other: object) -> Affine | Point:  # type: ignore[override]
+    @overload
+    def __mul__(self, other: Affine) -> Affine: ...
+    @overload
+    def __mul__(self, other: Point | Sequence[float]) -> Point: ...
+    def __mul__(self, other: object) -> Affine | Point:
         if isinstance(other, Affine):
             return Affine(
                 self.a * other.a + self.b * other.d,

@@ -144,7 +144,7 @@ def read_truth(path: str | Path, category: str | None = None) -> list[TruthObjec
     """The objects of a ``*.objects.geojson`` truth file (of one ``category`` when given)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-        out = []
+        out: list[TruthObject] = []
         for f in data["features"]:
             props = f.get("properties") or {}
             if category is not None and props.get("category") != category:
