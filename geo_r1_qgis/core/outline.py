@@ -52,8 +52,9 @@ __all__ = [
     "union_outlines",
 ]
 
-#: A polygon: closed rings ``((x, y), …, first point again)``, the exterior first, then its holes.
-Polygon = tuple[tuple[tuple[float, float], ...], ...]
+#: A polygon: closed rings ``((x, y), …, first point again)``, the exterior first, then its holes; a ring is an
+#: (n, 2) float array (what the tracer and the placing return) or a sequence of points (JSON, literals in tests)
+Polygon = tuple[np.ndarray | Sequence[tuple[float, float]], ...]
 
 #: The default simplification: one tile pixel, i.e. one ground-resolution step of the tile.
 DEFAULT_TOLERANCE_PX = 1.0
@@ -149,7 +150,9 @@ def _split_loops(ring: np.ndarray) -> list[np.ndarray]:
     keys = pts[:, 0] * (1 << 32) + pts[:, 1]
     if len(np.unique(keys)) == len(keys):
         return [ring]
-    loops, stack, where = [], [], {}
+    loops: list[np.ndarray] = []
+    stack: list[int] = []
+    where: dict[Any, int] = {}
     for k, key in enumerate(keys.tolist()):
         if key in where:
             i = where[key]
@@ -212,7 +215,7 @@ def trace_mask(mask: Any) -> list[Polygon]:
             free[inside] = False
             if not free.any():
                 break
-    polys = [tuple(_as_ring(r) for r in [ext, *own]) for ext, own in zip(exteriors, owners, strict=True)]
+    polys: list[Polygon] = [tuple(_as_ring(r) for r in [ext, *own]) for ext, own in zip(exteriors, owners, strict=True)]
     polys.sort(key=lambda p: -polygon_area(p))
     return polys
 
