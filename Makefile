@@ -17,6 +17,7 @@ setup-venv:
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/bandit -q -r geo_r1_qgis --severity-level medium
 
 # The pure tests, in under a minute: the core's rules and the training maths (no engine process, no model, no
