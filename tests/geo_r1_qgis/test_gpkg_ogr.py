@@ -398,8 +398,11 @@ def test_the_plugin_reads_and_resumes_a_run_the_command_line_interrupted(raster,
         for t in sorted(done, key=[r[1] for r in ref["tiles"]].index)
         for d in done[t]
     ]
-    assert ref["raw"], "the tiles done before Ctrl-C hold detections, so the comparison means something"
-    assert sorted(ours, key=repr) == sorted(ref["raw"], key=repr)
+    # raw rows of a tile with no progress row (Ctrl-C between a commit's two writes) do not count: resume asks the
+    # tile again and deletes them (gpkg_schema's module doc), so both readers are compared on the done tiles
+    ref_done = [r for r in ref["raw"] if r[0] in done]
+    assert ref_done, "the tiles done before Ctrl-C hold detections, so the comparison means something"
+    assert sorted(ours, key=repr) == sorted(ref_done, key=repr)
     rings = [[list(p) for p in ring] for _, ring in read_features(out, run.raw_layer)]
     assert rings == ref["rings"]
 
