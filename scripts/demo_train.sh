@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make demo-train`: the fine-tuning loop end to end on the CPU, from the shipped sample model
 # (resources/sample_model, which grounds storage tanks at 0.5-1.0 m), in about 8 minutes on 2 cores (468 s at
-# load 2-5; BENCHMARKS.md, "`make demo-train` from the sample model"). The few-shot task is the cross-domain case: "all storage tanks" read at
-# a ground resolution the sample model never saw (1.5 m a pixel, where its boxes miss), from SHOTS annotations:
+# load 2-5; BENCHMARKS.md, "`make demo-train` from the sample model"). The few-shot task is the cross-domain
+# case: "all storage tanks" read at a ground resolution the sample model never saw (1.5 m a pixel, where its
+# boxes miss), from SHOTS annotations:
 #   1. the few-shot set (--gsd 1.5, unseen scenes) and the known set (the same tanks at 0.5 m, unseen scenes);
 #   2. the SFT baseline (the paper's SFT prompt), a reasoning warm start, GRPO and DAPO from the warm start;
 #   3. `geo-r1 eval` of the base model and each arm on both held-out sets (report/new, report/known), and
