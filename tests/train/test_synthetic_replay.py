@@ -11,9 +11,9 @@ import pytest
 
 pytest.importorskip("rasterio")
 
-from geo_r1_qgis.core.errors import ConfigError  # noqa: E402
-from train.data_format import read_manifest, read_records  # noqa: E402
-from train.dataset import CHIPS_INDEX, SyntheticConfig, build_synthetic  # noqa: E402
+from geo_r1_qgis.core.errors import ConfigError
+from train.data_format import read_manifest, read_records
+from train.dataset import CHIPS_INDEX, SyntheticConfig, build_synthetic
 
 
 def _chips(ds: Path) -> list[dict]:
@@ -21,8 +21,11 @@ def _chips(ds: Path) -> list[dict]:
 
 
 def _targets(ds: Path, prefix: str) -> set[tuple[str, int]]:
-    return {(c["raster"], c["annotation"]["fid"]) for c in _chips(ds)
-            if c["split"] == "train" and c["annotation"] and not c["negative"] and c["raster"].startswith(prefix)}  # fmt: skip
+    return {
+        (c["raster"], c["annotation"]["fid"])
+        for c in _chips(ds)
+        if c["split"] == "train" and c["annotation"] and not c["negative"] and c["raster"].startswith(prefix)
+    }
 
 
 def test_replay_mixes_native_tanks_into_the_few_shot_set(tmp_path):
