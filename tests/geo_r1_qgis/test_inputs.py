@@ -23,7 +23,11 @@ from geo_r1_qgis.core.area import point_in_area  # noqa: E402
 from geo_r1_qgis.core.errors import ConfigError, EmptyRasterError  # noqa: E402
 from geo_r1_qgis.core.geometry import Affine, TileGridSpec, make_tile_grid  # noqa: E402
 
-from .test_processing import GEO_R1, SHARED, _Engine, _need_venv, _Qgis, _tiny_format_model  # noqa: E402
+from ._real_engine import GEO_R1, SHARED  # noqa: E402  (test_processing's aliases are gone since 4f40833)
+from ._real_engine import Engine as _Engine  # noqa: E402
+from ._real_engine import ProcessingSession as _Qgis  # noqa: E402
+from ._real_engine import need_venv as _need_venv  # noqa: E402
+from ._real_engine import tiny_format_model as _tiny_format_model  # noqa: E402
 from .xyz_tiles import ORIGIN, make_xyz, warp_3857, xyz_uri, zoom_res  # noqa: E402
 
 pytestmark = pytest.mark.qgis
