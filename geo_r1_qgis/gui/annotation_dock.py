@@ -78,7 +78,7 @@ from ..qgis_io.annotation_layer import (
 )
 from ..settings import PluginSettings
 from .annotation_tool import BoxMapTool
-from .widgets import gpkg_file_widget, resolution_spin, wrapping_form
+from .widgets import gpkg_file_widget, narrow, resolution_spin, wrapping_form
 
 __all__ = ["AnnotationChoice", "AnnotationDialog", "AnnotationDock", "ImportDialog"]
 
@@ -125,8 +125,7 @@ class AnnotationDialog(QDialog):
         self.expression_combo.setEditable(True)
         self.expression_combo.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
         self.expression_combo.lineEdit().setPlaceholderText("what the box shows, e.g. storage tank")
-        self.expression_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        self.expression_combo.setMinimumContentsLength(24)
+        narrow(self.expression_combo, 24)
         self.expression_combo.addItems(expressions)
         form.addRow("Expression", self.expression_combo)
         self.category_edit = QLineEdit(self)

@@ -44,7 +44,7 @@ from ..engine_control.engine_process import (
 )
 from ..engine_control.setup.venv import venv_python
 from ..settings import PluginSettings
-from .widgets import stretch_row, wrapping_form
+from .widgets import narrow, stretch_row, wrapping_form
 
 #: state -> (label, colour)
 STATE_STYLE = {
@@ -133,8 +133,7 @@ class EngineWidget(QWidget):
         for i, b in enumerate((self.start_button, self.stop_button, self.restart_button, self.setup_button)):
             buttons.addWidget(b, i // 2, i % 2)
         for combo in (self.model_combo, self.adapter_combo):
-            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-            combo.setMinimumContentsLength(8)
+            narrow(combo, 8)
         model_row = stretch_row(self.model_combo, self.browse_model_button, self.download_button)
         adapters_row = stretch_row(self.adapter_combo, self.load_adapter_button)
         form = wrapping_form()

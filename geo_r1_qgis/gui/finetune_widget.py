@@ -56,7 +56,7 @@ from ..engine_control.engine_process import EngineManager, shared_manager
 from ..engine_control.jobs_client import JobsClient, JobWatcher
 from ..settings import MODEL_TILE_TEXT, PluginSettings
 from .curve_plot import CurvePlot
-from .widgets import gpkg_file_widget, resolution_spin, stretch_row, wrapping_form
+from .widgets import gpkg_file_widget, narrow, resolution_spin, stretch_row, wrapping_form
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,7 @@ class FinetuneWidget(QWidget):
         for key, text in RECIPES:
             self.recipe_combo.addItem(text, key)
         self.recipe_combo.setCurrentIndex(self.recipe_combo.findData(DEFAULT_RECIPE))
-        self.recipe_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        self.recipe_combo.setMinimumContentsLength(10)
+        narrow(self.recipe_combo, 10)
         self.budget_spin = QSpinBox(self)
         self.budget_spin.setRange(1, 100_000)
         self.budget_spin.setValue(100)
@@ -139,8 +138,7 @@ class FinetuneWidget(QWidget):
 
         # earlier jobs
         self.jobs_combo = QComboBox(self)
-        self.jobs_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        self.jobs_combo.setMinimumContentsLength(10)
+        narrow(self.jobs_combo, 10)
         self.jobs_combo.setToolTip("The engine's fine-tune jobs; choose one to show it")
         self.refresh_jobs_button = QPushButton("Refresh", self)
 

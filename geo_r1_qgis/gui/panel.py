@@ -73,7 +73,7 @@ from ..settings import (
     expression_history,
     remember_expression,
 )
-from .widgets import gpkg_file_widget, resolution_spin, stretch_row
+from .widgets import gpkg_file_widget, narrow, resolution_spin, stretch_row
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +259,7 @@ class GeoR1Dock(QgsDockWidget):
         for colour in ("Red", "Green", "Blue"):
             combo = QComboBox(body)
             combo.setToolTip(f"The raster band shown to the model as {colour.lower()}")
-            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-            combo.setMinimumContentsLength(3)
+            narrow(combo, 3)
             band_row.addWidget(QLabel(colour[0], body))
             band_row.addWidget(combo, 1)
             self.band_combos.append(combo)
@@ -274,8 +273,7 @@ class GeoR1Dock(QgsDockWidget):
         self.expression_combo.lineEdit().setPlaceholderText("what to find, e.g. all storage tanks")
         # Its width never follows its entries (a 5,000-character one made QGIS's window 32,237 px wide): the
         # entries are shown elided (the whole text is each item's data), the box sized by a few characters.
-        self.expression_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        self.expression_combo.setMinimumContentsLength(12)
+        narrow(self.expression_combo, 12)
         self.expression_combo.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
         self.expression_combo.view().setTextElideMode(Qt.TextElideMode.ElideRight)
         self.expression_combo.activated.connect(self._history_chosen)
@@ -292,6 +290,7 @@ class GeoR1Dock(QgsDockWidget):
             self.outline_combo.addItem(text, value)
         self.outline_combo.setToolTip("Outlines need an engine started with --sam (a SAM 2); the run then shows "
                                       "the objects' outlines instead of their boxes (both are in the GeoPackage)")
+        narrow(self.outline_combo, 12)  # its longest entry alone made the panel 494 px wide
         form.addRow("Outlines", self.outline_combo)
         model_combo = getattr(self.engine_box, "model_combo", None)
         if model_combo is not None:  # a known checkpoint brings its mode (OVD, GRES: all; REC: one)
@@ -304,8 +303,7 @@ class GeoR1Dock(QgsDockWidget):
         self.draw_button = QPushButton("Draw", body)
         self.draw_button.setToolTip("Drag a rectangle on the map")
         self.draw_button.clicked.connect(self.start_drawing)
-        self.area_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        self.area_combo.setMinimumContentsLength(12)
+        narrow(self.area_combo, 12)
         form.addRow("Area", stretch_row(self.area_combo, self.draw_button))
         self.polygon_combo = QgsMapLayerComboBox(body)
         self.polygon_combo.setFilters(LAYER_FILTER_POLYGON)

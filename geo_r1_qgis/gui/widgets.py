@@ -1,13 +1,14 @@
 """The small widgets and layouts the panel, the Fine-tune section and the annotation dock all build the same way.
 
-One place for each: a ground-resolution box, a GeoPackage file box, a form that wraps in a narrow dock and a row of
-a stretching widget followed by buttons. The callers keep their own labels and tooltips.
+One place for each: a ground-resolution box, a GeoPackage file box, a combo box sized for a narrow dock, a form that
+wraps in a narrow dock and a row of a stretching widget followed by buttons. The callers keep their own labels and
+tooltips.
 """
 
 from __future__ import annotations
 
 from qgis.gui import QgsFileWidget
-from qgis.PyQt.QtWidgets import QDoubleSpinBox, QFormLayout, QHBoxLayout, QWidget
+from qgis.PyQt.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QWidget
 
 #: the ground resolution boxes' range (m/px); 0 reads "native": the raster's own pixels
 RESOLUTION_RANGE = (0.0, 10000.0)
@@ -32,6 +33,14 @@ def gpkg_file_widget(parent: QWidget, path: str, save: bool = True) -> QgsFileWi
     widget.setFilter("GeoPackage (*.gpkg)")
     widget.setFilePath(path)
     return widget
+
+
+def narrow(combo: QComboBox, chars: int) -> QComboBox:
+    """Size ``combo`` by ``chars`` characters, not by its longest entry, so that a narrow dock never scrolls
+    sideways (the entries are elided; the list still opens full width)."""
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(chars)
+    return combo
 
 
 def wrapping_form() -> QFormLayout:

@@ -75,7 +75,8 @@ def test_wheel_ships_the_plugins_core_only(wheel, tmp_path):
         "import sys; sys.path.insert(0, sys.argv[1])\n"
         "import geo_r1_qgis.core.rules.parsing as p, geo_r1_qgis.core.geometry, engine, train\n"
         "assert p.__file__.startswith(sys.argv[1]), p.__file__\n"
-        "import importlib.util as u; assert u.find_spec('geo_r1_qgis.gui.panel') is None\n"
+        "import importlib.util as u\n"
+        "assert u.find_spec('geo_r1_qgis.gui') is None and u.find_spec('geo_r1_qgis.plugin') is None\n"
         "print('ok')\n"
     )
     # -S: neither the venv's site-packages nor its editable install of the repository can answer instead
