@@ -17,6 +17,7 @@ setup-venv:
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/bandit -q -r geo_r1_qgis --severity-level medium
 

@@ -68,9 +68,7 @@ class GroundConfig(RayOptions, RunSpec):
     layer: str | None = field(
         default=None, metadata={**_OUT, "help": "layer name (default: from the expression and the run id)"}
     )
-    resume: bool = field(
-        default=False, metadata={**_OUT, "help": "continue the interrupted run with these parameters"}
-    )
+    resume: bool = field(default=False, metadata={**_OUT, "help": "continue the interrupted run with these parameters"})
     progress: bool = field(
         default=True, metadata={**_OUT, "flags": ("--no-progress",), "action": "store_false", "help": "no progress bar"}
     )

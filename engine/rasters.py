@@ -49,8 +49,6 @@ def _rasterio() -> Any:
     return rasterio
 
 
-
-
 def gdal_message(exc: BaseException) -> str:
     """rasterio's message and GDAL's own ones behind it (rasterio often says only "see previous exception")."""
     parts: list[str] = []

@@ -104,8 +104,11 @@ class RayOptions:
     )
     concurrency: int = field(
         default=8,
-        metadata={**_RAY, "help": "with --base-url: requests each actor keeps in flight (at most --batch: an actor "
-                                  "asks one batch at a time)"},
+        metadata={
+            **_RAY,
+            "help": "with --base-url: requests each actor keeps in flight (at most --batch: an actor "
+            "asks one batch at a time)",
+        },
     )
 
     def check_ray(self) -> None:
@@ -463,8 +466,12 @@ def _spread() -> dict[str, Any]:
 
 def _dataset(ray: Any, config: Any, runs: list[_RasterRun]) -> tuple[Any, int]:
     """The Ray dataset of the tiles still to do: read tasks, then the grounding actors."""
-    rows = [{"raster": k, "tile_id": tile_id, "tile": pickle.dumps(tile)}
-            for k, run in enumerate(runs) for tile_id, tile in run.plan.tiles if tile_id not in run.resumed]
+    rows = [
+        {"raster": k, "tile_id": tile_id, "tile": pickle.dumps(tile)}
+        for k, run in enumerate(runs)
+        for tile_id, tile in run.plan.tiles
+        if tile_id not in run.resumed
+    ]
     if not rows:
         return None, 0
     batch = config.batch_size

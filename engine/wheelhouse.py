@@ -137,5 +137,3 @@ def build_wheelhouse(cfg: WheelhouseConfig) -> Path:
     out = cfg.out_dir / MANIFEST
     out.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return out
-
-

@@ -81,8 +81,11 @@ class GeoR1Plugin:
         self.annotate_action.triggered.connect(self.annotate)
         self.iface.addToolBarIcon(self.annotate_action)
         self.iface.addPluginToRasterMenu(PLUGIN_NAME, self.annotate_action)
-        for text, slot in (("Settings…", self.open_settings), ("Set up the engine…", self.open_engine_setup),
-                           ("Check the Geo-R1 engine", self.check_engine)):
+        for text, slot in (
+            ("Settings…", self.open_settings),
+            ("Set up the engine…", self.open_engine_setup),
+            ("Check the Geo-R1 engine", self.check_engine),
+        ):
             action = QAction(_icon(), text, self.iface.mainWindow())
             action.triggered.connect(slot)
             self.iface.addPluginToRasterMenu(PLUGIN_NAME, action)

@@ -223,8 +223,11 @@ class GroundExpressionAlgorithm(QgsProcessingAlgorithm):
         )
         # The engine comes from the plugin's settings unless a model or a call names another one: the
         # defaults are empty, so a saved model follows the settings instead of a URL baked into it.
-        self.addParameter(QgsProcessingParameterString(
-            self.ENGINE_URL, _tr("Engine URL (empty: the plugin's settings)"), defaultValue="", optional=True))
+        self.addParameter(
+            QgsProcessingParameterString(
+                self.ENGINE_URL, _tr("Engine URL (empty: the plugin's settings)"), defaultValue="", optional=True
+            )
+        )
         self.addParameter(
             QgsProcessingParameterFile(
                 self.TOKEN_FILE,

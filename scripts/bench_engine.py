@@ -30,12 +30,28 @@ log = logging.getLogger("bench_engine")
 REAL_SIZES = {
     # Qwen2.5-VL-3B-Instruct's dimensions (config.json of the published checkpoint).
     "3b": {
-        "text": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                     num_key_value_heads=2, max_position_embeddings=128000, rope_theta=1000000.0,
-                     vocab_size=151936),
-        "vision": dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
-                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                       fullatt_block_indexes=[7, 15, 23, 31]),
+        "text": dict(
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            max_position_embeddings=128000,
+            rope_theta=1000000.0,
+            vocab_size=151936,
+        ),
+        "vision": dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=2048,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        ),
     },
 }
 
@@ -154,14 +170,18 @@ def main() -> int:
         "per_item_ms_batched": {k: med(batch_stages, k) for k in ("decode", "preprocess", "generate", "parse")},
     }
     out = sys.stdout
-    out.write(f"model {figures['model']} on {figures['device']} ({figures['dtype']}), {args.items} tiles of "
-              f"{args.tile}², {args.max_new_tokens} new tokens each\n\n")
+    out.write(
+        f"model {figures['model']} on {figures['device']} ({figures['dtype']}), {args.items} tiles of "
+        f"{args.tile}², {args.max_new_tokens} new tokens each\n\n"
+    )
     out.write(f"| stage (median ms per item) | one at a time | batch {args.batch} |\n| --- | --- | --- |\n")
     for k in ("decode", "preprocess", "generate", "parse"):
         out.write(f"| {k} | {figures['per_item_ms_single'][k]:.2f} | {figures['per_item_ms_batched'][k]:.2f} |\n")
-    out.write(f"\nthroughput: {figures['single_items_per_s']:.2f} items/s one at a time, "
-              f"{figures['batched_items_per_s']:.2f} items/s at batch {args.batch}: "
-              f"**{figures['speedup']:.2f}×**\n")
+    out.write(
+        f"\nthroughput: {figures['single_items_per_s']:.2f} items/s one at a time, "
+        f"{figures['batched_items_per_s']:.2f} items/s at batch {args.batch}: "
+        f"**{figures['speedup']:.2f}×**\n"
+    )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     return 0

@@ -72,8 +72,10 @@ def main() -> None:
                 alone.append(time.perf_counter() - t0)
             assert a == b, "grouped and per-completion rewards differ"
             g, p = min(grouped), min(alone)
-            print(f"{name}: build+load {build:.1f} s; group of {args.group} on a {args.chip} px chip: one SAM call "
-                  f"{g:.3f} s, one call per completion {p:.3f} s ({p / g:.1f}x); {args.threads} thread(s)")
+            print(
+                f"{name}: build+load {build:.1f} s; group of {args.group} on a {args.chip} px chip: one SAM call "
+                f"{g:.3f} s, one call per completion {p:.3f} s ({p / g:.1f}x); {args.threads} thread(s)"
+            )
 
 
 if __name__ == "__main__":

@@ -72,8 +72,14 @@ def main() -> int:
     stand_in, base_url = start_stand_in(args.delay, [])
     cluster = RayCluster(head_cpus=args.cpus, worker_cpus=())
     try:
-        head = {"stand_in": base_url, "delay_s": args.delay, "ray": cluster.address, "ray_cpus": args.cpus,
-                "batch": args.batch, "concurrency": args.concurrency}
+        head = {
+            "stand_in": base_url,
+            "delay_s": args.delay,
+            "ray": cluster.address,
+            "ray_cpus": args.cpus,
+            "batch": args.batch,
+            "concurrency": args.concurrency,
+        }
         print(json.dumps(head), flush=True)
         for n in (int(v) for v in args.workers.split(",")):
             print(json.dumps(ground_once(cluster, args.tmp, raster, base_url, n, args)), flush=True)

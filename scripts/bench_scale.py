@@ -189,8 +189,12 @@ def main() -> int:
     parser.add_argument("--run", action="append", help="flags of one geo-r1 ground run ('default': none)")
     parser.add_argument("--stand-in-arg", action="append", default=[], help="an extra stand-in flag (faults)")
     parser.add_argument("--encode", action="store_true", help="also the per-tile encoding cost")
-    parser.add_argument("--code", type=Path, default=REPO,
-                        help="the checkout to measure, e.g. an earlier commit's `git archive` (default: this one)")
+    parser.add_argument(
+        "--code",
+        type=Path,
+        default=REPO,
+        help="the checkout to measure, e.g. an earlier commit's `git archive` (default: this one)",
+    )
     args = parser.parse_args()
     global CODE
     CODE = args.code.resolve()
@@ -201,8 +205,16 @@ def main() -> int:
     engine = None
     try:
         engine, url, token_file = start_engine(args.tmp, base_url, args.concurrency)
-        print(json.dumps({"stand_in": base_url, "delay_s": args.delay, "concurrency": args.concurrency,
-                          "load_average": os.getloadavg()}))
+        print(
+            json.dumps(
+                {
+                    "stand_in": base_url,
+                    "delay_s": args.delay,
+                    "concurrency": args.concurrency,
+                    "load_average": os.getloadavg(),
+                }
+            )
+        )
         for k, flags in enumerate(args.run or ["default"]):
             row = ground_once(args.tmp, raster, url, token_file, engine.pid, base_url, flags, k)
             if row["tiles"]:

@@ -75,7 +75,7 @@ def static_problems(path: Path, rel: str) -> list[str]:
             if not (inspect.isclass(obj) or inspect.ismodule(obj)):
                 break  # a method or an enum value: what follows is not Qt's static API
             if not hasattr(obj, attr):
-                problems.append(f"{rel}:{node.lineno}: {'.'.join(chain[:i + 1])} does not exist in PyQt6")
+                problems.append(f"{rel}:{node.lineno}: {'.'.join(chain[: i + 1])} does not exist in PyQt6")
                 break
             obj = getattr(obj, attr)
     return problems

@@ -52,8 +52,14 @@ def main(report: Path, gsd: float, shots: int) -> str:
     else:
         lines.append("**No arm improved on the base model in the few-shot domain** in this budget.")
     for name in SETS:
-        lines += ["", f"## {SETS[name].format(gsd=gsd)} (green: truth, red: prediction)", "",
-                  f"![examples]({name}/examples.png)", "", f"Full report: [{name}/report.md]({name}/report.md)"]
+        lines += [
+            "",
+            f"## {SETS[name].format(gsd=gsd)} (green: truth, red: prediction)",
+            "",
+            f"![examples]({name}/examples.png)",
+            "",
+            f"Full report: [{name}/report.md]({name}/report.md)",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -58,8 +58,10 @@ def cell(xs: list[float]) -> str:
 def main(out: Path) -> str:
     values = collect(out)
     ks = sorted({k for k, *_ in values})
-    lines = ["| K | arm | " + " | ".join(f"{s} mAP | {s} AP50" for s in SETS) + " |",
-             "|---|---|" + "---|---|" * len(SETS)]
+    lines = [
+        "| K | arm | " + " | ".join(f"{s} mAP | {s} AP50" for s in SETS) + " |",
+        "|---|---|" + "---|---|" * len(SETS),
+    ]
     for k in ks:
         for arm in ARMS:
             row = [cell(values.get((k, arm, s, m), [])) for s in SETS for m in ("mAP", "AP50")]

@@ -44,8 +44,15 @@ def build(out: Path, root: Path = ROOT) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    action = ap.add_argument("-o", "--output", "--out", dest="out", type=Path, default=ROOT / "dist" / f"{PKG}.zip",
-                             help="the zip to write (default: %(default)s)")
+    action = ap.add_argument(
+        "-o",
+        "--output",
+        "--out",
+        dest="out",
+        type=Path,
+        default=ROOT / "dist" / f"{PKG}.zip",
+        help="the zip to write (default: %(default)s)",
+    )
     action.option_strings = ["-o", "--output"]  # --out, the old spelling, still parses (as geo-r1's hidden aliases)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

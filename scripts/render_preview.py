@@ -55,12 +55,18 @@ def main() -> int:
         if not vectors[0].isValid():
             sys.stderr.write(f"no layer {layer!r} in {args.gpkg}\n")
             return 1
-        vectors[0].setRenderer(vectors[0].renderer().__class__(
-            QgsFillSymbol.createSimple({"color": "0,0,0,0", "outline_color": "255,40,40", "outline_width": "0.6"})))
+        vectors[0].setRenderer(
+            vectors[0]
+            .renderer()
+            .__class__(
+                QgsFillSymbol.createSimple({"color": "0,0,0,0", "outline_color": "255,40,40", "outline_width": "0.6"})
+            )
+        )
         if args.truth:
             truth = QgsVectorLayer(args.truth, "truth", "ogr")
             truth.renderer().setSymbol(
-                QgsFillSymbol.createSimple({"color": "0,0,0,0", "outline_color": "40,220,40", "outline_width": "0.4"}))
+                QgsFillSymbol.createSimple({"color": "0,0,0,0", "outline_color": "40,220,40", "outline_width": "0.4"})
+            )
             vectors.append(truth)
         layers = [*vectors, raster]
         settings = QgsMapSettings()

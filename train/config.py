@@ -47,15 +47,20 @@ class TrainConfig:
     )  # fmt: skip
     processor: str | None = field(default=None, metadata={"help": "processor source (default: the model)"})
     task: str = field(
-        default="rec", metadata={"choices": TASKS,
-                           "help": "rec (one box), multi (all boxes, 'None' when none) or gres (boxes and keypoints, "
-                                   "scored as masks through --sam)"}
+        default="rec",
+        metadata={
+            "choices": TASKS,
+            "help": "rec (one box), multi (all boxes, 'None' when none) or gres (boxes and keypoints, "
+            "scored as masks through --sam)",
+        },
     )
     reasoning: bool | None = field(
         default=None,
-        metadata={"action": "boolean",
-                  "help": "think-then-answer prompt and targets; default False for sft (the paper's SFT "
-                          "baseline), True for grpo/dapo"},
+        metadata={
+            "action": "boolean",
+            "help": "think-then-answer prompt and targets; default False for sft (the paper's SFT "
+            "baseline), True for grpo/dapo",
+        },
     )
     init_adapter: Path | None = field(
         default=None,

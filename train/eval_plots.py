@@ -280,7 +280,7 @@ def learning_curves(logs: Mapping[str, Path], png: Path) -> Path | None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.set_visible(False)
     handles, labels = [], []
     for ax in axes.flat:

@@ -287,8 +287,10 @@ def unique_why(scores: Mapping[str, Any], markdown: bool = False) -> str | None:
 
 def _image_size(value: Any) -> tuple[int, int] | None:
     """A record's ``image_size`` when it is two positive whole numbers, else None (unknown)."""
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
     ):
         return (value[0], value[1])
     return None
@@ -736,8 +738,12 @@ def write_results(run: ModelRun, out_dir: Path, cfg: EvalConfig) -> Path:
     if run.task == "rec":
         head: dict[str, Any] = {"accuracy": run.scores["acc@0.5"]["overall"], "accuracy_metric": "Acc@0.5 (%)"}
     elif run.task == "gres":
-        head = {"accuracy": run.scores["gIoU"], "accuracy_metric": "gIoU (%)", "overall_gIoU": run.scores["gIoU"] / 100,
-                "overall_cIoU": run.scores["cIoU"] / 100}  # fmt: skip (Geo-R1's key names, as fractions)
+        head = {
+            "accuracy": run.scores["gIoU"],
+            "accuracy_metric": "gIoU (%)",
+            "overall_gIoU": run.scores["gIoU"] / 100,
+            "overall_cIoU": run.scores["cIoU"] / 100,
+        }  # fmt: skip (Geo-R1's key names, as fractions)
     else:
         head = {"accuracy": run.scores["mAP"], "accuracy_metric": "COCO mAP (%)", "AP50": run.scores["AP50"]}
     payload = {**head, "task": run.task, "mode": run.mode, "name": run.name, "source": run.source,

@@ -151,8 +151,9 @@ def od_sqrt_reward(completions: Sequence[Any], solution: Sequence[Any],
                    image_size: Sequence[Sequence[int]] | None = None, **_: Any) -> list[float]:  # fmt: skip
     """The paper's Eq. 6: the square-root length penalty."""
     return [
-        od_reward_one(completion_text(c), solution[i] or [], image_size[i] if image_size is not None else None,
-                      sqrt=True)
+        od_reward_one(
+            completion_text(c), solution[i] or [], image_size[i] if image_size is not None else None, sqrt=True
+        )
         for i, c in enumerate(completions)
     ]
 

@@ -390,5 +390,3 @@ def write_samples(config: SampleDataConfig) -> list[Path]:
         raise OutputError(f"cannot write the sample data into {str(config.out_dir)!r}: {exc}") from exc
     log.debug("sample data written in %.2f s", time.perf_counter() - t0)
     return written
-
-

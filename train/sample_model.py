@@ -85,8 +85,13 @@ DEVICES = ("cpu", "cuda")
 class SampleModelConfig:
     """One ``geo-r1 sample-model build`` run. Checked on construction; every message names the fix."""
 
-    out_dir: Path = field(metadata={"help": "directory to write the checkpoint into", "flags": ("-o", "--output"),
-                                             "aliases": ("--out-dir",)})
+    out_dir: Path = field(
+        metadata={
+            "help": "directory to write the checkpoint into",
+            "flags": ("-o", "--output"),
+            "aliases": ("--out-dir",),
+        }
+    )
     steps: int = field(default=6000, metadata={"help": "optimiser steps (the time budget may stop it earlier)"})
     seed: int = field(default=0, metadata={"help": "seed of the weights and of the chip stream"})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
@@ -702,8 +707,10 @@ def build(config: SampleModelConfig, command: str | None = None) -> dict[str, An
         "init": str(config.init) if config.init else None,
         "lineage": lineage(config.init),
         "tile": config.tile,
-        "tasks": [{"expression": REC_EXPRESSION, "task": "rec", "mode": "one"},
-                  {"expression": MULTI_EXPRESSION, "task": "multi", "mode": "all"}],
+        "tasks": [
+            {"expression": REC_EXPRESSION, "task": "rec", "mode": "one"},
+            {"expression": MULTI_EXPRESSION, "task": "multi", "mode": "all"},
+        ],
         "prompt_version": PROMPT_VERSION,
         "reasoning": True,
         "data": {
@@ -714,10 +721,14 @@ def build(config: SampleModelConfig, command: str | None = None) -> dict[str, An
             "checkpoint_heldout_seeds": [config.heldout_seeds.start, config.heldout_seeds.start + n_ck - 1],
             "heldout_chips": {"rec": len(rec_eval), "multi_tiles": len(multi_eval)},
             "chip_rules": "train.chips: > 0.5 of a box inside counts (clipped); cut with <= 0.5 inside: redrawn "
-                          "(training), ignored (held-out tile grid, overlap 64)",
+            "(training), ignored (held-out tile grid, overlap 64)",
         },
-        "model": {"parameters": n_params, "vocabulary": len(processor.tokenizer),
-                  "number_tokens": config.number_tokens, "rope_theta": config.rope_theta},
+        "model": {
+            "parameters": n_params,
+            "vocabulary": len(processor.tokenizer),
+            "number_tokens": config.number_tokens,
+            "rope_theta": config.rope_theta,
+        },
         "why": __doc__.split("Choices, and why", 1)[1].split("torch and transformers", 1)[0].strip(),
         "hardware": _hardware(config.device),
         "versions": _versions(),
@@ -797,5 +808,3 @@ def command_line(config: SampleModelConfig) -> str:
         else:
             words += [flag, str(value)]
     return shlex.join(words)
-
-

@@ -324,9 +324,12 @@ def quick_scores(model: Any, processor: Any, config: TrainConfig, masker: Any = 
     texts = generate_texts(model, processor, config.data, records, reasoning=config.uses_reasoning,
                            max_new_tokens=min(256, config.max_completion_length))  # fmt: skip
     _, scores, _ = score_rec_run(records, texts, "geo-r1" if config.uses_reasoning else "sft")
-    return {"queries": scores["counts"]["overall"], "acc50": scores["acc@0.5"]["overall"] / 100,
-            "mean_iou": scores["mean_iou"],
-            "format": None if scores["format_ok"] is None else scores["format_ok"] / 100}  # fmt: skip (None: sft)
+    return {
+        "queries": scores["counts"]["overall"],
+        "acc50": scores["acc@0.5"]["overall"] / 100,
+        "mean_iou": scores["mean_iou"],
+        "format": None if scores["format_ok"] is None else scores["format_ok"] / 100,
+    }  # fmt: skip (None: sft)
 
 
 def _quick_gres_scores(model: Any, processor: Any, config: TrainConfig, masker: Any) -> dict[str, Any] | None:

@@ -49,6 +49,7 @@ def missing_extra(name: str) -> str | None:
     return (f"geo-r1 {name} needs the training extras ({', '.join(missing)} not installed):"
             f" pip install 'geo-r1[train]' in this environment")  # fmt: skip
 
+
 log = logging.getLogger("geo_r1")
 
 
@@ -117,4 +118,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"geo-r1 {name}: interrupted\n")
         return 130
-

@@ -109,7 +109,6 @@ def main(args: argparse.Namespace) -> int:
         out.write("boxes: none\n")
     for i, b in enumerate(result.boxes, 1):
         out.write(
-            f"box {i}: [{b.x1:.1f}, {b.y1:.1f}, {b.x2:.1f}, {b.y2:.1f}] score {b.score:.3f}"
-            f" label {b.label or '-'}\n"
+            f"box {i}: [{b.x1:.1f}, {b.y1:.1f}, {b.x2:.1f}, {b.y2:.1f}] score {b.score:.3f} label {b.label or '-'}\n"
         )
     return 0

@@ -76,9 +76,7 @@ class ItemResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "boxes": [
-                {"bbox": [b.x1, b.y1, b.x2, b.y2], "score": b.score, "label": b.label} for b in self.boxes
-            ],
+            "boxes": [{"bbox": [b.x1, b.y1, b.x2, b.y2], "score": b.score, "label": b.label} for b in self.boxes],
             "presence": self.presence,
             "reasoning": self.reasoning,
             "answer": self.answer,

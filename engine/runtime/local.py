@@ -421,7 +421,15 @@ class LocalBackend:
             n = len(items)
             timings = {"preprocess": (t1 - t0) * 1000 / n, "generate": (t2 - t1) * 1000 / n}
             result = item_result(
-                text, parsed, scores, presence, (gw * patch, gh * patch), item.image.size, len(ids), timings, n,
+                text,
+                parsed,
+                scores,
+                presence,
+                (gw * patch, gh * patch),
+                item.image.size,
+                len(ids),
+                timings,
+                n,
                 box_frame=self.box_frame,
             )
             result.timings_ms["parse"] = (time.perf_counter() - tp) * 1000
@@ -429,7 +437,11 @@ class LocalBackend:
         return results
 
     def _run_chat(
-        self, text: str, images: list[Any], settings: GenerationSettings, top_logprobs: int,
+        self,
+        text: str,
+        images: list[Any],
+        settings: GenerationSettings,
+        top_logprobs: int,
         cancel: threading.Event | None = None,
     ) -> ChatResult:
         """One chat completion of an already templated prompt."""

@@ -330,8 +330,15 @@ class RemoteBackend:
         usage = answer.get("usage") or {}
         timings = {"preprocess": (t1 - t0) * 1000.0, "generate": (t2 - t1) * 1000.0}
         result = item_result(
-            text, parsed, scores, presence, model_size, image_size,
-            int(usage.get("completion_tokens") or len(pieces)), timings, box_frame=self.box_frame,
+            text,
+            parsed,
+            scores,
+            presence,
+            model_size,
+            image_size,
+            int(usage.get("completion_tokens") or len(pieces)),
+            timings,
+            box_frame=self.box_frame,
         )
         result.timings_ms["parse"] = (time.perf_counter() - t2) * 1000.0
         return result

@@ -197,8 +197,10 @@ class TinyModelConfig:
     )
     number_tokens: bool = dataclasses.field(
         default=False,
-        metadata={"help": "add the whole numbers 0..1000 and ', ' as single (non-special) tokens after Qwen's, "
-                          "so a box [x1, y1, x2, y2] costs 9 tokens instead of about 19"},
+        metadata={
+            "help": "add the whole numbers 0..1000 and ', ' as single (non-special) tokens after Qwen's, "
+            "so a box [x1, y1, x2, y2] costs 9 tokens instead of about 19"
+        },
     )
     # Language model
     hidden_size: int = dataclasses.field(default=64, metadata={"help": "text hidden size"})
@@ -209,8 +211,10 @@ class TinyModelConfig:
     max_position_embeddings: int = 4096
     rope_theta: float = dataclasses.field(
         default=1000000.0,
-        metadata={"help": "text rotary base (Qwen2.5-VL: 1e6); 10 lets a model this small tell x positions apart "
-                          "(TRAINING-NOTES.md), which localisation needs"},
+        metadata={
+            "help": "text rotary base (Qwen2.5-VL: 1e6); 10 lets a model this small tell x positions apart "
+            "(TRAINING-NOTES.md), which localisation needs"
+        },
     )
     # Vision tower
     vision_depth: int = 2
@@ -419,7 +423,9 @@ def model_config(config: TinyModelConfig, tokenizer: Any) -> Any:
         "rms_norm_eps": 1e-6,
         "use_sliding_window": False,
         "rope_parameters": {
-            "rope_type": "default", "rope_theta": config.rope_theta, "mrope_section": config.mrope_section
+            "rope_type": "default",
+            "rope_theta": config.rope_theta,
+            "mrope_section": config.mrope_section,
         },
         "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"],
@@ -621,5 +627,3 @@ def learn_format(model: Any, processor: Any, steps: int, seed: int = 0, batch_si
     model.eval()
     tokenizer.padding_side = saved_padding_side
     return loss_value
-
-

@@ -53,13 +53,17 @@ class _DecodingIn(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_new_tokens: int | None = Field(
-        default=None, ge=1, le=4096,
+        default=None,
+        ge=1,
+        le=4096,
         description="generation limit per item; default Geo-R1's: 256 for rec, 1024 for multi (mixed: the larger)",
     )
     do_sample: bool = False
     temperature: float = Field(default=1.0, gt=0.0, le=100.0, description="sampling temperature (with do_sample)")
     outline_tolerance_px: float = Field(
-        default=1.0, ge=0.0, le=100.0,
+        default=1.0,
+        ge=0.0,
+        le=100.0,
         description="outline simplification (Douglas-Peucker), in pixels of the image: one pixel of a tile is "
         "its ground resolution; 0 keeps the traced pixel edges",
     )
@@ -177,7 +181,7 @@ class JobIn(BaseModel):
         default=None, ge=1, le=4096, description="generation limit of the evaluation (default: Geo-R1's 256 for rec)"
     )
     options: dict[str, Any] | None = Field(
-        default=None, description="more training options, as in a recipe (e.g. {\"learning_rate\": 5e-4})"
+        default=None, description='more training options, as in a recipe (e.g. {"learning_rate": 5e-4})'
     )
 
 

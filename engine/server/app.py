@@ -346,6 +346,7 @@ class ServeConfig:
             "max_new_tokens": self.max_new_tokens,
         }
 
+
 # --------------------------------------------------------------------------------------------------
 # Error mapping
 # --------------------------------------------------------------------------------------------------
@@ -888,8 +889,14 @@ def serve(config: ServeConfig) -> int:
         for handler in logging.getLogger().handlers:  # a flood must not fill the disk with the same line
             handler.addFilter(RepeatFilter())
         server = uvicorn.Server(
-            uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=10, server_header=False,
-                           http=GuardedHttpTools)
+            uvicorn.Config(
+                app,
+                log_config=None,
+                lifespan="on",
+                timeout_graceful_shutdown=10,
+                server_header=False,
+                http=GuardedHttpTools,
+            )
         )
 
         def request_shutdown() -> None:

@@ -71,9 +71,7 @@ class TileImage:
         if self.width <= 0 or self.height <= 0:
             raise ConfigError(f"tile size must be positive, got {self.width}×{self.height}")
         if len(self.rgb) != self.width * self.height * 3:
-            raise ConfigError(
-                f"tile bytes ({len(self.rgb)}) do not match {self.width}×{self.height}×3 RGB"
-            )
+            raise ConfigError(f"tile bytes ({len(self.rgb)}) do not match {self.width}×{self.height}×3 RGB")
 
     @classmethod
     def from_array(cls, array: Any) -> TileImage:
@@ -186,7 +184,10 @@ class EngineClient:
     dropped connection, HTTP 429, 502 or 503."""
 
     def __init__(
-        self, url: str = DEFAULT_URL, token: str | None = None, timeout_s: float = 600.0,
+        self,
+        url: str = DEFAULT_URL,
+        token: str | None = None,
+        timeout_s: float = 600.0,
         retry: RetryPolicy | None = None,
     ) -> None:
         if not url.startswith(("http://", "https://")):

@@ -542,6 +542,7 @@ DEFAULT_TILE = 504
 def tile_size_advice(tile_size: int) -> str | None:
     """A one-line warning when ``tile_size`` is not a multiple of 28, naming the nearest multiples; else None."""
     from .rules.coords import QWEN_FACTOR  # here, not at the top: rules.coords imports this module
+
     if tile_size % QWEN_FACTOR == 0:
         return None
     lower = tile_size // QWEN_FACTOR * QWEN_FACTOR

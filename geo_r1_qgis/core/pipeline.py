@@ -374,9 +374,7 @@ def plan_coarse(job: GroundingJob, source: RasterSource, area: PixelBox) -> Pass
     return PassPlan("coarse", TASK_COARSE, tuple((f"c-{t.id}", t) for t in tiles), area)
 
 
-def plan_refine(
-    job: GroundingJob, source: RasterSource, area: PixelBox, candidates: Sequence[Detection]
-) -> PassPlan:
+def plan_refine(job: GroundingJob, source: RasterSource, area: PixelBox, candidates: Sequence[Detection]) -> PassPlan:
     tile_len = max(1, round(job.tile_size * job.scale))
     windows = refinement_windows(candidates, source.width, source.height, tile_len, top_k=job.top_k)
     tiles: list[tuple[str, Tile]] = []
@@ -693,9 +691,7 @@ class _Flight:
             if result.parse_status not in ("", "ok"):
                 summary.parse_failures += 1
             tile_dets = [
-                d
-                for d in result_to_detections(result, tile_id, tile, src.width, src.height, plan.area)
-                if job.keeps(d)
+                d for d in result_to_detections(result, tile_id, tile, src.width, src.height, plan.area) if job.keeps(d)
             ]
             t1 = time.perf_counter()
             r.sink.write_tile(tile_id, tile, place(tile_dets, src.transform), "done", **extra)

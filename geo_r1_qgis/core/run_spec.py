@@ -78,8 +78,11 @@ def check_run_values(
                           "e.g. 504")  # fmt: skip
     if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < (tile_size or DEFAULT_TILE):
         raise ConfigError(f"overlap must be in [0, tile_size), got {overlap!r} with tile_size {tile_size}; e.g. 64")
-    for name, value, most in (("batch_size", batch_size, MAX_BATCH_SIZE), ("max_new_tokens", max_new_tokens,
-                                                                          MAX_NEW_TOKENS), ("top_k", top_k, None)):
+    for name, value, most in (
+        ("batch_size", batch_size, MAX_BATCH_SIZE),
+        ("max_new_tokens", max_new_tokens, MAX_NEW_TOKENS),
+        ("top_k", top_k, None),
+    ):
         if name == "max_new_tokens" and value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (most and value > most):

@@ -20,8 +20,15 @@ from .errors import ConfigError
 from .geometry import Point, Ring, ring_signed_area
 from .gpkg_schema import connect, ident
 
-__all__ = ["Match", "TruthObject", "convex_polygon_iou", "greedy_match", "match_objects", "read_result_rings",
-           "read_truth"]
+__all__ = [
+    "Match",
+    "TruthObject",
+    "convex_polygon_iou",
+    "greedy_match",
+    "match_objects",
+    "read_result_rings",
+    "read_truth",
+]
 
 T = TypeVar("T")
 
@@ -162,7 +169,7 @@ def _ring_from_gpkg_blob(blob: bytes) -> Ring:
         raise ConfigError("not a GeoPackage geometry blob")
     flags = blob[3]
     envelope = {0: 0, 1: 32, 2: 48, 3: 48, 4: 64}.get((flags >> 1) & 0x07, 0)
-    wkb = blob[8 + envelope:]
+    wkb = blob[8 + envelope :]
     order = "<" if wkb[0] == 1 else ">"
     (kind,) = struct.unpack_from(order + "I", wkb, 1)
     if kind % 1000 != 3:

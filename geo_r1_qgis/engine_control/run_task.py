@@ -192,8 +192,9 @@ class GroundingTask(QgsTask):
             self.setProgress(self._tracker.percent(done, total, phase))
 
         try:
-            summary = run_grounding(job, self.source, forwarding, client, progress=progress,
-                                    is_canceled=self.isCanceled)
+            summary = run_grounding(
+                job, self.source, forwarding, client, progress=progress, is_canceled=self.isCanceled
+            )
         except EngineUnavailableError:
             forwarding.mark("interrupted")  # the engine went away: resumable once it is back
             self.outcome.interrupted = True

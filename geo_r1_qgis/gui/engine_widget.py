@@ -205,8 +205,10 @@ class EngineWidget(QWidget):
         try:
             from ..engine_control.setup.dialog import SetupDialog
         except ImportError:
-            text = ("The engine setup is not part of this plugin version. Install the engine by hand (see the README) "
-                    "and choose its venv as Engine venv in Raster > Geo-R1 > Settings.")
+            text = (
+                "The engine setup is not part of this plugin version. Install the engine by hand (see the README) "
+                "and choose its venv as Engine venv in Raster > Geo-R1 > Settings."
+            )
             QMessageBox.information(self, "Geo-R1", text)
             return
         SetupDialog(self).exec()

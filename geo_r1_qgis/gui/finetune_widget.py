@@ -60,9 +60,11 @@ from .widgets import gpkg_file_widget, narrow, resolution_spin, stretch_row, wra
 
 log = logging.getLogger(__name__)
 
-TRAIN_EXTRA_HINT = ("This engine has no training tools. Install geo-r1[train] in the engine venv: click 'Set up the "
-                    "training tools…' (the engine installer, with 'Also install the training tools' ticked), or run "
-                    "in a terminal:  <engine venv>/bin/pip install 'geo-r1[train]'; then restart the engine")
+TRAIN_EXTRA_HINT = (
+    "This engine has no training tools. Install geo-r1[train] in the engine venv: click 'Set up the "
+    "training tools…' (the engine installer, with 'Also install the training tools' ticked), or run "
+    "in a terminal:  <engine venv>/bin/pip install 'geo-r1[train]'; then restart the engine"
+)
 LOG_TAIL_LINES = 200
 
 

@@ -143,9 +143,7 @@ def status_text(text: str, limit: int = STATUS_CHARS) -> str:
     text = " ".join(text.split())
     if len(text) > limit:
         text = text[: limit - 1].rstrip() + "…"
-    return " ".join(
-        "\u200b".join(w[i : i + _LONG_WORD] for i in range(0, len(w), _LONG_WORD)) for w in text.split(" ")
-    )
+    return " ".join("\u200b".join(w[i : i + _LONG_WORD] for i in range(0, len(w), _LONG_WORD)) for w in text.split(" "))
 
 
 #: every run since QGIS started, newest last
@@ -186,8 +184,10 @@ def resume_advice(error: str, opened: bool) -> str:
         return "Nothing was written; fix the cause above and click Run again"
     if any(marker in error for marker in _TRANSIENT):
         return "What was found is kept; once the cause is gone, select the run and click Resume to finish it"
-    return ("What was found is kept; Resume would meet the same error, so fix the cause above and start a new run "
-            "(click Run)")
+    return (
+        "What was found is kept; Resume would meet the same error, so fix the cause above and start a new run "
+        "(click Run)"
+    )
 
 
 def engine_info(url: str, token_file: Path | str) -> dict[str, Any]:
@@ -288,8 +288,10 @@ class GeoR1Dock(QgsDockWidget):
         self.outline_combo = QComboBox(body)
         for text, value in OUTLINE_CHOICES:
             self.outline_combo.addItem(text, value)
-        self.outline_combo.setToolTip("Outlines need an engine started with --sam (a SAM 2); the run then shows "
-                                      "the objects' outlines instead of their boxes (both are in the GeoPackage)")
+        self.outline_combo.setToolTip(
+            "Outlines need an engine started with --sam (a SAM 2); the run then shows "
+            "the objects' outlines instead of their boxes (both are in the GeoPackage)"
+        )
         narrow(self.outline_combo, 12)  # its longest entry alone made the panel 494 px wide
         form.addRow("Outlines", self.outline_combo)
         model_combo = getattr(self.engine_box, "model_combo", None)
@@ -362,8 +364,10 @@ class GeoR1Dock(QgsDockWidget):
         self.resume_button.setToolTip("Continue the selected cancelled or failed run where it stopped")
         self.resume_button.clicked.connect(self.resume_selected)
         self.file_runs_button = QPushButton("Runs in file", body)
-        self.file_runs_button.setToolTip("List the unfinished runs of the 'Save to' GeoPackage (from earlier "
-                                         "sessions or the geo-r1 command line) so they can be resumed")
+        self.file_runs_button.setToolTip(
+            "List the unfinished runs of the 'Save to' GeoPackage (from earlier "
+            "sessions or the geo-r1 command line) so they can be resumed"
+        )
         self.file_runs_button.clicked.connect(self.load_file_runs)
         for b in (self.run_button, self.cancel_button, self.resume_button, self.file_runs_button):
             buttons.addWidget(b)
@@ -523,8 +527,10 @@ class GeoR1Dock(QgsDockWidget):
         self.raster_combo.setAllowEmptyLayer(True)
         self.raster_combo.setLayer(None)
         running = self.entry is not None and self.task is not None and self.entry.raster_layer_id == current.id()
-        self.set_status(f"The raster {name} was removed from the project; pick another in the Raster box"
-                        + (" (the run on it goes on: it reads its own copy)" if running else ""))
+        self.set_status(
+            f"The raster {name} was removed from the project; pick another in the Raster box"
+            + (" (the run on it goes on: it reads its own copy)" if running else "")
+        )
 
     def _raster_chosen(self, layer: Any) -> None:
         """The band choice of the raster picked: its bands, set to its renderer's red, green and blue (else the
@@ -630,10 +636,19 @@ class GeoR1Dock(QgsDockWidget):
             req = resume.request
             from dataclasses import replace
 
-            return replace(req, resume_run_id=resume.run_id, resume_layer=resume.layer,
-                           engine_url=self.settings.engine_url, more_engines=self.settings.engine_urls()[1:],
-                           in_flight=self.settings.in_flight or None,
-                           token_file=self.settings.token_file or None), source, layer
+            return (
+                replace(
+                    req,
+                    resume_run_id=resume.run_id,
+                    resume_layer=resume.layer,
+                    engine_url=self.settings.engine_url,
+                    more_engines=self.settings.engine_urls()[1:],
+                    in_flight=self.settings.in_flight or None,
+                    token_file=self.settings.token_file or None,
+                ),
+                source,
+                layer,
+            )
         self._project_changed()  # "Save to" still the panel's own default: beside the project as it is now
         layer = self._raster()
         expression = self.expression_text()
@@ -709,10 +724,19 @@ class GeoR1Dock(QgsDockWidget):
             self._push(str(exc), warning=True)
             return None
         task = GroundingTask(req, source)
-        entry = resume if isinstance(resume, RunEntry) else RunEntry(
-            run_id="", expression=req.expression, mode=req.mode, output=req.output, layer="",
-            display_name=run_display_name(req.expression, req.mode, raster=layer.name()), request=req,
-            raster_layer_id=layer.id(),
+        entry = (
+            resume
+            if isinstance(resume, RunEntry)
+            else RunEntry(
+                run_id="",
+                expression=req.expression,
+                mode=req.mode,
+                output=req.output,
+                layer="",
+                display_name=run_display_name(req.expression, req.mode, raster=layer.name()),
+                request=req,
+                raster_layer_id=layer.id(),
+            )
         )
         entry.status, entry.message, entry.started, entry.first_feature_s = "running", "", time.perf_counter(), None
         entry.source = source
@@ -821,8 +845,10 @@ class GeoR1Dock(QgsDockWidget):
         if p.get("bbox"):
             window = window_from_map_bbox(*p["bbox"], source.transform, source.width, source.height)
         if list(p.get("bands") or []) != list(source.bands):
-            raise ConfigError(f"the run used bands {p.get('bands')}, the raster's default now is {list(source.bands)};"
-                              " resume it with geo-r1 ground --resume --bands")
+            raise ConfigError(
+                f"the run used bands {p.get('bands')}, the raster's default now is {list(source.bands)};"
+                " resume it with geo-r1 ground --resume --bands"
+            )
         req = RunRequest(**spec_values(p), output=entry.output,  # the run as recorded (RunSpec's fields)
                          engine_url=self.settings.engine_url, more_engines=self.settings.engine_urls()[1:],
                          in_flight=self.settings.in_flight or None, token_file=self.settings.token_file or None,
@@ -867,8 +893,10 @@ class GeoR1Dock(QgsDockWidget):
         if layer is None:  # removed from the map (or its group removed): respected, and the status goes on
             self._accepted(entry)
             entry.removed_from_map = True
-            self.set_status(f"'{entry.expression}': tile {batch.tiles_done} of {batch.tiles_total} (its layer was "
-                            "removed from the map; double-click the run in the list to show it again)")
+            self.set_status(
+                f"'{entry.expression}': tile {batch.tiles_done} of {batch.tiles_total} (its layer was "
+                "removed from the map; double-click the run in the list to show it again)"
+            )
             return
         self._accepted(entry)
         created = utc_now()
@@ -880,8 +908,10 @@ class GeoR1Dock(QgsDockWidget):
             layer.triggerRepaint()
             if entry.first_feature_s is None:
                 entry.first_feature_s = time.perf_counter() - entry.started
-        self.set_status(f"'{entry.expression}': {layer.featureCount()} object(s) so far, "
-                        f"tile {batch.tiles_done} of {batch.tiles_total}")
+        self.set_status(
+            f"'{entry.expression}': {layer.featureCount()} object(s) so far, "
+            f"tile {batch.tiles_done} of {batch.tiles_total}"
+        )
         self.refresh_results()
 
     def _run_ended(self, outcome: RunOutcome) -> None:
@@ -903,8 +933,10 @@ class GeoR1Dock(QgsDockWidget):
             entry.message = "cancelled: what was found is kept; select the run and click Resume to finish it"
             self._show_partial(entry)
         elif outcome.interrupted:
-            entry.message = (f"interrupted: the engine stopped answering ({outcome.error}). What was found is kept; "
-                             "restart the engine, then select the run and click Resume")
+            entry.message = (
+                f"interrupted: the engine stopped answering ({outcome.error}). What was found is kept; "
+                "restart the engine, then select the run and click Resume"
+            )
             self._show_partial(entry)
             self._push(entry.message, warning=True)
         else:
@@ -1016,8 +1048,9 @@ class GeoR1Dock(QgsDockWidget):
         from ..compat import MSG_SUCCESS, MSG_WARNING
 
         # the message bar renders HTML: expressions and engine errors are shown as typed (escaped)
-        self.iface.messageBar().pushMessage("Geo-R1", html.escape(text), level=MSG_WARNING if warning else MSG_SUCCESS,
-                                            duration=8)
+        self.iface.messageBar().pushMessage(
+            "Geo-R1", html.escape(text), level=MSG_WARNING if warning else MSG_SUCCESS, duration=8
+        )
 
     # -- the results list --------------------------------------------------------------------------
     def refresh_results(self) -> None:
@@ -1064,8 +1097,9 @@ class GeoR1Dock(QgsDockWidget):
 
     def _update_resume(self) -> None:
         entry = self._selected_run()
-        self.resume_button.setEnabled(self.task is None and entry is not None and entry.status in ("canceled",
-                                                                                                  "failed"))
+        self.resume_button.setEnabled(
+            self.task is None and entry is not None and entry.status in ("canceled", "failed")
+        )
 
     def _item_double_clicked(self, item: QTreeWidgetItem, column: int) -> None:
         if item.parent() is None:

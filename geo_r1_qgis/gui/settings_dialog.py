@@ -47,8 +47,10 @@ class SettingsDialog(QDialog):
         self.more_engines_edit = QPlainTextEdit(s.more_engines, self)
         self.more_engines_edit.setObjectName("GeoR1MoreEngines")
         self.more_engines_edit.setPlaceholderText("none: runs use the engine above only")
-        self.more_engines_edit.setToolTip("More running engines a run spreads its tiles over, one URL a line (same "
-                                          "model, same token file); one that fails mid-run is left to the others")
+        self.more_engines_edit.setToolTip(
+            "More running engines a run spreads its tiles over, one URL a line (same "
+            "model, same token file); one that fails mid-run is left to the others"
+        )
         self.more_engines_edit.setMaximumHeight(self.url_edit.sizeHint().height() * 3)
         form.addRow("More engines", self.more_engines_edit)
         self.token_widget = QgsFileWidget(self)
@@ -89,8 +91,9 @@ class SettingsDialog(QDialog):
         self.in_flight_spin.setRange(0, MAX_IN_FLIGHT)
         self.in_flight_spin.setSpecialValueText("what the engines take")  # shown at 0
         self.in_flight_spin.setSuffix(" tiles")
-        self.in_flight_spin.setToolTip("Tiles asked at once over all engines (0: each engine's batch size, or a "
-                                       "remote backend's --concurrency)")
+        self.in_flight_spin.setToolTip(
+            "Tiles asked at once over all engines (0: each engine's batch size, or a remote backend's --concurrency)"
+        )
         self.in_flight_spin.setValue(s.in_flight)
         form.addRow("Tiles in flight", self.in_flight_spin)
         self.keep_check = QCheckBox("Keep an engine started by QGIS running when QGIS quits", self)

@@ -278,8 +278,7 @@ class QgisRasterSource:
         return t.c == 0.0 and t.f == 0.0 and t.a == 1.0 and abs(t.e) == 1.0
 
     def _choose_bands(self, bands: tuple[int, ...] | None) -> tuple[int, int, int]:
-        names = {COLOR_RED: "red", COLOR_GREEN: "green", COLOR_BLUE: "blue",
-                 COLOR_ALPHA: "alpha"}
+        names = {COLOR_RED: "red", COLOR_GREEN: "green", COLOR_BLUE: "blue", COLOR_ALPHA: "alpha"}
         interp = [names.get(self._provider.colorInterpretation(b), "other") for b in range(1, self.count + 1)]
         return choose_bands(self.count, interp, bands, what=self.name, option="bands")
 

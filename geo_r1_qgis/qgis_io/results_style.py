@@ -36,7 +36,7 @@ SCORE_CLASSES = (
 OUTLINE_WIDTH_MM = 0.7
 #: the label: the score to two decimals, then the first words of the model's label when it gave one
 LABEL_EXPRESSION = (
-    "format_number(\"score\", 2) || "
+    'format_number("score", 2) || '
     "if(coalesce(\"label\", '') = '', '', ' ' || left(\"label\", 24) || if(length(\"label\") > 24, '…', ''))"
 )
 _ESCAPE = "map('&', '&amp;', '<', '&lt;', '>', '&gt;')"  # QVariantMap is key-ordered: '&' goes first
@@ -49,10 +49,16 @@ def _escaped(field: str) -> str:
 #: The map tip: HTML, wrapped, every model-written value escaped by the expression engine.
 MAP_TIP_TEMPLATE = (
     '<div style="min-width: 20em; max-width: 32em; white-space: pre-wrap; word-wrap: break-word;">'
-    "<b>[% format_number(\"score\", 2) %]</b> " + _escaped("label") + "<br/>"
-    "<i>" + _escaped("expression") + "</i> (" + _escaped("mode") + ")<br/>"
+    '<b>[% format_number("score", 2) %]</b> ' + _escaped("label") + "<br/>"
+    "<i>"
+    + _escaped("expression")
+    + "</i> ("
+    + _escaped("mode")
+    + ")<br/>"
     + _escaped("reasoning")
-    + "<br/><small>tile " + _escaped("tile_id") + " · presence [% format_number(\"presence\", 2) %]</small>"
+    + "<br/><small>tile "
+    + _escaped("tile_id")
+    + ' · presence [% format_number("presence", 2) %]</small>'
     "</div>"
 )
 
@@ -63,8 +69,7 @@ def score_renderer() -> QgsGraduatedSymbolRenderer:
         # An outline symbol layer, not a fill without brush: QGIS paints a *selected* fill solid in the
         # selection colour, which would hide the very object the user clicked; a selected outline stays an outline.
         outline = QgsSimpleLineSymbolLayer.create(
-            {"line_color": colour, "line_width": str(OUTLINE_WIDTH_MM), "line_width_unit": "MM",
-             "joinstyle": "miter"}
+            {"line_color": colour, "line_width": str(OUTLINE_WIDTH_MM), "line_width_unit": "MM", "joinstyle": "miter"}
         )
         symbol = QgsFillSymbol.createSimple({})
         symbol.changeSymbolLayer(0, outline)  # the symbol owns it from here
@@ -97,7 +102,7 @@ def style_result_layer(layer: QgsVectorLayer, tile_note: str = "") -> None:
     layer.setMapTipTemplate(MAP_TIP_TEMPLATE)
     if hasattr(layer, "setMapTipsEnabled"):  # QGIS >= 3.32; before, map tips are always on
         layer.setMapTipsEnabled(True)
-    layer.setDisplayExpression('format_number("score", 2) || \' \' || coalesce("label", \'\')')
+    layer.setDisplayExpression("format_number(\"score\", 2) || ' ' || coalesce(\"label\", '')")
     fields = layer.fields()
     for name in ("score", "presence"):
         idx = fields.indexOf(name)

@@ -68,8 +68,13 @@ def start_engine(workdir: Path, args: list[str], env: dict[str, str] | None = No
     token_file = workdir / "config" / "geo-r1" / "engine.token"
     log_path = workdir / "engine.log"
     # XDG_DATA_HOME under the workdir: the engine's default --jobs-dir is never the user's own
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "XDG_DATA_HOME": str(workdir / "data"), **(env or {})}
+    full_env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "XDG_DATA_HOME": str(workdir / "data"),
+        **(env or {}),
+    }
     cmd = [*geo_r1_command(), "serve", "--port", str(port), "--token-file", str(token_file), *args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)

@@ -214,8 +214,18 @@ def test_existing_layers_are_never_overwritten(engine, samples, tmp_path, capsys
 def test_dst_crs_and_mode_one(engine, samples, tmp_path):
     out = tmp_path / "o.gpkg"
     assert (
-        ground(samples / "utm.tif", "the largest storage tank", "-o", out, "--dst-crs", "EPSG:4326",
-               "--mode", "one", *FAST, *engine)
+        ground(
+            samples / "utm.tif",
+            "the largest storage tank",
+            "-o",
+            out,
+            "--dst-crs",
+            "EPSG:4326",
+            "--mode",
+            "one",
+            *FAST,
+            *engine,
+        )
         == 0
     )
     with sqlite3.connect(out) as con:

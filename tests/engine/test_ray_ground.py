@@ -109,7 +109,10 @@ def test_rasters_from_a_glob_or_a_list(tmp_path):
     assert expand_rasters(tmp_path / "*.tif") == [str(tmp_path / "a.tif"), str(tmp_path / "b.tif")]
     assert expand_rasters(f"{tmp_path}/**/*.tif")[-1] == str(tmp_path / "sub" / "c.tif")
     (tmp_path / "list.txt").write_text("# two rasters\nb.tif\n\n/vsicurl/https://example.org/x.tif\n")
-    assert expand_rasters(f"@{tmp_path / 'list.txt'}") == [str(tmp_path / "b.tif"), "/vsicurl/https://example.org/x.tif"]
+    assert expand_rasters(f"@{tmp_path / 'list.txt'}") == [
+        str(tmp_path / "b.tif"),
+        "/vsicurl/https://example.org/x.tif",
+    ]
     assert expand_rasters("/vsizip/a.zip/x[1].tif") == ["/vsizip/a.zip/x[1].tif"]  # GDAL paths are GDAL's
     with pytest.raises(ConfigError, match="no file matches"):
         expand_rasters(tmp_path / "*.jp2")

@@ -125,8 +125,11 @@ class Driver:
         win.setGeometry(0, 0, *WINDOW)
         win.show()
         win.activateWindow()
-        yield from self.wait(lambda: PLUGIN in plugins and getattr(plugins[PLUGIN], "toolbar_action", None),
-                             "the Geo-R1 plugin is loaded", 120)
+        yield from self.wait(
+            lambda: PLUGIN in plugins and getattr(plugins[PLUGIN], "toolbar_action", None),
+            "the Geo-R1 plugin is loaded",
+            120,
+        )
         plugin = plugins[PLUGIN]
         yield from self.wait(lambda: self._raster() is not None, "the sample raster is on the map", 60)
         raster = self._raster()
@@ -189,8 +192,11 @@ class Driver:
             yield from self.wait(lambda: edit.hasFocus(), "the expression box has the keyboard focus", 20)
             self.xdotool("key", "ctrl+a")
             self.xdotool("key", "ctrl+v")
-            yield from self.wait(lambda: dock.expression_combo.currentText() == long_text,
-                                 f"the expression box holds the {len(long_text)}-character text", 30)
+            yield from self.wait(
+                lambda: dock.expression_combo.currentText() == long_text,
+                f"the expression box holds the {len(long_text)}-character text",
+                30,
+            )
             self.status["long_expression"] = yield from self.refused_run(dock, "the long expression")
             self.note("long expression refused")
         if self.cfg.get("no_crs_raster"):
@@ -336,8 +342,9 @@ class Driver:
         if shown != text and shown.startswith(text):  # the box completed it from the history: Delete, as a user
             self.status.setdefault("completed_from_history", []).append(len(shown))
             self.xdotool("key", "Delete")
-        yield from self.wait(lambda: dock.expression_combo.currentText() == text,
-                             f"the expression box reads {text!r}", 30)
+        yield from self.wait(
+            lambda: dock.expression_combo.currentText() == text, f"the expression box reads {text!r}", 30
+        )
         self.trace(dock, f"typed the expression {text[:20]!r}")
 
     def type_save_to(self, dock, path: str):
@@ -489,8 +496,11 @@ class Driver:
         from geo_r1_qgis.settings import HISTORY_KEY, expression_history
 
         win = iface.mainWindow()
-        yield from self.wait(lambda: PLUGIN in plugins and getattr(plugins[PLUGIN], "toolbar_action", None),
-                             "the Geo-R1 plugin is loaded", 120)
+        yield from self.wait(
+            lambda: PLUGIN in plugins and getattr(plugins[PLUGIN], "toolbar_action", None),
+            "the Geo-R1 plugin is loaded",
+            120,
+        )
         plugin = plugins[PLUGIN]
         if self.cfg.get("project"):
             project = QgsProject.instance()

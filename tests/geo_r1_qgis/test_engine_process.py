@@ -292,8 +292,9 @@ def test_an_answer_for_a_widget_closed_meanwhile_is_dropped_not_an_abort(ep, qse
     assert len(calls) == 1 and calls[0][2] is None  # only the living one was called
 
 
-def test_a_started_engine_leaves_the_users_settings_so_a_restart_finds_the_readme_engine(ep, qsettings, tiny_model,
-                                                                                          external, tmp_path):
+def test_a_started_engine_leaves_the_users_settings_so_a_restart_finds_the_readme_engine(
+    ep, qsettings, tiny_model, external, tmp_path
+):
     """Issue 16, 3.3: Start in the panel rewrote the engine URL and token file to the started engine's random port;
     after a restart the engine the README starts (here on the settings' port) was not found, and fixing the URL in
     Settings left the panel saying "stopped"."""
@@ -342,8 +343,9 @@ def test_a_started_engine_leaves_the_users_settings_so_a_restart_finds_the_readm
 _KEPT: list = []
 
 
-def test_processing_left_without_an_engine_url_uses_the_engine_the_panel_started(ep, qsettings, tiny_model, tmp_path,
-                                                                                 monkeypatch):
+def test_processing_left_without_an_engine_url_uses_the_engine_the_panel_started(
+    ep, qsettings, tiny_model, tmp_path, monkeypatch
+):
     """Issue 16, 3.3: once a started engine no longer rewrites the settings, Processing (ENGINE_URL empty) must still
     find it: the engine the plugin runs while it runs, else the settings' engine."""
     from qgis.core import QgsSettings
@@ -520,8 +522,9 @@ def test_the_menus_engine_check_answers_in_the_message_bar_without_waiting(ep, q
     from geo_r1_qgis.settings import PluginSettings
 
     url = f"http://127.0.0.1:{ep.free_port()}"
-    monkeypatch.setattr(PluginSettings, "load", classmethod(lambda cls, s=None: cls(engine_url=url,
-                                                                                    token_file=str(tmp_path / "t"))))
+    monkeypatch.setattr(
+        PluginSettings, "load", classmethod(lambda cls, s=None: cls(engine_url=url, token_file=str(tmp_path / "t")))
+    )
 
     class Iface:
         def __init__(self) -> None:

@@ -64,13 +64,16 @@ def test_subprocesses_get_a_cleaned_environment(tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("GEO_R1_TEST_KEEP", "yes")
     env_file = tmp_path / "env.json"
-    fake = _fake_python(tmp_path / "python3", f"""
+    fake = _fake_python(
+        tmp_path / "python3",
+        f"""
 with open({str(env_file)!r}, "a") as f:
     f.write(json.dumps({{"argv": sys.argv[1:], "env": dict(os.environ)}}) + "\\n")
 if "-c" in sys.argv:
     {PROBE_OK}
 else:
-    sys.exit(3)""")
+    sys.exit(3)""",
+    )
     # the version check ...
     interp = inst.probe_interpreter(fake)
     assert interp.usable and interp.version == (3, 12, 1)
@@ -168,8 +171,12 @@ def test_plan_for_each_source(tmp_path):
     assert "pip" in by_key and "--no-index" not in by_key["geo-r1"].argv
     assert f"geo-r1[train] @ {wheel.as_uri()}" in by_key["geo-r1"].argv
     assert by_key["torch"].argv[-2:] == ("--index-url", "file:///idx/cu") and "CUDA" in by_key["torch"].title
-    bad_values = (({"torch": "rocm"}, "torch must be"), ({"source": "ftp"}, "source must be"),
-                  ({"source": "wheel"}, "choose the wheel file"), ({"venv": Path("rel/venv")}, "absolute"))
+    bad_values = (
+        ({"torch": "rocm"}, "torch must be"),
+        ({"source": "ftp"}, "source must be"),
+        ({"source": "wheel"}, "choose the wheel file"),
+        ({"venv": Path("rel/venv")}, "absolute"),
+    )
     for bad, match in bad_values:
         with pytest.raises(ConfigError, match=match):
             inst.SetupConfig(**{"python": Path("/usr/bin/python3"), "venv": venv, **bad})
@@ -196,7 +203,9 @@ def test_the_setup_leaves_no_unclosed_pipe_file_or_process(tmp_path):
     import threading
     import warnings
 
-    fake = _fake_python(tmp_path / "python3", f"""
+    fake = _fake_python(
+        tmp_path / "python3",
+        f"""
 if "-c" in sys.argv:
     {PROBE_OK}
 elif "hang" in os.environ.get("FAKE_MODE", ""):
@@ -206,7 +215,8 @@ else:
     print("creating the venv ...", flush=True)
     print("Error: no room left", flush=True)
     sys.exit(3)
-""")
+""",
+    )
     cfg = inst.SetupConfig(python=fake, venv=tmp_path / "engine-venv", source="index", log_path=tmp_path / "setup.log")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
@@ -405,12 +415,15 @@ def test_dialog_shows_the_python_found_and_cancels_an_install(qgis_app, tmp_path
 
     # a Python whose "-m venv" hangs: Install, then Cancel while it runs
     pid_file = tmp_path / "pid"
-    hang = _fake_python(tmp_path / "python3", f"""
+    hang = _fake_python(
+        tmp_path / "python3",
+        f"""
 if "-c" in sys.argv:
     {PROBE_OK}
 else:
     open({str(pid_file)!r}, "w").write(str(os.getpid()))
-    time.sleep(300)""")
+    time.sleep(300)""",
+    )
     assert dialog.add_interpreter(hang).usable
     assert dialog.python_combo.currentData() == str(hang)
     task = dialog.start_install()

@@ -350,6 +350,7 @@ def test_a_job_is_cancelled_from_the_panel_while_it_trains(dock, engine, annotat
     stopped_at = ft.record["step"]
     assert ft.resume_button.isEnabled() == bool(ft.record.get("resumable")) and ft.resume_button.isEnabled()
     ft.resume_button.click()
+
     def going_on() -> bool:
         resumed = ft.record.get("state") == "training" and (ft.record.get("step") or 0) > stopped_at
         gave_up = not ft._starting and (ft.record.get("state") in ("failed", "done") or not ft.watcher.active)

@@ -653,8 +653,9 @@ def test_a_plugin_run_spreads_its_tiles_over_two_engines(raster, engine, tmp_pat
             with sqlite3.connect(out) as con:
                 layer = con.execute(f"SELECT layer FROM {RUNS_TABLE}").fetchone()[0]
                 engines = dict(con.execute(f"SELECT engine, count(*) FROM {TILES_TABLE} GROUP BY engine").fetchall())
-                raw = sorted(con.execute(f'SELECT tile_id, px_x1, px_y1, px_x2, px_y2, score '
-                                         f'FROM "{layer}{RAW_SUFFIX}"'))
+                raw = sorted(
+                    con.execute(f'SELECT tile_id, px_x1, px_y1, px_x2, px_y2, score FROM "{layer}{RAW_SUFFIX}"')
+                )
                 answer = sorted(con.execute(f'SELECT geom, score, tile_id FROM "{layer}"'))
             outputs[name] = (raw, answer)
             assert engines == summary.engines and sum(engines.values()) == 12

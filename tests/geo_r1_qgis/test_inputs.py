@@ -303,10 +303,11 @@ def _read_all(source) -> tuple[np.ndarray, float]:
 
 
 @pytest.mark.xfail(
-    qgis_core.Qgis.QGIS_VERSION_INT >= 34400, strict=True,
+    qgis_core.Qgis.QGIS_VERSION_INT >= 34400,
+    strict=True,
     reason="not fixed yet (issue 21): QGIS 3.44 draws each XYZ tile into a destination rect expanded to whole pixels "
-           "(QGIS pull request 61591), so at the deepest zoom's own resolution the provider's block() is resampled: "
-           "mean |diff| 2.3 and max 86 against GDAL's warp (3.40: 0.14 and 5), even for a read on the tile grid",
+    "(QGIS pull request 61591), so at the deepest zoom's own resolution the provider's block() is resampled: "
+    "mean |diff| 2.3 and max 86 against GDAL's warp (3.40: 0.14 and 5), even for a read on the tile grid",
 )
 def test_an_xyz_layer_is_read_at_a_ground_resolution(qgis, xyz_dir):
     from geo_r1_qgis.qgis_io.rasters import QgisRasterSource, is_web_layer, prepare_input, scale_for_resolution

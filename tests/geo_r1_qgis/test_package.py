@@ -54,7 +54,11 @@ def test_qgis_plugin_module_imports_with_real_pyqgis():
     pytest.importorskip("qgis.core", reason="needs Debian's python3-qgis (run under /usr/bin/python3)")
     code = "import geo_r1_qgis.plugin as p; assert callable(p.GeoR1Plugin); print('ok')"
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False,
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
         env={"QT_QPA_PLATFORM": "offscreen", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
     )
     assert out.returncode == 0, out.stderr
@@ -64,9 +68,25 @@ def test_metadata_has_every_field_qgis_and_the_plugin_site_need():
     cp = configparser.ConfigParser()
     cp.read(ROOT / "metadata.txt", encoding="utf-8")
     g = cp["general"]
-    for key in ("name", "qgisMinimumVersion", "qgisMaximumVersion", "description", "about", "version", "author",
-                "email", "repository", "tracker", "homepage", "tags", "category", "icon", "experimental",
-                "hasProcessingProvider", "changelog"):
+    for key in (
+        "name",
+        "qgisMinimumVersion",
+        "qgisMaximumVersion",
+        "description",
+        "about",
+        "version",
+        "author",
+        "email",
+        "repository",
+        "tracker",
+        "homepage",
+        "tags",
+        "category",
+        "icon",
+        "experimental",
+        "hasProcessingProvider",
+        "changelog",
+    ):
         assert g.get(key), f"metadata.txt lacks {key}"
     assert g["qgisMinimumVersion"] == "3.22"
     # run on 3.22, 3.40 and 3.44; QGIS 4 (Qt6) checked statically only (docs/QGIS4.md), and said so in "about"
@@ -85,8 +105,13 @@ def test_the_plugin_zip_installs_and_loads_in_qgis(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "scripts" / "package_plugin.py"), "--out", str(out)], check=True)
     with zipfile.ZipFile(out) as zf:
         names = set(zf.namelist())
-        assert {"geo_r1_qgis/metadata.txt", "geo_r1_qgis/icon.png", "geo_r1_qgis/__init__.py",
-                "geo_r1_qgis/core/geometry.py", "geo_r1_qgis/processing_provider.py"} <= names
+        assert {
+            "geo_r1_qgis/metadata.txt",
+            "geo_r1_qgis/icon.png",
+            "geo_r1_qgis/__init__.py",
+            "geo_r1_qgis/core/geometry.py",
+            "geo_r1_qgis/processing_provider.py",
+        } <= names
         assert all(n.startswith("geo_r1_qgis/") and "__pycache__" not in n for n in names)
         zf.extractall(tmp_path / "plugins")
     code = (
@@ -106,7 +131,11 @@ def test_the_plugin_zip_installs_and_loads_in_qgis(tmp_path):
         "app.exitQgis(); print('ok')\n"
     )
     res = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "plugins")], capture_output=True, text=True, check=False,
-        cwd=tmp_path, env={"QT_QPA_PLATFORM": "offscreen", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        [sys.executable, "-c", code, str(tmp_path / "plugins")],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+        env={"QT_QPA_PLATFORM": "offscreen", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
     )
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]

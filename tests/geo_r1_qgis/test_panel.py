@@ -289,7 +289,13 @@ def test_settings_dialog_round_trip(qgis_app, isolated_settings):
     d.accept()
     s = PluginSettings.load()
     assert (s.engine_url, s.token_file, s.output_gpkg, s.tile_size, s.overlap, s.max_new_tokens) == (
-        "http://127.0.0.1:9999", "/tmp/some.token", "/tmp/out.gpkg", 448, 32, 512)
+        "http://127.0.0.1:9999",
+        "/tmp/some.token",
+        "/tmp/out.gpkg",
+        448,
+        32,
+        512,
+    )
     assert s.in_flight == 48
     assert s.engine_urls() == ("http://127.0.0.1:9999", "http://10.0.0.2:8731", "http://10.0.0.3:8731")
     d2 = SettingsDialog()
@@ -775,8 +781,12 @@ def test_results_are_drawn_above_the_raster_they_were_found_on(dock, samples, ca
         assert siblings.index(group) + 1 == siblings.index(root.findLayer(raster.id()))
     # the upper raster's results are above the upper raster; the lower raster's are between the two rasters
     (first, _), (second, _) = placed
-    assert _render_order(second.map_layer_id) < _render_order(upper.id()) < _render_order(first.map_layer_id) \
+    assert (
+        _render_order(second.map_layer_id)
+        < _render_order(upper.id())
+        < _render_order(first.map_layer_id)
         < _render_order(lower.id())
+    )
     # the GeoPackage the panel shows layers of is held in WAL mode (QGIS reads it with locks while a later run or
     # geo-r1 ground writes it; test_gpkg_ogr.py), and let go once no layer of it is on the map
     from geo_r1_qgis.qgis_io.gpkg_ogr import held_files
@@ -1004,7 +1014,8 @@ def test_a_drawn_rectangle_is_shown_on_the_map_until_the_area_changes(dock, samp
     smaller.scale(0.5)
     dock.set_drawn_extent(smaller, raster.crs())
     assert dock._area_band.asGeometry().symDifference(qgis_core.QgsGeometry.fromRect(smaller)).area() < (
-        1e-6 * smaller.area())
+        1e-6 * smaller.area()
+    )
     # another area mode hides it
     dock.area_combo.setCurrentIndex([k for k, _ in AREA_CHOICES].index(AREA_LAYER))
     assert dock._area_band.numberOfVertices() == 0 or not dock._area_band.isVisible()
@@ -1121,8 +1132,12 @@ def test_the_band_choice_reads_a_4_band_naip_tile_with_bands_4_3_2(dock, canvas,
     # a run records them, and a run found in the file (resumed from the panel) reads the same bands
     dock.area_combo.setCurrentIndex(2)
     ext = raster.extent()
-    dock.set_drawn_extent(qgis_core.QgsRectangle(ext.xMinimum(), ext.yMaximum() - ext.height() / 3,
-                                                 ext.xMinimum() + ext.width() / 3, ext.yMaximum()), raster.crs())
+    dock.set_drawn_extent(
+        qgis_core.QgsRectangle(
+            ext.xMinimum(), ext.yMaximum() - ext.height() / 3, ext.xMinimum() + ext.width() / 3, ext.yMaximum()
+        ),
+        raster.crs(),
+    )
     entry = dock.start_run()
     assert entry is not None, dock.status_label.text()
     assert spin(lambda: dock.task is None, 300), dock.status_label.text()
@@ -1132,8 +1147,16 @@ def test_the_band_choice_reads_a_4_band_naip_tile_with_bands_4_3_2(dock, canvas,
 
     for combo in combos:  # the panel's choice back to band 1: the file's bands still win
         combo.setCurrentIndex(combo.findData(1))
-    found = RunEntry(run_id=record.run_id, expression=record.expression, mode=record.mode, output=entry.output,
-                     layer=record.layer, display_name="found", status="canceled", file_parameters=record.parameters)
+    found = RunEntry(
+        run_id=record.run_id,
+        expression=record.expression,
+        mode=record.mode,
+        output=entry.output,
+        layer=record.layer,
+        display_name="found",
+        status="canceled",
+        file_parameters=record.parameters,
+    )
     _req2, source2, _ = dock.build_request(found)  # as Resume builds a run listed from the file
     assert tuple(source2.bands) == (4, 3, 2)
 

@@ -507,4 +507,3 @@ def test_ground_finds_the_storage_tanks_of_a_scene_the_model_never_saw(qgis, uns
     m = match_objects(feature_rings(out), [t.ring for t in truth])
     assert m.n_truth == 7 and m.found >= 4 and m.precision >= 0.4, m
     assert all("storage tank" in f["reasoning"] for f in out.getFeatures())
-

@@ -541,9 +541,17 @@ def test_summary_line_gives_unique_and_non_unique_at_both_thresholds(tmp_path, c
 
 def test_an_sft_baseline_file_is_labelled_sft_without_a_format_rate(tmp_path, capsys):
     """A results file of Geo-R1's test_rec_baseline_eval.py: no mode key, outputs without <answer>."""
-    rows = [{"image": f"{i}.png", "question": "Q", "ground_truth": [0, 0, 10, 10],
-             "model_output": f'```json\n[{{"bbox_2d": [0, 0, 10, {h}], "label": "tank"}}]\n```',
-             "extracted_answer": [0.0, 0.0, 10.0, float(h)], "correct": int(h > 5)} for i, h in enumerate((10, 4))]
+    rows = [
+        {
+            "image": f"{i}.png",
+            "question": "Q",
+            "ground_truth": [0, 0, 10, 10],
+            "model_output": f'```json\n[{{"bbox_2d": [0, 0, 10, {h}], "label": "tank"}}]\n```',
+            "extracted_answer": [0.0, 0.0, 10.0, float(h)],
+            "correct": int(h > 5),
+        }
+        for i, h in enumerate((10, 4))
+    ]
     file = tmp_path / "sft_results.json"
     file.write_text(json.dumps({"accuracy": 50.0, "results": rows}))
     out = tmp_path / "r"

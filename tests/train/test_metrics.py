@@ -325,6 +325,7 @@ def test_read_results_errors(tmp_path):
 # OVD
 # --------------------------------------------------------------------------------------------------
 
+
 def test_coco_map_single_hand_computed():
     box = [0, 0, 10, 10]
     assert coco_map_single([box], [box]) == pytest.approx(1.0)

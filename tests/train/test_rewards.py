@@ -18,8 +18,7 @@ from train.rewards import (
 )
 
 GOOD = (
-    '<think> The tank is at the top left. </think> <answer>{"bbox_2d": [199, 249, 245, 331], "label": "tank"}'
-    "</answer>"
+    '<think> The tank is at the top left. </think> <answer>{"bbox_2d": [199, 249, 245, 331], "label": "tank"}</answer>'
 )
 
 

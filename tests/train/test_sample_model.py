@@ -84,8 +84,9 @@ def test_flags_come_from_the_config_fields(tmp_path):
 def test_number_tokens_round_trip_a_box_in_fewer_tokens():
     plain = build_tokenizer(TinyModelConfig(out_dir=Path("unused")))
     numbers = build_tokenizer(TinyModelConfig(out_dir=Path("unused"), number_tokens=True))
-    text = ('<think> There are 3 storage tanks. </think> <answer>[{"bbox_2d": [123, 45, 167, 1000], '
-            '"label": "x"}]</answer>')
+    text = (
+        '<think> There are 3 storage tanks. </think> <answer>[{"bbox_2d": [123, 45, 167, 1000], "label": "x"}]</answer>'
+    )
     ids = numbers(text)["input_ids"]
     assert numbers.decode(ids, skip_special_tokens=True) == text
     box = "[123, 45, 167, 209]"

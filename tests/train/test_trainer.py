@@ -75,8 +75,9 @@ def test_sft_two_steps_changes_lora_and_saves(grid_dataset, tiny_rope10_dir, tmp
 def test_grpo_and_dapo_two_steps_change_lora(method, grid_dataset, tiny_format_model_dir, tmp_path):
     # The format-trained model writes <think>/<answer> often enough that sampled completions differ in
     # reward, so the group advantages are non-zero and the LoRA weights must move.
-    out = _train(method, grid_dataset, tiny_format_model_dir, tmp_path / method, learning_rate=1e-2,
-                 max_completion_length=160)
+    out = _train(
+        method, grid_dataset, tiny_format_model_dir, tmp_path / method, learning_rate=1e-2, max_completion_length=160
+    )
     manifest = _check_adapter(out, method, tiny_format_model_dir)
     assert manifest["reasoning"] is True
     assert manifest["recipe"]["loss_type"] == ("dapo" if method == "dapo" else "grpo")

@@ -53,7 +53,7 @@ class SetupTask(QgsTask):
 
 
 class CheckTask(QgsTask):
-    """"Check": :func:`check_venv` off the main thread; ``done(ok, text)`` at the end."""
+    """ "Check": :func:`check_venv` off the main thread; ``done(ok, text)`` at the end."""
 
     done = pyqtSignal(bool, str)
 

@@ -162,7 +162,7 @@ class CheckResult:
 
 def check_venv(venv: Any, expected_version: str | None = None, *, run_engine: bool = True,
                check_freeze: bool = True) -> CheckResult:  # fmt: skip
-    """"Check": the venv exists, its record matches this plugin's version, and ``geo-r1 --version`` runs."""
+    """ "Check": the venv exists, its record matches this plugin's version, and ``geo-r1 --version`` runs."""
     path = _venv_path(venv)
     expected = expected_version or plugin_version()
     state = installed_state(path)

@@ -20,7 +20,11 @@ def _run(*args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
         [sys.executable, "-m", "engine.cli", "ask", *map(str, args)],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
     )
 
 
@@ -33,8 +37,9 @@ def image(tmp_path_factory):
 
 
 def test_ask_prints_reasoning_and_boxes_in_the_images_pixels(image, tiny_format_model_dir):
-    out = _run(image, "the largest storage tank", "--model", tiny_format_model_dir, "--task", "rec",
-               "--max-new-tokens", "128")
+    out = _run(
+        image, "the largest storage tank", "--model", tiny_format_model_dir, "--task", "rec", "--max-new-tokens", "128"
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("reasoning: ")

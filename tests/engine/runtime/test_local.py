@@ -48,8 +48,10 @@ def test_results_come_back_in_order_with_the_model_size_smart_resize_gives(backe
 
 
 def test_boxes_are_the_models_numbers_scaled_back_to_the_client_image(backend):
-    items = [GroundItem(image=_image(s, 7 + i), expression="the largest storage tank", task="rec")
-             for i, s in enumerate(SIZES)]
+    items = [
+        GroundItem(image=_image(s, 7 + i), expression="the largest storage tank", task="rec")
+        for i, s in enumerate(SIZES)
+    ]
     results = backend.ground(items, GenerationSettings(max_new_tokens=128))
     checked = 0
     for item, r in zip(items, results, strict=True):
@@ -67,8 +69,9 @@ def test_boxes_are_the_models_numbers_scaled_back_to_the_client_image(backend):
 
 
 def test_left_padded_batches_generate_what_single_items_generate(backend):
-    items = [GroundItem(image=_image(s, 20 + i), expression="all buildings", task="multi")
-             for i, s in enumerate(SIZES[:4])]
+    items = [
+        GroundItem(image=_image(s, 20 + i), expression="all buildings", task="multi") for i, s in enumerate(SIZES[:4])
+    ]
     batched = backend.ground_batched(items, SETTINGS)
     single = [backend.ground_batched([it], SETTINGS)[0] for it in items]
     assert [r.batch_size for r in batched] == [4] * 4
@@ -134,7 +137,7 @@ def test_micro_batcher_groups_by_settings_and_survives_errors():
 MULTIBYTE = [
     '<think> The tank at 40° north of the 飞机 hangar. </think> <answer>[{"bbox_2d": [10, 20, 30, 40], '
     '"label": "油罐 °"}]</answer>',
-    "<think> no-break space between numbers </think> <answer>[{\"bbox_2d\": [1,\u00a02, 3, 4]}]</answer>",
+    '<think> no-break space between numbers </think> <answer>[{"bbox_2d": [1,\u00a02, 3, 4]}]</answer>',
     "飞机飞机 ° \u00a0 end",
 ]
 

@@ -130,9 +130,23 @@ def test_schemathesis_finds_no_5xx_and_no_undocumented_status(tiny_model_dir, tm
             r = api.post("/ground", json={"items": [_rgb(28, 28)], "max_new_tokens": 9})
             assert r.status_code == 413 and "--max-new-tokens" in r.json()["error"]["message"]
             assert api.get("/info").json()["limits"]["max_new_tokens"] == 8
-        cmd = [st, "run", f"{eng.url}/openapi.json", "-H", f"Authorization: Bearer {eng.token}",
-               "--checks", "not_a_server_error,status_code_conformance", "-n", "200", "--request-timeout", "30",
-               "--seed", "1", "--exclude-path", "/shutdown"]  # fmt: skip  (it stops the engine: test_shutdown.py)
+        cmd = [
+            st,
+            "run",
+            f"{eng.url}/openapi.json",
+            "-H",
+            f"Authorization: Bearer {eng.token}",
+            "--checks",
+            "not_a_server_error,status_code_conformance",
+            "-n",
+            "200",
+            "--request-timeout",
+            "30",
+            "--seed",
+            "1",
+            "--exclude-path",
+            "/shutdown",
+        ]  # fmt: skip  (it stops the engine: test_shutdown.py)
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, out[-4000:]
@@ -140,8 +154,13 @@ def test_schemathesis_finds_no_5xx_and_no_undocumented_status(tiny_model_dir, tm
         assert m and int(m.group(1)) >= 1000 and m.group(1) == m.group(2), out[-2000:]
         with eng.client() as api:  # every route but the excluded /shutdown
             spec = api.get("/openapi.json").json()
-        routes = sum(1 for path, ops in spec["paths"].items() if path != "/shutdown" for op in ops
-                     if op in ("get", "post", "put", "patch", "delete"))
+        routes = sum(
+            1
+            for path, ops in spec["paths"].items()
+            if path != "/shutdown"
+            for op in ops
+            if op in ("get", "post", "put", "patch", "delete")
+        )
         assert f"Tested: {routes}" in out, out[-2000:]
     finally:
         eng.stop()

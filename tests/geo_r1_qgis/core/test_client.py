@@ -167,8 +167,14 @@ def test_a_server_that_proves_it_gets_the_token():
     assert sum(path.startswith("/health?challenge=") for path, _ in seen) == 1
 
 
-LIMITS = {"max_body_bytes": 64 * 2**20, "max_image_pixels": 16_777_216, "max_items": 64, "max_expression_chars": 500,
-          "max_prompt_tokens": None, "max_new_tokens": 4096}  # an engine's defaults, as /info reports them
+LIMITS = {
+    "max_body_bytes": 64 * 2**20,
+    "max_image_pixels": 16_777_216,
+    "max_items": 64,
+    "max_expression_chars": 500,
+    "max_prompt_tokens": None,
+    "max_new_tokens": 4096,
+}  # an engine's defaults, as /info reports them
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,15 @@ def test_engine_request_error_keeps_the_http_status():
 def test_every_public_error_is_covered_above():
     public = {n for n, v in vars(errors).items() if isinstance(v, type) and issubclass(v, errors.GeoR1Error)}
     assert public == {
-        "GeoR1Error", "ConfigError", "RasterError", "NotGeoreferencedError", "EmptyRasterError", "ExtentError",
-        "EngineUnavailableError", "EngineRequestError", "ModelNotFoundError", "OutputError", "EngineOverloadedError",
+        "GeoR1Error",
+        "ConfigError",
+        "RasterError",
+        "NotGeoreferencedError",
+        "EmptyRasterError",
+        "ExtentError",
+        "EngineUnavailableError",
+        "EngineRequestError",
+        "ModelNotFoundError",
+        "OutputError",
+        "EngineOverloadedError",
     }

@@ -78,8 +78,16 @@ def test_a_file_that_is_not_a_geopackage_is_refused(tmp_path):
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0, "0 s"), (44.6, "45 s"), (200, "3 min 20 s"), (3900, "1 h 05 min"), (None, ""), (-1, ""),
-     (math.inf, ""), ("12", "")],
+    [
+        (0, "0 s"),
+        (44.6, "45 s"),
+        (200, "3 min 20 s"),
+        (3900, "1 h 05 min"),
+        (None, ""),
+        (-1, ""),
+        (math.inf, ""),
+        ("12", ""),
+    ],
 )
 def test_duration_text(seconds, text):
     assert duration_text(seconds) == text
@@ -135,8 +143,13 @@ def test_curve_series_keeps_finite_points_against_their_step():
 
 @pytest.mark.parametrize(
     ("lo", "hi", "ticks"),
-    [(0, 1, [0.0, 0.5, 1.0]), (0, 37, [0, 10, 20, 30, 40]), (-0.13, 1.2, [-0.5, 0.0, 0.5, 1.0, 1.5]),
-     (5, 5, [5.0, 5.5, 6.0]), (3, 1, [1.0, 1.5, 2.0, 2.5, 3.0])],
+    [
+        (0, 1, [0.0, 0.5, 1.0]),
+        (0, 37, [0, 10, 20, 30, 40]),
+        (-0.13, 1.2, [-0.5, 0.0, 0.5, 1.0, 1.5]),
+        (5, 5, [5.0, 5.5, 6.0]),
+        (3, 1, [1.0, 1.5, 2.0, 2.5, 3.0]),
+    ],
 )
 def test_nice_ticks_cover_the_range_with_round_steps(lo, hi, ticks):
     got = nice_ticks(lo, hi)

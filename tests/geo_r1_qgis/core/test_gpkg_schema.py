@@ -123,8 +123,7 @@ def test_the_layers_fields_follow_the_output_fields_with_their_types():
     assert types["score"] == types["presence"] == types["px_x1"] == "Real"
     assert types["created"] == "DateTime" and types["truncated"] == "Integer"
     assert {types[n] for n in ("expression", "label", "reasoning", "tile_id", "run_id")} == {"String"}
-    assert [f.name for f in TILES_FIELDS] == ["run_id", "tile_id", "status", "n_boxes", "window", "written",
-                                               "engine"]
+    assert [f.name for f in TILES_FIELDS] == ["run_id", "tile_id", "status", "n_boxes", "window", "written", "engine"]
     runs = {f.name: f.type for f in RUNS_FIELDS}
     assert runs["raster_width"] == runs["raster_height"] == "Integer64"
     assert runs["started"] == runs["finished"] == "String", "ISO text, as the command line has always written"

@@ -23,8 +23,20 @@ from geo_r1_qgis.core.results import (
 
 def test_fields_are_unique_and_carry_the_reasoning_and_provenance():
     assert len(set(OUTPUT_FIELDS)) == len(OUTPUT_FIELDS)
-    for name in ("expression", "mode", "score", "presence", "label", "reasoning", "model", "adapter",
-                 "prompt_version", "tile_id", "run_id", "created"):
+    for name in (
+        "expression",
+        "mode",
+        "score",
+        "presence",
+        "label",
+        "reasoning",
+        "model",
+        "adapter",
+        "prompt_version",
+        "tile_id",
+        "run_id",
+        "created",
+    ):
         assert name in OUTPUT_FIELDS
 
 
@@ -95,8 +107,9 @@ def test_parse_bands():
 def test_run_meta_and_detection_values_fill_every_output_field():
     meta = run_meta("all tanks", "all", {"model": "m", "adapter": None, "prompt_version": "v1", "device": "cpu"})
     assert meta == {"expression": "all tanks", "mode": "all", "model": "m", "adapter": "", "prompt_version": "v1"}
-    det = Detection(PixelBox(0, 0, 4, 4), score=0.5, presence=0.9, label="tank", reasoning="r", tile_id="r0c0",
-                    truncated=True)
+    det = Detection(
+        PixelBox(0, 0, 4, 4), score=0.5, presence=0.9, label="tank", reasoning="r", tile_id="r0c0", truncated=True
+    )
     values = detection_values(det, meta, "run1", "2026-01-01")
     assert set(values) == set(OUTPUT_FIELDS)
     assert values["score"] == 0.5 and values["truncated"] == 1 and values["run_id"] == "run1"

@@ -37,7 +37,13 @@ def test_the_job_carries_every_run_value():
                    reasoning=False, coarse_to_fine=False, top_k=2, min_score=0.25)  # fmt: skip
     job = spec.job(scale=2.0, window=PixelBox(0, 0, 100, 100))
     assert (job.expression, job.mode, job.tile_size, job.overlap, job.batch_size, job.max_new_tokens) == (
-        "all tanks", "one", 224, 32, 2, 96)
+        "all tanks",
+        "one",
+        224,
+        32,
+        2,
+        96,
+    )
     assert (job.reasoning, job.coarse_to_fine, job.top_k, job.min_score, job.scale) == (False, False, 2, 0.25, 2.0)
     assert job.window == PixelBox(0, 0, 100, 100)
 

@@ -16,8 +16,20 @@ from geo_r1_qgis.core.rules.parsing import parse_output
 
 @pytest.mark.parametrize(
     ("piece", "expected"),
-    [("None", True), (" None", True), ("N", True), ("No", True), ("null", True), (" n", True),
-     ("[", False), ("{", False), ("```", False), ("North", False), ("", False), ("  ", False)],
+    [
+        ("None", True),
+        (" None", True),
+        ("N", True),
+        ("No", True),
+        ("null", True),
+        (" n", True),
+        ("[", False),
+        ("{", False),
+        ("```", False),
+        ("North", False),
+        ("", False),
+        ("  ", False),
+    ],
 )
 def test_is_none_piece(piece, expected):
     assert is_none_piece(piece) is expected
@@ -32,8 +44,26 @@ def _stream(pieces, lp=-0.1, none_at=None, p_none=0.0):
 
 
 def test_box_score_is_geometric_mean_of_coordinate_tokens():
-    pieces = ["<think>", " tank", " </think>", " <answer>", "[", "1", "0", ",", " 2", "0", ",", " 3", "0", ",",
-              " 4", "0", "]", "</answer>"]
+    pieces = [
+        "<think>",
+        " tank",
+        " </think>",
+        " <answer>",
+        "[",
+        "1",
+        "0",
+        ",",
+        " 2",
+        "0",
+        ",",
+        " 3",
+        "0",
+        ",",
+        " 4",
+        "0",
+        "]",
+        "</answer>",
+    ]
     logprobs = [-5.0] * len(pieces)
     # coordinate-list tokens "[" .. "]" (indices 4..16) get known log-probs
     coords = list(range(4, 17))
@@ -50,8 +80,19 @@ def test_box_score_is_geometric_mean_of_coordinate_tokens():
 
 
 def test_presence_reads_the_branch_token_after_answer_and_fence():
-    pieces = ["<think>", " x", "</think>", "<answer>", "```json", "\n", "[", "{\"bbox_2d\": [1, 2, 3, 4]}", "]",
-              "\n```", "</answer>"]
+    pieces = [
+        "<think>",
+        " x",
+        "</think>",
+        "<answer>",
+        "```json",
+        "\n",
+        "[",
+        '{"bbox_2d": [1, 2, 3, 4]}',
+        "]",
+        "\n```",
+        "</answer>",
+    ]
     p, lps, nps = _stream(pieces, none_at=6, p_none=0.3)
     parsed = parse_output("".join(p), "multi")
     scores, presence = confidence_from_tokens(p, lps, nps, parsed)

@@ -621,8 +621,10 @@ def test_od_answer_is_the_last_answer_stripped() -> None:
     [
         ('```json\n[{"bbox_2d": [1, 2, 3, 4]}]\n``` then ```json\n[{"bbox_2d": [5, 6, 7, 8]}]\n```', [[5, 6, 7, 8]]),
         ('```json\n{"bbox_2d": [1.9, 2, 3, 4]}\n```', [[1, 2, 3, 4]]),  # one object: a list of one, int()
-        ('```json\n[{"bbox_2d": [1, 2, "3", 4]}, {"bbox_2d": [1, 2, 3]}, 7, {"bbox_2d": [0, 0, 9, 9]}]```',
-         [[0, 0, 9, 9]]),  # items without 4 numbers are skipped
+        (
+            '```json\n[{"bbox_2d": [1, 2, "3", 4]}, {"bbox_2d": [1, 2, 3]}, 7, {"bbox_2d": [0, 0, 9, 9]}]```',
+            [[0, 0, 9, 9]],
+        ),  # items without 4 numbers are skipped
         ("```json\n[]\n```", []),
         ("```json\nNone\n```", None),  # not JSON
         ('```json\n"x"\n```', None),  # neither a list nor an object
