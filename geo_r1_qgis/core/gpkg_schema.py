@@ -597,8 +597,8 @@ def read_raw_detections(path: str | Path, raw_layer: str, run_id: str) -> dict[s
     out: dict[str, list[Detection]] = {}
     with connect(path) as con:
         rows = con.execute(
-            f"SELECT {', '.join(cols)} FROM {ident(raw_layer)} WHERE run_id = ? ORDER BY fid",
-            (run_id,),  # nosec B608
+            f"SELECT {', '.join(cols)} FROM {ident(raw_layer)} WHERE run_id = ? ORDER BY fid",  # nosec B608
+            (run_id,),
         ).fetchall()
     for tile_id, x1, y1, x2, y2, score, presence, label, reasoning, truncated in rows:
         det = Detection(
