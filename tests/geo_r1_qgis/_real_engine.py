@@ -23,8 +23,8 @@ import host_exec  # the engine venv's commands, also from inside the QGIS 3.40 c
 from tiny_models import cached_build
 
 __all__ = ["FORMAT_STEPS", "GEO_R1", "REPO", "SAMPLE_MODEL", "SHARED", "UNSEEN_SEED", "VENV_BIN", "Engine",
-           "ProcessingSession", "feature_rings", "free_port", "host_exec", "need_venv", "sample_data", "spin",
-           "tiny_format_model", "venv_env"]  # fmt: skip
+           "ProcessingSession", "feature_rings", "free_port", "host_exec", "need_venv", "panel_dock", "sample_data",
+           "spin", "tiny_format_model", "venv_env"]  # fmt: skip
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
@@ -183,3 +183,25 @@ def spin(until, timeout: float = 120.0, step: float = 0.02) -> bool:
             return True
         time.sleep(step)
     return bool(until())
+
+
+def panel_dock(engine, canvas, tmp_path: Path, **settings):
+    """A ``dock`` fixture's body, ``yield from panel_dock(engine, canvas, tmp_path)``: the panel on ``engine``
+    (with ``settings`` over the defaults, results in ``tmp_path``), and after the test its run cancelled, its runs
+    forgotten and the map emptied."""
+    from qgis.core import QgsProject
+
+    from geo_r1_qgis.gui.panel import RUNS, GeoR1Dock
+    from geo_r1_qgis.settings import PluginSettings
+
+    PluginSettings().with_values(engine_url=engine.url, token_file=str(engine.token_file),
+                                 output_gpkg=str(tmp_path / "results.gpkg"), **settings).save()  # fmt: skip
+    dock = GeoR1Dock(None, canvas=canvas)
+    yield dock
+    if dock.task is not None:
+        dock.task.cancel()
+        spin(lambda: dock.task is None, 30)
+    RUNS.clear()
+    QgsProject.instance().removeAllMapLayers()
+    dock.deleteLater()
+    gc.collect()

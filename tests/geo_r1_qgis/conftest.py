@@ -66,6 +66,18 @@ def isolated_settings(qgis_app, request):
 
 
 @pytest.fixture(scope="module")
+def qgis(qgis_app):
+    """Processing with the Geo-R1 provider, one session per test module; the module's map layers go at its end."""
+    import _real_engine as rx
+    from qgis.core import QgsProject
+
+    session = rx.ProcessingSession()
+    yield session
+    QgsProject.instance().removeAllMapLayers()
+    session.close()
+
+
+@pytest.fixture(scope="module")
 def sample_engine(tmp_path_factory):
     """A real ``geo-r1 serve`` of the shipped sample model (one thread)."""
     import _real_engine as rx

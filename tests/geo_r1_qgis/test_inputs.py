@@ -25,7 +25,6 @@ from geo_r1_qgis.core.geometry import Affine, TileGridSpec, make_tile_grid  # no
 
 from ._real_engine import GEO_R1, SHARED  # noqa: E402  (test_processing's aliases are gone since 4f40833)
 from ._real_engine import Engine as _Engine  # noqa: E402
-from ._real_engine import ProcessingSession as _Qgis  # noqa: E402
 from ._real_engine import need_venv as _need_venv  # noqa: E402
 from ._real_engine import tiny_format_model as _tiny_format_model  # noqa: E402
 from .xyz_tiles import ORIGIN, make_xyz, warp_3857, xyz_uri, zoom_res  # noqa: E402
@@ -36,14 +35,6 @@ NAIP = SHARED / "naip_m_4709963_se_14_20200831.tif"  # 5 m pixels, EPSG:26914, 4
 COG = SHARED / "cog.tif"  # EPSG:4326, degrees
 XYZ_ZOOMS = (13, 14, 15)
 _zoom_res = zoom_res
-
-
-@pytest.fixture(scope="module")
-def qgis(qgis_app):
-    session = _Qgis()
-    yield session
-    qgis_core.QgsProject.instance().removeAllMapLayers()
-    session.close()
 
 
 @pytest.fixture(scope="module")

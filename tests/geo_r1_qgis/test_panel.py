@@ -59,20 +59,7 @@ def canvas(qgis_app):
 
 @pytest.fixture
 def dock(qgis_app, isolated_settings, canvas, engine, tmp_path):
-    from geo_r1_qgis.gui.panel import RUNS, GeoR1Dock
-    from geo_r1_qgis.settings import PluginSettings
-
-    PluginSettings().with_values(engine_url=engine.url, token_file=str(engine.token_file),
-                                 output_gpkg=str(tmp_path / "results.gpkg")).save()  # fmt: skip
-    d = GeoR1Dock(None, canvas=canvas)
-    yield d
-    if d.task is not None:
-        d.task.cancel()
-        spin(lambda: d.task is None, 30)
-    RUNS.clear()
-    QgsProject.instance().removeAllMapLayers()
-    d.deleteLater()
-    gc.collect()
+    yield from rx.panel_dock(engine, canvas, tmp_path)
 
 
 def _load_raster(path: Path, canvas):

@@ -5,7 +5,6 @@ particular; what the outlines look like is not checked."""
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 from pathlib import Path
@@ -38,22 +37,9 @@ def engine(tmp_path_factory):
 def dock(qgis_app, isolated_settings, engine, tmp_path):
     from qgis.gui import QgsMapCanvas
 
-    from geo_r1_qgis.gui.panel import RUNS, GeoR1Dock
-    from geo_r1_qgis.settings import PluginSettings
-
-    PluginSettings().with_values(engine_url=engine.url, token_file=str(engine.token_file), max_new_tokens=160,
-                                 output_gpkg=str(tmp_path / "results.gpkg")).save()  # fmt: skip
     canvas = QgsMapCanvas()
-    d = GeoR1Dock(None, canvas=canvas)
-    yield d
-    if d.task is not None:
-        d.task.cancel()
-        spin(lambda: d.task is None, 30)
-    RUNS.clear()
-    QgsProject.instance().removeAllMapLayers()
-    d.deleteLater()
+    yield from rx.panel_dock(engine, canvas, tmp_path, max_new_tokens=160)
     canvas.deleteLater()
-    gc.collect()
 
 
 def _configure(dock, expression: str, mode: str, outline_choice: int):

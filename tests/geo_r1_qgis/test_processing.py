@@ -25,7 +25,6 @@ from _real_engine import (  # noqa: E402  (the real-engine helpers the plugin te
     SHARED,
     VENV_BIN,
     Engine,
-    ProcessingSession,
     feature_rings,
     free_port,
     host_exec,
@@ -62,13 +61,6 @@ COARSE = TileGridSpec(tile_size=224, overlap=32, scale=2.5)  # a downsampled til
 # --------------------------------------------------------------------------------------------------
 # QGIS, once per module
 # --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def qgis(qgis_app):
-    session = ProcessingSession()
-    yield session
-    session.close()
 
 
 # --------------------------------------------------------------------------------------------------

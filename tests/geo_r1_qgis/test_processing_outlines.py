@@ -17,7 +17,7 @@ qgis_core = pytest.importorskip("qgis.core", reason="PyQGIS is not importable; r
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _real_engine import GEO_R1, SHARED, Engine, ProcessingSession, host_exec, need_venv, tiny_format_model, venv_env  # noqa: E402
+from _real_engine import GEO_R1, SHARED, Engine, host_exec, need_venv, tiny_format_model, venv_env  # noqa: E402
 from tiny_models import cached_sam_build  # noqa: E402
 
 pytestmark = pytest.mark.qgis
@@ -33,13 +33,6 @@ def tiny_sam() -> Path:
         assert proc.returncode == 0, f"geo-r1 tiny-sam failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
 
     return cached_sam_build("tiny-sam-seed0", build=build)
-
-
-@pytest.fixture(scope="module")
-def qgis(qgis_app):
-    session = ProcessingSession()
-    yield session
-    session.close()
 
 
 @pytest.fixture(scope="module")
