@@ -44,8 +44,13 @@ class CurvePlot(QWidget):
         return {key: points[-1][1] for key, _label, _colour, points in self.series}
 
     def frame(self, width: float, height: float) -> PlotFrame:
-        return PlotFrame.fit([p for *_, p in self.series], MARGIN_LEFT, MARGIN_TOP,
-                             width - MARGIN_LEFT - MARGIN_RIGHT, height - MARGIN_TOP - MARGIN_BOTTOM)  # fmt: skip
+        inner_w, inner_h = width - MARGIN_LEFT - MARGIN_RIGHT, height - MARGIN_TOP - self.bottom_margin()
+        return PlotFrame.fit([p for *_, p in self.series], MARGIN_LEFT, MARGIN_TOP, inner_w, inner_h)
+
+    def bottom_margin(self) -> int:
+        """Room under the plot for the x labels and the legend, two lines of this widget's font (the fixed
+        MARGIN_BOTTOM cut the legend in half with the fonts of a real desktop)."""
+        return max(MARGIN_BOTTOM, 2 * self.fontMetrics().height() + 8)
 
     def render_image(self, width: int = 320, height: int = 180) -> QImage:
         """The plot drawn into an image (for tests and for saving)."""
@@ -69,7 +74,7 @@ class CurvePlot(QWidget):
     def draw(self, painter: QPainter, width: float, height: float) -> None:
         painter.setRenderHint(QPainter.RenderHint.Antialiasing, True)
         text_colour = self.palette().text().color()
-        if width - MARGIN_LEFT - MARGIN_RIGHT < 20 or height - MARGIN_TOP - MARGIN_BOTTOM < 20:
+        if width - MARGIN_LEFT - MARGIN_RIGHT < 20 or height - MARGIN_TOP - self.bottom_margin() < 20:
             return
         frame = self.frame(width, height)
         metrics = painter.fontMetrics()

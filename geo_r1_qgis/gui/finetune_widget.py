@@ -351,6 +351,9 @@ class FinetuneWidget(QWidget):
         note = record.get("device_note") if record.get("state") == "training" else None
         self.state_label.setText(f"{name}: {progress_text(record)}" + (f"\n{note}" if note else ""))
         self.progress.setValue(progress_percent(record))
+        listed = self.jobs_combo.findData(str(record.get("id") or ""))
+        if listed >= 0:  # its line in Earlier jobs follows it (it said "queued" until the next GET /jobs)
+            self.jobs_combo.setItemText(listed, job_label(record))
         if "curves" in record:
             self.plot.set_curves(record.get("curves"))
         if "log_tail" in record:

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.qgis
 from qgis.core import QgsProject  # noqa: E402
 
 #: training steps of the short job (the engine's tiny model trains a step in about a second)
-SHORT_STEPS = 3
+SHORT_STEPS = int(os.environ.get("GEO_R1_FINETUNE_STEPS", "3"))  # more for the screenshot's curve
 
 
 def _settings(**values):
@@ -291,6 +291,7 @@ def test_a_short_grpo_job_is_watched_to_its_end_and_its_adapter_used_by_the_next
     assert ft.record["state"] == "done", f"{ft.record.get('error')}\n" + "\n".join(ft.record.get("log_tail") or [])
     assert max(seen_points) > 0 and ft.plot.point_count() > 0, "the plot gained points"
     assert ft.progress.value() == 100 and "done" in ft.state_label.text()
+    assert "done" in ft.jobs_combo.currentText(), ft.jobs_combo.currentText()  # Earlier jobs follows the job
     assert "training" in states or "evaluating" in states
     # the metrics table: Geo-R1's names, base against adapter
     rows = [[ft.metrics_table.item(r, c).text() for c in range(3)] for r in range(ft.metrics_table.rowCount())]
@@ -298,6 +299,9 @@ def test_a_short_grpo_job_is_watched_to_its_end_and_its_adapter_used_by_the_next
     assert all(row[1] and row[2] for row in rows)
     assert ft.report_button.isEnabled() == bool(ft.record.get("report"))
     assert ft.log_view.toPlainText().strip(), "the log tail is shown"
+    shot = os.environ.get("GEO_R1_FINETUNE_SCREENSHOT")  # the README's picture (make finetune-screenshot)
+    if shot:
+        dock.finetune_group.grab().save(shot)
     # Use this adapter: loaded and made active on the engine; the engine section's list shows it chosen
     activated: list[str] = []
     ft.adapterActivated.connect(activated.append)
