@@ -429,7 +429,9 @@ else:
     task = dialog.start_install()
     assert task is not None and not dialog.cancel_button.isHidden() and dialog.cancel_button.isEnabled()
     assert not dialog.install_button.isEnabled()
-    _wait(qgis_app, pid_file.exists)
+    # the fake python creates the file before it writes its pid: wait for the pid itself (a fresh-clone 3.40 run read
+    # the empty file in between)
+    _wait(qgis_app, lambda: pid_file.exists() and pid_file.read_text().strip().isdigit())
     _wait(qgis_app, lambda: "create the venv" in dialog.status.text())
     pid = int(pid_file.read_text())
     dialog.cancel_button.click()
