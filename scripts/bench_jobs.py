@@ -43,28 +43,6 @@ FAST = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "num
         "max_completion_length": 32, "lora_r": 8, "lora_alpha": 16, "save_steps": 1}  # fmt: skip
 
 
-def _annotations(root: Path) -> Path:
-    import shapely
-
-    from geo_r1_qgis.core.annotations import Annotation
-    from train.dataset import write_annotations
-    from train.sample_data import SampleDataConfig, write_samples
-
-    items = []
-    for seed, split in ((3, "train"), (4, "val")):
-        scene = root / f"scene{seed}"
-        write_samples(SampleDataConfig(out_dir=scene, seed=seed, size=256))
-        truth = json.loads((scene / "utm.objects.geojson").read_text())
-        for f in truth["features"]:
-            if f["properties"]["category"] == "tank":
-                ann = Annotation(expression="storage tank", raster=str(scene / "utm.tif"), split=split,
-                                 created="2025-01-01T00:00:00+00:00")  # fmt: skip
-                items.append((ann, shapely.Polygon(f["geometry"]["coordinates"][0])))
-    path = root / "tanks.gpkg"
-    write_annotations(path, items, "EPSG:32614")
-    return path
-
-
 def _format_model() -> Path:
     from tiny_models import cached_build
 
@@ -86,14 +64,14 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from _serve_helpers import start_engine
+    from _serve_helpers import start_engine, tank_annotations
 
     from engine.jobs.manager import job_threads
 
     model = args.model or _format_model()
     with tempfile.TemporaryDirectory(prefix="bench-jobs-") as tmp:
         root = Path(tmp)
-        annotations = _annotations(root)
+        annotations = tank_annotations(root)
         eng = start_engine(root / "engine", ["--model", str(model), "--threads", "1", "--jobs-dir", str(root / "jobs")])
         try:
             with eng.client() as api:

@@ -132,3 +132,28 @@ def assert_error(response: httpx.Response, status: int, *fragments: str) -> dict
     for fragment in fragments:
         assert fragment in error["message"], (fragment, error["message"])
     return error
+
+
+def tank_annotations(root: Path) -> Path:
+    """An annotation GeoPackage of two sample scenes' storage tanks (seed 3's as train boxes, seed 4's as val),
+    written with train/dataset.py's own writer; the scenes' rasters lie beside it (scene3/, scene4/)."""
+    import json
+
+    import shapely
+
+    from geo_r1_qgis.core.annotations import Annotation
+    from train.dataset import write_annotations
+    from train.sample_data import SampleDataConfig, write_samples
+
+    items = []
+    for seed, split in ((3, "train"), (4, "val")):
+        scene = root / f"scene{seed}"
+        write_samples(SampleDataConfig(out_dir=scene, seed=seed, size=256))
+        for f in json.loads((scene / "utm.objects.geojson").read_text())["features"]:
+            if f["properties"]["category"] == "tank":
+                ann = Annotation(expression="storage tank", raster=str(scene / "utm.tif"), split=split,
+                                 created="2025-01-01T00:00:00+00:00")  # fmt: skip
+                items.append((ann, shapely.Polygon(f["geometry"]["coordinates"][0])))
+    path = root / "tanks.gpkg"
+    write_annotations(path, items, "EPSG:32614")
+    return path
