@@ -21,7 +21,11 @@ boxes are rotated too), with the properties ``id``, ``category``, ``pixel_box`` 
 y2]``, raster pixels, pixel-edge convention), ``expression`` (the most specific referring
 expression that selects it) and ``expressions`` (all of them). Coordinates are in the CRS's x/y
 order (longitude, latitude for EPSG:4326), as GDAL's GeoJSON driver reads an EPSG URN.
-``samples.json`` indexes the rasters (CRS, size, GDAL geotransform, truth file) and the queries.
+``<name>.outlines.geojson`` holds the same objects' true outlines: a MultiPolygon per object (same ``id`` and
+``category``), the outline of the pixels painted for it that stay visible (:func:`render_scene_with_masks`),
+traced along pixel edges (:func:`geo_r1_qgis.core.outline.mask_to_polygons`, no simplification) and placed by
+the raster's transform. A tank's outline is its disk, where its box is a square; the river's is the band.
+``samples.json`` indexes the rasters (CRS, size, GDAL geotransform, truth and outline files) and the queries.
 """
 
 from __future__ import annotations
@@ -166,7 +170,19 @@ def _disk(cx: float, cy: float, r: float) -> tuple[np.ndarray, int, int]:
 
 def render_scene(size: int, seed: int) -> tuple[np.ndarray, list[SceneObject]]:
     """Draw the scene: a (size, size, 3) uint8 image and its true objects (raster pixels)."""
+    image, objects, _ = render_scene_with_masks(size, seed)
+    return image, objects
+
+
+def render_scene_with_masks(size: int, seed: int) -> tuple[np.ndarray, list[SceneObject], np.ndarray]:
+    """:func:`render_scene` and the true masks: a (size, size) int16 label map where pixel value ``k + 1`` is
+    ``objects[k]`` and 0 is background (the gravel pad, river banks, shadows, vegetation).
+
+    The labels are written where the object's own pixels are painted, in the drawing order, so each object's
+    mask is what is visible of it (the roads' bridge cuts the river; a shadow painted later covers what it
+    falls on). The image is the same, pixel for pixel, as without the labels: they take no random draws."""
     rng = np.random.default_rng(seed)
+    labels = np.zeros((size, size), np.int16)
     s = float(size)
     yy, xx = np.ogrid[0:size, 0:size]
     xc, yc = xx + 0.5, yy + 0.5  # pixel centres
@@ -191,11 +207,13 @@ def render_scene(size: int, seed: int) -> tuple[np.ndarray, list[SceneObject]]:
         stripes = np.sin(2 * math.pi * (fx * math.cos(theta) + fy * math.sin(theta)) / period)
         colour = np.array(field_colours[k], float) + stripes[..., None] * 14.0
         img[y1:y2, x1:x2] = colour + rng.normal(0.0, 3.0, (y2 - y1, x2 - x1, 3))
+        labels[y1:y2, x1:x2] = len(objects) + 1
         objects.append(SceneObject(f"field-{k + 1}", "field", PixelBox(x1, y1, x2, y2), ("all fields",)))
 
     # Gravel pad of the tank farm, top left.
     px1, py1, px2, py2 = (round(v * s) for v in (0.04, 0.04, 0.42, 0.44))
     img[py1:py2, px1:px2] = np.array([138.0, 133.0, 124.0]) + rng.normal(0.0, 5.0, (py2 - py1, px2 - px1, 3))
+    labels[py1:py2, px1:px2] = 0
 
     # River: meanders from top to bottom on the right; sandy banks.
     phase1, phase2 = rng.uniform(0, 2 * math.pi, 2)
@@ -209,7 +227,9 @@ def render_scene(size: int, seed: int) -> tuple[np.ndarray, list[SceneObject]]:
     bank = dist <= half + max(2.0, 0.004 * s)
     water = dist <= half
     img[np.broadcast_to(bank, (size, size))] = (158.0, 148.0, 118.0)
+    labels[np.broadcast_to(bank, (size, size))] = 0
     img[water] = np.array([38.0, 66.0, 92.0]) + 3.0 * rng.standard_normal((int(water.sum()), 3))
+    labels[water] = len(objects) + 1
     objects.append(SceneObject("river-1", "river", _mask_box(np.broadcast_to(water, (size, size))), ("the river",)))
 
     # Roads: one east-west across the whole scene (a bridge over the river), one north-south.
@@ -220,6 +240,7 @@ def render_scene(size: int, seed: int) -> tuple[np.ndarray, list[SceneObject]]:
     for k, road in enumerate((ew, ns)):
         full = np.broadcast_to(road, (size, size))
         img[full] = asphalt + rng.normal(0.0, 2.5, 3)
+        labels[full] = len(objects) + 1
         objects.append(SceneObject(f"road-{k + 1}", "road", _mask_box(full), ("all roads",)))
 
     # Buildings: two blocks between the north-south road and the river, with shadows.
@@ -235,9 +256,11 @@ def render_scene(size: int, seed: int) -> tuple[np.ndarray, list[SceneObject]]:
                 bx2, by_2 = bx1 + max(3, round(bw)), by + max(3, round(bh))
                 sh = max(2, round(0.006 * s))
                 img[by + sh : by_2 + sh, bx1 + sh : bx2 + sh] = (52.0, 56.0, 44.0)  # shadow to the south-east
+                labels[by + sh : by_2 + sh, bx1 + sh : bx2 + sh] = 0
                 roof = np.array(roofs[int(rng.integers(len(roofs)))], float)
                 img[by:by_2, bx1:bx2] = roof + rng.normal(0.0, 3.0, (by_2 - by, bx2 - bx1, 3))
                 img[by:by_2, (bx1 + bx2) // 2] = roof * 0.8  # roof ridge
+                labels[by:by_2, bx1:bx2] = len(objects) + 1
                 n_building += 1
                 objects.append(
                     SceneObject(f"building-{n_building}", "building", PixelBox(bx1, by, bx2, by_2), ("all buildings",))
@@ -259,12 +282,14 @@ def render_scene(size: int, seed: int) -> tuple[np.ndarray, list[SceneObject]]:
     for k, (cx, cy, r) in enumerate(tanks):
         shadow, sy0, sx0 = _disk(cx + 0.22 * r, cy + 0.22 * r, r)
         _paint(img, shadow, sy0, sx0, np.array([58.0, 58.0, 54.0]))
+        _paint(labels, shadow, sy0, sx0, np.array(0))
         d2, y0, x0 = _disk_d2(cx, cy, r)
         disk = d2 <= r * r
         roof = np.clip(np.array([233.0, 233.0, 227.0]) + rng.normal(0.0, 2.0, (*disk.shape, 3)), 218, 245)
         roof[disk & (d2 > (0.7 * r) ** 2) & (d2 <= (0.7 * r + 1.0) ** 2)] = (222.0, 222.0, 216.0)  # floating roof
         roof[disk & (d2 > (r - max(1.5, 0.08 * r)) ** 2)] = (196.0, 196.0, 192.0)  # rim
         _paint(img, disk, y0, x0, roof)
+        _paint(labels, disk, y0, x0, np.array(len(objects) + 1))
         expressions = ("all storage tanks",)
         if k == largest:
             expressions = ("the largest storage tank", "all storage tanks")
@@ -277,7 +302,7 @@ def render_scene(size: int, seed: int) -> tuple[np.ndarray, list[SceneObject]]:
         disk, y0, x0 = _disk(cx, cy, r)
         tank_mask[y0 : y0 + disk.shape[0], x0 : x0 + disk.shape[1]] |= disk
     np.minimum(out, TANK_BRIGHT - 1, out=out, where=~tank_mask[..., None])
-    return out, objects
+    return out, objects, labels
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,6 +323,21 @@ def _feature(obj: SceneObject, transform: Affine) -> dict[str, Any]:
             "expression": obj.expressions[0],
             "expressions": list(obj.expressions),
         },
+    }
+
+
+def _outline_feature(obj: SceneObject, mask: np.ndarray, transform: Affine) -> dict[str, Any]:
+    """The object's true outline (``mask``: its visible pixels in the raster) as a GeoJSON MultiPolygon."""
+    from geo_r1_qgis.core.outline import mask_to_polygons, polygon_to_map
+
+    x1, y1, x2, y2 = (int(v) for v in obj.box.as_tuple())
+    placed = transform * Affine.translation(x1, y1)
+    polygons = [polygon_to_map(p, placed) for p in mask_to_polygons(mask[y1:y2, x1:x2], 0.0)]
+    return {
+        "type": "Feature",
+        "id": obj.id,
+        "geometry": {"type": "MultiPolygon", "coordinates": [[r.tolist() for r in p] for p in polygons]},
+        "properties": {"id": obj.id, "category": obj.category},
     }
 
 
@@ -330,7 +370,7 @@ def _write_tif(path: Path, image: np.ndarray, spec: RasterSpec) -> None:
 def write_samples(config: SampleDataConfig) -> list[Path]:
     """Render the scene and write the four rasters, their truth files and ``samples.json``.
 
-    Returns the written paths (rasters and truth files in :func:`raster_specs` order, then the
+    Returns the written paths (rasters, truth and outline files in :func:`raster_specs` order, then the
     index). Existing files of the same names are replaced.
     """
     t0 = time.perf_counter()
@@ -338,7 +378,7 @@ def write_samples(config: SampleDataConfig) -> list[Path]:
         config.out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create the folder {str(config.out_dir)!r}: {exc}; choose a writable path") from exc
-    image, objects = render_scene(config.size, config.seed)
+    image, objects, labels = render_scene_with_masks(config.size, config.seed)
     written: list[Path] = []
     entries = []
     try:
@@ -353,7 +393,11 @@ def write_samples(config: SampleDataConfig) -> list[Path]:
                 "features": [_feature(obj, spec.transform) for obj in objects],
             }
             truth.write_text(json.dumps(collection, indent=1) + "\n", encoding="utf-8")
-            written += [tif, truth]
+            outlines = config.out_dir / f"{spec.name}.outlines.geojson"
+            outline_collection = dict(collection, name=f"{spec.name}.outlines", features=[
+                _outline_feature(obj, labels == k + 1, spec.transform) for k, obj in enumerate(objects)])  # fmt: skip
+            outlines.write_text(json.dumps(outline_collection) + "\n", encoding="utf-8")
+            written += [tif, truth, outlines]
             entries.append(
                 {
                     "name": spec.name,
@@ -365,6 +409,7 @@ def write_samples(config: SampleDataConfig) -> list[Path]:
                     "bounds": list(raster_bounds(spec.transform, config.size, config.size)),
                     "rotated": not spec.transform.is_rectilinear,
                     "truth": truth.name,
+                    "outlines": outlines.name,
                 }
             )
         index = {

@@ -49,7 +49,6 @@ import json
 import logging
 import platform
 import random
-import shlex
 import shutil
 import time
 from collections.abc import Sequence
@@ -797,14 +796,6 @@ def build(config: SampleModelConfig, command: str | None = None) -> dict[str, An
 def command_line(config: SampleModelConfig) -> str:
     """The ``geo-r1 sample-model build`` command that makes ``config``: ``-o`` and every value that differs from
     its default (so the manifest's command reruns the same build whatever the caller typed)."""
-    words = ["geo-r1", "sample-model", "build", "-o", str(config.out_dir)]
-    for f in dataclasses.fields(SampleModelConfig):
-        value = getattr(config, f.name)
-        if f.name == "out_dir" or (f.default is not dataclasses.MISSING and value == f.default):
-            continue
-        flag = f"--{f.name.replace('_', '-')}"
-        if isinstance(value, bool):
-            words.append(flag if value else f"--no-{f.name.replace('_', '-')}")
-        else:
-            words += [flag, str(value)]
-    return shlex.join(words)
+    from engine.cli.options import command_words
+
+    return command_words(["geo-r1", "sample-model", "build", "-o", str(config.out_dir)], config)

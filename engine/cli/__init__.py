@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "tiny-model": "build a tiny randomly initialised Qwen2.5-VL checkpoint",
     "tiny-sam": "build a random SAM 2 checkpoint (tiny, or SAM 2.1-tiny size) for geo-r1 serve --sam",
     "sample-model": "train the project's small Qwen2.5-VL on the sample scenes (build), or score it (eval)",
+    "sample-sam": "train the project's small SAM 2 on the sample scenes' true masks (build), for serve --sam",
     "serve": "run the local grounding engine (HTTP on 127.0.0.1, token protected)",
     "ask": "print the reasoning and boxes for one plain image",
     "ground": "ground an expression over a whole raster and write a GeoPackage",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +165,23 @@ def config_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
 def config_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
     """``cls`` filled from the parsed flags (plus ``extra``); its own ``__post_init__`` checks the values."""
     return cls(**{**config_values(cls, args), **extra})
+
+
+def command_words(prefix: Sequence[str], config: Any) -> str:
+    """The shell command that rebuilds ``config``: ``prefix`` (the command and its required flags, e.g.
+    ``geo-r1 sample-sam build -o DIR``), then every field that differs from its default as ``--name value``
+    (``--name`` / ``--no-name`` for booleans). Fields without a default must be in ``prefix``; a manifest that
+    records it reruns the same build whatever the caller typed."""
+    import shlex
+
+    words = list(prefix)
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.default is dataclasses.MISSING or value == f.default:
+            continue
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(value, bool):
+            words.append(flag if value else f"--no-{f.name.replace('_', '-')}")
+        else:
+            words += [flag, str(value)]
+    return shlex.join(words)

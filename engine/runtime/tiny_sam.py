@@ -34,13 +34,16 @@ log = logging.getLogger(__name__)
 TINY_IMAGE_SIZE = 128
 
 
-def tiny_sam_config(real_size: bool = False):  # -> transformers.Sam2Config
-    """The configuration :func:`build_tiny_sam` builds: tiny, or SAM 2.1-tiny's (``Sam2Config()``)."""
+def tiny_sam_config(real_size: bool = False, image_size: int = TINY_IMAGE_SIZE):  # -> transformers.Sam2Config
+    """The configuration :func:`build_tiny_sam` builds: tiny, or SAM 2.1-tiny's (``Sam2Config()``).
+
+    ``image_size`` (tiny only; a multiple of 32, the backbone's stride): the square input, 128 for the tests'
+    random model, 224 for the trained sample SAM (:mod:`train.sample_sam`)."""
     from transformers import Sam2Config
 
     if real_size:
         return Sam2Config()
-    s = TINY_IMAGE_SIZE
+    s = image_size
     return Sam2Config(
         vision_config={
             "backbone_config": {

@@ -16,7 +16,7 @@ rasterio = pytest.importorskip("rasterio")
 from engine.cli import main as cli_main  # noqa: E402
 from geo_r1_qgis.core.errors import ConfigError  # noqa: E402
 from geo_r1_qgis.core.geometry import ring_signed_area  # noqa: E402
-from train.sample_data import SampleDataConfig, write_samples  # noqa: E402
+from train.sample_data import SampleDataConfig, render_scene, render_scene_with_masks, write_samples  # noqa: E402
 
 EXPECTED_EPSG = {"utm": 32614, "wgs84": 4326, "webmercator": 3857, "rotated": 32614}
 SIZE = 512
@@ -41,12 +41,14 @@ def truth(out: Path, name: str) -> dict:
 
 def test_files_exist(samples):
     out, paths, index = samples
-    expected = {f"{n}{ext}" for n in EXPECTED_EPSG for ext in (".tif", ".objects.geojson")} | {"samples.json"}
+    exts = (".tif", ".objects.geojson", ".outlines.geojson")
+    expected = {f"{n}{ext}" for n in EXPECTED_EPSG for ext in exts} | {"samples.json"}
     assert {p.name for p in paths} == expected
     assert all(p.is_file() and p.stat().st_size > 0 and p.parent == out for p in paths)
     assert [r["name"] for r in index["rasters"]] == list(EXPECTED_EPSG)
     for entry in index["rasters"]:
         assert (out / entry["path"]).is_file() and (out / entry["truth"]).is_file()
+        assert (out / entry["outlines"]).is_file()
         assert (entry["width"], entry["height"]) == (SIZE, SIZE)
 
 
@@ -237,3 +239,47 @@ def test_default_size_is_fast(tmp_path):
     write_samples(SampleDataConfig(out_dir=tmp_path))  # 4 x 1024 x 1024
     elapsed = time.perf_counter() - t0
     assert elapsed < 6.0, f"sample-data took {elapsed:.2f} s (about 1 s expected on an idle machine)"
+
+
+def test_true_masks_leave_the_pixels_as_they_were():
+    """The label map takes no random draws: the image is the one render_scene draws, and each object's mask
+    has exactly its true box as bounding box."""
+    for seed in (0, 9100):
+        image, objects = render_scene(SIZE, seed)
+        again, same_objects, labels = render_scene_with_masks(SIZE, seed)
+        assert np.array_equal(image, again) and objects == same_objects
+        for k, obj in enumerate(objects):
+            rows, cols = np.flatnonzero((labels == k + 1).any(axis=1)), np.flatnonzero((labels == k + 1).any(axis=0))
+            assert (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1) == tuple(int(v) for v in obj.box.as_tuple())
+
+
+def _area(polygon) -> float:
+    return sum(
+        abs(ring_signed_area([tuple(p) for p in ring])) * (1 if k == 0 else -1) for k, ring in enumerate(polygon)
+    )
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_EPSG))
+def test_outlines_are_the_true_masks_on_the_map(samples, name):
+    """Each object's outline has the area of its visible pixels (pixel area from the transform), lies in its
+    true box, and a tank's is a disk: about pi/4 of its box, where a building's fills its box."""
+    out, _, index = samples
+    entry = next(r for r in index["rasters"] if r["name"] == name)
+    _, a, b, _, d, e = entry["transform"]
+    pixel_area = abs(a * e - b * d)
+    _, objects, labels = render_scene_with_masks(SIZE, 7)
+    outlines = json.loads((out / entry["outlines"]).read_text())["features"]
+    boxes = {feat["properties"]["id"]: feat for feat in truth(out, name)["features"]}
+    assert [o["properties"]["id"] for o in outlines] == [o.id for o in objects] == list(boxes)
+    for k, (feat, obj) in enumerate(zip(outlines, objects, strict=True)):
+        assert feat["geometry"]["type"] == "MultiPolygon" and feat["properties"]["category"] == obj.category
+        area = sum(_area(p) for p in feat["geometry"]["coordinates"])
+        assert area == pytest.approx(int((labels == k + 1).sum()) * pixel_area, rel=1e-6)
+        box_area = abs(ring_signed_area([tuple(p) for p in boxes[obj.id]["geometry"]["coordinates"][0]]))
+        ratio = area / box_area
+        if obj.category == "tank":
+            assert 0.70 < ratio < 0.82, (obj.id, ratio)
+        if obj.category in ("building", "field"):
+            assert ratio == pytest.approx(1.0)
+        if obj.category == "river":
+            assert ratio < 0.6
