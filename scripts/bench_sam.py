@@ -1,11 +1,14 @@
 """Benchmark of outlines (issue 22 §4): SAM 2 per tile on the CPU, polygon counts against raster size, peak memory.
 
 Usage:  OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_sam.py [--tmp DIR] [--parts sam,counts,memory]
+            [--models tiny,real,sample]
 
 1. **SAM per tile** (``engine.runtime.sam.SamMasker``, one torch thread): the image embedding, the mask decoder
    and the tracing (``core/outline.py``) for one 504×504 tile with 1 and 8 prompts (a box and two keypoints each),
    with the tiny random SAM 2 of the tests and with a random SAM 2 of SAM 2.1-tiny's real size (``geo-r1 tiny-sam
    --real-size``: Hiera-T, 1024 px input). Random weights cost what trained ones cost; their masks mean nothing.
+   ``sample``: the trained sample SAM the project ships (``resources/sample_sam``, 224 px input); its masks of
+   the random tile mean nothing either, its cost is what ``geo-r1 serve --sam resources/sample_sam`` pays.
 2. **Polygons and vertices against raster size**: synthetic object masks (ellipses and rotated rectangles, one
    object per 128×128 px on average, 6–40 px across) on rasters of 512² to 4096², traced and simplified at one
    pixel: polygons, traced vertices, simplified vertices, time.
@@ -40,7 +43,7 @@ def _median_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_sam(tmp: Path, repeats: int) -> dict:
+def bench_sam(tmp: Path, repeats: int, models: tuple[str, ...] = ("tiny", "real")) -> dict:
     import numpy as np
     import torch
 
@@ -52,9 +55,10 @@ def bench_sam(tmp: Path, repeats: int) -> dict:
     rng = np.random.default_rng(0)
     tile = rng.integers(0, 256, (504, 504, 3), dtype=np.uint8)
     out = {}
-    for name, real in (("tiny", False), ("sam2.1-tiny size", True)):
-        path = tmp / ("sam-real" if real else "sam-tiny")
-        if not (path / "model.safetensors").is_file():
+    chosen = {"tiny": ("tiny", False), "real": ("sam2.1-tiny size", True), "sample": ("sample SAM", None)}
+    for name, real in (chosen[m] for m in models):
+        path = REPO / "resources" / "sample_sam" if real is None else tmp / ("sam-real" if real else "sam-tiny")
+        if real is not None and not (path / "model.safetensors").is_file():
             build_tiny_sam(path, real_size=real, force=True)
         sam = SamMasker.load(path)
         n_params = sum(p.numel() for p in sam.model.parameters())
@@ -187,13 +191,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tmp", type=Path, default=Path("/tmp/geo-r1-bench-sam"))
     ap.add_argument("--parts", default="sam,counts,memory")
+    ap.add_argument("--models", default="tiny,real,sample", help="SAMs timed by --parts sam: tiny, real, sample")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     args.tmp.mkdir(parents=True, exist_ok=True)
     parts = set(args.parts.split(","))
     result = {}
     if "sam" in parts:
-        result["sam_per_tile"] = bench_sam(args.tmp, args.repeats)
+        result["sam_per_tile"] = bench_sam(args.tmp, args.repeats, tuple(args.models.split(",")))
     if "counts" in parts:
         result["polygons_vs_raster"] = bench_counts()
     if "memory" in parts:

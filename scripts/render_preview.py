@@ -1,6 +1,10 @@
 """Render a raster with a GeoPackage layer on top to a PNG, headless, with QGIS (run with /usr/bin/python3).
 
     QT_QPA_PLATFORM=offscreen /usr/bin/python3 scripts/render_preview.py RASTER OUT.gpkg PREVIEW.png [--truth F]
+        [--layer NAME] [--also NAME] [--fill] [--extent XMIN,YMIN,XMAX,YMAX]
+
+``--layer RUN_outline --also RUN --fill --extent ...`` draws a run's outline layer filled over its boxes (in
+yellow), zoomed to an area: the README's docs/outlines.png.
 
 A quick way to look at what a run produced, as a QGIS user would see it.
 """
@@ -19,6 +23,7 @@ from qgis.core import (
     QgsMapRendererParallelJob,
     QgsMapSettings,
     QgsRasterLayer,
+    QgsRectangle,
     QgsVectorLayer,
 )
 from qgis.PyQt.QtCore import QSize
@@ -44,6 +49,9 @@ def main() -> int:
     ap.add_argument("--truth", help="a GeoJSON of true boxes, drawn in green")
     ap.add_argument("--size", type=int, default=900)
     ap.add_argument("--layer", help="layer to draw (default: the answer layer of the file's latest run)")
+    ap.add_argument("--also", help="another layer of the file drawn under it, thin yellow (e.g. the run's boxes)")
+    ap.add_argument("--fill", action="store_true", help="fill the layer's polygons (translucent red)")
+    ap.add_argument("--extent", help="area to draw, XMIN,YMIN,XMAX,YMAX in the raster's CRS (default: the raster)")
     args = ap.parse_args()
     app = QgsApplication([], False)
     app.initQgis()
@@ -59,9 +67,24 @@ def main() -> int:
             vectors[0]
             .renderer()
             .__class__(
-                QgsFillSymbol.createSimple({"color": "0,0,0,0", "outline_color": "255,40,40", "outline_width": "0.6"})
+                QgsFillSymbol.createSimple(
+                    {
+                        "color": "255,40,40,90" if args.fill else "0,0,0,0",
+                        "outline_color": "255,40,40",
+                        "outline_width": "0.6",
+                    }
+                )
             )
         )
+        if args.also:
+            also = QgsVectorLayer(f"{args.gpkg}|layername={args.also}", args.also, "ogr")
+            if not also.isValid():
+                sys.stderr.write(f"no layer {args.also!r} in {args.gpkg}\n")
+                return 1
+            also.renderer().setSymbol(
+                QgsFillSymbol.createSimple({"color": "0,0,0,0", "outline_color": "255,220,0", "outline_width": "0.4"})
+            )
+            vectors.append(also)
         if args.truth:
             truth = QgsVectorLayer(args.truth, "truth", "ogr")
             truth.renderer().setSymbol(
@@ -72,7 +95,11 @@ def main() -> int:
         settings = QgsMapSettings()
         settings.setLayers(layers)
         settings.setDestinationCrs(raster.crs())
-        settings.setExtent(raster.extent())
+        if args.extent:
+            xmin, ymin, xmax, ymax = (float(v) for v in args.extent.split(","))
+            settings.setExtent(QgsRectangle(xmin, ymin, xmax, ymax))
+        else:
+            settings.setExtent(raster.extent())
         settings.setOutputSize(QSize(args.size, args.size))
         settings.setBackgroundColor(QColor(255, 255, 255))
         job = QgsMapRendererParallelJob(settings)
