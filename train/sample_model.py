@@ -80,8 +80,41 @@ GRID_OVERLAP = 64
 DEVICES = ("cpu", "cuda")
 
 
+class SceneRunConfig:
+    """What the sample builders' configs share (this one's and :class:`train.sample_sam.SampleSamConfig`):
+    training scenes are seeds 0..N-1, held-out scenes start at :data:`HELDOUT_SEED0`, the time budget and the
+    checkpoint interval are checked alike, and the manifest records the fields as JSON."""
+
+    train_scenes: int
+    heldout_scenes: int
+    time_budget_s: float | None
+    eval_every_s: float
+
+    def check_run_limits(self) -> None:
+        if self.train_scenes > HELDOUT_SEED0:
+            raise ConfigError(
+                f"--train-scenes {self.train_scenes} would train on held-out seeds (>= {HELDOUT_SEED0}); use at most "
+                f"{HELDOUT_SEED0}"
+            )
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ConfigError(f"--time-budget-s must be > 0 seconds, got {self.time_budget_s!r}")
+        if not self.eval_every_s > 0:
+            raise ConfigError(f"--eval-every-s must be > 0 seconds, got {self.eval_every_s!r}")
+
+    @property
+    def train_seeds(self) -> range:
+        return range(self.train_scenes)
+
+    @property
+    def heldout_seeds(self) -> range:
+        return range(HELDOUT_SEED0, HELDOUT_SEED0 + self.heldout_scenes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}  # type: ignore[call-overload]
+
+
 @dataclass(frozen=True)
-class SampleModelConfig:
+class SampleModelConfig(SceneRunConfig):
     """One ``geo-r1 sample-model build`` run. Checked on construction; every message names the fix."""
 
     out_dir: Path = field(
@@ -149,11 +182,7 @@ class SampleModelConfig:
         chips.check_chip_size(self.tile, "--tile")
         if self.tile >= self.scene_size:
             raise ConfigError(f"--tile {self.tile} must be smaller than --scene-size {self.scene_size}")
-        if self.train_scenes > HELDOUT_SEED0:
-            raise ConfigError(
-                f"--train-scenes {self.train_scenes} would train on held-out seeds (>= {HELDOUT_SEED0}); use at most "
-                f"{HELDOUT_SEED0}"
-            )
+        self.check_run_limits()
         if self.checkpoint_heldout_scenes > self.heldout_scenes:
             raise ConfigError(
                 f"--checkpoint-heldout-scenes {self.checkpoint_heldout_scenes} exceeds --heldout-scenes "
@@ -167,23 +196,8 @@ class SampleModelConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value <= 1):
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {value!r}")
-        if self.time_budget_s is not None and not self.time_budget_s > 0:
-            raise ConfigError(f"--time-budget-s must be > 0 seconds, got {self.time_budget_s!r}")
-        if not self.eval_every_s > 0:
-            raise ConfigError(f"--eval-every-s must be > 0 seconds, got {self.eval_every_s!r}")
         if not self.rope_theta > 0:
             raise ConfigError(f"--rope-theta must be > 0, got {self.rope_theta!r}")
-
-    @property
-    def train_seeds(self) -> range:
-        return range(self.train_scenes)
-
-    @property
-    def heldout_seeds(self) -> range:
-        return range(HELDOUT_SEED0, HELDOUT_SEED0 + self.heldout_scenes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -633,21 +647,27 @@ def save_checkpoint(model: Any, processor: Any, out: Path, manifest: dict[str, A
     half = copy.deepcopy(model).to("cpu").to(torch.float16)
     half.save_pretrained(out)
     save_processor(processor, out)
+    return write_manifest(out, manifest, MANIFEST)
+
+
+def write_manifest(out: Path, manifest: dict[str, Any], name: str) -> Path:
+    """``manifest`` with the sha256 and size of ``out/model.safetensors``, written as ``out/name``; ``out``."""
     weights = out / "model.safetensors"
     manifest = dict(manifest, sha256={"model.safetensors": _sha256(weights)},
                     size_bytes={"model.safetensors": weights.stat().st_size})  # fmt: skip
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    (out / name).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return out
 
 
-def _prepare_out(config: SampleModelConfig) -> None:
-    out = config.out_dir
+def prepare_out(out: Path, force: bool, init: Path | None = None) -> None:
+    """Make ``out`` ready for a build: refused if it is a file, or a non-empty directory without ``force`` (or the
+    ``init`` checkpoint itself); emptied with ``force``."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out} exists and is not a directory; choose another -o")
     if out.is_dir() and any(out.iterdir()):
-        if config.init is not None and out.resolve() == config.init.resolve():
+        if init is not None and out.resolve() == init.resolve():
             raise OutputError(f"-o {out} is the --init checkpoint; write the continued model elsewhere")
-        if not config.force:
+        if not force:
             raise OutputError(f"{out} is not empty; pass --force to overwrite it, or choose another -o")
         shutil.rmtree(out)
 
@@ -681,7 +701,7 @@ def build(config: SampleModelConfig, command: str | None = None) -> dict[str, An
     """Train (or continue) the sample model and write it into ``config.out_dir``; return the manifest."""
     import torch
 
-    _prepare_out(config)
+    prepare_out(config.out_dir, config.force, config.init)
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but torch sees no CUDA device here; use --device cpu")
     torch.set_num_threads(config.threads)

@@ -35,11 +35,9 @@ torch and transformers are imported inside functions only.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import random
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,14 +46,14 @@ from typing import Any
 
 import numpy as np
 
-from geo_r1_qgis.core.errors import ConfigError, OutputError
+from geo_r1_qgis.core.errors import ConfigError
+from train.sample_model import HELDOUT_SEED0 as HELDOUT_SEED0
+from train.sample_model import SceneRunConfig
 
 log = logging.getLogger(__name__)
 
 #: The manifest's file name in the checkpoint directory.
 SAM_MANIFEST = "geo_r1_sample_sam.json"
-#: Held-out scenes start here (the sample VLM's held-out range); training seeds stay below.
-HELDOUT_SEED0 = 9000
 #: Grid overlap of the held-out tiles (the engine's default).
 GRID_OVERLAP = 64
 #: How often the chip is centred on an object of each category (the rest of the chip's objects are prompted too).
@@ -64,7 +62,7 @@ CATEGORIES = tuple(CATEGORY_WEIGHTS)
 
 
 @dataclass(frozen=True)
-class SampleSamConfig:
+class SampleSamConfig(SceneRunConfig):
     """One ``geo-r1 sample-sam build`` run. Checked on construction; every message names the fix."""
 
     out_dir: Path = field(metadata={"help": "directory to write the checkpoint into", "flags": ("-o", "--output")})
@@ -108,9 +106,6 @@ class SampleSamConfig:
                               f"{self.image_size}; e.g. 224")  # fmt: skip
         if self.image_size >= self.scene_size:
             raise ConfigError(f"--image-size {self.image_size} must be smaller than --scene-size {self.scene_size}")
-        if self.train_scenes > HELDOUT_SEED0:
-            raise ConfigError(f"--train-scenes {self.train_scenes} would train on held-out seeds (>= {HELDOUT_SEED0}); "
-                              f"use at most {HELDOUT_SEED0}")  # fmt: skip
         if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < 1):
             raise ConfigError(f"--learning-rate must be in (0, 1), got {self.learning_rate!r}; e.g. 2e-3")
         for name in ("point_fraction", "downsampled_fraction"):
@@ -121,21 +116,7 @@ class SampleSamConfig:
             raise ConfigError(f"--box-jitter must be in [0, 0.5), got {self.box_jitter!r}")
         if not (isinstance(self.max_downsample, (int, float)) and self.max_downsample >= 1):
             raise ConfigError(f"--max-downsample must be >= 1 (1: native resolution only), got {self.max_downsample!r}")
-        if self.time_budget_s is not None and not self.time_budget_s > 0:
-            raise ConfigError(f"--time-budget-s must be > 0 seconds, got {self.time_budget_s!r}")
-        if not self.eval_every_s > 0:
-            raise ConfigError(f"--eval-every-s must be > 0 seconds, got {self.eval_every_s!r}")
-
-    @property
-    def train_seeds(self) -> range:
-        return range(self.train_scenes)
-
-    @property
-    def heldout_seeds(self) -> range:
-        return range(HELDOUT_SEED0, HELDOUT_SEED0 + self.heldout_scenes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+        self.check_run_limits()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -391,27 +372,13 @@ def save_checkpoint(model: Any, out: Path, manifest: dict[str, Any]) -> Path:
     import torch
 
     from engine.runtime.tiny_sam import preprocessor_config
-    from train.sample_model import _sha256
+    from train.sample_model import write_manifest
 
     out.mkdir(parents=True, exist_ok=True)
     copy.deepcopy(model).to("cpu").to(torch.float16).save_pretrained(out)
     size = int(model.config.prompt_encoder_config.image_size)
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(size), indent=2), encoding="utf-8")
-    weights = out / "model.safetensors"
-    manifest = dict(manifest, sha256={"model.safetensors": _sha256(weights)},
-                    size_bytes={"model.safetensors": weights.stat().st_size})  # fmt: skip
-    (out / SAM_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return out
-
-
-def _prepare_out(config: SampleSamConfig) -> None:
-    out = config.out_dir
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out} exists and is not a directory; choose another -o")
-    if out.is_dir() and any(out.iterdir()):
-        if not config.force:
-            raise OutputError(f"{out} is not empty; pass --force to overwrite it, or choose another -o")
-        shutil.rmtree(out)
+    return write_manifest(out, manifest, SAM_MANIFEST)
 
 
 def build(config: SampleSamConfig, command: str | None = None) -> dict[str, Any]:
@@ -420,9 +387,9 @@ def build(config: SampleSamConfig, command: str | None = None) -> dict[str, Any]
     from transformers import Sam2Model
 
     from engine.runtime.sam import IMAGENET_MEAN, IMAGENET_STD, SamMasker
-    from train.sample_model import _hardware, _versions, lr_factor
+    from train.sample_model import _hardware, _versions, lr_factor, prepare_out
 
-    _prepare_out(config)
+    prepare_out(config.out_dir, config.force)
     torch.set_num_threads(config.threads)
     rng = random.Random(config.seed * 7919 + 3)
     torch.manual_seed(config.seed)
