@@ -20,11 +20,29 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import host_exec  # the engine venv's commands, also from inside the QGIS 3.40 chroot
-from tiny_models import cached_build
+from tiny_models import cached_build, cached_sam_build
 
-__all__ = ["FORMAT_STEPS", "GEO_R1", "REPO", "SAMPLE_MODEL", "SHARED", "UNSEEN_SEED", "VENV_BIN", "Engine",
-           "ProcessingSession", "feature_rings", "free_port", "host_exec", "need_venv", "panel_dock", "sample_data",
-           "spin", "tiny_format_model", "venv_env"]  # fmt: skip
+__all__ = [
+    "FORMAT_STEPS",
+    "GEO_R1",
+    "REPO",
+    "SAMPLE_MODEL",
+    "SHARED",
+    "UNSEEN_SEED",
+    "VENV_BIN",
+    "Engine",
+    "ProcessingSession",
+    "feature_rings",
+    "free_port",
+    "host_exec",
+    "need_venv",
+    "panel_dock",
+    "sample_data",
+    "spin",
+    "tiny_format_model",
+    "tiny_sam",
+    "venv_env",
+]  # fmt: skip
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
@@ -51,6 +69,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tiny_sam() -> Path:
+    """The random tiny SAM 2 (``geo-r1 tiny-sam`` in the engine venv), cached like the tiny model."""
+
+    def build(out: Path) -> None:
+        proc = host_exec.run([str(GEO_R1), "tiny-sam", str(out)], timeout=300, env=venv_env())
+        assert proc.returncode == 0, f"geo-r1 tiny-sam failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+
+    return cached_sam_build("tiny-sam-seed0", build=build)
 
 
 def tiny_format_model() -> Path:

@@ -77,9 +77,33 @@ def qgis(qgis_app):
     session.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory):
+    """One real ``geo-r1 serve`` of the format-trained tiny model, shared by every plugin test module that only asks
+    it to ground (each module used to start its own, 7-15 s each, under each of the three QGIS versions). A test that
+    stops, kills or swaps an engine starts its own; one that freezes this one (SIGSTOP) thaws it before it ends."""
+    import _real_engine as rx
+
+    rx.need_venv()
+    eng = rx.Engine(tmp_path_factory.mktemp("tiny-engine"), rx.tiny_format_model())
+    yield eng
+    eng.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_engine(tmp_path_factory):
+    """The tiny model with the random tiny SAM 2 (``--sam``), shared by the outline modules (panel, Processing)."""
+    import _real_engine as rx
+
+    rx.need_venv()
+    eng = rx.Engine(tmp_path_factory.mktemp("tiny-sam-engine"), rx.tiny_format_model(), ("--sam", str(rx.tiny_sam())))
+    yield eng
+    eng.stop()
+
+
+@pytest.fixture(scope="session")
 def sample_engine(tmp_path_factory):
-    """A real ``geo-r1 serve`` of the shipped sample model (one thread)."""
+    """A real ``geo-r1 serve`` of the shipped sample model (one thread), shared by the modules that ground with it."""
     import _real_engine as rx
 
     rx.need_venv()

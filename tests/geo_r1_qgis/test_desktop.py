@@ -127,12 +127,9 @@ def _profile(root: Path, zip_path: Path, engine, output_gpkg: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
+def engine(sample_engine):
     _need_desktop()
-    real.need_venv()
-    eng = real.Engine(tmp_path_factory.mktemp("desktop-engine"), real.SAMPLE_MODEL, extra=("--threads", "1"))
-    yield eng
-    eng.stop()
+    return sample_engine  # the session's sample-model engine (conftest)
 
 
 def _no_crs_copy(src: Path, dst: Path) -> Path:

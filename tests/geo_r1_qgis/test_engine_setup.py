@@ -295,8 +295,11 @@ def built_wheel() -> Path:
 def installed(tmp_path_factory, built_wheel):
     """The plugin's installer, from the wheel, into a fresh venv (torch resolves to the local pinned CPU wheel)."""
     root = tmp_path_factory.mktemp("setup")
+    # --no-compile (the setup's "extra pip options"): pip byte-compiling torch and transformers is most of the
+    # install's CPU time and nothing this test checks; Python compiles what it imports when the engine starts
     cfg = inst.SetupConfig(python=_usable_python(), venv=root / "engine-venv", source="wheel",
-                           source_path=str(built_wheel), log_path=root / "engine-setup.log")  # fmt: skip
+                           source_path=str(built_wheel), log_path=root / "engine-setup.log",
+                           pip_args=("--no-compile",))  # fmt: skip
     steps: list[str] = []
     result = inst.Installer(cfg, on_step=lambda i, n, t: steps.append(t)).run()
     assert result.ok, f"{result.message}\n{result.tail}"

@@ -63,11 +63,8 @@ CANCEL_AFTER = 3
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    real.need_venv()
-    eng = real.Engine(tmp_path_factory.mktemp("gpkg-engine"), real.tiny_format_model())
-    yield eng
-    eng.stop()
+def engine(tiny_engine):
+    return tiny_engine  # the session's tiny-model engine (conftest)
 
 
 class _Raster:

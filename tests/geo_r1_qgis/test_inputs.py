@@ -24,9 +24,6 @@ from geo_r1_qgis.core.errors import ConfigError, EmptyRasterError  # noqa: E402
 from geo_r1_qgis.core.geometry import Affine, TileGridSpec, make_tile_grid  # noqa: E402
 
 from ._real_engine import GEO_R1, SHARED  # noqa: E402  (test_processing's aliases are gone since 4f40833)
-from ._real_engine import Engine as _Engine  # noqa: E402
-from ._real_engine import need_venv as _need_venv  # noqa: E402
-from ._real_engine import tiny_format_model as _tiny_format_model  # noqa: E402
 from .xyz_tiles import ORIGIN, make_xyz, warp_3857, xyz_uri, zoom_res  # noqa: E402
 
 pytestmark = pytest.mark.qgis
@@ -38,12 +35,9 @@ _zoom_res = zoom_res
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    _need_venv()
+def engine(tiny_engine):
     assert GEO_R1.is_file()
-    eng = _Engine(tmp_path_factory.mktemp("engine"), _tiny_format_model())
-    yield eng
-    eng.stop()
+    return tiny_engine  # the session's tiny-model engine (conftest)
 
 
 def _need(path: Path) -> Path:

@@ -32,13 +32,11 @@ from qgis.core import QgsApplication, QgsExpression, QgsExpressionContext, QgsPr
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    rx.need_venv()
-    eng = rx.Engine(tmp_path_factory.mktemp("panel-engine"), rx.tiny_format_model())
-    yield eng
+def engine(tiny_engine):
+    """The session's tiny-model engine (conftest); thawed at the end should a frozen-engine test have failed midway."""
+    yield tiny_engine
     with contextlib.suppress(OSError):
-        os.kill(eng.proc.pid, signal.SIGCONT)
-    eng.stop()
+        os.kill(tiny_engine.proc.pid, signal.SIGCONT)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ qgis_core = pytest.importorskip("qgis.core", reason="PyQGIS is not importable; r
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _real_engine as rx  # noqa: E402
 from _real_engine import spin  # noqa: E402
-from test_processing_outlines import tiny_sam  # noqa: E402
 
 pytestmark = pytest.mark.qgis
 
@@ -26,11 +25,8 @@ RASTER = rx.SHARED / "cog.tif"
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    rx.need_venv()
-    eng = rx.Engine(tmp_path_factory.mktemp("panel-sam-engine"), rx.tiny_format_model(), ("--sam", str(tiny_sam())))
-    yield eng
-    eng.stop()
+def engine(tiny_sam_engine):
+    return tiny_sam_engine  # the session's tiny model + tiny SAM engine (conftest)
 
 
 @pytest.fixture

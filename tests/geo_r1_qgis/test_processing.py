@@ -24,13 +24,10 @@ from _real_engine import (  # noqa: E402  (the real-engine helpers the plugin te
     REPO,
     SHARED,
     VENV_BIN,
-    Engine,
     feature_rings,
     free_port,
     host_exec,
-    need_venv,
     sample_data,
-    tiny_format_model,
     venv_env,
 )
 
@@ -69,11 +66,8 @@ COARSE = TileGridSpec(tile_size=224, overlap=32, scale=2.5)  # a downsampled til
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    need_venv()
-    eng = Engine(tmp_path_factory.mktemp("engine"), tiny_format_model())
-    yield eng
-    eng.stop()
+def engine(tiny_engine):
+    return tiny_engine  # the session's tiny-model engine (conftest)
 
 
 # --------------------------------------------------------------------------------------------------

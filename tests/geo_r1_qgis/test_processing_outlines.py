@@ -17,8 +17,7 @@ qgis_core = pytest.importorskip("qgis.core", reason="PyQGIS is not importable; r
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _real_engine import GEO_R1, SHARED, Engine, host_exec, need_venv, tiny_format_model, venv_env  # noqa: E402
-from tiny_models import cached_sam_build  # noqa: E402
+from _real_engine import SHARED  # noqa: E402
 
 pytestmark = pytest.mark.qgis
 RASTER = SHARED / "cog.tif"
@@ -27,20 +26,9 @@ RASTER = SHARED / "cog.tif"
 GRES_RASTER, GRES_TILE = SHARED / "naip_m_4709963_se_14_20200831.tif", 448
 
 
-def tiny_sam() -> Path:
-    def build(out: Path) -> None:
-        proc = host_exec.run([str(GEO_R1), "tiny-sam", str(out)], timeout=300, env=venv_env())
-        assert proc.returncode == 0, f"geo-r1 tiny-sam failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-
-    return cached_sam_build("tiny-sam-seed0", build=build)
-
-
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    need_venv()
-    e = Engine(tmp_path_factory.mktemp("engine-sam"), tiny_format_model(), ("--sam", str(tiny_sam())))
-    yield e
-    e.stop()
+def engine(tiny_sam_engine):
+    return tiny_sam_engine  # the session's tiny model + tiny SAM engine (conftest)
 
 
 def run(qgis, params: dict):
