@@ -96,10 +96,10 @@ def start_engine(workdir: Path, args: list[str], env: dict[str, str] | None = No
     return engine
 
 
-def serving(workdir: Path, args: list[str]):
+def serving(workdir: Path, args: list[str], env: dict[str, str] | None = None):
     """A module fixture's body: ``yield from serving(dir, args)`` starts the engine, yields it, and at the end
     asserts that it stopped cleanly (the log's tail when not)."""
-    engine = start_engine(workdir, args)
+    engine = start_engine(workdir, args, env)
     yield engine
     assert engine.stop() in CLEAN_EXIT, engine.log_tail()
 
