@@ -78,7 +78,7 @@ class GeoR1Plugin:
         self.iface.addPluginToRasterMenu(PLUGIN_NAME, self.toolbar_action)
         self.annotate_action = QAction(_icon(), "Annotate", self.iface.mainWindow())
         self.annotate_action.setToolTip("Geo-R1: draw boxes on a raster to fine-tune the model")
-        self.annotate_action.triggered.connect(self.annotate)
+        self.annotate_action.triggered.connect(lambda _checked=False: self.annotate())  # not triggered's bool
         self.iface.addToolBarIcon(self.annotate_action)
         self.iface.addPluginToRasterMenu(PLUGIN_NAME, self.annotate_action)
         for text, slot in (

@@ -583,4 +583,5 @@ class Driver:
         QgsApplication.exit(3)
 
 
-_geo_r1_desktop_driver = Driver(json.loads(Path(os.environ["GEO_R1_DESKTOP_CONFIG"]).read_text()))
+if not os.environ.get("GEO_R1_DESKTOP_DRIVER_LIBRARY"):  # set where another driver reuses this one's plumbing
+    _geo_r1_desktop_driver = Driver(json.loads(Path(os.environ["GEO_R1_DESKTOP_CONFIG"]).read_text()))
