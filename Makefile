@@ -6,7 +6,7 @@ QGIS_PY := /usr/bin/python3
 DEMO_DIR ?= demo-out
 export QT_QPA_PLATFORM ?= offscreen
 
-.PHONY: setup setup-venv test test-fast test-engine test-plugin test-plugin-340 test-plugin-344 lint demo demo-train plugin-zip plugin-install panel-screenshot wheel clean
+.PHONY: setup setup-venv test test-fast test-engine test-engine-processes test-engine-rest test-plugin test-plugin-340 test-plugin-344 lint demo demo-train plugin-zip plugin-install panel-screenshot wheel clean
 
 setup:
 	@scripts/setup.sh
@@ -31,6 +31,16 @@ test-fast: setup-venv
 test-engine: setup
 	$(PY) -m pytest tests/engine tests/train tests/geo_r1_qgis/core
 
+# The same suite in two halves of about equal time, for make test to run side by side with the QGIS suites: the
+# tests that serve real engines (the server, Ray, scale-out, end to end), and the rest.
+ENGINE_PROCESS_TESTS := tests/engine/server tests/engine/test_ray_ground.py tests/engine/test_scale_out.py \
+	tests/engine/test_end_to_end.py
+test-engine-processes: setup
+	$(PY) -m pytest $(ENGINE_PROCESS_TESTS)
+
+test-engine-rest: setup
+	$(PY) -m pytest tests/engine tests/train tests/geo_r1_qgis/core $(addprefix --ignore=,$(ENGINE_PROCESS_TESTS))
+
 test-plugin: setup
 	$(QGIS_PY) -m pytest tests/geo_r1_qgis --ignore=tests/geo_r1_qgis/core
 
@@ -42,7 +52,7 @@ test-plugin-340: setup
 test-plugin-344: setup
 	scripts/test_plugin_chroot.sh 3.44
 
-# The four suites side by side (scripts/test_suites.sh; GEO_R1_TEST_JOBS=1 for one at a time).
+# The five suites two at a time (scripts/test_suites.sh; GEO_R1_TEST_JOBS=1 for one at a time).
 test: setup lint
 	@scripts/test_suites.sh
 
