@@ -11,7 +11,11 @@ val boxes, 112 px chips), as ``tests/engine/server/test_jobs.py`` writes it. The
 2. the same training without the jobs API: ``geo-r1 train grpo`` on the job's own dataset, same model, options,
    steps and threads (the job manager gives its process ``job_threads()``: half the cores), timed from its log
    (first to last step);
-3. the latency of ``GET /jobs/{id}`` (what the panel asks each second) while the job trains.
+3. the latency of ``GET /jobs/{id}`` (what the panel asks each second) while the job trains;
+4. with ``--ground N``: N ``/ground`` requests (one 224 px noise image, "all storage tanks", multi, at most 64 new
+   tokens) on the idle engine before the job, and N more while it trains (after its first step): the grounding
+   latency a user sees while a job trains, against an idle engine (``--model resources/sample_model`` for the
+   sample model).
 
 The per-step overhead is the job's seconds per step minus the direct run's, both measured from their own
 ``train_log.jsonl`` step times (the job's from its first to its last step). One run each, on whatever load the machine
@@ -62,19 +66,22 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--ground", type=int, default=0, help="/ground requests timed idle and while training")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from _serve_helpers import start_engine, tank_annotations
 
     from engine.jobs.manager import job_threads
 
-    model = args.model or _format_model()
+    model = args.model.resolve() if args.model else _format_model()  # the job's process runs elsewhere
     with tempfile.TemporaryDirectory(prefix="bench-jobs-") as tmp:
         root = Path(tmp)
         annotations = tank_annotations(root)
         eng = start_engine(root / "engine", ["--model", str(model), "--threads", "1", "--jobs-dir", str(root / "jobs")])
         try:
             with eng.client() as api:
+                idle = _ground_times(api, args.ground)
+                busy: list[float] = []
                 body = {"annotations": str(annotations), "recipe": "grpo", "chip": 112, "eval_max_new_tokens": 32,
                         "options": FAST, "max_steps": args.steps}  # fmt: skip
                 t0 = time.perf_counter()
@@ -93,6 +100,10 @@ def main() -> int:
                     marks.setdefault(record["state"], time.perf_counter() - t0)
                     if record.get("step", 0) >= 1:
                         marks.setdefault("first step", time.perf_counter() - t0)
+                        if record["state"] == "training" and len(busy) < args.ground:
+                            busy += _ground_times(api, 1)
+                            if api.get(f"/jobs/{job_id}").json()["state"] != "training":
+                                busy.pop()  # it ended meanwhile: not a request beside a training
                 total = time.perf_counter() - t0
                 if record["state"] != "done":
                     raise SystemExit(f"the job ended {record['state']}: {record.get('error')}\n{record['log_tail']}")
@@ -120,7 +131,28 @@ def main() -> int:
         f"seconds per step: job {job_sps:.3f} ({job_steps} steps), direct geo-r1 train {direct_sps:.3f} "
         f"({direct_steps} steps, {direct_wall:.1f} s wall); overhead {job_sps - direct_sps:+.3f} s a step"
     )
+    if args.ground:
+        if not busy:
+            print("/ground while training: none measured (the job ended first; give it more --steps)")
+        else:
+            print(f"/ground on a 224 px image, 64 tokens at most: idle median {statistics.median(idle):.3f} s "
+                  f"(n {len(idle)}), while the job trained median {statistics.median(busy):.3f} s (n {len(busy)}): "
+                  f"{statistics.median(busy) / statistics.median(idle):.2f}x")  # fmt: skip
     return 0
+
+
+def _ground_times(api, n: int) -> list[float]:
+    """Seconds of each of ``n`` ``/ground`` requests, one after the other."""
+    from _serve_helpers import data_uri, noise_image
+
+    body = {"items": [{"image": data_uri(noise_image(224, 224, seed=1)), "expression": "all storage tanks",
+                       "task": "multi"}], "max_new_tokens": 64}  # fmt: skip
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        api.post("/ground", json=body, timeout=120).raise_for_status()
+        times.append(time.perf_counter() - t)
+    return times
 
 
 if __name__ == "__main__":
