@@ -592,35 +592,88 @@ def test_a_file_of_another_layout_is_refused_and_left_alone(dock, raster, tmp_pa
     ds = None
 
 
+class _Iface:
+    """The parts of QGIS's interface the plugin's Annotate entry and its initGui use."""
+
+    def __init__(self, canvas, raster) -> None:
+        from qgis.gui import QgsMessageBar
+        from qgis.PyQt.QtWidgets import QMainWindow
+
+        self.window = QMainWindow()
+        self.canvas, self.raster = canvas, raster
+        self.bar = QgsMessageBar()
+        self.toolbar: list = []
+        self.menu: list = []
+
+    def mainWindow(self):
+        return self.window
+
+    def mapCanvas(self):
+        return self.canvas
+
+    def messageBar(self):
+        return self.bar
+
+    def activeLayer(self):
+        return self.raster
+
+    def setActiveLayer(self, layer):
+        return True
+
+    def addDockWidget(self, area, dock):
+        self.window.addDockWidget(area, dock)
+
+    def removeDockWidget(self, dock):
+        self.window.removeDockWidget(dock)
+
+    def addToolBarIcon(self, action):
+        self.toolbar.append(action)
+
+    def removeToolBarIcon(self, action):
+        self.toolbar.remove(action)
+
+    def addPluginToRasterMenu(self, name, action):
+        self.menu.append(action)
+
+    def removePluginRasterMenu(self, name, action):
+        self.menu.remove(action)
+
+
+def test_the_annotate_toolbar_button_opens_the_dock_over_the_active_raster(
+    qgis_app, isolated_settings, canvas, raster, tmp_path
+):
+    """The button as a user clicks it: QAction.triggered sends a bool, which once went in as the raster
+    (TypeError in the raster box's setLayer; found by the desktop screenshots run)."""
+    from geo_r1_qgis.plugin import GeoR1Plugin
+    from geo_r1_qgis.settings import PluginSettings
+
+    PluginSettings().with_values(annotation_gpkg=str(tmp_path / "a.gpkg")).save()
+    iface = _Iface(canvas, raster)
+    plugin = GeoR1Plugin(iface)
+    plugin.initGui()
+    try:
+        assert plugin.annotate_action in iface.toolbar
+        plugin.annotate_action.trigger()  # triggered(False), as a click sends it
+        dock = plugin.annotation_dock
+        assert dock is not None and not dock.isHidden()  # shown (the test window itself is never on screen)
+        assert dock.raster_combo.currentLayer() is raster and canvas.mapTool() is dock.tool
+    finally:
+        if plugin.annotation_dock is not None:
+            plugin.annotation_dock.stop_annotating()
+        plugin.unload()
+        QgsProject.instance().removeAllMapLayers()
+        QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+        gc.collect()
+
+
 def test_the_annotate_action_opens_the_dock_with_the_tool_on(qgis_app, isolated_settings, canvas, raster, tmp_path):
     """The plugin's "Annotate" entry, with the parts of QGIS's interface it uses."""
-    from qgis.PyQt.QtWidgets import QMainWindow
-
     from geo_r1_qgis.plugin import GeoR1Plugin
     from geo_r1_qgis.settings import PluginSettings
 
     PluginSettings().with_values(annotation_gpkg=str(tmp_path / "a.gpkg")).save()
 
-    class Iface:
-        def __init__(self) -> None:
-            self.window = QMainWindow()
-
-        def mainWindow(self):
-            return self.window
-
-        def mapCanvas(self):
-            return canvas
-
-        def activeLayer(self):
-            return raster
-
-        def addDockWidget(self, area, dock):
-            self.window.addDockWidget(area, dock)
-
-        def removeDockWidget(self, dock):
-            self.window.removeDockWidget(dock)
-
-    plugin = GeoR1Plugin(Iface())
+    plugin = GeoR1Plugin(_Iface(canvas, raster))
     try:
         dock = plugin.annotate()
         assert dock.raster_combo.currentLayer() is raster and canvas.mapTool() is dock.tool
