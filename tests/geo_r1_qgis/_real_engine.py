@@ -31,6 +31,7 @@ __all__ = [
     "UNSEEN_SEED",
     "VENV_BIN",
     "Engine",
+    "FakeIface",
     "ProcessingSession",
     "feature_rings",
     "free_port",
@@ -211,6 +212,62 @@ def spin(until, timeout: float = 120.0, step: float = 0.02) -> bool:
             return True
         time.sleep(step)
     return bool(until())
+
+
+class FakeIface:
+    """QGIS's interface (``iface``) as far as the plugin uses it, built from QGIS's own widgets: a main window for the
+    docks, the canvas, a message bar, a layer tree view whose current layer is the active layer (as in QGIS:
+    QgisApp::setActiveLayer sets the view's current layer), and the toolbar and Raster-menu entries it was given."""
+
+    def __init__(self, canvas) -> None:
+        from qgis.core import QgsLayerTreeModel, QgsProject
+        from qgis.gui import QgsLayerTreeView, QgsMessageBar
+        from qgis.PyQt.QtWidgets import QMainWindow
+
+        self.window = QMainWindow()
+        self._canvas, self._bar = canvas, QgsMessageBar()
+        self.view = QgsLayerTreeView()
+        self.model = QgsLayerTreeModel(QgsProject.instance().layerTreeRoot())
+        self.view.setModel(self.model)
+        self.toolbar: list = []
+        self.menu: list = []
+
+    def mainWindow(self):
+        return self.window
+
+    def mapCanvas(self):
+        return self._canvas
+
+    def messageBar(self):
+        return self._bar
+
+    def layerTreeView(self):
+        return self.view
+
+    def setActiveLayer(self, layer) -> bool:
+        self.view.setCurrentLayer(layer)
+        return True
+
+    def activeLayer(self):
+        return self.view.currentLayer()
+
+    def addDockWidget(self, area, dock) -> None:
+        self.window.addDockWidget(area, dock)
+
+    def removeDockWidget(self, dock) -> None:
+        self.window.removeDockWidget(dock)
+
+    def addToolBarIcon(self, action) -> None:
+        self.toolbar.append(action)
+
+    def removeToolBarIcon(self, action) -> None:
+        self.toolbar.remove(action)
+
+    def addPluginToRasterMenu(self, name, action) -> None:
+        self.menu.append(action)
+
+    def removePluginRasterMenu(self, name, action) -> None:
+        self.menu.remove(action)
 
 
 def panel_dock(engine, canvas, tmp_path: Path, **settings):

@@ -592,51 +592,14 @@ def test_a_file_of_another_layout_is_refused_and_left_alone(dock, raster, tmp_pa
     ds = None
 
 
-class _Iface:
-    """The parts of QGIS's interface the plugin's Annotate entry and its initGui use."""
+def _iface(canvas, raster):
+    """The shared fake interface (``_real_engine.FakeIface``) with ``raster`` the active layer."""
+    from _real_engine import FakeIface
 
-    def __init__(self, canvas, raster) -> None:
-        from qgis.gui import QgsMessageBar
-        from qgis.PyQt.QtWidgets import QMainWindow
-
-        self.window = QMainWindow()
-        self.canvas, self.raster = canvas, raster
-        self.bar = QgsMessageBar()
-        self.toolbar: list = []
-        self.menu: list = []
-
-    def mainWindow(self):
-        return self.window
-
-    def mapCanvas(self):
-        return self.canvas
-
-    def messageBar(self):
-        return self.bar
-
-    def activeLayer(self):
-        return self.raster
-
-    def setActiveLayer(self, layer):
-        return True
-
-    def addDockWidget(self, area, dock):
-        self.window.addDockWidget(area, dock)
-
-    def removeDockWidget(self, dock):
-        self.window.removeDockWidget(dock)
-
-    def addToolBarIcon(self, action):
-        self.toolbar.append(action)
-
-    def removeToolBarIcon(self, action):
-        self.toolbar.remove(action)
-
-    def addPluginToRasterMenu(self, name, action):
-        self.menu.append(action)
-
-    def removePluginRasterMenu(self, name, action):
-        self.menu.remove(action)
+    iface = FakeIface(canvas)
+    iface.setActiveLayer(raster)
+    assert iface.activeLayer() is raster
+    return iface
 
 
 def test_the_annotate_toolbar_button_opens_the_dock_over_the_active_raster(
@@ -648,7 +611,7 @@ def test_the_annotate_toolbar_button_opens_the_dock_over_the_active_raster(
     from geo_r1_qgis.settings import PluginSettings
 
     PluginSettings().with_values(annotation_gpkg=str(tmp_path / "a.gpkg")).save()
-    iface = _Iface(canvas, raster)
+    iface = _iface(canvas, raster)
     plugin = GeoR1Plugin(iface)
     plugin.initGui()
     try:
@@ -673,7 +636,7 @@ def test_the_annotate_action_opens_the_dock_with_the_tool_on(qgis_app, isolated_
 
     PluginSettings().with_values(annotation_gpkg=str(tmp_path / "a.gpkg")).save()
 
-    plugin = GeoR1Plugin(_Iface(canvas, raster))
+    plugin = GeoR1Plugin(_iface(canvas, raster))
     try:
         dock = plugin.annotate()
         assert dock.raster_combo.currentLayer() is raster and canvas.mapTool() is dock.tool

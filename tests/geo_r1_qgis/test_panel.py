@@ -853,36 +853,6 @@ def test_removing_the_results_mid_run_is_respected_and_the_status_goes_on(dock, 
     assert again is not None and again.featureCount() >= 1
 
 
-class _Iface:
-    """QGIS's interface as far as the panel uses it, built from QGIS's own widgets: the active layer is the layer
-    tree view's current layer, as in QGIS (QgisApp::setActiveLayer sets the view's current layer)."""
-
-    def __init__(self, canvas):
-        from qgis.core import QgsLayerTreeModel
-        from qgis.gui import QgsLayerTreeView, QgsMessageBar
-
-        self._canvas, self._bar = canvas, QgsMessageBar()
-        self.view = QgsLayerTreeView()
-        self.model = QgsLayerTreeModel(QgsProject.instance().layerTreeRoot())
-        self.view.setModel(self.model)
-
-    def mapCanvas(self):
-        return self._canvas
-
-    def messageBar(self):
-        return self._bar
-
-    def layerTreeView(self):
-        return self.view
-
-    def setActiveLayer(self, layer) -> bool:
-        self.view.setCurrentLayer(layer)
-        return True
-
-    def activeLayer(self):
-        return self.view.currentLayer()
-
-
 def test_a_runs_layer_becomes_the_active_layer_so_its_map_tips_show(qgis_app, isolated_settings, canvas, engine,
                                                                     samples, tmp_path):  # fmt: skip
     """QGIS shows map tips for the active layer only: the live layer, then the final layer, is made active."""
@@ -891,7 +861,7 @@ def test_a_runs_layer_becomes_the_active_layer_so_its_map_tips_show(qgis_app, is
 
     PluginSettings().with_values(engine_url=engine.url, token_file=str(engine.token_file),
                                  output_gpkg=str(tmp_path / "results.gpkg")).save()  # fmt: skip
-    iface = _Iface(canvas)
+    iface = rx.FakeIface(canvas)
     d = GeoR1Dock(iface)
     try:
         raster = _load_raster(samples / "utm.tif", canvas)
