@@ -77,6 +77,16 @@ def qgis(qgis_app):
     session.close()
 
 
+def _engine_for_the_session(tmp_path_factory, name: str, model, *args: str):
+    """A real ``geo-r1 serve`` started once for the session (the fixtures below), stopped at its end."""
+    import _real_engine as rx
+
+    rx.need_venv()
+    eng = rx.Engine(tmp_path_factory.mktemp(name), model, tuple(args))
+    yield eng
+    eng.stop()
+
+
 @pytest.fixture(scope="session")
 def tiny_engine(tmp_path_factory):
     """One real ``geo-r1 serve`` of the format-trained tiny model, shared by every plugin test module that only asks
@@ -84,10 +94,7 @@ def tiny_engine(tmp_path_factory):
     stops, kills or swaps an engine starts its own; one that freezes this one (SIGSTOP) thaws it before it ends."""
     import _real_engine as rx
 
-    rx.need_venv()
-    eng = rx.Engine(tmp_path_factory.mktemp("tiny-engine"), rx.tiny_format_model())
-    yield eng
-    eng.stop()
+    yield from _engine_for_the_session(tmp_path_factory, "tiny-engine", rx.tiny_format_model())
 
 
 @pytest.fixture(scope="session")
@@ -95,10 +102,8 @@ def tiny_sam_engine(tmp_path_factory):
     """The tiny model with the random tiny SAM 2 (``--sam``), shared by the outline modules (panel, Processing)."""
     import _real_engine as rx
 
-    rx.need_venv()
-    eng = rx.Engine(tmp_path_factory.mktemp("tiny-sam-engine"), rx.tiny_format_model(), ("--sam", str(rx.tiny_sam())))
-    yield eng
-    eng.stop()
+    yield from _engine_for_the_session(tmp_path_factory, "tiny-sam-engine", rx.tiny_format_model(), "--sam",
+                                       str(rx.tiny_sam()))  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -106,10 +111,7 @@ def sample_engine(tmp_path_factory):
     """A real ``geo-r1 serve`` of the shipped sample model (one thread), shared by the modules that ground with it."""
     import _real_engine as rx
 
-    rx.need_venv()
-    eng = rx.Engine(tmp_path_factory.mktemp("sample-engine"), rx.SAMPLE_MODEL, ("--threads", "1"))
-    yield eng
-    eng.stop()
+    yield from _engine_for_the_session(tmp_path_factory, "sample-engine", rx.SAMPLE_MODEL, "--threads", "1")
 
 
 @pytest.fixture(scope="module")
