@@ -308,6 +308,13 @@ def place_words(box: Box, image_size: tuple[int, int]) -> str:
     return f"in the {vertical} {horizontal}"
 
 
+def _looked_for(expression: str) -> str:
+    """The expression after "I look for": as it is when it starts with an article or "all" ("the largest storage
+    tank", "all buildings"), else with "the" ("the storage tank")."""
+    first = expression.split(" ", 1)[0].lower()
+    return expression if first in ("the", "a", "an", "all") else f"the {expression}"
+
+
 def target_text(record: ChipRecord, reasoning: bool) -> str:
     """The supervised answer for ``record``.
 
@@ -320,10 +327,10 @@ def target_text(record: ChipRecord, reasoning: bool) -> str:
     if not reasoning:
         return answer_json(record.boxes, record.expression) if record.task != "gres" else record.solution_text
     if not record.boxes:
-        think = f"I look for the {record.expression}. There is none in the image."
+        think = f"I look for {_looked_for(record.expression)}. There is none in the image."
         return f"<think> {think} </think> <answer>None</answer>"
     places = " and ".join(place_words(b, record.image_size) for b in record.boxes)
-    think = f"I look for the {record.expression}. It is {places} of the image."
+    think = f"I look for {_looked_for(record.expression)}. It is {places} of the image."
     if record.task == "rec":
         b = record.boxes[0]
         answer = f'[{{"bbox_2d": [{b[0]}, {b[1]}, {b[2]}, {b[3]}], "label": {json.dumps(record.expression)}}}]'

@@ -12,7 +12,8 @@ webmercator.tif EPSG:3857   north-up, 0.6 m pixels (about 0.47 m on the ground)
 rotated.tif    EPSG:32614   0.5 m pixels, rotated 20 degrees (GDAL terms b, d not zero)
 ============== ============ ==========================================================
 
-The scene holds storage tanks of several sizes (one clearly the largest) on a gravel pad,
+The scene holds storage tanks of several sizes (one clearly the largest, and in many scenes one clearly the
+smallest: the few-shot benchmark's held-out expression, in no query) on a gravel pad,
 rectangular buildings with shadows, striped fields, a meandering river and two roads on a
 textured vegetation background. Beside each raster, ``<name>.objects.geojson`` lists the true
 boxes in the raster's CRS: the polygon of each box is
@@ -57,8 +58,14 @@ _UTM_ORIGIN = (630000.0, 4250000.0)
 _LONLAT_ORIGIN = (-97.5, 38.4)
 _WEBMERC_R = 6378137.0
 
+#: The largest tank is always at least 1.65 x any other; the smallest gets its expression only when it is clearly
+#: the smallest (radius at most SMALLEST_MARGIN x the next one), else no tank is "the smallest".
+LARGEST_TANK = "the largest storage tank"
+SMALLEST_TANK = "the smallest storage tank"
+SMALLEST_MARGIN = 0.85
+
 QUERIES = (
-    ("the largest storage tank", "one", "tank"),
+    (LARGEST_TANK, "one", "tank"),
     ("all storage tanks", "all", "tank"),
     ("all buildings", "all", "building"),
     ("all fields", "all", "field"),
@@ -272,6 +279,8 @@ def render_scene_with_masks(size: int, seed: int) -> tuple[np.ndarray, list[Scen
     radii = list(rng.uniform(0.014, 0.03, 6) * s)
     radii.insert(int(rng.integers(7)), 0.05 * s)  # at least 1.65 x any other
     largest = int(np.argmax(radii))
+    by_size = sorted(range(7), key=lambda i: radii[i])
+    smallest = by_size[0] if radii[by_size[0]] <= SMALLEST_MARGIN * radii[by_size[1]] else -1
     tanks: list[tuple[float, float, float]] = []
     for cell, r in zip(cells, radii, strict=True):
         row, col = divmod(int(cell), 3)
@@ -292,7 +301,9 @@ def render_scene_with_masks(size: int, seed: int) -> tuple[np.ndarray, list[Scen
         _paint(labels, disk, y0, x0, np.array(len(objects) + 1))
         expressions = ("all storage tanks",)
         if k == largest:
-            expressions = ("the largest storage tank", "all storage tanks")
+            expressions = (LARGEST_TANK, "all storage tanks")
+        elif k == smallest:
+            expressions = (SMALLEST_TANK, "all storage tanks")
         objects.append(SceneObject(f"tank-{k + 1}", "tank", _mask_box(disk, y0, x0), expressions))
 
     out = np.clip(np.rint(img), 0, 255).astype(np.uint8)

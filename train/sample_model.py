@@ -65,13 +65,14 @@ from geo_r1_qgis.core.rules.parsing import geo_r1_eval_box
 from geo_r1_qgis.core.rules.prompts import PROMPT_VERSION, build_messages
 from train import chips
 from train.data_format import answer_json, place_words
+from train.sample_data import LARGEST_TANK
 
 log = logging.getLogger(__name__)
 
 MANIFEST = MODEL_MANIFEST  # the engine reads its "tile" (GET /info)
 #: Held-out scenes start here; training seeds must stay below.
 HELDOUT_SEED0 = 9000
-REC_EXPRESSION = "the largest storage tank"
+REC_EXPRESSION = LARGEST_TANK
 MULTI_EXPRESSION = "all storage tanks"
 LABEL = "storage tank"
 TANK = "tank"

@@ -1,4 +1,4 @@
-"""Tests of train/data_format.py: the records' COCO image ids."""
+"""Tests of train/data_format.py: the records' COCO image ids, GRES records, the warm start's reasoning targets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from geo_r1_qgis.core.errors import ConfigError
-from train.data_format import MANIFEST, ChipRecord, assign_image_ids, read_records, write_records
+from train.data_format import MANIFEST, ChipRecord, assign_image_ids, read_records, target_text, write_records
 
 
 def _record(name: str, image: str, task: str = "multi", image_id: int | None = None) -> ChipRecord:
@@ -74,3 +74,22 @@ def test_gres_records_round_trip_with_outlines_and_keypoints(tmp_path):
 def test_gres_records_check_themselves(over, needle):
     with pytest.raises(ConfigError, match=needle):
         _gres(**over)
+
+
+@pytest.mark.parametrize(
+    ("expression", "looked_for"),
+    [("ship", "the ship"), ("the smallest storage tank", "the smallest storage tank"),
+     ("all buildings", "all buildings"), ("an airport", "an airport")],
+)  # fmt: skip
+def test_reasoning_targets_name_the_expression_without_a_second_article(expression, looked_for):
+    rec = ChipRecord(id="a", image="a.png", split="train", task="rec", expression=expression, category=expression,
+                     boxes=((10, 12, 40, 44),), image_size=(224, 224))  # fmt: skip
+    assert target_text(rec, True) == (
+        f"<think> I look for {looked_for}. It is in the top left of the image. </think> "
+        f'<answer>[{{"bbox_2d": [10, 12, 40, 44], "label": "{expression}"}}]</answer>'
+    )
+    empty = ChipRecord(id="b", image="b.png", split="train", task="multi", expression=expression,
+                       category=expression, boxes=(), image_size=(224, 224), negative=True)  # fmt: skip
+    assert target_text(empty, True) == (
+        f"<think> I look for {looked_for}. There is none in the image. </think> <answer>None</answer>"
+    )

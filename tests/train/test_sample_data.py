@@ -283,3 +283,21 @@ def test_outlines_are_the_true_masks_on_the_map(samples, name):
             assert ratio == pytest.approx(1.0)
         if obj.category == "river":
             assert ratio < 0.6
+
+
+def test_the_smallest_tank_is_named_only_where_it_is_clearly_the_smallest():
+    from train.sample_data import SMALLEST_TANK
+
+    named = 0
+    for seed in range(12):
+        _, objects = render_scene(512, seed)
+        tanks = sorted((o for o in objects if o.category == "tank"), key=lambda o: o.box.width * o.box.height)
+        chosen = [o for o in objects if SMALLEST_TANK in o.expressions]
+        assert len(chosen) <= 1, seed
+        if chosen:
+            named += 1
+            assert chosen == [tanks[0]], seed
+            # radius <= 0.85 x the next one's: area about 0.72 x, under 0.8 x with the boxes' rounding
+            assert tanks[0].box.width * tanks[0].box.height < 0.8 * tanks[1].box.width * tanks[1].box.height, seed
+            assert "all storage tanks" in chosen[0].expressions
+    assert 0 < named < 12  # about a third of the scenes

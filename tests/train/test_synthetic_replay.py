@@ -1,6 +1,7 @@
-"""``geo-r1 dataset synthetic --replay N`` (issue 18 §4, make demo-train): N annotations of storage tanks at the
-scenes' own resolution mixed into a few-shot train split read at another --gsd, counted apart from the shots,
-with the few-shot part the same as without replay."""
+"""``geo-r1 dataset synthetic`` (issue 18 §4): ``--replay N`` (make demo-train) mixes N annotations of storage
+tanks at the scenes' own resolution into a few-shot train split read at another --gsd, counted apart from the
+shots, with the few-shot part the same as without replay; ``--categories smallest-tank`` annotates the one tank
+a referring expression selects (the few-shot benchmark's held-out expression)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,21 @@ def test_replay_mixes_native_tanks_into_the_few_shot_set(tmp_path):
 def test_replay_refuses_a_negative_count(tmp_path):
     with pytest.raises(ConfigError, match="--replay"):
         SyntheticConfig(out_dir=tmp_path / "x", shots=1, replay=-1)
+
+
+def test_a_single_tank_selection_gives_rec_chips_of_its_expression(tmp_path):
+    cfg = SyntheticConfig(out_dir=tmp_path / "small", shots=2, seed=1, categories="smallest-tank", style="short",
+                          test_scenes=1)  # fmt: skip
+    build_synthetic(cfg)
+    train = read_records(tmp_path / "small", "train", "rec")
+    # whatever --style, the expression is the referring expression; each rec chip holds the one smallest tank
+    assert train and {r.expression for r in train} == {"the smallest storage tank"}
+    assert all(len(r.boxes) == 1 for r in train)
+    targets = _targets(tmp_path / "small", "rasters/scene-")
+    assert len(targets) == 2  # two shots: two annotated tanks, each the clearly smallest of its scene
+    assert {c["expression"] for c in _chips(tmp_path / "small")} == {"the smallest storage tank"}
+
+
+def test_an_unknown_category_names_the_selections(tmp_path):
+    with pytest.raises(ConfigError, match="smallest-tank"):
+        SyntheticConfig(out_dir=tmp_path / "x", shots=1, categories="pool")
